@@ -1,0 +1,766 @@
+"""The persistent tier: pages in append-only segment files, located by an LMDB index.
+
+Write order makes it crash-safe: the payload is written and fdatasync'd *before* the index transaction that points at
+it commits (one durable commit per batch: group commit). A crash can leave orphan bytes at a segment's tail, never an
+entry pointing at torn or missing data. Every read verifies the xxh3 checksum; a mismatch is a miss, the entry is
+dropped and counted, never served.
+
+Several processes (one per TP rank) may share a store: LMDB serialises index writes, and each process appends to a
+segment of its own (a fresh, never-reused id, flock'ed while open), so no two writers ever touch the same file.
+Compaction only rewrites sealed segments (or open ones whose writer is gone: its flock is free) and moves an entry only
+if the entry still points where it did when the copy was made.
+
+Disk faults (ENOSPC, EIO, a read-only file system, a full LMDB map) turn the tier off for ``retry_after_s`` with one
+log line and a counter per kind; the caller sees misses / refused writes and keeps running.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import lmdb
+import xxhash
+
+from .buffers import byte_view
+from .codecs import HEADER, CodecError, decode_page, get_codec, peek_header
+from .dtypes import dtype_info
+from .errors import ConfigError, StoreDirError
+from .fileio import select_io
+from .index import SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key, seg_key
+from .namespace import Namespace, key_bytes
+from .store_dir import FILE_MODE, INDEX_DIR, SEGMENT_DIR, GC_LOCK_FILE, StoreLock, check_store_dir
+
+log = logging.getLogger("kvdrive.tier")
+
+GiB = 1 << 30
+MiB = 1 << 20
+_RAW_CODEC = get_codec("raw").code
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class DiskStoreConfig:
+    path: str
+    capacity_bytes: int = 64 * GiB
+    segment_bytes: int = 256 * MiB  # capped at capacity/16 so eviction and compaction have room to work
+    default_ttl_s: float | None = None  # None: pages never expire
+    gc_live_ratio: float = 0.5  # compact sealed segments whose live share fell below this
+    high_watermark: float = 0.95  # start evicting above this share of capacity...
+    low_watermark: float = 0.80  # ...down to this share of live bytes
+    map_size: int = 4 * GiB  # LMDB map (index only: ~100 B a page); grows by itself when full
+    retry_after_s: float = 30.0  # a faulted disk tier tries again after this long
+    io: str = "auto"  # "auto" | "posix" | "kvikio"
+    fd_cache: int = 256
+
+    def __post_init__(self):
+        def positive(name, integer=True):
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
+            if not ok or v <= 0:
+                raise ConfigError(f"disk store {name} must be a positive {'integer' if integer else 'number'}, "
+                                  f"got {v!r}")
+        for name in ("capacity_bytes", "segment_bytes", "map_size", "fd_cache"):
+            positive(name)
+        positive("retry_after_s", integer=False)
+        if self.default_ttl_s is not None:
+            positive("default_ttl_s", integer=False)
+        for name in ("gc_live_ratio", "high_watermark", "low_watermark"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ConfigError(f"disk store {name} must be in (0, 1], got {v!r}")
+        if self.low_watermark >= self.high_watermark:
+            raise ConfigError(f"disk store low_watermark ({self.low_watermark}) must be below high_watermark "
+                              f"({self.high_watermark})")
+        if self.io not in ("auto", "posix", "kvikio"):
+            raise ConfigError(f"disk store io must be 'auto', 'posix' or 'kvikio', got {self.io!r}")
+        self.segment_bytes = max(64 << 10, min(self.segment_bytes, self.capacity_bytes // 16))
+
+
+class DiskStats(NamedTuple):
+    enabled: bool
+    entries: int
+    live_bytes: int  # encoded bytes the index points at
+    raw_bytes: int  # decoded size of those pages (raw_bytes / live_bytes = codec ratio)
+    file_bytes: int  # bytes in segment files (live + dead awaiting compaction)
+    capacity_bytes: int
+    segments: int
+    hits: int
+    misses: int
+    pages_written: int
+    bytes_written: int
+    bytes_read: int
+    corrupt_dropped: int
+    expired: int
+    evicted: int
+    segments_compacted: int
+    rejected_full: int
+    faults: dict
+
+
+class VerifyReport(NamedTuple):
+    checked: int
+    ok: int
+    bad: int  # failed checksum / header / missing bytes: dropped from the index
+    bytes_checked: int
+
+
+def _fault_kind(e: BaseException) -> str:
+    if isinstance(e, lmdb.MapFullError):
+        return "map_full"
+    if isinstance(e, OSError):
+        return {errno.ENOSPC: "enospc", errno.EDQUOT: "enospc", errno.EIO: "eio", errno.EROFS: "read_only",
+                errno.EACCES: "read_only", errno.EPERM: "read_only", errno.ENOENT: "missing_file"}.get(e.errno, "io_error")
+    return "index_error"
+
+
+class DiskStore:
+    def __init__(self, config: DiskStoreConfig, *, lock_mode: str = "shared"):
+        self.config = config
+        self.path = check_store_dir(config.path, create=True)
+        self._lock = StoreLock(self.path, lock_mode)
+        try:
+            self._index = Index(os.path.join(self.path, INDEX_DIR), map_size=config.map_size)
+        except lmdb.Error as e:
+            self._lock.release()
+            raise StoreDirError(f"cannot open the index of store {self.path}: {e}") from None
+        self._seg_dir = os.path.join(self.path, SEGMENT_DIR)
+        self._io = select_io(config.io)
+        self._write_lock = threading.RLock()  # one writer segment per process; index writes serialise in LMDB
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fds_lock = threading.Lock()
+        self._wseg = 0  # this process's open segment (0: none)
+        self._wfd = -1
+        self._wend = 0
+        self._touched: dict[bytes, int] = {}  # page key -> access time, flushed with the next write transaction
+        self._known_ns: set[bytes] = set()
+        self._counts = Counter()
+        self._faults = Counter()
+        self._disabled_until = 0.0
+        self._closed = False
+
+    # --- public API ----------------------------------------------------------------------------------------
+    def put_many(self, ns: Namespace, keys: Sequence, blobs: Sequence[bytes], *, scores: Sequence[float] | None = None,
+                 ttl_s: float | None = None) -> list[bool]:
+        """Store encoded pages. True for each page now on disk (written here or already there)."""
+        if len(keys) != len(blobs) or (scores is not None and len(scores) != len(keys)):
+            raise ConfigError(f"put_many got {len(keys)} keys, {len(blobs)} blobs"
+                              f"{'' if scores is None else f', {len(scores)} scores'}; they must match")
+        pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
+        for b in blobs:
+            peek_header(b)  # refuse anything that is not a well-formed page blob before it reaches the disk
+        if not self._available():
+            return [False] * len(keys)
+        now = _now_ms()
+        ttl = ttl_s if ttl_s is not None else self.config.default_ttl_s
+        expires = now + int(ttl * 1000) if ttl else 0
+        with self._write_lock:
+            with self._index.read() as txn:
+                have = [self._live(txn.get(pk, db=self._index.pages), now) is not None for pk in pkeys]
+            todo = [i for i, h in enumerate(have) if not h]
+            seen = set()
+            todo = [i for i in todo if not (pkeys[i] in seen or seen.add(pkeys[i]))]  # duplicates within a batch
+            if not todo:
+                return [True] * len(keys)
+            incoming = sum(len(blobs[i]) for i in todo)
+            if not self._make_room(incoming):
+                self._counts["rejected_full"] += len(todo)
+                return have
+            try:
+                seg, off0 = self._writer_for(incoming)
+                self._io.pwritev(self._wfd, [blobs[i] for i in todo], off0)
+                self._io.sync(self._wfd)  # durable before the index can point at it
+                recs, off = [], off0
+                for i in todo:
+                    b = blobs[i]
+                    h = peek_header(b)
+                    recs.append((i, Record(seg, off, len(b), h.codec, 0, xxhash.xxh3_64_intdigest(b), h.raw_nbytes,
+                                           now, now, expires, float(scores[i]) if scores is not None else 0.0)))
+                    off += len(b)
+                self._wend = off
+                with self._index.write() as txn:
+                    self._register_ns(txn, ns)
+                    for i, rec in recs:
+                        old = txn.get(pkeys[i], db=self._index.pages)
+                        if old is not None:  # another process stored it meanwhile (or an expired copy): replace
+                            self._index.remove_from_seg(txn, Record.unpack(old))
+                        txn.put(pkeys[i], rec.pack(), db=self._index.pages)
+                        self._index.add_to_seg(txn, seg, rec, end=off)
+                    self._flush_touched(txn)
+                if off >= self.config.segment_bytes:
+                    self._seal_writer()
+            except (OSError, lmdb.Error) as e:
+                self._fault(e, "write")
+                self._abandon_writer()
+                return have
+            self._counts["pages_written"] += len(todo)
+            self._counts["bytes_written"] += incoming
+        return [True] * len(keys)
+
+    def get_many(self, ns: Namespace, keys: Sequence, outs: Sequence) -> list[bool]:
+        """Read and decode pages into the caller's buffers. False is a miss; that buffer's contents are then undefined."""
+        if len(keys) != len(outs):
+            raise ConfigError(f"get_many got {len(keys)} keys and {len(outs)} buffers; they must match")
+        views = [byte_view(o, writable=True) for o in outs]
+        pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
+        result = [False] * len(keys)
+        if not self._available():
+            self._counts["misses"] += len(keys)
+            return result
+        now = _now_ms()
+        with self._index.read() as txn:
+            recs = [self._live(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
+        bad = []
+        for attempt in (0, 1):
+            for i, rec in enumerate(recs):
+                if rec is None:
+                    continue
+                status = self._read_into(rec, views[i], ns.kv_dtype)
+                if status == "ok":
+                    result[i] = True
+                    self._touched[pkeys[i]] = now
+                elif status == "bad":
+                    bad.append((i, rec))
+            if not bad or attempt:
+                break
+            # another process may have compacted the segment away: look the failed entries up once more
+            recs = [None] * len(keys)
+            with self._index.read() as txn:
+                for i, rec in bad:
+                    cur = self._live(txn.get(pkeys[i], db=self._index.pages), now)
+                    if cur is not None and cur[:3] != rec[:3]:
+                        recs[i] = cur
+            retried = {i for i, r in enumerate(recs) if r is not None}
+            bad = [(i, rec) for i, rec in bad if i not in retried]
+            if not retried:
+                break
+        if bad:
+            self._drop_bad([(pkeys[i], rec) for i, rec in bad])
+        n_hit = sum(result)
+        self._counts["hits"] += n_hit
+        self._counts["misses"] += len(keys) - n_hit
+        return result
+
+    def read_blobs(self, ns: Namespace, keys: Sequence) -> list[bytes | None]:
+        """Verified encoded blobs (for promotion into the DRAM tier without decoding). None: a miss."""
+        pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
+        if not self._available():
+            return [None] * len(keys)
+        now = _now_ms()
+        with self._index.read() as txn:
+            recs = [self._live(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
+        out, bad = [], []
+        for pk, rec in zip(pkeys, recs):
+            blob = self._read_blob(rec) if rec is not None else None
+            if rec is not None and blob is None:
+                bad.append((pk, rec))
+            if blob is not None:
+                self._touched[pk] = now
+            out.append(blob)
+        if bad:
+            self._drop_bad(bad)
+        n_hit = sum(b is not None for b in out)
+        self._counts["hits"] += n_hit
+        self._counts["misses"] += len(keys) - n_hit
+        return out
+
+    def exists_many(self, ns: Namespace, keys: Sequence) -> int:
+        """Number of leading keys present (SGLang counts storage hits this way: a prefix stops at its first miss)."""
+        if not self._available():
+            return 0
+        now = _now_ms()
+        nid = ns.id
+        pages = self._index.pages
+        n = 0
+        with self._index.read() as txn:
+            for k in keys:
+                if self._live(txn.get(page_key(nid, key_bytes(k)), db=pages), now) is None:
+                    break
+                n += 1
+        return n
+
+    def contains(self, ns: Namespace, keys: Sequence) -> list[bool]:
+        now = _now_ms()
+        with self._index.read() as txn:
+            return [self._live(txn.get(page_key(ns.id, key_bytes(k)), db=self._index.pages), now) is not None
+                    for k in keys]
+
+    def set_scores(self, ns: Namespace, keys: Sequence, scores: Sequence[float]) -> None:
+        """Record the promoter's value for pages (eviction takes the lowest first)."""
+        with self._write_lock, self._index.write() as txn:
+            for k, s in zip(keys, scores):
+                pk = page_key(ns.id, key_bytes(k))
+                b = txn.get(pk, db=self._index.pages)
+                if b is not None:
+                    txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
+
+    def delete_many(self, ns: Namespace, keys: Sequence) -> int:
+        with self._write_lock, self._index.write() as txn:
+            return sum(self._index.delete_page(txn, page_key(ns.id, key_bytes(k))) is not None for k in keys)
+
+    def clear(self, namespace_id: bytes | None = None) -> int:
+        """Drop every page (of one namespace, or all); space comes back at the next compaction."""
+        n = 0
+        with self._write_lock, self._index.write() as txn:
+            cur = txn.cursor(db=self._index.pages)
+            prefix = namespace_id or b""
+            doomed = []
+            if cur.set_range(prefix):
+                for k in cur.iternext(values=False):
+                    if not k.startswith(prefix):
+                        break
+                    doomed.append(bytes(k))
+            for pk in doomed:
+                self._index.delete_page(txn, pk)
+            n = len(doomed)
+            if namespace_id is not None:
+                txn.delete(namespace_id, db=self._index.ns)
+            else:
+                txn.drop(self._index.ns, delete=False)
+        self._touched.clear()
+        return n
+
+    def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
+        """(namespace id, description, pages, encoded bytes) for each namespace holding pages."""
+        per: dict[bytes, list[int]] = {}
+        with self._index.read() as txn:
+            for k, v in txn.cursor(db=self._index.pages):
+                acc = per.setdefault(bytes(k[:16]), [0, 0])
+                acc[0] += 1
+                acc[1] += Record.unpack(v).length
+            descs = {bytes(k): json.loads(v) for k, v in txn.cursor(db=self._index.ns)}
+        return [(nid, descs.get(nid), c, b) for nid, (c, b) in sorted(per.items())]
+
+    def maintain(self) -> None:
+        """Expire TTL'd pages, enforce capacity, compact sparse segments. Safe to call from any thread, any time."""
+        if not self._available():
+            return
+        try:
+            with self._write_lock:
+                self.expire()
+                self._make_room(0)
+                self.compact()
+            self._close_stale_fds()
+        except (OSError, lmdb.Error) as e:
+            self._fault(e, "maintenance")
+
+    def expire(self) -> int:
+        now = _now_ms()
+        n = 0
+        with self._write_lock, self._index.write() as txn:
+            for k, v in list(txn.cursor(db=self._index.pages)):
+                rec = Record.unpack(v)
+                if rec.expires_ms and rec.expires_ms <= now:
+                    self._index.delete_page(txn, bytes(k))
+                    n += 1
+        self._counts["expired"] += n
+        return n
+
+    def compact(self) -> int:
+        """Rewrite live pages out of sparse sealed segments and delete emptied ones. Returns segments reclaimed."""
+        gc_fd = os.open(os.path.join(self.path, GC_LOCK_FILE), os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            try:
+                fcntl.flock(gc_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another process is compacting this store right now
+            with self._write_lock:
+                return self._compact_locked()
+        finally:
+            os.close(gc_fd)
+
+    def verify(self) -> VerifyReport:
+        """Re-read every page, check header and checksum; drop bad entries from the index."""
+        checked = ok = nbytes = 0
+        bad = []
+        with self._index.read() as txn:
+            items = [(bytes(k), Record.unpack(v)) for k, v in txn.cursor(db=self._index.pages)]
+        for pk, rec in items:
+            checked += 1
+            nbytes += rec.length
+            if self._read_blob(rec) is not None:
+                ok += 1
+            else:
+                bad.append((pk, rec))
+        if bad:
+            self._drop_bad(bad)
+        return VerifyReport(checked, ok, len(bad), nbytes)
+
+    def stats(self) -> DiskStats:
+        with self._index.read() as txn:
+            segs = self._index.segments(txn)
+        file_bytes = 0
+        for seg in segs:
+            try:
+                file_bytes += os.stat(self._seg_path(seg)).st_size
+            except OSError:
+                pass
+        c = self._counts
+        return DiskStats(
+            enabled=time.monotonic() >= self._disabled_until, entries=sum(s.count for s in segs.values()),
+            live_bytes=sum(s.live for s in segs.values()), raw_bytes=sum(s.raw_live for s in segs.values()),
+            file_bytes=file_bytes, capacity_bytes=self.config.capacity_bytes, segments=len(segs),
+            hits=c["hits"], misses=c["misses"], pages_written=c["pages_written"], bytes_written=c["bytes_written"],
+            bytes_read=c["bytes_read"], corrupt_dropped=c["corrupt_dropped"], expired=c["expired"],
+            evicted=c["evicted"], segments_compacted=c["segments_compacted"], rejected_full=c["rejected_full"],
+            faults=dict(self._faults))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._write_lock:
+            try:
+                if self._touched:
+                    with self._index.write() as txn:
+                        self._flush_touched(txn)
+                self._seal_writer()
+            except (OSError, lmdb.Error) as e:
+                log.warning("kvdrive: closing store %s: %s", self.path, e)
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        self._index.close()
+        self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- internals -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _live(b, now: int) -> Record | None:
+        if b is None:
+            return None
+        rec = Record.unpack(b)
+        return None if rec.expires_ms and rec.expires_ms <= now else rec
+
+    def _seg_path(self, seg: int) -> str:
+        return os.path.join(self._seg_dir, f"seg-{seg:08x}.kvs")
+
+    def _available(self) -> bool:
+        if self._closed:
+            raise StoreDirError(f"store {self.path} is closed")
+        if self._disabled_until and time.monotonic() >= self._disabled_until:
+            self._disabled_until = 0.0
+            log.warning("kvdrive: disk tier at %s back on after a fault; retrying", self.path)
+        return not self._disabled_until
+
+    def _fault(self, e: BaseException, during: str) -> None:
+        kind = _fault_kind(e)
+        self._faults[kind] += 1
+        if not self._disabled_until:
+            log.error("kvdrive: disk tier at %s off for %.0fs after %s during %s: %s (requests recompute meanwhile)",
+                      self.path, self.config.retry_after_s, kind, during, e)
+        self._disabled_until = time.monotonic() + self.config.retry_after_s
+
+    def _register_ns(self, txn, ns: Namespace) -> None:
+        if ns.id not in self._known_ns:
+            txn.put(ns.id, ns.canonical, db=self._index.ns)
+            self._known_ns.add(ns.id)
+
+    def _flush_touched(self, txn) -> None:
+        touched, self._touched = self._touched, {}
+        pages = self._index.pages
+        for pk, t in touched.items():
+            b = txn.get(pk, db=pages)
+            if b is not None:
+                txn.put(pk, Record.unpack(b)._replace(atime_ms=t).pack(), db=pages)
+
+    # writer segment ------------------------------------------------------------------------------------------
+    def _writer_for(self, incoming: int) -> tuple[int, int]:
+        if self._wseg and self._wend and self._wend + incoming > self.config.segment_bytes:
+            self._seal_writer()
+        if not self._wseg:
+            with self._index.write() as txn:
+                seg = self._index.alloc_segment(txn)
+                # create and flock the file before the commit makes the segment visible: no other process can
+                # ever see an open segment without its writer's lock (and mistake it for a dead writer's)
+                fd = os.open(self._seg_path(seg), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._wseg, self._wfd, self._wend = seg, fd, 0
+        return self._wseg, self._wend
+
+    def _seal_writer(self) -> None:
+        if not self._wseg:
+            return
+        seg, fd = self._wseg, self._wfd
+        self._wseg, self._wfd, self._wend = 0, -1, 0
+        try:
+            with self._index.write() as txn:
+                info = self._index.seg_info(txn, seg)
+                if info is not None:
+                    txn.put(seg_key(seg), info._replace(state=SEG_SEALED).pack(), db=self._index.segs)
+        finally:
+            os.close(fd)
+
+    def _abandon_writer(self) -> None:
+        """After a write fault: stop appending to this segment (its tail may be torn); compaction reclaims it."""
+        try:
+            self._seal_writer()
+        except (OSError, lmdb.Error):
+            pass
+
+    # reads ---------------------------------------------------------------------------------------------------
+    def _fd(self, seg: int) -> int:
+        with self._fds_lock:
+            fd = self._fds.get(seg)
+            if fd is not None:
+                self._fds.move_to_end(seg)
+                return fd
+        fd = os.open(self._seg_path(seg), os.O_RDONLY | os.O_CLOEXEC)
+        with self._fds_lock:
+            if seg in self._fds:
+                os.close(fd)
+                return self._fds[seg]
+            self._fds[seg] = fd
+            while len(self._fds) > self.config.fd_cache:
+                os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _forget_fd(self, seg: int) -> None:
+        with self._fds_lock:
+            fd = self._fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+        self._io.forget(self._seg_path(seg))
+
+    def _pread(self, rec: Record, bufs: list) -> int | None:
+        """Read ``rec``'s bytes into ``bufs``. None when the segment file is gone (compacted or deleted)."""
+        try:
+            fd = self._fd(rec.seg)
+        except FileNotFoundError:
+            return None
+        return self._io.preadv(fd, bufs, rec.off, self._seg_path(rec.seg))
+
+    def _read_into(self, rec: Record, out, dtype: str) -> str:
+        """'ok', 'bad' (drop the entry) or 'miss' (transient: keep the entry)."""
+        try:
+            if rec.codec == _RAW_CODEC and rec.length - HEADER.size == len(out):
+                # zero copy: header into a small buffer, body straight into the caller's buffer
+                hdr = bytearray(HEADER.size)
+                n = self._pread(rec, [hdr, out])
+                if n is None or n != rec.length:
+                    return "bad"
+                h = xxhash.xxh3_64(hdr)
+                h.update(out)
+                if h.intdigest() != rec.checksum:
+                    return "bad"
+                hh = peek_header(hdr)
+                if hh.codec != _RAW_CODEC or hh.raw_nbytes != len(out) or hh.dtype != dtype_info(dtype).code:
+                    return "bad"
+            else:
+                blob = self._read_blob(rec)
+                if blob is None:
+                    return "bad"
+                decode_page(blob, out, dtype)
+        except CodecError:
+            return "bad"
+        except OSError as e:
+            self._fault(e, "read")
+            return "miss"
+        self._counts["bytes_read"] += rec.length
+        return "ok"
+
+    def _read_blob(self, rec: Record) -> bytes | None:
+        """The verified blob, or None if missing/short/corrupt."""
+        buf = bytearray(rec.length)
+        try:
+            n = self._pread(rec, [buf])
+        except OSError as e:
+            self._fault(e, "read")
+            return None
+        if n != rec.length or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
+            return None
+        try:
+            peek_header(buf)
+        except CodecError:
+            return None
+        self._counts["bytes_read"] += rec.length
+        return bytes(buf)
+
+    def _drop_bad(self, bad: list[tuple[bytes, Record]]) -> None:
+        n = 0
+        with self._write_lock, self._index.write() as txn:
+            for pk, rec in bad:
+                cur = txn.get(pk, db=self._index.pages)
+                if cur is not None and Record.unpack(cur)[:3] == rec[:3]:  # still the entry we read
+                    self._index.delete_page(txn, pk)
+                    n += 1
+        self._counts["corrupt_dropped"] += n
+        if n:
+            log.warning("kvdrive: dropped %d corrupt or missing page(s) from store %s (served as misses)", n, self.path)
+
+    # capacity, eviction, compaction -------------------------------------------------------------------------
+    def _usage(self) -> tuple[int, int, dict[int, SegInfo]]:
+        with self._index.read() as txn:
+            segs = self._index.segments(txn)
+        used = 0
+        for seg, info in segs.items():
+            used += max(info.end, self._wend if seg == self._wseg else 0)
+        return used, sum(s.live for s in segs.values()), segs
+
+    def _make_room(self, incoming: int) -> bool:
+        """Keep file bytes within capacity: evict lowest-value pages, then compact. False if ``incoming`` can't fit."""
+        cap = self.config.capacity_bytes
+        if incoming > cap // 4:
+            return False
+        used, live, _ = self._usage()
+        if used + incoming <= cap * self.config.high_watermark:
+            return True
+        target_live = int(cap * self.config.low_watermark) - incoming
+        if live > target_live:
+            self._evict(live - target_live)
+        self.compact()
+        used, _, _ = self._usage()
+        if used + incoming > cap and self._wseg:
+            # our own open segment can only be reclaimed once sealed
+            self._seal_writer()
+            self.compact()
+            used, _, _ = self._usage()
+        return used + incoming <= cap
+
+    def _evict(self, nbytes: int) -> None:
+        """Drop the lowest-value pages (score, then least recently used) totalling at least ``nbytes``."""
+        with self._index.read() as txn:
+            cands = [(r.score, r.atime_ms, bytes(k), r.length)
+                     for k, v in txn.cursor(db=self._index.pages) for r in (Record.unpack(v),)]
+        avg = max(1, sum(c[3] for c in cands) // max(1, len(cands)))
+        victims = heapq.nsmallest(min(len(cands), nbytes // avg + 16), cands)
+        freed = n = 0
+        with self._index.write() as txn:
+            for _, _, pk, length in victims:
+                if freed >= nbytes:
+                    break
+                if self._index.delete_page(txn, pk) is not None:
+                    freed += length
+                    n += 1
+        self._counts["evicted"] += n
+
+    def _writer_alive(self, seg: int) -> bool:
+        if seg == self._wseg:
+            return True
+        try:
+            fd = os.open(self._seg_path(seg), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False  # nobody holds it: its writer is gone
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _recover_dead_writers(self, segs: dict[int, SegInfo]) -> None:
+        """Seal open segments whose writer is gone, cutting any unindexed (crash-orphaned) tail."""
+        for seg, info in segs.items():
+            if info.state != SEG_OPEN or self._writer_alive(seg):
+                continue
+            try:
+                os.truncate(self._seg_path(seg), info.end)
+            except FileNotFoundError:
+                pass
+            with self._index.write() as txn:
+                cur = self._index.seg_info(txn, seg)
+                if cur is not None and cur.state == SEG_OPEN:
+                    txn.put(seg_key(seg), cur._replace(state=SEG_SEALED).pack(), db=self._index.segs)
+            segs[seg] = info._replace(state=SEG_SEALED)
+
+    def _compact_locked(self) -> int:
+        with self._index.read() as txn:
+            segs = self._index.segments(txn)
+        self._recover_dead_writers(segs)
+        victims = sorted((info.live, seg) for seg, info in segs.items()
+                         if seg != self._wseg and info.state == SEG_SEALED
+                         and (info.count == 0 or info.live / max(info.end, 1) < self.config.gc_live_ratio))
+        if not victims:
+            return 0
+        vset = {seg for _, seg in victims}
+        by_seg: dict[int, list[tuple[bytes, Record]]] = {}
+        with self._index.read() as txn:
+            for k, v in txn.cursor(db=self._index.pages):
+                r = Record.unpack(v)
+                if r.seg in vset:
+                    by_seg.setdefault(r.seg, []).append((bytes(k), r))
+        cap = self.config.capacity_bytes
+        reclaimed = 0
+        for live, seg in victims:  # emptiest first; each is deleted before the next is copied (bounded overshoot)
+            moving = by_seg.get(seg, [])
+            if moving and self._usage()[0] + live > cap:
+                continue  # copying forward would break the byte cap; eviction must free more first
+            batch, batch_bytes, bad = [], 0, []
+            limit = max(64 << 10, self.config.segment_bytes // 4)
+            for pk, rec in moving:
+                blob = self._read_blob(rec)
+                if blob is None:
+                    bad.append((pk, rec))
+                    continue
+                batch.append((pk, rec, blob))
+                batch_bytes += len(blob)
+                if batch_bytes >= limit:
+                    self._move(batch)
+                    batch, batch_bytes = [], 0
+            if batch:
+                self._move(batch)
+            if bad:
+                self._drop_bad(bad)
+            with self._index.write() as txn:
+                info = self._index.seg_info(txn, seg)
+                if info is None or info.count:
+                    continue  # not empty after all (should not happen): keep it
+                txn.delete(seg_key(seg), db=self._index.segs)
+            # the index no longer names this segment: now the file can go
+            self._forget_fd(seg)
+            try:
+                os.unlink(self._seg_path(seg))
+            except FileNotFoundError:
+                pass
+            reclaimed += 1
+        self._counts["segments_compacted"] += reclaimed
+        return reclaimed
+
+    def _move(self, batch: list[tuple[bytes, Record, bytes]]) -> None:
+        total = sum(len(b) for _, _, b in batch)
+        seg, off0 = self._writer_for(total)
+        self._io.pwritev(self._wfd, [b for _, _, b in batch], off0)
+        self._io.sync(self._wfd)
+        off = off0
+        with self._index.write() as txn:
+            for pk, rec, blob in batch:
+                cur = txn.get(pk, db=self._index.pages)
+                new = rec._replace(seg=seg, off=off)
+                off += len(blob)
+                if cur is None or Record.unpack(cur)[:2] != rec[:2]:
+                    continue  # deleted or rewritten meanwhile: the copy is dead bytes
+                self._index.remove_from_seg(txn, rec)
+                txn.put(pk, new.pack(), db=self._index.pages)
+                self._index.add_to_seg(txn, seg, new, end=off)
+            info = self._index.seg_info(txn, seg)
+            if info is not None and info.end < off:
+                txn.put(seg_key(seg), info._replace(end=off).pack(), db=self._index.segs)
+        self._wend = off
+        if off >= self.config.segment_bytes:
+            self._seal_writer()
+
+    def _close_stale_fds(self) -> None:
+        with self._index.read() as txn:
+            live = set(self._index.segments(txn))
+        with self._fds_lock:
+            stale = [s for s in self._fds if s not in live]
+        for s in stale:
+            self._forget_fd(s)

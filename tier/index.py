@@ -1,0 +1,161 @@
+"""The LMDB index: page records, segment accounting and namespace descriptions. Never payload bytes.
+
+Databases in one environment:
+    meta   b"next_seg" -> u32 (segment ids are never reused, so a stale location can never hit new bytes)
+    ns     namespace id (16 B) -> canonical JSON description (for stats and clear)
+    pages  namespace id + key tag -> Record (packed)
+    segs   segment id (u32 big-endian) -> SegInfo (packed)
+A page record and the accounting of the segment it lives in always change in the same transaction.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from typing import NamedTuple
+
+import lmdb
+
+from .store_dir import FILE_MODE
+
+_REC = struct.Struct("<IQIBBQQQQQf")
+_SEG = struct.Struct("<QQQIB")
+_U32 = struct.Struct(">I")
+_SHORT_KEY = 400  # longer keys are hashed to stay well under LMDB's 511-byte key limit
+
+SEG_OPEN = 0  # a live writer appends to it (it holds a flock on the file)
+SEG_SEALED = 1
+
+
+class Record(NamedTuple):
+    seg: int
+    off: int
+    length: int  # blob bytes on disk (header + body)
+    codec: int
+    flags: int
+    checksum: int  # xxh3_64 of the blob
+    raw_nbytes: int  # decoded page bytes
+    created_ms: int
+    atime_ms: int
+    expires_ms: int  # 0: never
+    score: float  # promoter value (0 until a promoter sets one)
+
+    def pack(self) -> bytes:
+        return _REC.pack(*self)
+
+    @classmethod
+    def unpack(cls, b) -> "Record":
+        return cls._make(_REC.unpack(b))
+
+
+class SegInfo(NamedTuple):
+    end: int  # committed end offset (bytes indexed or compacted away; tail past it is an orphan of a crash)
+    live: int  # bytes of pages the index points at
+    raw_live: int  # decoded bytes of those pages (codec ratio)
+    count: int
+    state: int
+
+    def pack(self) -> bytes:
+        return _SEG.pack(*self)
+
+    @classmethod
+    def unpack(cls, b) -> "SegInfo":
+        return cls._make(_SEG.unpack(b))
+
+
+def page_key(ns_id: bytes, key: bytes) -> bytes:
+    if len(key) <= _SHORT_KEY:
+        return ns_id + b"\0" + key
+    return ns_id + b"\1" + hashlib.blake2b(key, digest_size=32).digest()
+
+
+def seg_key(seg: int) -> bytes:
+    return _U32.pack(seg)
+
+
+def seg_id(k: bytes) -> int:
+    return _U32.unpack(k)[0]
+
+
+# LMDB forbids opening one environment twice in a process (its locks are per process): share it, refcounted.
+_ENVS: dict[str, list] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+class Index:
+    def __init__(self, path: str, *, map_size: int, readonly: bool = False):
+        self.path = os.path.realpath(path)
+        with _ENVS_LOCK:
+            ent = _ENVS.get(self.path)
+            if ent is None:
+                env = lmdb.open(self.path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
+                                lock=True, sync=True, metasync=True, readahead=False, max_readers=1024,
+                                mode=FILE_MODE)
+                dbs = {name: env.open_db(name.encode(), create=not readonly)
+                       for name in ("meta", "ns", "pages", "segs")} if not readonly else None
+                if readonly:
+                    with env.begin() as txn:
+                        dbs = {}
+                        for name in ("meta", "ns", "pages", "segs"):
+                            dbs[name] = env.open_db(name.encode(), txn=txn, create=False)
+                ent = [env, dbs, 0]
+                _ENVS[self.path] = ent
+            ent[2] += 1
+        self.env, dbs, _ = ent
+        self.meta, self.ns, self.pages, self.segs = dbs["meta"], dbs["ns"], dbs["pages"], dbs["segs"]
+
+    def close(self) -> None:
+        with _ENVS_LOCK:
+            ent = _ENVS.get(self.path)
+            if ent is None:
+                return
+            ent[2] -= 1
+            if ent[2] == 0:
+                del _ENVS[self.path]
+                ent[0].close()
+
+    def read(self):
+        return self.env.begin(buffers=False)
+
+    def write(self):
+        return self.env.begin(write=True)
+
+    # --- helpers used inside a caller's write transaction ---------------------------------------------------
+    def alloc_segment(self, txn) -> int:
+        cur = txn.get(b"next_seg", db=self.meta)
+        seg = _U32.unpack(cur)[0] if cur else 1
+        txn.put(b"next_seg", _U32.pack(seg + 1), db=self.meta)
+        txn.put(seg_key(seg), SegInfo(0, 0, 0, 0, SEG_OPEN).pack(), db=self.segs)
+        return seg
+
+    def seg_info(self, txn, seg: int) -> SegInfo | None:
+        b = txn.get(seg_key(seg), db=self.segs)
+        return SegInfo.unpack(b) if b is not None else None
+
+    def add_to_seg(self, txn, seg: int, rec: Record, end: int | None = None) -> None:
+        info = self.seg_info(txn, seg) or SegInfo(0, 0, 0, 0, SEG_OPEN)
+        info = info._replace(live=info.live + rec.length, raw_live=info.raw_live + rec.raw_nbytes,
+                             count=info.count + 1, end=max(info.end, end if end is not None else 0))
+        txn.put(seg_key(seg), info.pack(), db=self.segs)
+
+    def remove_from_seg(self, txn, rec: Record) -> None:
+        info = self.seg_info(txn, rec.seg)
+        if info is None:
+            return
+        info = info._replace(live=max(0, info.live - rec.length), raw_live=max(0, info.raw_live - rec.raw_nbytes),
+                             count=max(0, info.count - 1))
+        txn.put(seg_key(rec.seg), info.pack(), db=self.segs)
+
+    def delete_page(self, txn, pkey: bytes) -> Record | None:
+        """Delete one page entry, keeping its segment's accounting right. Returns the removed record."""
+        b = txn.get(pkey, db=self.pages)
+        if b is None:
+            return None
+        rec = Record.unpack(b)
+        txn.delete(pkey, db=self.pages)
+        self.remove_from_seg(txn, rec)
+        return rec
+
+    def segments(self, txn) -> dict[int, SegInfo]:
+        return {seg_id(k): SegInfo.unpack(v) for k, v in txn.cursor(db=self.segs)}

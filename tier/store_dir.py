@@ -1,0 +1,165 @@
+"""The store directory: its layout, format-version stamp, permissions and the process lock.
+
+    DIR/KVDRIVE_FORMAT   json stamp {"format": "kvdrive-store", "version": N}, written atomically before anything else
+    DIR/store.lock       flock: servers hold it shared (many processes, e.g. TP ranks, may share one store);
+                         maintenance commands (gc, verify, clear) hold it exclusive
+    DIR/index/           LMDB environment: the index only (payloads never live in LMDB)
+    DIR/segments/        append-only segment files seg-XXXXXXXX.kvs
+
+Directories are created 0700 and files 0600: KV pages are users' prompts in another form.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+
+from .errors import StoreDirError, StoreFormatError, StoreLockedError
+
+FORMAT_NAME = "kvdrive-store"
+FORMAT_VERSION = 1
+FORMAT_FILE = "KVDRIVE_FORMAT"
+LOCK_FILE = "store.lock"
+INDEX_DIR = "index"
+SEGMENT_DIR = "segments"
+GC_LOCK_FILE = "gc.lock"
+_OWN_ENTRIES = {FORMAT_FILE, LOCK_FILE, INDEX_DIR, SEGMENT_DIR, GC_LOCK_FILE}
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_stamp(path: str) -> dict:
+    stamp_path = os.path.join(path, FORMAT_FILE)
+    try:
+        with open(stamp_path, "rb") as f:
+            stamp = json.loads(f.read())
+        if not isinstance(stamp, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise StoreFormatError(f"{stamp_path} is unreadable or damaged ({e}); this is not a usable kvdrive store") from None
+    if stamp.get("format") != FORMAT_NAME:
+        raise StoreFormatError(f"{path} is not a kvdrive store ({FORMAT_FILE} names format {stamp.get('format')!r})")
+    if stamp.get("version") != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store {path} has format version {stamp.get('version')!r}; this kvdrive reads version {FORMAT_VERSION}. "
+            f"Point kvdrive at a new directory, or remove this one (rm -r {path}) to start afresh"
+        )
+    return stamp
+
+
+def _write_stamp(path: str) -> None:
+    tmp = os.path.join(path, f"{FORMAT_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(path, FORMAT_FILE))  # atomic: concurrent creators write identical stamps
+    _fsync_dir(path)
+
+
+def check_store_dir(path: str, *, create: bool) -> str:
+    """Validate (and with ``create``, initialise) a store directory. Returns its absolute path."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise StoreDirError(f"store directory must be a path, got {path!r}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreDirError(f"store path {path} exists and is not a directory")
+    if not os.path.exists(path):
+        if not create:
+            raise StoreDirError(f"store directory {path} does not exist")
+        try:
+            os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+        except OSError as e:
+            raise StoreDirError(f"cannot create store directory {path}: {e.strerror}") from None
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise StoreDirError(f"store directory {path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()}); "
+                            "refusing to share a KV store across users")
+    if os.path.exists(os.path.join(path, FORMAT_FILE)):
+        _read_stamp(path)
+    else:
+        foreign = [n for n in os.listdir(path) if n not in _OWN_ENTRIES and not n.endswith(".tmp")]
+        if foreign:
+            raise StoreFormatError(
+                f"{path} is not empty and is not a kvdrive store (it holds {', '.join(sorted(foreign)[:3])}...); "
+                "refusing to write into it. Use an empty or new directory")
+        if not create:
+            raise StoreFormatError(f"{path} is not a kvdrive store (no {FORMAT_FILE})")
+    if create and not os.access(path, os.W_OK | os.X_OK):
+        raise StoreDirError(f"store directory {path} is not writable by this process")
+    if create:
+        if not os.path.exists(os.path.join(path, FORMAT_FILE)):
+            try:
+                _write_stamp(path)
+            except OSError as e:
+                raise StoreDirError(f"cannot initialise store directory {path}: {e.strerror}") from None
+        for sub in (INDEX_DIR, SEGMENT_DIR):
+            os.makedirs(os.path.join(path, sub), mode=DIR_MODE, exist_ok=True)
+    return path
+
+
+def _lock_holders(lock_path: str) -> list[int]:
+    """PIDs holding a flock on ``lock_path`` (Linux /proc/locks; best effort, empty where unavailable)."""
+    try:
+        ino = os.stat(lock_path).st_ino
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (blocked waiters carry "->")
+        if len(parts) >= 6 and parts[1] == "FLOCK" and "->" not in parts:
+            try:
+                if int(parts[5].split(":")[-1]) == ino:
+                    pids.append(int(parts[4]))
+            except ValueError:
+                continue
+    return sorted(set(p for p in pids if p != os.getpid()))
+
+
+class StoreLock:
+    """The store-wide flock. ``shared`` for serving processes, ``exclusive`` for maintenance commands."""
+
+    def __init__(self, path: str, mode: str):
+        if mode not in ("shared", "exclusive"):
+            raise ValueError(f"lock mode must be 'shared' or 'exclusive', got {mode!r}")
+        lock_path = os.path.join(path, LOCK_FILE)
+        try:
+            self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as e:
+            raise StoreDirError(f"cannot open {lock_path}: {e.strerror}") from None
+        op = fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX
+        try:
+            fcntl.flock(self._fd, op | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._fd)
+            self._fd = -1
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreDirError(f"cannot lock {lock_path}: {e.strerror}") from None
+            holders = _lock_holders(lock_path)
+            who = f" (pid {', '.join(map(str, holders))})" if holders else ""
+            if mode == "shared":
+                raise StoreLockedError(f"store {path} is locked by a maintenance command (kvdrive gc/verify/clear)"
+                                       f"{who}; wait for it to finish") from None
+            raise StoreLockedError(f"store {path} is in use by another process{who}; stop the server(s) using it "
+                                   "before running this command") from None
+        self.mode = mode
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
