@@ -563,6 +563,7 @@ class DiskStore:
                 hh = peek_header(hdr)
                 if hh.codec != _RAW_CODEC or hh.raw_nbytes != len(out) or hh.dtype != dtype_info(dtype).code:
                     return "bad"
+                self._counts["bytes_read"] += rec.length
             else:
                 blob = self._read_blob(rec)
                 if blob is None:
@@ -573,7 +574,6 @@ class DiskStore:
         except OSError as e:
             self._fault(e, "read")
             return "miss"
-        self._counts["bytes_read"] += rec.length
         return "ok"
 
     def _read_blob(self, rec: Record) -> bytes | None:

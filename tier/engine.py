@@ -1,0 +1,326 @@
+"""TierEngine: the compressed DRAM pool over the disk store, behind one batched page API.
+
+    put_many   encode (codec per page, recorded in its header) -> DRAM pool; with write_through also queued for disk
+    get_many   DRAM pool (decode into the caller's buffer) -> disk store (checksum-verified, decoded in place)
+    exists_many  leading hits across both tiers, the way SGLang's storage API counts them
+
+Pages leaving the pool, and write-through copies, go to a bounded write-down queue that one writer thread drains to
+disk in large batches (group commit). Queued pages stay readable until they are on disk. When the queue is full a
+write-down is dropped and counted, never blocking the caller. ``close()`` writes down everything not yet on disk, so a
+clean restart serves all of it; after a crash, only what reached the disk (its index commit) is served.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+from .buffers import byte_view
+from .codecs import CODEC_NAMES, decode_page, encode_page, get_codec, peek_header
+from .disk_store import DiskStats, DiskStore, DiskStoreConfig, GiB, MiB
+from .dtypes import dtype_info
+from .errors import CodecError, ConfigError
+from .host_pool import CompressedHostPool, HostPoolStats, PoolKey
+from .namespace import Namespace, key_bytes
+
+log = logging.getLogger("kvdrive.tier")
+
+WRITE_POLICIES = ("write_through", "write_back")
+
+
+@dataclass
+class TierConfig:
+    path: str | None = None  # disk store directory; None: DRAM tier only
+    host_bytes: int = 4 * GiB  # compressed DRAM tier budget (encoded bytes)
+    disk_bytes: int = 64 * GiB  # disk store cap (segment file bytes)
+    codec: str = "zstd"  # raw | zstd (lossless) | int8 | fp8 (lossy: opt in)
+    write_policy: str = "write_through"  # write_through: every page also goes to disk (survives a crash)
+    writedown_queue_bytes: int = 256 * MiB  # pages waiting for the disk; over this, write-downs are dropped
+    writedown_batch_bytes: int = 16 * MiB  # one group commit
+    io_threads: int = 2  # for submit_get_many / submit_put_many
+    maintain_interval_s: float = 30.0  # TTL expiry, capacity and compaction on the writer thread
+    default_ttl_s: float | None = None
+    disk: dict = field(default_factory=dict)  # further DiskStoreConfig fields (segment_bytes, io, ...)
+
+    def __post_init__(self):
+        for name in ("host_bytes", "disk_bytes", "writedown_queue_bytes", "writedown_batch_bytes", "io_threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "host_bytes" else 1):
+                raise ConfigError(f"tier {name} must be a {'non-negative' if name == 'host_bytes' else 'positive'} "
+                                  f"integer, got {v!r}")
+        if self.codec not in CODEC_NAMES:
+            raise ConfigError(f"tier codec {self.codec!r} is not one of {', '.join(CODEC_NAMES)}")
+        if self.write_policy not in WRITE_POLICIES:
+            raise ConfigError(f"tier write_policy {self.write_policy!r} is not one of {', '.join(WRITE_POLICIES)}")
+        if self.path is None and self.host_bytes == 0:
+            raise ConfigError("tier has neither a disk path nor a DRAM budget: set path or host_bytes")
+        if not isinstance(self.maintain_interval_s, (int, float)) or self.maintain_interval_s <= 0:
+            raise ConfigError(f"tier maintain_interval_s must be a positive number, got {self.maintain_interval_s!r}")
+
+
+class TierStats(NamedTuple):
+    host: HostPoolStats
+    disk: DiskStats | None
+    writedown_queued_bytes: int
+    writedown_dropped: int
+    hits_host: int
+    hits_queued: int
+    hits_disk: int
+    misses: int
+    encode_s: float
+    decode_s: float
+
+
+class TierEngine:
+    def __init__(self, config: TierConfig):
+        self.config = config
+        self.codec = get_codec(config.codec)
+        self.disk: DiskStore | None = None
+        if config.path is not None:
+            self.disk = DiskStore(DiskStoreConfig(path=config.path, capacity_bytes=config.disk_bytes,
+                                                  default_ttl_s=config.default_ttl_s, **config.disk))
+        self.pool = CompressedHostPool(config.host_bytes, self._demote)
+        # write-down queue: key -> (namespace, blob, score); readable until on disk
+        self._queue: OrderedDict[PoolKey, tuple[Namespace, bytes, float]] = OrderedDict()
+        self._queue_bytes = 0
+        self._queue_cv = threading.Condition()
+        self._inflight = 0  # batches taken off the queue's head but not yet committed
+        self._counts = Counter()
+        self._times = Counter()
+        self._warned_codec: set[str] = set()
+        self._stop = False
+        self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvdrive-io")
+        self._writer = None
+        if self.disk is not None:
+            self._writer = threading.Thread(target=self._writer_loop, name="kvdrive-writedown", daemon=True)
+            self._writer.start()
+
+    # --- page API --------------------------------------------------------------------------------------------
+    def put_many(self, ns: Namespace, keys: Sequence, pages: Sequence, *,
+                 scores: Sequence[float] | None = None) -> list[bool]:
+        """Store pages (caller buffers are copied/encoded before this returns). True for each page now held."""
+        if len(keys) != len(pages) or (scores is not None and len(scores) != len(keys)):
+            raise ConfigError(f"put_many got {len(keys)} keys and {len(pages)} pages; they must match")
+        codec = self._codec_for(ns)
+        ok = []
+        t0 = time.perf_counter()
+        for i, (k, page) in enumerate(zip(keys, pages)):
+            pk = (ns.id, key_bytes(k))
+            blob = encode_page(page, ns.kv_dtype, codec, ns.head_dim)
+            raw = peek_header(blob).raw_nbytes
+            score = float(scores[i]) if scores is not None else 0.0
+            held = self.pool.put(pk, blob, raw, ns=ns, score=score) if self.config.host_bytes else False
+            if self.disk is not None and (self.config.write_policy == "write_through" or not held):
+                held = self._enqueue(pk, ns, blob, score) or held
+            ok.append(held)
+        self._times["encode_s"] += time.perf_counter() - t0
+        return ok
+
+    def get_many(self, ns: Namespace, keys: Sequence, outs: Sequence) -> list[bool]:
+        """Fill the caller's buffers. False is a miss (that buffer is then undefined)."""
+        if len(keys) != len(outs):
+            raise ConfigError(f"get_many got {len(keys)} keys and {len(outs)} buffers; they must match")
+        result = [False] * len(keys)
+        rest = []
+        t0 = time.perf_counter()
+        for i, k in enumerate(keys):
+            pk = (ns.id, key_bytes(k))
+            blob = self.pool.get(pk)
+            where = "hits_host"
+            if blob is None:
+                blob = self._queued_blob(pk)
+                where = "hits_queued"
+            if blob is None:
+                rest.append(i)
+                continue
+            try:
+                decode_page(blob, outs[i], ns.kv_dtype)
+            except CodecError as e:
+                # wrong-size buffer etc.: the caller's mistake, reported as such rather than as a miss
+                raise CodecError(f"page {keys[i]!r}: {e}") from None
+            result[i] = True
+            self._counts[where] += 1
+        self._times["decode_s"] += time.perf_counter() - t0
+        if rest and self.disk is not None:
+            got = self.disk.get_many(ns, [keys[i] for i in rest], [outs[i] for i in rest])
+            for i, g in zip(rest, got):
+                result[i] = g
+            self._counts["hits_disk"] += sum(got)
+        self._counts["misses"] += len(keys) - sum(result)
+        return result
+
+    def exists_many(self, ns: Namespace, keys: Sequence) -> int:
+        """Leading keys held in any tier."""
+        n = 0
+        for k in keys:
+            pk = (ns.id, key_bytes(k))
+            if self.pool.contains(pk) or pk in self._queue:
+                n += 1
+                continue
+            break
+        if n == len(keys) or self.disk is None:
+            return n
+        base = n
+        rest = self.disk.contains(ns, keys[base:])
+        for i, on_disk in enumerate(rest):
+            pk = (ns.id, key_bytes(keys[base + i]))
+            if not (on_disk or self.pool.contains(pk) or pk in self._queue):
+                break
+            n += 1
+        return n
+
+    def submit_get_many(self, ns, keys, outs) -> Future:
+        """get_many on the I/O threads; keep ``outs`` alive and untouched until the future is done."""
+        return self._executor.submit(self.get_many, ns, keys, outs)
+
+    def submit_put_many(self, ns, keys, pages, *, scores=None) -> Future:
+        """put_many on the I/O threads; keep ``pages`` unchanged until the future is done."""
+        return self._executor.submit(self.put_many, ns, keys, pages, scores=scores)
+
+    def set_scores(self, ns: Namespace, keys: Sequence, scores: Sequence[float]) -> None:
+        """The promoter's value for pages; the lowest go first in both tiers."""
+        for k, s in zip(keys, scores):
+            self.pool.set_score((ns.id, key_bytes(k)), s)
+        if self.disk is not None:
+            self.disk.set_scores(ns, keys, scores)
+
+    def clear(self, ns: Namespace | None = None) -> None:
+        nid = ns.id if ns is not None else None
+        self.pool.clear(nid)
+        with self._queue_cv:
+            for pk in [pk for pk in self._queue if nid is None or pk[0] == nid]:
+                self._queue_bytes -= len(self._queue.pop(pk)[1])
+        if self.disk is not None:
+            self.disk.clear(nid)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write down everything queued; with write_back also every pool page not yet on disk. True when done."""
+        if self.disk is None:
+            return True
+        for pk, e in self.pool.entries_not_on_disk():
+            self._enqueue(pk, e.ns, e.blob, e.score, block=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+            while self._queue or self._inflight:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if not self._writer.is_alive() or not self.disk._available():
+                    return False
+                self._queue_cv.wait(0.1 if left is None else min(left, 0.1))
+        return True
+
+    def maintain(self) -> None:
+        if self.disk is not None:
+            self.disk.maintain()
+
+    def stats(self) -> TierStats:
+        c = self._counts
+        return TierStats(self.pool.stats(), self.disk.stats() if self.disk else None, self._queue_bytes,
+                         c["writedown_dropped"], c["hits_host"], c["hits_queued"], c["hits_disk"], c["misses"],
+                         self._times["encode_s"], self._times["decode_s"])
+
+    def close(self) -> None:
+        if self._stop:
+            return
+        if self.disk is not None and not self.flush(timeout=120):
+            log.warning("kvdrive: %d bytes of pages could not be written down before close", self._queue_bytes)
+        self._stop = True
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
+        self._executor.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _codec_for(self, ns: Namespace):
+        if self.codec.supports(ns.kv_dtype):
+            return self.codec
+        if ns.kv_dtype not in self._warned_codec:
+            self._warned_codec.add(ns.kv_dtype)
+            log.warning("kvdrive: codec %s does not apply to %s pages; storing them with lossless zstd",
+                        self.codec.name, ns.kv_dtype)
+        return get_codec("zstd")
+
+    def _enqueue(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, block: bool = False) -> bool:
+        with self._queue_cv:
+            if pk in self._queue:
+                return True
+            while self._queue_bytes + len(blob) > self.config.writedown_queue_bytes:
+                if not block or self._stop or not self.disk._available():
+                    self._counts["writedown_dropped"] += 1
+                    return False
+                self._queue_cv.wait(0.1)
+            self._queue[pk] = (ns, blob, score)
+            self._queue_bytes += len(blob)
+            self._queue_cv.notify_all()
+        return True
+
+    def _queued_blob(self, pk: PoolKey) -> bytes | None:
+        item = self._queue.get(pk)
+        return item[1] if item is not None else None
+
+    def _demote(self, victims) -> int:
+        """Pool victims not yet on disk join the write-down queue (non-blocking; a full queue drops them)."""
+        if self.disk is None:
+            return 0
+        return sum(self._enqueue(k, e.ns, e.blob, e.score) for k, e in victims)
+
+    def _writer_loop(self) -> None:
+        next_maintain = time.monotonic() + self.config.maintain_interval_s
+        while True:
+            with self._queue_cv:
+                while not self._queue and not self._stop and time.monotonic() < next_maintain:
+                    self._queue_cv.wait(0.5)
+                if self._stop and not self._queue:
+                    return
+                batch, size = [], 0
+                for pk, item in self._queue.items():  # stay in the queue (readable) until committed
+                    batch.append((pk, item))
+                    size += len(item[1])
+                    if size >= self.config.writedown_batch_bytes:
+                        break
+                self._inflight += 1
+            try:
+                if batch:
+                    self._write_batch(batch)
+                if time.monotonic() >= next_maintain:
+                    next_maintain = time.monotonic() + self.config.maintain_interval_s
+                    self.disk.maintain()
+            except Exception:  # noqa: BLE001 - the writer must survive anything; the store counts the faults
+                log.exception("kvdrive: write-down batch failed")
+            finally:
+                with self._queue_cv:
+                    self._inflight -= 1
+                    for pk, item in batch:
+                        if self._queue.get(pk) is item:
+                            del self._queue[pk]
+                            self._queue_bytes -= len(item[1])
+                    self._queue_cv.notify_all()
+            if batch and not self.disk._available():
+                time.sleep(0.05)  # the store is off after a fault: its pages were dropped; don't spin
+
+    def _write_batch(self, batch) -> None:
+        by_ns: dict[bytes, list] = {}
+        for pk, (ns, blob, score) in batch:
+            by_ns.setdefault(ns.id, []).append((pk, ns, blob, score))
+        for items in by_ns.values():
+            ns = items[0][1]
+            ok = self.disk.put_many(ns, [pk[1] for pk, *_ in items], [b for _, _, b, _ in items],
+                                    scores=[s for *_, s in items])
+            done = [(pk, b) for (pk, _, b, _), o in zip(items, ok) if o]
+            self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
+            self._counts["writedown_dropped"] += len(items) - len(done)

@@ -1,0 +1,161 @@
+"""The compressed DRAM tier: a byte-bounded map of encoded pages with value-ordered eviction.
+
+Value is the promoter's score; until a page has one (score 0 for all), eviction is least-recently-used. Victims are
+handed to a ``demote`` callback (the engine queues them for the disk store) *before* they leave the pool, so a page
+is never invisible in between. Thread-safe.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+from .errors import ConfigError
+
+PoolKey = tuple[bytes, bytes]  # (namespace id, key bytes)
+
+
+class HostPoolStats(NamedTuple):
+    entries: int
+    used_bytes: int  # encoded bytes held
+    raw_bytes: int  # their decoded size (raw_bytes / used_bytes = codec ratio)
+    capacity_bytes: int
+    hits: int
+    misses: int
+    inserts: int
+    demoted: int  # left the pool for the disk tier (or were already there)
+    dropped: int  # left the pool with nowhere to go (no disk tier, or its queue full)
+
+
+class _Entry:
+    __slots__ = ("blob", "raw_nbytes", "score", "on_disk", "ns", "retiring")
+
+    def __init__(self, blob: bytes, raw_nbytes: int, score: float, on_disk: bool, ns):
+        self.blob, self.raw_nbytes, self.score, self.on_disk, self.ns = blob, raw_nbytes, score, on_disk, ns
+        self.retiring = False  # picked as a victim; another thread is handing it to the disk tier
+
+
+# demote(victims) -> number accepted; victims are (key, entry) pairs, oldest/lowest value first
+Demote = Callable[[list[tuple[PoolKey, _Entry]]], int]
+
+
+class CompressedHostPool:
+    def __init__(self, capacity_bytes: int, demote: Demote | None = None, *, low_watermark: float = 0.9):
+        if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) or capacity_bytes < 0:
+            raise ConfigError(f"host pool capacity must be a non-negative integer of bytes, got {capacity_bytes!r}")
+        self.capacity = capacity_bytes
+        self._low = int(capacity_bytes * low_watermark)  # evict in batches down to here: fewer, larger demotions
+        self._demote = demote
+        self._lock = threading.Lock()
+        self._map: OrderedDict[PoolKey, _Entry] = OrderedDict()  # LRU order: oldest first
+        self._used = self._raw = 0
+        self._retiring = 0  # bytes of victims being handed over (still visible, no longer counted as excess)
+        self._scored = 0  # entries with a non-zero score: when none, LRU order is value order
+        self._hits = self._misses = self._inserts = self._demoted = self._dropped = 0
+
+    def put(self, key: PoolKey, blob: bytes, raw_nbytes: int, *, ns=None, score: float = 0.0,
+            on_disk: bool = False) -> bool:
+        """Insert (or refresh) a page. False when the page alone is larger than the pool."""
+        if len(blob) > self.capacity:
+            return False
+        with self._lock:
+            old = self._map.pop(key, None)
+            if old is not None:
+                self._account(old, -1)
+                on_disk = on_disk or (old.on_disk and old.blob == blob)
+            e = _Entry(blob, raw_nbytes, float(score), on_disk, ns)
+            self._map[key] = e
+            self._account(e, +1)
+            self._inserts += 1
+            victims = self._pick_victims() if self._used - self._retiring > self.capacity else []
+        if victims:
+            self._retire(victims)
+        return True
+
+    def get(self, key: PoolKey) -> bytes | None:
+        with self._lock:
+            e = self._map.get(key)
+            if e is None:
+                self._misses += 1
+                return None
+            self._map.move_to_end(key)
+            self._hits += 1
+            return e.blob
+
+    def contains(self, key: PoolKey) -> bool:
+        return key in self._map
+
+    def mark_on_disk(self, keys: list[PoolKey], blobs: list[bytes]) -> None:
+        with self._lock:
+            for k, b in zip(keys, blobs):
+                e = self._map.get(k)
+                if e is not None and e.blob is b:
+                    e.on_disk = True
+
+    def set_score(self, key: PoolKey, score: float) -> None:
+        with self._lock:
+            e = self._map.get(key)
+            if e is not None:
+                self._scored += (score != 0) - (e.score != 0)
+                e.score = float(score)
+
+    def discard(self, key: PoolKey) -> None:
+        with self._lock:
+            e = self._map.pop(key, None)
+            if e is not None:
+                self._account(e, -1)
+
+    def clear(self, ns_id: bytes | None = None) -> int:
+        with self._lock:
+            doomed = [k for k in self._map if ns_id is None or k[0] == ns_id]
+            for k in doomed:
+                self._account(self._map.pop(k), -1)
+            return len(doomed)
+
+    def entries_not_on_disk(self) -> list[tuple[PoolKey, _Entry]]:
+        with self._lock:
+            return [(k, e) for k, e in self._map.items() if not e.on_disk]
+
+    def stats(self) -> HostPoolStats:
+        with self._lock:
+            return HostPoolStats(len(self._map), self._used, self._raw, self.capacity, self._hits, self._misses,
+                                 self._inserts, self._demoted, self._dropped)
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _account(self, e: _Entry, sign: int) -> None:
+        self._used += sign * len(e.blob)
+        self._raw += sign * e.raw_nbytes
+        self._scored += sign * (e.score != 0)
+
+    def _pick_victims(self) -> list[tuple[PoolKey, _Entry]]:
+        """Lowest value first until usage is at the low watermark. Called with the lock held."""
+        excess = self._used - self._retiring - self._low
+        victims, freed = [], 0
+        if self._scored == 0:
+            it = iter(self._map.items())  # LRU order
+        else:
+            order = {k: i for i, k in enumerate(self._map)}
+            it = iter(heapq.nsmallest(len(self._map), self._map.items(), key=lambda kv: (kv[1].score, order[kv[0]])))
+        for k, e in it:
+            if freed >= excess:
+                break
+            if e.retiring:
+                continue
+            e.retiring = True
+            victims.append((k, e))
+            freed += len(e.blob)
+        self._retiring += freed
+        return victims
+
+    def _retire(self, victims: list[tuple[PoolKey, _Entry]]) -> None:
+        to_demote = [(k, e) for k, e in victims if not e.on_disk]
+        accepted = self._demote(to_demote) if (self._demote and to_demote) else 0
+        with self._lock:
+            for k, e in victims:
+                self._retiring -= len(e.blob)
+                if self._map.get(k) is e:  # not refreshed meanwhile
+                    del self._map[k]
+                    self._account(e, -1)
+            self._demoted += len(victims) - len(to_demote) + accepted
+            self._dropped += len(to_demote) - accepted
