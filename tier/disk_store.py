@@ -59,7 +59,7 @@ class DiskStoreConfig:
     gc_live_ratio: float = 0.5  # compact sealed segments whose live share fell below this
     high_watermark: float = 0.95  # start evicting above this share of capacity...
     low_watermark: float = 0.80  # ...down to this share of live bytes
-    map_size: int = 4 * GiB  # LMDB map (index only: ~100 B a page); grows by itself when full
+    map_size: int = 64 * GiB  # LMDB map: address space only (sparse file); ~300 B a page, so ~200M pages
     retry_after_s: float = 30.0  # a faulted disk tier tries again after this long
     io: str = "auto"  # "auto" | "posix" | "kvikio"
     fd_cache: int = 256
@@ -331,6 +331,19 @@ class DiskStore:
         self._touched.clear()
         return n
 
+    def keys(self, ns: Namespace) -> list[bytes]:
+        """Keys of every page held for ``ns`` (hashed for keys over 400 bytes)."""
+        prefix = ns.id
+        out = []
+        with self._index.read() as txn:
+            cur = txn.cursor(db=self._index.pages)
+            if cur.set_range(prefix):
+                for k in cur.iternext(values=False):
+                    if not k.startswith(prefix):
+                        break
+                    out.append(bytes(k[len(prefix) + 1:]))
+        return out
+
     def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
         """(namespace id, description, pages, encoded bytes) for each namespace holding pages."""
         per: dict[bytes, list[int]] = {}
@@ -490,8 +503,11 @@ class DiskStore:
                 seg = self._index.alloc_segment(txn)
                 # create and flock the file before the commit makes the segment visible: no other process can
                 # ever see an open segment without its writer's lock (and mistake it for a dead writer's)
-                fd = os.open(self._seg_path(seg), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                # A file of this id may exist: left by a process killed inside this same (aborted) allocation.
+                # Nothing references an uncommitted id and we hold LMDB's writer lock, so it is ours to reset.
+                fd = os.open(self._seg_path(seg), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
             self._wseg, self._wfd, self._wend = seg, fd, 0
         return self._wseg, self._wend
 
