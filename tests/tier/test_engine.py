@@ -1,0 +1,154 @@
+"""TierEngine: DRAM pool over the disk store, write-down queue, restart, lossy codecs opt-in, async API."""
+import time
+
+import numpy as np
+import pytest
+
+from kvdrive_sglang.tier.dtypes import bf16_bits_to_f32
+from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+from kvdrive_sglang.tier.errors import CodecError, ConfigError
+from tests.helpers import make_ns, small_page
+
+PAGE_BYTES = small_page(0).nbytes  # 8 KiB
+
+
+def keys(seeds):
+    return [f"p{s}" for s in seeds]
+
+
+def pages(seeds, ns=None):
+    return [small_page(s, ns) for s in seeds]
+
+
+def read(engine, ns, seeds):
+    outs = [np.empty_like(small_page(0, ns)) for _ in seeds]
+    return engine.get_many(ns, keys(seeds), outs), outs
+
+
+def assert_exact(outs, seeds, ns=None):
+    for s, o in zip(seeds, outs):
+        np.testing.assert_array_equal(o, small_page(s, ns))
+
+
+def test_working_set_larger_than_dram_spills_to_disk_and_reads_back(tmp_path, ns):
+    seeds = list(range(200))
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=40 * PAGE_BYTES, disk_bytes=64 << 20)) as e:
+        assert all(e.put_many(ns, keys(seeds), pages(seeds)))
+        assert e.flush(timeout=30)
+        got, outs = read(e, ns, seeds)
+        assert all(got)
+        assert_exact(outs, seeds)
+        s = e.stats()
+        assert s.host.used_bytes <= 40 * PAGE_BYTES
+        assert s.hits_host > 0 and s.hits_disk > 0 and s.hits_host + s.hits_disk + s.hits_queued == 200
+        assert s.host.raw_bytes / s.host.used_bytes > 1.3  # the DRAM tier holds compressed pages
+        assert e.exists_many(ns, keys(seeds) + ["nope"]) == 200
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_clean_restart_serves_everything(tmp_path, ns, policy):
+    seeds = list(range(60))
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, write_policy=policy)) as e:
+        e.put_many(ns, keys(seeds), pages(seeds))
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
+        assert e.stats().host.entries == 0  # nothing from before is in DRAM: it comes from disk
+        got, outs = read(e, ns, seeds)
+        assert all(got)
+        assert_exact(outs, seeds)
+
+
+def test_write_back_keeps_pages_in_dram_until_they_leave(tmp_path, ns):
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, write_policy="write_back")) as e:
+        e.put_many(ns, keys(range(10)), pages(range(10)))
+        time.sleep(0.2)
+        assert e.disk.stats().entries == 0
+        assert e.flush(timeout=30)
+        assert e.disk.stats().entries == 10
+
+
+def test_dram_only_engine(ns):
+    with TierEngine(TierConfig(path=None, host_bytes=20 * PAGE_BYTES)) as e:
+        e.put_many(ns, keys(range(50)), pages(range(50)))
+        got, outs = read(e, ns, range(50))
+        assert 0 < sum(got) < 50  # the pool holds what fits, and nothing lies about the rest
+        assert_exact([o for o, g in zip(outs, got) if g], [s for s, g in zip(range(50), got) if g])
+        assert e.stats().host.dropped == 50 - sum(got)
+
+
+def test_namespaces_isolated_across_tiers(tmp_path):
+    a, b = make_ns(tenant="alice"), make_ns(tenant="bob")
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
+        e.put_many(a, ["doc"], pages([1]))
+        e.flush()
+        assert e.exists_many(b, ["doc"]) == 0
+        assert e.get_many(b, ["doc"], [np.empty_like(small_page(0))]) == [False]
+        e.clear(a)
+        assert e.exists_many(a, ["doc"]) == 0
+
+
+@pytest.mark.parametrize("codec,min_cos", [("int8", 0.999), ("fp8", 0.99)])
+def test_lossy_codecs_are_opt_in_and_close(tmp_path, codec, min_cos):
+    ns = make_ns()
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, codec=codec)) as e:
+        e.put_many(ns, keys(range(8)), pages(range(8)))
+        got, outs = read(e, ns, range(8))
+        assert all(got)
+        for s, o in zip(range(8), outs):
+            x, y = bf16_bits_to_f32(small_page(s)).ravel(), bf16_bits_to_f32(o).ravel()
+            cos = float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+            assert min_cos <= cos < 1.0 or np.array_equal(x, y)
+        assert e.stats().host.raw_bytes / e.stats().host.used_bytes > 1.8
+
+
+def test_lossy_codec_falls_back_to_lossless_for_non_float_pages(tmp_path):
+    ns = make_ns(kv_dtype="uint8")
+    page = np.random.default_rng(0).integers(0, 255, size=4096, dtype=np.uint8)
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, codec="int8")) as e:
+        e.put_many(ns, ["a"], [page])
+        out = np.empty_like(page)
+        assert e.get_many(ns, ["a"], [out]) == [True]
+        np.testing.assert_array_equal(out, page)
+
+
+def test_full_writedown_queue_drops_instead_of_blocking(tmp_path, ns):
+    cfg = TierConfig(path=str(tmp_path), host_bytes=0, writedown_queue_bytes=3 * PAGE_BYTES)
+    with TierEngine(cfg) as e:
+        with e.disk._write_lock:  # the disk is busy: the writer thread cannot drain the queue
+            t0 = time.perf_counter()
+            ok = e.put_many(ns, keys(range(10)), pages(range(10)))
+            assert time.perf_counter() - t0 < 2
+            s = e.stats()
+            assert s.writedown_queued_bytes <= 3 * PAGE_BYTES
+            assert 1 <= ok.count(True) < 10 and s.writedown_dropped == ok.count(False)
+        assert e.flush(timeout=30)
+        held = [s for s, o in zip(range(10), ok) if o]
+        got, outs = read(e, ns, held)
+        assert all(got)
+        assert_exact(outs, held)
+
+
+def test_async_api_overlaps(tmp_path, ns):
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=0)) as e:
+        e.submit_put_many(ns, keys(range(20)), pages(range(20))).result()
+        e.flush()
+        outs = [np.empty_like(small_page(0)) for _ in range(20)]
+        futs = [e.submit_get_many(ns, keys(range(i, i + 5)), outs[i:i + 5]) for i in range(0, 20, 5)]
+        assert all(all(f.result()) for f in futs)
+        assert_exact(outs, range(20))
+
+
+def test_caller_errors_are_clear(tmp_path, ns):
+    with pytest.raises(ConfigError, match="codec"):
+        TierConfig(path=str(tmp_path), codec="lz4")
+    with pytest.raises(ConfigError, match="write_policy"):
+        TierConfig(path=str(tmp_path), write_policy="sometimes")
+    with pytest.raises(ConfigError, match="neither"):
+        TierConfig(path=None, host_bytes=0)
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
+        with pytest.raises(ConfigError, match="must match"):
+            e.put_many(ns, ["a", "b"], pages([1]))
+        with pytest.raises(CodecError):
+            e.put_many(ns, ["a"], [np.zeros(100, dtype=np.uint16)])  # not a multiple of head_dim rows
+        e.put_many(ns, ["a"], pages([1]))
+        with pytest.raises(CodecError):
+            e.get_many(ns, ["a"], [np.zeros(10, dtype=np.uint16)])  # wrong-size buffer from DRAM: the caller's bug
