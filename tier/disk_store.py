@@ -114,6 +114,7 @@ class VerifyReport(NamedTuple):
     ok: int
     bad: int  # failed checksum / header / missing bytes: dropped from the index
     bytes_checked: int
+    io_errors: int = 0  # unreadable right now (EIO...): kept, since the bytes may be fine
 
 
 def _fault_kind(e: BaseException) -> str:
@@ -262,7 +263,12 @@ class DiskStore:
             recs = [self._live(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
         out, bad = [], []
         for pk, rec in zip(pkeys, recs):
-            blob = self._read_blob(rec) if rec is not None else None
+            try:
+                blob = self._read_blob(rec) if rec is not None else None
+            except OSError as e:
+                self._fault(e, "read")
+                out.append(None)
+                continue
             if rec is not None and blob is None:
                 bad.append((pk, rec))
             if blob is not None:
@@ -328,7 +334,13 @@ class DiskStore:
                 txn.delete(namespace_id, db=self._index.ns)
             else:
                 txn.drop(self._index.ns, delete=False)
-        self._touched.clear()
+        if namespace_id is None:
+            self._known_ns.clear()
+            self._touched.clear()
+        else:
+            self._known_ns.discard(namespace_id)
+            for pk in [pk for pk in self._touched if pk.startswith(namespace_id)]:
+                self._touched.pop(pk, None)
         return n
 
     def keys(self, ns: Namespace) -> list[bytes]:
@@ -395,20 +407,26 @@ class DiskStore:
 
     def verify(self) -> VerifyReport:
         """Re-read every page, check header and checksum; drop bad entries from the index."""
-        checked = ok = nbytes = 0
+        checked = ok = nbytes = io_errors = 0
         bad = []
         with self._index.read() as txn:
             items = [(bytes(k), Record.unpack(v)) for k, v in txn.cursor(db=self._index.pages)]
         for pk, rec in items:
             checked += 1
             nbytes += rec.length
-            if self._read_blob(rec) is not None:
+            try:
+                blob = self._read_blob(rec)
+            except OSError as e:
+                io_errors += 1
+                self._faults[_fault_kind(e)] += 1
+                continue
+            if blob is not None:
                 ok += 1
             else:
                 bad.append((pk, rec))
         if bad:
             self._drop_bad(bad)
-        return VerifyReport(checked, ok, len(bad), nbytes)
+        return VerifyReport(checked, ok, len(bad), nbytes, io_errors)
 
     def stats(self) -> DiskStats:
         with self._index.read() as txn:
@@ -593,13 +611,9 @@ class DiskStore:
         return "ok"
 
     def _read_blob(self, rec: Record) -> bytes | None:
-        """The verified blob, or None if missing/short/corrupt."""
+        """The verified blob, or None if missing/short/corrupt. An I/O error propagates: it says nothing of the data."""
         buf = bytearray(rec.length)
-        try:
-            n = self._pread(rec, [buf])
-        except OSError as e:
-            self._fault(e, "read")
-            return None
+        n = self._pread(rec, [buf])
         if n != rec.length or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
             return None
         try:

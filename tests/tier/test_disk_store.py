@@ -243,3 +243,27 @@ def test_put_refuses_non_page_blobs(tmp_path, ns):
     from kvdrive_sglang.tier.errors import CodecError
     with open_store(tmp_path) as st, pytest.raises(CodecError):
         st.put_many(ns, ["a"], [b"not a page"])
+
+
+def test_read_fault_on_compressed_page_keeps_the_entry(tmp_path, ns):
+    with open_store(tmp_path, retry_after_s=60) as st:
+        st.put_many(ns, ["a"], blobs_for(ns, [1], "zstd"))
+
+        def eio(*a, **k):
+            raise OSError(errno.EIO, "Input/output error")
+        real, st._io.preadv = st._io.preadv, eio
+        out = np.empty_like(small_page(0, ns))
+        assert st.get_many(ns, ["a"], [out]) == [False]
+        rep = st.verify()
+        assert rep.io_errors == 1 and rep.bad == 0
+        st._io.preadv = real
+        assert st.stats().entries == 1 and st.stats().corrupt_dropped == 0
+
+
+def test_namespace_description_survives_clear_and_rewrite(tmp_path, ns):
+    with open_store(tmp_path) as st:
+        st.put_many(ns, ["k1"], blobs_for(ns, [1]))
+        st.clear(ns.id)
+        st.put_many(ns, ["k2"], blobs_for(ns, [2]))
+        [(nid, desc, count, _)] = st.namespaces()
+        assert nid == ns.id and desc["model"] == ns.model and count == 1
