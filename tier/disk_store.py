@@ -146,6 +146,7 @@ class DiskStore:
         self._wend = 0
         self._touched: dict[bytes, int] = {}  # page key -> access time, flushed with the next write transaction
         self._known_ns: set[bytes] = set()
+        self._ttl_used = False  # any page with an expiry ever written (by any process): expire() must scan
         self._counts = Counter()
         self._faults = Counter()
         self._disabled_until = 0.0
@@ -192,6 +193,9 @@ class DiskStore:
                 self._wend = off
                 with self._index.write() as txn:
                     self._register_ns(txn, ns)
+                    if expires and not self._ttl_used:
+                        txn.put(b"ttl_used", b"1", db=self._index.meta)
+                        self._ttl_used = True
                     for i, rec in recs:
                         old = txn.get(pkeys[i], db=self._index.pages)
                         if old is not None:  # another process stored it meanwhile (or an expired copy): replace
@@ -381,6 +385,12 @@ class DiskStore:
             self._fault(e, "maintenance")
 
     def expire(self) -> int:
+        """Delete expired pages. A full index scan, skipped while no page in the store was ever given a TTL."""
+        if not self._ttl_used:
+            with self._index.read() as txn:
+                self._ttl_used = txn.get(b"ttl_used", db=self._index.meta) is not None
+            if not self._ttl_used:
+                return 0
         now = _now_ms()
         n = 0
         with self._write_lock, self._index.write() as txn:
