@@ -293,6 +293,10 @@ def _scaled(data_u8: np.ndarray, dtype: str, row_len: int, qmax: float, codec: s
     y lives in per-thread scratch."""
     absmax = _row_absmax(data_u8, dtype, row_len, codec)
     scale = (absmax / np.float32(qmax)).astype(_SCALE)
+    # Round the scale down where float32 rounded it up, so that qmax * scale <= absmax: otherwise a row at the top
+    # of float32's range would decode its largest element to Inf.
+    up = scale.astype(np.float64) * qmax > absmax
+    scale[up] = np.nextafter(scale[up], np.float32(0))
     with np.errstate(divide="ignore", over="ignore"):
         inv = np.float32(qmax) / absmax
     tiny = np.isinf(inv) & (absmax > 0)  # absmax below ~4e-37 (subnormals): qmax / absmax overflows float32
