@@ -24,18 +24,20 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import lmdb
+import numpy as np
 import xxhash
 
 from .buffers import byte_view
 from .codecs import HEADER, CodecError, decode_page, get_codec, peek_header
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
-from .fileio import select_io
-from .index import SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key, seg_key
+from .fileio import ALIGN, Staging, direct_append, open_direct, select_io
+from .index import _SHORT_KEY, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key, seg_key
 from .namespace import Namespace, key_bytes
 from .store_dir import FILE_MODE, INDEX_DIR, SEGMENT_DIR, GC_LOCK_FILE, StoreLock, check_store_dir
 
@@ -44,6 +46,7 @@ log = logging.getLogger("kvdrive.tier")
 GiB = 1 << 30
 MiB = 1 << 20
 _RAW_CODEC = get_codec("raw").code
+_NEVER = bytes(8)  # expires_ms == 0
 
 
 def _now_ms() -> int:
@@ -62,6 +65,8 @@ class DiskStoreConfig:
     map_size: int = 64 * GiB  # LMDB map: address space only (sparse file); ~300 B a page, so ~200M pages
     retry_after_s: float = 30.0  # a faulted disk tier tries again after this long
     io: str = "auto"  # "auto" | "posix" | "kvikio"
+    direct_io: bool = True  # O_DIRECT appends where the file system allows (buffered otherwise)
+    staging_bytes: int = 16 * MiB  # the aligned buffer O_DIRECT appends go through
     fd_cache: int = 256
 
     def __post_init__(self):
@@ -71,7 +76,7 @@ class DiskStoreConfig:
             if not ok or v <= 0:
                 raise ConfigError(f"disk store {name} must be a positive {'integer' if integer else 'number'}, "
                                   f"got {v!r}")
-        for name in ("capacity_bytes", "segment_bytes", "map_size", "fd_cache"):
+        for name in ("capacity_bytes", "segment_bytes", "map_size", "fd_cache", "staging_bytes"):
             positive(name)
         positive("retry_after_s", integer=False)
         if self.default_ttl_s is not None:
@@ -138,11 +143,14 @@ class DiskStore:
             raise StoreDirError(f"cannot open the index of store {self.path}: {e}") from None
         self._seg_dir = os.path.join(self.path, SEGMENT_DIR)
         self._io = select_io(config.io)
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="kvdrive-fsync")
         self._write_lock = threading.RLock()  # one writer segment per process; index writes serialise in LMDB
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._fds_lock = threading.Lock()
         self._wseg = 0  # this process's open segment (0: none)
         self._wfd = -1
+        self._wdirect = None  # O_DIRECT descriptor of the writer segment (None: buffered appends)
+        self._staging: Staging | None = None
         self._wend = 0
         self._touched: dict[bytes, int] = {}  # page key -> access time, flushed with the next write transaction
         self._known_ns: set[bytes] = set()
@@ -160,8 +168,8 @@ class DiskStore:
             raise ConfigError(f"put_many got {len(keys)} keys, {len(blobs)} blobs"
                               f"{'' if scores is None else f', {len(scores)} scores'}; they must match")
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
-        for b in blobs:
-            peek_header(b)  # refuse anything that is not a well-formed page blob before it reaches the disk
+        # refuse anything that is not a well-formed page blob before it reaches the disk
+        headers = [peek_header(b) for b in blobs]
         if not self._available():
             return [False] * len(keys)
         now = _now_ms()
@@ -170,9 +178,11 @@ class DiskStore:
         with self._write_lock:
             with self._index.read() as txn:
                 have = [self._live(txn.get(pk, db=self._index.pages), now) is not None for pk in pkeys]
-            todo = [i for i, h in enumerate(have) if not h]
-            seen = set()
-            todo = [i for i in todo if not (pkeys[i] in seen or seen.add(pkeys[i]))]  # duplicates within a batch
+            todo, seen = [], set()
+            for i, h in enumerate(have):
+                if not h and pkeys[i] not in seen:  # skip pages already stored, and duplicates within the batch
+                    seen.add(pkeys[i])
+                    todo.append(i)
             if not todo:
                 return [True] * len(keys)
             incoming = sum(len(blobs[i]) for i in todo)
@@ -181,29 +191,27 @@ class DiskStore:
                 return have
             try:
                 seg, off0 = self._writer_for(incoming)
-                self._io.pwritev(self._wfd, [blobs[i] for i in todo], off0)
-                self._io.sync(self._wfd)  # durable before the index can point at it
+                end = self._append([blobs[i] for i in todo], off0)
+                # fdatasync releases the GIL: checksum and build the records while the data goes down, but commit
+                # the index only once the sync has returned (durable before visible)
+                synced = self._syncer.submit(self._io.sync, self._wfd)
                 recs, off = [], off0
                 for i in todo:
-                    b = blobs[i]
-                    h = peek_header(b)
-                    recs.append((i, Record(seg, off, len(b), h.codec, 0, xxhash.xxh3_64_intdigest(b), h.raw_nbytes,
-                                           now, now, expires, float(scores[i]) if scores is not None else 0.0)))
+                    b, h = blobs[i], headers[i]
+                    recs.append((pkeys[i], Record(seg, off, len(b), h.codec, 0, xxhash.xxh3_64_intdigest(b),
+                                                  h.raw_nbytes, now, now, expires,
+                                                  float(scores[i]) if scores is not None else 0.0)))
                     off += len(b)
-                self._wend = off
+                synced.result()
+                self._wend = end
                 with self._index.write() as txn:
                     self._register_ns(txn, ns)
                     if expires and not self._ttl_used:
                         txn.put(b"ttl_used", b"1", db=self._index.meta)
                         self._ttl_used = True
-                    for i, rec in recs:
-                        old = txn.get(pkeys[i], db=self._index.pages)
-                        if old is not None:  # another process stored it meanwhile (or an expired copy): replace
-                            self._index.remove_from_seg(txn, Record.unpack(old))
-                        txn.put(pkeys[i], rec.pack(), db=self._index.pages)
-                        self._index.add_to_seg(txn, seg, rec, end=off)
+                    self._index.put_pages(txn, seg, recs, end=end)
                     self._flush_touched(txn)
-                if off >= self.config.segment_bytes:
+                if end >= self.config.segment_bytes:
                     self._seal_writer()
             except (OSError, lmdb.Error) as e:
                 self._fault(e, "write")
@@ -257,7 +265,7 @@ class DiskStore:
         self._counts["misses"] += len(keys) - n_hit
         return result
 
-    def read_blobs(self, ns: Namespace, keys: Sequence) -> list[bytes | None]:
+    def read_blobs(self, ns: Namespace, keys: Sequence) -> list[np.ndarray | None]:
         """Verified encoded blobs (for promotion into the DRAM tier without decoding). None: a miss."""
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
         if not self._available():
@@ -285,18 +293,33 @@ class DiskStore:
         self._counts["misses"] += len(keys) - n_hit
         return out
 
-    def exists_many(self, ns: Namespace, keys: Sequence) -> int:
-        """Number of leading keys present (SGLang counts storage hits this way: a prefix stops at its first miss)."""
+    def exists_many(self, ns: Namespace, keys: Sequence, held=None) -> int:
+        """Number of leading keys present (SGLang counts storage hits this way: a prefix stops at its first miss).
+
+        ``held(key) -> bool`` optionally names keys held elsewhere (an upper tier) that count as hits too.
+        """
         if not self._available():
-            return 0
+            held_only = 0
+            for k in keys:
+                if held is None or not held(k):
+                    break
+                held_only += 1
+            return held_only
         now = _now_ms()
-        nid = ns.id
+        get = self._index.read
+        short = ns.id + b"\0"
         pages = self._index.pages
         n = 0
-        with self._index.read() as txn:
+        with get() as txn:
             for k in keys:
-                if self._live(txn.get(page_key(nid, key_bytes(k)), db=pages), now) is None:
-                    break
+                # fast path for the common key (a str of <= _SHORT_KEY bytes): same bytes as page_key(key_bytes(k))
+                if type(k) is str and 0 < len(k) <= _SHORT_KEY // 4:
+                    b = txn.get(short + k.encode(), db=pages)
+                else:
+                    b = txn.get(page_key(ns.id, key_bytes(k)), db=pages)
+                if b is None or (b[EXPIRES_AT] != _NEVER and Record.unpack(b).expires_ms <= now):
+                    if held is None or not held(k):
+                        break
                 n += 1
         return n
 
@@ -473,6 +496,9 @@ class DiskStore:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+        self._syncer.shutdown(wait=True)
+        if self._staging is not None:
+            self._staging.close()
         self._index.close()
         self._lock.release()
 
@@ -491,7 +517,7 @@ class DiskStore:
         return None if rec.expires_ms and rec.expires_ms <= now else rec
 
     def _seg_path(self, seg: int) -> str:
-        return os.path.join(self._seg_dir, f"seg-{seg:08x}.kvs")
+        return f"{self._seg_dir}/seg-{seg:08x}.kvs"
 
     def _available(self) -> bool:
         if self._closed:
@@ -537,6 +563,7 @@ class DiskStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.ftruncate(fd, 0)
             self._wseg, self._wfd, self._wend = seg, fd, 0
+            self._wdirect = open_direct(self._seg_path(seg)) if self.config.direct_io else None
         return self._wseg, self._wend
 
     def _seal_writer(self) -> None:
@@ -544,6 +571,9 @@ class DiskStore:
             return
         seg, fd = self._wseg, self._wfd
         self._wseg, self._wfd, self._wend = 0, -1, 0
+        if self._wdirect is not None:
+            os.close(self._wdirect)
+            self._wdirect = None
         try:
             with self._index.write() as txn:
                 info = self._index.seg_info(txn, seg)
@@ -551,6 +581,14 @@ class DiskStore:
                     txn.put(seg_key(seg), info._replace(state=SEG_SEALED).pack(), db=self._index.segs)
         finally:
             os.close(fd)
+
+    def _append(self, bufs: list, off: int) -> int:
+        """Append blobs at ``off`` to the writer segment; returns the new end (ALIGN-padded for O_DIRECT)."""
+        if self._wdirect is not None and off % ALIGN == 0:
+            if self._staging is None:
+                self._staging = Staging(self.config.staging_bytes)
+            return direct_append(self._wdirect, self._staging, bufs, off)
+        return off + self._io.pwritev(self._wfd, bufs, off)
 
     def _abandon_writer(self) -> None:
         """After a write fault: stop appending to this segment (its tail may be torn); compaction reclaims it."""
@@ -620,9 +658,9 @@ class DiskStore:
             return "miss"
         return "ok"
 
-    def _read_blob(self, rec: Record) -> bytes | None:
+    def _read_blob(self, rec: Record) -> np.ndarray | None:
         """The verified blob, or None if missing/short/corrupt. An I/O error propagates: it says nothing of the data."""
-        buf = bytearray(rec.length)
+        buf = np.empty(rec.length, dtype=np.uint8)  # not zero-filled: every byte is read or the blob is rejected
         n = self._pread(rec, [buf])
         if n != rec.length or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
             return None
@@ -631,7 +669,7 @@ class DiskStore:
         except CodecError:
             return None
         self._counts["bytes_read"] += rec.length
-        return bytes(buf)
+        return buf
 
     def _drop_bad(self, bad: list[tuple[bytes, Record]]) -> None:
         n = 0
@@ -777,24 +815,20 @@ class DiskStore:
     def _move(self, batch: list[tuple[bytes, Record, bytes]]) -> None:
         total = sum(len(b) for _, _, b in batch)
         seg, off0 = self._writer_for(total)
-        self._io.pwritev(self._wfd, [b for _, _, b in batch], off0)
+        end = self._append([b for _, _, b in batch], off0)
         self._io.sync(self._wfd)
-        off = off0
+        off, moved = off0, []
         with self._index.write() as txn:
             for pk, rec, blob in batch:
                 cur = txn.get(pk, db=self._index.pages)
-                new = rec._replace(seg=seg, off=off)
+                moved_rec = rec._replace(seg=seg, off=off)
                 off += len(blob)
                 if cur is None or Record.unpack(cur)[:2] != rec[:2]:
                     continue  # deleted or rewritten meanwhile: the copy is dead bytes
-                self._index.remove_from_seg(txn, rec)
-                txn.put(pk, new.pack(), db=self._index.pages)
-                self._index.add_to_seg(txn, seg, new, end=off)
-            info = self._index.seg_info(txn, seg)
-            if info is not None and info.end < off:
-                txn.put(seg_key(seg), info._replace(end=off).pack(), db=self._index.segs)
-        self._wend = off
-        if off >= self.config.segment_bytes:
+                moved.append((pk, moved_rec))
+            self._index.put_pages(txn, seg, moved, end=end)  # also takes the old copies out of their segment
+        self._wend = end
+        if end >= self.config.segment_bytes:
             self._seal_writer()
 
     def _close_stale_fds(self) -> None:

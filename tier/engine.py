@@ -154,24 +154,20 @@ class TierEngine:
         return result
 
     def exists_many(self, ns: Namespace, keys: Sequence) -> int:
-        """Leading keys held in any tier."""
+        """Leading keys held in any tier (a prefix stops at its first miss)."""
+        nid = ns.id
+
+        def held(k) -> bool:
+            pk = (nid, key_bytes(k))
+            return self.pool.contains(pk) or pk in self._queue
         n = 0
-        for k in keys:
-            pk = (ns.id, key_bytes(k))
-            if self.pool.contains(pk) or pk in self._queue:
-                n += 1
-                continue
-            break
-        if n == len(keys) or self.disk is None:
-            return n
-        base = n
-        rest = self.disk.contains(ns, keys[base:])
-        for i, on_disk in enumerate(rest):
-            pk = (ns.id, key_bytes(keys[base + i]))
-            if not (on_disk or self.pool.contains(pk) or pk in self._queue):
+        for k in keys:  # the DRAM tiers first: no index lookups for a prefix held in memory
+            if not held(k):
                 break
             n += 1
-        return n
+        if n == len(keys) or self.disk is None:
+            return n
+        return n + self.disk.exists_many(ns, keys[n:], held=held)
 
     def submit_get_many(self, ns, keys, outs) -> Future:
         """get_many on the I/O threads; keep ``outs`` alive and untouched until the future is done."""

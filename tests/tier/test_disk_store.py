@@ -85,7 +85,7 @@ def test_flipped_byte_is_a_counted_miss_and_dropped(tmp_path, ns, codec):
     with open_store(tmp_path) as st:
         st.put_many(ns, [f"k{s}" for s in seeds], blobs_for(ns, seeds, codec))
     seg = glob.glob(str(tmp_path / "segments" / "*.kvs"))[0]
-    blob_len = os.path.getsize(seg) // 10 if codec == "raw" else None
+    blob_len = len(blobs_for(ns, [0], codec)[0])
     with open(seg, "r+b") as f:  # flip one byte in the middle of the 4th page (raw) / somewhere early (zstd)
         pos = 3 * blob_len + blob_len // 2 if codec == "raw" else 200
         f.seek(pos)
@@ -196,20 +196,20 @@ def test_files_and_dirs_are_private(tmp_path, ns):
             assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f
 
 
-def test_write_fault_turns_tier_off_then_back_on(tmp_path, ns, caplog):
-    with open_store(tmp_path, retry_after_s=0.3) as st:
-        real = st._io.pwritev
-
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_write_fault_turns_tier_off_then_back_on(tmp_path, ns, caplog, monkeypatch, direct_io):
+    with open_store(tmp_path, retry_after_s=0.3, direct_io=direct_io) as st:
         def enospc(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
-        st._io.pwritev = enospc  # inject the fault at the I/O boundary
+        monkeypatch.setattr(os, "pwrite", enospc)  # inject the fault at the system-call boundary
+        monkeypatch.setattr(os, "pwritev", enospc)
         with caplog.at_level(logging.ERROR, logger="kvdrive.tier"):
             assert st.put_many(ns, ["a"], blobs_for(ns, [1])) == [False]
             assert st.put_many(ns, ["b"], blobs_for(ns, [2])) == [False]  # off: no second attempt, no second log
         assert len([r for r in caplog.records if "off for" in r.message]) == 1
         assert st.stats().faults == {"enospc": 1} and not st.stats().enabled
         assert st.exists_many(ns, ["a"]) == 0
-        st._io.pwritev = real
+        monkeypatch.undo()
         time.sleep(0.35)
         assert st.put_many(ns, ["c"], blobs_for(ns, [3])) == [True]  # came back by itself
         out = np.empty_like(small_page(0, ns))
