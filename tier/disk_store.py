@@ -191,18 +191,17 @@ class DiskStore:
                 return have
             try:
                 seg, off0 = self._writer_for(incoming)
-                end = self._append([blobs[i] for i in todo], off0)
-                # fdatasync releases the GIL: checksum and build the records while the data goes down, but commit
-                # the index only once the sync has returned (durable before visible)
-                synced = self._syncer.submit(self._io.sync, self._wfd)
+                # checksums are taken as each blob is staged, while the I/O thread writes the previous chunk
+                sums = []
+                end, synced = self._append([blobs[i] for i in todo], off0,
+                                           lambda j, b: sums.append(xxhash.xxh3_64_intdigest(b)))
                 recs, off = [], off0
-                for i in todo:
+                for j, i in enumerate(todo):
                     b, h = blobs[i], headers[i]
-                    recs.append((pkeys[i], Record(seg, off, len(b), h.codec, 0, xxhash.xxh3_64_intdigest(b),
-                                                  h.raw_nbytes, now, now, expires,
-                                                  float(scores[i]) if scores is not None else 0.0)))
+                    recs.append((pkeys[i], Record(seg, off, len(b), h.codec, 0, sums[j], h.raw_nbytes, now, now,
+                                                  expires, float(scores[i]) if scores is not None else 0.0)))
                     off += len(b)
-                synced.result()
+                synced.result()  # durable before the index can point at it
                 self._wend = end
                 with self._index.write() as txn:
                     self._register_ns(txn, ns)
@@ -582,13 +581,30 @@ class DiskStore:
         finally:
             os.close(fd)
 
-    def _append(self, bufs: list, off: int) -> int:
-        """Append blobs at ``off`` to the writer segment; returns the new end (ALIGN-padded for O_DIRECT)."""
+    def _append(self, bufs: list, off: int, each=None):
+        """Append blobs at ``off`` to the writer segment and fdatasync it, on the I/O thread.
+
+        Returns (new end, ALIGN-padded for O_DIRECT; future that completes once the bytes are durable).
+        ``each(i, buf)`` runs on the caller's thread as each blob is staged.
+        """
+        fd = self._wfd
         if self._wdirect is not None and off % ALIGN == 0:
             if self._staging is None:
                 self._staging = Staging(self.config.staging_bytes)
-            return direct_append(self._wdirect, self._staging, bufs, off)
-        return off + self._io.pwritev(self._wfd, bufs, off)
+            end, writes = direct_append(self._wdirect, self._staging, bufs, off, self._syncer.submit, each)
+        else:
+            writes = []
+            end = off + self._io.pwritev(fd, bufs, off)
+            if each is not None:
+                for i, b in enumerate(bufs):
+                    each(i, b)
+        # the same single I/O thread runs the sync after every write above; its future fails if any write did
+        return end, self._syncer.submit(self._sync_after_writes, fd, writes)
+
+    def _sync_after_writes(self, fd: int, writes: list) -> None:
+        for w in writes:
+            w.result()  # already done (FIFO thread): re-raises a failed write
+        self._io.sync(fd)
 
     def _abandon_writer(self) -> None:
         """After a write fault: stop appending to this segment (its tail may be torn); compaction reclaims it."""
@@ -815,8 +831,8 @@ class DiskStore:
     def _move(self, batch: list[tuple[bytes, Record, bytes]]) -> None:
         total = sum(len(b) for _, _, b in batch)
         seg, off0 = self._writer_for(total)
-        end = self._append([b for _, _, b in batch], off0)
-        self._io.sync(self._wfd)
+        end, synced = self._append([b for _, _, b in batch], off0)
+        synced.result()
         off, moved = off0, []
         with self._index.write() as txn:
             for pk, rec, blob in batch:

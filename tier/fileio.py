@@ -27,48 +27,68 @@ def open_direct(path: str) -> int | None:
 
 
 class Staging:
-    """A reused, page-aligned buffer for O_DIRECT appends (anonymous mmap: aligned, and touched once)."""
+    """Two reused, page-aligned halves for O_DIRECT appends (anonymous mmap: aligned, and touched once).
+
+    While one half is being written by the I/O thread, the caller fills the other: the copy (and the checksums
+    computed beside it) overlap with the device write.
+    """
 
     def __init__(self, nbytes: int):
-        self.size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
-        self.buf = mmap.mmap(-1, self.size)
-        self.view = memoryview(self.buf)
+        self.half = max(ALIGN, -(-(nbytes // 2) // ALIGN) * ALIGN)
+        self.buf = mmap.mmap(-1, 2 * self.half)
+        self.views = [memoryview(self.buf)[:self.half], memoryview(self.buf)[self.half:]]
 
     def close(self) -> None:
         try:
-            self.view.release()
+            for v in self.views:
+                v.release()
             self.buf.close()
         except BufferError:
             pass  # a slice is still referenced (e.g. by a traceback): the mapping goes when the last one does
 
 
-def direct_append(fd: int, staging: Staging, bufs: list, offset: int) -> int:
+def direct_append(fd: int, staging: Staging, bufs: list, offset: int, submit, each=None) -> tuple[int, list]:
     """Write ``bufs`` back to back at the aligned ``offset`` through ``staging``, zero-padding the end to ALIGN.
 
-    Returns the aligned end offset. Writing straight from the staging buffer skips the page cache: no copy into it,
-    no write-back storm at fdatasync time, and nothing evicted from the cache that reads and the index rely on.
+    ``submit(fn, *args) -> Future`` runs the pwrites on one I/O thread, in order; ``each(i, buf)`` is called after
+    buffer i is staged (for checksums), overlapping with the writes. Returns (aligned end offset, the write futures
+    not yet waited on); the caller must check them (e.g. from a fdatasync queued behind them on the same thread).
+
+    Writing from the staging buffer skips the page cache: no copy into it, no write-back storm at fdatasync time,
+    and nothing evicted from the cache that reads and the index rely on.
     """
     if offset % ALIGN:
         raise ValueError(f"direct append at unaligned offset {offset}")
-    view, cap = staging.view, staging.size
-    fill = 0
-    for b in bufs:
+    cap = staging.half
+    pending = [None, None]
+    cur, fill = 0, 0
+
+    def flush(nbytes: int):
+        nonlocal cur, fill, offset
+        pending[cur] = submit(_pwrite_all, fd, staging.views[cur][:nbytes], offset)
+        offset += nbytes
+        cur, fill = 1 - cur, 0
+        if pending[cur] is not None:
+            pending[cur].result()  # the other half must be written before it is refilled (raises its error)
+            pending[cur] = None
+
+    for i, b in enumerate(bufs):
         src = memoryview(b).cast("B")
+        if each is not None:
+            each(i, src)
         while len(src):
+            view = staging.views[cur]
             n = min(len(src), cap - fill)
             view[fill:fill + n] = src[:n]
             fill += n
             src = src[n:]
             if fill == cap:
-                _pwrite_all(fd, view[:cap], offset)
-                offset += cap
-                fill = 0
+                flush(cap)
     if fill:
         padded = -(-fill // ALIGN) * ALIGN
-        view[fill:padded] = bytes(padded - fill)
-        _pwrite_all(fd, view[:padded], offset)
-        offset += padded
-    return offset
+        staging.views[cur][fill:padded] = bytes(padded - fill)
+        flush(padded)
+    return offset, [f for f in pending if f is not None]
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
