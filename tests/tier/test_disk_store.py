@@ -30,10 +30,10 @@ def read_back(store, ns, seeds):
     return got, outs
 
 
-@pytest.mark.parametrize("codec", ["raw", "zstd"])
-def test_restart_serves_everything_bit_exact(tmp_path, ns, codec):
+@pytest.mark.parametrize("codec,direct_io", [("raw", True), ("zstd", True), ("raw", False), ("zstd", False)])
+def test_restart_serves_everything_bit_exact(tmp_path, ns, codec, direct_io):
     seeds = list(range(40))
-    with open_store(tmp_path) as st:
+    with open_store(tmp_path, direct_io=direct_io) as st:
         assert st.put_many(ns, [f"k{s}" for s in seeds], blobs_for(ns, seeds, codec)) == [True] * 40
     with open_store(tmp_path) as st:  # a new process would see the same: nothing is cached in memory
         got, outs = read_back(st, ns, seeds)
