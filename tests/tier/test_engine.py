@@ -119,7 +119,7 @@ def test_full_writedown_queue_drops_instead_of_blocking(tmp_path, ns):
             assert time.perf_counter() - t0 < 2
             s = e.stats()
             assert s.writedown_queued_bytes <= 3 * PAGE_BYTES
-            assert 1 <= ok.count(True) < 10 and s.writedown_dropped == ok.count(False)
+            assert 0 < ok.count(True) < 10 and s.writedown_dropped == ok.count(False)
         assert e.flush(timeout=30)
         held = [s for s, o in zip(range(10), ok) if o]
         got, outs = read(e, ns, held)
