@@ -1,0 +1,256 @@
+"""``--kv-tier kvdrive`` and the ``--kvdrive-*`` options, expanded into SGLang's canonical hierarchical-cache flags.
+
+SGLang's ServerArgs cannot gain fields from a plugin, so kvdrive's options never reach it: two hooks translate them
+first, one per entry path, both through ``expand``:
+- the CLI (``python -m sglang.launch_server`` / ``sglang serve``): AROUND ``prepare_server_args`` rewrites argv;
+  an AFTER hook on ``ServerArgs.add_cli_args`` lists the options in ``--help``;
+- the Python API (``sglang.Engine(kv_tier="kvdrive", kvdrive_dir=...)``): BEFORE ``ServerArgs.__init__`` rewrites
+  the keyword arguments.
+A canonical flag the user also set to something else is an error naming both; so is a ``--kvdrive-*`` option without
+``--kv-tier kvdrive``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from .tier.codecs import CODEC_NAMES
+from .tier.errors import ConfigError, KvdriveError
+from .tier.store_dir import check_store_dir
+
+log = logging.getLogger("kvdrive.sglang")
+
+KV_TIERS = ("kvdrive",)
+STORAGE_MODULE = "kvdrive_sglang.storage_backend"
+STORAGE_CLASS = "KvdriveStorage"
+RADIX_BACKEND = "kvdrive"
+GiB = 1 << 30
+
+
+def default_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvdrive")
+
+
+@dataclass(frozen=True)
+class KvdriveOptions:
+    dir: str
+    host_gb: float = 4.0  # kvdrive's compressed DRAM tier (SGLang's own host pool is sized by --hicache-ratio/size)
+    disk_gb: float = 64.0
+    codec: str = "zstd"
+
+
+# our option -> (dest, type, default, help)
+_OPTIONS = {
+    "--kvdrive-dir": ("kvdrive_dir", str, None, "directory of kvdrive's persistent store (default: "
+                      "$XDG_CACHE_HOME/kvdrive or ~/.cache/kvdrive); survives restarts"),
+    "--kvdrive-host-gb": ("kvdrive_host_gb", float, KvdriveOptions.host_gb,
+                          "compressed host-DRAM tier budget in GB, behind SGLang's host pool (0: none)"),
+    "--kvdrive-disk-gb": ("kvdrive_disk_gb", float, KvdriveOptions.disk_gb, "disk store cap in GB"),
+    "--kvdrive-codec": ("kvdrive_codec", str, KvdriveOptions.codec,
+                        f"page codec: {', '.join(CODEC_NAMES)} (int8/fp8 are lossy: opt in)"),
+}
+_KWARGS = {"kv_tier"} | {dest for dest, *_ in _OPTIONS.values()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("kvdrive", "KV tiers below SGLang's host pool (kvdrive plugin)")
+    g.add_argument("--kv-tier", choices=KV_TIERS, default=None,
+                   help="kvdrive: compressed host-DRAM tier + persistent disk store under the radix cache")
+    for flag, (dest, typ, default, help_) in _OPTIONS.items():
+        g.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_} (default {default})"
+                       if default is not None else help_)
+
+
+def options_from(values: dict) -> KvdriveOptions:
+    """Validate kvdrive's option values (from argv or Engine kwargs); ConfigError names the bad one."""
+    d = values.get("kvdrive_dir") or default_dir()
+    if not isinstance(d, (str, os.PathLike)):
+        raise ConfigError(f"--kvdrive-dir must be a path, got {d!r}")
+    out = {"dir": os.path.abspath(os.path.expanduser(os.fspath(d)))}
+    for key, flag in (("host_gb", "--kvdrive-host-gb"), ("disk_gb", "--kvdrive-disk-gb")):
+        v = values.get(f"kvdrive_{key}")
+        if v is None:
+            continue
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag} must be a number of GB, got {v!r}") from None
+        if not (v >= 0 if key == "host_gb" else v > 0) or v != v or v == float("inf"):
+            raise ConfigError(f"{flag} must be {'>= 0' if key == 'host_gb' else '> 0'} GB, got {v!r}")
+        out[key] = v
+    codec = values.get("kvdrive_codec")
+    if codec is not None:
+        if codec not in CODEC_NAMES:
+            raise ConfigError(f"--kvdrive-codec {codec!r} is not one of {', '.join(CODEC_NAMES)}")
+        out["codec"] = codec
+    opts = KvdriveOptions(**out)
+    check_store_dir(opts.dir, create=True)  # a bad directory fails here, in the launcher, with its own message
+    return opts
+
+
+def storage_extra_config(opts: KvdriveOptions) -> str:
+    return json.dumps({
+        "backend_name": "kvdrive", "module_path": STORAGE_MODULE, "class_name": STORAGE_CLASS, "interface_v1": 1,
+        "kvdrive": {"dir": opts.dir, "host_bytes": int(opts.host_gb * GiB), "disk_bytes": int(opts.disk_gb * GiB),
+                    "codec": opts.codec},
+    })
+
+
+def canonical(opts: KvdriveOptions, *, gpu: bool) -> dict:
+    """SGLang ServerArgs fields that --kv-tier kvdrive sets."""
+    fields = {
+        "enable_hierarchical_cache": True,
+        "hicache_storage_backend": "dynamic",
+        "hicache_storage_backend_extra_config": storage_extra_config(opts),
+        "radix_cache_backend": RADIX_BACKEND,
+    }
+    if not gpu:
+        # SGLang's default 'kernel' I/O backend and page_first layout need sgl_kernel's CUDA copies; kvdrive's CPU
+        # fallback is the per-layer torch copy of the 'direct' backend over the layer_first layout
+        fields["hicache_io_backend"] = "direct"
+        fields["hicache_mem_layout"] = "layer_first"
+    return fields
+
+
+# fields the user may also set, to the same value; and fields whose value the user may choose over ours
+_SAME_OK = {"enable_hierarchical_cache", "radix_cache_backend"}
+_USER_WINS = {"hicache_io_backend", "hicache_mem_layout"}
+
+
+def flag_of(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def merge(ours: dict, given: dict) -> dict:
+    """Our canonical fields merged into what the user gave; a conflict is a ConfigError naming both flags."""
+    out = dict(given)
+    for field, value in ours.items():
+        if field not in given or given[field] is None:
+            out[field] = value
+        elif field in _USER_WINS or (field in _SAME_OK and given[field] == value):
+            continue
+        elif field == "enable_hierarchical_cache" and given[field] is False:
+            out[field] = value
+        else:
+            raise ConfigError(f"--kv-tier kvdrive sets {flag_of(field)} itself; remove your "
+                              f"{flag_of(field)} {given[field]!r} (kvdrive's storage backend and radix cache "
+                              "replace it)")
+    if given.get("disable_radix_cache"):
+        raise ConfigError("--kv-tier kvdrive needs the radix cache; remove --disable-radix-cache")
+    return out
+
+
+def expand_kwargs(kwargs: dict, *, gpu: bool) -> dict:
+    """Engine/ServerArgs keyword arguments with kvdrive's expanded into SGLang's."""
+    ours = {k: kwargs[k] for k in _KWARGS if k in kwargs}
+    if not ours:
+        return kwargs
+    rest = {k: v for k, v in kwargs.items() if k not in _KWARGS}
+    tier = ours.pop("kv_tier", None)
+    if tier is None:
+        if any(v is not None for v in ours.values()):
+            named = sorted(k for k, v in ours.items() if v is not None)
+            raise ConfigError(f"{', '.join(named)} need{'s' if len(named) == 1 else ''} kv_tier='kvdrive'")
+        return rest
+    if tier not in KV_TIERS:
+        raise ConfigError(f"kv_tier {tier!r} is not one of: {', '.join(KV_TIERS)}")
+    return merge(canonical(options_from(ours), gpu=gpu), rest)
+
+
+def _given_fields(argv: list[str]) -> dict:
+    """The canonical fields the user set on the command line (values as SGLang's parser reads them)."""
+    from sglang.srt.server_args import ServerArgs
+
+    p = argparse.ArgumentParser(add_help=False)
+    ServerArgs.add_cli_args(p)
+    for action in p._actions:
+        action.required = False  # only reading which flags were given; SGLang's own parse checks the rest
+    ns, _ = p.parse_known_args(argv)
+    keys = set(canonical(KvdriveOptions(dir="/"), gpu=False)) | {"disable_radix_cache"}
+    defaults = vars(p.parse_known_args([])[0])
+    return {k: getattr(ns, k) for k in keys if hasattr(ns, k) and getattr(ns, k) != defaults.get(k)}
+
+
+def expand_argv(argv: list[str], *, gpu: bool) -> list[str]:
+    """Command-line arguments with kvdrive's options replaced by SGLang's canonical flags."""
+    p = argparse.ArgumentParser(prog="sglang serve", add_help=False)
+    add_arguments(p)
+    try:
+        mine, rest = p.parse_known_args(argv)
+    except SystemExit:
+        raise  # argparse already printed e.g. "--kv-tier: invalid choice: 'x' (choose from 'kvdrive')"
+    values = {k: v for k, v in vars(mine).items() if v is not None}
+    tier = values.pop("kv_tier", None)
+    if tier is None:
+        if values:
+            named = [flag_of(k) for k in sorted(values)]
+            raise ConfigError(f"{', '.join(named)} need{'s' if len(named) == 1 else ''} --kv-tier kvdrive")
+        return list(argv)
+    given = _given_fields(rest)
+    merged = merge(canonical(options_from(values), gpu=gpu), given)
+    added = []
+    for field, value in merged.items():
+        if field in given:
+            continue  # already on the command line, unchanged
+        if value is True:
+            added.append(flag_of(field))
+        elif value is not False:
+            added += [flag_of(field), str(value)]
+    return list(rest) + added
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _fail(e: KvdriveError):
+    print(f"kvdrive: error: {e}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    try:
+        argv = expand_argv(list(argv), gpu=_gpu())
+    except KvdriveError as e:
+        _fail(e)
+    log.info("kvdrive: server arguments after --kv-tier expansion: %s", " ".join(argv))
+    return original(argv, *args, **kwargs)
+
+
+def _after_add_cli_args(result, parser, *args, **kwargs):
+    if not any(a.dest == "kv_tier" for a in parser._actions):
+        add_arguments(parser)
+    return result
+
+
+def _before_server_args_init(self, *args, **kwargs):
+    if not (_KWARGS & kwargs.keys()):
+        return None
+    return (self, *args), expand_kwargs(kwargs, gpu=_gpu())
+
+
+_installed = False
+
+
+def install() -> None:
+    """Register the hooks (call from the plugin; SGLang applies them after all plugins ran)."""
+    global _installed
+    if _installed:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.prepare_server_args", _around_prepare_server_args,
+                          HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.__init__", _before_server_args_init, HookType.BEFORE)
+    _installed = True

@@ -1,0 +1,212 @@
+"""kvdrive as SGLang's L3: a ``HiCacheStorage`` (v1 batch API) over the tier engine.
+
+SGLang's host pool stays the uncompressed staging tier for fast host<->GPU copies; behind it this backend puts
+kvdrive's compressed DRAM pool and the persistent disk store. SGLang builds it through the ``dynamic`` storage
+backend (``--kv-tier kvdrive`` writes that config) as ``KvdriveStorage(storage_config, kwargs)``, then calls
+``register_mem_pool_host``; pages move with ``batch_set_v1`` / ``batch_get_v1`` / ``batch_exists`` (keys: SGLang's
+chained page hashes; salted per tenant by kvdrive's radix-cache backend).
+
+Pages of different models, dtypes, layouts, page sizes, shapes or TP ranks never meet: every page lives in a
+namespace built from the host pool and the storage config (SGLang's own file backend has served wrong output from
+keys that lacked the dtype). MLA caches are identical on every TP rank: one namespace for all, written by rank 0.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any, List, Optional
+
+import torch
+
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+
+from .tier.engine import TierConfig, TierEngine
+from .tier.errors import ConfigError
+from .tier.namespace import Namespace
+
+log = logging.getLogger("kvdrive.sglang")
+
+_TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+                 torch.uint8: "uint8", torch.int8: "int8"}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        _TORCH_DTYPES[getattr(torch, _name)] = _name
+
+RADIX_EVENTS = ("device_hit", "host_hit", "storage_hit", "evicted", "written_back", "loaded_back")
+
+
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _TORCH_DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"kvdrive cannot store KV pages of dtype {dtype}; supported: "
+                          f"{', '.join(_TORCH_DTYPES.values())}") from None
+
+
+def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") -> Namespace:
+    """Everything that makes this server's pages incompatible with another's, from SGLang's own objects."""
+    mla = bool(config.is_mla_model)
+    if mla:
+        num_heads, head_dim = 1, int(host_pool.kv_lora_rank + host_pool.qk_rope_head_dim)
+        tp_rank, tp_size = 0, 1  # every rank holds the same latent cache
+    else:
+        num_heads, head_dim = int(host_pool.head_num), int(host_pool.head_dim)
+        tp_rank, tp_size = int(config.tp_rank), int(config.tp_size)
+    extra = {"mem_layout": host_pool.layout, "pp": f"{config.pp_rank}/{config.pp_size}",
+             "attn_cp": f"{config.attn_cp_rank}/{config.attn_cp_size}"}
+    if config.should_split_heads:
+        extra["split_heads_lcm"] = str(config.tp_lcm_size)
+    return Namespace(model=config.model_name or "unknown-model", kv_dtype=kv_dtype_name(host_pool.dtype),
+                     layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
+                     head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
+                     tenant=tenant, extra=tuple(extra.items()))
+
+
+def tier_config_from(extra: dict | None) -> TierConfig:
+    """The ``kvdrive`` section of SGLang's storage extra config -> TierConfig (ConfigError names a bad key)."""
+    section = (extra or {}).get("kvdrive")
+    if not isinstance(section, dict) or not section.get("dir"):
+        raise ConfigError("the kvdrive storage backend needs {'kvdrive': {'dir': ...}} in "
+                          "--hicache-storage-backend-extra-config; use --kv-tier kvdrive, which writes it")
+    known = {"dir": "path", "host_bytes": "host_bytes", "disk_bytes": "disk_bytes", "codec": "codec",
+             "write_policy": "write_policy", "ttl_s": "default_ttl_s"}
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown kvdrive storage option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return TierConfig(**{known[k]: v for k, v in section.items()})
+
+
+class KvdriveStorage(HiCacheStorage):
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
+        self.storage_config = storage_config
+        self.tier_config = tier_config_from(storage_config.extra_config)
+        self.engine = TierEngine(self.tier_config)
+        self.ns: Namespace | None = None
+        self.mem_pool_host = None
+        # MLA: every rank has the same cache; SGLang lets rank 0 write, and so do we
+        self.read_only = bool(storage_config.is_mla_model and storage_config.tp_rank != 0)
+        self._scratch = threading.local()
+        self._events = Counter()
+        self._io = Counter()
+        self._lock = threading.Lock()
+        log.info("kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d)",
+                 self.tier_config.path, self.tier_config.host_bytes / 2**30, self.tier_config.disk_bytes / 2**30,
+                 self.tier_config.codec, storage_config.tp_rank, storage_config.tp_size)
+
+    # --- SGLang wiring -----------------------------------------------------------------------------------------
+    def register_mem_pool_host(self, mem_pool_host) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        self.ns = namespace_for(self.storage_config, mem_pool_host)
+        self.page_size = int(mem_pool_host.page_size)
+        log.info("kvdrive: namespace %s = %s", self.ns.id.hex()[:16], self.ns.describe())
+
+    def _page_buffers(self, n: int) -> list[torch.Tensor]:
+        """Per-thread reusable flat page buffers (SGLang calls get from its prefetch I/O thread)."""
+        bufs = getattr(self._scratch, "bufs", None)
+        if bufs is None:
+            bufs = self._scratch.bufs = []
+        while len(bufs) < n:
+            bufs.append(torch.empty_like(self.mem_pool_host.get_dummy_flat_data_page(), device="cpu"))
+        return bufs[:n]
+
+    def _require_ns(self) -> Namespace:
+        if self.ns is None:
+            raise RuntimeError("kvdrive storage used before SGLang registered its host pool")
+        return self.ns
+
+    # --- v1 batch API (interface_v1) -----------------------------------------------------------------------------
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        ns = self._require_ns()
+        if self.read_only or not keys:
+            return [True] * len(keys)
+        t0 = time.perf_counter()
+        ps = self.page_size
+        pages = [self.mem_pool_host.get_data_page(int(host_indices[i * ps]), flat=True).contiguous()
+                 for i in range(len(keys))]
+        ok = self.engine.put_many(ns, keys, pages)
+        self._count("set", len(keys), sum(ok), sum(p.numel() * p.element_size() for p in pages), t0)
+        return ok
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        ns = self._require_ns()
+        if not keys:
+            return []
+        t0 = time.perf_counter()
+        ps = self.page_size
+        bufs = self._page_buffers(len(keys))
+        got = self.engine.get_many(ns, keys, bufs)
+        # SGLang uses the leading run of hits: stop copying into the host pool at the first miss
+        n = got.index(False) if False in got else len(got)
+        for i in range(n):
+            self.mem_pool_host.set_from_flat_data_page(int(host_indices[i * ps]), bufs[i])
+        self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
+        return got[:n] + [False] * (len(keys) - n)
+
+    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+        return self.engine.exists_many(self._require_ns(), keys)
+
+    # --- the older per-key API (SGLang uses it when interface_v1 is off) ----------------------------------------
+    def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None):
+        return self.batch_get([key], [target_location] if target_location is not None else None)[0]
+
+    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None):
+        ns = self._require_ns()
+        outs = list(target_locations) if target_locations is not None else \
+            [torch.empty_like(self.mem_pool_host.get_dummy_flat_data_page(), device="cpu") for _ in keys]
+        got = self.engine.get_many(ns, keys, outs)
+        return [o if g else None for o, g in zip(outs, got)]
+
+    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> bool:
+        return self.batch_set([key], [value])
+
+    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> bool:
+        if self.read_only:
+            return True
+        return all(self.engine.put_many(self._require_ns(), keys, [v.contiguous() for v in values]))
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def clear(self) -> None:
+        self.engine.clear(self.ns)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # --- kvdrive's own reporting -------------------------------------------------------------------------------
+    def record_radix_event(self, kind: str, tokens: int) -> None:
+        """Radix-tree events from kvdrive's radix-cache backend: the inputs the promoter will use."""
+        if kind not in RADIX_EVENTS:
+            raise ValueError(f"unknown radix event {kind!r}; known: {', '.join(RADIX_EVENTS)}")
+        with self._lock:
+            self._events[kind] += int(tokens)
+
+    def _count(self, op: str, pages: int, ok: int, nbytes: int, t0: float) -> None:
+        with self._lock:
+            c = self._io
+            c[f"{op}_calls"] += 1
+            c[f"{op}_pages"] += pages
+            c[f"{op}_pages_ok"] += ok
+            c[f"{op}_bytes"] += nbytes
+            c[f"{op}_seconds"] += time.perf_counter() - t0
+
+    def tier_stats(self) -> dict:
+        """Per-tier figures: engine and store stats, SGLang-side I/O counters and radix events."""
+        s = self.engine.stats()
+        with self._lock:
+            io, ev = dict(self._io), dict(self._events)
+        out = {"host": s.host._asdict(), "disk": s.disk._asdict() if s.disk else None,
+               "hits": {"dram": s.hits_host, "queued": s.hits_queued, "disk": s.hits_disk, "miss": s.misses},
+               "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
+               "io": io, "radix": ev}
+        if io.get("get_pages_ok"):
+            out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
+                max(io["get_pages"] / max(io["get_calls"], 1), 1)
+        return out

@@ -1,0 +1,65 @@
+"""Run in a fresh process: load plugins through their real entry points, then expand --kv-tier cases.
+
+    python -m tests.sglang.flag_cases DIR  -> one JSON object per line: {"case", "ok", "fields" | "error", "exit"}
+"""
+import contextlib
+import io
+import json
+import sys
+
+from sglang.srt.plugins import load_plugins
+
+load_plugins()
+
+from sglang.srt.server_args import ServerArgs, prepare_server_args  # noqa: E402
+
+FIELDS = ("enable_hierarchical_cache", "hicache_storage_backend", "hicache_storage_backend_extra_config",
+          "radix_cache_backend", "hicache_io_backend", "hicache_mem_layout", "hicache_ratio")
+
+
+def run(case, fn):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            sa = fn()
+        out = {"case": case, "ok": True, "fields": {f: getattr(sa, f) for f in FIELDS}}
+    except SystemExit as e:
+        out = {"case": case, "ok": False, "exit": e.code, "error": err.getvalue().strip().splitlines()[-1:]}
+    except Exception as e:  # noqa: BLE001
+        out = {"case": case, "ok": False, "exit": None, "error": [f"{type(e).__name__}: {e}"]}
+    print(json.dumps(out), flush=True)
+
+
+d = sys.argv[1]
+base = ["--model-path", "dummy", "--device", "cpu"]
+run("cli", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--kvdrive-host-gb", "2",
+                                               "--kvdrive-disk-gb", "10", "--kvdrive-codec", "raw"]))
+run("cli-user-layout", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
+                                                           "--hicache-mem-layout", "page_first",
+                                                           "--enable-hierarchical-cache",
+                                                           "--radix-cache-backend", "kvdrive"]))
+run("no-tier", lambda: prepare_server_args(base))
+run("conflict-backend", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
+                                                            "--hicache-storage-backend", "file"]))
+run("conflict-radix", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
+                                                          "--radix-cache-backend", "lmcache"]))
+run("conflict-disable-radix", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
+                                                                  "--disable-radix-cache"]))
+run("bad-tier", lambda: prepare_server_args(base + ["--kv-tier", "lmcache"]))
+run("option-without-tier", lambda: prepare_server_args(base + ["--kvdrive-dir", d]))
+run("bad-codec", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
+                                                     "--kvdrive-codec", "lz4"]))
+run("bad-gb", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
+                                                  "--kvdrive-disk-gb", "-3"]))
+run("dir-is-a-file", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", sys.argv[2]]))
+run("engine-kwargs", lambda: ServerArgs(model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d,
+                                        kvdrive_host_gb=1))
+run("engine-conflict", lambda: ServerArgs(model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d,
+                                          hicache_storage_backend="file"))
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    try:
+        prepare_server_args(["--help"])
+    except SystemExit:
+        pass
+print(json.dumps({"case": "help", "ok": "--kv-tier" in buf.getvalue() and "--kvdrive-dir" in buf.getvalue()}))

@@ -1,0 +1,82 @@
+"""--kv-tier kvdrive through the real plugin entry point, in a fresh process: expansion, conflicts, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sglang")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    d = tmp_path_factory.mktemp("store")
+    a_file = tmp_path_factory.mktemp("f") / "not-a-dir"
+    a_file.write_text("x")
+    p = subprocess.run([sys.executable, "-m", "tests.sglang.flag_cases", str(d), str(a_file)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("{"):
+            c = json.loads(line)
+            out[c["case"]] = c
+    return d, out
+
+
+def test_cli_expands_to_canonical_hicache_flags(cases):
+    d, c = cases
+    f = c["cli"]["fields"]
+    assert f["enable_hierarchical_cache"] is True
+    assert f["hicache_storage_backend"] == "dynamic" and f["radix_cache_backend"] == "kvdrive"
+    extra = json.loads(f["hicache_storage_backend_extra_config"])
+    assert extra["module_path"] == "kvdrive_sglang.storage_backend" and extra["class_name"] == "KvdriveStorage"
+    assert extra["interface_v1"] == 1
+    assert extra["kvdrive"] == {"dir": str(d), "host_bytes": 2 << 30, "disk_bytes": 10 << 30, "codec": "raw"}
+    # no GPU here: the CPU copy path (direct I/O, layer-first host layout)
+    assert (f["hicache_io_backend"], f["hicache_mem_layout"]) == ("direct", "layer_first")
+
+
+def test_user_choices_that_do_not_conflict_are_kept(cases):
+    f = cases[1]["cli-user-layout"]["fields"]
+    assert f["hicache_mem_layout"] == "page_first" and f["radix_cache_backend"] == "kvdrive"
+    assert json.loads(f["hicache_storage_backend_extra_config"])["kvdrive"]["codec"] == "zstd"  # default
+
+
+def test_without_the_flag_sglang_is_untouched(cases):
+    f = cases[1]["no-tier"]["fields"]
+    assert f["enable_hierarchical_cache"] is False and f["hicache_storage_backend"] is None
+    assert f["radix_cache_backend"] is None
+
+
+@pytest.mark.parametrize("case,words", [
+    ("conflict-backend", ["--hicache-storage-backend", "'file'"]),
+    ("conflict-radix", ["--radix-cache-backend", "'lmcache'"]),
+    ("conflict-disable-radix", ["--disable-radix-cache"]),
+    ("bad-tier", ["invalid choice: 'lmcache'", "kvdrive"]),
+    ("option-without-tier", ["--kvdrive-dir", "--kv-tier kvdrive"]),
+    ("bad-codec", ["'lz4'", "zstd"]),
+    ("bad-gb", ["--kvdrive-disk-gb", "-3"]),
+    ("dir-is-a-file", ["not-a-dir", "not a directory"]),
+])
+def test_bad_and_conflicting_flags_exit_with_one_clear_line(cases, case, words):
+    c = cases[1][case]
+    assert c["ok"] is False and c["exit"] == 2, c
+    line = c["error"][0]
+    assert "Traceback" not in line
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_engine_kwargs_expand_too(cases):
+    c = cases[1]
+    f = c["engine-kwargs"]["fields"]
+    assert f["hicache_storage_backend"] == "dynamic" and f["radix_cache_backend"] == "kvdrive"
+    assert json.loads(f["hicache_storage_backend_extra_config"])["kvdrive"]["host_bytes"] == 1 << 30
+    assert "--hicache-storage-backend" in c["engine-conflict"]["error"][0]
+
+
+def test_help_lists_kvdrive_options(cases):
+    assert cases[1]["help"]["ok"] is True
