@@ -168,12 +168,13 @@ def _given_fields(argv: list[str]) -> dict:
 
     p = argparse.ArgumentParser(add_help=False)
     ServerArgs.add_cli_args(p)
+    unset = object()
     for action in p._actions:
         action.required = False  # only reading which flags were given; SGLang's own parse checks the rest
+        action.default = unset  # a flag given with its default value is still given
     ns, _ = p.parse_known_args(argv)
     keys = set(canonical(KvdriveOptions(dir="/"), gpu=False)) | {"disable_radix_cache"}
-    defaults = vars(p.parse_known_args([])[0])
-    return {k: getattr(ns, k) for k in keys if hasattr(ns, k) and getattr(ns, k) != defaults.get(k)}
+    return {k: getattr(ns, k) for k in keys if getattr(ns, k, unset) is not unset}
 
 
 def expand_argv(argv: list[str], *, gpu: bool) -> list[str]:
