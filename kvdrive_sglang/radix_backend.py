@@ -1,0 +1,273 @@
+"""The ``kvdrive`` radix-cache backend for SGLang 0.5.17 (``--radix-cache-backend kvdrive``, set by ``--kv-tier kvdrive``).
+
+The factory builds exactly the cache SGLang's default chain would build, so every model keeps working. Where that cache
+is ``HiRadixCache`` (dense models with ``--enable-hierarchical-cache``) it builds :class:`KvdriveRadixCache` instead, a
+subclass that changes two things and nothing else:
+
+1. **Tenant-isolated storage keys.** SGLang names L3 pages by a SHA-256 chain over token ids that leaves out the
+   request's ``extra_key`` (cache salt, LoRA id, ...), so two tenants sending the same prompt share storage pages
+   (the sglang#37160 bug class). Here a chain whose node carries a non-empty ``extra_key`` starts from
+   :func:`salt_prior` instead of from nothing, on the write path and on the prefetch/lookup path. Unsalted chains are
+   left exactly as SGLang computes them, so pages written by plain SGLang still match.
+2. **Radix events** (device/host/storage hits, evictions, write-backs, load-backs, in tokens) counted here and
+   forwarded to the storage backend when it has ``record_radix_event`` (kvdrive's ``KvdriveStorage``).
+
+Everything is done by overriding methods and calling ``super()``; no SGLang source is patched or copied.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from typing import Any, Optional
+
+from sglang.srt.mem_cache import registry
+from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+from sglang.srt.mem_cache.utils import get_hash_str
+
+log = logging.getLogger("kvdrive.sglang")
+
+BACKEND_NAME = "kvdrive"
+EVENT_KINDS = ("device_hit", "host_hit", "storage_hit", "evicted", "written_back", "loaded_back")
+_SALT_DOMAIN = b"kvdrive-salt\0"
+_KEYED = "_kvdrive_keyed"  # TreeNode attribute: hash_value already holds kvdrive's chain for this node
+_UNKNOWN = object()
+
+
+def salt_prior(extra_key: Any) -> Optional[str]:
+    """The prior hash a salted chain starts from: sha256(b"kvdrive-salt\\0" + extra_key), hex; None when unsalted.
+
+    A fixed function of the salt alone, so keys stay identical across restarts and processes (TP ranks)."""
+    if extra_key is None or extra_key == "" or extra_key == b"":
+        return None
+    raw = extra_key if isinstance(extra_key, bytes) else str(extra_key).encode("utf-8")
+    return hashlib.sha256(_SALT_DOMAIN + raw).hexdigest()
+
+
+class KvdriveRadixCache(HiRadixCache):
+    """HiRadixCache with salted storage keys and radix events (see the module docstring)."""
+
+    # Salts of recent requests whose prefix match ended at the root: prefetch_from_storage gets only a rid and the
+    # root node, whose key carries no extra_key. Bounded; a request's salt never changes.
+    _SALT_MEMORY = 16384
+
+    def __init__(self, params, server_args):
+        # Set before super().__init__: it calls reset() and may attach the storage backend.
+        self._kvdrive_counts = dict.fromkeys(EVENT_KINDS, 0)
+        self._kvdrive_salt_by_rid: OrderedDict[str, Any] = OrderedDict()
+        self._kvdrive_last_salt = None
+        self._kvdrive_warned: set[str] = set()
+        super().__init__(params=params, server_args=server_args)
+
+    # ---------------------------------------------------------------- events
+
+    def kvdrive_stats(self) -> dict:
+        """Tokens per radix event since start (kinds: EVENT_KINDS)."""
+        return dict(self._kvdrive_counts)
+
+    def _kvdrive_event(self, kind: str, tokens: int) -> None:
+        tokens = int(tokens)
+        if tokens <= 0:
+            return
+        self._kvdrive_counts[kind] += tokens
+        # Looked up on every event: the storage backend can be attached and detached at runtime.
+        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
+        record = getattr(backend, "record_radix_event", None)
+        if record is None:
+            return
+        try:
+            record(kind, tokens)
+        except Exception:  # statistics must never take the scheduler down
+            self._kvdrive_warn_once("event", "kvdrive: storage backend record_radix_event failed", exc_info=True)
+
+    def _kvdrive_warn_once(self, tag: str, msg: str, *args, **kw) -> None:
+        if tag not in self._kvdrive_warned:
+            self._kvdrive_warned.add(tag)
+            log.warning(msg, *args, **kw)
+
+    def _kvdrive_report_hits(self, req) -> None:
+        # Hits per tier are taken from SGLang's own per-request breakdown (ScheduleBatch.prepare_for_extend sets
+        # cached_tokens_device/host/storage once, on the first prefill chunk). match_prefix runs many times per
+        # request (queue admission, priority passes, every scheduling round), so counting there would overcount.
+        if getattr(req, "_kvdrive_hits_reported", False) or not getattr(req, "_cache_breakdown_computed", False):
+            return
+        req._kvdrive_hits_reported = True
+        self._kvdrive_event("device_hit", getattr(req, "cached_tokens_device", 0))
+        self._kvdrive_event("host_hit", getattr(req, "cached_tokens_host", 0))
+        # storage hits are reported when the prefetch result is handed over: pop_prefetch_loaded_tokens
+
+    def cache_unfinished_req(self, req, *args, **kwargs):
+        result = super().cache_unfinished_req(req, *args, **kwargs)
+        self._kvdrive_report_hits(req)
+        return result
+
+    def cache_finished_req(self, req, *args, **kwargs):
+        result = super().cache_finished_req(req, *args, **kwargs)
+        self._kvdrive_report_hits(req)
+        return result
+
+    def pop_prefetch_loaded_tokens(self, req_id: str) -> int:
+        # Called once per request whose L3 prefetch completed: the tokens it actually got from storage.
+        tokens = super().pop_prefetch_loaded_tokens(req_id)
+        self._kvdrive_event("storage_hit", tokens)
+        return tokens
+
+    def evict(self, params):
+        result = super().evict(params)
+        self._kvdrive_event("evicted", result.num_tokens_evicted)
+        return result
+
+    def write_backup(self, node, write_back: bool = False) -> int:
+        # Device -> host copies (write-through on hit, or staging on write-back eviction). Host -> storage writes
+        # are counted by the storage backend itself.
+        tokens = super().write_backup(node, write_back=write_back)
+        self._kvdrive_event("written_back", tokens)
+        return tokens
+
+    def load_back(self, node, mem_quota=None):
+        device_indices = super().load_back(node, mem_quota)
+        if device_indices is not None:
+            self._kvdrive_event("loaded_back", len(device_indices))
+        return device_indices
+
+    # ------------------------------------------------------- salted storage keys
+
+    def _kvdrive_rehash(self, node) -> None:
+        """Set node.hash_value, and that of any unhashed ancestors, to kvdrive's chain over the node's whole prefix:
+        SGLang's chain, except that a root-level salted node starts from salt_prior(extra_key)."""
+        path = [node]
+        while path[-1].parent is not self.root_node and not path[-1].parent.hash_value:
+            path.append(path[-1].parent)
+        for n in reversed(path):
+            parent = n.parent
+            prior = salt_prior(n.key.extra_key) if parent is self.root_node else parent.hash_value[-1]
+            n.hash_value = get_hash_str(n.key, prior, page_size=self.page_size)
+            setattr(n, _KEYED, True)
+
+    def _kvdrive_fix_keys(self, node) -> None:
+        """Make node.hash_value kvdrive's chain before anything reads it.
+
+        HiRadixCache.insert (0.5.17) computes a new node's hash_value with utils.compute_node_hash_values and
+        immediately calls _record_store_event(new_node); host->storage backup reads hash_value only later (on the
+        write-through ack). So this runs, via the _record_*_event overrides, before any key leaves the tree.
+        Only a root-level salted node needs rehashing: deeper nodes chain from their parent's (already salted)
+        last hash, and split nodes keep slices of a salted chain. Recomputing is idempotent (same tokens, same
+        prior), so nodes that reach here again without the marker are harmless."""
+        if node is self.root_node or node.key is None or getattr(node, _KEYED, False):
+            return
+        if node.hash_value is None:
+            # Nothing has keyed it yet. KV events would compute it lazily with SGLang's unsalted chain: do it here.
+            if self.enable_kv_cache_events:
+                self._kvdrive_rehash(node)
+            return
+        parent = node.parent
+        if parent is self.root_node:
+            if salt_prior(node.key.extra_key) is not None:
+                self._kvdrive_rehash(node)
+        elif not parent.hash_value:
+            # SGLang chained this node from "no prior" because its parent was never hashed (storage attached at
+            # runtime after the parent was inserted): its keys would name a sequence *starting* with these tokens.
+            self._kvdrive_rehash(node)
+
+    def _record_store_event(self, node, medium=None):
+        self._kvdrive_fix_keys(node)
+        super()._record_store_event(node, medium=medium)
+
+    def _record_remove_event(self, node, medium=None):
+        self._kvdrive_fix_keys(node)
+        super()._record_remove_event(node, medium=medium)
+
+    def match_prefix(self, params):
+        result = super().match_prefix(params)
+        if self.enable_storage:
+            salt = params.key.extra_key
+            # query_storage_hit_length gets no rid; SGLang calls it right after this match for the same request.
+            self._kvdrive_last_salt = salt
+            req = params.req
+            if req is not None and result.last_host_node is self.root_node:
+                rid = getattr(req, "rid", None)
+                if rid is not None:
+                    self._kvdrive_salt_by_rid[rid] = salt
+                    self._kvdrive_salt_by_rid.move_to_end(rid)
+                    while len(self._kvdrive_salt_by_rid) > self._SALT_MEMORY:
+                        self._kvdrive_salt_by_rid.popitem(last=False)
+        return result
+
+    def _kvdrive_chain_start(self, last_host_node, salt) -> Optional[str]:
+        """The prior hash for storage keys of tokens that follow last_host_node."""
+        if last_host_node is self.root_node:
+            return salt_prior(salt)  # None when unsalted: SGLang's own chain
+        if not last_host_node.hash_value:
+            self._kvdrive_rehash(last_host_node)
+        else:
+            self._kvdrive_fix_keys(last_host_node)
+        return last_host_node.get_last_hash_value()
+
+    def query_storage_hit_length(self, last_host_node, new_input_tokens, last_hash=None, prefix_keys=None):
+        salt = self._kvdrive_last_salt if last_host_node is self.root_node else last_host_node.key.extra_key
+        last_hash = self._kvdrive_chain_start(last_host_node, salt)
+        return super().query_storage_hit_length(last_host_node, new_input_tokens, last_hash, prefix_keys)
+
+    def prefetch_from_storage(self, req_id, last_host_node, new_input_tokens, last_hash=None, prefix_keys=None):
+        at_root = last_host_node is self.root_node
+        if at_root:
+            salt = self._kvdrive_salt_by_rid.pop(req_id, _UNKNOWN)
+            if salt is _UNKNOWN:
+                # Guessing a salt could serve one tenant's pages to another: skip this prefetch instead.
+                if self.enable_storage:
+                    self._kvdrive_warn_once(
+                        "nosalt", "kvdrive: no prefix match was seen for request %s, so its cache salt is unknown;"
+                        " skipping its storage prefetch (further cases are not logged)", req_id)
+                return
+        else:
+            salt = last_host_node.key.extra_key
+        last_hash = self._kvdrive_chain_start(last_host_node, salt)
+        super().prefetch_from_storage(req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
+        if at_root and salt is not None and req_id in self.ongoing_prefetch:
+            # SGLang gives the prefetched pages the anchor node's extra_key, which is None at the root, so they would
+            # be filed in the unsalted part of the tree (visible to every tenant, invisible to this one). The key is
+            # a fresh RadixKey owned by this prefetch; the I/O threads hash only its token ids.
+            self.ongoing_prefetch[req_id][1].extra_key = salt
+
+
+def _default_builds_hiradix(ctx) -> bool:
+    """Whether SGLang's default chain would build HiRadixCache for this context.
+
+    Mirrors sglang 0.5.17 mem_cache/registry.py default_radix_cache_factory, branch by branch up to the HiRadixCache
+    one; every other outcome is left to that function itself."""
+    if ctx.effective_chunked_prefill_size is not None and ctx.disable_radix_cache:
+        return False  # chunk caches
+    if registry.envs.SGLANG_EXPERIMENTAL_CPP_RADIX_TREE.get():
+        return False
+    if registry.envs.SGLANG_ENABLE_UNIFIED_RADIX_TREE.get() or registry.use_mlx():
+        return False
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
+        return False
+    return bool(ctx.enable_hierarchical_cache) and not ctx.is_dsa
+
+
+def build_tree_cache(ctx):
+    """The registered factory: SGLang's default cache, as KvdriveRadixCache where that is HiRadixCache."""
+    if not ctx.enable_hierarchical_cache:
+        log.warning(
+            "kvdrive: --radix-cache-backend kvdrive needs --enable-hierarchical-cache (use --kv-tier kvdrive); "
+            "running SGLang's default radix cache without kvdrive")
+        return registry.default_radix_cache_factory(ctx)
+    if not _default_builds_hiradix(ctx):
+        cache = registry.default_radix_cache_factory(ctx)
+        log.warning(
+            "kvdrive: SGLang uses %s for this model; kvdrive's tenant-salted storage keys and radix events apply to "
+            "HiRadixCache only, so this cache runs as in plain SGLang", type(cache).__name__)
+        return cache
+    cache = KvdriveRadixCache(params=ctx.params, server_args=ctx.server_args)
+    # As the default chain does for HiRadixCache: the model runner waits on this counter for per-layer load-back.
+    ctx.tp_worker.register_hicache_layer_transfer_counter(cache.cache_controller.layer_done_counter)
+    log.info("kvdrive: radix cache %s (storage keys salted by extra_key)", type(cache).__name__)
+    return cache
+
+
+def register() -> None:
+    """Register the ``kvdrive`` radix-cache backend with SGLang. Idempotent (the plugin runs once per process)."""
+    if registry.get_radix_cache_factory(BACKEND_NAME) is not None:
+        return
+    registry.register_radix_cache_backend(BACKEND_NAME, build_tree_cache)

@@ -1,0 +1,161 @@
+"""KvdriveStorage against SGLang's HiCacheStorage v1 semantics, with real SGLang host pools on CPU."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sglang")
+
+from tests.sglang.backend_case import PAGE, fill, make_backend, make_host, make_mla_host, pages_of  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def keys(n, start=0):
+    return [f"{i:064x}" for i in range(start, start + n)]
+
+
+def written(host, n, seed=1):
+    idx = host.alloc(n * PAGE)
+    fill(host, [idx[i * PAGE] for i in range(n)], seed)
+    return idx, pages_of(host, idx, n)
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+@pytest.mark.parametrize("codec", ["zstd", "raw"])
+def test_set_then_get_into_other_host_slots_is_bit_exact(tmp_path, layout, codec):
+    host = make_host(layout)
+    be = make_backend(tmp_path, host, codec=codec)
+    idx, want = written(host, 6)
+    assert be.batch_set_v1(keys(6), idx) == [True] * 6
+    assert be.batch_exists(keys(6)) == 6
+    dst = host.alloc(6 * PAGE)
+    assert be.batch_get_v1(keys(6), dst) == [True] * 6
+    for a, b in zip(pages_of(host, dst, 6), want):
+        assert torch.equal(a, b)
+    be.close()
+
+
+def test_partial_hits_count_leading_pages_only(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    idx, want = written(host, 4)
+    be.batch_set_v1(keys(4), idx)
+    probe = keys(2) + keys(1, start=99) + keys(1, start=3)  # hit, hit, miss, hit
+    assert be.batch_exists(probe) == 2
+    dst = host.alloc(4 * PAGE)
+    got = be.batch_get_v1(probe, dst)
+    assert got == [True, True, False, False]  # SGLang uses the leading run; nothing after a miss is claimed
+    for a, b in zip(pages_of(host, dst, 2), want[:2]):
+        assert torch.equal(a, b)
+    assert be.batch_exists([]) == 0 and be.batch_get_v1([], dst[:0]) == []
+    be.close()
+
+
+@pytest.mark.parametrize("change", [dict(tp_rank=1, tp_size=2), dict(model="other-model"),
+                                    dict(dtype=torch.float16), dict(layout="page_first"), dict(head_dim=8)])
+def test_incompatible_servers_never_share_pages(tmp_path, change):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    idx, _ = written(host, 3)
+    be.batch_set_v1(keys(3), idx)
+    be.close()
+    host_args = {k: change[k] for k in ("dtype", "layout", "head_dim") if k in change}
+    be_args = {k: change[k] for k in ("tp_rank", "tp_size", "model") if k in change}
+    other = make_backend(tmp_path, make_host(**host_args), **({"tp_size": 1} | be_args))
+    assert other.batch_exists(keys(3)) == 0
+    other.close()
+
+
+def test_restart_in_a_new_process_still_hits(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    idx, _ = written(host, 5, seed=7)
+    assert all(be.batch_set_v1(keys(5), idx))
+    be.close()
+    p = subprocess.run([sys.executable, "-m", "tests.sglang.backend_case", str(tmp_path), "7", "5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"exists": 5, "got": 5, "identical": True}
+
+
+def test_corrupted_page_is_a_miss(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host, codec="raw")
+    idx, want = written(host, 3)
+    be.batch_set_v1(keys(3), idx)
+    be.close()  # everything written down
+    second = want[1].view(torch.uint8).numpy().tobytes()  # raw codec: the payload is the page's own bytes
+    for seg in glob.glob(str(tmp_path / "segments" / "*.kvs")):
+        data = open(seg, "rb").read()
+        at = data.find(second)
+        if at >= 0:
+            with open(seg, "r+b") as f:  # flip a byte inside the 2nd page's payload
+                f.seek(at + len(second) // 2)
+                f.write(bytes([data[at + len(second) // 2] ^ 0xFF]))
+            break
+    else:
+        pytest.fail("second page not found in any segment")
+    be = make_backend(tmp_path, host, codec="raw")
+    dst = host.alloc(3 * PAGE)
+    got = be.batch_get_v1(keys(3), dst)
+    assert got == [True, False, False]
+    assert torch.equal(pages_of(host, dst, 1)[0], want[0])
+    assert be.batch_exists(keys(3)) == 1  # the bad page was dropped, never served
+    assert be.tier_stats()["disk"]["corrupt_dropped"] == 1
+    be.close()
+
+
+def test_mla_ranks_share_one_namespace_and_only_rank0_writes(tmp_path):
+    host = make_mla_host()
+    r0 = make_backend(tmp_path, host, tp_rank=0, tp_size=2, mla=True)
+    r1 = make_backend(tmp_path, host, tp_rank=1, tp_size=2, mla=True)
+    assert r0.ns.id == r1.ns.id and r0.ns.layout == "mla" and r0.ns.head_dim == 32 + 8
+    dst = host.alloc(2 * PAGE)
+    idx, _ = written(host, 2)
+    assert r1.batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 0 writes)
+    assert r1.engine.stats().host.inserts == 0
+    r0.batch_set_v1(keys(2), idx)
+    r0.engine.flush()
+    assert r1.batch_exists(keys(2)) == 2
+    assert r1.batch_get_v1(keys(2), dst) == [True, True]
+    assert all(torch.equal(a, b) for a, b in zip(pages_of(host, dst, 2), pages_of(host, idx, 2)))
+    r0.close()
+    r1.close()
+
+
+def test_legacy_api_and_events(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    page = host.get_dummy_flat_data_page().normal_()
+    assert be.set("k", page) is True and be.exists("k")
+    out = be.get("k")
+    assert torch.equal(out, page)
+    assert be.batch_get(["k", "nope"])[1] is None
+    be.record_radix_event("storage_hit", 64)
+    with pytest.raises(ValueError, match="unknown radix event"):
+        be.record_radix_event("bogus", 1)
+    st = be.tier_stats()
+    assert st["radix"]["storage_hit"] == 64 and st["host"]["entries"] == 1
+    be.clear()
+    assert not be.exists("k")
+    be.close()
+
+
+def test_missing_kvdrive_config_is_a_clear_error(tmp_path):
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+    from kvdrive_sglang.storage_backend import KvdriveStorage
+    from kvdrive_sglang.tier.errors import ConfigError
+    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                               is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
+                               model_name="m", extra_config={"backend_name": "kvdrive"})
+    with pytest.raises(ConfigError, match="--kv-tier kvdrive"):
+        KvdriveStorage(cfg, {})
+    cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "colour": "blue"}}
+    with pytest.raises(ConfigError, match="colour"):
+        KvdriveStorage(cfg, {})
