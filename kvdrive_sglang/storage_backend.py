@@ -22,6 +22,7 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
 from .tier.errors import ConfigError
 from .tier.namespace import Namespace
@@ -91,6 +92,7 @@ class KvdriveStorage(HiCacheStorage):
         self._events = Counter()
         self._io = Counter()
         self._lock = threading.Lock()
+        self._reporter: Reporter | None = None
         log.info("kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d)",
                  self.tier_config.path, self.tier_config.host_bytes / 2**30, self.tier_config.disk_bytes / 2**30,
                  self.tier_config.codec, storage_config.tp_rank, storage_config.tp_size)
@@ -101,6 +103,8 @@ class KvdriveStorage(HiCacheStorage):
         self.ns = namespace_for(self.storage_config, mem_pool_host)
         self.page_size = int(mem_pool_host.page_size)
         log.info("kvdrive: namespace %s = %s", self.ns.id.hex()[:16], self.ns.describe())
+        if self._reporter is None:
+            self._reporter = Reporter(self.tier_stats, _metrics_for(self.storage_config))
 
     def _page_buffers(self, n: int) -> list[torch.Tensor]:
         """Per-thread reusable flat page buffers (SGLang calls get from its prefetch I/O thread)."""
@@ -178,6 +182,9 @@ class KvdriveStorage(HiCacheStorage):
         self.engine.clear(self.ns)
 
     def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.close()
+            self._reporter = None
         self.engine.close()
 
     # --- kvdrive's own reporting -------------------------------------------------------------------------------
@@ -210,3 +217,19 @@ class KvdriveStorage(HiCacheStorage):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)
         return out
+
+
+_METRICS: dict[int, TierMetrics] = {}
+
+
+def _metrics_for(config: HiCacheStorageConfig) -> TierMetrics | None:
+    """Prometheus metrics when SGLang's metrics are on (--enable-metrics); one set per rank and process."""
+    if not config.enable_storage_metrics:
+        return None
+    try:
+        if config.tp_rank not in _METRICS:
+            _METRICS[config.tp_rank] = TierMetrics({"tp_rank": config.tp_rank, "pp_rank": config.pp_rank})
+        return _METRICS[config.tp_rank]
+    except ImportError:
+        log.warning("kvdrive: prometheus_client is not installed; kvdrive's metrics go to the log only")
+        return None

@@ -1,0 +1,137 @@
+"""kvdrive's per-tier figures: Prometheus metrics when SGLang runs with --enable-metrics, a periodic log line always.
+
+Figures come from ``KvdriveStorage.tier_stats()``: hits per tier, bytes written/read, reload latency, codec ratio,
+disk and DRAM usage, corrupt pages dropped, faults by kind, and the radix-tree events. Counters are fed by deltas, so
+they stay monotonic across the process's life; SGLang runs Prometheus in multiprocess mode, which Counters support
+and the Gauges below declare (``mostrecent`` per rank label).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("kvdrive.sglang")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def summary_line(st: dict) -> str:
+    h, d, hits, io = st["host"], st["disk"] or {}, st["hits"], st["io"]
+    ratio = (lambda raw, stored: f"x{raw / stored:.2f}" if stored else "-")
+    parts = [f"DRAM {h['entries']} pages {_size(h['used_bytes'])}/{_size(h['capacity_bytes'])} "
+             f"{ratio(h['raw_bytes'], h['used_bytes'])}"]
+    if d:
+        parts.append(f"disk {d['entries']} pages {_size(d['file_bytes'])}/{_size(d['capacity_bytes'])} "
+                     f"{ratio(d['raw_bytes'], d['live_bytes'])}{'' if d['enabled'] else ' OFF'}")
+    parts.append(f"hits DRAM {hits['dram'] + hits['queued']} disk {hits['disk']} miss {hits['miss']}")
+    if d:
+        parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")
+    if "reload_ms_per_page" in st:
+        parts.append(f"reload {st['reload_ms_per_page']:.2f} ms/page")
+    if d and (d["corrupt_dropped"] or d["faults"]):
+        parts.append(f"corrupt dropped {d['corrupt_dropped']} faults {d['faults']}")
+    return "kvdrive: " + " | ".join(parts)
+
+
+class TierMetrics:
+    """Prometheus metrics for one rank's tiers. ``registry=None`` uses prometheus_client's default registry."""
+
+    def __init__(self, labels: dict, registry=None):
+        from prometheus_client import REGISTRY, Counter, Gauge
+
+        reg = registry if registry is not None else REGISTRY
+        self.labels = {k: str(v) for k, v in labels.items()}
+        names = list(self.labels)
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, names + list(extra), registry=reg)
+
+        def gauge(name, doc, extra=()):
+            return Gauge(name, doc, names + list(extra), registry=reg, multiprocess_mode="mostrecent")
+
+        self.hit_pages = counter("kvdrive:hit_pages", "KV pages served by a kvdrive tier", ["tier"])
+        self.miss_pages = counter("kvdrive:miss_pages", "KV pages asked of kvdrive and not found")
+        self.bytes = counter("kvdrive:bytes", "Bytes moved by kvdrive's disk tier", ["direction"])
+        self.reload_seconds = counter("kvdrive:reload_seconds", "Seconds spent filling SGLang's host pool")
+        self.reload_pages = counter("kvdrive:reload_pages", "Pages filled into SGLang's host pool")
+        self.corrupt = counter("kvdrive:corrupt_pages_dropped", "Pages that failed their checksum (served as misses)")
+        self.faults = counter("kvdrive:disk_faults", "Disk faults that turned the disk tier off for a while", ["kind"])
+        self.radix = counter("kvdrive:radix_tokens", "Radix-tree events reported by kvdrive's cache", ["event"])
+        self.usage = gauge("kvdrive:usage_bytes", "Bytes held per tier", ["tier"])
+        self.capacity = gauge("kvdrive:capacity_bytes", "Byte budget per tier", ["tier"])
+        self.codec_ratio = gauge("kvdrive:codec_ratio", "Decoded / stored bytes per tier", ["tier"])
+        self._last: dict = {}
+
+    def _inc(self, metric, key, value, **labels):
+        delta = value - self._last.get(key, 0)
+        self._last[key] = value
+        if delta > 0:
+            metric.labels(**self.labels, **labels).inc(delta)
+
+    def update(self, st: dict) -> None:
+        h, d, hits, io = st["host"], st["disk"], st["hits"], st["io"]
+        self._inc(self.hit_pages, "hit_dram", hits["dram"] + hits["queued"], tier="dram")
+        self._inc(self.hit_pages, "hit_disk", hits["disk"], tier="disk")
+        self._inc(self.miss_pages, "miss", hits["miss"])
+        self._inc(self.reload_seconds, "reload_s", io.get("get_seconds", 0.0))
+        self._inc(self.reload_pages, "reload_pages", io.get("get_pages_ok", 0))
+        for event, tokens in st["radix"].items():
+            self._inc(self.radix, f"radix_{event}", tokens, event=event)
+        self.usage.labels(**self.labels, tier="dram").set(h["used_bytes"])
+        self.capacity.labels(**self.labels, tier="dram").set(h["capacity_bytes"])
+        if h["used_bytes"]:
+            self.codec_ratio.labels(**self.labels, tier="dram").set(h["raw_bytes"] / h["used_bytes"])
+        if d:
+            self._inc(self.bytes, "written", d["bytes_written"], direction="written")
+            self._inc(self.bytes, "read", d["bytes_read"], direction="read")
+            self._inc(self.corrupt, "corrupt", d["corrupt_dropped"])
+            for kind, n in d["faults"].items():
+                self._inc(self.faults, f"fault_{kind}", n, kind=kind)
+            self.usage.labels(**self.labels, tier="disk").set(d["file_bytes"])
+            self.capacity.labels(**self.labels, tier="disk").set(d["capacity_bytes"])
+            if d["live_bytes"]:
+                self.codec_ratio.labels(**self.labels, tier="disk").set(d["raw_bytes"] / d["live_bytes"])
+
+
+class Reporter:
+    """A daemon thread: every ``interval_s`` feed the metrics (if any); log a summary line when it changed."""
+
+    def __init__(self, stats_fn, metrics: TierMetrics | None, interval_s: float = 10.0, log_every: int = 6):
+        self._stats_fn, self._metrics = stats_fn, metrics
+        self._interval, self._log_every = interval_s, log_every
+        self._stop = threading.Event()
+        self._last_line = None
+        self._thread = threading.Thread(target=self._run, name="kvdrive-metrics", daemon=True)
+        self._thread.start()
+
+    def tick(self, *, log_now: bool) -> None:
+        st = self._stats_fn()
+        if self._metrics is not None:
+            self._metrics.update(st)
+        line = summary_line(st)
+        if log_now and line != self._last_line:
+            log.info(line)
+            self._last_line = line
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.wait(self._interval):
+            n += 1
+            try:
+                self.tick(log_now=n % self._log_every == 0)
+            except Exception:  # noqa: BLE001 - reporting must never take the server down
+                log.exception("kvdrive: metrics update failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.tick(log_now=True)  # a last line: what the tiers held at shutdown
+        except Exception:  # noqa: BLE001
+            pass
