@@ -12,7 +12,8 @@ subclass that changes two things and nothing else:
 2. **Radix events** (device/host/storage hits, evictions, write-backs, load-backs, in tokens) counted here and
    forwarded to the storage backend when it has ``record_radix_event`` (kvdrive's ``KvdriveStorage``).
 
-Everything is done by overriding methods and calling ``super()``; no SGLang source is patched or copied.
+Everything is done by overriding methods and calling ``super()``: no SGLang source is patched and no method body is
+copied (the factory mirrors the branch conditions of SGLang 0.5.17's default chain, see _default_builds_hiradix).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def salt_prior(extra_key: Any) -> Optional[str]:
 class KvdriveRadixCache(HiRadixCache):
     """HiRadixCache with salted storage keys and radix events (see the module docstring)."""
 
-    # Salts of recent requests whose prefix match ended at the root: prefetch_from_storage gets only a rid and the
-    # root node, whose key carries no extra_key. Bounded; a request's salt never changes.
+    # Salts of recently matched requests, by rid: prefetch_from_storage gets only a rid and, when nothing matched,
+    # the root node, whose key carries no extra_key. Bounded (LRU); a request's salt never changes.
     _SALT_MEMORY = 16384
 
     def __init__(self, params, server_args):
@@ -183,14 +184,12 @@ class KvdriveRadixCache(HiRadixCache):
             salt = params.key.extra_key
             # query_storage_hit_length gets no rid; SGLang calls it right after this match for the same request.
             self._kvdrive_last_salt = salt
-            req = params.req
-            if req is not None and result.last_host_node is self.root_node:
-                rid = getattr(req, "rid", None)
-                if rid is not None:
-                    self._kvdrive_salt_by_rid[rid] = salt
-                    self._kvdrive_salt_by_rid.move_to_end(rid)
-                    while len(self._kvdrive_salt_by_rid) > self._SALT_MEMORY:
-                        self._kvdrive_salt_by_rid.popitem(last=False)
+            rid = getattr(params.req, "rid", None)  # the scheduler's matches carry the request
+            if rid is not None:
+                self._kvdrive_salt_by_rid[rid] = salt
+                self._kvdrive_salt_by_rid.move_to_end(rid)
+                while len(self._kvdrive_salt_by_rid) > self._SALT_MEMORY:
+                    self._kvdrive_salt_by_rid.popitem(last=False)
         return result
 
     def _kvdrive_chain_start(self, last_host_node, salt) -> Optional[str]:
@@ -256,7 +255,7 @@ def build_tree_cache(ctx):
     if not _default_builds_hiradix(ctx):
         cache = registry.default_radix_cache_factory(ctx)
         log.warning(
-            "kvdrive: SGLang uses %s for this model; kvdrive's tenant-salted storage keys and radix events apply to "
+            "kvdrive: SGLang uses %s for this model/configuration; kvdrive's tenant-salted storage keys and radix events apply to "
             "HiRadixCache only, so this cache runs as in plain SGLang", type(cache).__name__)
         return cache
     cache = KvdriveRadixCache(params=ctx.params, server_args=ctx.server_args)
