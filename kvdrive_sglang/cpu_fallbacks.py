@@ -67,6 +67,10 @@ def _unpinned(orig):
     return __init__
 
 
+def installed() -> bool:
+    return _installed
+
+
 def install() -> bool:
     """Install the fallbacks when no GPU is present. Idempotent. Returns True when they are in place."""
     global _installed

@@ -220,12 +220,15 @@ def _fail(e: KvdriveError):
 
 
 def _around_prepare_server_args(original, argv, *args, **kwargs):
+    given = list(argv)
     try:
-        argv = expand_argv(list(argv), gpu=_gpu())
+        argv = expand_argv(given, gpu=_gpu())
     except KvdriveError as e:
         _fail(e)
-    log.info("kvdrive: server arguments after --kv-tier expansion: %s", " ".join(argv))
-    return original(argv, *args, **kwargs)
+    result = original(argv, *args, **kwargs)
+    if argv != given:  # logged after SGLang's parse, which is what sets up logging in the launcher
+        log.info("kvdrive: --kv-tier kvdrive expanded to: %s", " ".join(argv))
+    return result
 
 
 def _after_add_cli_args(result, parser, *args, **kwargs):

@@ -12,7 +12,10 @@ keys that lacked the dtype). MLA caches are identical on every TP rank: one name
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -46,6 +49,29 @@ def kv_dtype_name(dtype: torch.dtype) -> str:
                           f"{', '.join(_TORCH_DTYPES.values())}") from None
 
 
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "*.json")
+
+
+def model_identity(model: str | None) -> str:
+    """The model part of the namespace: its name or path, plus (for a local directory) a fingerprint of its config and
+    weight files (names, sizes, modification times). Weights replaced in place give a new namespace, never old pages;
+    the same weights copied elsewhere miss the store (safe) rather than risk a wrong match."""
+    if not model:
+        return "unknown-model"
+    if not os.path.isdir(model):
+        return model
+    h = hashlib.blake2b(digest_size=12)
+    for pattern in _WEIGHT_GLOBS:
+        for f in sorted(glob.glob(os.path.join(model, pattern))):
+            st = os.stat(f)
+            h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    cfg = os.path.join(model, "config.json")
+    if os.path.exists(cfg):
+        with open(cfg, "rb") as fh:
+            h.update(fh.read())
+    return f"{os.path.abspath(model)}@{h.hexdigest()}"
+
+
 def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") -> Namespace:
     """Everything that makes this server's pages incompatible with another's, from SGLang's own objects."""
     mla = bool(config.is_mla_model)
@@ -59,7 +85,7 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
              "attn_cp": f"{config.attn_cp_rank}/{config.attn_cp_size}"}
     if config.should_split_heads:
         extra["split_heads_lcm"] = str(config.tp_lcm_size)
-    return Namespace(model=config.model_name or "unknown-model", kv_dtype=kv_dtype_name(host_pool.dtype),
+    return Namespace(model=model_identity(config.model_name), kv_dtype=kv_dtype_name(host_pool.dtype),
                      layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
                      head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
                      tenant=tenant, extra=tuple(extra.items()))
@@ -93,9 +119,12 @@ class KvdriveStorage(HiCacheStorage):
         self._io = Counter()
         self._lock = threading.Lock()
         self._reporter: Reporter | None = None
-        log.info("kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d)",
+        from . import cpu_fallbacks
+
+        log.info("kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d%s)",
                  self.tier_config.path, self.tier_config.host_bytes / 2**30, self.tier_config.disk_bytes / 2**30,
-                 self.tier_config.codec, storage_config.tp_rank, storage_config.tp_size)
+                 self.tier_config.codec, storage_config.tp_rank, storage_config.tp_size,
+                 ", CPU fallbacks for HiCache copies" if cpu_fallbacks.installed() else "")
 
     # --- SGLang wiring -----------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host) -> None:

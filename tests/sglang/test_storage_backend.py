@@ -159,3 +159,16 @@ def test_missing_kvdrive_config_is_a_clear_error(tmp_path):
     cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "colour": "blue"}}
     with pytest.raises(ConfigError, match="colour"):
         KvdriveStorage(cfg, {})
+
+
+def test_model_identity_changes_when_weights_change_in_place(tmp_path):
+    from kvdrive_sglang.storage_backend import model_identity
+    m = tmp_path / "model"
+    m.mkdir()
+    (m / "config.json").write_text('{"hidden_size": 64}')
+    (m / "model.safetensors").write_bytes(b"a" * 100)
+    first = model_identity(str(m))
+    assert first.startswith(str(m) + "@") and model_identity(str(m)) == first
+    os.utime(m / "model.safetensors", ns=(1, 1))  # a new fine-tune written over the old one
+    assert model_identity(str(m)) != first
+    assert model_identity("org/hub-model") == "org/hub-model" and model_identity(None) == "unknown-model"
