@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -218,6 +219,15 @@ def test_hicache_file_backend_restart(tiny_model, prompts, reference, e2e_dir, e
     assert a["ids"] == b["ids"] == c["ids"] == reference["ids"][0]
 
 
+def metric_value(srv, name: str, label: str) -> float | None:
+    """Sum of a metric's samples carrying ``label`` in the server's Prometheus text, or None."""
+    with urllib.request.urlopen(f"{srv.url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") and label in line]
+    return sum(vals) if vals else None
+
+
 def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_dir):
     store = e2e_dir / "kvdrive_store"
     # device pool of 1024 tokens: the 4 prompts (~393 tokens each) cannot all stay on the device
@@ -244,13 +254,20 @@ def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_
     assert again["ids"] == reference["ids"][0]
     assert entries_live >= PROMPT_TOKENS // PAGE, f"kvdrive stats showed {entries_live} entries while serving"
 
-    # restart on the same directory: the disk tier serves
-    srv = server("kvdrive_2", tiny_model, e2e_dir, ext_dir, args, max_total_tokens=1024).start()
+    # restart on the same directory: the disk tier serves; with --enable-metrics kvdrive's figures reach /metrics
+    srv = server("kvdrive_2", tiny_model, e2e_dir, ext_dir, args + ["--enable-metrics"],
+                 max_total_tokens=1024).start()
     try:
         assert_plugin_ok(srv)
         replay = [srv.generate(p, MAX_NEW) for p in prompts]
+        # kvdrive's reporter feeds Prometheus every 10 s: wait (bounded) for the disk hits to show
+        want = N_PROMPTS * (PROMPT_TOKENS // PAGE)
+        disk_hits = wait_for(lambda: at_least(int(metric_value(srv, "kvdrive:hit_pages_total", 'tier="disk"') or 0),
+                                              want), 30) or metric_value(srv, "kvdrive:hit_pages_total", 'tier="disk"')
     finally:
         stop(srv, "kvdrive_2")
+    assert disk_hits and disk_hits >= want, f"kvdrive disk hits in /metrics: {disk_hits}"
+    assert "kvdrive: DRAM" in srv.log_text(), "kvdrive's summary line is missing from the server log"
     for r in replay:
         assert full_hit(r) and r["details"]["storage"] >= PROMPT_TOKENS - PAGE, replay
         assert r["details"].get("storage_backend") == "KvdriveStorage", r
