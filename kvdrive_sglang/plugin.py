@@ -16,7 +16,8 @@ def register() -> None:
     import importlib
 
     done = []
-    for module, step in (("cpu_fallbacks", "install"), ("flags", "install"), ("radix_backend", "register")):
+    for module, step in (("cpu_fallbacks", "install"), ("flags", "install"), ("radix_backend", "register"),
+                         ("attention_capture", "install")):
         try:
             getattr(importlib.import_module(f"{__package__}.{module}"), step)()
             done.append(module)
