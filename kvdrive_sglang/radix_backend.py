@@ -26,6 +26,8 @@ from sglang.srt.mem_cache import registry
 from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
 from sglang.srt.mem_cache.utils import get_hash_str
 
+from .attention_capture import CAPTURE
+
 log = logging.getLogger("kvdrive.sglang")
 
 BACKEND_NAME = "kvdrive"
@@ -103,9 +105,36 @@ class KvdriveRadixCache(HiRadixCache):
         return result
 
     def cache_finished_req(self, req, *args, **kwargs):
+        # before super(): it frees the request's pool slot and moves its last node
+        mass = CAPTURE.pop(getattr(req, "req_pool_idx", None))
+        keys = self._kvdrive_path_keys(getattr(req, "last_node", None)) if mass is not None else []
         result = super().cache_finished_req(req, *args, **kwargs)
         self._kvdrive_report_hits(req)
+        if keys:
+            n = min(len(keys), len(mass))
+            self._kvdrive_attention({k: float(m) for k, m in zip(keys[:n], mass[:n])})
         return result
+
+    def _kvdrive_path_keys(self, node) -> list[str]:
+        """Storage keys of the pages on the path root -> node, in sequence order ([] when a node has none yet)."""
+        chain = []
+        while node is not None and node is not self.root_node:
+            if not node.hash_value:
+                return []
+            self._kvdrive_fix_keys(node)
+            chain.append(node.hash_value)
+            node = node.parent
+        return [k for hv in reversed(chain) for k in hv]
+
+    def _kvdrive_attention(self, key_mass: dict) -> None:
+        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
+        record = getattr(backend, "record_attention", None)
+        if record is None:
+            return
+        try:
+            record(key_mass)
+        except Exception:  # statistics must never take the scheduler down
+            self._kvdrive_warn_once("attention", "kvdrive: storage backend record_attention failed", exc_info=True)
 
     def pop_prefetch_loaded_tokens(self, req_id: str) -> int:
         # Called once per request whose L3 prefetch completed: the tokens it actually got from storage.
