@@ -169,6 +169,20 @@ class TierEngine:
             return n
         return n + self.disk.exists_many(ns, keys[n:], held=held)
 
+    def tiers_of(self, ns: Namespace, keys: Sequence) -> list[str | None]:
+        """Where each page would be read from: "dram", "queued" (waiting for the disk, in memory), "disk" or None."""
+        nid = ns.id
+        out: list[str | None] = []
+        for k in keys:
+            pk = (nid, key_bytes(k))
+            out.append("dram" if self.pool.contains(pk) else "queued" if pk in self._queue else None)
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing and self.disk is not None:
+            for i, on_disk in zip(missing, self.disk.contains(ns, [keys[i] for i in missing])):
+                if on_disk:
+                    out[i] = "disk"
+        return out
+
     def submit_get_many(self, ns, keys, outs) -> Future:
         """get_many on the I/O threads; keep ``outs`` alive and untouched until the future is done."""
         return self._executor.submit(self.get_many, ns, keys, outs)

@@ -152,3 +152,13 @@ def test_caller_errors_are_clear(tmp_path, ns):
         e.put_many(ns, ["a"], pages([1]))
         with pytest.raises(CodecError):
             e.get_many(ns, ["a"], [np.zeros(10, dtype=np.uint16)])  # wrong-size buffer from DRAM: the caller's bug
+
+
+def test_tiers_of_says_where_each_page_is(tmp_path, ns):
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=3 * PAGE_BYTES // 2)) as e:
+        e.put_many(ns, keys(range(6)), pages(range(6)))
+        e.flush()
+        where = e.tiers_of(ns, keys(range(6)) + ["nope"])
+        assert where[-1] is None and set(where[:6]) <= {"dram", "disk"}
+        assert "dram" in where and "disk" in where  # the pool holds the newest, the disk everything
+        assert where[5] == "dram"
