@@ -29,6 +29,7 @@ from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
 from .tier.errors import ConfigError
 from .tier.namespace import Namespace
+from .tier.promoter import Promoter, PromoterConfig
 
 log = logging.getLogger("kvdrive.sglang")
 
@@ -99,17 +100,30 @@ def tier_config_from(extra: dict | None) -> TierConfig:
                           "--hicache-storage-backend-extra-config; use --kv-tier kvdrive, which writes it")
     known = {"dir": "path", "host_bytes": "host_bytes", "disk_bytes": "disk_bytes", "codec": "codec",
              "write_policy": "write_policy", "ttl_s": "default_ttl_s"}
-    unknown = sorted(set(section) - set(known))
+    unknown = sorted(set(section) - set(known) - {"promoter"})
     if unknown:
         raise ConfigError(f"unknown kvdrive storage option(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return TierConfig(**{known[k]: v for k, v in section.items()})
+    return TierConfig(**{known[k]: v for k, v in section.items() if k in known})
+
+
+def promoter_config_from(extra: dict | None) -> PromoterConfig:
+    """``{'kvdrive': {'promoter': {...}}}``: PromoterConfig fields (bandwidths, prefill tokens/s, half-life)."""
+    section = ((extra or {}).get("kvdrive") or {}).get("promoter") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"kvdrive promoter options must be an object, got {section!r}")
+    try:
+        return PromoterConfig(**section)
+    except TypeError as e:
+        raise ConfigError(f"kvdrive promoter options: {e}") from None
 
 
 class KvdriveStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
         self.storage_config = storage_config
         self.tier_config = tier_config_from(storage_config.extra_config)
+        self.promoter = Promoter(promoter_config_from(storage_config.extra_config))
         self.engine = TierEngine(self.tier_config)
+        self._scored: set[str] = set()  # pages observed since their score was last handed to the engine
         self.ns: Namespace | None = None
         self.mem_pool_host = None
         # MLA: every rank has the same cache; SGLang lets rank 0 write, and so do we
@@ -133,7 +147,7 @@ class KvdriveStorage(HiCacheStorage):
         self.page_size = int(mem_pool_host.page_size)
         log.info("kvdrive: namespace %s = %s", self.ns.id.hex()[:16], self.ns.describe())
         if self._reporter is None:
-            self._reporter = Reporter(self.tier_stats, _metrics_for(self.storage_config))
+            self._reporter = Reporter(self._tick_stats, _metrics_for(self.storage_config))
 
     def _page_buffers(self, n: int) -> list[torch.Tensor]:
         """Per-thread reusable flat page buffers (SGLang calls get from its prefetch I/O thread)."""
@@ -161,6 +175,7 @@ class KvdriveStorage(HiCacheStorage):
                  for i in range(len(keys))]
         ok = self.engine.put_many(ns, keys, pages)
         self._count("set", len(keys), sum(ok), sum(p.numel() * p.element_size() for p in pages), t0)
+        self._observe([k for k, o in zip(keys, ok) if o], pages[0].numel() * pages[0].element_size())
         return ok
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
@@ -177,10 +192,22 @@ class KvdriveStorage(HiCacheStorage):
         for i in range(n):
             self.mem_pool_host.set_from_flat_data_page(int(host_indices[i * ps]), bufs[i])
         self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
+        self._observe(keys[:n], bufs[0].numel() * bufs[0].element_size())
         return got[:n] + [False] * (len(keys) - n)
 
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
-        return self.engine.exists_many(self._require_ns(), keys)
+        """Leading pages worth loading: held in a kvdrive tier *and* faster to reload than to recompute (the
+        promoter's plan over the tiers they sit in), so a slow disk never makes a request slower than no cache."""
+        ns = self._require_ns()
+        n = self.engine.exists_many(ns, keys)
+        if n == 0:
+            return 0
+        tiers = self.engine.tiers_of(ns, keys[:n])  # all found: exists_many counted them
+        plan = self.promoter.plan_prefix(tiers, self.page_size, self._page_bytes())
+        if plan.reload_pages < n:
+            with self._lock:
+                self._io["recompute_pages"] += n - plan.reload_pages
+        return plan.reload_pages
 
     # --- the older per-key API (SGLang uses it when interface_v1 is off) ----------------------------------------
     def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None):
@@ -224,6 +251,35 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             self._events[kind] += int(tokens)
 
+    def _page_bytes(self) -> int:
+        page = self.mem_pool_host.get_dummy_flat_data_page()
+        return int(page.numel() * page.element_size())
+
+    def _observe(self, keys: list[str], page_bytes: int) -> None:
+        """Accesses (stores and hits) for the promoter; their scores reach the tiers at the next report tick."""
+        if not keys:
+            return
+        self.promoter.observe_access(keys, self.page_size, page_bytes)
+        with self._lock:
+            self._scored.update(keys)
+
+    def record_attention(self, key_mass: dict) -> None:
+        """Per-page attention mass of a finished request (from kvdrive's radix cache): the promoter's signal."""
+        if not key_mass:
+            return
+        self.promoter.observe_attention(key_mass)
+        with self._lock:
+            self._scored.update(key_mass)
+            self._io["attention_pages"] += len(key_mass)
+
+    def push_scores(self) -> int:
+        """Hand the promoter's scores of recently observed pages to both tiers (lowest value leaves first)."""
+        with self._lock:
+            keys, self._scored = list(self._scored), set()
+        if keys and self.ns is not None:
+            self.engine.set_scores(self.ns, keys, self.promoter.score_of(keys))
+        return len(keys)
+
     def _count(self, op: str, pages: int, ok: int, nbytes: int, t0: float) -> None:
         with self._lock:
             c = self._io
@@ -233,6 +289,10 @@ class KvdriveStorage(HiCacheStorage):
             c[f"{op}_bytes"] += nbytes
             c[f"{op}_seconds"] += time.perf_counter() - t0
 
+    def _tick_stats(self) -> dict:
+        self.push_scores()  # the reporter's tick is also when scores reach the tiers
+        return self.tier_stats()
+
     def tier_stats(self) -> dict:
         """Per-tier figures: engine and store stats, SGLang-side I/O counters and radix events."""
         s = self.engine.stats()
@@ -241,7 +301,7 @@ class KvdriveStorage(HiCacheStorage):
         out = {"host": s.host._asdict(), "disk": s.disk._asdict() if s.disk else None,
                "hits": {"dram": s.hits_host, "queued": s.hits_queued, "disk": s.hits_disk, "miss": s.misses},
                "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
-               "io": io, "radix": ev}
+               "io": io, "radix": ev, "promoter": self.promoter.stats()}
         if io.get("get_pages_ok"):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)

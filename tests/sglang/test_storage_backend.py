@@ -172,3 +172,41 @@ def test_model_identity_changes_when_weights_change_in_place(tmp_path):
     os.utime(m / "model.safetensors", ns=(1, 1))  # a new fine-tune written over the old one
     assert model_identity(str(m)) != first
     assert model_identity("org/hub-model") == "org/hub-model" and model_identity(None) == "unknown-model"
+
+
+def test_disk_hits_slower_than_recompute_are_not_claimed(tmp_path):
+    host = make_host()
+    idx, _ = written(host, 4)
+    be = make_backend(tmp_path, host)
+    be.batch_set_v1(keys(4), idx)
+    be.close()  # all four pages now on disk only
+    # a disk this slow (1 KB/s) loses to recomputing 4 tokens a page at 10k tokens/s: kvdrive must say "miss"
+    slow = make_backend(tmp_path, make_host(), promoter={"disk_gbps": 1e-6})
+    assert slow.batch_exists(keys(4)) == 0
+    assert slow.tier_stats()["io"]["recompute_pages"] == 4
+    slow.close()
+    fast = make_backend(tmp_path, make_host())
+    assert fast.batch_exists(keys(4)) == 4  # the default model: reloading beats recomputing
+    fast.close()
+
+
+def test_attention_and_accesses_become_eviction_scores(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    idx, _ = written(host, 3)
+    be.batch_set_v1(keys(3), idx)
+    be.record_attention({keys(3)[2]: 0.9})
+    assert be.push_scores() == 3 and be.push_scores() == 0
+    pool = be.engine.pool
+    scores = [pool._map[(be.ns.id, k.encode())].score for k in keys(3)]
+    assert all(sc > 0 for sc in scores) and scores[2] == max(scores)  # the attended page is worth most
+    assert be.tier_stats()["promoter"]["attention_updates"] >= 1
+    be.close()
+
+
+def test_bad_promoter_options_are_clear_errors(tmp_path):
+    from kvdrive_sglang.tier.errors import ConfigError
+    with pytest.raises(ConfigError, match="disk_gbps"):
+        make_backend(tmp_path, make_host(), promoter={"disk_gbps": -1})
+    with pytest.raises(ConfigError, match="colour"):
+        make_backend(tmp_path, make_host(), promoter={"colour": 1})

@@ -1,0 +1,429 @@
+"""The promoter: where each KV page should live, decided from attention, reuse, recency and reload cost.
+
+Pure Python, no SGLang, no I/O: the SGLang adapters feed it observations and act on its answers. Pages are named
+by opaque string keys (SGLang's chained page hashes), so a key names a whole prefix, not just its own tokens.
+
+Inputs
+    ``observe_access(keys, tokens_per_page, bytes_per_page)``  a request hit or inserted these pages (reuse += 1,
+        recency = now). Pass one request's pages in prefix order.
+    ``observe_attention({key: mass})``  attention mass the pages received (softmax mass summed over heads and the
+        sampled layers, accumulated over a request's decode steps). Any consistent unit works; the documented
+        one is *fraction of one request's attention*: each request adds masses summing to at most 1.
+
+The value of a page
+    heat(t)   = M(t) + floor * 2^-((t - t_last_access) / half_life)
+                M(t): the attention mass, every observation decaying by half each half-life
+    value(t)  = heat(t) * reuse / reload_s
+                reload_s = bytes_per_page / disk_gbps: the cost of getting the page back from the persistent tier,
+                where an evicted page ends up. For pages of one size it is a constant factor; across page sizes it
+                makes value a density (benefit per byte, per second of transfer), which is what a byte-bounded tier
+                and a bandwidth-bounded prefetch both spend.
+
+    With no attention signal a page's heat is the floor decayed from its last access, so among pages of equal reuse
+    the order is exactly LRU, and a page used r times ranks like one used once log2(r) half-lives later. Attention
+    mass lifts a page above the floor: one whose decayed mass is 10x the floor ranks like one accessed 3.3
+    half-lives more recently.
+
+Time-invariant scores
+    Every term of heat decays at the same rate, so value(t) * 2^(t / half_life) never changes between observations.
+    Its log2 (plus a constant offset) is the page's *score*: a fixed number that orders pages exactly as their value
+    does at any later time. Scores handed to ``TierEngine.set_scores`` therefore stay comparable without rescoring,
+    also across restarts when the clock is wall time (the default, ``time.time``; the disk tier keeps scores).
+    Orderings (``eviction_order``, ``prefetch``) use scores only, so they do not depend on when they are asked.
+
+Decisions
+    eviction_order   lowest value first; ties: least recently accessed first (within one access, the later pages
+                     of the prefix count as older, so a chain loses its tail first, as in a radix tree).
+    admit            selective write-down: reuse >= admit_min_reuse (default 2), or value >= admit_min_value.
+    prefetch         highest value first within a byte budget (the caller turns bandwidth x time into bytes), only
+                     pages whose reload from the target tier would beat recomputing them.
+    reload_or_recompute / plan_prefix
+                     reload a hit only where that is faster than recomputing its prefill, so a slow tier never makes
+                     a request slower than no cache. Reload time is latency + bytes / tier + bytes / PCIe (stages
+                     in series: the conservative bound); recompute is tokens / prefill_tokens_per_s (linear: long
+                     prefixes cost more than that, which again errs towards recompute, never towards a slow reload).
+    codec_for        lossless zstd in DRAM and on disk; int8 on disk only with lossy_ok.
+
+Determinism: decisions depend only on the sequence of observations and the clock readings at them, never on hash
+order or on when a decision is asked. Two promoters fed the same trace with the same clock readings agree exactly;
+across TP ranks, feed every rank the same (all-reduced) attention and a clock reading all ranks agree on (e.g. a
+timestamp rank 0 broadcasts with each scheduled batch), or decide on rank 0 and broadcast.
+
+Thread-safe: one lock. observe_* is O(1) per key; orderings are O(n log n).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+from .errors import ConfigError
+
+TIERS = ("gpu", "host", "dram", "queued", "disk")  # "queued": waiting for the disk, in memory (as TierEngine.tiers_of)
+LOSSY_CODECS = ("int8", "fp8")
+_NEG_INF = float("-inf")
+_SCORE_OFFSET = 4096.0  # keeps scores positive: the engine treats score 0 as "no score"
+_CHAIN_STEP = 1e-6  # log2 units: a prefix page outranks the pages after it by this much (0.00007 %)
+_LN2 = math.log(2.0)
+_GB = 1e9
+
+
+@dataclass
+class PromoterConfig:
+    """Promoter settings. Bandwidths are GB/s (1e9 bytes/s) of decoded page bytes.
+
+    The bandwidth and prefill defaults are assumptions, to be replaced by what the server measures:
+    dram_gbps 2.0 (one core of lossless zstd decode, docs limits.md), disk_gbps 1.5 (NVMe reads of 256 KiB pages
+    plus checksum and decode on one core), pcie_gbps 25 (PCIe 4.0 x16, effective), disk_latency_s 100 us (one
+    NVMe read), prefill_tokens_per_s 10000 (an 8B-class model on one datacenter GPU, long prompts).
+    """
+
+    half_life_s: float = 600.0  # attention mass and recency halve over this long
+    attention_floor: float = 1e-3  # heat of a page with no attention: its (decayed) recency
+    admit_min_reuse: int = 2  # write down pages used at least this often...
+    admit_min_value: float | None = None  # ...or whose value reaches this (None: reuse only)
+    dram_gbps: float = 2.0
+    disk_gbps: float = 1.5
+    pcie_gbps: float = 25.0
+    disk_latency_s: float = 1e-4
+    prefill_tokens_per_s: float = 10000.0
+    lossy_ok: bool = False  # allow a lossy codec on disk
+    lossy_codec: str = "int8"
+    max_tracked: int = 262144  # pages with tracking state; beyond it the least recently observed are forgotten
+
+    def __post_init__(self):
+        def number(name, *, zero_ok=False):
+            v = getattr(self, name)
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                    or v < 0 or (v == 0 and not zero_ok)):
+                raise ConfigError(f"promoter {name} must be a {'non-negative' if zero_ok else 'positive'} "
+                                  f"finite number, got {v!r}")
+
+        for name in ("half_life_s", "attention_floor", "dram_gbps", "disk_gbps", "pcie_gbps",
+                     "prefill_tokens_per_s"):
+            number(name)
+        number("disk_latency_s", zero_ok=True)
+        if self.admit_min_value is not None:
+            number("admit_min_value")
+        for name in ("admit_min_reuse", "max_tracked"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"promoter {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.lossy_ok, bool):
+            raise ConfigError(f"promoter lossy_ok must be True or False, got {self.lossy_ok!r}")
+        if self.lossy_codec not in LOSSY_CODECS:
+            raise ConfigError(f"promoter lossy_codec {self.lossy_codec!r} is not one of {', '.join(LOSSY_CODECS)}")
+
+    def tier_gbps(self, tier: str) -> float:
+        _check_tier(tier)
+        return {"gpu": math.inf, "host": math.inf, "dram": self.dram_gbps, "queued": self.dram_gbps,
+                "disk": self.disk_gbps}[tier]
+
+
+class Decision(NamedTuple):
+    action: str  # "reload" | "recompute"
+    reload_s: float
+    recompute_s: float
+
+
+class PrefixPlan(NamedTuple):
+    reload_pages: int  # reload the first this-many hit pages; recompute the rest of the hits
+    reload_s: float  # modelled time of those reloads
+    recompute_s: float  # modelled time of recomputing the hit pages not reloaded
+    saved_s: float  # against recomputing every hit page
+
+
+def _check_tier(tier) -> None:
+    if tier not in TIERS:
+        raise ConfigError(f"tier {tier!r} is not one of {', '.join(TIERS)}")
+
+
+def _lae2(a: float, b: float) -> float:
+    """log2(2^a + 2^b) without overflow."""
+    if a == _NEG_INF:
+        return b
+    if b == _NEG_INF:
+        return a
+    if a < b:
+        a, b = b, a
+    return a + math.log1p(2.0 ** (b - a)) / _LN2
+
+
+class _Page:
+    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens")
+
+    def __init__(self):
+        self.reuse = 0
+        self.t_access = None  # clock reading of the last access (None: only attention seen)
+        self.seq = -1  # access order; larger = more recent
+        self.mass_log = _NEG_INF  # log2(mass * 2^(t_obs / half_life)), summed over observations
+        self.nbytes = 0
+        self.tokens = 0
+
+
+class Promoter:
+    def __init__(self, config: PromoterConfig | None = None, clock: Callable[[], float] = time.time):
+        self.config = config if config is not None else PromoterConfig()
+        if not isinstance(self.config, PromoterConfig):
+            raise ConfigError(f"promoter config must be a PromoterConfig, got {type(self.config).__name__}")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pages: OrderedDict[str, _Page] = OrderedDict()  # least recently observed first
+        self._seq = 0
+        self._typical_bytes = 0  # bytes of the last page observed: stands in for pages seen only via attention
+        self._typical_tokens = 0
+        self._log_floor = math.log2(self.config.attention_floor)
+        self._inv_hl = 1.0 / self.config.half_life_s
+        self._forgotten = 0
+        self._accesses = 0
+        self._attention = 0
+
+    # --- observations -----------------------------------------------------------------------------------------
+    def observe_access(self, keys: Sequence[str], tokens_per_page: int, bytes_per_page: int) -> None:
+        """These pages were hit or inserted now (one request's pages, in prefix order)."""
+        for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
+        now = self._clock()
+        with self._lock:
+            # the first page of the prefix gets the newest sequence number: on equal value the tail goes first
+            self._seq += len(keys)
+            seq = self._seq
+            for k in keys:
+                p = self._touch(k)
+                p.reuse += 1
+                p.t_access = now
+                p.seq = seq
+                seq -= 1
+                p.nbytes = bytes_per_page
+                p.tokens = tokens_per_page
+            self._typical_bytes = bytes_per_page
+            self._typical_tokens = tokens_per_page
+            self._accesses += len(keys)
+            self._bound()
+
+    def observe_attention(self, key_to_mass: Mapping[str, float]) -> None:
+        """Add attention mass received by pages now (decays by half every half-life from now on)."""
+        now_anchor = self._clock() * self._inv_hl
+        with self._lock:
+            for k, m in key_to_mass.items():
+                m = float(m)
+                if not m > 0.0:
+                    if m == 0.0:
+                        continue
+                    raise ConfigError(f"attention mass for page {k!r} must be a non-negative number, got {m!r}")
+                if not math.isfinite(m):
+                    raise ConfigError(f"attention mass for page {k!r} must be finite, got {m!r}")
+                p = self._touch(k)
+                p.mass_log = _lae2(p.mass_log, math.log2(m) + now_anchor)
+            self._attention += len(key_to_mass)
+            self._bound()
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop the tracking state of pages (e.g. deleted everywhere)."""
+        with self._lock:
+            for k in keys:
+                self._pages.pop(k, None)
+
+    # --- values -----------------------------------------------------------------------------------------------
+    def value(self, key: str) -> float:
+        """heat x reuse / reload seconds (from disk), now. 0 for a page never seen."""
+        now_anchor = self._clock() * self._inv_hl
+        with self._lock:
+            s = self._log_score(self._pages.get(key))
+        return 0.0 if s == _NEG_INF else 2.0 ** (s - now_anchor)
+
+    def attention_mass(self, key: str) -> float:
+        """The page's decayed attention mass now (no floor, no reuse)."""
+        now_anchor = self._clock() * self._inv_hl
+        with self._lock:
+            p = self._pages.get(key)
+            return 0.0 if p is None or p.mass_log == _NEG_INF else 2.0 ** (p.mass_log - now_anchor)
+
+    def reuse(self, key: str) -> int:
+        with self._lock:
+            p = self._pages.get(key)
+            return 0 if p is None else p.reuse
+
+    def score_of(self, keys: Sequence[str], *, chain: bool = False) -> list[float]:
+        """Time-invariant scores for ``TierEngine.set_scores`` (lowest evicted first; 0.0 for unknown pages).
+
+        ``chain=True``: the keys are one prefix chain in order (a request's pages). A page is useless without the
+        pages before it, so each is raised to just above the highest score after it: the chain then loses its tail
+        first, and a valuable late page keeps its whole prefix."""
+        with self._lock:
+            raw = [self._log_score(self._pages.get(k)) for k in keys]
+        out = [0.0 if s == _NEG_INF else max(s + _SCORE_OFFSET, 1e-9) for s in raw]
+        if chain:
+            after = 0.0
+            for i in range(len(out) - 1, -1, -1):
+                if after > 0.0 and out[i] < after + _CHAIN_STEP:
+                    out[i] = after + _CHAIN_STEP
+                after = out[i]
+        return out
+
+    def group_score(self, keys: Sequence[str]) -> float:
+        """One score for a group evicted together (a radix node): log2 of the mean page value, same scale as
+        score_of. 0.0 when no page is known."""
+        with self._lock:
+            raw = [self._log_score(self._pages.get(k)) for k in keys]
+        if not raw:
+            return 0.0
+        acc = _NEG_INF
+        for s in raw:
+            acc = _lae2(acc, s)
+        if acc == _NEG_INF:
+            return 0.0
+        return max(acc - math.log2(len(raw)) + _SCORE_OFFSET, 1e-9)
+
+    # --- decisions --------------------------------------------------------------------------------------------
+    def eviction_order(self, keys: Iterable[str]) -> list[str]:
+        """The keys, lowest value first (unknown pages first); ties: least recently accessed first."""
+        with self._lock:
+            rows = []
+            for k in dict.fromkeys(keys):
+                p = self._pages.get(k)
+                rows.append((self._log_score(p), p.seq if p is not None else -1, k))
+        rows.sort()
+        return [k for _, _, k in rows]
+
+    def admit(self, key: str) -> bool:
+        """Write this page down to DRAM/disk? reuse >= admit_min_reuse, or value >= admit_min_value."""
+        cfg = self.config
+        with self._lock:
+            p = self._pages.get(key)
+            if p is None:
+                return False
+            if p.reuse >= cfg.admit_min_reuse:
+                return True
+            if cfg.admit_min_value is None:
+                return False
+            s = self._log_score(p)
+        return s != _NEG_INF and 2.0 ** (s - self._clock() * self._inv_hl) >= cfg.admit_min_value
+
+    def prefetch(self, candidates: Sequence[str], budget_bytes: int, to_tier: str = "dram") -> list[str]:
+        """Candidates to bring up into ``to_tier`` ahead of demand, highest value first, within ``budget_bytes``
+        (bandwidth x time).
+
+        A page whose reload from ``to_tier`` would not beat recomputing it is never worth the bandwidth and is left
+        out. A candidate that does not fit the remaining budget is skipped and smaller ones after it may still be
+        taken. Unknown candidates rank last (at the typical page size). Ties keep the candidates' order."""
+        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 0:
+            raise ConfigError(f"prefetch budget_bytes must be a non-negative integer, got {budget_bytes!r}")
+        _check_tier(to_tier)
+        per_byte, latency = self._per_byte(to_tier), self._latency(to_tier)
+        with self._lock:
+            rows = []
+            for i, k in enumerate(dict.fromkeys(candidates)):
+                p = self._pages.get(k)
+                nbytes = p.nbytes if p is not None and p.nbytes else self._typical_bytes
+                tokens = p.tokens if p is not None and p.tokens else self._typical_tokens
+                if tokens and latency + nbytes * per_byte >= tokens / self.config.prefill_tokens_per_s:
+                    continue  # it would be recomputed rather than reloaded from there anyway
+                rows.append((-self._log_score(p), i, k, nbytes))
+        rows.sort()
+        picked, left = [], budget_bytes
+        for _, _, k, nbytes in rows:
+            if nbytes <= left:
+                picked.append(k)
+                left -= nbytes
+        return picked
+
+    def reload_or_recompute(self, tokens: int, nbytes: int, tier: str) -> Decision:
+        """Reload ``nbytes`` of KV for ``tokens`` tokens from ``tier``, or recompute their prefill: the faster.
+
+        reload_s = latency(tier) + nbytes / tier GB/s + nbytes / PCIe GB/s (none for "gpu"; PCIe only for SGLang's
+        uncompressed "host" pool); recompute_s = tokens / prefill_tokens_per_s. Reload only when strictly faster."""
+        for name, v in (("tokens", tokens), ("nbytes", nbytes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"reload_or_recompute {name} must be a non-negative integer, got {v!r}")
+        _check_tier(tier)
+        reload_s = self._latency(tier) + nbytes * self._per_byte(tier)
+        recompute_s = tokens / self.config.prefill_tokens_per_s
+        return Decision("reload" if reload_s < recompute_s else "recompute", reload_s, recompute_s)
+
+    def plan_prefix(self, tiers: Sequence[str], tokens_per_page: int, bytes_per_page: int) -> PrefixPlan:
+        """For a prefix hit whose pages sit in ``tiers`` (one entry per page, in prefix order, as
+        ``TierEngine.tiers_of`` gives them): how many leading pages to reload. KV of a prefix can only be extended at its end, so recomputing page i means recomputing
+        every page after it; this picks the cut with the least modelled time (0 = recompute all of them)."""
+        for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"plan_prefix {name} must be a positive integer, got {v!r}")
+        for t in set(tiers):
+            _check_tier(t)
+        per_page = {t: bytes_per_page * self._per_byte(t) for t in set(tiers)}
+        recompute_page = tokens_per_page / self.config.prefill_tokens_per_s
+        n = len(tiers)
+        best_k, best_reload, reload_s, used = 0, 0.0, 0.0, set()
+        best_cost = n * recompute_page
+        for i, t in enumerate(tiers):
+            if t not in used:
+                used.add(t)
+                reload_s += self._latency(t)
+            reload_s += per_page[t]
+            cost = reload_s + (n - i - 1) * recompute_page
+            if cost < best_cost:
+                best_k, best_cost, best_reload = i + 1, cost, reload_s
+        recompute_s = (n - best_k) * recompute_page
+        return PrefixPlan(best_k, best_reload, recompute_s, n * recompute_page - best_cost)
+
+    def codec_for(self, tier: str) -> str:
+        """Codec for pages held in ``tier``: raw on GPU and in SGLang's host pool, lossless zstd in the DRAM tier
+        (and its write-down queue) and on disk; the configured lossy codec on disk only with lossy_ok."""
+        _check_tier(tier)
+        if tier in ("gpu", "host"):
+            return "raw"
+        if tier == "disk" and self.config.lossy_ok:
+            return self.config.lossy_codec
+        return "zstd"
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"tracked": len(self._pages), "max_tracked": self.config.max_tracked,
+                    "forgotten": self._forgotten, "accesses": self._accesses, "attention_updates": self._attention}
+
+    # --- internals --------------------------------------------------------------------------------------------
+    def _touch(self, key: str) -> _Page:
+        p = self._pages.get(key)
+        if p is None:
+            if not isinstance(key, str):
+                raise ConfigError(f"page key must be a str, got {type(key).__name__}")
+            p = self._pages[key] = _Page()
+        else:
+            self._pages.move_to_end(key)
+        return p
+
+    def _bound(self) -> None:
+        over = len(self._pages) - self.config.max_tracked
+        for _ in range(over):
+            self._pages.popitem(last=False)
+        if over > 0:
+            self._forgotten += over
+
+    def _log_score(self, p: _Page | None) -> float:
+        """log2(value(t) * 2^(t / half_life)): constant between observations. -inf for an unknown page."""
+        if p is None:
+            return _NEG_INF
+        heat = p.mass_log
+        if p.t_access is not None:
+            heat = _lae2(heat, self._log_floor + p.t_access * self._inv_hl)
+        if heat == _NEG_INF:
+            return _NEG_INF
+        nbytes = p.nbytes or self._typical_bytes or 1
+        reload_s = nbytes / (self.config.disk_gbps * _GB)
+        return heat + math.log2(max(p.reuse, 1)) - math.log2(reload_s)
+
+    def _per_byte(self, tier: str) -> float:
+        cfg = self.config
+        if tier == "gpu":
+            return 0.0
+        pcie = 1.0 / (cfg.pcie_gbps * _GB)
+        if tier == "host":
+            return pcie
+        return 1.0 / (cfg.tier_gbps(tier) * _GB) + pcie
+
+    def _latency(self, tier: str) -> float:
+        return self.config.disk_latency_s if tier == "disk" else 0.0
