@@ -1,5 +1,44 @@
-"""GPU kernels (Triton) for kvdrive, each beside a plain-torch reference that tests compare against.
+"""GPU kernels (Triton) for kvdrive, each beside a plain-torch reference that CPU runs and tests compare against.
 
-The kernels (page gather/scatter, dequantise-on-load, per-page attention mass) arrive with the promoter work; the
-storage engine in ``kvdrive_sglang.tier`` does not depend on them.
+- ``page_copy``: page gather / scatter between SGLang's paged per-layer KV buffers (``[num_slots, heads, head_dim]``)
+  and a contiguous staging buffer, one layer or all layers in one launch (``gather_pages``, ``scatter_pages``,
+  ``gather_pages_layers``, ``scatter_pages_layers``). Bit-exact for every dtype.
+- ``dequant``: dequantise-on-load of the int8 / fp8 (e4m3fn) page bodies of ``tier.codecs`` (``dequant_body``,
+  ``dequant_rows``); bit-identical to ``tier.codecs.decode_page`` for the page's own dtype. ``quant_rows_ref`` is the
+  matching torch quantiser.
+- ``attention_mass``: per-page softmax mass of a decode step from q, the paged K buffer and SGLang's
+  ``req_to_token`` table, optionally reusing the attention backend's LSE (``page_attention_mass``).
+
+Each dispatcher runs the Triton kernel when its tensors are on a CUDA device and the torch reference (``*_ref``)
+otherwise; ``impl="torch"`` / ``impl="triton"`` forces one. Triton is imported only when a Triton kernel is about to
+run, and torch only when one of the names below is first used: importing this package costs nothing and works
+without either. The storage engine in ``kvdrive_sglang.tier`` does not depend on it.
 """
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "page_copy": ("gather_pages", "scatter_pages", "gather_pages_layers", "scatter_pages_layers", "page_slots",
+                  "gather_pages_ref", "scatter_pages_ref", "gather_pages_layers_ref", "scatter_pages_layers_ref"),
+    "dequant": ("dequant_rows", "dequant_body", "split_lossy_body", "dequant_rows_ref", "dequant_body_ref",
+                "quant_rows_ref"),
+    "attention_mass": ("page_attention_mass", "page_attention_mass_ref", "attention_lse", "attention_lse_ref"),
+    "_dispatch": ("triton_available",),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

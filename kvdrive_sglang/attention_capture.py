@@ -116,30 +116,13 @@ def page_mass(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tenso
               seq_lens: torch.Tensor, page_size: int, scale: float) -> np.ndarray:
     """Softmax mass per KV page for one decode step, summed over query heads: [batch, max_pages] float64.
 
-    Uses kvdrive's kernel (Triton on CUDA, its torch reference otherwise) when available."""
-    try:
-        from .kernels.attention_mass import attention_mass
-    except ImportError:
-        attention_mass = None
-    if attention_mass is not None:
-        table = req_to_token[req_pool_indices.long()]
-        out = attention_mass(q, k_buffer, table, seq_lens, page_size, scale=scale)
-        return out.detach().to("cpu", torch.float64).numpy()
-    bs, qh, d = q.shape
-    kvh = k_buffer.shape[1]
-    max_pages = int((int(seq_lens.max()) + page_size - 1) // page_size) if bs else 0
-    out = np.zeros((bs, max_pages), dtype=np.float64)
-    for i in range(bs):
-        n = int(seq_lens[i])
-        locs = req_to_token[int(req_pool_indices[i]), :n].long()
-        k = k_buffer[locs].float()  # [n, kvh, d]
-        k = k.repeat_interleave(qh // kvh, dim=1)  # GQA
-        scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
-        p = torch.softmax(scores, dim=-1).sum(0)  # [n], summed over heads
-        pages = torch.zeros(max_pages, dtype=torch.float64)
-        pages.index_add_(0, torch.arange(n) // page_size, p.double())
-        out[i] = pages.numpy()
-    return out
+    kvdrive's kernel: Triton on CUDA tensors, its torch reference otherwise."""
+    from .kernels import page_attention_mass
+
+    num_pages = (int(seq_lens.max()) + page_size - 1) // page_size if len(seq_lens) else 0
+    out = page_attention_mass(q, k_buffer, req_to_token, seq_lens, page_size, scale=scale,
+                              req_pool_indices=req_pool_indices, num_pages=num_pages)
+    return out.detach().to("cpu", torch.float64).numpy()
 
 
 CAPTURE = AttentionCapture()
