@@ -34,6 +34,9 @@ def summary_line(st: dict) -> str:
         parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")
     if "reload_ms_per_page" in st:
         parts.append(f"reload {st['reload_ms_per_page']:.2f} ms/page")
+    if io.get("recompute_pages") or io.get("attention_pages"):
+        parts.append(f"recompute-not-reload {io.get('recompute_pages', 0)} pages, "
+                     f"attention on {io.get('attention_pages', 0)} pages")
     if d and (d["corrupt_dropped"] or d["faults"]):
         parts.append(f"corrupt dropped {d['corrupt_dropped']} faults {d['faults']}")
     return "kvdrive: " + " | ".join(parts)

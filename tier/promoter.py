@@ -69,6 +69,7 @@ _SCORE_OFFSET = 4096.0  # keeps scores positive: the engine treats score 0 as "n
 _CHAIN_STEP = 1e-6  # log2 units: a prefix page outranks the pages after it by this much (0.00007 %)
 _LN2 = math.log(2.0)
 _GB = 1e9
+FORM = "raw"
 
 
 @dataclass
@@ -153,10 +154,11 @@ def _lae2(a: float, b: float) -> float:
 
 
 class _Page:
-    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens")
+    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens", "reuse_log")
 
     def __init__(self):
         self.reuse = 0
+        self.reuse_log = _NEG_INF
         self.t_access = None  # clock reading of the last access (None: only attention seen)
         self.seq = -1  # access order; larger = more recent
         self.mass_log = _NEG_INF  # log2(mass * 2^(t_obs / half_life)), summed over observations
@@ -195,6 +197,7 @@ class Promoter:
             for k in keys:
                 p = self._touch(k)
                 p.reuse += 1
+                p.reuse_log = _lae2(p.reuse_log, now * self._inv_hl)
                 p.t_access = now
                 p.seq = seq
                 seq -= 1
@@ -407,6 +410,18 @@ class Promoter:
         """log2(value(t) * 2^(t / half_life)): constant between observations. -inf for an unknown page."""
         if p is None:
             return _NEG_INF
+        if FORM != "raw":
+            nbytes = p.nbytes or self._typical_bytes or 1
+            lc = math.log2(nbytes / (self.config.disk_gbps * _GB))
+            if FORM == "sum":
+                h = _lae2(p.mass_log, self._log_floor + p.reuse_log)
+                return _NEG_INF if h == _NEG_INF else h - lc
+            h = p.mass_log
+            if p.t_access is not None:
+                h = _lae2(h, self._log_floor + p.t_access * self._inv_hl)
+            if h == _NEG_INF or p.reuse_log == _NEG_INF:
+                return _NEG_INF if h == _NEG_INF else h - lc
+            return h + p.reuse_log - lc
         heat = p.mass_log
         if p.t_access is not None:
             heat = _lae2(heat, self._log_floor + p.t_access * self._inv_hl)
