@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from typing import Any, Optional
 
 from sglang.srt.mem_cache import registry
+from sglang.srt.mem_cache.evict_policy import EvictionStrategy
 from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
 from sglang.srt.mem_cache.utils import get_hash_str
 
@@ -47,6 +49,29 @@ def salt_prior(extra_key: Any) -> Optional[str]:
     return hashlib.sha256(_SALT_DOMAIN + raw).hexdigest()
 
 
+class PromoterEviction(EvictionStrategy):
+    """GPU eviction order by the promoter's value (decayed attention mass x reuse / reload cost) instead of LRU.
+
+    A node's priority is the promoter's score of its pages where the promoter knows them, else the score the promoter
+    gives an access at the node's last access time with its hit count, so known and unknown nodes interleave on one
+    scale. Scores are time-invariant, so heap entries SGLang built earlier in an eviction stay valid. Without a
+    promoter (storage off) this is SGLang's LRU."""
+
+    def __init__(self, cache: "KvdriveRadixCache"):
+        self.cache = cache
+
+    def get_priority(self, node) -> float:
+        promoter = self.cache._kvdrive_promoter()
+        if promoter is None:
+            return node.last_access_time
+        if node.hash_value:
+            score = promoter.group_score(node.hash_value)
+            if score:
+                return score
+        wall = time.time() - (time.monotonic() - node.last_access_time)  # SGLang stamps nodes with monotonic time
+        return promoter.access_score(wall, max(int(getattr(node, "hit_count", 0)), 1))
+
+
 class KvdriveRadixCache(HiRadixCache):
     """HiRadixCache with salted storage keys and radix events (see the module docstring)."""
 
@@ -61,6 +86,13 @@ class KvdriveRadixCache(HiRadixCache):
         self._kvdrive_last_salt = None
         self._kvdrive_warned: set[str] = set()
         super().__init__(params=params, server_args=server_args)
+        if self.eviction_policy == "lru":  # SGLang's default; an explicit other --radix-eviction-policy is kept
+            self.eviction_strategy = PromoterEviction(self)
+
+    def _kvdrive_promoter(self):
+        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
+        promoter = getattr(backend, "promoter", None)
+        return promoter if hasattr(promoter, "access_score") else None
 
     # ---------------------------------------------------------------- events
 

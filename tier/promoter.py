@@ -24,6 +24,11 @@ The value of a page
     mass lifts a page above the floor: one whose decayed mass is 10x the floor ranks like one accessed 3.3
     half-lives more recently.
 
+    The half-life bounds how long reuse and attention can outweigh recency. bench/promoter_bench.py found the
+    default of 120 s (about two think times of an agent session) as good as 600 s on Zipf document reuse and
+    clearly better on multi-turn sessions, where a long half-life lets finished sessions' much-reused history
+    outrank live sessions' newest turns (LFU pollution).
+
 Time-invariant scores
     Every term of heat decays at the same rate, so value(t) * 2^(t / half_life) never changes between observations.
     Its log2 (plus a constant offset) is the page's *score*: a fixed number that orders pages exactly as their value
@@ -34,7 +39,13 @@ Time-invariant scores
 Decisions
     eviction_order   lowest value first; ties: least recently accessed first (within one access, the later pages
                      of the prefix count as older, so a chain loses its tail first, as in a radix tree).
-    admit            selective write-down: reuse >= admit_min_reuse (default 2), or value >= admit_min_value.
+    admit            selective write-down: reuse >= admit_min_reuse (default 2), or value >= admit_min_value, or
+                     the page was created by a *continuation*: a request whose chain runs through the last page of
+                     an earlier request (a conversation's next turn, an agent's next step). Such pages will most
+                     likely be continued again, so they are admitted at once and count as reused once more in their
+                     value; a new question on a cached document does not pass through the previous answer, so it
+                     stays a one-off. For this, call observe_access once per request with its whole chain (prompt
+                     and output pages).
     prefetch         highest value first within a byte budget (the caller turns bandwidth x time into bytes), only
                      pages whose reload from the target tier would beat recomputing them.
     reload_or_recompute / plan_prefix
@@ -69,7 +80,6 @@ _SCORE_OFFSET = 4096.0  # keeps scores positive: the engine treats score 0 as "n
 _CHAIN_STEP = 1e-6  # log2 units: a prefix page outranks the pages after it by this much (0.00007 %)
 _LN2 = math.log(2.0)
 _GB = 1e9
-FORM = "raw"
 
 
 @dataclass
@@ -82,10 +92,11 @@ class PromoterConfig:
     NVMe read), prefill_tokens_per_s 10000 (an 8B-class model on one datacenter GPU, long prompts).
     """
 
-    half_life_s: float = 600.0  # attention mass and recency halve over this long
+    half_life_s: float = 120.0  # attention mass and recency halve over this long (bench: see the module doc)
     attention_floor: float = 1e-3  # heat of a page with no attention: its (decayed) recency
     admit_min_reuse: int = 2  # write down pages used at least this often...
     admit_min_value: float | None = None  # ...or whose value reaches this (None: reuse only)
+    admit_continuations: bool = True  # ...or that a request continuing an earlier request's chain created
     dram_gbps: float = 2.0
     disk_gbps: float = 1.5
     pcie_gbps: float = 25.0
@@ -113,8 +124,9 @@ class PromoterConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"promoter {name} must be a positive integer, got {v!r}")
-        if not isinstance(self.lossy_ok, bool):
-            raise ConfigError(f"promoter lossy_ok must be True or False, got {self.lossy_ok!r}")
+        for name in ("lossy_ok", "admit_continuations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"promoter {name} must be True or False, got {getattr(self, name)!r}")
         if self.lossy_codec not in LOSSY_CODECS:
             raise ConfigError(f"promoter lossy_codec {self.lossy_codec!r} is not one of {', '.join(LOSSY_CODECS)}")
 
@@ -154,11 +166,12 @@ def _lae2(a: float, b: float) -> float:
 
 
 class _Page:
-    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens", "reuse_log")
+    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens", "tail", "extends")
 
     def __init__(self):
+        self.tail = False  # the last page of some request's chain
+        self.extends = False  # created by a request that continued an earlier request's chain
         self.reuse = 0
-        self.reuse_log = _NEG_INF
         self.t_access = None  # clock reading of the last access (None: only attention seen)
         self.seq = -1  # access order; larger = more recent
         self.mass_log = _NEG_INF  # log2(mass * 2^(t_obs / half_life)), summed over observations
@@ -180,6 +193,7 @@ class Promoter:
         self._log_floor = math.log2(self.config.attention_floor)
         self._inv_hl = 1.0 / self.config.half_life_s
         self._forgotten = 0
+        self._continuations = 0
         self._accesses = 0
         self._attention = 0
 
@@ -191,18 +205,31 @@ class Promoter:
                 raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
         now = self._clock()
         with self._lock:
+            # Continuation: the chain runs through the last page of an earlier request (a conversation's next turn,
+            # an agent's next step), so its new pages will most likely be continued in turn.
+            cont = False
+            for k in keys[:-1]:
+                p = self._pages.get(k)
+                if p is not None and p.tail:
+                    cont = True
+                    break
+            if cont:
+                self._continuations += 1
             # the first page of the prefix gets the newest sequence number: on equal value the tail goes first
             self._seq += len(keys)
             seq = self._seq
             for k in keys:
                 p = self._touch(k)
+                if cont and p.reuse == 0:
+                    p.extends = True
                 p.reuse += 1
-                p.reuse_log = _lae2(p.reuse_log, now * self._inv_hl)
                 p.t_access = now
                 p.seq = seq
                 seq -= 1
                 p.nbytes = bytes_per_page
                 p.tokens = tokens_per_page
+            if keys:
+                self._pages[keys[-1]].tail = True
             self._typical_bytes = bytes_per_page
             self._typical_tokens = tokens_per_page
             self._accesses += len(keys)
@@ -282,6 +309,16 @@ class Promoter:
             return 0.0
         return max(acc - math.log2(len(raw)) + _SCORE_OFFSET, 1e-9)
 
+    def access_score(self, t_access: float, reuse: int = 1, nbytes: int | None = None) -> float:
+        """The score a page the promoter never observed would have, had it been accessed at ``t_access`` (this
+        promoter's clock) ``reuse`` times with no attention: so pages it knows and pages it does not (e.g. radix
+        nodes not yet written down) rank on one scale, the unknown ones by recency as in LRU."""
+        with self._lock:
+            heat = self._log_floor + t_access * self._inv_hl
+            size = nbytes or self._typical_bytes or 1
+        reload_s = size / (self.config.disk_gbps * _GB)
+        return max(heat + math.log2(max(int(reuse), 1)) - math.log2(reload_s) + _SCORE_OFFSET, 1e-9)
+
     # --- decisions --------------------------------------------------------------------------------------------
     def eviction_order(self, keys: Iterable[str]) -> list[str]:
         """The keys, lowest value first (unknown pages first); ties: least recently accessed first."""
@@ -300,7 +337,7 @@ class Promoter:
             p = self._pages.get(key)
             if p is None:
                 return False
-            if p.reuse >= cfg.admit_min_reuse:
+            if p.reuse >= cfg.admit_min_reuse or (p.extends and cfg.admit_continuations):
                 return True
             if cfg.admit_min_value is None:
                 return False
@@ -386,7 +423,8 @@ class Promoter:
     def stats(self) -> dict:
         with self._lock:
             return {"tracked": len(self._pages), "max_tracked": self.config.max_tracked,
-                    "forgotten": self._forgotten, "accesses": self._accesses, "attention_updates": self._attention}
+                    "forgotten": self._forgotten, "accesses": self._accesses,
+                    "continuations": self._continuations, "attention_updates": self._attention}
 
     # --- internals --------------------------------------------------------------------------------------------
     def _touch(self, key: str) -> _Page:
@@ -410,18 +448,6 @@ class Promoter:
         """log2(value(t) * 2^(t / half_life)): constant between observations. -inf for an unknown page."""
         if p is None:
             return _NEG_INF
-        if FORM != "raw":
-            nbytes = p.nbytes or self._typical_bytes or 1
-            lc = math.log2(nbytes / (self.config.disk_gbps * _GB))
-            if FORM == "sum":
-                h = _lae2(p.mass_log, self._log_floor + p.reuse_log)
-                return _NEG_INF if h == _NEG_INF else h - lc
-            h = p.mass_log
-            if p.t_access is not None:
-                h = _lae2(h, self._log_floor + p.t_access * self._inv_hl)
-            if h == _NEG_INF or p.reuse_log == _NEG_INF:
-                return _NEG_INF if h == _NEG_INF else h - lc
-            return h + p.reuse_log - lc
         heat = p.mass_log
         if p.t_access is not None:
             heat = _lae2(heat, self._log_floor + p.t_access * self._inv_hl)
@@ -429,7 +455,8 @@ class Promoter:
             return _NEG_INF
         nbytes = p.nbytes or self._typical_bytes or 1
         reload_s = nbytes / (self.config.disk_gbps * _GB)
-        return heat + math.log2(max(p.reuse, 1)) - math.log2(reload_s)
+        reuse = p.reuse + 1 if p.extends else p.reuse
+        return heat + math.log2(max(reuse, 1)) - math.log2(reload_s)
 
     def _per_byte(self, tier: str) -> float:
         cfg = self.config

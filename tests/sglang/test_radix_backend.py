@@ -410,3 +410,28 @@ def test_with_kvdrive_storage_across_restart(tmp_path):
     finally:
         for c in caches_built:
             c.shutdown()
+
+
+def test_gpu_eviction_follows_the_promoters_value(tmp_path):
+    """Two cached prompts; the older one received attention: eviction takes the newer, unattended one first
+    (plain LRU would take the older)."""
+    from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
+
+    ctx = _ctx(store="unused")
+    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path), host_gb=0.01, disk_gb=1)))
+    ctx.server_args.hicache_storage_backend_extra_config = json.dumps({**extra, "prefetch_threshold": PAGE})
+    cache = registry.get_radix_cache_factory("kvdrive")(ctx)
+    try:
+        assert isinstance(cache.eviction_strategy, radix_backend.PromoterEviction)
+        older, newer = [7] * 16, [9] * 16
+        serve(cache, "old", None, prompt=older)
+        serve(cache, "new", None, prompt=newer)
+        backend = cache.cache_controller.storage_backend
+        old_keys = chain(older, None)
+        backend.record_attention({k: 0.5 for k in old_keys})
+        cache.evict(EvictParams(num_tokens=16))
+        old_hit = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", older)))).device_indices
+        new_hit = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", newer)))).device_indices
+        assert len(old_hit) == 16 and len(new_hit) < 16, (len(old_hit), len(new_hit))
+    finally:
+        cache.shutdown()
