@@ -259,7 +259,8 @@ class KvdriveStorage(HiCacheStorage):
         """Accesses (stores and hits) for the promoter; their scores reach the tiers at the next report tick."""
         if not keys:
             return
-        self.promoter.observe_access(keys, self.page_size, page_bytes)
+        # storage-level calls see part of a request: they must not mark chain ends (whole_request=False)
+        self.promoter.observe_access(keys, self.page_size, page_bytes, whole_request=False)
         with self._lock:
             self._scored.update(keys)
 

@@ -424,8 +424,9 @@ class DiskStore:
         self._counts["expired"] += n
         return n
 
-    def compact(self) -> int:
-        """Rewrite live pages out of sparse sealed segments and delete emptied ones. Returns segments reclaimed."""
+    def compact(self, live_ratio: float | None = None) -> int:
+        """Rewrite live pages out of sparse sealed segments (live share below ``live_ratio``, default the config's
+        gc_live_ratio) and delete emptied ones. Returns segments reclaimed."""
         gc_fd = os.open(os.path.join(self.path, GC_LOCK_FILE), os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             try:
@@ -433,7 +434,7 @@ class DiskStore:
             except BlockingIOError:
                 return 0  # another process is compacting this store right now
             with self._write_lock:
-                return self._compact_locked()
+                return self._compact_locked(self.config.gc_live_ratio if live_ratio is None else live_ratio)
         finally:
             os.close(gc_fd)
 
@@ -726,7 +727,40 @@ class DiskStore:
             self._seal_writer()
             self.compact()
             used, _, _ = self._usage()
+        if used + incoming > cap:
+            # Dead bytes spread thinly over many segments: none is sparse enough for the usual ratio, and the
+            # file bytes sit at the cap although live bytes are well below it. Compact any segment holding dead
+            # bytes (emptiest first, as headroom allows), and if even that finds no room, drop the emptiest
+            # segment's pages outright (log-structured eviction) — the store must never wedge into refusing writes.
+            self.compact(live_ratio=1.0)
+            used, _, _ = self._usage()
+            while used + incoming > cap and self._evict_emptiest_segment():
+                used, _, _ = self._usage()
         return used + incoming <= cap
+
+    def _evict_emptiest_segment(self) -> bool:
+        """Evict every page of the sealed segment with the fewest live bytes and delete it. False if none."""
+        with self._index.read() as txn:
+            segs = self._index.segments(txn)
+        cands = sorted((info.live, seg) for seg, info in segs.items() if seg != self._wseg and info.state == SEG_SEALED)
+        if not cands:
+            return False
+        seg = cands[0][1]
+        with self._index.read() as txn:
+            doomed = [bytes(k) for k, v in txn.cursor(db=self._index.pages) if Record.unpack(v).seg == seg]
+        with self._index.write() as txn:
+            n = sum(self._index.delete_page(txn, pk) is not None for pk in doomed)
+            info = self._index.seg_info(txn, seg)
+            if info is not None and info.count == 0:
+                txn.delete(seg_key(seg), db=self._index.segs)
+        self._counts["evicted"] += n
+        self._forget_fd(seg)
+        try:
+            os.unlink(self._seg_path(seg))
+        except FileNotFoundError:
+            pass
+        self._counts["segments_compacted"] += 1
+        return True
 
     def _evict(self, nbytes: int) -> None:
         """Drop the lowest-value pages (score, then least recently used) totalling at least ``nbytes``."""
@@ -775,13 +809,13 @@ class DiskStore:
                     txn.put(seg_key(seg), cur._replace(state=SEG_SEALED).pack(), db=self._index.segs)
             segs[seg] = info._replace(state=SEG_SEALED)
 
-    def _compact_locked(self) -> int:
+    def _compact_locked(self, live_ratio: float) -> int:
         with self._index.read() as txn:
             segs = self._index.segments(txn)
         self._recover_dead_writers(segs)
         victims = sorted((info.live, seg) for seg, info in segs.items()
                          if seg != self._wseg and info.state == SEG_SEALED
-                         and (info.count == 0 or info.live / max(info.end, 1) < self.config.gc_live_ratio))
+                         and (info.count == 0 or info.live / max(info.end, 1) < live_ratio))
         if not victims:
             return 0
         vset = {seg for _, seg in victims}

@@ -198,8 +198,11 @@ class Promoter:
         self._attention = 0
 
     # --- observations -----------------------------------------------------------------------------------------
-    def observe_access(self, keys: Sequence[str], tokens_per_page: int, bytes_per_page: int) -> None:
-        """These pages were hit or inserted now (one request's pages, in prefix order)."""
+    def observe_access(self, keys: Sequence[str], tokens_per_page: int, bytes_per_page: int, *,
+                       whole_request: bool = True) -> None:
+        """These pages were hit or inserted now: one request's whole chain (prompt and output pages) in prefix
+        order. ``whole_request=False`` for partial observations (a storage read or write of some of a request's
+        pages): they count reuse and recency but neither mark the end of a chain nor detect a continuation."""
         for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
@@ -208,7 +211,7 @@ class Promoter:
             # Continuation: the chain runs through the last page of an earlier request (a conversation's next turn,
             # an agent's next step), so its new pages will most likely be continued in turn.
             cont = False
-            for k in keys[:-1]:
+            for k in (keys[:-1] if whole_request else ()):
                 p = self._pages.get(k)
                 if p is not None and p.tail:
                     cont = True
@@ -228,7 +231,7 @@ class Promoter:
                 seq -= 1
                 p.nbytes = bytes_per_page
                 p.tokens = tokens_per_page
-            if keys:
+            if keys and whole_request:
                 self._pages[keys[-1]].tail = True
             self._typical_bytes = bytes_per_page
             self._typical_tokens = tokens_per_page

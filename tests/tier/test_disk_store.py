@@ -267,3 +267,26 @@ def test_namespace_description_survives_clear_and_rewrite(tmp_path, ns):
         st.put_many(ns, ["k2"], blobs_for(ns, [2]))
         [(nid, desc, count, _)] = st.namespaces()
         assert nid == ns.id and desc["model"] == ns.model and count == 1
+
+
+def test_thinly_spread_dead_bytes_never_wedge_the_store(tmp_path):
+    """Deletions spread over every segment (each stays 75% live, above gc_live_ratio) with file bytes near the cap
+    and live bytes under the low watermark: writes must keep being accepted (compaction of any dead bytes, else
+    segment eviction), and the cap must hold. (Found by the promoter bench: the store used to refuse every write.)"""
+    ns = make_ns(page_size=64, num_heads=8, head_dim=128)  # 256 KiB pages; 1 MiB segments hold 4
+    cap = 16 << 20
+    with open_store(tmp_path, capacity_bytes=cap, gc_live_ratio=0.5) as st:
+        for i in range(0, 56, 4):
+            assert all(st.put_many(ns, [f"k{s}" for s in range(i, i + 4)], blobs_for(ns, range(i, i + 4))))
+        st.delete_many(ns, [f"k{s}" for s in range(0, 56, 4)])  # one page in four, in every segment
+        refused = 0
+        for i in range(100, 140, 4):
+            got = st.put_many(ns, [f"k{s}" for s in range(i, i + 4)], blobs_for(ns, range(i, i + 4)))
+            refused += got.count(False)
+            files = sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "segments" / "*.kvs")))
+            assert files <= cap
+        assert refused == 0 and st.stats().rejected_full == 0
+        got, outs = read_back(st, ns, [136, 137, 138, 139])
+        assert all(got)
+        np.testing.assert_array_equal(outs[0], small_page(136, ns))
+        assert st.verify().bad == 0
