@@ -139,12 +139,14 @@ class KvdriveRadixCache(HiRadixCache):
     def cache_finished_req(self, req, *args, **kwargs):
         # before super(): it frees the request's pool slot and moves its last node
         mass = CAPTURE.pop(getattr(req, "req_pool_idx", None))
-        keys = self._kvdrive_path_keys(getattr(req, "last_node", None)) if mass is not None else []
+        keys = self._kvdrive_path_keys(getattr(req, "last_node", None)) if self.enable_storage else []
         result = super().cache_finished_req(req, *args, **kwargs)
         self._kvdrive_report_hits(req)
         if keys:
-            n = min(len(keys), len(mass))
-            self._kvdrive_attention({k: float(m) for k, m in zip(keys[:n], mass[:n])})
+            self._kvdrive_to_backend("record_request", keys)  # one access of the request's whole chain
+            if mass is not None:
+                n = min(len(keys), len(mass))
+                self._kvdrive_attention({k: float(m) for k, m in zip(keys[:n], mass[:n])})
         return result
 
     def _kvdrive_path_keys(self, node) -> list[str]:
@@ -159,14 +161,17 @@ class KvdriveRadixCache(HiRadixCache):
         return [k for hv in reversed(chain) for k in hv]
 
     def _kvdrive_attention(self, key_mass: dict) -> None:
+        self._kvdrive_to_backend("record_attention", key_mass)
+
+    def _kvdrive_to_backend(self, method: str, arg) -> None:
         backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
-        record = getattr(backend, "record_attention", None)
-        if record is None:
+        fn = getattr(backend, method, None)
+        if fn is None:
             return
         try:
-            record(key_mass)
+            fn(arg)
         except Exception:  # statistics must never take the scheduler down
-            self._kvdrive_warn_once("attention", "kvdrive: storage backend record_attention failed", exc_info=True)
+            self._kvdrive_warn_once(method, f"kvdrive: storage backend {method} failed", exc_info=True)
 
     def pop_prefetch_loaded_tokens(self, req_id: str) -> int:
         # Called once per request whose L3 prefetch completed: the tokens it actually got from storage.

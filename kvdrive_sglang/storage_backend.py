@@ -264,6 +264,14 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             self._scored.update(keys)
 
+    def record_request(self, keys: list[str]) -> None:
+        """A finished request's whole page chain, in prefix order (from kvdrive's radix cache): one access."""
+        if not keys or self.mem_pool_host is None:
+            return
+        self.promoter.observe_access(keys, self.page_size, self._page_bytes(), whole_request=True)
+        with self._lock:
+            self._scored.update(keys)
+
     def record_attention(self, key_mass: dict) -> None:
         """Per-page attention mass of a finished request (from kvdrive's radix cache): the promoter's signal."""
         if not key_mass:

@@ -424,10 +424,13 @@ def test_gpu_eviction_follows_the_promoters_value(tmp_path):
     try:
         assert isinstance(cache.eviction_strategy, radix_backend.PromoterEviction)
         older, newer = [7] * 16, [9] * 16
-        serve(cache, "old", None, prompt=older)
-        serve(cache, "new", None, prompt=newer)
         backend = cache.cache_controller.storage_backend
         old_keys = chain(older, None)
+        serve(cache, "old", None, prompt=older)
+        reuse_before = backend.promoter.reuse(old_keys[0])
+        serve(cache, "old-again", None, prompt=older)  # a device hit: no storage call, still an access
+        assert backend.promoter.reuse(old_keys[0]) == reuse_before + 1
+        serve(cache, "new", None, prompt=newer)  # now the newest: plain LRU would evict "older" first
         backend.record_attention({k: 0.5 for k in old_keys})
         cache.evict(EvictParams(num_tokens=16))
         old_hit = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", older)))).device_indices
