@@ -71,6 +71,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from bench_common import cpu_model
 from kvdrive_sglang.tier.codecs import peek_header  # noqa: E402
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
 from kvdrive_sglang.tier.namespace import Namespace, key_bytes  # noqa: E402
@@ -623,15 +624,7 @@ def budgets_for(wl: Workload, args, small_encoded: float) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or "")
     try:
         rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              timeout=10).stdout.strip()

@@ -55,6 +55,7 @@ import time
 
 import numpy as np
 
+from bench_common import cpu_model
 from kvdrive_sglang.tier.codecs import CODEC_NAMES, decode_page, encode_page, get_codec
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.dtypes import to_float32
@@ -591,15 +592,7 @@ def bench_engine(a, root: str, pages: np.ndarray, keys: list[str], prefault: Pre
 
 
 def machine_info(root: str) -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         with open("/proc/meminfo") as f:
