@@ -86,8 +86,14 @@ class KvdriveRadixCache(HiRadixCache):
         self._kvdrive_last_salt = None
         self._kvdrive_warned: set[str] = set()
         super().__init__(params=params, server_args=server_args)
-        if self.eviction_policy == "lru":  # SGLang's default; an explicit other --radix-eviction-policy is kept
+        # Value-ordered eviction only where SGLang's default LRU was asked for, and only on a single rank: TP ranks
+        # must keep identical trees, and each rank's promoter sees its own heads' attention and its own clock, so
+        # until those inputs are made rank-consistent (all-reduced mass, a broadcast clock) ranks keep LRU.
+        if self.eviction_policy == "lru" and self.tp_world_size == 1:
             self.eviction_strategy = PromoterEviction(self)
+        elif self.eviction_policy == "lru":
+            log.warning("kvdrive: %d TP ranks: GPU eviction stays LRU (the promoter's order is per rank for now)",
+                        self.tp_world_size)
 
     def _kvdrive_promoter(self):
         backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
