@@ -145,6 +145,8 @@ class KvdriveStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         self.ns = namespace_for(self.storage_config, mem_pool_host)
         self.page_size = int(mem_pool_host.page_size)
+        page = mem_pool_host.get_dummy_flat_data_page()  # allocates: measured once, not per lookup
+        self.page_bytes = int(page.numel() * page.element_size())
         log.info("kvdrive: namespace %s = %s", self.ns.id.hex()[:16], self.ns.describe())
         if self._reporter is None:
             self._reporter = Reporter(self._tick_stats, _metrics_for(self.storage_config))
@@ -175,7 +177,7 @@ class KvdriveStorage(HiCacheStorage):
                  for i in range(len(keys))]
         ok = self.engine.put_many(ns, keys, pages)
         self._count("set", len(keys), sum(ok), sum(p.numel() * p.element_size() for p in pages), t0)
-        self._observe([k for k, o in zip(keys, ok) if o], pages[0].numel() * pages[0].element_size())
+        self._observe([k for k, o in zip(keys, ok) if o])
         return ok
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
@@ -192,7 +194,7 @@ class KvdriveStorage(HiCacheStorage):
         for i in range(n):
             self.mem_pool_host.set_from_flat_data_page(int(host_indices[i * ps]), bufs[i])
         self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
-        self._observe(keys[:n], bufs[0].numel() * bufs[0].element_size())
+        self._observe(keys[:n])
         return got[:n] + [False] * (len(keys) - n)
 
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
@@ -203,7 +205,7 @@ class KvdriveStorage(HiCacheStorage):
         if n == 0:
             return 0
         tiers = self.engine.tiers_of(ns, keys[:n])  # all found: exists_many counted them
-        plan = self.promoter.plan_prefix(tiers, self.page_size, self._page_bytes())
+        plan = self.promoter.plan_prefix(tiers, self.page_size, self.page_bytes)
         if plan.reload_pages < n:
             with self._lock:
                 self._io["recompute_pages"] += n - plan.reload_pages
@@ -251,16 +253,12 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             self._events[kind] += int(tokens)
 
-    def _page_bytes(self) -> int:
-        page = self.mem_pool_host.get_dummy_flat_data_page()
-        return int(page.numel() * page.element_size())
-
-    def _observe(self, keys: list[str], page_bytes: int) -> None:
+    def _observe(self, keys: list[str]) -> None:
         """Accesses (stores and hits) for the promoter; their scores reach the tiers at the next report tick."""
         if not keys:
             return
         # storage-level calls see part of a request: they must not mark chain ends (whole_request=False)
-        self.promoter.observe_access(keys, self.page_size, page_bytes, whole_request=False)
+        self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=False)
         with self._lock:
             self._scored.update(keys)
 
@@ -268,7 +266,7 @@ class KvdriveStorage(HiCacheStorage):
         """A finished request's whole page chain, in prefix order (from kvdrive's radix cache): one access."""
         if not keys or self.mem_pool_host is None:
             return
-        self.promoter.observe_access(keys, self.page_size, self._page_bytes(), whole_request=True)
+        self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=True)
         with self._lock:
             self._scored.update(keys)
 

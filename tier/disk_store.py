@@ -751,16 +751,23 @@ class DiskStore:
         with self._index.write() as txn:
             n = sum(self._index.delete_page(txn, pk) is not None for pk in doomed)
             info = self._index.seg_info(txn, seg)
-            if info is not None and info.count == 0:
+            emptied = info is not None and info.count == 0
+            if emptied:
                 txn.delete(seg_key(seg), db=self._index.segs)
         self._counts["evicted"] += n
+        if not emptied:
+            return False  # something still points into it (should not happen for a sealed segment): keep the file
+        self._remove_segment_file(seg)
+        self._counts["segments_compacted"] += 1
+        return True
+
+    def _remove_segment_file(self, seg: int) -> None:
+        """Delete a segment's file once the index no longer names it (closing this process's cached handles)."""
         self._forget_fd(seg)
         try:
             os.unlink(self._seg_path(seg))
         except FileNotFoundError:
             pass
-        self._counts["segments_compacted"] += 1
-        return True
 
     def _evict(self, nbytes: int) -> None:
         """Drop the lowest-value pages (score, then least recently used) totalling at least ``nbytes``."""
@@ -852,12 +859,7 @@ class DiskStore:
                 if info is None or info.count:
                     continue  # not empty after all (should not happen): keep it
                 txn.delete(seg_key(seg), db=self._index.segs)
-            # the index no longer names this segment: now the file can go
-            self._forget_fd(seg)
-            try:
-                os.unlink(self._seg_path(seg))
-            except FileNotFoundError:
-                pass
+            self._remove_segment_file(seg)  # the index no longer names this segment: now the file can go
             reclaimed += 1
         self._counts["segments_compacted"] += reclaimed
         return reclaimed
