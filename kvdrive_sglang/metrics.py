@@ -37,6 +37,11 @@ def summary_line(st: dict) -> str:
     if io.get("recompute_pages") or io.get("attention_pages"):
         parts.append(f"recompute-not-reload {io.get('recompute_pages', 0)} pages, "
                      f"attention on {io.get('attention_pages', 0)} pages")
+    costs = st.get("costs")
+    if costs:  # what reload-vs-recompute runs on: (value, "measured" | "assumed")
+        pre, fixed, disk = costs["prefill_tokens_per_s"], costs["reload_fixed_s"], costs["disk_gbps"]
+        parts.append(f"prefill {pre[0]:.0f} tok/s ({pre[1]}), reload round trip {fixed[0] * 1000:.1f} ms "
+                     f"({fixed[1]}), disk {disk[0]:.2f} GB/s ({disk[1]})")
     if d and (d["corrupt_dropped"] or d["faults"]):
         parts.append(f"corrupt dropped {d['corrupt_dropped']} faults {d['faults']}")
     return "kvdrive: " + " | ".join(parts)

@@ -17,7 +17,7 @@ def register() -> None:
 
     done = []
     for module, step in (("cpu_fallbacks", "install"), ("flags", "install"), ("radix_backend", "register"),
-                         ("attention_capture", "install")):
+                         ("attention_capture", "install"), ("cost_meter", "install")):
         try:
             getattr(importlib.import_module(f"{__package__}.{module}"), step)()
             done.append(module)

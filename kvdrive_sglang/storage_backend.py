@@ -25,6 +25,7 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from .cost_meter import PREFILL, ReloadMeter
 from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
 from .tier.errors import ConfigError
@@ -132,6 +133,8 @@ class KvdriveStorage(HiCacheStorage):
         self._events = Counter()
         self._io = Counter()
         self._lock = threading.Lock()
+        self.reload_meter = ReloadMeter()
+        self._timing_seen: dict[str, tuple[float, int]] = {}  # tier -> engine (seconds, pages) at the last calibration
         self._reporter: Reporter | None = None
         from . import cpu_fallbacks
 
@@ -195,12 +198,15 @@ class KvdriveStorage(HiCacheStorage):
             self.mem_pool_host.set_from_flat_data_page(int(host_indices[i * ps]), bufs[i])
         self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
         self._observe(keys[:n])
+        self.reload_meter.get_done(keys[0], n)
         return got[:n] + [False] * (len(keys) - n)
 
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
         """Leading pages worth loading: held in a kvdrive tier *and* faster to reload than to recompute (the
         promoter's plan over the tiers they sit in), so a slow disk never makes a request slower than no cache."""
         ns = self._require_ns()
+        if keys:
+            self.reload_meter.exists_called(keys[0], extra_info.prefix_keys if extra_info is not None else None)
         n = self.engine.exists_many(ns, keys)
         if n == 0:
             return 0
@@ -287,6 +293,24 @@ class KvdriveStorage(HiCacheStorage):
             self.engine.set_scores(self.ns, keys, self.promoter.score_of(keys))
         return len(keys)
 
+    def _calibrate(self) -> None:
+        """Hand the promoter what reloads and prefill measurably cost here (see cost_meter): the prefill slope,
+        the fixed round trip of a storage reload, and each kvdrive tier's read time per byte since the last call
+        (only once enough pages were read to mean something)."""
+        s = self.engine.stats()
+        tiers = {}
+        for tier, seconds, pages in (("dram", s.decode_s, s.hits_host + s.hits_queued),
+                                     ("disk", s.disk_get_s, s.disk_get_pages)):
+            s0, p0 = self._timing_seen.get(tier, (0.0, 0))
+            if pages - p0 >= 32:  # else keep measuring over a longer span
+                if seconds > s0:
+                    tiers[tier] = (seconds - s0) / ((pages - p0) * self.page_bytes)
+                self._timing_seen[tier] = (seconds, pages)
+        if "dram" in tiers:
+            tiers["queued"] = tiers["dram"]
+        self.promoter.calibrate(prefill_s_per_token=PREFILL.seconds_per_token(), tier_s_per_byte=tiers,
+                                reload_fixed_s=self.reload_meter.fixed_seconds())
+
     def _count(self, op: str, pages: int, ok: int, nbytes: int, t0: float) -> None:
         with self._lock:
             c = self._io
@@ -298,6 +322,7 @@ class KvdriveStorage(HiCacheStorage):
 
     def _tick_stats(self) -> dict:
         self.push_scores()  # the reporter's tick is also when scores reach the tiers
+        self._calibrate()  # ... and when measured costs reach the promoter
         return self.tier_stats()
 
     def tier_stats(self) -> dict:
@@ -308,7 +333,7 @@ class KvdriveStorage(HiCacheStorage):
         out = {"host": s.host._asdict(), "disk": s.disk._asdict() if s.disk else None,
                "hits": {"dram": s.hits_host, "queued": s.hits_queued, "disk": s.hits_disk, "miss": s.misses},
                "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
-               "io": io, "radix": ev, "promoter": self.promoter.stats()}
+               "io": io, "radix": ev, "promoter": self.promoter.stats(), "costs": self.promoter.costs()}
         if io.get("get_pages_ok"):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)

@@ -196,6 +196,56 @@ class Promoter:
         self._continuations = 0
         self._accesses = 0
         self._attention = 0
+        # Measured costs (calibrate()); None: the config's assumption stands
+        self._prefill_s_per_token: float | None = None
+        self._tier_s_per_byte: dict[str, float] = {}
+        self._reload_fixed_s: float | None = None
+
+    # --- measured costs -------------------------------------------------------------------------------------
+    def calibrate(self, *, prefill_s_per_token: float | None = None,
+                  tier_s_per_byte: Mapping[str, float] | None = None, reload_fixed_s: float | None = None) -> None:
+        """Replace assumptions by what the server measured (None leaves a figure as it is):
+        ``prefill_s_per_token`` the marginal prefill cost (slope of forward time over extend tokens);
+        ``tier_s_per_byte`` seconds per decoded byte to read a page from "dram"/"queued"/"disk" into SGLang's host
+        pool (decode, checksum, disk read); ``reload_fixed_s`` the fixed cost of one storage reload of a request
+        (SGLang's prefetch round trip, whatever the page count), charged once per reloaded prefix."""
+        def check(name, v, zero_ok=False):
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
+                    or (v == 0 and not zero_ok)):
+                raise ConfigError(f"promoter calibrate {name} must be a {'non-negative' if zero_ok else 'positive'} "
+                                  f"finite number, got {v!r}")
+            return float(v)
+
+        if prefill_s_per_token is not None:
+            prefill_s_per_token = check("prefill_s_per_token", prefill_s_per_token)
+        measured = {}
+        for tier, v in (tier_s_per_byte or {}).items():
+            if tier not in ("dram", "queued", "disk"):
+                raise ConfigError(f"promoter calibrate: tier {tier!r} is not one of dram, queued, disk")
+            measured[tier] = check(f"tier_s_per_byte[{tier}]", v)
+        if reload_fixed_s is not None:
+            reload_fixed_s = check("reload_fixed_s", reload_fixed_s, zero_ok=True)
+        with self._lock:
+            if prefill_s_per_token is not None:
+                self._prefill_s_per_token = prefill_s_per_token
+            self._tier_s_per_byte.update(measured)
+            if reload_fixed_s is not None:
+                self._reload_fixed_s = reload_fixed_s
+
+    def costs(self) -> dict:
+        """The cost figures decisions use now, and where each comes from ("measured" or "assumed")."""
+        with self._lock:
+            pre, tiers, fixed = self._prefill_s_per_token, dict(self._tier_s_per_byte), self._reload_fixed_s
+        cfg = self.config
+        out = {"prefill_tokens_per_s": (1.0 / pre, "measured") if pre else (cfg.prefill_tokens_per_s, "assumed"),
+               "reload_fixed_s": (fixed, "measured") if fixed is not None else (cfg.disk_latency_s, "assumed")}
+        for t in ("dram", "disk"):
+            out[f"{t}_gbps"] = (1.0 / tiers[t] / _GB, "measured") if t in tiers else (cfg.tier_gbps(t), "assumed")
+        return out
+
+    def _recompute_s_per_token(self) -> float:
+        pre = self._prefill_s_per_token
+        return pre if pre is not None else 1.0 / self.config.prefill_tokens_per_s
 
     # --- observations -----------------------------------------------------------------------------------------
     def observe_access(self, keys: Sequence[str], tokens_per_page: int, bytes_per_page: int, *,
@@ -364,7 +414,7 @@ class Promoter:
                 p = self._pages.get(k)
                 nbytes = p.nbytes if p is not None and p.nbytes else self._typical_bytes
                 tokens = p.tokens if p is not None and p.tokens else self._typical_tokens
-                if tokens and latency + nbytes * per_byte >= tokens / self.config.prefill_tokens_per_s:
+                if tokens and latency + nbytes * per_byte >= tokens * self._recompute_s_per_token():
                     continue  # it would be recomputed rather than reloaded from there anyway
                 rows.append((-self._log_score(p), i, k, nbytes))
         rows.sort()
@@ -385,7 +435,7 @@ class Promoter:
                 raise ConfigError(f"reload_or_recompute {name} must be a non-negative integer, got {v!r}")
         _check_tier(tier)
         reload_s = self._latency(tier) + nbytes * self._per_byte(tier)
-        recompute_s = tokens / self.config.prefill_tokens_per_s
+        recompute_s = tokens * self._recompute_s_per_token()
         return Decision("reload" if reload_s < recompute_s else "recompute", reload_s, recompute_s)
 
     def plan_prefix(self, tiers: Sequence[str], tokens_per_page: int, bytes_per_page: int) -> PrefixPlan:
@@ -398,14 +448,15 @@ class Promoter:
         for t in set(tiers):
             _check_tier(t)
         per_page = {t: bytes_per_page * self._per_byte(t) for t in set(tiers)}
-        recompute_page = tokens_per_page / self.config.prefill_tokens_per_s
+        recompute_page = tokens_per_page * self._recompute_s_per_token()
         n = len(tiers)
         best_k, best_reload, reload_s, used = 0, 0.0, 0.0, set()
         best_cost = n * recompute_page
+        once = self._reload_fixed_s is not None  # a measured round trip is paid once per reload, not per tier
         for i, t in enumerate(tiers):
-            if t not in used:
-                used.add(t)
+            if t not in used and not (once and used - {"gpu", "host"} and t not in ("gpu", "host")):
                 reload_s += self._latency(t)
+            used.add(t)
             reload_s += per_page[t]
             cost = reload_s + (n - i - 1) * recompute_page
             if cost < best_cost:
@@ -468,7 +519,14 @@ class Promoter:
         pcie = 1.0 / (cfg.pcie_gbps * _GB)
         if tier == "host":
             return pcie
-        return 1.0 / (cfg.tier_gbps(tier) * _GB) + pcie
+        measured = self._tier_s_per_byte.get(tier)
+        return (measured if measured is not None else 1.0 / (cfg.tier_gbps(tier) * _GB)) + pcie
 
     def _latency(self, tier: str) -> float:
+        """Fixed cost of reloading from ``tier``: the measured storage round trip for kvdrive's tiers once known
+        (charged once per plan in plan_prefix), else the assumed disk latency."""
+        if tier in ("gpu", "host"):
+            return 0.0
+        if self._reload_fixed_s is not None:
+            return self._reload_fixed_s
         return self.config.disk_latency_s if tier == "disk" else 0.0

@@ -399,3 +399,46 @@ def test_concurrent_observers_lose_nothing():
         t.join()
     assert sum(p.reuse(f"shared{i}") for i in range(50)) == 2000
     assert p.stats()["tracked"] == 50 + 2000
+
+
+# --- measured costs (calibrate) --------------------------------------------------------------------------------------
+def test_measured_prefill_cost_turns_a_reload_into_a_recompute():
+    """A disk reload that beats the assumed prefill (10k tok/s) loses once the server measures a 100x faster prefill:
+    kvdrive must never make a request slower than no cache, whatever the assumption said."""
+    p, _ = make(disk_gbps=4.0)
+    tiers = ["disk"] * 8
+    assert p.plan_prefix(tiers, TOK, PAGE).reload_pages == 8  # 8 MiB: 2.4 ms to reload < 6.4 ms to recompute
+    p.calibrate(prefill_s_per_token=1e-6)  # measured 1M tokens/s: 64 us a page to recompute
+    assert p.plan_prefix(tiers, TOK, PAGE).reload_pages == 0
+    assert p.costs()["prefill_tokens_per_s"] == (pytest.approx(1e6), "measured")
+
+
+def test_measured_reload_round_trip_is_charged_once_per_plan():
+    p, _ = make(prefill_tokens_per_s=10000.0, pcie_gbps=1e6)  # 6.4 ms to recompute a 64-token page
+    p.calibrate(tier_s_per_byte={"dram": 1e-12, "disk": 1e-12}, reload_fixed_s=0.05)
+    # 50 ms of fixed round trip: 8 pages (51 ms of prefill) pay for it, 7 pages (45 ms) do not
+    assert p.plan_prefix(["dram"] * 4 + ["disk"] * 4, TOK, PAGE).reload_pages == 8
+    assert p.plan_prefix(["dram"] * 3 + ["disk"] * 4, TOK, PAGE).reload_pages == 0
+    assert p.reload_or_recompute(TOK * 8, PAGE * 8, "disk").action == "reload"
+    assert p.reload_or_recompute(TOK * 7, PAGE * 7, "disk").action == "recompute"
+    costs = p.costs()
+    assert costs["reload_fixed_s"] == (0.05, "measured") and costs["disk_gbps"][1] == "measured"
+
+
+def test_measured_tier_speed_replaces_the_assumed_one():
+    p, _ = make(dram_gbps=2.0, pcie_gbps=1e6, prefill_tokens_per_s=10000.0)
+    assert p.reload_or_recompute(TOK, PAGE, "dram").action == "reload"  # 4 ms < 6.4 ms
+    p.calibrate(tier_s_per_byte={"dram": 1.0 / 0.5e9})  # measured 0.5 GB/s: 17 ms
+    assert p.reload_or_recompute(TOK, PAGE, "dram").action == "recompute"
+    assert p.costs()["dram_gbps"] == (pytest.approx(0.5), "measured")
+    assert p.costs()["disk_gbps"][1] == "assumed"
+
+
+@pytest.mark.parametrize("kw", [{"prefill_s_per_token": 0}, {"prefill_s_per_token": float("nan")},
+                                {"tier_s_per_byte": {"gpu": 1e-9}}, {"tier_s_per_byte": {"disk": -1.0}},
+                                {"reload_fixed_s": -0.1}, {"prefill_s_per_token": True}])
+def test_calibrate_rejects_bad_figures(kw):
+    p, _ = make()
+    with pytest.raises(ConfigError):
+        p.calibrate(**kw)
+    assert all(src == "assumed" for _, src in p.costs().values())
