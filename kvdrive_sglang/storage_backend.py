@@ -13,6 +13,7 @@ keys that lacked the dtype). MLA caches are identical on every TP rank: one name
 from __future__ import annotations
 
 import glob
+import json
 import hashlib
 import logging
 import os
@@ -134,6 +135,7 @@ class KvdriveStorage(HiCacheStorage):
         self._io = Counter()
         self._lock = threading.Lock()
         self.reload_meter = ReloadMeter()
+        self._costs_saved: dict | None = None  # measured costs last kept in the store
         self._timing_seen: dict[str, tuple[float, int]] = {}  # tier -> engine (seconds, pages) at the last calibration
         self._reporter: Reporter | None = None
         from . import cpu_fallbacks
@@ -151,6 +153,7 @@ class KvdriveStorage(HiCacheStorage):
         page = mem_pool_host.get_dummy_flat_data_page()  # allocates: measured once, not per lookup
         self.page_bytes = int(page.numel() * page.element_size())
         log.info("kvdrive: namespace %s = %s", self.ns.id.hex()[:16], self.ns.describe())
+        self._load_costs()
         if self._reporter is None:
             self._reporter = Reporter(self._tick_stats, _metrics_for(self.storage_config))
 
@@ -310,6 +313,32 @@ class KvdriveStorage(HiCacheStorage):
             tiers["queued"] = tiers["dram"]
         self.promoter.calibrate(prefill_s_per_token=PREFILL.seconds_per_token(), tier_s_per_byte=tiers,
                                 reload_fixed_s=self.reload_meter.fixed_seconds())
+        measured = self.promoter.measured()
+        nothing = measured == {"tier_s_per_byte": {}}  # never overwrite kept costs with no measurement
+        if not nothing and measured != self._costs_saved and self.ns is not None and not self.read_only:
+            blob = json.dumps(measured, sort_keys=True).encode()
+            if self.engine.put_note(self._costs_note(), blob):
+                self._costs_saved = measured
+
+    def _costs_note(self) -> str:
+        return f"costs:{self.ns.id.hex()}"
+
+    def _load_costs(self) -> None:
+        """Costs measured by an earlier run of this server (same namespace: model, shapes, layout), so that
+        reload-vs-recompute runs on measurements from the first request after a restart."""
+        raw = self.engine.get_note(self._costs_note())
+        if raw is None:
+            return
+        try:
+            measured = json.loads(raw)
+            self.promoter.calibrate(**measured)
+        except (ValueError, TypeError, ConfigError) as e:
+            log.warning("kvdrive: ignoring the costs kept from an earlier run (%s); measuring afresh", e)
+            return
+        self._costs_saved = self.promoter.measured()
+        c = self.promoter.costs()
+        log.info("kvdrive: costs measured by an earlier run: prefill %.0f tok/s, reload round trip %.1f ms",
+                 c["prefill_tokens_per_s"][0], c["reload_fixed_s"][0] * 1000)
 
     def _count(self, op: str, pages: int, ok: int, nbytes: int, t0: float) -> None:
         with self._lock:

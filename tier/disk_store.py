@@ -46,6 +46,7 @@ log = logging.getLogger("kvdrive.tier")
 GiB = 1 << 30
 MiB = 1 << 20
 _RAW_CODEC = get_codec("raw").code
+_NOTE = b"note:"  # meta-table prefix of small values kept with the store (get_note / put_note)
 _NEVER = bytes(8)  # expires_ms == 0
 
 
@@ -381,6 +382,26 @@ class DiskStore:
                         break
                     out.append(bytes(k[len(prefix) + 1:]))
         return out
+
+    def get_note(self, name: str) -> bytes | None:
+        """A small value kept with the store under ``name`` (e.g. measured costs that should outlive a restart)."""
+        with self._index.read() as txn:
+            v = txn.get(_NOTE + name.encode(), db=self._index.meta)
+        return bytes(v) if v is not None else None
+
+    def put_note(self, name: str, value: bytes) -> bool:
+        """Keep ``value`` (at most 64 KiB) under ``name``; False when the disk tier is off (the note is not kept)."""
+        if len(value) > 65536:
+            raise ConfigError(f"store note {name!r} is {len(value)} bytes; at most 65536 are allowed")
+        if not self._available():
+            return False
+        try:
+            with self._index.write() as txn:
+                txn.put(_NOTE + name.encode(), value, db=self._index.meta)
+        except (OSError, lmdb.Error) as e:
+            self._fault(e, "write")
+            return False
+        return True
 
     def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
         """(namespace id, description, pages, encoded bytes) for each namespace holding pages."""

@@ -230,6 +230,13 @@ class TierEngine:
                 self._queue_cv.wait(0.1 if left is None else min(left, 0.1))
         return True
 
+    def get_note(self, name: str) -> bytes | None:
+        """A small value kept with the disk store (None without one, or when never set)."""
+        return self.disk.get_note(name) if self.disk is not None else None
+
+    def put_note(self, name: str, value: bytes) -> bool:
+        return self.disk.put_note(name, value) if self.disk is not None else False
+
     def maintain(self) -> None:
         if self.disk is not None:
             self.disk.maintain()

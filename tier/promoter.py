@@ -232,6 +232,16 @@ class Promoter:
             if reload_fixed_s is not None:
                 self._reload_fixed_s = reload_fixed_s
 
+    def measured(self) -> dict:
+        """The measured figures only, as calibrate() takes them (to keep them across a restart)."""
+        with self._lock:
+            out = {"tier_s_per_byte": dict(self._tier_s_per_byte)}
+            if self._prefill_s_per_token is not None:
+                out["prefill_s_per_token"] = self._prefill_s_per_token
+            if self._reload_fixed_s is not None:
+                out["reload_fixed_s"] = self._reload_fixed_s
+        return out
+
     def costs(self) -> dict:
         """The cost figures decisions use now, and where each comes from ("measured" or "assumed")."""
         with self._lock:

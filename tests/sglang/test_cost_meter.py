@@ -1,5 +1,6 @@
 """Measured costs reach the promoter: the prefill meter on SGLang's forward hook, the storage reload round trip, and
 per-tier read speeds, with real SGLang host pools and kvdrive's real tiers (CPU)."""
+import logging
 import time
 from types import SimpleNamespace
 
@@ -76,3 +77,32 @@ def test_measured_costs_decide_reload_vs_recompute(tmp_path, monkeypatch):
     assert be.batch_exists(_keys(40)) == 0
     assert be.tier_stats()["io"]["recompute_pages"] >= 40
     be.close()
+
+
+def test_measured_costs_outlive_a_restart(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    be.promoter.calibrate(prefill_s_per_token=1e-5, tier_s_per_byte={"disk": 2e-9}, reload_fixed_s=0.02)
+    be._calibrate()
+    be.close()
+    again = make_backend(tmp_path, make_host())  # a new server on the same store: no measurement yet
+    costs = again.tier_stats()["costs"]
+    assert costs["prefill_tokens_per_s"] == (pytest.approx(1e5), "measured")
+    assert costs["reload_fixed_s"] == (pytest.approx(0.02), "measured")
+    assert costs["disk_gbps"] == (pytest.approx(0.5), "measured")
+    assert costs["dram_gbps"][1] == "assumed"
+    again.close()
+    other = make_backend(tmp_path / "other", make_host())  # another store knows nothing of them
+    assert all(src == "assumed" for _, src in other.tier_stats()["costs"].values())
+    other.close()
+
+
+def test_a_damaged_costs_note_is_ignored(tmp_path, caplog):
+    be = make_backend(tmp_path, make_host())
+    be.engine.put_note(be._costs_note(), b'{"prefill_s_per_token": -3}')
+    be.close()
+    with caplog.at_level(logging.WARNING, logger="kvdrive.sglang"):
+        again = make_backend(tmp_path, make_host())
+    assert again.tier_stats()["costs"]["prefill_tokens_per_s"][1] == "assumed"
+    assert "ignoring the costs kept" in caplog.text
+    again.close()
