@@ -11,3 +11,60 @@ def cpu_model(default: str = "unknown") -> str:
     except OSError:
         pass
     return default
+
+
+def machine(repo: str) -> dict:
+    """What a result ran on: CPU, cores, versions, the git revision of ``repo`` (+uncommitted) and the date."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    import sglang
+    import torch
+
+    try:
+        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        rev = rev + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        rev = "?"
+    return {"cpu": cpu_model(platform.processor() or ""), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "sglang": sglang.__version__, "torch": torch.__version__, "git": rev,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+class Progress:
+    """A plain-text progress bar on stderr: redrawn in place on a terminal (at most 4 times a second), else one line
+    per 10% (at most one per 2 s) and the last. Called with the count of finished items."""
+
+    def __init__(self, label: str, total: int):
+        import sys
+        import time
+
+        self.label, self.total = label, max(1, total)
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = self.last = time.monotonic()
+        self.next_pct = 10
+
+    def __call__(self, done: int) -> None:
+        import time
+
+        now = time.monotonic()
+        pct = 100 * done // self.total
+        if self.tty:
+            if now - self.last < 0.25 and done < self.total:
+                return
+        elif (pct < self.next_pct or now - self.last < 2.0) and done < self.total:
+            return
+        self.last = now
+        self.next_pct = pct // 10 * 10 + 10
+        el = now - self.t0
+        eta = el / done * (self.total - done) if done else 0.0
+        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+        line = f"{self.label} [{bar}] {done}/{self.total} {pct:3d}% {el:6.0f} s elapsed, eta {eta:5.0f} s"
+        self.stream.write(("\r" + line + ("\n" if done >= self.total else "")) if self.tty else line + "\n")
+        self.stream.flush()

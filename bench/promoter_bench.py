@@ -3,6 +3,10 @@
     python bench/promoter_bench.py            # default sizes (< 3 minutes on 2 cores); writes bench/results/
     python bench/promoter_bench.py --quick    # seconds; writes files only with --out
 
+The pieces are shared with bench/replay_bench.py: trace generators in bench/workloads.py, calibration and the TTFT
+model in bench/cost_model.py, the replay (SGLang's radix tree over kvdrive's tiers) in bench/replay/. Here the
+hierarchy has no SGLang host pool: pages go from the GPU tree straight to kvdrive.
+
 Two generated, seeded workloads (same trace for every policy):
   docs      D documents of 8K-64K tokens with Zipf popularity; each request = one document + a short question,
             followed by a short answer. Poisson arrivals.
@@ -48,22 +52,15 @@ last two turns, 20% uniform. It is fed to the promoter after each request, as kv
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import dataclasses
 import json
-import math
 import os
-import platform
-import random
 import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from array import array
-from collections import Counter, deque
-from typing import NamedTuple
+from collections import Counter
 
 import numpy as np
 
@@ -71,521 +68,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench_common import cpu_model
-from kvdrive_sglang.tier.codecs import peek_header  # noqa: E402
+from bench_common import machine  # noqa: E402
+from cost_model import CostModel, calibrate, percentile  # noqa: E402
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
-from kvdrive_sglang.tier.namespace import Namespace, key_bytes  # noqa: E402
+from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
 from kvdrive_sglang.tier.promoter import Promoter, PromoterConfig  # noqa: E402
-from kvdrive_sglang.tier.synthetic import kv_page  # noqa: E402
+from replay import Config, Replay, ReplayError, SyntheticPages  # noqa: E402
+from replay.tiers import N_POOL_PAGES, SMALL_SHAPE  # noqa: E402
+from workloads import PAGE_TOKENS, Workload, docs_workload, sessions_workload  # noqa: E402
 
 MiB = 1 << 20
-PAGE_TOKENS = 64
-SMALL_SHAPE = dict(page_size=16, num_heads=1, head_dim=64)  # 4 KiB bf16 pages stand in for the real ones
-N_POOL_PAGES = 64  # distinct synthetic page contents, cycled by page id
-VARIANTS = ("gpu_only", "lru", "promoter", "promoter_noattn", "promoter_lrutiers", "promoter_admitall")
+VARIANTS = {  # promoter_bench's hierarchy: no host pool (L2); pages go GPU -> kvdrive
+    "gpu_only": Config("gpu_only"),
+    "lru": Config("lru", l3="kvdrive"),
+    "promoter": Config("promoter", l3="kvdrive", promoter=True),
+    "promoter_noattn": Config("promoter_noattn", l3="kvdrive", promoter=True, attention=False),
+    "promoter_lrutiers": Config("promoter_lrutiers", l3="kvdrive", promoter=True, tier_scores=False),
+    "promoter_admitall": Config("promoter_admitall", l3="kvdrive", promoter=True, admit_min_reuse=1),
+}
 SENS_RATES = (3000, 6000, 12000, 24000, 48000)
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-class Request(NamedTuple):
-    t: float
-    prompt: list  # page ids, prefix order
-    output: list  # page ids of the answer (inserted after decode)
-    mass: np.ndarray  # synthetic attention mass per prompt page (sums to 1)
-
-
-class Workload(NamedTuple):
-    name: str
-    requests: list
-    footprint_pages: int  # distinct pages of prompts and answers
-    params: dict
-
-
-# --- workloads ------------------------------------------------------------------------------------------------------
-
-def _spread(mass: np.ndarray, idx, weight: float) -> None:
-    idx = np.asarray(idx, dtype=np.int64)
-    if len(idx):
-        np.add.at(mass, idx, weight / len(idx))
-
-
-def docs_workload(args, seed: int) -> Workload:
-    rng = np.random.default_rng([seed, 1])
-    next_id = 1
-    docs = []
-    for _ in range(args.docs):
-        n = int(rng.integers(8192 // PAGE_TOKENS, 65536 // PAGE_TOKENS + 1))
-        hot = rng.choice(np.arange(2, n), size=min(8, n - 2), replace=False)
-        docs.append((list(range(next_id, next_id + n)), hot))
-        next_id += n
-    ranks = rng.permutation(args.docs) + 1
-    pop = 1.0 / ranks.astype(np.float64) ** args.zipf
-    pop /= pop.sum()
-    reqs, t = [], 0.0
-    for _ in range(args.doc_requests):
-        t += float(rng.exponential(args.doc_gap_s))
-        d = int(rng.choice(args.docs, p=pop))
-        pages, hot = docs[d]
-        q = list(range(next_id, next_id + int(rng.integers(1, 4))))
-        next_id += len(q)
-        out = list(range(next_id, next_id + int(rng.integers(1, 5))))
-        next_id += len(out)
-        prompt = pages + q
-        n = len(prompt)
-        mass = np.zeros(n)
-        _spread(mass, [0], 0.14)
-        _spread(mass, [1], 0.06)
-        _spread(mass, range(n - 8, n), 0.30)
-        rel = [int(rng.choice(hot)) if rng.random() < 0.7 else int(rng.integers(0, len(pages))) for _ in range(4)]
-        _spread(mass, rel, 0.30)
-        _spread(mass, range(n), 0.20)
-        reqs.append(Request(t, prompt, out, mass))
-    return Workload("docs", reqs, next_id - 1,
-                    dict(docs=args.docs, requests=args.doc_requests, doc_tokens="8K-64K", zipf_s=args.zipf,
-                         mean_gap_s=args.doc_gap_s, question_tokens="64-192", answer_tokens="64-256"))
-
-
-def sessions_workload(args, seed: int) -> Workload:
-    rng = np.random.default_rng([seed, 2])
-    sys_pages = list(range(1, 1 + args.system_pages))
-    next_id = 1 + args.system_pages
-    reqs = []
-    for _ in range(args.sessions):
-        t = float(rng.uniform(0, args.session_spread_s))
-        history = list(sys_pages)
-        turns = []  # page index ranges of the turns, for the attention pattern
-        for _ in range(int(rng.integers(args.turns_min, args.turns_max + 1))):
-            n_in = min(32, 2 + int(rng.exponential(8.0)))
-            n_out = int(rng.integers(2, 9))
-            start = len(history)
-            history = history + list(range(next_id, next_id + n_in))
-            next_id += n_in
-            prompt = history
-            n = len(prompt)
-            mass = np.zeros(n)
-            _spread(mass, [0], 0.14)
-            _spread(mass, [1], 0.06)
-            _spread(mass, range(max(0, n - 8), n), 0.30)
-            recent_from = turns[-1][0] if turns else start
-            _spread(mass, range(recent_from, n), 0.30)
-            _spread(mass, range(n), 0.20)
-            out = list(range(next_id, next_id + n_out))
-            next_id += n_out
-            reqs.append(Request(t, prompt, out, mass))
-            turns.append((start, n + n_out))
-            history = history + out
-            t += n_out * PAGE_TOKENS / args.decode_tps + float(rng.exponential(args.think_s))
-    reqs.sort(key=lambda r: r.t)
-    return Workload("sessions", reqs, next_id - 1,
-                    dict(sessions=args.sessions, requests=len(reqs), turns=f"{args.turns_min}-{args.turns_max}",
-                         system_prompt_tokens=args.system_pages * PAGE_TOKENS, turn_input_tokens="128-2048",
-                         answer_tokens="128-512", mean_think_s=args.think_s, decode_tps=args.decode_tps,
-                         session_starts_s=f"0-{args.session_spread_s:g}"))
-
-
-# --- calibration: the tier constants of the cost model, measured here ------------------------------------------------
-
-def _drop_cache(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for f in files:
-            if f.endswith(".kvs"):
-                fd = os.open(os.path.join(root, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-
-
-def calibrate(tmp: str, pages: int, reps: int) -> dict:
-    """TierEngine read throughput from DRAM and from disk (cold), write throughput, disk latency, zstd ratio, on
-    256 KiB bf16 pages [2, 64, 8, 128]."""
-    ns = Namespace(model="calib", kv_dtype="bfloat16", layout="mha", page_size=64, num_heads=8, head_dim=128,
-                   num_layers=1)
-    rng = np.random.default_rng(1234)
-    distinct = [kv_page(rng) for _ in range(min(48, pages))]
-    data = [distinct[i % len(distinct)] for i in range(pages)]
-    raw = sum(p.nbytes for p in data)
-    outs = [np.zeros_like(data[0]) for _ in range(pages)]  # touched: no first-touch faults inside the timing
-    res = {"page_bytes": data[0].nbytes, "pages": pages, "reps": reps}
-    dram, disk, write, single = [], [], [], []
-    path = os.path.join(tmp, "calib")
-    for r in range(-1, reps):  # rep -1 warms up (allocator, page cache, zstd contexts) and is not counted
-        if r == 0:
-            dram, disk, write, single = [], [], [], []
-        shutil.rmtree(path, ignore_errors=True)
-        keys = [f"c{r}-{i}" for i in range(pages)]
-        with TierEngine(TierConfig(path=path, host_bytes=4 * raw, disk_bytes=8 * raw + (64 * MiB))) as e:
-            t0 = time.perf_counter()
-            e.put_many(ns, keys, data)
-            if not e.flush(timeout=120):
-                raise BenchError("calibration: the disk tier did not take the pages")
-            write.append(raw / (time.perf_counter() - t0) / 1e9)
-            t0 = time.perf_counter()
-            got = e.get_many(ns, keys, outs)
-            dram.append(raw / (time.perf_counter() - t0) / 1e9)
-            if not all(got):
-                raise BenchError("calibration: DRAM read missed")
-            st = e.stats().host
-            res["zstd_ratio"] = st.raw_bytes / st.used_bytes
-        with TierEngine(TierConfig(path=path, host_bytes=0, disk_bytes=8 * raw + (64 * MiB))) as e:
-            _drop_cache(path)
-            t0 = time.perf_counter()
-            got = e.get_many(ns, keys, outs)
-            disk.append(raw / (time.perf_counter() - t0) / 1e9)
-            if not all(got) or not np.array_equal(outs[-1], data[-1]):
-                raise BenchError("calibration: disk read missed or differed")
-            _drop_cache(path)
-            for i in random.Random(r).sample(range(pages), min(24, pages)):
-                t0 = time.perf_counter()
-                e.get_many(ns, [keys[i]], [outs[0]])
-                single.append(time.perf_counter() - t0)
-    shutil.rmtree(path, ignore_errors=True)
-    res["dram_read_gbps"] = statistics.median(dram)
-    res["disk_read_gbps"] = statistics.median(disk)
-    res["disk_write_gbps"] = statistics.median(write)
-    res["single_page_disk_read_s"] = statistics.median(single)
-    res["disk_latency_s"] = max(0.0, res["single_page_disk_read_s"] - res["page_bytes"] / (res["disk_read_gbps"] * 1e9))
-    res["runs"] = {"dram_read_gbps": dram, "disk_read_gbps": disk, "disk_write_gbps": write}
-    return res
-
-
-# --- replay ---------------------------------------------------------------------------------------------------------
-
-class Gpu:
-    """SGLang's RadixCache on CPU with real pools, one tree token per 64-token page."""
-
-    def __init__(self, pages: int, strategy=None):
-        import torch
-        from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
-        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-        from sglang.srt.mem_cache.radix_cache import RadixCache
-
-        class BenchRadixCache(RadixCache):
-            removed: list
-
-            def _record_remove_event(self, node, medium=None):
-                self.removed.extend(node.key.token_ids)
-                super()._record_remove_event(node, medium)
-
-        self.torch = torch
-        kv = MHATokenToKVPool(size=pages, page_size=1, dtype=torch.float16, head_num=1, head_dim=1, layer_num=1,
-                              device="cpu", enable_memory_saver=False)
-        self.alloc = TokenToKVPoolAllocator(size=pages, dtype=torch.float16, device="cpu", kvcache=kv,
-                                            need_sort=False)
-        req_pool = ReqToTokenPool(size=4, max_context_len=8, device="cpu", enable_memory_saver=False)
-        self.tree = BenchRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
-                                                    token_to_kv_pool_allocator=self.alloc, page_size=1,
-                                                    eviction_policy="lru"))
-        self.tree.removed = []
-        if strategy is not None:
-            self.tree.eviction_strategy = strategy
-        self.pages = pages
-
-    def match(self, ids):
-        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-        from sglang.srt.mem_cache.radix_cache import RadixKey
-        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", ids))))
-        self.tree.inc_lock_ref(m.last_device_node)
-        return m
-
-    def insert(self, m, ids) -> list:
-        """Insert the finished request (prompt + answer); returns the page ids the tree evicted to make room."""
-        from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
-        from sglang.srt.mem_cache.radix_cache import RadixKey
-        g = len(m.device_indices)
-        need = len(ids) - g
-        avail = self.alloc.available_size()
-        if avail < need:
-            self.tree.evict(EvictParams(num_tokens=need - avail))
-        new = self.alloc.alloc(need)
-        if new is None:
-            raise BenchError(f"GPU tier of {self.pages} pages cannot hold one request of {len(ids)} pages")
-        value = self.torch.cat([m.device_indices, new])
-        res = self.tree.insert(InsertParams(key=RadixKey(array("q", ids)), value=value))
-        if res.prefix_len > g:
-            self.alloc.free(value[g:res.prefix_len])
-        self.tree.dec_lock_ref(m.last_device_node)
-        removed, self.tree.removed = self.tree.removed, []
-        return removed
-
-
-class PromoterStrategy:
-    """SGLang EvictionStrategy: a radix node's priority is the promoter's score of its pages (then recency)."""
-
-    def __init__(self, promoter: Promoter):
-        self.p = promoter
-
-    def get_priority(self, node):
-        return (self.p.group_score([str(t) for t in node.key.token_ids]), node.last_access_time)
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
-def percentile(xs, q):
-    if not xs:
-        return 0.0
-    return float(np.percentile(np.asarray(xs), q))
-
-
-class Replay:
-    def __init__(self, variant: str, wl: Workload, budgets: dict, cost: dict, args, tmp: str, pool_pages):
-        self.variant, self.wl, self.budgets, self.cost, self.args = variant, wl, budgets, cost, args
-        self.clock = Clock()
-        self.use_tiers = variant != "gpu_only"
-        self.use_promoter = variant.startswith("promoter")
-        self.use_scores = self.use_promoter and variant != "promoter_lrutiers"
-        cfg = dict(half_life_s=args.half_life_s, dram_gbps=cost["dram_gbps"], disk_gbps=cost["disk_gbps"],
-                   disk_latency_s=cost["disk_latency_s"], pcie_gbps=cost["pcie_gbps"],
-                   prefill_tokens_per_s=cost["prefill_tokens_per_s"], max_tracked=1 << 22)
-        if variant == "promoter_admitall":
-            cfg["admit_min_reuse"] = 1
-        self.promoter = Promoter(PromoterConfig(**cfg), clock=self.clock)
-        self.model = self.promoter  # its reload/recompute arithmetic is the cost model for every policy
-        self.gpu = Gpu(budgets["gpu_pages"], PromoterStrategy(self.promoter) if self.use_promoter else None)
-        self.ns = Namespace(model="bench-8b", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
-        self.pool_pages = pool_pages
-        self.page_bytes = cost["bytes_per_token"] * PAGE_TOKENS
-        self.engine = None
-        if self.use_tiers:
-            self.dir = os.path.join(tmp, variant)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.engine = TierEngine(TierConfig(path=self.dir, host_bytes=budgets["host_bytes"],
-                                                disk_bytes=budgets["disk_bytes"], codec="zstd",
-                                                disk={"gc_live_ratio": args.disk_gc_live_ratio}))
-        self.outs = [np.empty_like(pool_pages[0]) for _ in range(budgets["max_request_pages"])]
-        self.gpu_set: set = set()
-        self.prefetched: set = set()  # keys brought up by prefetch and not used since
-        self.recent = deque(maxlen=args.prefetch_recent)
-        self.last_tick = None
-        self.c = Counter()
-        self.ttft, self.nocache = [], []
-        self.records = []  # per request: (prompt pages, gpu hit pages, tiers found "m"/"d" string, pages reloaded)
-
-    # engine helpers
-    def _page(self, pid: int):
-        return self.pool_pages[pid % len(self.pool_pages)]
-
-    def _put(self, keys, with_scores: bool):
-        if not keys:
-            return
-        scores = self.promoter.score_of(keys) if with_scores else None
-        self.engine.put_many(self.ns, keys, [self._page(int(k)) for k in keys], scores=scores)
-        self.c["pages_put"] += len(keys)
-
-    def run(self) -> dict:
-        t0 = time.perf_counter()
-        for req in self.wl.requests:
-            self.step(req)
-        wall = time.perf_counter() - t0
-        out = self.summary(wall)
-        if self.engine is not None:
-            self.engine.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return out
-
-    def step(self, req: Request) -> None:
-        self.clock.t = req.t
-        if self.use_promoter and self.args.prefetch_share > 0:
-            self.prefetch(req.t)
-        P, O = req.prompt, req.output
-        keys = [str(x) for x in P]
-        m = self.gpu.match(P)
-        g = len(m.device_indices)
-        tiers, k = [], 0
-        if self.use_tiers:
-            n_t = self.engine.exists_many(self.ns, keys[g:])
-            if n_t:
-                tiers = self.engine.tiers_of(self.ns, keys[g:g + n_t])
-                if None in tiers:  # evicted between the two calls (the writer thread): a shorter hit
-                    tiers = tiers[:tiers.index(None)]
-            if self.use_promoter:
-                k = self.model.plan_prefix(tiers, PAGE_TOKENS, self.page_bytes).reload_pages
-            else:
-                k = len(tiers)
-            if k:
-                got = self.engine.get_many(self.ns, keys[g:g + k], self.outs[:k])
-                if not all(got):
-                    k = got.index(False)
-                    self.c["vanished"] += 1
-                if k and not np.array_equal(self.outs[0], self._page(P[g])):
-                    raise BenchError(f"page {P[g]} read back wrong")
-        used = tiers[:k]
-        reload_s = 0.0
-        for tier, n in Counter(used).items():
-            reload_s += self.model.reload_or_recompute(n * PAGE_TOKENS, n * self.page_bytes, tier).reload_s
-        recompute = len(P) - g - k
-        ttft = reload_s + recompute * PAGE_TOKENS / self.cost["prefill_tokens_per_s"]
-        nocache = len(P) * PAGE_TOKENS / self.cost["prefill_tokens_per_s"]
-        self.ttft.append(ttft)
-        self.nocache.append(nocache)
-        if ttft > nocache * (1 + 1e-9):
-            self.c["slower_than_no_cache"] += 1
-        c = self.c
-        c["requests"] += 1
-        c["prompt_pages"] += len(P)
-        c["gpu_hit_pages"] += g
-        for t in tiers:
-            c["found_" + ("disk" if t == "disk" else "dram")] += 1
-        for t in used:
-            c["used_" + ("disk" if t == "disk" else "dram")] += 1
-        if self.prefetched:
-            for key, t in zip(keys[g:g + k], used):
-                if t != "disk" and key in self.prefetched:
-                    self.prefetched.discard(key)
-                    c["prefetch_used"] += 1
-        c["recomputed_pages"] += recompute
-        self.records.append((len(P), g, "".join("d" if t == "disk" else "m" for t in tiers), k))
-
-        # the request ran: into the tree (evicting as needed), then observations and write-down
-        full = P + O
-        fkeys = keys + [str(x) for x in O]
-        if self.use_promoter:
-            self.promoter.observe_access(fkeys, PAGE_TOKENS, self.page_bytes)
-            if self.variant != "promoter_noattn":
-                self.promoter.observe_attention({keys[i]: float(v) for i, v in enumerate(req.mass) if v > 0})
-        evicted = self.gpu.insert(m, full)
-        self.gpu_set.update(full[g:])
-        self.gpu_set.difference_update(evicted)
-        c["gpu_evicted_pages"] += len(evicted)
-        if not self.use_tiers:
-            return
-        if self.use_promoter:
-            wb = [str(x) for x in evicted]
-            where = self.engine.tiers_of(self.ns, fkeys + wb)
-            held = [key for key, t in zip(fkeys, where) if t is not None]
-            new = [key for key, t in zip(fkeys[g:], where[g:len(fkeys)]) if t is None]
-            new += [key for key, t in zip(wb, where[len(fkeys):]) if t is None]  # write-back on tree eviction
-            new = list(dict.fromkeys(new))
-            admitted = [key for key in new if self.promoter.admit(key)]
-            c["not_admitted"] += len(new) - len(admitted)
-            if held and self.use_scores:
-                scores = dict(zip(fkeys, self.promoter.score_of(fkeys, chain=True)))
-                self.engine.set_scores(self.ns, held, [scores[key] for key in held])
-            self._put(admitted, with_scores=self.use_scores)
-        else:
-            rest = fkeys[g + len(tiers):]
-            self._put([key for key, t in zip(rest, self.engine.tiers_of(self.ns, rest)) if t is None],
-                      with_scores=False)
-        self.recent.append(fkeys)
-        self.engine.flush(timeout=120)  # deterministic replay: the disk holds what was written before the next one
-
-    def prefetch(self, now: float) -> None:
-        if self.last_tick is None:
-            self.last_tick = now
-            return
-        window = min(now - self.last_tick, self.args.prefetch_window_s)
-        if window < self.args.prefetch_tick_s:
-            return
-        self.last_tick = now
-        budget = int(self.args.prefetch_share * self.cost["disk_gbps"] * 1e9 * window)
-        cands = list(dict.fromkeys(k for chain in self.recent for k in chain if int(k) not in self.gpu_set))
-        if not cands:
-            return
-        cands = [k for k, t in zip(cands, self.engine.tiers_of(self.ns, cands)) if t == "disk"]
-        picked = self.promoter.prefetch(cands, budget // self.page_bytes * self.page_bytes)
-        if not picked:
-            return
-        scores = self.promoter.score_of(picked) if self.use_scores else [0.0] * len(picked)
-        if self.use_scores:
-            # what a promote call should do: never bring up a page the full pool would evict first
-            pool = self.engine.pool
-            with pool._lock:
-                full = pool._used >= pool._low
-                floor = min((e.score for e in pool._map.values()), default=0.0) if full else 0.0
-            keep = [i for i, sc in enumerate(scores) if sc > floor]
-            self.c["prefetch_skipped_low"] += len(picked) - len(keep)
-            picked, scores = [picked[i] for i in keep], [scores[i] for i in keep]
-            if not picked:
-                return
-        blobs = self.engine.disk.read_blobs(self.ns, picked)
-        n = 0
-        for key, blob, s in zip(picked, blobs, scores):
-            if blob is None:
-                continue
-            b = bytes(blob)
-            self.engine.pool.put((self.ns.id, key_bytes(key)), b, peek_header(b).raw_nbytes, ns=self.ns, score=s,
-                                 on_disk=True)
-            self.prefetched.add(key)
-            n += 1
-        self.c["prefetched_pages"] += n
-
-    def summary(self, wall: float) -> dict:
-        c = self.c
-        tok = PAGE_TOKENS
-        enc_page = self.page_bytes / self.cost["zstd_ratio"]
-        prompt = c["prompt_pages"] * tok
-        out = {
-            "requests": c["requests"],
-            "prompt_tokens": prompt,
-            "prefill_tokens": c["recomputed_pages"] * tok,
-            "prefill_tokens_saved": prompt - c["recomputed_pages"] * tok,
-            "saved_pct": 100.0 * (1 - c["recomputed_pages"] / max(1, c["prompt_pages"])),
-            "hit_tokens_gpu": c["gpu_hit_pages"] * tok,
-            "hit_tokens_dram_found": c["found_dram"] * tok,
-            "hit_tokens_dram_used": c["used_dram"] * tok,
-            "hit_tokens_disk_found": c["found_disk"] * tok,
-            "hit_tokens_disk_used": c["used_disk"] * tok,
-            "ttft_p50_s": percentile(self.ttft, 50),
-            "ttft_p90_s": percentile(self.ttft, 90),
-            "ttft_p99_s": percentile(self.ttft, 99),
-            "ttft_mean_s": float(np.mean(self.ttft)) if self.ttft else 0.0,
-            "nocache_ttft_p50_s": percentile(self.nocache, 50),
-            "nocache_ttft_p99_s": percentile(self.nocache, 99),
-            "requests_slower_than_no_cache": c["slower_than_no_cache"],
-            "gpu_evicted_tokens": c["gpu_evicted_pages"] * tok,
-            "wall_s": wall,
-        }
-        if self.engine is not None:
-            s = self.engine.stats()
-            d = s.disk
-            out.update({
-                "pages_written_down": c["pages_put"],
-                "pages_not_admitted": c["not_admitted"],
-                "disk_pages_written": d.pages_written,
-                "disk_gb_written_model": d.pages_written * enc_page / 1e9,
-                "disk_pages_read": d.hits,
-                "disk_gb_read_model": d.hits * enc_page / 1e9,
-                "prefetched_pages": c["prefetched_pages"],
-                "prefetched_pages_used": c["prefetch_used"],
-                "disk_evicted_pages": d.evicted,
-                "disk_writes_refused_full": d.rejected_full,
-                "disk_segments_compacted": d.segments_compacted,
-                "disk_entries_at_end": d.entries,
-                "disk_live_pct_of_cap_at_end": 100.0 * d.live_bytes / max(1, d.capacity_bytes),
-                "dram_dropped_pages": s.host.dropped,
-                "writedown_dropped": s.writedown_dropped,
-                "vanished_between_lookup_and_read": c["vanished"],
-                "engine_small_bytes_written": d.bytes_written,
-                "engine_small_bytes_read": d.bytes_read,
-            })
-        return out
-
-
-def ttft_from_records(records, cost: dict, rate: float, use_plan: bool) -> dict:
+def ttft_from_records(records, cost: CostModel, rate: float, use_plan: bool) -> dict:
     """TTFT and hits used at prefill ``rate`` from the per-request hits a replay recorded: every found hit reloaded
     (use_plan False: lru) or as Promoter.plan_prefix decides at that rate. Exact for replays whose cache contents do
     not depend on the rate (gpu_only, lru); for promoter replays of another rate it is a post-hoc estimate."""
-    p = Promoter(PromoterConfig(dram_gbps=cost["dram_gbps"], disk_gbps=cost["disk_gbps"],
-                                disk_latency_s=cost["disk_latency_s"], pcie_gbps=cost["pcie_gbps"],
-                                prefill_tokens_per_s=float(rate)))
-    page_bytes = cost["bytes_per_token"] * PAGE_TOKENS
+    cost = dataclasses.replace(cost, prefill_tokens_per_s=float(rate))
+    p = Promoter(PromoterConfig(dram_gbps=cost.dram_gbps, disk_gbps=cost.disk_gbps, disk_latency_s=cost.disk_latency_s,
+                                pcie_gbps=cost.pcie_gbps, prefill_tokens_per_s=float(rate)))
+    page_bytes = cost.page_bytes
     ttft, slower, used, recomputed = [], 0, Counter(), 0
     for n, g, tiers, _ in records:
         tl = ["disk" if ch == "d" else "dram" for ch in tiers]
         k = p.plan_prefix(tl, PAGE_TOKENS, page_bytes).reload_pages if use_plan else len(tl)
-        r = sum(p.reload_or_recompute(c * PAGE_TOKENS, c * page_bytes, t).reload_s for t, c in Counter(tl[:k]).items())
-        t = r + (n - g - k) * PAGE_TOKENS / rate
+        t = cost.ttft_s(Counter(tl[:k]), n - g - k)
         ttft.append(t)
         slower += t > n * PAGE_TOKENS / rate * (1 + 1e-9)
         used.update(tl[:k])
@@ -594,7 +110,7 @@ def ttft_from_records(records, cost: dict, rate: float, use_plan: bool) -> dict:
             "recomputed_pages": recomputed}
 
 
-def rescore(res: dict, records, cost: dict, rate: float, use_plan: bool) -> dict:
+def rescore(res: dict, records, cost: CostModel, rate: float, use_plan: bool) -> dict:
     """A replay's summary with the rate-dependent figures evaluated at ``rate`` (see ttft_from_records)."""
     e = ttft_from_records(records, cost, rate, use_plan)
     out = dict(res)
@@ -621,23 +137,6 @@ def budgets_for(wl: Workload, args, small_encoded: float) -> dict:
     disk = int(args.disk_frac * wl.footprint_pages)
     return {"gpu_pages": gpu, "dram_pages": dram, "disk_pages": disk, "max_request_pages": max_req,
             "host_bytes": max(1, int(dram * small_encoded)), "disk_bytes": max(1 << 20, int(disk * small_encoded))}
-
-
-def machine() -> dict:
-    cpu = cpu_model(platform.processor() or "")
-    try:
-        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        rev = rev + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        rev = "?"
-    import sglang
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "sglang": sglang.__version__, "torch": torch.__version__, "git": rev,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 ROWS = [  # (label, key, format)
@@ -830,22 +329,22 @@ def main(argv=None) -> int:
         print(f"  DRAM read {meas['dram_read_gbps']:.2f} GB/s, disk read {meas['disk_read_gbps']:.2f} GB/s, "
               f"disk write {meas['disk_write_gbps']:.2f} GB/s, disk latency {meas['disk_latency_s'] * 1e6:.0f} us, "
               f"zstd {meas['zstd_ratio']:.3f}x", flush=True)
-        base_cost = {"dram_gbps": meas["dram_read_gbps"], "disk_gbps": meas["disk_read_gbps"],
-                     "disk_latency_s": meas["disk_latency_s"], "pcie_gbps": args.pcie_gbps,
-                     "bytes_per_token": args.bytes_per_token, "zstd_ratio": meas["zstd_ratio"]}
+        base_cost = CostModel(prefill_tokens_per_s=rates[0], pcie_gbps=args.pcie_gbps,
+                              bytes_per_token=args.bytes_per_token, dram_gbps=meas["dram_read_gbps"],
+                              disk_gbps=meas["disk_read_gbps"], disk_latency_s=meas["disk_latency_s"],
+                              zstd_ratio=meas["zstd_ratio"], page_tokens=PAGE_TOKENS)
         scenarios = []
         for i, rate in enumerate(rates):
             scenarios.append({"name": chr(ord("A") + i), "prefill_tokens_per_s": rate,
                               "note": PREFILL_NOTES.get(int(rate), "stated on the command line"),
                               "break_even_gbps": rate * args.bytes_per_token / 1e9})
-        rng = np.random.default_rng(99)
-        pool_pages = [kv_page(rng, **SMALL_SHAPE) for _ in range(N_POOL_PAGES)]
+        synth = SyntheticPages(99)
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
         with TierEngine(TierConfig(path=None, host_bytes=64 * MiB)) as e:
-            e.put_many(ns, [f"p{i}" for i in range(N_POOL_PAGES)], pool_pages)
+            e.put_many(ns, [f"p{i}" for i in range(N_POOL_PAGES)], synth.numpy)
             small_encoded = e.stats().host.used_bytes / N_POOL_PAGES
         print("importing sglang ...", flush=True)
-        mach = machine()
+        mach = machine(REPO)
         report = {
             "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] +
                                             (sys.argv[1:] if argv is None else list(argv))),
@@ -894,7 +393,7 @@ def main(argv=None) -> int:
             once = {}  # rate-independent replays: variant -> (summary, records)
             promoter_records = {}
             for sc in scenarios:
-                cost = dict(base_cost, prefill_tokens_per_s=sc["prefill_tokens_per_s"])
+                cost = dataclasses.replace(base_cost, prefill_tokens_per_s=sc["prefill_tokens_per_s"])
                 rate = sc["prefill_tokens_per_s"]
                 nc = [len(r.prompt) * PAGE_TOKENS / rate for r in wl.requests]
                 ws = w["scenarios"][sc["name"]]
@@ -902,12 +401,14 @@ def main(argv=None) -> int:
                 for v in variants:
                     if v in ("gpu_only", "lru"):
                         if v not in once:
-                            rep = Replay(v, wl, b, cost, args, tmp, pool_pages)
+                            rep = Replay(VARIANTS[v], wl, b, cost, args, tmp, synth)
                             once[v] = (rep.run(), rep.records)
+                            del once[v][0]["timeline"], once[v][0]["trace_digest"]
                         res = rescore(once[v][0], once[v][1], cost, rate, use_plan=False)
                     else:
-                        rep = Replay(v, wl, b, cost, args, tmp, pool_pages)
+                        rep = Replay(VARIANTS[v], wl, b, cost, args, tmp, synth)
                         res = rep.run()
+                        del res["timeline"], res["trace_digest"]
                         if v == "promoter" and sc is scenarios[0]:
                             promoter_records = rep.records
                     ws["variants"][v] = res
@@ -940,6 +441,9 @@ def main(argv=None) -> int:
             with open(out + ".md", "w") as f:
                 f.write(md)
             print(f"wrote {out}.json and {out}.md")
+    except ReplayError as e:
+        print(f"promoter_bench: {e}", file=sys.stderr)
+        return 2
     finally:
         if args.dir is None:
             shutil.rmtree(tmp, ignore_errors=True)

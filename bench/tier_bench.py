@@ -19,6 +19,9 @@ paired ratios are in the JSON too):
    and DiskStore.contains over the same keys.
 5. engine: TierEngine (zstd, write_through) with a DRAM budget smaller than the working set: put_many, flush,
    get_many of pages still in DRAM (hot) and of pages only on disk (cold).
+6. encryption at rest: section 2's round trip (raw and zstd blobs, --encrypt-mib MiB) through a DiskStore without
+   and with a key ring (AES-256-GCM per page, tier/crypto.py), interleaved per repetition; the cost is the ratio of
+   the encrypted to the plain GB/s of the same run.
 
 Reads are buffered (no O_DIRECT), "cold-ish": before every read phase the file(s) read are fsync'd and dropped from
 the page cache with posix_fadvise(POSIX_FADV_DONTNEED) - the baseline file and the store's segment files alike.
@@ -57,6 +60,7 @@ import numpy as np
 
 from bench_common import cpu_model
 from kvdrive_sglang.tier.codecs import CODEC_NAMES, decode_page, encode_page, get_codec
+from kvdrive_sglang.tier.crypto import KeyRing, new_key
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.dtypes import to_float32
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
@@ -306,10 +310,10 @@ def raw_direct_write(root: str, src: np.ndarray, rep: int, prefault: Prefault) -
 
 
 def tier_roundtrip(root: str, name: str, ns: Namespace, keys: list[str], blobs: list[bytes], src: np.ndarray,
-                   dst: np.ndarray, batch: int, io: str, prefault: Prefault) -> dict:
+                   dst: np.ndarray, batch: int, io: str, prefault: Prefault, keyring: KeyRing | None = None) -> dict:
     """put_many the blobs into a fresh store, drop its segments from the page cache, get_many into dst."""
     path = os.path.join(root, name)
-    store = DiskStore(DiskStoreConfig(path=path, io=io))
+    store = DiskStore(DiskStoreConfig(path=path, io=io), keyring=keyring)
     tio = None
     if hasattr(store, "_io"):  # private, but the breakdown is worth it; skipped if the store changes shape
         tio = store._io = TimedIO(store._io)
@@ -400,6 +404,43 @@ def bench_disk(a, root: str, pages: np.ndarray, keys: list[str], prefault: Prefa
     b = runs["raw_baseline"]
     out["raw_baseline"]["write_breakdown_s_median"] = {"write": med([r["write_copy_s"] for r in b]),
                                                        "fsync": med([r["write_fsync_s"] for r in b])}
+    return out
+
+
+def bench_encrypt(a, root: str, pages: np.ndarray, keys: list[str], prefault: Prefault) -> dict:
+    """Section 6: the disk tier's round trip without and with AES-GCM sealing, interleaved per repetition."""
+    ns = make_ns()
+    key_file = os.path.join(root, "keys.json")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"": new_key()}, f)  # unsalted traffic's key: the bench namespace has no tenant
+    ring = KeyRing(key_file)
+    dst = np.empty_like(pages)
+    dst.reshape(-1).view(np.uint8).fill(0)
+    blobs = {"raw": [encode_page(p, "bfloat16", "raw", ROW_LEN) for p in pages],
+             "zstd": [encode_page(p, "bfloat16", "zstd", ROW_LEN) for p in pages]}
+    runs = {f"{codec}_{mode}": [] for codec in blobs for mode in ("plain", "aesgcm")}
+    for rep in range(a.disk_reps):
+        for codec, bl in blobs.items():
+            for mode, kr in (("plain", None), ("aesgcm", ring)):
+                r = tier_roundtrip(root, f"enc-{codec}-{mode}-{rep}", ns, keys, bl, pages, dst, a.batch, a.io,
+                                   prefault, keyring=kr)
+                runs[f"{codec}_{mode}"].append(r)
+        log(f"  rep {rep}: " + " | ".join(
+            f"{side} w {gbps(r[-1]['raw_bytes'], r[-1]['write_s']):.2f} "
+            f"r {gbps(r[-1]['raw_bytes'], r[-1]['read_s']):.2f}" for side, r in runs.items()) + " GB/s")
+    n = pages.nbytes
+    out = {"bytes": n, "pages": len(pages), "batch_pages": a.batch, "runs": runs}
+    for side, rs in runs.items():
+        out[side] = {"write_gbps": gbps(n, med([r["write_s"] for r in rs])),
+                     "read_gbps": gbps(n, med([r["read_s"] for r in rs])),
+                     "stored_bytes": rs[0]["stored_bytes"]}
+    for codec in blobs:
+        plain, sealed = runs[f"{codec}_plain"], runs[f"{codec}_aesgcm"]
+        for d in ("write", "read"):
+            out[f"{codec}_aesgcm"][f"{d}_vs_plain"] = out[f"{codec}_aesgcm"][f"{d}_gbps"] / out[f"{codec}_plain"][
+                f"{d}_gbps"]
+            out[f"{codec}_aesgcm"][f"{d}_vs_plain_paired"] = [p[f"{d}_s"] / e[f"{d}_s"] for p, e in zip(plain, sealed)]
     return out
 
 
@@ -689,6 +730,17 @@ def summary_rows(res: dict) -> list[dict]:
         row("engine", "put_many + flush (durable)", e["put_flush_gbps"], "GB/s")
         row("engine", f"get_many hot ({hot:.0f} pages in DRAM)", e["get_hot_gbps"], "GB/s")
         row("engine", f"get_many cold ({cold:.0f} pages on disk, cold-ish)", e["get_cold_gbps"], "GB/s")
+    en = res.get("encrypt")
+    if en:
+        for codec in ("raw", "zstd"):
+            sealed, plain = en[f"{codec}_aesgcm"], en[f"{codec}_plain"]
+            row("encrypt", f"tier {codec} put_many, plain ({en['bytes'] // MiB} MiB)", plain["write_gbps"], "GB/s")
+            row("encrypt", f"tier {codec} put_many, AES-256-GCM", sealed["write_gbps"], "GB/s")
+            row("encrypt", f"tier {codec} put_many, AES-GCM / plain (same run)", sealed["write_vs_plain"], "x")
+            row("encrypt", f"tier {codec} get_many, plain", plain["read_gbps"], "GB/s")
+            row("encrypt", f"tier {codec} get_many, AES-256-GCM (incl. decrypt + decode)", sealed["read_gbps"],
+                "GB/s")
+            row("encrypt", f"tier {codec} get_many, AES-GCM / plain (same run)", sealed["read_vs_plain"], "x")
     return rows
 
 
@@ -778,14 +830,17 @@ def parse(argv):
     ap.add_argument("--engine-mib", type=int, default=None, help="engine working set MiB (default 256, quick 32)")
     ap.add_argument("--engine-host-mib", type=int, default=None, help="engine DRAM budget MiB (default 64, quick 8)")
     ap.add_argument("--io", default="auto", choices=("auto", "posix", "kvikio"), help="DiskStoreConfig.io")
-    ap.add_argument("--only", default="disk,codecs,lookups,engine", help="comma list of sections to run")
+    ap.add_argument("--only", default="disk,codecs,lookups,engine,encrypt", help="comma list of sections to run")
+    ap.add_argument("--encrypt-mib", type=int, default=None,
+                    help="working set of the encryption section in MiB (default 128, quick 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the bench directory (default: removed)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed (data errors always exit 2)")
     a = ap.parse_args(argv)
     q = a.quick
     for name, full, quick in (("mib", 512, 32), ("reps", 3, 3), ("disk_reps", 5, 3), ("codec_pages", 200, 24),
-                              ("lookup_keys", 131072, 8192), ("engine_mib", 256, 32), ("engine_host_mib", 64, 8)):
+                              ("lookup_keys", 131072, 8192), ("engine_mib", 256, 32), ("engine_host_mib", 64, 8),
+                              ("encrypt_mib", 128, 16)):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
     if min(a.reps, a.disk_reps, a.mib, a.batch) < 1:
@@ -820,10 +875,11 @@ def main(argv=None) -> int:
     prefault = Prefault(a.prefault)
     cpu0 = cpu_sample()
     try:
-        need_pages = {"disk", "engine"} & set(a.sections)
+        need_pages = {"disk", "engine", "encrypt"} & set(a.sections)
         if need_pages:
             n_pages = max(a.mib if "disk" in a.sections else 0,
-                          a.engine_mib if "engine" in a.sections else 0) * MiB // (2 * np.prod(PAGE_SHAPE))
+                          a.engine_mib if "engine" in a.sections else 0,
+                          a.encrypt_mib if "encrypt" in a.sections else 0) * MiB // (2 * np.prod(PAGE_SHAPE))
             t0 = time.perf_counter()
             rng = np.random.default_rng(a.seed)
             pages = np.empty((n_pages,) + PAGE_SHAPE, np.uint16)  # preallocated; filled = touched
@@ -845,6 +901,11 @@ def main(argv=None) -> int:
         if "engine" in a.sections:
             log(f"[5] engine, {a.engine_mib} MiB of pages, DRAM budget {a.engine_host_mib} MiB")
             res["engine"] = bench_engine(a, root, pages, keys, prefault)
+        if "encrypt" in a.sections:
+            n_enc = a.encrypt_mib * MiB // pages[0].nbytes
+            log(f"[6] encryption at rest, {n_enc} pages, plain vs AES-256-GCM, {a.disk_reps} reps")
+            res["encrypt"] = bench_encrypt(a, root, pages[:n_enc], keys[:n_enc], prefault)
+            gc.collect()
     except BenchError as e:
         log(f"BENCH ERROR: {e}")
         rc = 2

@@ -29,6 +29,7 @@ STORAGE_MODULE = "kvdrive_sglang.storage_backend"
 STORAGE_CLASS = "KvdriveStorage"
 RADIX_BACKEND = "kvdrive"
 GiB = 1 << 30
+MIN_DISK_BYTES = 1 << 20
 
 
 def default_dir() -> str:
@@ -42,6 +43,8 @@ class KvdriveOptions:
     host_gb: float = 4.0  # kvdrive's compressed DRAM tier (SGLang's own host pool is sized by --hicache-ratio/size)
     disk_gb: float = 64.0
     codec: str = "zstd"
+    encrypt: str | None = None  # encryption at rest: key file (absolute path) or "env" (KVDRIVE_KEYS)
+    tenants: dict | None = None  # per-tenant policy: {"<salt>": {"ttl_s": ..., "share_as": ...}}
 
 
 # our option -> (dest, type, default, help)
@@ -53,6 +56,13 @@ _OPTIONS = {
     "--kvdrive-disk-gb": ("kvdrive_disk_gb", float, KvdriveOptions.disk_gb, "disk store cap in GB"),
     "--kvdrive-codec": ("kvdrive_codec", str, KvdriveOptions.codec,
                         f"page codec: {', '.join(CODEC_NAMES)} (int8/fp8 are lossy: opt in)"),
+    "--kvdrive-encrypt": ("kvdrive_encrypt", str, None,
+                          "encrypt pages at rest (AES-256-GCM, a key per tenant): KEYFILE, a JSON object of tenant "
+                          "(cache salt, @group, or \"\" for unsalted traffic) -> base64 key, mode 0600; or 'env' "
+                          "to read that JSON from $KVDRIVE_KEYS. Deleting a tenant's key erases its stored pages"),
+    "--kvdrive-tenants": ("kvdrive_tenants", str, None,
+                          "per-tenant policy, a JSON object (or a JSON file) of cache salt -> {\"ttl_s\": seconds, "
+                          "\"share_as\": group}; salts with the same share_as group share pages"),
 }
 _KWARGS = {"kv_tier"} | {dest for dest, *_ in _OPTIONS.values()}
 
@@ -82,22 +92,61 @@ def options_from(values: dict) -> KvdriveOptions:
             raise ConfigError(f"{flag} must be a number of GB, got {v!r}") from None
         if not (v >= 0 if key == "host_gb" else v > 0) or v != v or v == float("inf"):
             raise ConfigError(f"{flag} must be {'>= 0' if key == 'host_gb' else '> 0'} GB, got {v!r}")
+        if key == "disk_gb" and int(v * GiB) < MIN_DISK_BYTES:
+            # a cap that rounds to 0 bytes passed here and then failed in the scheduler (found by fuzzing the flags)
+            raise ConfigError(f"{flag} must be at least {MIN_DISK_BYTES / GiB:.6f} GB (1 MiB), got {v!r}")
         out[key] = v
     codec = values.get("kvdrive_codec")
     if codec is not None:
         if codec not in CODEC_NAMES:
             raise ConfigError(f"--kvdrive-codec {codec!r} is not one of {', '.join(CODEC_NAMES)}")
         out["codec"] = codec
+    enc = values.get("kvdrive_encrypt")
+    if enc is not None:
+        from .tier.crypto import KeyRing
+
+        out["encrypt"] = KeyRing(enc).source  # a missing, unsafe or malformed key source fails here
+    ten = values.get("kvdrive_tenants")
+    if ten is not None:
+        out["tenants"] = _tenants_option(ten)
     opts = KvdriveOptions(**out)
     check_store_dir(opts.dir, create=True)  # a bad directory fails here, in the launcher, with its own message
     return opts
 
 
+def _tenants_option(value) -> dict:
+    """--kvdrive-tenants: a JSON object, inline or in a file; validated (ConfigError names the bad entry)."""
+    from .tier.tenants import Tenants
+
+    if isinstance(value, dict):
+        obj = value
+    else:
+        text = str(value)
+        if not text.lstrip().startswith("{"):
+            try:
+                with open(os.path.expanduser(text), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError(f"--kvdrive-tenants {value!r}: not a JSON object, and not a readable file "
+                                  f"({e.strerror})") from None
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--kvdrive-tenants is not valid JSON ({e})") from None
+    Tenants(obj)
+    return obj
+
+
 def storage_extra_config(opts: KvdriveOptions) -> str:
+    section = {"dir": opts.dir, "host_bytes": int(opts.host_gb * GiB), "disk_bytes": int(opts.disk_gb * GiB),
+               "codec": opts.codec}
+    if opts.encrypt is not None:
+        section["encrypt"] = opts.encrypt
+    if opts.tenants:
+        section["tenants"] = opts.tenants
     return json.dumps({
         "backend_name": "kvdrive", "module_path": STORAGE_MODULE, "class_name": STORAGE_CLASS, "interface_v1": 1,
-        "kvdrive": {"dir": opts.dir, "host_bytes": int(opts.host_gb * GiB), "disk_bytes": int(opts.disk_gb * GiB),
-                    "codec": opts.codec},
+        "kvdrive": section,
     })
 
 

@@ -4,11 +4,19 @@ The factory builds exactly the cache SGLang's default chain would build, so ever
 is ``HiRadixCache`` (dense models with ``--enable-hierarchical-cache``) it builds :class:`KvdriveRadixCache` instead, a
 subclass that changes two things and nothing else:
 
-1. **Tenant-isolated storage keys.** SGLang names L3 pages by a SHA-256 chain over token ids that leaves out the
-   request's ``extra_key`` (cache salt, LoRA id, ...), so two tenants sending the same prompt share storage pages
-   (the sglang#37160 bug class). Here a chain whose node carries a non-empty ``extra_key`` starts from
-   :func:`salt_prior` instead of from nothing, on the write path and on the prefetch/lookup path. Unsalted chains are
-   left exactly as SGLang computes them, so pages written by plain SGLang still match.
+1. **Tenant-isolated, tenant-tagged storage keys.** SGLang names L3 pages by a SHA-256 chain over token ids that
+   leaves out the request's ``extra_key`` (cache salt, LoRA id, ...), so two tenants sending the same prompt share
+   storage pages (the sglang#37160 bug class). Here a chain whose node carries a non-empty ``extra_key`` starts from
+   the tenant's root prior (tier/tenants.py: a SHA-256 of the salt, or of its operator-set ``share_as`` group) and
+   every key of it carries the tenant id: 64 hex digits of chain hash + 16 of tenant id. So the storage backend knows
+   each page's tenant (namespace, TTL, encryption key) even for keys SGLang computes on its I/O threads. Unsalted
+   chains are left exactly as SGLang computes them, so pages written by plain SGLang still match.
+
+   SGLang hashes pages in several places (``compute_node_hash_values`` on insert, the controller's
+   ``_storage_hit_query`` on its prefetch thread, KV events), all through ``mem_cache.utils.get_hash_str``, which
+   refuses an 80-digit prior. kvdrive hooks that one function (an AROUND hook in SGLang's plugin hook registry, the
+   same mechanism as its other hooks): a tagged prior is split, the chain continues from its 64-digit hash, and the tag
+   is appended to each result; any other call is passed through untouched.
 2. **Radix events** (device/host/storage hits, evictions, write-backs, load-backs, in tokens) counted here and
    forwarded to the storage backend when it has ``record_radix_event`` (kvdrive's ``KvdriveStorage``).
 
@@ -29,6 +37,7 @@ from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
 from sglang.srt.mem_cache.utils import get_hash_str
 
 from .attention_capture import CAPTURE
+from .tier.tenants import CHAIN_HEX, ID_HEX, Tenants
 
 log = logging.getLogger("kvdrive.sglang")
 
@@ -37,6 +46,70 @@ EVENT_KINDS = ("device_hit", "host_hit", "storage_hit", "evicted", "written_back
 _SALT_DOMAIN = b"kvdrive-salt\0"
 _KEYED = "_kvdrive_keyed"  # TreeNode attribute: hash_value already holds kvdrive's chain for this node
 _UNKNOWN = object()
+
+
+_TAGGED = CHAIN_HEX + ID_HEX
+_HASH_TARGET = "sglang.srt.mem_cache.utils.get_hash_str"
+_NO_POLICY = Tenants()  # no operator policy (a storage backend other than kvdrive's): every salt on its own
+
+
+def tagged_hash(hash_fn, token_ids, prior_hash=None, page_size=None):
+    """SGLang's page hash chain, carrying a tenant tag: a prior of 64 + 16 hex digits continues the chain from its
+    first 64 and appends its last 16 to every result; any other prior is SGLang's own call, unchanged."""
+    if type(prior_hash) is str and len(prior_hash) == _TAGGED:
+        tag = prior_hash[CHAIN_HEX:]
+        out = hash_fn(token_ids, prior_hash[:CHAIN_HEX], page_size=page_size)
+        return [h + tag for h in out] if isinstance(out, list) else out + tag
+    return hash_fn(token_ids, prior_hash, page_size=page_size)
+
+
+def kvdrive_hash(token_ids, prior_hash=None, page_size=None):
+    """``get_hash_str`` that understands tagged priors (see tagged_hash)."""
+    return tagged_hash(_sglang_hash, token_ids, prior_hash, page_size)
+
+
+_sglang_hash = getattr(get_hash_str, "__wrapped__", get_hash_str)  # SGLang's own function, never our hook
+
+
+def _around_get_hash_str(original, token_ids, prior_hash=None, page_size=None):
+    return tagged_hash(original, token_ids, prior_hash, page_size)
+
+
+def _hash_hook_active() -> bool:
+    """Whether SGLang's get_hash_str (as its modules call it) accepts tagged priors."""
+    from sglang.srt.mem_cache import utils
+
+    try:
+        return utils.get_hash_str([0], "0" * _TAGGED, page_size=1) == kvdrive_hash([0], "0" * _TAGGED, 1)
+    except ValueError:
+        return False
+
+
+def _ensure_hash_hook() -> None:
+    """SGLang applies plugin hooks in every process (load_plugins); a cache built without that (an embedding that
+    registers the backend by hand) applies them here, before its controller picks up get_hash_str."""
+    if _hash_hook_active():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    _register_hash_hook()
+    HookRegistry.apply_hooks()
+    if not _hash_hook_active():
+        raise RuntimeError(f"kvdrive: the tenant-key hook on {_HASH_TARGET} could not be applied; kvdrive's radix "
+                           "cache cannot tag storage keys by tenant")
+
+
+_hook_registered = False
+
+
+def _register_hash_hook() -> None:
+    global _hook_registered
+    if _hook_registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_HASH_TARGET, _around_get_hash_str, HookType.AROUND)
+    _hook_registered = True
 
 
 def salt_prior(extra_key: Any) -> Optional[str]:
@@ -85,6 +158,7 @@ class KvdriveRadixCache(HiRadixCache):
         self._kvdrive_salt_by_rid: OrderedDict[str, Any] = OrderedDict()
         self._kvdrive_last_salt = None
         self._kvdrive_warned: set[str] = set()
+        _ensure_hash_hook()  # before super().__init__: the storage controller takes get_hash_str when it attaches
         super().__init__(params=params, server_args=server_args)
         # Value-ordered eviction only where SGLang's default LRU was asked for, and only on a single rank: TP ranks
         # must keep identical trees, and each rank's promoter sees its own heads' attention and its own clock, so
@@ -94,6 +168,13 @@ class KvdriveRadixCache(HiRadixCache):
         elif self.eviction_policy == "lru":
             log.warning("kvdrive: %d TP ranks: GPU eviction stays LRU (the promoter's order is per rank for now)",
                         self.tp_world_size)
+
+    def _kvdrive_root_prior(self, salt) -> Optional[str]:
+        """Where a chain of ``salt``'s pages starts (tagged with its tenant id); None when unsalted. The operator's
+        share_as groups come from kvdrive's storage backend, looked up each time (it can be attached at runtime)."""
+        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
+        policy = getattr(backend, "tenants", None)
+        return (policy if isinstance(policy, Tenants) else _NO_POLICY).root_prior(salt)
 
     def _kvdrive_promoter(self):
         backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
@@ -207,14 +288,14 @@ class KvdriveRadixCache(HiRadixCache):
 
     def _kvdrive_rehash(self, node) -> None:
         """Set node.hash_value, and that of any unhashed ancestors, to kvdrive's chain over the node's whole prefix:
-        SGLang's chain, except that a root-level salted node starts from salt_prior(extra_key)."""
+        SGLang's chain, except that a root-level salted node starts from its tenant's root prior."""
         path = [node]
         while path[-1].parent is not self.root_node and not path[-1].parent.hash_value:
             path.append(path[-1].parent)
         for n in reversed(path):
             parent = n.parent
-            prior = salt_prior(n.key.extra_key) if parent is self.root_node else parent.hash_value[-1]
-            n.hash_value = get_hash_str(n.key, prior, page_size=self.page_size)
+            prior = self._kvdrive_root_prior(n.key.extra_key) if parent is self.root_node else parent.hash_value[-1]
+            n.hash_value = kvdrive_hash(n.key, prior, page_size=self.page_size)
             setattr(n, _KEYED, True)
 
     def _kvdrive_fix_keys(self, node) -> None:
@@ -223,9 +304,10 @@ class KvdriveRadixCache(HiRadixCache):
         HiRadixCache.insert (0.5.17) computes a new node's hash_value with utils.compute_node_hash_values and
         immediately calls _record_store_event(new_node); host->storage backup reads hash_value only later (on the
         write-through ack). So this runs, via the _record_*_event overrides, before any key leaves the tree.
-        Only a root-level salted node needs rehashing: deeper nodes chain from their parent's (already salted)
-        last hash, and split nodes keep slices of a salted chain. Recomputing is idempotent (same tokens, same
-        prior), so nodes that reach here again without the marker are harmless."""
+        Only a root-level salted node needs rehashing: deeper nodes chain from their parent's (already salted and
+        tagged) last hash through the hooked get_hash_str, and split nodes keep slices of a tagged chain.
+        Recomputing is idempotent (same tokens, same prior), so nodes that reach here again without the marker are
+        harmless."""
         if node is self.root_node or node.key is None or getattr(node, _KEYED, False):
             return
         if node.hash_value is None:
@@ -235,7 +317,7 @@ class KvdriveRadixCache(HiRadixCache):
             return
         parent = node.parent
         if parent is self.root_node:
-            if salt_prior(node.key.extra_key) is not None:
+            if self._kvdrive_root_prior(node.key.extra_key) is not None:
                 self._kvdrive_rehash(node)
         elif not parent.hash_value:
             # SGLang chained this node from "no prior" because its parent was never hashed (storage attached at
@@ -267,7 +349,7 @@ class KvdriveRadixCache(HiRadixCache):
     def _kvdrive_chain_start(self, last_host_node, salt) -> Optional[str]:
         """The prior hash for storage keys of tokens that follow last_host_node."""
         if last_host_node is self.root_node:
-            return salt_prior(salt)  # None when unsalted: SGLang's own chain
+            return self._kvdrive_root_prior(salt)  # None when unsalted: SGLang's own chain
         if not last_host_node.hash_value:
             self._kvdrive_rehash(last_host_node)
         else:
@@ -333,12 +415,14 @@ def build_tree_cache(ctx):
     cache = KvdriveRadixCache(params=ctx.params, server_args=ctx.server_args)
     # As the default chain does for HiRadixCache: the model runner waits on this counter for per-layer load-back.
     ctx.tp_worker.register_hicache_layer_transfer_counter(cache.cache_controller.layer_done_counter)
-    log.info("kvdrive: radix cache %s (storage keys salted by extra_key)", type(cache).__name__)
+    log.info("kvdrive: radix cache %s (storage keys salted by extra_key and tagged with its tenant id)",
+             type(cache).__name__)
     return cache
 
 
 def register() -> None:
     """Register the ``kvdrive`` radix-cache backend with SGLang. Idempotent (the plugin runs once per process)."""
+    _register_hash_hook()  # SGLang applies it with the other plugins' hooks
     if registry.get_radix_cache_factory(BACKEND_NAME) is not None:
         return
     registry.register_radix_cache_backend(BACKEND_NAME, build_tree_cache)

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any, List, Optional
 
 import torch
@@ -30,8 +31,9 @@ from .cost_meter import PREFILL, ReloadMeter
 from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
 from .tier.errors import ConfigError
-from .tier.namespace import Namespace
+from .tier.namespace import Namespace, key_bytes
 from .tier.promoter import Promoter, PromoterConfig
+from .tier.tenants import split_key
 
 log = logging.getLogger("kvdrive.sglang")
 
@@ -96,21 +98,26 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
 
 def tier_config_from(extra: dict | None) -> TierConfig:
     """The ``kvdrive`` section of SGLang's storage extra config -> TierConfig (ConfigError names a bad key)."""
-    section = (extra or {}).get("kvdrive")
+    section = extra.get("kvdrive") if isinstance(extra, dict) else None
     if not isinstance(section, dict) or not section.get("dir"):
         raise ConfigError("the kvdrive storage backend needs {'kvdrive': {'dir': ...}} in "
                           "--hicache-storage-backend-extra-config; use --kv-tier kvdrive, which writes it")
     known = {"dir": "path", "host_bytes": "host_bytes", "disk_bytes": "disk_bytes", "codec": "codec",
-             "write_policy": "write_policy", "ttl_s": "default_ttl_s"}
+             "write_policy": "write_policy", "ttl_s": "default_ttl_s",
+             "disk": "disk",  # further disk store options (retry_after_s, map_size, ...), checked by TierConfig
+             "tenants": "tenants",  # per-tenant ttl_s / share_as (tier/tenants.py)
+             "encrypt": "encrypt"}  # encryption at rest: key file path or "env" (tier/crypto.py)
     unknown = sorted(set(section) - set(known) - {"promoter"})
     if unknown:
         raise ConfigError(f"unknown kvdrive storage option(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return TierConfig(**{known[k]: v for k, v in section.items() if k in known})
+    # SGLang's server writes down selectively by default: only pages the promoter admits reach the disk
+    return TierConfig(**{"write_policy": "selective", **{known[k]: v for k, v in section.items() if k in known}})
 
 
 def promoter_config_from(extra: dict | None) -> PromoterConfig:
     """``{'kvdrive': {'promoter': {...}}}``: PromoterConfig fields (bandwidths, prefill tokens/s, half-life)."""
-    section = ((extra or {}).get("kvdrive") or {}).get("promoter") or {}
+    kvdrive = extra.get("kvdrive") if isinstance(extra, dict) else None
+    section = (kvdrive.get("promoter") if isinstance(kvdrive, dict) else None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"kvdrive promoter options must be an object, got {section!r}")
     try:
@@ -125,8 +132,14 @@ class KvdriveStorage(HiCacheStorage):
         self.tier_config = tier_config_from(storage_config.extra_config)
         self.promoter = Promoter(promoter_config_from(storage_config.extra_config))
         self.engine = TierEngine(self.tier_config)
+        # selective write-down: a page reaches the disk only once the promoter finds it worth keeping (reused, a
+        # conversation's continuation, ...), so disk bandwidth is not spent on one-off prompts
+        self.engine.admit = lambda ns, key: self.promoter.admit(key.decode("utf-8", "replace"))
+        self._whole_requests = False  # kvdrive's radix cache reports whole requests (record_request)
         self._scored: set[str] = set()  # pages observed since their score was last handed to the engine
         self.ns: Namespace | None = None
+        self._tenant_ns: dict[str, Namespace] = {}  # tenant id -> this server's namespace for that tenant
+        self.tenants = self.engine.tenants  # the operator's tenant policy (the radix cache reads share_as here)
         self.mem_pool_host = None
         # MLA: every rank has the same cache; SGLang lets rank 0 write, and so do we
         self.read_only = bool(storage_config.is_mla_model and storage_config.tp_rank != 0)
@@ -166,50 +179,115 @@ class KvdriveStorage(HiCacheStorage):
             bufs.append(torch.empty_like(self.mem_pool_host.get_dummy_flat_data_page(), device="cpu"))
         return bufs[:n]
 
+    def _page_starts(self, op: str, keys, host_indices) -> list[int]:
+        """The host-pool slot of each key's page, checked first (found by tests/sglang/test_fuzz_config.py): a page
+        start outside the pool sliced a short page, or wrapped round from the end, and stored it under the key."""
+        for k in keys:
+            key_bytes(k)  # a bad key is a ConfigError naming it, before any page is read or observed
+        ps = self.page_size
+        if not (isinstance(host_indices, torch.Tensor) and host_indices.dim() == 1
+                and not host_indices.is_floating_point() and not host_indices.is_complex()):
+            what = f"a {tuple(host_indices.shape)} {host_indices.dtype} tensor" \
+                if isinstance(host_indices, torch.Tensor) else type(host_indices).__name__
+            raise ConfigError(f"{op}: host_indices must be a 1-D integer tensor, got {what}")
+        if host_indices.numel() < len(keys) * ps:
+            raise ConfigError(f"{op}: {len(keys)} keys need {len(keys) * ps} host indices ({ps} per page), "
+                              f"got {host_indices.numel()}")
+        starts = host_indices[:len(keys) * ps:ps].tolist()
+        size = int(self.mem_pool_host.size)
+        for s in starts:
+            if not 0 <= s <= size - ps or s % ps:
+                raise ConfigError(f"{op}: host index {s} is not the start of a page in the host pool "
+                                  f"({size} slots, pages of {ps})")
+        return starts
+
     def _require_ns(self) -> Namespace:
         if self.ns is None:
             raise RuntimeError("kvdrive storage used before SGLang registered its host pool")
         return self.ns
 
+    def ns_of(self, key) -> Namespace:
+        """The namespace of a page key: a salted request's key carries its tenant id (its last 16 hex digits, see
+        radix_backend), and its pages live in this server's namespace with that tenant; other keys in the base one."""
+        base = self._require_ns()
+        tid = split_key(key)[1]
+        if not tid:
+            return base
+        ns = self._tenant_ns.get(tid)
+        if ns is None:
+            ns = self._tenant_ns.setdefault(tid, replace(base, tenant=tid))
+        return ns
+
+    def _by_tenant(self, keys) -> list[tuple[Namespace, list[int]]]:
+        """Positions of ``keys`` per namespace, in first-seen order (one group for a request's batch)."""
+        groups: dict[str, tuple[Namespace, list[int]]] = {}
+        for i, k in enumerate(keys):
+            tid = split_key(k)[1]
+            g = groups.get(tid)
+            if g is None:
+                g = groups[tid] = (self.ns_of(k), [])
+            g[1].append(i)
+        return list(groups.values())
+
+    def _get(self, keys, outs) -> list[bool]:
+        got = [False] * len(keys)
+        for ns, idx in self._by_tenant(keys):
+            for i, g in zip(idx, self.engine.get_many(ns, [keys[i] for i in idx], [outs[i] for i in idx])):
+                got[i] = g
+        return got
+
+    def _put(self, keys, pages) -> list[bool]:
+        ok = [False] * len(keys)
+        for ns, idx in self._by_tenant(keys):
+            for i, o in zip(idx, self.engine.put_many(ns, [keys[i] for i in idx], [pages[i] for i in idx])):
+                ok[i] = o
+        return ok
+
     # --- v1 batch API (interface_v1) -----------------------------------------------------------------------------
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        ns = self._require_ns()
+        self._require_ns()
         if self.read_only or not keys:
             return [True] * len(keys)
         t0 = time.perf_counter()
-        ps = self.page_size
-        pages = [self.mem_pool_host.get_data_page(int(host_indices[i * ps]), flat=True).contiguous()
-                 for i in range(len(keys))]
-        ok = self.engine.put_many(ns, keys, pages)
+        starts = self._page_starts("batch_set_v1", keys, host_indices)
+        pages = [self.mem_pool_host.get_data_page(s, flat=True).contiguous() for s in starts]
+        self._observe(keys, use=False)  # before the put: admission sees the page's size and recency
+        ok = self._put(keys, pages)
         self._count("set", len(keys), sum(ok), sum(p.numel() * p.element_size() for p in pages), t0)
-        self._observe([k for k, o in zip(keys, ok) if o])
         return ok
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        ns = self._require_ns()
+        self._require_ns()
         if not keys:
             return []
         t0 = time.perf_counter()
-        ps = self.page_size
+        starts = self._page_starts("batch_get_v1", keys, host_indices)
         bufs = self._page_buffers(len(keys))
-        got = self.engine.get_many(ns, keys, bufs)
+        got = self._get(keys, bufs)
         # SGLang uses the leading run of hits: stop copying into the host pool at the first miss
         n = got.index(False) if False in got else len(got)
         for i in range(n):
-            self.mem_pool_host.set_from_flat_data_page(int(host_indices[i * ps]), bufs[i])
+            self.mem_pool_host.set_from_flat_data_page(starts[i], bufs[i])
         self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
-        self._observe(keys[:n])
+        self._observe(keys[:n], use=not self._whole_requests)
         self.reload_meter.get_done(keys[0], n)
         return got[:n] + [False] * (len(keys) - n)
 
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
         """Leading pages worth loading: held in a kvdrive tier *and* faster to reload than to recompute (the
         promoter's plan over the tiers they sit in), so a slow disk never makes a request slower than no cache."""
-        ns = self._require_ns()
+        self._require_ns()
         if keys:
             self.reload_meter.exists_called(keys[0], extra_info.prefix_keys if extra_info is not None else None)
+            ns = self.ns_of(keys[0])
+            # a chain never mixes tenants: the leading run of the first key's tenant is all that can hit
+            tid = split_key(keys[0])[1]
+            same = next((i for i, k in enumerate(keys) if split_key(k)[1] != tid), len(keys))
+            keys = keys[:same]
+        else:
+            ns = self.ns
         n = self.engine.exists_many(ns, keys)
         if n == 0:
             return 0
@@ -226,10 +304,10 @@ class KvdriveStorage(HiCacheStorage):
 
     def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
                   target_sizes: Optional[Any] = None):
-        ns = self._require_ns()
+        self._require_ns()
         outs = list(target_locations) if target_locations is not None else \
             [torch.empty_like(self.mem_pool_host.get_dummy_flat_data_page(), device="cpu") for _ in keys]
-        got = self.engine.get_many(ns, keys, outs)
+        got = self._get(keys, outs)
         return [o if g else None for o, g in zip(outs, got)]
 
     def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
@@ -240,13 +318,24 @@ class KvdriveStorage(HiCacheStorage):
                   target_sizes: Optional[Any] = None) -> bool:
         if self.read_only:
             return True
-        return all(self.engine.put_many(self._require_ns(), keys, [v.contiguous() for v in values]))
+        self._require_ns()
+        return all(self._put(keys, [v.contiguous() for v in values]))
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
     def clear(self) -> None:
-        self.engine.clear(self.ns)
+        """Drop this server's pages: its namespace, for every tenant (also those only on disk, from earlier runs)."""
+        if self.ns is None:
+            return
+        base = {k: v for k, v in self.ns.describe().items() if k != "tenant"}
+        doomed = {self.ns.id: self.ns, **{ns.id: ns for ns in self._tenant_ns.values()}}
+        if self.engine.disk is not None:
+            for nid, desc, _, _ in self.engine.disk.namespaces():
+                if desc is not None and {k: v for k, v in desc.items() if k != "tenant"} == base:
+                    doomed.setdefault(nid, Namespace.from_canonical(json.dumps(desc).encode()))
+        for ns in doomed.values():
+            self.engine.clear(ns)
 
     def close(self) -> None:
         if self._reporter is not None:
@@ -262,12 +351,13 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             self._events[kind] += int(tokens)
 
-    def _observe(self, keys: list[str]) -> None:
-        """Accesses (stores and hits) for the promoter; their scores reach the tiers at the next report tick."""
+    def _observe(self, keys: list[str], *, use: bool) -> None:
+        """Stores and hits for the promoter (``use``: count it as a reuse); scores reach the tiers at the next
+        report tick. With kvdrive's radix cache, reuse comes from whole requests (record_request) instead."""
         if not keys:
             return
         # storage-level calls see part of a request: they must not mark chain ends (whole_request=False)
-        self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=False)
+        self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=False, reuse=use)
         with self._lock:
             self._scored.update(keys)
 
@@ -275,6 +365,7 @@ class KvdriveStorage(HiCacheStorage):
         """A finished request's whole page chain, in prefix order (from kvdrive's radix cache): one access."""
         if not keys or self.mem_pool_host is None:
             return
+        self._whole_requests = True
         self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=True)
         with self._lock:
             self._scored.update(keys)
@@ -289,11 +380,17 @@ class KvdriveStorage(HiCacheStorage):
             self._io["attention_pages"] += len(key_mass)
 
     def push_scores(self) -> int:
-        """Hand the promoter's scores of recently observed pages to both tiers (lowest value leaves first)."""
+        """Hand the promoter's scores of recently observed pages to both tiers (lowest value leaves first), and
+        queue for the disk those of them it now admits."""
         with self._lock:
             keys, self._scored = list(self._scored), set()
         if keys and self.ns is not None:
-            self.engine.set_scores(self.ns, keys, self.promoter.score_of(keys))
+            for ns, idx in self._by_tenant(keys):
+                part = [keys[i] for i in idx]
+                self.engine.set_scores(ns, part, self.promoter.score_of(part))
+                if self.tier_config.write_policy == "selective" and not self.read_only:
+                    # pages admitted since they were stored (reused, continued) go down now: not lost in a crash
+                    self.engine.write_down(ns, [k for k in part if self.promoter.admit(k)])
         return len(keys)
 
     def _calibrate(self) -> None:
@@ -362,7 +459,9 @@ class KvdriveStorage(HiCacheStorage):
         out = {"host": s.host._asdict(), "disk": s.disk._asdict() if s.disk else None,
                "hits": {"dram": s.hits_host, "queued": s.hits_queued, "disk": s.hits_disk, "miss": s.misses},
                "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
-               "io": io, "radix": ev, "promoter": self.promoter.stats(), "costs": self.promoter.costs()}
+               "io": io, "radix": ev,
+               "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},
+               "promoter": self.promoter.stats(), "costs": self.promoter.costs()}
         if io.get("get_pages_ok"):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)

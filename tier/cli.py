@@ -3,7 +3,8 @@
     kvdrive stats  DIR [--json]                      what the store holds (safe while servers use it)
     kvdrive verify DIR                               re-read every page, drop the corrupt ones
     kvdrive gc     DIR [--live-ratio R]              expire TTL'd pages, compact sparse segments
-    kvdrive clear  DIR [--namespace HEX ...] [--yes] drop pages (all, or some namespaces), then compact
+    kvdrive clear  DIR [--namespace HEX ...] [--tenant NAME ...] [--yes]
+                                                     drop pages (all, or some namespaces / tenants), then compact
 
 ``stats`` takes the store lock shared, like a server, so it runs alongside them. ``verify``, ``gc`` and ``clear`` take
 it exclusive: they refuse to run while any server (or other command) has the store open. No command ever creates a
@@ -26,6 +27,7 @@ import lmdb
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig
 from .errors import KvdriveError
 from .store_dir import FORMAT_FILE, FORMAT_VERSION, SEGMENT_DIR, check_store_dir
+from .tenants import id_of_label
 
 PROG = "kvdrive"
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -175,8 +177,8 @@ def cmd_verify(args) -> int:
     return EXIT_OK
 
 
-def _compact_report(store: DiskStore, before: DiskStats) -> None:
-    reclaimed = store.compact()
+def _compact_report(store: DiskStore, before: DiskStats, live_ratio: float | None = None) -> None:
+    reclaimed = store.compact(live_ratio)
     after = store.stats()
     print(f"segments reclaimed {reclaimed} ({before.segments} -> {after.segments} segment(s))")
     print(f"file bytes {human_bytes(before.file_bytes)} -> {human_bytes(after.file_bytes)} "
@@ -227,28 +229,40 @@ def _confirm(question: str) -> bool:
 
 def cmd_clear(args) -> int:
     path = _existing_store(args.dir)
-    if not args.namespace and not args.yes and not _isatty(sys.stdin):
+    if not args.namespace and not args.tenant and not args.yes and not _isatty(sys.stdin):
         raise CliError("refusing to clear every page of the store without confirmation: stdin is not a terminal; "
-                       "pass --yes (or --namespace to clear only some namespaces)")
+                       "pass --yes (or --namespace / --tenant to clear only some pages)")
     store = _open(path, "exclusive", args.live_ratio)
+    live_ratio = None
     try:
         before = store.stats()
-        if args.namespace:
+        if args.namespace or args.tenant:
             present = store.namespaces()
-            ids = _match_namespaces(args.namespace, present)
+            ids = _match_namespaces(args.namespace, present) if args.namespace else []
             removed = 0
             for nid in ids:
                 n = store.clear(nid)
                 removed += n
                 desc = next((d for i, d, _, _ in present if i == nid), None) or {}
                 print(f"namespace {nid[:8].hex()} ({desc.get('model', '?')}): removed {n} page(s)")
+            for label in args.tenant or []:
+                tid = id_of_label(label)
+                mine = [(nid, d) for nid, d, _, _ in present if (d or {}).get("tenant") == tid and nid not in ids]
+                n = sum(store.clear(nid) for nid, _ in mine)
+                ids += [nid for nid, _ in mine]
+                removed += n
+                print(f"tenant {label!r} (id {tid or '-'}): removed {n} page(s) from {len(mine)} namespace(s)")
+            if args.tenant:
+                # a tenant's deletion must not leave its bytes in segment files: rewrite every segment holding any
+                # dead bytes, not only sparse ones
+                live_ratio = 1.0
         else:
             if not args.yes and not _confirm(f"remove all {before.entries} page(s) from store {path}?"):
                 print("nothing removed")
                 return EXIT_FOUND
             removed = store.clear(None)
         print(f"removed {removed} page(s)")
-        _compact_report(store, before)
+        _compact_report(store, before, live_ratio)
     finally:
         store.close()
     return EXIT_OK
@@ -312,11 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clear", help="drop all pages, or those of some namespaces, then compact",
                        description="Drop every page of the store (asks first; --yes skips the question and is "
                                    "required when stdin is not a terminal), or with --namespace only the pages of "
-                                   "the namespaces whose id starts with the given hex prefix (see `kvdrive stats`). "
+                                   "the namespaces whose id starts with the given hex prefix (see `kvdrive stats`), "
+                                   "or with --tenant only those of a tenant. "
                                    "Then compacts so the space comes back. Needs the store to itself.")
     c.add_argument("dir", metavar="DIR", help=dir_help)
     c.add_argument("--namespace", action="append", metavar="HEXPREFIX",
                    help="clear only the namespace whose id starts with HEXPREFIX (must match exactly one); repeatable")
+    c.add_argument("--tenant", action="append", metavar="NAME",
+                   help="clear only the pages of tenant NAME: a cache salt, @GROUP for a share_as group, or '' for "
+                        "unsalted traffic; then rewrite every segment holding dead bytes, so none of the tenant's "
+                        "bytes stay in segment files; repeatable")
     c.add_argument("--yes", "-y", action="store_true", help="do not ask before clearing every page")
     c.add_argument("--live-ratio", type=_ratio, default=0.5, metavar="R",
                    help="after clearing, compact segments whose live share is below R (default 0.5)")

@@ -20,11 +20,12 @@ import fcntl
 import heapq
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -34,6 +35,7 @@ import xxhash
 
 from .buffers import byte_view
 from .codecs import HEADER, CodecError, decode_page, get_codec, peek_header
+from .crypto import OVERHEAD, KeyRing, SealError, is_envelope
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import ALIGN, Staging, direct_append, open_direct, select_io
@@ -48,6 +50,12 @@ MiB = 1 << 20
 _RAW_CODEC = get_codec("raw").code
 _NOTE = b"note:"  # meta-table prefix of small values kept with the store (get_note / put_note)
 _NEVER = bytes(8)  # expires_ms == 0
+# LMDB copies every page a commit changes before freeing the old ones: a map whose trees fill ~94% of it can no longer
+# commit a batch, nor even a delete. Past _INDEX_HIGH the lowest-value pages are evicted down to _INDEX_LOW.
+_INDEX_HIGH, _INDEX_LOW = 0.80, 0.60
+SEALED = 1  # Record.flags bit: the blob on disk is an AES-GCM envelope of the page blob (tier/crypto.py)
+_FLAGS_AT = 17  # byte offset of flags inside a packed record (after seg u32, off u64, length u32, codec u8)
+MAX_TTL_S = 100 * 365 * 86400  # expiry times are u64 milliseconds; a TTL past this is a mistake, not a wish
 
 
 def _now_ms() -> int:
@@ -71,17 +79,20 @@ class DiskStoreConfig:
     fd_cache: int = 256
 
     def __post_init__(self):
-        def positive(name, integer=True):
+        def positive(name, integer=True, most=math.inf):
             v = getattr(self, name)
-            ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
-            if not ok or v <= 0:
-                raise ConfigError(f"disk store {name} must be a positive {'integer' if integer else 'number'}, "
-                                  f"got {v!r}")
-        for name in ("capacity_bytes", "segment_bytes", "map_size", "fd_cache", "staging_bytes"):
+            ok = isinstance(v, int) and not isinstance(v, bool) if integer else \
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok or not 0 < v < most:  # NaN and inf too: a NaN TTL or retry delay broke the store later
+                raise ConfigError(f"disk store {name} must be a positive {'integer' if integer else 'number'}"
+                                  f"{'' if most == math.inf else f' below {most:g}'}, got {v!r}")
+        for name in ("capacity_bytes", "segment_bytes", "fd_cache"):
             positive(name)
+        positive("staging_bytes", most=(1 << 30) + 1)  # allocated up front (two halves): a huge one is a typo
+        positive("map_size", most=1 << 46)  # address space reserved by LMDB's map: 64 TiB is ~10^11 pages
         positive("retry_after_s", integer=False)
         if self.default_ttl_s is not None:
-            positive("default_ttl_s", integer=False)
+            positive("default_ttl_s", integer=False, most=MAX_TTL_S)
         for name in ("gc_live_ratio", "high_watermark", "low_watermark"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
@@ -92,6 +103,14 @@ class DiskStoreConfig:
         if self.io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk store io must be 'auto', 'posix' or 'kvikio', got {self.io!r}")
         self.segment_bytes = max(64 << 10, min(self.segment_bytes, self.capacity_bytes // 16))
+
+
+class _SegFd:
+    """A cached read descriptor of one segment file and the reads using it right now."""
+    __slots__ = ("seg", "fd", "users", "retired")
+
+    def __init__(self, seg: int, fd: int):
+        self.seg, self.fd, self.users, self.retired = seg, fd, 0, False
 
 
 class DiskStats(NamedTuple):
@@ -113,6 +132,7 @@ class DiskStats(NamedTuple):
     segments_compacted: int
     rejected_full: int
     faults: dict
+    sealed: dict = {}  # encryption at rest: pages refused or missed per reason (no_key, stale_key, bad_tag, ...)
 
 
 class VerifyReport(NamedTuple):
@@ -133,8 +153,15 @@ def _fault_kind(e: BaseException) -> str:
 
 
 class DiskStore:
-    def __init__(self, config: DiskStoreConfig, *, lock_mode: str = "shared"):
+    def __init__(self, config: DiskStoreConfig, *, lock_mode: str = "shared", keyring: KeyRing | None = None):
         self.config = config
+        # With a key ring every page is sealed (AES-GCM, per-tenant key) before it reaches the disk, and only sealed
+        # pages are served: the index is not authenticated, so a plaintext entry could have been planted.
+        self._keyring = keyring
+        self._sealed = Counter()
+        self._warned_unkeyed: set[str] = set()
+        self._seal_buf = bytearray()  # envelopes of the batch being written (under the write lock)
+        self._plain = threading.local()  # per reading thread: the page blob just decrypted
         self.path = check_store_dir(config.path, create=True)
         self._lock = StoreLock(self.path, lock_mode)
         try:
@@ -146,7 +173,7 @@ class DiskStore:
         self._io = select_io(config.io)
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="kvdrive-fsync")
         self._write_lock = threading.RLock()  # one writer segment per process; index writes serialise in LMDB
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fds: OrderedDict[int, _SegFd] = OrderedDict()  # read descriptors of segments, LRU
         self._fds_lock = threading.Lock()
         self._wseg = 0  # this process's open segment (0: none)
         self._wfd = -1
@@ -163,29 +190,55 @@ class DiskStore:
 
     # --- public API ----------------------------------------------------------------------------------------
     def put_many(self, ns: Namespace, keys: Sequence, blobs: Sequence[bytes], *, scores: Sequence[float] | None = None,
-                 ttl_s: float | None = None) -> list[bool]:
-        """Store encoded pages. True for each page now on disk (written here or already there)."""
+                 ttl_s: float | None = None, expires_ms: Sequence[int] | None = None) -> list[bool]:
+        """Store encoded pages. True for each page now on disk (written here or already there).
+
+        ``expires_ms``: per-page absolute expiry (ms since the epoch, 0 never), instead of ``ttl_s`` from now (pages
+        that waited in a queue keep the expiry they were given); a page already past it is not written (False)."""
         if len(keys) != len(blobs) or (scores is not None and len(scores) != len(keys)):
             raise ConfigError(f"put_many got {len(keys)} keys, {len(blobs)} blobs"
                               f"{'' if scores is None else f', {len(scores)} scores'}; they must match")
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
         # refuse anything that is not a well-formed page blob before it reaches the disk
         headers = [peek_header(b) for b in blobs]
+        for k, h in zip(keys, headers):
+            if h.dtype_name != ns.kv_dtype:  # it could never be read back: a read would drop it as damaged
+                raise CodecError(f"page {k!r} is a {h.dtype_name} blob; its namespace holds {ns.kv_dtype} pages")
+        if ttl_s is not None and (not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool)
+                                  or not 0 < ttl_s < MAX_TTL_S):
+            raise ConfigError(f"put_many ttl_s must be a positive number of seconds below {MAX_TTL_S}, got {ttl_s!r}")
+        if expires_ms is not None and len(expires_ms) != len(keys):
+            raise ConfigError(f"put_many got {len(keys)} keys and {len(expires_ms)} expiry times; they must match")
         if not self._available():
             return [False] * len(keys)
+        keyring = self._keyring
+        if keyring is not None and not keyring.has_key(ns.tenant):
+            self._refuse_unkeyed(ns, len(keys))
+            return [False] * len(keys)
         now = _now_ms()
-        ttl = ttl_s if ttl_s is not None else self.config.default_ttl_s
-        expires = now + int(ttl * 1000) if ttl else 0
+        if expires_ms is None:
+            ttl = ttl_s if ttl_s is not None else self.config.default_ttl_s
+            expiry = [now + int(ttl * 1000) if ttl else 0] * len(keys)
+        else:
+            expiry = [int(e) for e in expires_ms]
         with self._write_lock:
             with self._index.read() as txn:
-                have = [self._live(txn.get(pk, db=self._index.pages), now) is not None for pk in pkeys]
+                have = [self._usable(txn.get(pk, db=self._index.pages), now) is not None for pk in pkeys]
             todo, seen = [], set()
             for i, h in enumerate(have):
-                if not h and pkeys[i] not in seen:  # skip pages already stored, and duplicates within the batch
+                # skip pages already stored, duplicates within the batch, and pages whose expiry has passed
+                if not h and pkeys[i] not in seen and not 0 < expiry[i] <= now:
                     seen.add(pkeys[i])
                     todo.append(i)
             if not todo:
-                return [True] * len(keys)
+                return [h or not 0 < e <= now for h, e in zip(have, expiry)]
+            flags = 0
+            if keyring is not None:
+                blobs = self._seal(ns, pkeys, blobs, todo)
+                if blobs is None:  # the key went away since the check above: nothing of it reaches the disk
+                    self._refuse_unkeyed(ns, len(keys))
+                    return have
+                flags = SEALED
             incoming = sum(len(blobs[i]) for i in todo)
             if not self._make_room(incoming):
                 self._counts["rejected_full"] += len(todo)
@@ -199,14 +252,14 @@ class DiskStore:
                 recs, off = [], off0
                 for j, i in enumerate(todo):
                     b, h = blobs[i], headers[i]
-                    recs.append((pkeys[i], Record(seg, off, len(b), h.codec, 0, sums[j], h.raw_nbytes, now, now,
-                                                  expires, float(scores[i]) if scores is not None else 0.0)))
+                    recs.append((pkeys[i], Record(seg, off, len(b), h.codec, flags, sums[j], h.raw_nbytes, now, now,
+                                                  expiry[i], float(scores[i]) if scores is not None else 0.0)))
                     off += len(b)
                 synced.result()  # durable before the index can point at it
                 self._wend = end
                 with self._index.write() as txn:
                     self._register_ns(txn, ns)
-                    if expires and not self._ttl_used:
+                    if any(expiry[i] for i in todo) and not self._ttl_used:
                         txn.put(b"ttl_used", b"1", db=self._index.meta)
                         self._ttl_used = True
                     self._index.put_pages(txn, seg, recs, end=end)
@@ -216,10 +269,12 @@ class DiskStore:
             except (OSError, lmdb.Error) as e:
                 self._fault(e, "write")
                 self._abandon_writer()
+                if isinstance(e, lmdb.MapFullError):
+                    self._free_index_room()
                 return have
             self._counts["pages_written"] += len(todo)
             self._counts["bytes_written"] += incoming
-        return [True] * len(keys)
+        return [not 0 < e <= now for e in expiry]
 
     def get_many(self, ns: Namespace, keys: Sequence, outs: Sequence) -> list[bool]:
         """Read and decode pages into the caller's buffers. False is a miss; that buffer's contents are then undefined."""
@@ -233,25 +288,32 @@ class DiskStore:
             return result
         now = _now_ms()
         with self._index.read() as txn:
-            recs = [self._live(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
+            recs = [self._usable(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
+        for i, rec in enumerate(recs):
+            # the caller's mistake, said as such: a read into it would fail the size check and drop a good page
+            if rec is not None and rec.raw_nbytes != views[i].size:
+                raise CodecError(f"page {keys[i]!r} holds {rec.raw_nbytes} bytes; its output buffer holds "
+                                 f"{views[i].size}")
         bad = []
         for attempt in (0, 1):
             for i, rec in enumerate(recs):
                 if rec is None:
                     continue
-                status = self._read_into(rec, views[i], ns.kv_dtype)
+                status = self._read_into(rec, views[i], ns, pkeys[i])
                 if status == "ok":
                     result[i] = True
                     self._touched[pkeys[i]] = now
                 elif status == "bad":
                     bad.append((i, rec))
+                elif self._disabled_until:
+                    break  # a read fault turned the tier off: the rest are misses too, not more failing reads
             if not bad or attempt:
                 break
             # another process may have compacted the segment away: look the failed entries up once more
             recs = [None] * len(keys)
             with self._index.read() as txn:
                 for i, rec in bad:
-                    cur = self._live(txn.get(pkeys[i], db=self._index.pages), now)
+                    cur = self._usable(txn.get(pkeys[i], db=self._index.pages), now)
                     if cur is not None and cur[:3] != rec[:3]:
                         recs[i] = cur
             retried = {i for i, r in enumerate(recs) if r is not None}
@@ -272,7 +334,7 @@ class DiskStore:
             return [None] * len(keys)
         now = _now_ms()
         with self._index.read() as txn:
-            recs = [self._live(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
+            recs = [self._usable(txn.get(pk, db=self._index.pages), now) for pk in pkeys]
         out, bad = [], []
         for pk, rec in zip(pkeys, recs):
             try:
@@ -280,6 +342,14 @@ class DiskStore:
             except OSError as e:
                 self._fault(e, "read")
                 out.append(None)
+                continue
+            if blob is not None and rec.flags & SEALED:
+                blob, drop = self._unseal(ns.tenant, pk, blob)
+                if drop:
+                    bad.append((pk, rec))
+                out.append(blob)
+                if blob is not None:
+                    self._touched[pk] = now
                 continue
             if rec is not None and blob is None:
                 bad.append((pk, rec))
@@ -299,44 +369,60 @@ class DiskStore:
         ``held(key) -> bool`` optionally names keys held elsewhere (an upper tier) that count as hits too.
         """
         if not self._available():
-            held_only = 0
-            for k in keys:
-                if held is None or not held(k):
-                    break
-                held_only += 1
-            return held_only
+            return self._held_prefix(keys, held)
         now = _now_ms()
         short = ns.id + b"\0"
         pages = self._index.pages
         n = 0
+        keyring = self._keyring
+        if keyring is not None and not keyring.has_key(ns.tenant):
+            return self._held_prefix(keys, held)
+        want = SEALED if keyring is not None else 0  # entries written the other way are unusable here
         with self._index.read() as txn:
             get = txn.get  # positional (key, default, db): measurably cheaper than keywords in this loop
             for k in keys:
                 # fast path for the common key (a str of <= _SHORT_KEY bytes): same bytes as page_key(key_bytes(k))
-                if type(k) is str and 0 < len(k) <= _SHORT_KEY // 4:
+                if type(k) is str and 0 < len(k) <= _SHORT_KEY // 4 and k.isascii():
                     b = get(short + k.encode(), None, pages)
                 else:
                     b = get(page_key(ns.id, key_bytes(k)), None, pages)
-                if b is None or (b[EXPIRES_AT] != _NEVER and Record.unpack(b).expires_ms <= now):
+                if b is None or (b[EXPIRES_AT] != _NEVER and Record.unpack(b).expires_ms <= now) \
+                        or b[_FLAGS_AT] & SEALED != want:
                     if held is None or not held(k):
                         break
                 n += 1
         return n
 
+    @staticmethod
+    def _held_prefix(keys: Sequence, held) -> int:
+        n = 0
+        for k in keys:
+            if held is None or not held(k):
+                break
+            n += 1
+        return n
+
     def contains(self, ns: Namespace, keys: Sequence) -> list[bool]:
         now = _now_ms()
+        if self._keyring is not None and not self._keyring.has_key(ns.tenant):
+            return [False] * len(keys)
         with self._index.read() as txn:
-            return [self._live(txn.get(page_key(ns.id, key_bytes(k)), db=self._index.pages), now) is not None
+            return [self._usable(txn.get(page_key(ns.id, key_bytes(k)), db=self._index.pages), now) is not None
                     for k in keys]
 
     def set_scores(self, ns: Namespace, keys: Sequence, scores: Sequence[float]) -> None:
-        """Record the promoter's value for pages (eviction takes the lowest first)."""
-        with self._write_lock, self._index.write() as txn:
-            for k, s in zip(keys, scores):
-                pk = page_key(ns.id, key_bytes(k))
-                b = txn.get(pk, db=self._index.pages)
-                if b is not None:
-                    txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
+        """Record the promoter's value for pages (eviction takes the lowest first). Skipped while the tier is off."""
+        if not self._available():
+            return
+        try:
+            with self._write_lock, self._index.write() as txn:
+                for k, s in zip(keys, scores):
+                    pk = page_key(ns.id, key_bytes(k))
+                    b = txn.get(pk, db=self._index.pages)
+                    if b is not None:
+                        txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
+        except (OSError, lmdb.Error) as e:  # e.g. a full map: a fault like any other, never the caller's exception
+            self._fault(e, "scores")
 
     def delete_many(self, ns: Namespace, keys: Sequence) -> int:
         with self._write_lock, self._index.write() as txn:
@@ -499,7 +585,7 @@ class DiskStore:
             hits=c["hits"], misses=c["misses"], pages_written=c["pages_written"], bytes_written=c["bytes_written"],
             bytes_read=c["bytes_read"], corrupt_dropped=c["corrupt_dropped"], expired=c["expired"],
             evicted=c["evicted"], segments_compacted=c["segments_compacted"], rejected_full=c["rejected_full"],
-            faults=dict(self._faults))
+            faults=dict(self._faults), sealed=dict(self._sealed))
 
     def close(self) -> None:
         if self._closed:
@@ -514,8 +600,8 @@ class DiskStore:
             except (OSError, lmdb.Error) as e:
                 log.warning("kvdrive: closing store %s: %s", self.path, e)
         with self._fds_lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for h in self._fds.values():
+                self._retire_fd_locked(h)
             self._fds.clear()
         self._syncer.shutdown(wait=True)
         if self._staging is not None:
@@ -537,6 +623,11 @@ class DiskStore:
         rec = Record.unpack(b)
         return None if rec.expires_ms and rec.expires_ms <= now else rec
 
+    def _usable(self, b, now: int) -> Record | None:
+        """The live record, if this store can serve it: sealed exactly when encryption is on."""
+        rec = self._live(b, now)
+        return rec if rec is None or bool(rec.flags & SEALED) == (self._keyring is not None) else None
+
     def _seg_path(self, seg: int) -> str:
         return f"{self._seg_dir}/seg-{seg:08x}.kvs"
 
@@ -552,7 +643,7 @@ class DiskStore:
         kind = _fault_kind(e)
         self._faults[kind] += 1
         if not self._disabled_until:
-            log.error("kvdrive: disk tier at %s off for %.0fs after %s during %s: %s (requests recompute meanwhile)",
+            log.error("kvdrive: disk tier at %s off for %gs after %s during %s: %s (requests recompute meanwhile)",
                       self.path, self.config.retry_after_s, kind, during, e)
         self._disabled_until = time.monotonic() + self.config.retry_after_s
 
@@ -573,16 +664,31 @@ class DiskStore:
     def _writer_for(self, incoming: int) -> tuple[int, int]:
         if self._wseg and self._wend and self._wend + incoming > self.config.segment_bytes:
             self._seal_writer()
+        if self._wseg and os.fstat(self._wfd).st_nlink == 0:
+            # our segment file was deleted under us (by hand, or a cleanup job): appending to the orphaned inode
+            # would index pages no reader can ever open. Its indexed pages read as misses (dropped); start afresh.
+            self._faults["missing_file"] += 1
+            log.error("kvdrive: segment file %s of store %s was deleted while in use; its pages are lost (served as "
+                      "misses) and writes go to a new segment", self._seg_path(self._wseg), self.path)
+            self._seal_writer()
         if not self._wseg:
-            with self._index.write() as txn:
-                seg = self._index.alloc_segment(txn)
-                # create and flock the file before the commit makes the segment visible: no other process can
-                # ever see an open segment without its writer's lock (and mistake it for a dead writer's)
-                # A file of this id may exist: left by a process killed inside this same (aborted) allocation.
-                # Nothing references an uncommitted id and we hold LMDB's writer lock, so it is ours to reset.
-                fd = os.open(self._seg_path(seg), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, 0)
+            fd = -1
+            try:
+                with self._index.write() as txn:
+                    seg = self._index.alloc_segment(txn)
+                    # create and flock the file before the commit makes the segment visible: no other process can
+                    # ever see an open segment without its writer's lock (and mistake it for a dead writer's)
+                    # A file of this id may exist: left by a process killed inside this same (aborted) allocation.
+                    # Nothing references an uncommitted id and we hold LMDB's writer lock, so it is ours to reset.
+                    fd = os.open(self._seg_path(seg), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.ftruncate(fd, 0)
+            except BaseException:
+                # the allocation did not commit (e.g. a full map): let go of the file, or its flock would make the
+                # next allocation of the same id fail (EAGAIN) for as long as this process lives
+                if fd >= 0:
+                    os.close(fd)
+                raise
             self._wseg, self._wfd, self._wend = seg, fd, 0
             self._wdirect = open_direct(self._seg_path(seg)) if self.config.direct_io else None
         return self._wseg, self._wend
@@ -613,7 +719,7 @@ class DiskStore:
         if self._wdirect is not None and off % ALIGN == 0:
             if self._staging is None:
                 self._staging = Staging(self.config.staging_bytes)
-            end, writes = direct_append(self._wdirect, self._staging, bufs, off, self._syncer.submit, each)
+            end, writes = direct_append(self._wdirect, self._staging, bufs, off, self._submit, each)
         else:
             writes = []
             end = off + self._io.pwritev(fd, bufs, off)
@@ -621,7 +727,21 @@ class DiskStore:
                 for i, b in enumerate(bufs):
                     each(i, b)
         # the same single I/O thread runs the sync after every write above; its future fails if any write did
-        return end, self._syncer.submit(self._sync_after_writes, fd, writes)
+        return end, self._submit(self._sync_after_writes, fd, writes)
+
+    def _submit(self, fn, *args) -> Future:
+        """``fn`` on the I/O thread; inline once Python's executors refuse work. At interpreter exit (SGLang's
+        scheduler detaches its storage backend from an exit hook, after concurrent.futures has stopped accepting
+        work) the final write-down of the DRAM tier must still reach the disk."""
+        try:
+            return self._syncer.submit(fn, *args)
+        except RuntimeError:
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future, as the pool would
+                done.set_exception(e)
+            return done
 
     def _sync_after_writes(self, fd: int, writes: list) -> None:
         for w in writes:
@@ -636,41 +756,83 @@ class DiskStore:
             pass
 
     # reads ---------------------------------------------------------------------------------------------------
-    def _fd(self, seg: int) -> int:
+    # A cached descriptor is pinned while a read uses it: the cache (LRU eviction) and compaction (forgetting a
+    # deleted segment) only retire it, and the last reader closes it. Closing it under a reader in another thread
+    # gave EBADF (the tier turned itself off), or worse, a reused descriptor number read from another file (found
+    # by bench/stress/soak.py).
+    def _pin_fd(self, seg: int) -> "_SegFd":
         with self._fds_lock:
-            fd = self._fds.get(seg)
-            if fd is not None:
+            h = self._fds.get(seg)
+            if h is not None:
                 self._fds.move_to_end(seg)
-                return fd
+                h.users += 1
+                return h
         fd = os.open(self._seg_path(seg), os.O_RDONLY | os.O_CLOEXEC)
         with self._fds_lock:
-            if seg in self._fds:
+            h = self._fds.get(seg)
+            if h is not None:
                 os.close(fd)
-                return self._fds[seg]
-            self._fds[seg] = fd
-            while len(self._fds) > self.config.fd_cache:
-                os.close(self._fds.popitem(last=False)[1])
-        return fd
+            else:
+                h = self._fds[seg] = _SegFd(seg, fd)
+                while len(self._fds) > self.config.fd_cache:
+                    self._retire_fd_locked(self._fds.popitem(last=False)[1])
+            h.users += 1
+            return h
+
+    def _unpin_fd(self, h: "_SegFd") -> None:
+        with self._fds_lock:
+            h.users -= 1
+            if h.retired and not h.users:
+                self._close_fd_locked(h)
+
+    def _retire_fd_locked(self, h: "_SegFd") -> None:
+        """``h`` has left the cache: close it now, or when its last reader is done."""
+        h.retired = True
+        if not h.users:
+            self._close_fd_locked(h)
+
+    def _close_fd_locked(self, h: "_SegFd") -> None:
+        if h.fd >= 0:
+            os.close(h.fd)
+            h.fd = -1
+            if h.seg not in self._fds:  # kvikio keeps its own handle per path: drop it unless a newer fd took over
+                self._io.forget(self._seg_path(h.seg))
 
     def _forget_fd(self, seg: int) -> None:
         with self._fds_lock:
-            fd = self._fds.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
-        self._io.forget(self._seg_path(seg))
+            h = self._fds.pop(seg, None)
+            if h is not None:
+                self._retire_fd_locked(h)
+            else:
+                self._io.forget(self._seg_path(seg))
 
     def _pread(self, rec: Record, bufs: list) -> int | None:
         """Read ``rec``'s bytes into ``bufs``. None when the segment file is gone (compacted or deleted)."""
         try:
-            fd = self._fd(rec.seg)
+            h = self._pin_fd(rec.seg)
         except FileNotFoundError:
             return None
-        return self._io.preadv(fd, bufs, rec.off, self._seg_path(rec.seg))
-
-    def _read_into(self, rec: Record, out, dtype: str) -> str:
-        """'ok', 'bad' (drop the entry) or 'miss' (transient: keep the entry)."""
         try:
-            if rec.codec == _RAW_CODEC and rec.length - HEADER.size == len(out):
+            return self._io.preadv(h.fd, bufs, rec.off, self._seg_path(rec.seg))
+        finally:
+            self._unpin_fd(h)
+
+    def _read_into(self, rec: Record, out, ns: Namespace, pk: bytes) -> str:
+        """'ok', 'bad' (drop the entry) or 'miss' (transient, or no key now: keep the entry)."""
+        dtype = ns.kv_dtype
+        try:
+            if rec.flags & SEALED:
+                env = getattr(self._plain, "env", None)  # this thread's reusable read buffer
+                if env is None or len(env) < rec.length:
+                    env = self._plain.env = np.empty(rec.length, dtype=np.uint8)
+                blob = self._read_blob(rec, env[:rec.length])
+                if blob is None:
+                    return "bad"
+                plain, drop = self._unseal(ns.tenant, pk, blob, scratch=True)
+                if plain is None:
+                    return "bad" if drop else "miss"
+                decode_page(plain, out, dtype)
+            elif rec.codec == _RAW_CODEC and rec.length - HEADER.size == len(out):
                 # zero copy: header into a small buffer, body straight into the caller's buffer
                 hdr = bytearray(HEADER.size)
                 n = self._pread(rec, [hdr, out])
@@ -696,27 +858,81 @@ class DiskStore:
             return "miss"
         return "ok"
 
-    def _read_blob(self, rec: Record) -> np.ndarray | None:
-        """The verified blob, or None if missing/short/corrupt. An I/O error propagates: it says nothing of the data."""
-        buf = np.empty(rec.length, dtype=np.uint8)  # not zero-filled: every byte is read or the blob is rejected
+    def _read_blob(self, rec: Record, buf: np.ndarray | None = None) -> np.ndarray | None:
+        """The verified blob (read into ``buf`` if given: exactly rec.length bytes), or None if missing/short/corrupt.
+        An I/O error propagates: it says nothing of the data."""
+        if buf is None:
+            buf = np.empty(rec.length, dtype=np.uint8)  # not zero-filled: every byte is read or the blob is rejected
         n = self._pread(rec, [buf])
         if n != rec.length or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
             return None
-        try:
-            peek_header(buf)
-        except CodecError:
-            return None
+        if rec.flags & SEALED:
+            if not is_envelope(buf):  # its contents are checked when a key opens it
+                return None
+        else:
+            try:
+                peek_header(buf)
+            except CodecError:
+                return None
         self._counts["bytes_read"] += rec.length
         return buf
 
+    def _seal(self, ns: Namespace, pkeys: list[bytes], blobs: Sequence, todo: list[int]) -> list | None:
+        """``blobs`` with those at ``todo`` replaced by their envelopes, sealed into one buffer reused by every
+        write (held under the write lock until the batch is durable; as large as the largest batch). None if the
+        tenant has no key."""
+        need = sum(len(blobs[i]) + OVERHEAD for i in todo)
+        if len(self._seal_buf) < need:
+            self._seal_buf = bytearray(need)
+        mv, off, out = memoryview(self._seal_buf), 0, list(blobs)
+        for i in todo:
+            n = self._keyring.seal_into(ns.tenant, pkeys[i], blobs[i], mv[off:])
+            if n is None:
+                return None
+            out[i] = mv[off:off + n]
+            off += n
+        return out
+
+    def _unseal(self, tid: str, pk: bytes, envelope, scratch: bool = False) -> tuple[bytes | None, bool]:
+        """(the page blob, or None; whether to drop the entry). With ``scratch`` the blob is a view of this thread's
+        reusable buffer, valid until its next call. A tenant without a key keeps its entries (a restored key reads
+        them again); pages sealed under a replaced key or failing authentication are dropped, like a checksum
+        failure, so the page can be written again under the current key."""
+        try:
+            if not scratch:
+                return self._keyring.open(tid, pk, envelope), False
+            buf = getattr(self._plain, "buf", None)
+            if buf is None or len(buf) < len(envelope):
+                buf = self._plain.buf = bytearray(len(envelope))
+            n = self._keyring.open_into(tid, pk, envelope, buf)
+            return memoryview(buf)[:n], False
+        except SealError as e:
+            self._sealed[e.reason] += 1
+            if e.reason == "bad_tag":
+                log.warning("kvdrive: a page of store %s failed authentication (altered or misplaced); dropped",
+                            self.path)
+            return None, e.reason != "no_key"
+
+    def _refuse_unkeyed(self, ns: Namespace, n: int) -> None:
+        """With encryption on, a tenant without a key gets nothing written to disk (one log line per tenant)."""
+        self._sealed["unkeyed_refused"] += n
+        if ns.tenant not in self._warned_unkeyed:
+            self._warned_unkeyed.add(ns.tenant)
+            log.warning("kvdrive: %s has no key for tenant %s; its pages are not written to disk (further refusals "
+                        "are counted, not logged)", self._keyring.describe(), ns.tenant or "'' (unsalted)")
+
     def _drop_bad(self, bad: list[tuple[bytes, Record]]) -> None:
         n = 0
-        with self._write_lock, self._index.write() as txn:
-            for pk, rec in bad:
-                cur = txn.get(pk, db=self._index.pages)
-                if cur is not None and Record.unpack(cur)[:3] == rec[:3]:  # still the entry we read
-                    self._index.delete_page(txn, pk)
-                    n += 1
+        try:
+            with self._write_lock, self._index.write() as txn:
+                for pk, rec in bad:
+                    cur = txn.get(pk, db=self._index.pages)
+                    if cur is not None and Record.unpack(cur)[:3] == rec[:3]:  # still the entry we read
+                        self._index.delete_page(txn, pk)
+                        n += 1
+        except (OSError, lmdb.Error) as e:  # a read must not fail on it: the entries stay (bad reads are misses)
+            self._fault(e, "drop")
+            return
         self._counts["corrupt_dropped"] += n
         if n:
             log.warning("kvdrive: dropped %d corrupt or missing page(s) from store %s (served as misses)", n, self.path)
@@ -735,6 +951,7 @@ class DiskStore:
         cap = self.config.capacity_bytes
         if incoming > cap // 4:
             return False
+        self._keep_index_headroom()
         used, live, _ = self._usage()
         if used + incoming <= cap * self.config.high_watermark:
             return True
@@ -790,6 +1007,59 @@ class DiskStore:
         except FileNotFoundError:
             pass
 
+    def _index_fill(self) -> float:
+        """Share of the LMDB map its trees use. Cheap while the file never came near the map size (the usual case):
+        then only the file's high-water page number is looked at."""
+        env = self._index.env
+        info = env.info()
+        psize = env.stat()["psize"]
+        map_pages = max(1, info["map_size"] // psize)  # the map in force: LMDB keeps the largest any opener gave
+        if info["last_pgno"] + 1 < map_pages * _INDEX_HIGH:
+            return (info["last_pgno"] + 1) / map_pages
+        with self._index.read() as txn:
+            used = 2 + sum(st[k] for db in (None, self._index.meta, self._index.ns, self._index.pages, self._index.segs)
+                           for st in ((txn.stat(db) if db is not None else env.stat()),)
+                           for k in ("branch_pages", "leaf_pages", "overflow_pages"))
+        return used / map_pages
+
+    def _keep_index_headroom(self) -> None:
+        """The index is a second capacity bound: above _INDEX_HIGH of the map, evict the lowest-value pages down to
+        _INDEX_LOW, while LMDB still has the free pages that deleting needs (a map that is full to the last page
+        cannot even commit a delete: every change copies its path of pages first)."""
+        fill = self._index_fill()
+        if fill > _INDEX_HIGH:
+            self._free_index_room(1.0 - _INDEX_LOW / fill, full=False)
+
+    def _free_index_room(self, share: float | None = None, *, full: bool = True) -> None:
+        """Drop ``share`` of the pages (lowest value first; default 1 - low_watermark, as capacity eviction would),
+        in small transactions: each frees pages the next can reuse, where one big delete would itself need more room
+        than a full map has. ``full``: the map filled up (a fault) rather than crossed the watermark. The map is not
+        grown instead: resizing is only safe while no transaction is open in the process, and readers run on
+        SGLang's threads."""
+        share = 1.0 - self.config.low_watermark if share is None else share
+        with self._index.read() as txn:
+            cands = [(r.score, r.atime_ms, bytes(k))
+                     for k, v in txn.cursor(db=self._index.pages) for r in (Record.unpack(v),)]
+        victims = sorted(pk for _, _, pk in heapq.nsmallest(max(1, int(len(cands) * share)), cands))
+        n = 0
+        try:
+            # key order: neighbours share leaf pages, so each small transaction copies (needs) few new pages
+            for i in range(0, len(victims), 16):
+                with self._index.write() as txn:
+                    done = sum(self._index.delete_page(txn, pk) is not None for pk in victims[i:i + 16])
+                n += done  # counted once committed
+        except lmdb.MapFullError:
+            pass  # as much as fitted; the next map-full fault frees more
+        self._counts["evicted"] += n
+        if full:
+            log.warning("kvdrive: index of store %s is full (map_size %d bytes, %d pages): evicted the %d lowest-value "
+                        "pages to make room; a larger disk map_size keeps more", self.path,
+                        self._index.env.info()["map_size"], len(cands), n)
+        else:
+            log.info("kvdrive: index of store %s above %.0f%% of its map (map_size %d bytes): evicted the %d "
+                     "lowest-value pages of %d", self.path, 100 * _INDEX_HIGH,
+                     self._index.env.info()["map_size"], n, len(cands))
+
     def _evict(self, nbytes: int) -> None:
         """Drop the lowest-value pages (score, then least recently used) totalling at least ``nbytes``."""
         with self._index.read() as txn:
@@ -827,15 +1097,22 @@ class DiskStore:
         for seg, info in segs.items():
             if info.state != SEG_OPEN or self._writer_alive(seg):
                 continue
-            try:
-                os.truncate(self._seg_path(seg), info.end)
-            except FileNotFoundError:
-                pass
+            # Cut at the end committed *now*: ``segs`` may predate the writer's last commits before it died, and
+            # cutting at that older end destroyed committed pages (found by bench/stress/kill_stress.py). A dead
+            # writer commits nothing more, and the write transaction keeps other recoverers out meanwhile.
             with self._index.write() as txn:
                 cur = self._index.seg_info(txn, seg)
-                if cur is not None and cur.state == SEG_OPEN:
-                    txn.put(seg_key(seg), cur._replace(state=SEG_SEALED).pack(), db=self._index.segs)
-            segs[seg] = info._replace(state=SEG_SEALED)
+                if cur is None or cur.state != SEG_OPEN:
+                    segs[seg] = cur  # sealed or gone meanwhile (another process recovered or compacted it)
+                    continue
+                try:
+                    os.truncate(self._seg_path(seg), cur.end)
+                except FileNotFoundError:
+                    pass
+                txn.put(seg_key(seg), cur._replace(state=SEG_SEALED).pack(), db=self._index.segs)
+            segs[seg] = cur._replace(state=SEG_SEALED)
+        for seg in [seg for seg, info in segs.items() if info is None]:
+            del segs[seg]
 
     def _compact_locked(self, live_ratio: float) -> int:
         with self._index.read() as txn:

@@ -12,24 +12,27 @@ clean restart serves all of it; after a crash, only what reached the disk (its i
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Sequence
 
 from .buffers import byte_view
 from .codecs import CODEC_NAMES, decode_page, encode_page, get_codec, peek_header
+from .crypto import KeyRing
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig, GiB, MiB
 from .dtypes import dtype_info
 from .errors import CodecError, ConfigError
 from .host_pool import CompressedHostPool, HostPoolStats, PoolKey
 from .namespace import Namespace, key_bytes
+from .tenants import Tenants
 
 log = logging.getLogger("kvdrive.tier")
 
-WRITE_POLICIES = ("write_through", "write_back")
+WRITE_POLICIES = ("write_through", "write_back", "selective")
 
 
 @dataclass
@@ -38,13 +41,18 @@ class TierConfig:
     host_bytes: int = 4 * GiB  # compressed DRAM tier budget (encoded bytes)
     disk_bytes: int = 64 * GiB  # disk store cap (segment file bytes)
     codec: str = "zstd"  # raw | zstd (lossless) | int8 | fp8 (lossy: opt in)
-    write_policy: str = "write_through"  # write_through: every page also goes to disk (survives a crash)
+    # write_through: every page also goes to disk at once (survives a crash); write_back: a page goes to disk when it
+    # leaves the DRAM pool; selective: only pages the engine's ``admit`` callback calls worth keeping go to disk -- at
+    # once if admitted when stored, else when they leave the pool if admitted by then (others are dropped there)
+    write_policy: str = "write_through"
     writedown_queue_bytes: int = 256 * MiB  # pages waiting for the disk; over this, write-downs are dropped
     writedown_batch_bytes: int = 16 * MiB  # one group commit
     io_threads: int = 2  # for submit_get_many / submit_put_many
     maintain_interval_s: float = 30.0  # TTL expiry, capacity and compaction on the writer thread
     default_ttl_s: float | None = None
     disk: dict = field(default_factory=dict)  # further DiskStoreConfig fields (segment_bytes, io, ...)
+    tenants: dict = field(default_factory=dict)  # per-tenant policy (ttl_s, share_as): see tier/tenants.py
+    encrypt: str | None = None  # encryption at rest: key file path, or "env" (KVDRIVE_KEYS); see tier/crypto.py
 
     def __post_init__(self):
         for name in ("host_bytes", "disk_bytes", "writedown_queue_bytes", "writedown_batch_bytes", "io_threads"):
@@ -58,8 +66,24 @@ class TierConfig:
             raise ConfigError(f"tier write_policy {self.write_policy!r} is not one of {', '.join(WRITE_POLICIES)}")
         if self.path is None and self.host_bytes == 0:
             raise ConfigError("tier has neither a disk path nor a DRAM budget: set path or host_bytes")
-        if not isinstance(self.maintain_interval_s, (int, float)) or self.maintain_interval_s <= 0:
-            raise ConfigError(f"tier maintain_interval_s must be a positive number, got {self.maintain_interval_s!r}")
+        v = self.maintain_interval_s
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+            raise ConfigError(f"tier maintain_interval_s must be a positive number, got {v!r}")
+        if not isinstance(self.disk, dict):
+            raise ConfigError(f"tier disk options must be a dict of disk store settings, got {self.disk!r}")
+        allowed = sorted({f.name for f in fields(DiskStoreConfig)} - {"path", "capacity_bytes", "default_ttl_s"})
+        unknown = sorted(str(k) for k in self.disk if k not in allowed)
+        if unknown:
+            raise ConfigError(f"unknown tier disk option(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
+        Tenants(self.tenants)  # ConfigError names a bad entry
+        if self.encrypt is not None:
+            if not isinstance(self.encrypt, str) or not self.encrypt:
+                raise ConfigError(f"tier encrypt must be a key file path or 'env', got {self.encrypt!r}")
+            if self.path is None:
+                raise ConfigError("tier encrypt is encryption at rest: it needs a disk store path")
+        # the disk store's own checks, now rather than when the engine opens it (no I/O happens here)
+        DiskStoreConfig(path=self.path or ".", capacity_bytes=self.disk_bytes, default_ttl_s=self.default_ttl_s,
+                        **self.disk)
 
 
 class TierStats(NamedTuple):
@@ -75,24 +99,36 @@ class TierStats(NamedTuple):
     decode_s: float  # get_many's in-memory part (DRAM pool and queue lookups and decodes)
     disk_get_s: float  # get_many's disk part (index lookups, reads, checksums, decodes)
     disk_get_pages: int  # pages asked of the disk by get_many (hits and misses)
+    not_admitted: int  # selective: pages stored in DRAM only (not worth a disk write when stored)
+    not_admitted_dropped: int  # selective: of those, pages that left the DRAM pool still not worth one
+    unkeyed_refused: int = 0  # encryption on: pages not cached because their tenant has no key
+    erased: int = 0  # encryption on: in-memory pages dropped because their tenant's key was deleted
 
 
 class TierEngine:
     def __init__(self, config: TierConfig):
         self.config = config
         self.codec = get_codec(config.codec)
+        self.tenants = Tenants(config.tenants)
+        # With encryption at rest, a tenant's pages are cached (in any tier) only while its key is held.
+        self.keyring = KeyRing(config.encrypt) if config.encrypt is not None else None
+        self._warned_unkeyed: set[str] = set()
         self.disk: DiskStore | None = None
         if config.path is not None:
             self.disk = DiskStore(DiskStoreConfig(path=config.path, capacity_bytes=config.disk_bytes,
-                                                  default_ttl_s=config.default_ttl_s, **config.disk))
+                                                  default_ttl_s=config.default_ttl_s, **config.disk),
+                                  keyring=self.keyring)
         self.pool = CompressedHostPool(config.host_bytes, self._demote)
-        # write-down queue: key -> (namespace, blob, score); readable until on disk
-        self._queue: OrderedDict[PoolKey, tuple[Namespace, bytes, float]] = OrderedDict()
+        # write-down queue: key -> (namespace, blob, score, expires_ms); readable until on disk
+        self._queue: OrderedDict[PoolKey, tuple[Namespace, bytes, float, int]] = OrderedDict()
         self._queue_bytes = 0
         self._queue_cv = threading.Condition()
         self._inflight = 0  # batches taken off the queue's head but not yet committed
         self._counts = Counter()
         self._times = Counter()
+        # selective write-down: (namespace, key bytes) -> worth a disk write? Set by the owner (kvdrive's SGLang
+        # backend: the promoter's admission). None admits everything.
+        self.admit = None
         self._warned_codec: set[str] = set()
         self._stop = False
         self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvdrive-io")
@@ -107,7 +143,11 @@ class TierEngine:
         """Store pages (caller buffers are copied/encoded before this returns). True for each page now held."""
         if len(keys) != len(pages) or (scores is not None and len(scores) != len(keys)):
             raise ConfigError(f"put_many got {len(keys)} keys and {len(pages)} pages; they must match")
+        if not self._keyed(ns, len(keys)):
+            return [False] * len(keys)
         codec = self._codec_for(ns)
+        ttl = self.tenants.ttl_s(ns.tenant, self.config.default_ttl_s)
+        expires = int(time.time() * 1000 + ttl * 1000) if ttl else 0
         ok = []
         t0 = time.perf_counter()
         for i, (k, page) in enumerate(zip(keys, pages)):
@@ -115,9 +155,10 @@ class TierEngine:
             blob = encode_page(page, ns.kv_dtype, codec, ns.head_dim)
             raw = peek_header(blob).raw_nbytes
             score = float(scores[i]) if scores is not None else 0.0
-            held = self.pool.put(pk, blob, raw, ns=ns, score=score) if self.config.host_bytes else False
-            if self.disk is not None and (self.config.write_policy == "write_through" or not held):
-                held = self._enqueue(pk, ns, blob, score) or held
+            held = self.pool.put(pk, blob, raw, ns=ns, score=score, expires_ms=expires) \
+                if self.config.host_bytes else False
+            if self.disk is not None and self._write_now(pk, ns, held):
+                held = self._enqueue(pk, ns, blob, score, expires) or held
             ok.append(held)
         self._times["encode_s"] += time.perf_counter() - t0
         return ok
@@ -126,6 +167,7 @@ class TierEngine:
         """Fill the caller's buffers. False is a miss (that buffer is then undefined)."""
         if len(keys) != len(outs):
             raise ConfigError(f"get_many got {len(keys)} keys and {len(outs)} buffers; they must match")
+        self._refresh_keys()
         result = [False] * len(keys)
         rest = []
         t0 = time.perf_counter()
@@ -160,11 +202,12 @@ class TierEngine:
 
     def exists_many(self, ns: Namespace, keys: Sequence) -> int:
         """Leading keys held in any tier (a prefix stops at its first miss)."""
+        self._refresh_keys()
         nid = ns.id
 
         def held(k) -> bool:
             pk = (nid, key_bytes(k))
-            return self.pool.contains(pk) or pk in self._queue
+            return self.pool.contains(pk) or self._queued_blob(pk) is not None
         n = 0
         for k in keys:  # the DRAM tiers first: no index lookups for a prefix held in memory
             if not held(k):
@@ -176,11 +219,12 @@ class TierEngine:
 
     def tiers_of(self, ns: Namespace, keys: Sequence) -> list[str | None]:
         """Where each page would be read from: "dram", "queued" (waiting for the disk, in memory), "disk" or None."""
+        self._refresh_keys()
         nid = ns.id
         out: list[str | None] = []
         for k in keys:
             pk = (nid, key_bytes(k))
-            out.append("dram" if self.pool.contains(pk) else "queued" if pk in self._queue else None)
+            out.append("dram" if self.pool.contains(pk) else "queued" if self._queued_blob(pk) is not None else None)
         missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.disk is not None:
             for i, on_disk in zip(missing, self.disk.contains(ns, [keys[i] for i in missing])):
@@ -195,6 +239,19 @@ class TierEngine:
     def submit_put_many(self, ns, keys, pages, *, scores=None) -> Future:
         """put_many on the I/O threads; keep ``pages`` unchanged until the future is done."""
         return self._executor.submit(self.put_many, ns, keys, pages, scores=scores)
+
+    def write_down(self, ns: Namespace, keys: Sequence) -> int:
+        """Queue for the disk the pages among ``keys`` that sit in the DRAM pool but not yet on disk (selective
+        write-down: pages admitted after they were stored). Never blocks; returns how many were queued."""
+        if self.disk is None:
+            return 0
+        n = 0
+        for k in keys:
+            pk = (ns.id, key_bytes(k))
+            e = self.pool.peek(pk)
+            if e is not None and not e.on_disk and pk not in self._queue:
+                n += self._enqueue(pk, e.ns, e.blob, e.score, e.expires_ms)
+        return n
 
     def set_scores(self, ns: Namespace, keys: Sequence, scores: Sequence[float]) -> None:
         """The promoter's value for pages; the lowest go first in both tiers."""
@@ -217,7 +274,8 @@ class TierEngine:
         if self.disk is None:
             return True
         for pk, e in self.pool.entries_not_on_disk():
-            self._enqueue(pk, e.ns, e.blob, e.score, block=True)
+            if not e.expired():
+                self._enqueue(pk, e.ns, e.blob, e.score, e.expires_ms, block=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._queue_cv:
             self._queue_cv.notify_all()
@@ -238,6 +296,7 @@ class TierEngine:
         return self.disk.put_note(name, value) if self.disk is not None else False
 
     def maintain(self) -> None:
+        self.pool.expire()
         if self.disk is not None:
             self.disk.maintain()
 
@@ -246,7 +305,8 @@ class TierEngine:
         return TierStats(self.pool.stats(), self.disk.stats() if self.disk else None, self._queue_bytes,
                          c["writedown_dropped"], c["hits_host"], c["hits_queued"], c["hits_disk"], c["misses"],
                          self._times["encode_s"], self._times["decode_s"], self._times["disk_get_s"],
-                         c["disk_get_pages"])
+                         c["disk_get_pages"], c["not_admitted"], c["not_admitted_dropped"], c["unkeyed_refused"],
+                         c["erased"])
 
     def close(self) -> None:
         if self._stop:
@@ -284,29 +344,94 @@ class TierEngine:
                         self.codec.name, ns.kv_dtype)
         return get_codec("zstd")
 
-    def _enqueue(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, block: bool = False) -> bool:
+    def _write_now(self, pk: PoolKey, ns: Namespace, held: bool) -> bool:
+        policy = self.config.write_policy
+        if policy == "write_through":
+            return True
+        if policy == "write_back":
+            return not held
+        if self._admitted(ns, pk[1]):
+            return True
+        self._counts["not_admitted"] += 1
+        return False
+
+    def _admitted(self, ns: Namespace, key: bytes) -> bool:
+        if self.admit is None:
+            return True
+        try:
+            return bool(self.admit(ns, key))
+        except Exception:  # noqa: BLE001 - a broken policy must not lose pages: keep them
+            log.exception("kvdrive: write-down admission failed; writing the page down")
+            return True
+
+    def _keyed(self, ns: Namespace, n: int) -> bool:
+        """Whether pages of ``ns``'s tenant may be cached: always without encryption; with it, while its key is held."""
+        if self.keyring is None:
+            return True
+        self._refresh_keys()
+        if self.keyring.has_key(ns.tenant):
+            return True
+        self._counts["unkeyed_refused"] += n
+        if ns.tenant not in self._warned_unkeyed:
+            self._warned_unkeyed.add(ns.tenant)
+            log.warning("kvdrive: %s has no key for tenant %s; its pages are not cached (encryption at rest is on; "
+                        "further refusals are counted, not logged)", self.keyring.describe(),
+                        ns.tenant or "'' (unsalted)")
+        return False
+
+    def _refresh_keys(self) -> None:
+        """Crypto-erase: once a tenant's key is deleted from the key source, drop its pages from memory too (the
+        DRAM pool and the write-down queue hold them in the clear); those on disk are unreadable without the key."""
+        if self.keyring is None:
+            return
+        gone = self.keyring.refresh()
+        if not gone:
+            return
+        n = self.pool.drop_where(lambda e: e.ns is not None and e.ns.tenant in gone)
+        with self._queue_cv:
+            for pk in [pk for pk, item in self._queue.items() if item[0].tenant in gone]:
+                self._queue_bytes -= len(self._queue.pop(pk)[1])
+                n += 1
+        self._counts["erased"] += n
+        self._warned_unkeyed -= gone
+        if n:
+            log.warning("kvdrive: dropped %d in-memory page(s) of %d tenant(s) whose key was removed", n, len(gone))
+
+    def _enqueue(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires_ms: int = 0,
+                 block: bool = False) -> bool:
         with self._queue_cv:
             if pk in self._queue:
                 return True
             while self._queue_bytes + len(blob) > self.config.writedown_queue_bytes:
-                if not block or self._stop or not self.disk._available():
+                # a page larger than the whole queue never fits: waiting for room hung close() (found by fuzzing)
+                if not block or self._stop or not self.disk._available() \
+                        or len(blob) > self.config.writedown_queue_bytes:
                     self._counts["writedown_dropped"] += 1
                     return False
                 self._queue_cv.wait(0.1)
-            self._queue[pk] = (ns, blob, score)
+            self._queue[pk] = (ns, blob, score, expires_ms)
             self._queue_bytes += len(blob)
             self._queue_cv.notify_all()
         return True
 
     def _queued_blob(self, pk: PoolKey) -> bytes | None:
         item = self._queue.get(pk)
-        return item[1] if item is not None else None
+        if item is None or (item[3] and item[3] <= time.time() * 1000):  # expired pages are never served
+            return None
+        return item[1]
 
     def _demote(self, victims) -> int:
         """Pool victims not yet on disk join the write-down queue (non-blocking; a full queue drops them)."""
         if self.disk is None:
             return 0
-        return sum(self._enqueue(k, e.ns, e.blob, e.score) for k, e in victims)
+        n = 0
+        for k, e in victims:
+            if self.config.write_policy == "selective" and not self._admitted(e.ns, k[1]):
+                self._counts["not_admitted_dropped"] += 1  # never worth a disk write: leaves the tiers here
+                continue
+            if not e.expired():
+                n += self._enqueue(k, e.ns, e.blob, e.score, e.expires_ms)
+        return n
 
     def _writer_loop(self) -> None:
         next_maintain = time.monotonic() + self.config.maintain_interval_s
@@ -328,7 +453,7 @@ class TierEngine:
                     self._write_batch(batch)
                 if time.monotonic() >= next_maintain:
                     next_maintain = time.monotonic() + self.config.maintain_interval_s
-                    self.disk.maintain()
+                    self.maintain()
             except Exception:  # noqa: BLE001 - the writer must survive anything; the store counts the faults
                 log.exception("kvdrive: write-down batch failed")
             finally:
@@ -344,12 +469,12 @@ class TierEngine:
 
     def _write_batch(self, batch) -> None:
         by_ns: dict[bytes, list] = {}
-        for pk, (ns, blob, score) in batch:
-            by_ns.setdefault(ns.id, []).append((pk, ns, blob, score))
+        for pk, (ns, blob, score, expires) in batch:
+            by_ns.setdefault(ns.id, []).append((pk, ns, blob, score, expires))
         for items in by_ns.values():
             ns = items[0][1]
-            ok = self.disk.put_many(ns, [pk[1] for pk, *_ in items], [b for _, _, b, _ in items],
-                                    scores=[s for *_, s in items])
-            done = [(pk, b) for (pk, _, b, _), o in zip(items, ok) if o]
+            ok = self.disk.put_many(ns, [pk[1] for pk, *_ in items], [it[2] for it in items],
+                                    scores=[it[3] for it in items], expires_ms=[it[4] for it in items])
+            done = [(it[0], it[2]) for it, o in zip(items, ok) if o]
             self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
             self._counts["writedown_dropped"] += len(items) - len(done)

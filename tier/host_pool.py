@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
@@ -29,11 +30,19 @@ class HostPoolStats(NamedTuple):
 
 
 class _Entry:
-    __slots__ = ("blob", "raw_nbytes", "score", "on_disk", "ns", "retiring")
+    __slots__ = ("blob", "raw_nbytes", "score", "on_disk", "ns", "retiring", "expires_ms")
 
-    def __init__(self, blob: bytes, raw_nbytes: int, score: float, on_disk: bool, ns):
+    def __init__(self, blob: bytes, raw_nbytes: int, score: float, on_disk: bool, ns, expires_ms: int = 0):
         self.blob, self.raw_nbytes, self.score, self.on_disk, self.ns = blob, raw_nbytes, score, on_disk, ns
         self.retiring = False  # picked as a victim; another thread is handing it to the disk tier
+        self.expires_ms = expires_ms  # wall-clock ms (the disk store's clock); 0: never
+
+    def expired(self, now_ms: int | None = None) -> bool:
+        return bool(self.expires_ms) and self.expires_ms <= (now_ms if now_ms is not None else _now_ms())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # demote(victims) -> number accepted; victims are (key, entry) pairs, oldest/lowest value first
@@ -55,8 +64,9 @@ class CompressedHostPool:
         self._hits = self._misses = self._inserts = self._demoted = self._dropped = 0
 
     def put(self, key: PoolKey, blob: bytes, raw_nbytes: int, *, ns=None, score: float = 0.0,
-            on_disk: bool = False) -> bool:
-        """Insert (or refresh) a page. False when the page alone is larger than the pool."""
+            on_disk: bool = False, expires_ms: int = 0) -> bool:
+        """Insert (or refresh) a page. False when the page alone is larger than the pool. An expired page
+        (``expires_ms``, wall-clock ms) is never served and leaves at the next ``expire``."""
         if len(blob) > self.capacity:
             return False
         with self._lock:
@@ -64,7 +74,7 @@ class CompressedHostPool:
             if old is not None:
                 self._account(old, -1)
                 on_disk = on_disk or (old.on_disk and old.blob == blob)
-            e = _Entry(blob, raw_nbytes, float(score), on_disk, ns)
+            e = _Entry(blob, raw_nbytes, float(score), on_disk, ns, int(expires_ms))
             self._map[key] = e
             self._account(e, +1)
             self._inserts += 1
@@ -76,7 +86,11 @@ class CompressedHostPool:
     def get(self, key: PoolKey) -> bytes | None:
         with self._lock:
             e = self._map.get(key)
-            if e is None:
+            if e is not None and e.expired() and not e.retiring:
+                del self._map[key]
+                self._account(e, -1)
+                e = None
+            if e is None or e.expired():
                 self._misses += 1
                 return None
             self._map.move_to_end(key)
@@ -84,7 +98,27 @@ class CompressedHostPool:
             return e.blob
 
     def contains(self, key: PoolKey) -> bool:
-        return key in self._map
+        e = self._map.get(key)
+        return e is not None and not e.expired()
+
+    def peek(self, key: PoolKey):
+        """The live entry for ``key`` (blob, on_disk, ns, score), or None; no hit counted, recency unchanged."""
+        with self._lock:
+            e = self._map.get(key)
+            return e if e is not None and not e.expired() else None
+
+    def expire(self) -> int:
+        """Drop pages past their expiry. Returns how many."""
+        return self.drop_where(lambda e, now=_now_ms(): e.expired(now))
+
+    def drop_where(self, doomed: Callable[[_Entry], bool]) -> int:
+        """Drop (without demoting) every page for which ``doomed(entry)`` holds: expired pages, or those of a tenant
+        whose key was deleted."""
+        with self._lock:
+            keys = [k for k, e in self._map.items() if doomed(e)]
+            for k in keys:
+                self._account(self._map.pop(k), -1)
+            return len(keys)
 
     def mark_on_disk(self, keys: list[PoolKey], blobs: list[bytes]) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import lmdb
 
+from .errors import StoreDirError
 from .store_dir import FILE_MODE
 
 _REC = struct.Struct("<IQIBBQQQQQf")
@@ -108,9 +109,13 @@ class Index:
             ent[2] += 1
         self.env, dbs, _ = ent
         self.meta, self.ns, self.pages, self.segs = dbs["meta"], dbs["ns"], dbs["pages"], dbs["segs"]
+        self.closed = False
 
     def close(self) -> None:
         with _ENVS_LOCK:
+            if self.closed:
+                return  # the environment is shared: a second close must not drop another holder's reference
+            self.closed = True
             ent = _ENVS.get(self.path)
             if ent is None:
                 return
@@ -120,10 +125,18 @@ class Index:
                 ent[0].close()
 
     def read(self):
+        self._check_open()
         return self.env.begin(buffers=False)
 
     def write(self):
+        self._check_open()
         return self.env.begin(write=True)
+
+    def _check_open(self) -> None:
+        # the environment may still be open for another store object in this process: refuse explicitly rather
+        # than keep working (or fail with lmdb's "closed/deleted/dropped object") after this one was closed
+        if self.closed:
+            raise StoreDirError(f"store {os.path.dirname(self.path)} is closed")
 
     # --- helpers used inside a caller's write transaction ---------------------------------------------------
     def alloc_segment(self, txn) -> int:

@@ -46,7 +46,10 @@ class Namespace:
             raise ConfigError(f"namespace tp_rank must be in [0, tp_size={self.tp_size}), got {self.tp_rank!r}")
         if not isinstance(self.tenant, str):
             raise ConfigError(f"namespace tenant must be a string, got {self.tenant!r}")
-        extra = tuple(sorted((str(k), str(v)) for k, v in dict(self.extra).items()))
+        try:
+            extra = tuple(sorted((str(k), str(v)) for k, v in dict(self.extra).items()))
+        except (TypeError, ValueError):
+            raise ConfigError(f"namespace extra must be (name, value) pairs or a dict, got {self.extra!r}") from None
         object.__setattr__(self, "extra", extra)
 
     def describe(self) -> dict:
@@ -73,7 +76,11 @@ class Namespace:
 def key_bytes(key) -> bytes:
     """Turn a caller's opaque key (str or bytes) into bytes; anything else is a clear error."""
     if isinstance(key, str):
-        b = key.encode("utf-8")
+        try:
+            b = key.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. from os.fsdecode of non-UTF-8 bytes)
+            raise ConfigError(f"page key {key[:40]!r} is not valid Unicode text ({e.reason} at {e.start}); "
+                              "pass bytes instead") from None
     elif isinstance(key, (bytes, bytearray, memoryview)):
         b = bytes(key)
     else:

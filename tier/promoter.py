@@ -259,10 +259,12 @@ class Promoter:
 
     # --- observations -----------------------------------------------------------------------------------------
     def observe_access(self, keys: Sequence[str], tokens_per_page: int, bytes_per_page: int, *,
-                       whole_request: bool = True) -> None:
+                       whole_request: bool = True, reuse: bool = True) -> None:
         """These pages were hit or inserted now: one request's whole chain (prompt and output pages) in prefix
         order. ``whole_request=False`` for partial observations (a storage read or write of some of a request's
-        pages): they count reuse and recency but neither mark the end of a chain nor detect a continuation."""
+        pages): they count reuse and recency but neither mark the end of a chain nor detect a continuation.
+        ``reuse=False``: recency and size only (a page being stored is not a use of it; a storage read whose
+        request will be observed whole when it finishes must not count twice)."""
         for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
@@ -285,7 +287,7 @@ class Promoter:
                 p = self._touch(k)
                 if cont and p.reuse == 0:
                     p.extends = True
-                p.reuse += 1
+                p.reuse += 1 if reuse else 0
                 p.t_access = now
                 p.seq = seq
                 seq -= 1

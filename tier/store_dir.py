@@ -73,6 +73,8 @@ def check_store_dir(path: str, *, create: bool) -> str:
     """Validate (and with ``create``, initialise) a store directory. Returns its absolute path."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise StoreDirError(f"store directory must be a path, got {path!r}")
+    if "\0" in os.fspath(path):  # the OS would refuse it with a bare "embedded null byte"
+        raise StoreDirError(f"store directory {path!r} contains a NUL character")
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreDirError(f"store path {path} exists and is not a directory")

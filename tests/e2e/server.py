@@ -62,12 +62,14 @@ class SGLangServer:
 
     ``extra_args``: more launch flags. ``env``: extra environment for the server (over the defaults below).
     ``log_path``: where stdout+stderr go (a temp file if None). ``max_total_tokens``: the device KV pool size.
+    ``pythonpath``: folders put first on the server's PYTHONPATH, in every process of it (e.g. a test-only
+    ``sitecustomize``; SGLang's spawned schedulers inherit the environment).
     """
 
     def __init__(self, model_path: str, extra_args: Iterable[str] = (), env: Mapping[str, str] | None = None,
                  log_path: str | None = None, *, max_total_tokens: int = 2048, startup_timeout: float = 240.0,
                  request_timeout: float = 120.0, python: str = sys.executable,
-                 torch_extensions_dir: str | None = None):
+                 torch_extensions_dir: str | None = None, pythonpath: Iterable[str] = ()):
         self.model_path = os.fspath(model_path)
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
@@ -77,6 +79,7 @@ class SGLangServer:
         self.request_timeout = request_timeout
         self.python = python
         self.torch_extensions_dir = torch_extensions_dir
+        self.pythonpath = [os.fspath(p) for p in pythonpath]
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.start_seconds: float | None = None
@@ -96,9 +99,12 @@ class SGLangServer:
         e = dict(os.environ)
         e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                  TORCH_EXTENSIONS_DIR=self.torch_extensions_dir or private_torch_extensions_dir())
+        front = list(self.pythonpath)
         if not gpu_present():
             e["SGLANG_USE_CPU_ENGINE"] = "1"
-            e["PYTHONPATH"] = os.pathsep.join([FIXTURES] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+            front.append(FIXTURES)
+        if front:
+            e["PYTHONPATH"] = os.pathsep.join(front + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
         e.update(self.extra_env)
         return e
 

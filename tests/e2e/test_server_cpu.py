@@ -18,11 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -38,149 +33,10 @@ if not _sglang_installed():
     pytest.skip("sglang is not installed: the e2e server tests need the [sglang] extra (on CPU: "
                 "requirements/sglang-cpu*.txt, see README.md)", allow_module_level=True)
 
-from .conftest import SERVER_TIMINGS
-from .server import SGLangServer, gpu_present
-from .tiny_model import WORDS, make_tiny_llama
+from .common import (HICACHE_CPU, MAX_NEW, N_PROMPTS, PAGE, PROMPT_TOKENS, assert_kvdrive_wiring, assert_plugin_ok,
+                     at_least, full_hit, kvdrive_cli, kvdrive_entries, metric_value, server, stop, wait_for)
 
 pytestmark = pytest.mark.e2e
-
-PAGE = 16
-PROMPT_TOKENS = 24 * PAGE + 1   # 385
-N_PROMPTS = 4                   # 4 x ~393 tokens > the kvdrive server's device pool
-MAX_NEW = 8
-HICACHE_CPU = [] if gpu_present() else ["--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first"]
-COMMON = ["--page-size", str(PAGE)]
-
-
-# ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def e2e_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("e2e")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(e2e_dir):
-    return make_tiny_llama(e2e_dir / "tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def ext_dir(e2e_dir):
-    """Private torch extensions folder for this test session (HiCache's C++ hash module is built there once)."""
-    d = e2e_dir / "torch_ext"
-    d.mkdir()
-    return str(d)
-
-
-def build_prompts(model_path, n=N_PROMPTS, tokens=PROMPT_TOKENS) -> list[str]:
-    """n distinct texts of exactly ``tokens`` tokens (no shared prefix beyond the first word or two)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
-    out = []
-    for i in range(n):
-        for attempt in range(50):
-            rng = random.Random(1000 * i + attempt)
-            words = [f"Document {i}:"]
-            while True:
-                words.append(rng.choice(WORDS))
-                text = " ".join(words)
-                count = len(tok.encode(text, add_special_tokens=True).ids)
-                if count >= tokens:
-                    break
-            if count == tokens:
-                out.append(text)
-                break
-        else:
-            raise AssertionError(f"could not build a {tokens}-token prompt #{i}")
-    return out
-
-
-@pytest.fixture(scope="session")
-def prompts(tiny_model):
-    return build_prompts(tiny_model)
-
-
-def server(name, model, e2e_dir, ext_dir, args, *, env=None, max_total_tokens=2048):
-    return SGLangServer(model, COMMON + list(args), env=env, log_path=str(e2e_dir / f"{name}.log"),
-                        max_total_tokens=max_total_tokens, torch_extensions_dir=ext_dir)
-
-
-def stop(srv, name, graceful=True):
-    srv.stop(graceful=graceful)
-    SERVER_TIMINGS.append({"name": name, "start_s": srv.start_seconds, "stop_s": srv.stop_seconds,
-                           "stop": "SIGTERM" if graceful else "SIGKILL"})
-
-
-def full_hit(r):
-    return r["cached"] >= r["prompt_tokens"] - 1
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model, prompts, e2e_dir, ext_dir):
-    """Radix-only server: greedy outputs of every prompt, and prompt 0 twice (the second from the device cache)."""
-    srv = server("radix", tiny_model, e2e_dir, ext_dir, []).start()
-    try:
-        first = srv.generate(prompts[0], MAX_NEW)
-        second = srv.generate(prompts[0], MAX_NEW)
-        others = [srv.generate(p, MAX_NEW) for p in prompts[1:]]
-    finally:
-        stop(srv, "radix", graceful=False)
-    return {"first": first, "second": second, "ids": [first["ids"]] + [r["ids"] for r in others]}
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def kvdrive_cli(*args, check=True):
-    exe = os.path.join(os.path.dirname(sys.executable), "kvdrive")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvdrive_sglang.tier.cli"]
-    p = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
-    if check:
-        assert p.returncode == 0, f"kvdrive {' '.join(args)} -> rc {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
-
-
-def kvdrive_entries(d) -> int:
-    p = kvdrive_cli("stats", str(d), "--json", check=False)
-    if p.returncode != 0:
-        return -1
-    return json.loads(p.stdout)["entries"]
-
-
-def wait_for(pred, timeout, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(interval)
-
-
-def at_least(v: int, n: int) -> int:
-    """v when v >= n, else 0 (for wait_for)."""
-    return v if v >= n else 0
-
-
-def grep_log(srv, *needles):
-    return [ln for ln in srv.log_text().splitlines() if any(n in ln for n in needles)]
-
-
-def assert_plugin_ok(srv, steps=("cpu_fallbacks", "flags", "radix_backend")):
-    """None of these steps of kvdrive's plugin failed in the server processes (SGLang logs and swallows plugin
-    errors, so a failed step would otherwise only show up as a missing feature)."""
-    bad = grep_log(srv, "Failed to execute general plugin: kvdrive", *(f"kvdrive: plugin step {s}." for s in steps))
-    assert not bad, "kvdrive plugin failed in the server:\n" + "\n".join(bad) + "\n" + srv.log_tail(30)
-
-
-def assert_kvdrive_wiring(srv):
-    """--kv-tier kvdrive was expanded into SGLang's flags and SGLang built kvdrive's radix cache (the storage backend
-    shows in every request's cached_tokens_details["storage_backend"])."""
-    text = srv.log_text()
-    want = ["enable_hierarchical_cache=True", "hicache_storage_backend='dynamic'", "radix_cache_backend='kvdrive'"]
-    if not gpu_present():
-        want += ["hicache_io_backend='direct'", "hicache_mem_layout='layer_first'"]
-    missing = [w for w in want if w not in text]
-    assert not missing, f"server_args lack {missing}: --kv-tier kvdrive was not expanded\n{srv.log_tail(30)}"
-    assert "source=registered('kvdrive')" in text, "SGLang did not build kvdrive's radix cache:\n" + \
-        "\n".join(grep_log(srv, "Tree cache initialized"))
 
 
 # ---------------------------------------------------------------------------------------------------- tests
@@ -217,15 +73,6 @@ def test_hicache_file_backend_restart(tiny_model, prompts, reference, e2e_dir, e
         stop(srv, "file_2", graceful=False)
     assert full_hit(c) and c["details"]["storage"] >= PROMPT_TOKENS - PAGE, c
     assert a["ids"] == b["ids"] == c["ids"] == reference["ids"][0]
-
-
-def metric_value(srv, name: str, label: str) -> float | None:
-    """Sum of a metric's samples carrying ``label`` in the server's Prometheus text, or None."""
-    with urllib.request.urlopen(f"{srv.url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(name + "{") and label in line]
-    return sum(vals) if vals else None
 
 
 def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_dir):

@@ -1,6 +1,9 @@
 """Run in a fresh process: load plugins through their real entry points, then expand --kv-tier cases.
 
-    python -m tests.sglang.flag_cases DIR  -> one JSON object per line: {"case", "ok", "fields" | "error", "exit"}
+    python -m tests.sglang.flag_cases DIR FILE      -> the fixed cases below
+    python -m tests.sglang.flag_cases --argv CASES  -> each case of the JSON file CASES ({"case": name, "argv": [...]}
+                                                       lists, appended to the base arguments): many in one process
+One JSON object per line: {"case", "ok", "fields" | "error", "exit"}
 """
 import contextlib
 import io
@@ -30,8 +33,13 @@ def run(case, fn):
     print(json.dumps(out), flush=True)
 
 
-d = sys.argv[1]
 base = ["--model-path", "dummy", "--device", "cpu"]
+if sys.argv[1] == "--argv":
+    with open(sys.argv[2]) as f:
+        for c in json.load(f):
+            run(c["case"], lambda: prepare_server_args(base + c["argv"]))
+    sys.exit(0)
+d = sys.argv[1]
 run("cli", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--kvdrive-host-gb", "2",
                                                "--kvdrive-disk-gb", "10", "--kvdrive-codec", "raw"]))
 run("cli-user-layout", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,

@@ -73,7 +73,8 @@ def test_measured_costs_decide_reload_vs_recompute(tmp_path, monkeypatch):
     be._calibrate()
     costs = be.tier_stats()["costs"]
     assert costs["prefill_tokens_per_s"] == (pytest.approx(1e8, rel=1e-3), "measured")
-    assert costs["dram_gbps"][1] == "measured" and costs["reload_fixed_s"][1] == "measured"
+    assert costs["dram_gbps"][1] == "measured"
+    assert be.reload_meter.fit.observed == 7  # every exists -> get round trip was timed (its line needs spread)
     assert be.batch_exists(_keys(40)) == 0
     assert be.tier_stats()["io"]["recompute_pages"] >= 40
     be.close()

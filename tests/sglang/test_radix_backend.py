@@ -38,6 +38,8 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext  # noqa: E402
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: E402
 from sglang.srt.mem_cache.utils import get_hash_str  # noqa: E402
+
+_sglang_get_hash_str = getattr(get_hash_str, "__wrapped__", get_hash_str)  # SGLang's own, not kvdrive's hook
 from sglang.srt.runtime_context import get_parallel  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
@@ -249,9 +251,13 @@ def serve(cache, rid, salt, prompt=PROMPT):
 
 
 def chain(tokens, salt):
-    """Storage keys for pages of tokens, from SGLang's own hash function."""
-    prior = None if salt is None else hashlib.sha256(b"kvdrive-salt\0" + salt.encode()).hexdigest()
-    return get_hash_str(tokens, prior, page_size=PAGE)
+    """Storage keys for pages of tokens, from SGLang's own hash function: a salted chain starts from the salt's
+    digest, and each of its keys ends with the tenant id (16 hex digits, tier/tenants.py)."""
+    if salt is None:
+        return get_hash_str(tokens, None, page_size=PAGE)
+    prior = hashlib.sha256(b"kvdrive-salt\0" + salt.encode()).hexdigest()
+    tag = hashlib.blake2b(b"kvdrive-tenant\0" + salt.encode(), digest_size=8).hexdigest()
+    return [h + tag for h in _sglang_get_hash_str(tokens, prior, page_size=PAGE)]
 
 
 # --------------------------------------------------------------------------------------------------------- tests

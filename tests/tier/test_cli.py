@@ -215,8 +215,9 @@ def test_gc_expires_ttl_pages_only(tmp_path, capsys):
     d = tmp_path / "store"
     keep, short = make_ns("keep"), make_ns("short")
     kept = populate(d, {keep: 4})
-    populate(d, {short: 4}, seed0=500, ttl_s=0.05)
-    time.sleep(0.15)
+    # a TTL runs from when the engine took the page: long enough for all four to reach the disk before expiring
+    populate(d, {short: 4}, seed0=500, ttl_s=0.5)
+    time.sleep(0.6)
     rc, out, err = run(capsys, "gc", d, "--live-ratio", "1")
     assert rc == 0, err
     assert "expired 4 page(s)" in out
