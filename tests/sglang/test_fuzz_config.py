@@ -166,7 +166,9 @@ def test_flag_values_through_the_plugin(tmp_path):
     cases = _flag_cases(str(tmp_path))
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
-    p = subprocess.run([sys.executable, "-m", "tests.sglang.flag_cases", "--argv", str(spec)], cwd=ROOT,
+    # run from tmp_path: the relative --kvdrive-dir cases create their store there, not in the source tree
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    p = subprocess.run([sys.executable, "-m", "tests.sglang.flag_cases", "--argv", str(spec)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     results = {c["case"]: c for c in map(json.loads, (ln for ln in p.stdout.splitlines() if ln.startswith("{")))}
