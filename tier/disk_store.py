@@ -1026,9 +1026,12 @@ class DiskStore:
         """The index is a second capacity bound: above _INDEX_HIGH of the map, evict the lowest-value pages down to
         _INDEX_LOW, while LMDB still has the free pages that deleting needs (a map that is full to the last page
         cannot even commit a delete: every change copies its path of pages first)."""
-        fill = self._index_fill()
-        if fill > _INDEX_HIGH:
-            self._free_index_room(1.0 - _INDEX_LOW / fill, full=False)
+        try:
+            fill = self._index_fill()
+            if fill > _INDEX_HIGH:
+                self._free_index_room(1.0 - _INDEX_LOW / fill, full=False)
+        except (OSError, lmdb.Error) as e:  # called on the write path: a fault, never the writer's exception
+            self._fault(e, "index eviction")
 
     def _free_index_room(self, share: float | None = None, *, full: bool = True) -> None:
         """Drop ``share`` of the pages (lowest value first; default 1 - low_watermark, as capacity eviction would),

@@ -159,6 +159,17 @@ def test_missing_kvdrive_config_is_a_clear_error(tmp_path):
     cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "colour": "blue"}}
     with pytest.raises(ConfigError, match="colour"):
         KvdriveStorage(cfg, {})
+    # disk-store options reach the store (the e2e fault tests set a short retry and a tiny map this way) ...
+    cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "disk": {"retry_after_s": 2, "map_size": 1 << 20}}}
+    be = KvdriveStorage(cfg, {})
+    assert be.engine.disk.config.retry_after_s == 2 and be.engine.disk.config.map_size == 1 << 20
+    be.close()
+    # ... and a bad one is a one-line error naming it
+    for disk, named in (({"retry_afterr_s": 2}, "retry_afterr_s"), ({"retry_after_s": -1}, "retry_after_s"),
+                        ("fast", "disk")):
+        cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "disk": disk}}
+        with pytest.raises(ConfigError, match=named):
+            KvdriveStorage(cfg, {})
 
 
 def test_model_identity_changes_when_weights_change_in_place(tmp_path):
