@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 from array import array
@@ -22,9 +21,8 @@ import pytest
 pytest.importorskip("sglang")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from kvdrive_sglang import cpu_fallbacks, radix_backend  # noqa: E402
+from kvdrive_sglang import cpu_fallbacks  # noqa: E402
 
 cpu_fallbacks.install()
 
@@ -35,7 +33,6 @@ from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext  # noqa: E402
-from sglang.srt.runtime_context import get_parallel  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
@@ -48,18 +45,8 @@ LOOP_STEP_BUDGET_S = 0.1  # one scheduler iteration's cache calls: far below one
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    created = False
-    if not dist.is_initialized():
-        with tempfile.NamedTemporaryFile(prefix="kvdrive-pg-", delete=False) as f:
-            path = f.name
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-        created = True
-    radix_backend.register()
-    with get_parallel().override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1):
-        yield
-    if created:
-        dist.destroy_process_group()
+def _group(process_group):  # tests/sglang/conftest.py
+    yield
 
 
 class _Worker:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from array import array
 
@@ -20,7 +19,6 @@ import pytest
 pytest.importorskip("sglang")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from kvdrive_sglang import cpu_fallbacks, radix_backend  # noqa: E402
 
@@ -40,7 +38,6 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: 
 from sglang.srt.mem_cache.utils import get_hash_str  # noqa: E402
 
 _sglang_get_hash_str = getattr(get_hash_str, "__wrapped__", get_hash_str)  # SGLang's own, not kvdrive's hook
-from sglang.srt.runtime_context import get_parallel  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
@@ -114,20 +111,8 @@ class _Worker:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    # HiRadixCache asks torch.distributed for the TP world size: a one-process gloo group, as a TP=1 server has.
-    created = False
-    if not dist.is_initialized():
-        with tempfile.NamedTemporaryFile(prefix="kvdrive-pg-", delete=False) as f:
-            path = f.name
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-        created = True
-    radix_backend.register()
-    # The parallel topology SGLang's scheduler process publishes (read when the storage backend is configured).
-    with get_parallel().override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1):
-        yield
-    if created:
-        dist.destroy_process_group()
+def _group(process_group):  # tests/sglang/conftest.py
+    yield
 
 
 def _ctx(hicache=True, store=None, worker=None):

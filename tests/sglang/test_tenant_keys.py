@@ -15,7 +15,7 @@ from sglang.srt.mem_cache.utils import get_hash_str  # noqa: E402
 from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config  # noqa: E402
 from kvdrive_sglang.tier.crypto import new_key  # noqa: E402
 from kvdrive_sglang.tier.tenants import group_id, tenant_id  # noqa: E402
-from tests.sglang.test_radix_backend import (PAGE, PROMPT, _ctx, _kv_value, chain, process_group,  # noqa: E402,F401
+from tests.sglang.test_radix_backend import (PAGE, PROMPT, _ctx, _kv_value, chain, _group,  # noqa: E402,F401
                                              serve)
 
 EXPECTED_KV = [_kv_value(t) for t in PROMPT]
