@@ -30,6 +30,7 @@ STORAGE_CLASS = "KvdriveStorage"
 RADIX_BACKEND = "kvdrive"
 GiB = 1 << 30
 MIN_DISK_BYTES = 1 << 20
+RELOAD_POLICIES = ("auto", "always")
 
 
 def default_dir() -> str:
@@ -45,6 +46,7 @@ class KvdriveOptions:
     codec: str = "zstd"
     encrypt: str | None = None  # encryption at rest: key file (absolute path) or "env" (KVDRIVE_KEYS)
     tenants: dict | None = None  # per-tenant policy: {"<salt>": {"ttl_s": ..., "share_as": ...}}
+    reload: str = "auto"  # storage hits: "auto" reloads only where that beats recomputing (measured), "always" reloads
 
 
 # our option -> (dest, type, default, help)
@@ -63,6 +65,9 @@ _OPTIONS = {
     "--kvdrive-tenants": ("kvdrive_tenants", str, None,
                           "per-tenant policy, a JSON object (or a JSON file) of cache salt -> {\"ttl_s\": seconds, "
                           "\"share_as\": group}; salts with the same share_as group share pages"),
+    "--kvdrive-reload": ("kvdrive_reload", str, KvdriveOptions.reload,
+                         "storage hits: 'auto' reloads a hit only where that beats recomputing its prefill, by the "
+                         "costs this server measures; 'always' reloads every hit (benchmarks, tests)"),
 }
 _KWARGS = {"kv_tier"} | {dest for dest, *_ in _OPTIONS.values()}
 
@@ -106,6 +111,11 @@ def options_from(values: dict) -> KvdriveOptions:
         from .tier.crypto import KeyRing
 
         out["encrypt"] = KeyRing(enc).source  # a missing, unsafe or malformed key source fails here
+    rel = values.get("kvdrive_reload")
+    if rel is not None:
+        if rel not in RELOAD_POLICIES:
+            raise ConfigError(f"--kvdrive-reload {rel!r} is not one of {', '.join(RELOAD_POLICIES)}")
+        out["reload"] = rel
     ten = values.get("kvdrive_tenants")
     if ten is not None:
         out["tenants"] = _tenants_option(ten)
@@ -144,6 +154,8 @@ def storage_extra_config(opts: KvdriveOptions) -> str:
         section["encrypt"] = opts.encrypt
     if opts.tenants:
         section["tenants"] = opts.tenants
+    if opts.reload != "auto":
+        section["reload"] = opts.reload
     return json.dumps({
         "backend_name": "kvdrive", "module_path": STORAGE_MODULE, "class_name": STORAGE_CLASS, "interface_v1": 1,
         "kvdrive": section,

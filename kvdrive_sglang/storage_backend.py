@@ -28,6 +28,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from .cost_meter import PREFILL, ReloadMeter
+from .flags import RELOAD_POLICIES
 from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
 from .tier.errors import ConfigError
@@ -107,11 +108,22 @@ def tier_config_from(extra: dict | None) -> TierConfig:
              "disk": "disk",  # further disk store options (retry_after_s, map_size, ...), checked by TierConfig
              "tenants": "tenants",  # per-tenant ttl_s / share_as (tier/tenants.py)
              "encrypt": "encrypt"}  # encryption at rest: key file path or "env" (tier/crypto.py)
-    unknown = sorted(set(section) - set(known) - {"promoter"})
+    unknown = sorted(set(section) - set(known) - {"promoter", "reload"})
     if unknown:
-        raise ConfigError(f"unknown kvdrive storage option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ConfigError(f"unknown kvdrive storage option(s) {', '.join(unknown)}; known: "
+                          f"{', '.join([*known, 'promoter', 'reload'])}")
     # SGLang's server writes down selectively by default: only pages the promoter admits reach the disk
     return TierConfig(**{"write_policy": "selective", **{known[k]: v for k, v in section.items() if k in known}})
+
+
+def reload_policy_from(extra: dict | None) -> str:
+    """``{'kvdrive': {'reload': 'auto' | 'always'}}``: whether storage hits are reloaded only where that beats
+    recomputing them (auto, the default) or always."""
+    section = (extra or {}).get("kvdrive") if isinstance(extra, dict) else None
+    policy = (section or {}).get("reload", "auto")
+    if policy not in RELOAD_POLICIES:
+        raise ConfigError(f"kvdrive reload {policy!r} is not one of {', '.join(RELOAD_POLICIES)}")
+    return policy
 
 
 def promoter_config_from(extra: dict | None) -> PromoterConfig:
@@ -131,6 +143,7 @@ class KvdriveStorage(HiCacheStorage):
         self.storage_config = storage_config
         self.tier_config = tier_config_from(storage_config.extra_config)
         self.promoter = Promoter(promoter_config_from(storage_config.extra_config))
+        self.reload_policy = reload_policy_from(storage_config.extra_config)
         self.engine = TierEngine(self.tier_config)
         # selective write-down: a page reaches the disk only once the promoter finds it worth keeping (reused, a
         # conversation's continuation, ...), so disk bandwidth is not spent on one-off prompts
@@ -291,6 +304,8 @@ class KvdriveStorage(HiCacheStorage):
         n = self.engine.exists_many(ns, keys)
         if n == 0:
             return 0
+        if self.reload_policy == "always":
+            return n
         tiers = self.engine.tiers_of(ns, keys[:n])  # all found: exists_many counted them
         plan = self.promoter.plan_prefix(tiers, self.page_size, self.page_bytes)
         if plan.reload_pages < n:

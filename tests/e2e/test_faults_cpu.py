@@ -60,7 +60,8 @@ def kvdrive_flags(store, *, disk: dict | None = None, host_bytes: int = 0) -> li
     disk-store options in the storage extra config, which ``--kvdrive-*`` flags do not reach."""
     fields = canonical(KvdriveOptions(dir=str(store)), gpu=gpu_present())
     extra = json.loads(fields["hicache_storage_backend_extra_config"])
-    extra["kvdrive"].update(host_bytes=host_bytes, write_policy="write_through", disk=dict(disk or {}))
+    extra["kvdrive"].update(host_bytes=host_bytes, write_policy="write_through", reload="always",
+                            disk=dict(disk or {}))
     fields["hicache_storage_backend_extra_config"] = json.dumps(extra)
     out = []
     for field, value in fields.items():

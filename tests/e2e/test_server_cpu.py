@@ -78,7 +78,9 @@ def test_hicache_file_backend_restart(tiny_model, prompts, reference, e2e_dir, e
 def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_dir):
     store = e2e_dir / "kvdrive_store"
     # device pool of 1024 tokens: the 4 prompts (~393 tokens each) cannot all stay on the device
-    args = ["--kv-tier", "kvdrive", "--kvdrive-dir", str(store)]
+    # --kvdrive-reload always: this test is about the tiers serving; with auto, a 2-layer model's prefill (measured)
+    # is rightly cheaper than a reload, and kvdrive would recompute instead (tests/sglang/test_cost_meter.py)
+    args = ["--kv-tier", "kvdrive", "--kvdrive-dir", str(store), "--kvdrive-reload", "always"]
     srv = server("kvdrive_1", tiny_model, e2e_dir, ext_dir, args, max_total_tokens=1024).start()
     try:
         assert_plugin_ok(srv)

@@ -32,6 +32,7 @@ def kvdrive_flags(store, keys) -> list[str]:
     extra = json.loads(fields["hicache_storage_backend_extra_config"])
     assert extra["kvdrive"]["encrypt"] == str(keys)
     extra["kvdrive"]["write_policy"] = "write_through"
+    extra["kvdrive"]["reload"] = "always"  # these checks are about the tiers serving: not the promoter's choice
     fields["hicache_storage_backend_extra_config"] = json.dumps(extra)
     out = []
     for field, value in fields.items():

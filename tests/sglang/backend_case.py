@@ -33,11 +33,13 @@ def make_mla_host(layout="layer_first", dtype=torch.bfloat16, size=64):
 
 
 def make_backend(store_dir, host, *, tp_rank=0, tp_size=1, model="tiny-llama", mla=False, codec="zstd",
-                 host_gb=0.01, promoter=None):
+                 host_gb=0.01, promoter=None, reload=None):
     extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(store_dir), host_gb=host_gb, disk_gb=1,
                                                            codec=codec)))
     if promoter:
         extra["kvdrive"]["promoter"] = promoter
+    if reload:
+        extra["kvdrive"]["reload"] = reload
     cfg = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
                                is_page_first_layout=host.layout == "page_first", model_name=model,

@@ -107,3 +107,21 @@ def test_a_damaged_costs_note_is_ignored(tmp_path, caplog):
     assert again.tier_stats()["costs"]["prefill_tokens_per_s"][1] == "assumed"
     assert "ignoring the costs kept" in caplog.text
     again.close()
+
+
+def test_reload_always_claims_hits_the_promoter_would_recompute(tmp_path):
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    idx = host.alloc(4 * PAGE)
+    fill(host, [idx[i * PAGE] for i in range(4)], seed=5)
+    be.batch_set_v1(_keys(4), idx)
+    be.close()  # on disk only
+    slow = {"disk_gbps": 1e-6}  # a disk slower than any prefill
+    auto = make_backend(tmp_path, make_host(), promoter=slow)
+    assert auto.batch_exists(_keys(4)) == 0
+    auto.close()
+    always = make_backend(tmp_path, make_host(), promoter=slow, reload="always")
+    assert always.batch_exists(_keys(4)) == 4
+    always.close()
+    with pytest.raises(Exception, match="sometimes"):
+        make_backend(tmp_path, make_host(), reload="sometimes")

@@ -80,3 +80,14 @@ def test_engine_kwargs_expand_too(cases):
 
 def test_help_lists_kvdrive_options(cases):
     assert cases[1]["help"]["ok"] is True
+
+
+def test_reload_policy_flag(tmp_path):
+    from kvdrive_sglang.flags import options_from, storage_extra_config
+    from kvdrive_sglang.tier.errors import ConfigError
+
+    opts = options_from({"kvdrive_dir": str(tmp_path), "kvdrive_reload": "always"})
+    assert json.loads(storage_extra_config(opts))["kvdrive"]["reload"] == "always"
+    assert "reload" not in json.loads(storage_extra_config(options_from({"kvdrive_dir": str(tmp_path)})))["kvdrive"]
+    with pytest.raises(ConfigError, match="--kvdrive-reload 'never'"):
+        options_from({"kvdrive_dir": str(tmp_path), "kvdrive_reload": "never"})
