@@ -81,10 +81,10 @@ PRESETS = {
     "demo": Preset(model=dict(num_layers=3, hidden=768, heads=12, kv_heads=2, intermediate=2048),
                    configs=("radix", "kvdrive"), max_total_tokens=768, docs=4, doc_tokens=(320, 512),
                    doc_requests=10, rate=0.7),
-    # CPU, prefill-heavy: hidden 512 and 4 layers so that prefill dominates a request on this machine
-    "cpu": Preset(model=dict(num_layers=4, hidden=512, heads=8, kv_heads=4, intermediate=1024),
-                  configs=CONFIGS, max_total_tokens=2048, docs=8, doc_tokens=(768, 1536), doc_requests=32,
-                  sessions=3, turns=(4, 6), turn_tokens=96, rate=2.0),
+    # CPU, prefill-heavy: hidden 1024, 4 layers, 2 KV heads (2 KiB of KV per token) so that prefill dominates
+    "cpu": Preset(model=dict(num_layers=4, hidden=1024, heads=16, kv_heads=2, intermediate=2816),
+                  configs=CONFIGS, max_total_tokens=2048, docs=8, doc_tokens=(768, 1536), doc_requests=24,
+                  sessions=3, turns=(4, 6), turn_tokens=96, rate=0.5),
     # GPU: ~0.7B random Llama (bf16), documents of 8K-32K tokens, a device budget of 64K tokens
     "gpu": Preset(model=dict(num_layers=16, hidden=2048, heads=16, kv_heads=8, intermediate=5632),
                   configs=CONFIGS, max_total_tokens=65536, page_size=64, docs=12, doc_tokens=(8192, 32768),
