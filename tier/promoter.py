@@ -166,7 +166,7 @@ def _lae2(a: float, b: float) -> float:
 
 
 class _Page:
-    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens", "tail", "extends")
+    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens", "tail", "extends", "score")
 
     def __init__(self):
         self.tail = False  # the last page of some request's chain
@@ -176,6 +176,7 @@ class _Page:
         self.seq = -1  # access order; larger = more recent
         self.mass_log = _NEG_INF  # log2(mass * 2^(t_obs / half_life)), summed over observations
         self.nbytes = 0
+        self.score = None  # _log_score, cached: constant until the page is observed again (None: not computed)
         self.tokens = 0
 
 
@@ -289,6 +290,7 @@ class Promoter:
                     p.extends = True
                 p.reuse += 1 if reuse else 0
                 p.t_access = now
+                p.score = None
                 p.seq = seq
                 seq -= 1
                 p.nbytes = bytes_per_page
@@ -314,6 +316,7 @@ class Promoter:
                     raise ConfigError(f"attention mass for page {k!r} must be finite, got {m!r}")
                 p = self._touch(k)
                 p.mass_log = _lae2(p.mass_log, math.log2(m) + now_anchor)
+                p.score = None
             self._attention += len(key_to_mass)
             self._bound()
 
@@ -514,6 +517,8 @@ class Promoter:
         """log2(value(t) * 2^(t / half_life)): constant between observations. -inf for an unknown page."""
         if p is None:
             return _NEG_INF
+        if p.score is not None:
+            return p.score
         heat = p.mass_log
         if p.t_access is not None:
             heat = _lae2(heat, self._log_floor + p.t_access * self._inv_hl)
@@ -522,7 +527,10 @@ class Promoter:
         nbytes = p.nbytes or self._typical_bytes or 1
         reload_s = nbytes / (self.config.disk_gbps * _GB)
         reuse = p.reuse + 1 if p.extends else p.reuse
-        return heat + math.log2(max(reuse, 1)) - math.log2(reload_s)
+        score = heat + math.log2(max(reuse, 1)) - math.log2(reload_s)
+        if p.nbytes:  # a page seen only through attention is sized by the typical page, which can change
+            p.score = score
+        return score
 
     def _per_byte(self, tier: str) -> float:
         cfg = self.config

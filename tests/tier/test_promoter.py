@@ -442,3 +442,26 @@ def test_calibrate_rejects_bad_figures(kw):
     with pytest.raises(ConfigError):
         p.calibrate(**kw)
     assert all(src == "assumed" for _, src in p.costs().values())
+
+
+def test_cached_page_scores_always_equal_freshly_computed_ones():
+    """Scores are cached per page (the GPU eviction order asks for every evictable leaf on each evict); the cache
+    must never go stale, whatever mix of observations comes in."""
+    p, clock = make()
+    rng = random.Random(1)
+    nodes = [[f"n{i}p{j}" for j in range(8)] for i in range(60)]
+    for step in range(1500):
+        clock.t += rng.random()
+        ks = rng.choice(nodes)
+        r = rng.random()
+        if r < 0.5:
+            p.observe_access(ks, TOK, PAGE)
+        elif r < 0.8:
+            p.observe_attention({k: rng.random() for k in ks})
+        else:
+            p.observe_access(ks[:3], TOK, PAGE, whole_request=False, reuse=False)
+        if step % 25 == 0:
+            cached = [p.group_score(n) for n in nodes]
+            for page in p._pages.values():
+                page.score = None
+            assert cached == [p.group_score(n) for n in nodes], step
