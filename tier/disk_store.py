@@ -415,14 +415,20 @@ class DiskStore:
         if not self._available():
             return
         try:
-            with self._write_lock, self._index.write() as txn:
-                for k, s in zip(keys, scores):
-                    pk = page_key(ns.id, key_bytes(k))
-                    b = txn.get(pk, db=self._index.pages)
-                    if b is not None:
-                        txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
+            with self._write_lock:
+                # score updates rewrite index pages too: keep the map's headroom first, as the write path does
+                self._keep_index_headroom()
+                with self._index.write() as txn:
+                    for k, s in zip(keys, scores):
+                        pk = page_key(ns.id, key_bytes(k))
+                        b = txn.get(pk, db=self._index.pages)
+                        if b is not None:
+                            txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
         except (OSError, lmdb.Error) as e:  # e.g. a full map: a fault like any other, never the caller's exception
             self._fault(e, "scores")
+            if isinstance(e, lmdb.MapFullError):
+                with self._write_lock:
+                    self._free_index_room()
 
     def delete_many(self, ns: Namespace, keys: Sequence) -> int:
         with self._write_lock, self._index.write() as txn:
