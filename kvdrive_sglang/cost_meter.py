@@ -19,14 +19,11 @@ Nothing here blocks or raises into SGLang: a failing measurement is dropped.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict, deque
 
 from .tier.costfit import LinearFit
-
-log = logging.getLogger("kvdrive.sglang")
 
 
 class PrefillMeter:
@@ -71,6 +68,7 @@ class PrefillMeter:
                 self.fit.add(tokens, start.elapsed_time(end) / 1000.0)
 
     def seconds_per_token(self) -> float | None:
+        self._harvest()  # GPU passes completed since the last extend pass count too
         line = self.fit.line()
         return line.per_unit_s if line is not None else None
 

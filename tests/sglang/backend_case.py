@@ -58,6 +58,13 @@ def fill(host, indices, seed):
         host.set_from_flat_data_page(int(idx), page)
 
 
+def written(host, n, seed=1):
+    """n host pages filled with a deterministic pattern: (their host indices, a copy of each page)."""
+    idx = host.alloc(n * PAGE)
+    fill(host, [idx[i * PAGE] for i in range(n)], seed)
+    return idx, pages_of(host, idx, n)
+
+
 def pages_of(host, host_indices, n):
     return [host.get_data_page(int(host_indices[i * PAGE]), flat=True).clone() for i in range(n)]
 

@@ -13,7 +13,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 
 from kvdrive_sglang import cost_meter  # noqa: E402
 from kvdrive_sglang.cost_meter import PrefillMeter  # noqa: E402
-from tests.sglang.backend_case import PAGE, fill, make_backend, make_host  # noqa: E402
+from tests.sglang.backend_case import PAGE, make_backend, make_host, written  # noqa: E402
 
 
 def test_prefill_meter_fits_the_marginal_cost_of_extend_passes_only():
@@ -51,8 +51,7 @@ def test_measured_costs_decide_reload_vs_recompute(tmp_path, monkeypatch):
     stops claiming them, and says why in its stats."""
     host = make_host(size=256)
     be = make_backend(tmp_path, host)
-    idx = host.alloc(40 * PAGE)
-    fill(host, [idx[i * PAGE] for i in range(40)], seed=3)
+    idx, _ = written(host, 40, seed=3)
     assert all(be.batch_set_v1(_keys(40), idx))
     assert be.batch_exists(_keys(40)) == 40  # assumed costs: reload
     for _ in range(3):  # round trips: exists then get, as SGLang's prefetch does
@@ -112,8 +111,7 @@ def test_a_damaged_costs_note_is_ignored(tmp_path, caplog):
 def test_reload_always_claims_hits_the_promoter_would_recompute(tmp_path):
     host = make_host()
     be = make_backend(tmp_path, host)
-    idx = host.alloc(4 * PAGE)
-    fill(host, [idx[i * PAGE] for i in range(4)], seed=5)
+    idx, _ = written(host, 4, seed=5)
     be.batch_set_v1(_keys(4), idx)
     be.close()  # on disk only
     slow = {"disk_gbps": 1e-6}  # a disk slower than any prefill

@@ -10,19 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
-from tests.sglang.backend_case import PAGE, fill, make_backend, make_host, make_mla_host, pages_of  # noqa: E402
+from tests.sglang.backend_case import (PAGE, make_backend, make_host, make_mla_host, pages_of,  # noqa: E402
+                                      written)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def keys(n, start=0):
     return [f"{i:064x}" for i in range(start, start + n)]
-
-
-def written(host, n, seed=1):
-    idx = host.alloc(n * PAGE)
-    fill(host, [idx[i * PAGE] for i in range(n)], seed)
-    return idx, pages_of(host, idx, n)
 
 
 @pytest.mark.parametrize("layout", ["layer_first", "page_first"])

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
-from tests.sglang.backend_case import PAGE, fill, make_backend, make_host  # noqa: E402
+from tests.sglang.backend_case import PAGE, make_backend, make_host, written  # noqa: E402
 
 
 def _keys(prefix, n):
@@ -17,8 +17,7 @@ def _keys(prefix, n):
 
 
 def _store(be, host, keys, seed):
-    idx = host.alloc(len(keys) * PAGE)
-    fill(host, [idx[i * PAGE] for i in range(len(keys))], seed)
+    idx, _ = written(host, len(keys), seed)
     assert all(be.batch_set_v1(keys, idx))  # held (in kvdrive's DRAM tier): SGLang is told the truth
     host.free(idx)
 
