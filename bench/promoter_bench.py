@@ -373,9 +373,8 @@ def main(argv=None) -> int:
                 "copying forward needs headroom) and refuses every write from then on (rejected_full). "
                 "Value-ordered eviction spreads deletions over more segments and wedges sooner (it wedged at 0.75, "
                 "LRU did not). Bytes moved by compaction are not in 'disk written'.",
-                "Prefetch is emulated with TierEngine internals (disk.read_blobs, then pool.put with on_disk=True; "
-                "with scores, only pages scoring above the full pool's lowest score): the engine has no promote "
-                "call yet. Candidates are the disk-only pages of the last 8 requests' chains, every "
+                "Prefetch is TierEngine.promote (disk blobs moved into the DRAM pool as stored, marked on disk; "
+                "with scores, only pages scoring above the full pool's lowest score). Candidates are the disk-only pages of the last 8 requests' chains, every "
                 ">= 1 s of replay time; no arrival-time (queue) prefetch is modelled.",
                 "The GPU tier holds finished requests only (one request at a time); SGLang's uncompressed host pool "
                 "(L2) is not modelled: pages go GPU -> kvdrive DRAM tier / disk.",

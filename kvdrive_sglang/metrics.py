@@ -32,6 +32,8 @@ def summary_line(st: dict) -> str:
     parts.append(f"hits DRAM {hits['dram'] + hits['queued']} disk {hits['disk']} miss {hits['miss']}")
     if d:
         parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")
+    if io.get("promoted_pages"):
+        parts.append(f"promoted disk->DRAM {io['promoted_pages']} pages")
     if "reload_ms_per_page" in st:
         parts.append(f"reload {st['reload_ms_per_page']:.2f} ms/page")
     if io.get("recompute_pages") or io.get("attention_pages"):
@@ -70,6 +72,8 @@ class TierMetrics:
         self.reload_pages = counter("kvdrive:reload_pages", "Pages filled into SGLang's host pool")
         self.corrupt = counter("kvdrive:corrupt_pages_dropped", "Pages that failed their checksum (served as misses)")
         self.faults = counter("kvdrive:disk_faults", "Disk faults that turned the disk tier off for a while", ["kind"])
+        self.promoted = counter("kvdrive:promoted_pages", "Pages brought up from disk into kvdrive's DRAM tier "
+                                "ahead of demand")
         self.radix = counter("kvdrive:radix_tokens", "Radix-tree events reported by kvdrive's cache", ["event"])
         self.usage = gauge("kvdrive:usage_bytes", "Bytes held per tier", ["tier"])
         self.capacity = gauge("kvdrive:capacity_bytes", "Byte budget per tier", ["tier"])
@@ -89,6 +93,7 @@ class TierMetrics:
         self._inc(self.miss_pages, "miss", hits["miss"])
         self._inc(self.reload_seconds, "reload_s", io.get("get_seconds", 0.0))
         self._inc(self.reload_pages, "reload_pages", io.get("get_pages_ok", 0))
+        self._inc(self.promoted, "promoted", io.get("promoted_pages", 0))
         for event, tokens in st["radix"].items():
             self._inc(self.radix, f"radix_{event}", tokens, event=event)
         self.usage.labels(**self.labels, tier="dram").set(h["used_bytes"])

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Optional
 
+from sglang.srt.disaggregation.kv_events import StorageMedium
 from sglang.srt.mem_cache import registry
 from sglang.srt.mem_cache.evict_policy import EvictionStrategy
 from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
@@ -331,6 +332,10 @@ class KvdriveRadixCache(HiRadixCache):
     def _record_remove_event(self, node, medium=None):
         self._kvdrive_fix_keys(node)
         super()._record_remove_event(node, medium=medium)
+        if medium == StorageMedium.CPU and self.enable_storage and node.hash_value:
+            # the node's pages leave the host pool: from now on a request for them reloads from kvdrive's tiers,
+            # so the promoter may bring the valuable ones back up into kvdrive's DRAM ahead of demand
+            self._kvdrive_to_backend("record_host_evicted", list(node.hash_value))
 
     def match_prefix(self, params):
         result = super().match_prefix(params)

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from typing import Any, List, Optional
 
@@ -164,6 +164,11 @@ class KvdriveStorage(HiCacheStorage):
         self._costs_saved: dict | None = None  # measured costs last kept in the store
         self._timing_seen: dict[str, tuple[float, int]] = {}  # tier -> engine (seconds, pages) at the last calibration
         self._reporter: Reporter | None = None
+        # Pages that left SGLang's host pool (kvdrive's radix cache reports them), newest last: the candidates the
+        # promoter may bring back up from disk into kvdrive's DRAM tier ahead of demand (promote_tick)
+        self._spilled: OrderedDict[str, None] = OrderedDict()
+        self._last_promote = time.monotonic()
+        self._closing = False
         from . import cpu_fallbacks
 
         log.info("kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d%s)",
@@ -284,6 +289,10 @@ class KvdriveStorage(HiCacheStorage):
         for i in range(n):
             self.mem_pool_host.set_from_flat_data_page(starts[i], bufs[i])
         self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
+        if n and self._spilled:
+            with self._lock:  # back in SGLang's host pool: no longer a promotion candidate
+                for k in keys[:n]:
+                    self._spilled.pop(k, None)
         self._observe(keys[:n], use=not self._whole_requests)
         self.reload_meter.get_done(keys[0], n)
         return got[:n] + [False] * (len(keys) - n)
@@ -353,6 +362,7 @@ class KvdriveStorage(HiCacheStorage):
             self.engine.clear(ns)
 
     def close(self) -> None:
+        self._closing = True
         if self._reporter is not None:
             self._reporter.close()
             self._reporter = None
@@ -393,6 +403,56 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             self._scored.update(key_mass)
             self._io["attention_pages"] += len(key_mass)
+
+    _SPILLED_MAX = 16384  # promotion candidates remembered (keys; the oldest are forgotten first)
+    _PROMOTE_WINDOW_S = 30.0  # bandwidth left unused longer ago than this is not saved up
+
+    def record_host_evicted(self, keys: list[str]) -> None:
+        """Pages that just left SGLang's host pool (from kvdrive's radix cache): a later request for them reloads
+        from kvdrive's tiers, so the valuable ones are worth holding in DRAM rather than only on disk."""
+        if not keys:
+            return
+        with self._lock:
+            for k in keys:
+                self._spilled[k] = None
+                self._spilled.move_to_end(k)
+            while len(self._spilled) > self._SPILLED_MAX:
+                self._spilled.popitem(last=False)
+
+    def promote_tick(self) -> int:
+        """Promotion ahead of demand: bring the most valuable pages that left SGLang's host pool and now sit only
+        on disk up into kvdrive's DRAM tier, spending at most ``promote_share`` of the disk's read bandwidth (measured
+        or assumed) over the time since the last tick, and only pages whose reload from DRAM beats recomputing
+        them and that outrank what the full DRAM pool would evict for them. Runs on the reporter thread, never on
+        the scheduler's. Returns pages brought up."""
+        now = time.monotonic()
+        window, self._last_promote = min(now - self._last_promote, self._PROMOTE_WINDOW_S), now
+        share = self.promoter.config.promote_share
+        if share <= 0 or self.ns is None or self.engine.disk is None:
+            return 0
+        budget = int(share * self.promoter.costs()["disk_gbps"][0] * 1e9 * window)
+        with self._lock:
+            keys = list(reversed(self._spilled))  # newest first: on equal value, the most recently spilled win
+        if not keys or budget < self.page_bytes:
+            return 0
+        promoted, gone, left = 0, [], budget
+        for ns, idx in self._by_tenant(keys):
+            part = [keys[i] for i in idx]
+            tiers = self.engine.tiers_of(ns, part)
+            gone += [k for k, t in zip(part, tiers) if t != "disk"]  # in memory already, or no longer stored
+            picked = self.promoter.prefetch([k for k, t in zip(part, tiers) if t == "disk"],
+                                            left // self.page_bytes * self.page_bytes)
+            if not picked:
+                continue
+            done = self.engine.promote(ns, picked, self.promoter.score_of(picked))
+            promoted += done.promoted
+            left -= done.promoted * self.page_bytes
+            gone += [k for k, t in zip(picked, self.engine.tiers_of(ns, picked)) if t != "disk"]
+        with self._lock:
+            for k in gone:
+                self._spilled.pop(k, None)
+            self._io["promoted_pages"] += promoted
+        return promoted
 
     def push_scores(self) -> int:
         """Hand the promoter's scores of recently observed pages to both tiers (lowest value leaves first), and
@@ -462,8 +522,20 @@ class KvdriveStorage(HiCacheStorage):
             c[f"{op}_seconds"] += time.perf_counter() - t0
 
     def _tick_stats(self) -> dict:
-        self.push_scores()  # the reporter's tick is also when scores reach the tiers
-        self._calibrate()  # ... and when measured costs reach the promoter
+        # The reporter's tick is also when scores reach the tiers, measured costs reach the promoter and valuable
+        # pages come back up from disk; each runs even if another failed (logged once, counted).
+        for step in (self.push_scores, self._calibrate, self.promote_tick):
+            if step == self.promote_tick and self._closing:
+                continue  # nothing to bring up for a server that is stopping
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - background upkeep must never stop the reporter
+                with self._lock:
+                    self._io["tick_errors"] += 1
+                    first = self._io["tick_errors"] == 1
+                if first:
+                    log.exception("kvdrive: %s failed on the reporter thread (further failures are counted "
+                                  "in io.tick_errors, not logged)", step.__name__)
         return self.tier_stats()
 
     def tier_stats(self) -> dict:

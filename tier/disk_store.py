@@ -327,8 +327,9 @@ class DiskStore:
         self._counts["misses"] += len(keys) - n_hit
         return result
 
-    def read_blobs(self, ns: Namespace, keys: Sequence) -> list[np.ndarray | None]:
-        """Verified encoded blobs (for promotion into the DRAM tier without decoding). None: a miss."""
+    def read_blobs(self, ns: Namespace, keys: Sequence) -> list[tuple[np.ndarray, int] | None]:
+        """Verified encoded blobs and their expiry (ms since the epoch, 0 never), for promotion into the DRAM tier
+        without decoding (TierEngine.promote). None: a miss."""
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
         if not self._available():
             return [None] * len(keys)
@@ -347,15 +348,11 @@ class DiskStore:
                 blob, drop = self._unseal(ns.tenant, pk, blob)
                 if drop:
                     bad.append((pk, rec))
-                out.append(blob)
-                if blob is not None:
-                    self._touched[pk] = now
-                continue
-            if rec is not None and blob is None:
+            elif rec is not None and blob is None:
                 bad.append((pk, rec))
             if blob is not None:
                 self._touched[pk] = now
-            out.append(blob)
+            out.append((blob, rec.expires_ms) if blob is not None else None)
         if bad:
             self._drop_bad(bad)
         n_hit = sum(b is not None for b in out)

@@ -103,6 +103,15 @@ class TierStats(NamedTuple):
     not_admitted_dropped: int  # selective: of those, pages that left the DRAM pool still not worth one
     unkeyed_refused: int = 0  # encryption on: pages not cached because their tenant has no key
     erased: int = 0  # encryption on: in-memory pages dropped because their tenant's key was deleted
+    promoted: int = 0  # pages brought up from disk into the DRAM pool ahead of demand (promote)
+    promote_below_floor: int = 0  # promote candidates left on disk: worth less than what the full pool holds
+
+
+class Promotion(NamedTuple):
+    """What one ``TierEngine.promote`` call did with its candidates."""
+    promoted: int  # brought up into the DRAM pool
+    below_floor: int  # left on disk: worth less than what the full pool would evict for them
+    not_on_disk: int  # already in memory, or not (no longer) on disk
 
 
 class TierEngine:
@@ -253,6 +262,36 @@ class TierEngine:
                 n += self._enqueue(pk, e.ns, e.blob, e.score, e.expires_ms)
         return n
 
+    def promote(self, ns: Namespace, keys: Sequence, scores: Sequence[float] | None = None) -> Promotion:
+        """Bring pages that sit only on disk up into the DRAM pool ahead of demand (the promoter's prefetch: a
+        later reload then costs a decode, not a disk read). Blobs move as stored (no decode, no re-encode) with
+        their expiry, and stay marked as on disk (never written again). With ``scores``, a page is brought up only
+        if it outranks what the pool would evict to make room for it."""
+        if scores is not None and len(scores) != len(keys):
+            raise ConfigError(f"promote got {len(keys)} keys and {len(scores)} scores; they must match")
+        if self.disk is None or not self.config.host_bytes or not keys:
+            return Promotion(0, 0, len(keys))
+        self._refresh_keys()
+        pks = [(ns.id, key_bytes(k)) for k in keys]
+        todo = [i for i, pk in enumerate(pks) if not self.pool.contains(pk) and self._queued_blob(pk) is None]
+        below = 0
+        if scores is not None and todo:
+            floor = self.pool.eviction_floor()
+            if floor is not None:
+                keep = [i for i in todo if scores[i] > floor]
+                below, todo = len(todo) - len(keep), keep
+        n = 0
+        for i, got in zip(todo, self.disk.read_blobs(ns, [keys[i] for i in todo]) if todo else ()):
+            if got is None:
+                continue
+            blob, expires_ms = bytes(got[0]), got[1]
+            score = float(scores[i]) if scores is not None else 0.0
+            n += self.pool.put(pks[i], blob, peek_header(blob).raw_nbytes, ns=ns, score=score, on_disk=True,
+                               expires_ms=expires_ms)
+        self._counts["promoted"] += n
+        self._counts["promote_below_floor"] += below
+        return Promotion(n, below, len(keys) - n - below)
+
     def set_scores(self, ns: Namespace, keys: Sequence, scores: Sequence[float]) -> None:
         """The promoter's value for pages; the lowest go first in both tiers."""
         for k, s in zip(keys, scores):
@@ -306,7 +345,7 @@ class TierEngine:
                          c["writedown_dropped"], c["hits_host"], c["hits_queued"], c["hits_disk"], c["misses"],
                          self._times["encode_s"], self._times["decode_s"], self._times["disk_get_s"],
                          c["disk_get_pages"], c["not_admitted"], c["not_admitted_dropped"], c["unkeyed_refused"],
-                         c["erased"])
+                         c["erased"], c["promoted"], c["promote_below_floor"])
 
     def close(self) -> None:
         if self._stop:

@@ -107,6 +107,14 @@ class CompressedHostPool:
             e = self._map.get(key)
             return e if e is not None and not e.expired() else None
 
+    def eviction_floor(self, incoming_bytes: int = 0) -> float | None:
+        """The score a page must beat to be worth adding now: None while ``incoming_bytes`` more still fit under
+        the low watermark (no eviction would follow), else the lowest score held (the first victim)."""
+        with self._lock:
+            if self._used + incoming_bytes <= self._low:
+                return None
+            return min((e.score for e in self._map.values() if not e.retiring), default=None)
+
     def expire(self) -> int:
         """Drop pages past their expiry. Returns how many."""
         return self.drop_where(lambda e, now=_now_ms(): e.expired(now))

@@ -102,6 +102,7 @@ class PromoterConfig:
     pcie_gbps: float = 25.0
     disk_latency_s: float = 1e-4
     prefill_tokens_per_s: float = 10000.0
+    promote_share: float = 0.2  # share of the disk's read bandwidth spent bringing pages up ahead of demand (0: off)
     lossy_ok: bool = False  # allow a lossy codec on disk
     lossy_codec: str = "int8"
     max_tracked: int = 262144  # pages with tracking state; beyond it the least recently observed are forgotten
@@ -118,6 +119,10 @@ class PromoterConfig:
                      "prefill_tokens_per_s"):
             number(name)
         number("disk_latency_s", zero_ok=True)
+        number("promote_share", zero_ok=True)
+        if self.promote_share > 1:
+            raise ConfigError(f"promoter promote_share is a share of the disk's bandwidth (0 to 1), "
+                              f"got {self.promote_share!r}")
         if self.admit_min_value is not None:
             number("admit_min_value")
         for name in ("admit_min_reuse", "max_tracked"):
@@ -366,15 +371,16 @@ class Promoter:
     def group_score(self, keys: Sequence[str]) -> float:
         """One score for a group evicted together (a radix node): log2 of the mean page value, same scale as
         score_of. 0.0 when no page is known."""
+        pages, score = self._pages, self._log_score
         with self._lock:
-            raw = [self._log_score(self._pages.get(k)) for k in keys]
+            raw = [score(pages.get(k)) for k in keys]
         if not raw:
             return 0.0
-        acc = _NEG_INF
-        for s in raw:
-            acc = _lae2(acc, s)
-        if acc == _NEG_INF:
+        top = max(raw)
+        if top == _NEG_INF:
             return 0.0
+        # log2 of the sum of 2^s, relative to the largest (no overflow); unknown pages (-inf) add 0
+        acc = top + math.log2(math.fsum(2.0 ** (s - top) for s in raw))
         return max(acc - math.log2(len(raw)) + _SCORE_OFFSET, 1e-9)
 
     def access_score(self, t_access: float, reuse: int = 1, nbytes: int | None = None) -> float:

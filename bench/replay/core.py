@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cost_model import CostModel, percentile
-from kvdrive_sglang.tier.codecs import peek_header
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
-from kvdrive_sglang.tier.namespace import Namespace, key_bytes
+from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.promoter import Promoter, PromoterConfig
 from workloads import Request, Workload, trace_digest
 
@@ -318,29 +317,12 @@ class Replay:
         picked = self.promoter.prefetch(cands, budget // self.page_bytes * self.page_bytes)
         if not picked:
             return
-        scores = self.promoter.score_of(picked) if self.cfg.tier_scores else [0.0] * len(picked)
-        if self.cfg.tier_scores:
-            # what a promote call should do: never bring up a page the full pool would evict first
-            pool = self.engine.pool
-            with pool._lock:
-                full = pool._used >= pool._low
-                floor = min((e.score for e in pool._map.values()), default=0.0) if full else 0.0
-            keep = [i for i, sc in enumerate(scores) if sc > floor]
-            self.c["prefetch_skipped_low"] += len(picked) - len(keep)
-            picked, scores = [picked[i] for i in keep], [scores[i] for i in keep]
-            if not picked:
-                return
-        blobs = self.engine.disk.read_blobs(self.ns, picked)
-        n = 0
-        for key, blob, s in zip(picked, blobs, scores):
-            if blob is None:
-                continue
-            b = bytes(blob)
-            self.engine.pool.put((self.ns.id, key_bytes(key)), b, peek_header(b).raw_nbytes, ns=self.ns, score=s,
-                                 on_disk=True)
-            self.prefetched.add(key)
-            n += 1
-        self.c["prefetched_pages"] += n
+        scores = self.promoter.score_of(picked) if self.cfg.tier_scores else None
+        done = self.engine.promote(self.ns, picked, scores)
+        self.c["prefetch_skipped_low"] += done.below_floor
+        self.c["prefetched_pages"] += done.promoted
+        if done.promoted:  # which pages came up: those now in the DRAM pool
+            self.prefetched.update(k for k, t in zip(picked, self.engine.tiers_of(self.ns, picked)) if t == "dram")
 
     # --- results ----------------------------------------------------------------------------------------------------
     def timeline(self, windows: int = TIMELINE_WINDOWS) -> dict:

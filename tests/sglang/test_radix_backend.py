@@ -429,3 +429,24 @@ def test_gpu_eviction_follows_the_promoters_value(tmp_path):
         assert len(old_hit) == 16 and len(new_hit) < 16, (len(old_hit), len(new_hit))
     finally:
         cache.shutdown()
+
+
+def test_host_evictions_reach_kvdrive_storage_as_promotion_candidates(tmp_path):
+    """Pages leaving SGLang's host pool are handed to kvdrive's storage backend (record_host_evicted): the promoter
+    may bring the valuable ones back up from disk into kvdrive's DRAM ahead of the next request for them."""
+    from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
+
+    ctx = _ctx(store="unused")
+    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path), host_gb=0.01, disk_gb=1)))
+    ctx.server_args.hicache_storage_backend_extra_config = json.dumps({**extra, "prefetch_threshold": PAGE})
+    cache = registry.get_radix_cache_factory("kvdrive")(ctx)
+    try:
+        backend = cache.cache_controller.storage_backend
+        serve(cache, "a", "tenant-a")
+        assert not backend._spilled
+        cache.evict(EvictParams(num_tokens=10_000))  # GPU copies go; the host pool still holds the pages
+        assert not backend._spilled
+        cache.evict_host(10_000)
+        assert list(backend._spilled) == chain(PROMPT, "tenant-a")  # the salted, tenant-tagged keys
+    finally:
+        cache.shutdown()

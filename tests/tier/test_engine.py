@@ -222,3 +222,48 @@ def test_close_with_a_queue_smaller_than_a_page_does_not_hang(tmp_path, ns):
     t.start()
     t.join(timeout=20)
     assert not t.is_alive(), "close() hung"
+
+
+def test_promote_brings_disk_pages_up_as_stored_with_their_expiry(tmp_path, ns):
+    seeds = list(range(8))
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, default_ttl_s=60)) as e:
+        e.put_many(ns, keys(seeds), pages(seeds))
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, default_ttl_s=60)) as e:
+        assert set(e.tiers_of(ns, keys(seeds))) == {"disk"}  # a restart: everything on disk only
+        done = e.promote(ns, keys(seeds[:5]) + ["nope"])
+        assert (done.promoted, done.below_floor, done.not_on_disk) == (5, 0, 1)
+        assert e.tiers_of(ns, keys(seeds)) == ["dram"] * 5 + ["disk"] * 3
+        for k in keys(seeds[:5]):  # the disk record's expiry came up with the page; nothing to write again
+            entry = e.pool.peek((ns.id, k.encode()))
+            assert entry.on_disk and 0 < entry.expires_ms - time.time() * 1000 <= 60_000
+        disk_hits = e.disk.stats().hits
+        got, outs = read(e, ns, seeds[:5])
+        assert all(got)
+        assert_exact(outs, seeds[:5])
+        assert e.disk.stats().hits == disk_hits and e.stats().hits_host == 5  # served from DRAM, no disk read
+        assert e.promote(ns, keys(seeds[:5])).not_on_disk == 5  # already up: nothing read again
+        assert e.stats().promoted == 5
+        assert e.flush(timeout=30) and e.stats().disk.pages_written == 0  # promoted pages are never written again
+
+
+def test_promote_keeps_pages_down_that_the_full_pool_values_more(tmp_path, ns):
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=10 * PAGE_BYTES, disk_bytes=64 << 20)) as e:
+        e.put_many(ns, keys(range(40)), pages(range(40)), scores=[5.0] * 40)
+        assert e.flush(timeout=30)
+        down = [k for k, t in zip(keys(range(40)), e.tiers_of(ns, keys(range(40)))) if t == "disk"]
+        assert len(down) >= 4
+        low = e.promote(ns, down[:2], scores=[1.0, 1.0])  # the pool is full of pages worth 5: stay down
+        assert (low.promoted, low.below_floor) == (0, 2)
+        high = e.promote(ns, down[2:4], scores=[9.0, 9.0])
+        assert high.promoted == 2 and e.tiers_of(ns, down[:4]) == ["disk", "disk", "dram", "dram"]
+        with pytest.raises(ConfigError, match="2 keys and 1 scores"):
+            e.promote(ns, down[:2], scores=[1.0])
+
+
+def test_promote_does_not_revive_expired_pages(tmp_path, ns):
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, default_ttl_s=0.3)) as e:
+        e.put_many(ns, keys(range(3)), pages(range(3)))
+    time.sleep(0.4)
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
+        assert e.promote(ns, keys(range(3))).promoted == 0
+        assert e.tiers_of(ns, keys(range(3))) == [None] * 3
