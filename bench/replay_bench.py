@@ -453,7 +453,7 @@ NOTES = [
     "replay counts what each hierarchy can hit, the cost model what the hits cost.",
     "kvdrive configurations sit behind SGLang's host pool as the real deployment does (--kv-tier kvdrive): L3 pages "
     "land in the host pool, then go to the GPU. Their host pool evicts LRU here; the real kvdrive radix cache orders "
-    "host-pool victims by the promoter's value too on single-rank servers.",
+    "host-pool victims by the promoter's value too (every rank alike).",
     "The promoter's reload-vs-recompute plan and its prefetch use the same measured constants as the TTFT model.",
     "Within one (workload, configuration) replay there is no checkpoint (the radix tree and the stores are live "
     "objects); --resume skips the pairs already finished.",

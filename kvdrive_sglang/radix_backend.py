@@ -31,10 +31,14 @@ import time
 from collections import OrderedDict
 from typing import Any, Optional
 
+import numpy as np
+import torch
+
 from sglang.srt.disaggregation.kv_events import StorageMedium
 from sglang.srt.mem_cache import registry
 from sglang.srt.mem_cache.evict_policy import EvictionStrategy
 from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.utils import get_hash_str
 
 from .attention_capture import CAPTURE
@@ -124,12 +128,15 @@ def salt_prior(extra_key: Any) -> Optional[str]:
 
 
 class PromoterEviction(EvictionStrategy):
-    """GPU eviction order by the promoter's value (decayed attention mass x reuse / reload cost) instead of LRU.
+    """GPU (and host) eviction order by the promoter's value (decayed attention mass x reuse / reload cost) instead
+    of LRU.
 
-    A node's priority is the promoter's score of its pages where the promoter knows them, else the score the promoter
+    A node's priority is the promoter's score of its pages where the promoter knows them. A node it does not know
+    (never part of a finished request: rare among evictable nodes) gets, on a single rank, the score the promoter
     gives an access at the node's last access time with its hit count, so known and unknown nodes interleave on one
-    scale. Scores are time-invariant, so heap entries SGLang built earlier in an eviction stay valid. Without a
-    promoter (storage off) this is SGLang's LRU."""
+    scale; with several ranks, whose clocks differ, it goes first, in SGLang's own order (last access time), which
+    every rank agrees on. Scores are time-invariant, so heap entries SGLang built earlier in an eviction stay valid.
+    Without a promoter (storage off) this is SGLang's LRU."""
 
     def __init__(self, cache: "KvdriveRadixCache"):
         self.cache = cache
@@ -142,6 +149,8 @@ class PromoterEviction(EvictionStrategy):
             score = promoter.group_score(node.hash_value)
             if score:
                 return score
+        if self.cache._kvdrive_ranks:
+            return 0.0
         wall = time.time() - (time.monotonic() - node.last_access_time)  # SGLang stamps nodes with monotonic time
         return promoter.access_score(wall, max(int(getattr(node, "hit_count", 0)), 1))
 
@@ -152,6 +161,10 @@ class KvdriveRadixCache(HiRadixCache):
     # Salts of recently matched requests, by rid: prefetch_from_storage gets only a rid and, when nothing matched,
     # the root node, whose key carries no extra_key. Bounded (LRU); a request's salt never changes.
     _SALT_MEMORY = 16384
+    # Several ranks (TP/PP): check_hicache_events calls between two syncs of the promoter's inputs (SGLang's
+    # scheduler calls it once per loop iteration on every rank, in step), and pending attention pages that force one.
+    _SYNC_EVERY = 8
+    _SYNC_MAX_PAGES = 65536
 
     def __init__(self, params, server_args):
         # Set before super().__init__: it calls reset() and may attach the storage backend.
@@ -159,28 +172,86 @@ class KvdriveRadixCache(HiRadixCache):
         self._kvdrive_salt_by_rid: OrderedDict[str, Any] = OrderedDict()
         self._kvdrive_last_salt = None
         self._kvdrive_warned: set[str] = set()
+        self._kvdrive_bound = None  # the storage backend last bound (see _kvdrive_backend)
+        self._kvdrive_ranks = False
         _ensure_hash_hook()  # before super().__init__: the storage controller takes get_hash_str when it attaches
         super().__init__(params=params, server_args=server_args)
-        # Value-ordered eviction only where SGLang's default LRU was asked for, and only on a single rank: TP ranks
-        # must keep identical trees, and each rank's promoter sees its own heads' attention and its own clock, so
-        # until those inputs are made rank-consistent (all-reduced mass, a broadcast clock) ranks keep LRU.
-        if self.eviction_policy == "lru" and self.tp_world_size == 1:
+        # Several ranks must keep identical trees, so every input of the eviction order must be identical on every
+        # rank: the promoter's clock is a time the ranks agree on (their clocks averaged at each sync) and attention
+        # masses, of which each rank sees its own heads (TP) or layers (PP), are summed over the ranks before the
+        # promoter sees them (_kvdrive_sync). Storage-level observations, made on each rank's I/O threads at its own
+        # pace, do not feed the promoter when the radix cache reports whole requests (KvdriveStorage._observe).
+        self._kvdrive_ranks = self.tp_world_size > 1 or self.pp_size > 1
+        self._kvdrive_now = time.time()
+        self._kvdrive_pending: list[tuple[list[str], Any]] = []  # finished requests' (keys, mass) since the last sync
+        self._kvdrive_pending_pages = 0
+        self._kvdrive_calls = 0
+        if self._kvdrive_ranks:
+            self._kvdrive_sync()  # every rank builds its cache at start-up: the first agreed time
+        if self.eviction_policy == "lru":  # value-ordered eviction only where SGLang's default LRU was asked for
             self.eviction_strategy = PromoterEviction(self)
-        elif self.eviction_policy == "lru":
-            log.warning("kvdrive: %d TP ranks: GPU eviction stays LRU (the promoter's order is per rank for now)",
-                        self.tp_world_size)
+        self._kvdrive_backend()
 
     def _kvdrive_root_prior(self, salt) -> Optional[str]:
         """Where a chain of ``salt``'s pages starts (tagged with its tenant id); None when unsalted. The operator's
         share_as groups come from kvdrive's storage backend, looked up each time (it can be attached at runtime)."""
-        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
-        policy = getattr(backend, "tenants", None)
+        policy = getattr(self._kvdrive_backend(), "tenants", None)
         return (policy if isinstance(policy, Tenants) else _NO_POLICY).root_prior(salt)
 
     def _kvdrive_promoter(self):
-        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
-        promoter = getattr(backend, "promoter", None)
+        promoter = getattr(self._kvdrive_backend(), "promoter", None)
         return promoter if hasattr(promoter, "access_score") else None
+
+    def _kvdrive_backend(self):
+        """The storage backend, looked up each time (SGLang can attach and detach one at runtime). A new kvdrive
+        backend is told that this cache reports whole requests and, with several ranks, to run its promoter on the
+        ranks' agreed clock: before it serves any page, as the cache looks it up on every event."""
+        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
+        if backend is not None and backend is not self._kvdrive_bound:
+            self._kvdrive_bound = backend
+            expect = getattr(backend, "expect_whole_requests", None)
+            if expect is not None:
+                expect()
+            promoter = getattr(backend, "promoter", None)
+            if self._kvdrive_ranks and hasattr(promoter, "set_clock"):
+                promoter.set_clock(self._kvdrive_clock)
+        return backend
+
+    def _kvdrive_clock(self) -> float:
+        """The promoter's clock with several ranks: the wall time the ranks agreed on at the last sync."""
+        return self._kvdrive_now
+
+    def _kvdrive_sync(self) -> None:
+        """One collective over SGLang's cache groups (its own _all_reduce: TP, attention CP/TP, then PP): the ranks'
+        wall clocks, averaged into the time they all use until the next sync, and the attention masses of the
+        requests finished since the last sync, summed over ranks (each rank sees its own heads). The pending list is
+        the same on every rank (the same requests finish in the same order), so the payload lines up."""
+        pending, self._kvdrive_pending, self._kvdrive_pending_pages = self._kvdrive_pending, [], 0
+        payload = torch.zeros(2 + sum(len(k) for k, _ in pending), dtype=torch.float64)
+        payload[0], payload[1] = 1.0, time.time()
+        off = 2
+        for keys, mass in pending:
+            if mass is not None:
+                n = min(len(keys), len(mass))
+                payload[off:off + n] = torch.from_numpy(np.ascontiguousarray(mass[:n], dtype=np.float64))
+            off += len(keys)
+        self._all_reduce(payload, torch.distributed.ReduceOp.SUM)
+        self._kvdrive_now = float(payload[1]) / float(payload[0])
+        summed = payload[2:].tolist()
+        off = 0
+        for keys, _ in pending:
+            key_mass = {k: m for k, m in zip(keys, summed[off:off + len(keys)]) if m > 0.0}
+            off += len(keys)
+            if key_mass:
+                self._kvdrive_attention(key_mass)
+
+    def check_hicache_events(self):
+        super().check_hicache_events()
+        self._kvdrive_backend()
+        if self._kvdrive_ranks:
+            self._kvdrive_calls += 1
+            if self._kvdrive_calls % self._SYNC_EVERY == 0 or self._kvdrive_pending_pages > self._SYNC_MAX_PAGES:
+                self._kvdrive_sync()
 
     # ---------------------------------------------------------------- events
 
@@ -194,8 +265,7 @@ class KvdriveRadixCache(HiRadixCache):
             return
         self._kvdrive_counts[kind] += tokens
         # Looked up on every event: the storage backend can be attached and detached at runtime.
-        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
-        record = getattr(backend, "record_radix_event", None)
+        record = getattr(self._kvdrive_backend(), "record_radix_event", None)
         if record is None:
             return
         try:
@@ -225,35 +295,54 @@ class KvdriveRadixCache(HiRadixCache):
         return result
 
     def cache_finished_req(self, req, *args, **kwargs):
-        # before super(): it frees the request's pool slot and moves its last node
-        mass = CAPTURE.pop(getattr(req, "req_pool_idx", None))
-        keys = self._kvdrive_path_keys(getattr(req, "last_node", None)) if self.enable_storage else []
+        mass = CAPTURE.pop(getattr(req, "req_pool_idx", None))  # before super(): it frees the request's pool slot
         result = super().cache_finished_req(req, *args, **kwargs)
+        # the request's whole chain as it now sits in the tree (prompt and output pages): req.last_node marks only
+        # what the last cache_unfinished_req inserted (none of a request that finished at its prefill)
+        keys = self._kvdrive_chain_keys(self._kvdrive_finished_key(req, kwargs.get("kv_len_to_handle"))) \
+            if self.enable_storage else []
         self._kvdrive_report_hits(req)
         if keys:
             self._kvdrive_to_backend("record_request", keys)  # one access of the request's whole chain
-            if mass is not None:
+            if self._kvdrive_ranks:
+                if CAPTURE.every:  # the same on every rank (environment), so the sync's payload lines up
+                    self._kvdrive_pending.append((keys, mass))  # summed over ranks at the next sync
+                    self._kvdrive_pending_pages += len(keys)
+            elif mass is not None:
                 n = min(len(keys), len(mass))
                 self._kvdrive_attention({k: float(m) for k, m in zip(keys[:n], mass[:n])})
         return result
 
-    def _kvdrive_path_keys(self, node) -> list[str]:
-        """Storage keys of the pages on the path root -> node, in sequence order ([] when a node has none yet)."""
-        chain = []
-        while node is not None and node is not self.root_node:
-            if not node.hash_value:
-                return []
-            self._kvdrive_fix_keys(node)
-            chain.append(node.hash_value)
-            node = node.parent
-        return [k for hv in reversed(chain) for k in hv]
+    def _kvdrive_finished_key(self, req, kv_len):
+        """The page-aligned RadixKey SGLang's cache_finished_req inserts for ``req`` (radix_cache.py, 0.5.17)."""
+        token_ids = req.origin_input_ids + req.output_ids
+        if kv_len is not None:
+            token_ids = token_ids[:kv_len]
+        return RadixKey(token_ids, req.extra_key, is_bigram=self.is_eagle).page_aligned(self.page_size)
+
+    def _kvdrive_chain_keys(self, key) -> list[str]:
+        """Storage keys of the pages of ``key`` held in the tree, in sequence order, from the root as far as the
+        tree holds them. Read-only: unlike match_prefix it splits no node and stamps no access time."""
+        node, ps, out = self.root_node, self.page_size, []
+        while len(key):
+            child = node.children.get(key.child_key(ps))
+            if child is None:
+                break
+            n = child.key.match(key, page_size=ps)
+            if not child.hash_value:
+                break  # not hashed (storage attached later): nothing below it is either
+            self._kvdrive_fix_keys(child)
+            out.extend(child.hash_value[:n // ps])
+            if n < len(child.key):
+                break
+            node, key = child, key[n:]
+        return out
 
     def _kvdrive_attention(self, key_mass: dict) -> None:
         self._kvdrive_to_backend("record_attention", key_mass)
 
     def _kvdrive_to_backend(self, method: str, arg) -> None:
-        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
-        fn = getattr(backend, method, None)
+        fn = getattr(self._kvdrive_backend(), method, None)
         if fn is None:
             return
         try:

@@ -293,7 +293,7 @@ class KvdriveStorage(HiCacheStorage):
             with self._lock:  # back in SGLang's host pool: no longer a promotion candidate
                 for k in keys[:n]:
                     self._spilled.pop(k, None)
-        self._observe(keys[:n], use=not self._whole_requests)
+        self._observe(keys[:n], use=True)
         self.reload_meter.get_done(keys[0], n)
         return got[:n] + [False] * (len(keys) - n)
 
@@ -378,13 +378,21 @@ class KvdriveStorage(HiCacheStorage):
 
     def _observe(self, keys: list[str], *, use: bool) -> None:
         """Stores and hits for the promoter (``use``: count it as a reuse); scores reach the tiers at the next
-        report tick. With kvdrive's radix cache, reuse comes from whole requests (record_request) instead."""
+        report tick. With kvdrive's radix cache, the promoter learns from whole requests (record_request) only:
+        these calls run on each rank's I/O threads at its own pace, and with several ranks the promoter's state
+        must be the same on every rank (it orders their radix trees' evictions)."""
         if not keys:
             return
-        # storage-level calls see part of a request: they must not mark chain ends (whole_request=False)
-        self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=False, reuse=use)
+        if not self._whole_requests:
+            # storage-level calls see part of a request: they must not mark chain ends (whole_request=False)
+            self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=False, reuse=use)
         with self._lock:
             self._scored.update(keys)
+
+    def expect_whole_requests(self) -> None:
+        """kvdrive's radix cache reports every finished request (record_request): from now on storage-level
+        calls no longer feed the promoter."""
+        self._whole_requests = True
 
     def record_request(self, keys: list[str]) -> None:
         """A finished request's whole page chain, in prefix order (from kvdrive's radix cache): one access."""

@@ -207,6 +207,13 @@ class Promoter:
         self._tier_s_per_byte: dict[str, float] = {}
         self._reload_fixed_s: float | None = None
 
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Read time from ``clock`` from now on (same scale as before: scores stay comparable). Several ranks
+        that must decide alike give their promoters a clock they agree on."""
+        if not callable(clock):
+            raise ConfigError(f"promoter clock must be callable, got {clock!r}")
+        self._clock = clock
+
     # --- measured costs -------------------------------------------------------------------------------------
     def calibrate(self, *, prefill_s_per_token: float | None = None,
                   tier_s_per_byte: Mapping[str, float] | None = None, reload_fixed_s: float | None = None) -> None:
