@@ -57,8 +57,8 @@ Decisions
 
 Determinism: decisions depend only on the sequence of observations and the clock readings at them, never on hash
 order or on when a decision is asked. Two promoters fed the same trace with the same clock readings agree exactly;
-across TP ranks, feed every rank the same (all-reduced) attention and a clock reading all ranks agree on (e.g. a
-timestamp rank 0 broadcasts with each scheduled batch), or decide on rank 0 and broadcast.
+across TP ranks, feed every rank the same (all-reduced) attention and a clock reading all ranks agree on
+(``set_clock``): kvdrive's radix cache does both (radix_backend._kvdrive_sync).
 
 Thread-safe: one lock. observe_* is O(1) per key; orderings are O(n log n).
 """
