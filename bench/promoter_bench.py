@@ -37,7 +37,8 @@ Policies (same tiers, same budgets):
              node's pages); write-down only of admitted pages (reuse >= 2, or a conversation's continuation; at
              insert and, for pages that qualify later, when the tree evicts them); TierEngine.set_scores from Promoter.score_of(chain=True);
              reload-vs-recompute per hit prefix (Promoter.plan_prefix); background prefetch disk -> DRAM of the
-             highest-value disk-only pages of recently used chains (Promoter.prefetch), within a bandwidth budget.
+             highest-value disk-only pages among those that left the GPU tree (Promoter.prefetch, then
+             TierEngine.promote, as the server does with pages leaving SGLang's host pool), within a bandwidth budget.
   promoter_noattn   the same with no attention signal (reuse and recency only): what attention adds.
   promoter_lrutiers the promoter everywhere except the tiers' eviction order (no set_scores: DRAM and disk stay LRU):
                     what value-ordered eviction in DRAM and on disk adds.
@@ -294,11 +295,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pcie-gbps", type=float, default=25.0)
     # promoter
     ap.add_argument("--half-life-s", type=float, default=PromoterConfig().half_life_s)
-    ap.add_argument("--prefetch-share", type=float, default=0.25)
+    ap.add_argument("--prefetch-share", type=float, default=PromoterConfig().promote_share)
     ap.add_argument("--prefetch-tick-s", type=float, default=1.0)
     ap.add_argument("--prefetch-window-s", type=float, default=30.0)
-    ap.add_argument("--prefetch-recent", type=int, default=8, help="chains of this many recent requests are "
-                                                                     "prefetch candidates")
+    ap.add_argument("--prefetch-candidates", type=int, default=16384,
+                    help="pages that left the tier above kvdrive remembered as prefetch candidates (as the server)")
     ap.add_argument("--disk-gc-live-ratio", type=float, default=0.9,
                     help="DiskStore gc_live_ratio for the replays (the store's default 0.5 wedges: see the notes)")
     ap.add_argument("--calib-pages", type=int, default=192)
@@ -374,8 +375,9 @@ def main(argv=None) -> int:
                 "Value-ordered eviction spreads deletions over more segments and wedges sooner (it wedged at 0.75, "
                 "LRU did not). Bytes moved by compaction are not in 'disk written'.",
                 "Prefetch is TierEngine.promote (disk blobs moved into the DRAM pool as stored, marked on disk; "
-                "with scores, only pages scoring above the full pool's lowest score). Candidates are the disk-only pages of the last 8 requests' chains, every "
-                ">= 1 s of replay time; no arrival-time (queue) prefetch is modelled.",
+                "with scores, only pages scoring above the full pool's lowest score). Candidates are the disk-only pages among those the GPU tree evicted "
+                "(up to --prefetch-candidates, newest first on equal value), every >= 1 s of replay time; no "
+                "arrival-time (queue) prefetch is modelled.",
                 "The GPU tier holds finished requests only (one request at a time); SGLang's uncompressed host pool "
                 "(L2) is not modelled: pages go GPU -> kvdrive DRAM tier / disk.",
                 "'saved %' counts prompt tokens not prefilled; a policy that recomputes a slow tier's hits saves "

@@ -131,10 +131,10 @@ def parse_args(argv):
     c.add_argument("--pcie-gbps", type=float, default=25.0)
     p = ap.add_argument_group("promoter")
     p.add_argument("--half-life-s", type=float, default=PromoterConfig().half_life_s)
-    p.add_argument("--prefetch-share", type=float, default=0.25)
+    p.add_argument("--prefetch-share", type=float, default=PromoterConfig().promote_share)
     p.add_argument("--prefetch-tick-s", type=float, default=1.0)
     p.add_argument("--prefetch-window-s", type=float, default=30.0)
-    p.add_argument("--prefetch-recent", type=int, default=8)
+    p.add_argument("--prefetch-candidates", type=int, default=16384)
     p.add_argument("--disk-gc-live-ratio", type=float, default=0.9)
     ap.add_argument("--jobs", type=int, default=1, help="replay this many (workload, configuration) pairs at once, "
                                                          "in worker processes")
@@ -455,6 +455,10 @@ NOTES = [
     "land in the host pool, then go to the GPU. Their host pool evicts LRU here; the real kvdrive radix cache orders "
     "host-pool victims by the promoter's value too (every rank alike).",
     "The promoter's reload-vs-recompute plan and its prefetch use the same measured constants as the TTFT model.",
+    "kvdrive_promoter promotes ahead of demand as the server does (KvdriveStorage.promote_tick): of the pages that "
+    "left the host pool and sit only on disk, the most valuable come back up into kvdrive's DRAM tier "
+    "(TierEngine.promote), within --prefetch-share of the measured disk bandwidth over the replay time since the "
+    "last tick (>= --prefetch-tick-s).",
     "Within one (workload, configuration) replay there is no checkpoint (the radix tree and the stores are live "
     "objects); --resume skips the pairs already finished.",
 ]

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from array import array
-from collections import Counter, deque
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +59,7 @@ class Replay:
     """``budgets``: gpu_pages, max_request_pages, and as the configuration needs: l2_pages, host_bytes (kvdrive's
     compressed pool, in stored bytes), disk_bytes (kvdrive's store or HiCacheFile's cap, in stored bytes).
     ``knobs``: an object with the promoter settings (half_life_s, prefetch_share, prefetch_tick_s,
-    prefetch_window_s, prefetch_recent), disk_gc_live_ratio, and optionally flush_every (default 1: wait for the disk
+    prefetch_window_s, prefetch_candidates), disk_gc_live_ratio, and optionally flush_every (default 1: wait for the disk
     writer after every request)."""
 
     def __init__(self, cfg: Config, wl: Workload, budgets: dict, cost: CostModel, knobs, tmp: str,
@@ -100,7 +100,11 @@ class Replay:
         self.outs = [np.empty_like(synth.numpy[0]) for _ in range(budgets["max_request_pages"])]
         self.gpu_set: set = set()
         self.prefetched: set = set()  # keys brought up by prefetch and not used since
-        self.recent = deque(maxlen=knobs.prefetch_recent)
+        # promotion candidates, as KvdriveStorage keeps them: pages that left the tier above kvdrive (SGLang's host
+        # pool, or the GPU tree without one) since, newest last; pages loaded back up leave the list
+        self.spilled: OrderedDict = OrderedDict()
+        if self.host is not None and cfg.l3 == "kvdrive":
+            self.host.on_evict = self._spill
         self.flush_every = max(1, getattr(knobs, "flush_every", 1))
         self.last_tick = None
         self.c = Counter()
@@ -215,7 +219,8 @@ class Replay:
         elif self.engine is not None:
             self._write_down(full, fkeys, g, len(tiers), evicted)
         if self.engine is not None:
-            self.recent.append(fkeys)
+            if self.host is None:
+                self._spill(evicted)
             # every request (promoter_bench): the disk holds what was written before the next one; long runs may
             # flush every few requests (pages still queued are read from the queue meanwhile, as in a server)
             if c["requests"] % self.flush_every == 0:
@@ -238,6 +243,8 @@ class Replay:
                 for i in range(got):  # as KvdriveStorage does: decoded into a host buffer, then into the slot
                     self.host.set_page(slots[i], self.outs[i])
             self.host.release(P[s + got:s + len(slots)])  # slots of pages that did not arrive go back
+            if got and self.engine is not None:
+                self._unspill(keys[s:s + got])
             if got:
                 self.host.load_back(P[s:s + got], counted=False)  # on to the GPU; counted as L3 reads, not host hits
             return got
@@ -245,6 +252,7 @@ class Replay:
         if not all(got):
             k = got.index(False)
             self.c["vanished"] += 1
+        self._unspill(keys[s:s + k])
         if k and not np.array_equal(self.outs[0], self.synth.np_page(P[s])):
             raise ReplayError(f"page {P[s]} read back wrong")
         return k
@@ -298,8 +306,27 @@ class Replay:
             self._put([key for key, t in zip(rest, self.engine.tiers_of(self.ns, rest)) if t is None],
                       with_scores=False)
 
+    def _spill(self, pids) -> None:
+        """Pages that left the tier above kvdrive: promotion candidates (as KvdriveStorage.record_host_evicted)."""
+        if self.promoter is None or self.knobs.prefetch_share <= 0:
+            return
+        sp = self.spilled
+        for p in pids:
+            k = str(p)
+            sp[k] = None
+            sp.move_to_end(k)
+        while len(sp) > self.knobs.prefetch_candidates:
+            sp.popitem(last=False)
+
+    def _unspill(self, keys) -> None:
+        """Pages loaded back up (into the host pool, or the GPU without one): no longer candidates."""
+        for k in keys:
+            self.spilled.pop(k, None)
+
     def prefetch(self, now: float) -> None:
-        """Promoter prefetch disk -> kvdrive DRAM of the best disk-only pages of recently used chains."""
+        """Promotion disk -> kvdrive DRAM ahead of demand, as KvdriveStorage.promote_tick: of the pages that left
+        the tier above kvdrive and sit only on disk, the most valuable (Promoter.prefetch, newest first on equal
+        value), within prefetch_share of the disk's read bandwidth over the time since the last tick."""
         if self.last_tick is None:
             self.last_tick = now
             return
@@ -308,13 +335,13 @@ class Replay:
             return
         self.last_tick = now
         budget = int(self.knobs.prefetch_share * self.cost.disk_gbps * 1e9 * window)
-        cands = list(dict.fromkeys(k for chain in self.recent for k in chain if int(k) not in self.gpu_set))
-        if self.host is not None:
-            cands = [k for k in cands if int(k) not in self.host.slot]
-        if not cands:
+        cands = list(reversed(self.spilled))
+        if not cands or budget < self.page_bytes:
             return
-        cands = [k for k, t in zip(cands, self.engine.tiers_of(self.ns, cands)) if t == "disk"]
-        picked = self.promoter.prefetch(cands, budget // self.page_bytes * self.page_bytes)
+        tiers = self.engine.tiers_of(self.ns, cands)
+        self._unspill([k for k, t in zip(cands, tiers) if t != "disk"])  # in memory already, or no longer stored
+        picked = self.promoter.prefetch([k for k, t in zip(cands, tiers) if t == "disk"],
+                                        budget // self.page_bytes * self.page_bytes)
         if not picked:
             return
         scores = self.promoter.score_of(picked) if self.cfg.tier_scores else None
@@ -322,7 +349,9 @@ class Replay:
         self.c["prefetch_skipped_low"] += done.below_floor
         self.c["prefetched_pages"] += done.promoted
         if done.promoted:  # which pages came up: those now in the DRAM pool
-            self.prefetched.update(k for k, t in zip(picked, self.engine.tiers_of(self.ns, picked)) if t == "dram")
+            up = [k for k, t in zip(picked, self.engine.tiers_of(self.ns, picked)) if t == "dram"]
+            self.prefetched.update(up)
+            self._unspill(up)
 
     # --- results ----------------------------------------------------------------------------------------------------
     def timeline(self, windows: int = TIMELINE_WINDOWS) -> dict:

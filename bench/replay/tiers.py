@@ -72,6 +72,7 @@ class HostTier:
         self.synth = synth
         self.slot: OrderedDict[int, int] = OrderedDict()  # page id -> host index; front = least recently used
         self.written = self.read = self.evicted = self.refused = 0
+        self.on_evict = None  # called with the page ids make_room evicts (kvdrive: promotion candidates)
 
     def leading_hits(self, pids, start: int) -> int:
         n = 0
@@ -116,6 +117,8 @@ class HostTier:
             idx = torch.tensor([self.slot.pop(p) for p in victims], dtype=torch.int64)
             self.pool.free(idx)
             self.evicted += len(victims)
+            if self.on_evict is not None:
+                self.on_evict(victims)
         return victims
 
     def alloc(self, pids, keep, also=()) -> list:
