@@ -216,3 +216,25 @@ def test_bad_promoter_options_are_clear_errors(tmp_path):
         make_backend(tmp_path, make_host(), promoter={"disk_gbps": -1})
     with pytest.raises(ConfigError, match="colour"):
         make_backend(tmp_path, make_host(), promoter={"colour": 1})
+
+
+def test_gil_switch_interval_is_shortened_for_hicache_io_threads(tmp_path):
+    from kvdrive_sglang.storage_backend import GIL_SWITCH_MS, apply_gil_switch, gil_switch_s_from
+    from kvdrive_sglang.tier.errors import ConfigError
+
+    assert gil_switch_s_from({"kvdrive": {"dir": "x"}}) == GIL_SWITCH_MS / 1000
+    assert gil_switch_s_from({"kvdrive": {"dir": "x", "gil_switch_ms": 0}}) == 0
+    for bad in (-1, 1000, "fast", True, float("nan")):
+        with pytest.raises(ConfigError, match="gil_switch_ms"):
+            gil_switch_s_from({"kvdrive": {"dir": "x", "gil_switch_ms": bad}})
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)  # Python's default
+        make_backend(tmp_path, make_host()).close()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS / 1000)
+        apply_gil_switch(0.002)  # never lengthened
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS / 1000)
+        apply_gil_switch(0)  # 0: leave it
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS / 1000)
+    finally:
+        sys.setswitchinterval(before)
