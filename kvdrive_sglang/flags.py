@@ -47,6 +47,8 @@ class KvdriveOptions:
     encrypt: str | None = None  # encryption at rest: key file (absolute path) or "env" (KVDRIVE_KEYS)
     tenants: dict | None = None  # per-tenant policy: {"<salt>": {"ttl_s": ..., "share_as": ...}}
     reload: str = "auto"  # storage hits: "auto" reloads only where that beats recomputing (measured), "always" reloads
+    promoter: dict | None = None  # PromoterConfig fields (half_life_s, promote_share, admit_min_reuse, ...)
+    gil_switch_ms: float | None = None  # Python's GIL switch interval in the server (None: kvdrive's default 0.5 ms)
 
 
 # our option -> (dest, type, default, help)
@@ -68,6 +70,12 @@ _OPTIONS = {
     "--kvdrive-reload": ("kvdrive_reload", str, KvdriveOptions.reload,
                          "storage hits: 'auto' reloads a hit only where that beats recomputing its prefill, by the "
                          "costs this server measures; 'always' reloads every hit (benchmarks, tests)"),
+    "--kvdrive-promoter": ("kvdrive_promoter", str, None,
+                           "promoter settings, a JSON object of tier/promoter.py PromoterConfig fields, e.g. "
+                           "'{\"half_life_s\": 300, \"promote_share\": 0.1}'"),
+    "--kvdrive-gil-switch-ms": ("kvdrive_gil_switch_ms", float, 0.5,
+                                "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); "
+                                "short lets HiCache's I/O threads run beside the scheduler loop"),
 }
 _KWARGS = {"kv_tier"} | {dest for dest, *_ in _OPTIONS.values()}
 
@@ -119,6 +127,18 @@ def options_from(values: dict) -> KvdriveOptions:
     ten = values.get("kvdrive_tenants")
     if ten is not None:
         out["tenants"] = _tenants_option(ten)
+    prom = values.get("kvdrive_promoter")
+    if prom is not None:
+        out["promoter"] = _promoter_option(prom)
+    gil = values.get("kvdrive_gil_switch_ms")
+    if gil is not None:
+        try:
+            gil = float(gil)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--kvdrive-gil-switch-ms must be a number of milliseconds, got {gil!r}") from None
+        if not 0 <= gil <= 100:
+            raise ConfigError(f"--kvdrive-gil-switch-ms must be from 0 to 100 ms, got {gil!r}")
+        out["gil_switch_ms"] = gil
     opts = KvdriveOptions(**out)
     check_store_dir(opts.dir, create=True)  # a bad directory fails here, in the launcher, with its own message
     return opts
@@ -147,6 +167,26 @@ def _tenants_option(value) -> dict:
     return obj
 
 
+def _promoter_option(value) -> dict:
+    """--kvdrive-promoter: a JSON object of PromoterConfig fields, checked here (ConfigError names the bad one)."""
+    from .tier.promoter import PromoterConfig
+
+    if isinstance(value, dict):
+        obj = value
+    else:
+        try:
+            obj = json.loads(str(value))
+        except ValueError as e:
+            raise ConfigError(f"--kvdrive-promoter is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"--kvdrive-promoter must be a JSON object of promoter settings, got {value!r}")
+    try:
+        PromoterConfig(**obj)
+    except TypeError as e:
+        raise ConfigError(f"--kvdrive-promoter: {e}") from None
+    return obj
+
+
 def storage_extra_config(opts: KvdriveOptions) -> str:
     section = {"dir": opts.dir, "host_bytes": int(opts.host_gb * GiB), "disk_bytes": int(opts.disk_gb * GiB),
                "codec": opts.codec}
@@ -156,6 +196,10 @@ def storage_extra_config(opts: KvdriveOptions) -> str:
         section["tenants"] = opts.tenants
     if opts.reload != "auto":
         section["reload"] = opts.reload
+    if opts.promoter:
+        section["promoter"] = opts.promoter
+    if opts.gil_switch_ms is not None:
+        section["gil_switch_ms"] = opts.gil_switch_ms
     return json.dumps({
         "backend_name": "kvdrive", "module_path": STORAGE_MODULE, "class_name": STORAGE_CLASS, "interface_v1": 1,
         "kvdrive": section,
