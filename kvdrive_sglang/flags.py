@@ -135,10 +135,8 @@ def options_from(values: dict) -> KvdriveOptions:
         try:
             gil = float(gil)
         except (TypeError, ValueError):
-            raise ConfigError(f"--kvdrive-gil-switch-ms must be a number of milliseconds, got {gil!r}") from None
-        if not 0 <= gil <= 100:
-            raise ConfigError(f"--kvdrive-gil-switch-ms must be from 0 to 100 ms, got {gil!r}")
-        out["gil_switch_ms"] = gil
+            pass  # named by the check below
+        out["gil_switch_ms"] = checked_gil_switch_ms(gil, "--kvdrive-gil-switch-ms")
     opts = KvdriveOptions(**out)
     check_store_dir(opts.dir, create=True)  # a bad directory fails here, in the launcher, with its own message
     return opts
@@ -165,6 +163,13 @@ def _tenants_option(value) -> dict:
             raise ConfigError(f"--kvdrive-tenants is not valid JSON ({e})") from None
     Tenants(obj)
     return obj
+
+
+def checked_gil_switch_ms(ms, what: str) -> float:
+    """A GIL switch interval in ms: a number from 0 (Python's own) to 100; ConfigError names ``what``."""
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 <= ms <= 100:
+        raise ConfigError(f"{what} must be a number of milliseconds from 0 to 100, got {ms!r}")
+    return float(ms)
 
 
 def _promoter_option(value) -> dict:

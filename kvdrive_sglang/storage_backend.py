@@ -28,7 +28,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from .cost_meter import PREFILL, ReloadMeter
-from .flags import RELOAD_POLICIES
+from .flags import RELOAD_POLICIES, checked_gil_switch_ms
 from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
 from .tier.errors import ConfigError
@@ -137,10 +137,7 @@ def gil_switch_s_from(extra: dict | None) -> float:
     at 0.5 ms beside a spinning thread (0.04-0.16 ms uncontended). A shorter interval only costs while another
     thread is runnable, i.e. while the overlap it buys is happening."""
     section = (extra or {}).get("kvdrive") if isinstance(extra, dict) else None
-    ms = (section or {}).get("gil_switch_ms", GIL_SWITCH_MS)
-    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 <= ms <= 100:
-        raise ConfigError(f"kvdrive gil_switch_ms must be a number of milliseconds from 0 to 100, got {ms!r}")
-    return ms / 1000.0
+    return checked_gil_switch_ms((section or {}).get("gil_switch_ms", GIL_SWITCH_MS), "kvdrive gil_switch_ms") / 1000
 
 
 def apply_gil_switch(seconds: float) -> None:

@@ -71,16 +71,11 @@ def test_the_bandwidth_share_bounds_promotion_and_value_orders_it(tmp_path):
     be.close()
 
 
-def test_promotion_off_and_pages_not_worth_a_reload(tmp_path):
+# promotion off; and a prefill so fast that recomputing a page beats decoding it from DRAM: never worth the bandwidth
+@pytest.mark.parametrize("promoter", [{"promote_share": 0}, {"prefill_tokens_per_s": 1e15}])
+def test_promotion_off_and_pages_not_worth_a_reload(tmp_path, promoter):
     keys = _keys("k", 2)
-    be, _, _ = _stored_then_restarted(tmp_path, [keys], promoter={"promote_share": 0})
-    be.record_request(keys)
-    be.record_host_evicted(keys)
-    be._last_promote -= 1.0
-    assert be.promote_tick() == 0 and set(be.engine.tiers_of(be.ns, keys)) == {"disk"}
-    be.close()
-    # a prefill so fast that recomputing a page beats decoding it from DRAM: never worth the bandwidth
-    be, _, _ = _stored_then_restarted(tmp_path, [keys], promoter={"prefill_tokens_per_s": 1e15})
+    be, _, _ = _stored_then_restarted(tmp_path, [keys], promoter=promoter)
     be.record_request(keys)
     be.record_host_evicted(keys)
     be._last_promote -= 1.0
