@@ -23,6 +23,7 @@ from collections import Counter, OrderedDict
 from dataclasses import replace
 from typing import Any, List, Optional
 
+import numpy as np
 import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
@@ -184,6 +185,7 @@ class KvdriveStorage(HiCacheStorage):
         # MLA: every rank has the same cache; SGLang lets rank 0 write, and so do we
         self.read_only = bool(storage_config.is_mla_model and storage_config.tp_rank != 0)
         self._scratch = threading.local()
+        self._batched_layout: str | None = None  # host pool layout _to_host scatters in one call (set on register)
         self._events = Counter()
         self._io = Counter()
         self._lock = threading.Lock()
@@ -210,19 +212,55 @@ class KvdriveStorage(HiCacheStorage):
         self.page_size = int(mem_pool_host.page_size)
         page = mem_pool_host.get_dummy_flat_data_page()  # allocates: measured once, not per lookup
         self.page_bytes = int(page.numel() * page.element_size())
+        self._batched_layout = _batched_layout(mem_pool_host)
         log.info("kvdrive: namespace %s = %s", self.ns.id.hex()[:16], self.ns.describe())
         self._load_costs()
         if self._reporter is None:
             self._reporter = Reporter(self._tick_stats, _metrics_for(self.storage_config))
 
-    def _page_buffers(self, n: int) -> list[torch.Tensor]:
-        """Per-thread reusable flat page buffers (SGLang calls get from its prefetch I/O thread)."""
-        bufs = getattr(self._scratch, "bufs", None)
-        if bufs is None:
-            bufs = self._scratch.bufs = []
-        while len(bufs) < n:
-            bufs.append(torch.empty_like(self.mem_pool_host.get_dummy_flat_data_page(), device="cpu"))
-        return bufs[:n]
+    def _page_scratch(self, n: int) -> "_PageScratch":
+        """This thread's reusable page buffers for at least ``n`` pages (SGLang calls get from its prefetch I/O
+        thread)."""
+        sc = getattr(self._scratch, "pages", None)
+        if sc is None or sc.cap < n:
+            sc = self._scratch.pages = _PageScratch(self.mem_pool_host.get_dummy_flat_data_page(),
+                                                    max(n, 2 * sc.cap if sc is not None else 16))
+        return sc
+
+    def _from_host(self, starts: list[int]) -> list:
+        """The host pool's pages at ``starts`` as flat page buffers (copies): gathered in one call for the layouts
+        _to_host scatters in one (see there), numpy byte rows the tiers encode without a torch call per page."""
+        host, n, ps = self.mem_pool_host, len(starts), self.page_size
+        if self._batched_layout is None or n == 1:
+            return [host.get_data_page(s, flat=True).contiguous() for s in starts]
+        layers, heads, dim = host.layer_num, host.head_num, host.head_dim
+        tokens = torch.from_numpy((np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ps)).reshape(-1))
+        if self._batched_layout == "layer_first":  # [2, layers, n*ps, heads, dim] -> [n, 2, layers, ps, heads, dim]
+            got = host.kv_buffer[:, :, tokens].view(2, layers, n, ps, heads, dim).permute(2, 0, 1, 3, 4, 5)
+        else:  # page_first: [2, n*ps, layers, heads, dim] -> [n, 2, ps, layers, heads, dim]
+            got = host.kv_buffer[:, tokens].view(2, n, ps, layers, heads, dim).permute(1, 0, 2, 3, 4, 5)
+        rows = got.reshape(n, -1).view(torch.uint8).numpy()
+        return [rows[i] for i in range(n)]
+
+    def _to_host(self, starts: list[int], pages: torch.Tensor) -> None:
+        """Copy decoded flat pages (rows of ``pages``) into SGLang's host pool at page starts ``starts``.
+
+        Every torch call lets go of the GIL, and beside SGLang's scheduler loop each one may wait a switch interval
+        to get it back: for the MHA host pool's layer_first and page_first layouts all pages go in one scatter
+        (about four torch calls a batch instead of two a page); any other pool takes its own per-page copy."""
+        host, n, ps = self.mem_pool_host, len(starts), self.page_size
+        if self._batched_layout is None or n == 1:
+            for s, p in zip(starts, pages):
+                host.set_from_flat_data_page(s, p)
+            return
+        layers, heads, dim = host.layer_num, host.head_num, host.head_dim
+        tokens = torch.from_numpy((np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ps)).reshape(-1))
+        if self._batched_layout == "layer_first":  # kv_buffer [2, layers, tokens, heads, dim]
+            src = pages.view(n, 2, layers, ps, heads, dim).permute(1, 2, 0, 3, 4, 5)
+            host.kv_buffer[:, :, tokens] = src.reshape(2, layers, n * ps, heads, dim)
+        else:  # page_first: kv_buffer [2, tokens, layers, heads, dim]
+            src = pages.view(n, 2, ps, layers, heads, dim).permute(1, 0, 2, 3, 4, 5)
+            host.kv_buffer[:, tokens] = src.reshape(2, n * ps, layers, heads, dim)
 
     def _page_starts(self, op: str, keys, host_indices) -> list[int]:
         """The host-pool slot of each key's page, checked first (found by tests/sglang/test_fuzz_config.py): a page
@@ -296,10 +334,10 @@ class KvdriveStorage(HiCacheStorage):
             return [True] * len(keys)
         t0 = time.perf_counter()
         starts = self._page_starts("batch_set_v1", keys, host_indices)
-        pages = [self.mem_pool_host.get_data_page(s, flat=True).contiguous() for s in starts]
+        pages = self._from_host(starts)
         self._observe(keys, use=False)  # before the put: admission sees the page's size and recency
         ok = self._put(keys, pages)
-        self._count("set", len(keys), sum(ok), sum(p.numel() * p.element_size() for p in pages), t0)
+        self._count("set", len(keys), sum(ok), len(keys) * self.page_bytes, t0)
         return ok
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
@@ -309,13 +347,13 @@ class KvdriveStorage(HiCacheStorage):
             return []
         t0 = time.perf_counter()
         starts = self._page_starts("batch_get_v1", keys, host_indices)
-        bufs = self._page_buffers(len(keys))
-        got = self._get(keys, bufs)
+        scratch = self._page_scratch(len(keys))
+        got = self._get(keys, [scratch.rows[i] for i in range(len(keys))])
         # SGLang uses the leading run of hits: stop copying into the host pool at the first miss
         n = got.index(False) if False in got else len(got)
-        for i in range(n):
-            self.mem_pool_host.set_from_flat_data_page(starts[i], bufs[i])
-        self._count("get", len(keys), n, n * bufs[0].numel() * bufs[0].element_size() if n else 0, t0)
+        if n:
+            self._to_host(starts[:n], scratch.pages[:n])
+        self._count("get", len(keys), n, n * self.page_bytes, t0)
         if n and self._spilled:
             with self._lock:  # back in SGLang's host pool: no longer a promotion candidate
                 for k in keys[:n]:
@@ -588,6 +626,34 @@ class KvdriveStorage(HiCacheStorage):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)
         return out
+
+
+class _PageScratch:
+    """Reusable decode buffers for ``cap`` pages: one [cap, page elements] tensor and its numpy byte view, whose
+    rows the tiers decode into without a torch call per page."""
+
+    def __init__(self, like: torch.Tensor, cap: int):
+        self.cap = cap
+        self.pages = torch.empty((cap, like.numel()), dtype=like.dtype)
+        self.rows = self.pages.view(torch.uint8).numpy()
+
+
+def _batched_layout(host) -> str | None:
+    """The layout whose pages _to_host can scatter in one call: SGLang's own MHA host pool (its per-page copy not
+    overridden) in layer_first or page_first layout, with the buffer shape that layout has; else None."""
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    if type(host).set_from_flat_data_page is not MHATokenToKVPoolHost.set_from_flat_data_page:
+        return None
+    kv = getattr(host, "kv_buffer", None)
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 5:
+        return None
+    inner = (host.layer_num, host.head_num, host.head_dim)
+    if host.layout == "layer_first" and (kv.shape[0], kv.shape[1], kv.shape[3], kv.shape[4]) == (2, *inner):
+        return "layer_first"
+    if host.layout == "page_first" and (kv.shape[0], *kv.shape[2:]) == (2, *inner):
+        return "page_first"
+    return None
 
 
 _METRICS: dict[int, TierMetrics] = {}
