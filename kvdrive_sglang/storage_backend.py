@@ -227,6 +227,10 @@ class KvdriveStorage(HiCacheStorage):
                                                     max(n, 2 * sc.cap if sc is not None else 16))
         return sc
 
+    def _page_tokens(self, starts: list[int]) -> torch.Tensor:
+        """Host-pool token slots of the pages starting at ``starts``, in page order (a page's slots are contiguous)."""
+        return torch.from_numpy((np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.page_size)).reshape(-1))
+
     def _from_host(self, starts: list[int]) -> list:
         """The host pool's pages at ``starts`` as flat page buffers (copies): gathered in one call for the layouts
         _to_host scatters in one (see there), numpy byte rows the tiers encode without a torch call per page."""
@@ -234,7 +238,7 @@ class KvdriveStorage(HiCacheStorage):
         if self._batched_layout is None or n == 1:
             return [host.get_data_page(s, flat=True).contiguous() for s in starts]
         layers, heads, dim = host.layer_num, host.head_num, host.head_dim
-        tokens = torch.from_numpy((np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ps)).reshape(-1))
+        tokens = self._page_tokens(starts)
         if self._batched_layout == "layer_first":  # [2, layers, n*ps, heads, dim] -> [n, 2, layers, ps, heads, dim]
             got = host.kv_buffer[:, :, tokens].view(2, layers, n, ps, heads, dim).permute(2, 0, 1, 3, 4, 5)
         else:  # page_first: [2, n*ps, layers, heads, dim] -> [n, 2, ps, layers, heads, dim]
@@ -254,7 +258,7 @@ class KvdriveStorage(HiCacheStorage):
                 host.set_from_flat_data_page(s, p)
             return
         layers, heads, dim = host.layer_num, host.head_num, host.head_dim
-        tokens = torch.from_numpy((np.asarray(starts, dtype=np.int64)[:, None] + np.arange(ps)).reshape(-1))
+        tokens = self._page_tokens(starts)
         if self._batched_layout == "layer_first":  # kv_buffer [2, layers, tokens, heads, dim]
             src = pages.view(n, 2, layers, ps, heads, dim).permute(1, 2, 0, 3, 4, 5)
             host.kv_buffer[:, :, tokens] = src.reshape(2, layers, n * ps, heads, dim)
