@@ -50,6 +50,7 @@ MiB = 1 << 20
 _RAW_CODEC = get_codec("raw").code
 _NOTE = b"note:"  # meta-table prefix of small values kept with the store (get_note / put_note)
 _NEVER = bytes(8)  # expires_ms == 0
+_SCORES_PER_TXN = 32  # score updates per index transaction (see set_scores)
 # LMDB copies every page a commit changes before freeing the old ones: a map whose trees fill ~94% of it can no longer
 # commit a batch, nor even a delete. Past _INDEX_HIGH the lowest-value pages are evicted down to _INDEX_LOW.
 _INDEX_HIGH, _INDEX_LOW = 0.80, 0.60
@@ -415,12 +416,17 @@ class DiskStore:
             with self._write_lock:
                 # score updates rewrite index pages too: keep the map's headroom first, as the write path does
                 self._keep_index_headroom()
-                with self._index.write() as txn:
-                    for k, s in zip(keys, scores):
-                        pk = page_key(ns.id, key_bytes(k))
-                        b = txn.get(pk, db=self._index.pages)
-                        if b is not None:
-                            txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
+                # in small transactions: one transaction copies every leaf it touches, and a few hundred scattered
+                # updates at once could need more free pages than a nearly full map has (seen: a 128 KiB map filled
+                # on every report tick, evictions could then free nothing); small ones reuse what the last freed
+                pairs = list(zip(keys, scores))
+                for i in range(0, len(pairs), _SCORES_PER_TXN):
+                    with self._index.write() as txn:
+                        for k, s in pairs[i:i + _SCORES_PER_TXN]:
+                            pk = page_key(ns.id, key_bytes(k))
+                            b = txn.get(pk, db=self._index.pages)
+                            if b is not None:
+                                txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
         except (OSError, lmdb.Error) as e:  # e.g. a full map: a fault like any other, never the caller's exception
             self._fault(e, "scores")
             if isinstance(e, lmdb.MapFullError):

@@ -163,3 +163,26 @@ def test_index_is_kept_below_its_map(tmp_path, ns):
         outs = [np.empty_like(small_page(0, ns)) for _ in range(24)]
         assert st.get_many(ns, keys(149), outs) == [True] * 24  # the newest pages are the ones kept
         np.testing.assert_array_equal(outs[7], small_page(7, ns))
+
+
+@pytest.mark.parametrize("per_txn", [None, 1 << 30])
+def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns, monkeypatch, per_txn):
+    """A report tick rescores every page observed since the last one. In one transaction a few thousand scattered
+    updates copy every index leaf at once, more free pages than a map just under its high mark has: the e2e map-full
+    server saw "map_full during scores" with nothing left to evict. Small transactions fit (per_txn=None, the
+    store's own); one big one does not (the control)."""
+    from kvdrive_sglang.tier import disk_store
+
+    if per_txn is not None:
+        monkeypatch.setattr(disk_store, "_SCORES_PER_TXN", per_txn)
+    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=512 << 10, retry_after_s=60)) as st:
+        b = 0
+        while st._index_fill() < 0.75:
+            assert all(st.put_many(ns, keys(b), blobs(ns, range(24)))), st.stats().faults
+            b += 1
+        every = [k for i in range(b) for k in keys(i)]
+        st.set_scores(ns, every, [float(i + 1) for i in range(len(every))])
+        if per_txn is None:
+            assert st.stats().faults == {}, st.stats().faults
+        else:
+            assert st.stats().faults.get("map_full") == 1
