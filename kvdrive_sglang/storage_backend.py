@@ -324,9 +324,13 @@ class KvdriveStorage(HiCacheStorage):
         return got
 
     def _put(self, keys, pages) -> list[bool]:
+        """Store pages (a chain in prefix order) with the promoter's scores as of now: stored unscored (0.0, the
+        lowest value) they were the first evicted until the next report tick scored them."""
         ok = [False] * len(keys)
         for ns, idx in self._by_tenant(keys):
-            for i, o in zip(idx, self.engine.put_many(ns, [keys[i] for i in idx], [pages[i] for i in idx])):
+            part = [keys[i] for i in idx]
+            scores = self.promoter.score_of(part, chain=True)
+            for i, o in zip(idx, self.engine.put_many(ns, part, [pages[i] for i in idx], scores=scores)):
                 ok[i] = o
         return ok
 

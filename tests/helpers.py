@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 
 from kvdrive_sglang.tier.namespace import Namespace
@@ -17,3 +20,23 @@ def small_page(seed: int, ns: Namespace | None = None) -> np.ndarray:
                    head_dim=ns.head_dim, dtype=ns.kv_dtype)
 
 
+
+
+class PinnedReader:
+    """Another process holding one LMDB read transaction open on a store's index (``index_dir``), as a hung
+    ``kvdrive stats`` or a backup copying the index would: LMDB cannot reuse a page freed after that snapshot, so
+    every commit takes fresh pages and a small map fills for real, whatever the store evicts."""
+
+    def __init__(self, index_dir: str, map_size: int):
+        code = ("import lmdb, sys; env = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=8, "
+                "map_size=int(sys.argv[2])); txn = env.begin(); print('ready', flush=True); sys.stdin.read()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(index_dir), str(map_size)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"the pinned reader on {index_dir} did not start (exit {self.proc.wait()})")
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(10)

@@ -39,7 +39,8 @@ from .crypto import OVERHEAD, KeyRing, SealError, is_envelope
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import ALIGN, Staging, direct_append, open_direct, select_io
-from .index import _SHORT_KEY, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key, seg_key
+from .index import (_SHORT_KEY, COMMIT_FIXED_PAGES, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key,
+                    seg_key)
 from .namespace import Namespace, key_bytes
 from .store_dir import FILE_MODE, INDEX_DIR, SEGMENT_DIR, GC_LOCK_FILE, StoreLock, check_store_dir
 
@@ -51,9 +52,12 @@ _RAW_CODEC = get_codec("raw").code
 _NOTE = b"note:"  # meta-table prefix of small values kept with the store (get_note / put_note)
 _NEVER = bytes(8)  # expires_ms == 0
 _SCORES_PER_TXN = 32  # score updates per index transaction (see set_scores)
-# LMDB copies every page a commit changes before freeing the old ones: a map whose trees fill ~94% of it can no longer
-# commit a batch, nor even a delete. Past _INDEX_HIGH the lowest-value pages are evicted down to _INDEX_LOW.
+# The index is a second capacity bound: past _INDEX_HIGH of the map (its trees plus the room commits need, see
+# IndexShape) the lowest-value pages are evicted down to _INDEX_LOW. A commit's room stays under _COMMIT_SHARE of the
+# map: bigger batches are indexed in several commits (only ever in a map far too small for them: more commits take
+# more pages while a reader pins old ones).
 _INDEX_HIGH, _INDEX_LOW = 0.80, 0.60
+_COMMIT_SHARE = 0.25
 SEALED = 1  # Record.flags bit: the blob on disk is an AES-GCM envelope of the page blob (tier/crypto.py)
 _FLAGS_AT = 17  # byte offset of flags inside a packed record (after seg u32, off u64, length u32, codec u8)
 MAX_TTL_S = 100 * 365 * 86400  # expiry times are u64 milliseconds; a TTL past this is a mistake, not a wish
@@ -182,6 +186,8 @@ class DiskStore:
         self._staging: Staging | None = None
         self._wend = 0
         self._touched: dict[bytes, int] = {}  # page key -> access time, flushed with the next write transaction
+        self._last_txn_records = 0  # page records the last index commit changed (its freed pages: see IndexShape)
+        self._warned_tiny_map = False
         self._known_ns: set[bytes] = set()
         self._ttl_used = False  # any page with an expiry ever written (by any process): expire() must scan
         self._counts = Counter()
@@ -258,13 +264,8 @@ class DiskStore:
                     off += len(b)
                 synced.result()  # durable before the index can point at it
                 self._wend = end
-                with self._index.write() as txn:
-                    self._register_ns(txn, ns)
-                    if any(expiry[i] for i in todo) and not self._ttl_used:
-                        txn.put(b"ttl_used", b"1", db=self._index.meta)
-                        self._ttl_used = True
-                    self._index.put_pages(txn, seg, recs, end=end)
-                    self._flush_touched(txn)
+                evicted = self._counts["evicted"]
+                done = self._index_records(ns, seg, recs, end, ttl=any(expiry[i] for i in todo))
                 if end >= self.config.segment_bytes:
                     self._seal_writer()
             except (OSError, lmdb.Error) as e:
@@ -273,8 +274,13 @@ class DiskStore:
                 if isinstance(e, lmdb.MapFullError):
                     self._free_index_room()
                 return have
-            self._counts["pages_written"] += len(todo)
-            self._counts["bytes_written"] += incoming
+            self._counts["pages_written"] += done
+            self._counts["bytes_written"] += sum(r.length for _, r in recs[:done])
+            self._counts["rejected_full"] += len(recs) - done  # no room left in the index: dead bytes, for GC
+            if done < len(recs) or self._counts["evicted"] != evicted:
+                # a map too small for the batch: its commits evicted pages to make room, maybe its own earlier ones
+                with self._index.read() as txn:
+                    return [self._usable(txn.get(pk, db=self._index.pages), now) is not None for pk in pkeys]
         return [not 0 < e <= now for e in expiry]
 
     def get_many(self, ns: Namespace, keys: Sequence, outs: Sequence) -> list[bool]:
@@ -414,19 +420,20 @@ class DiskStore:
             return
         try:
             with self._write_lock:
-                # score updates rewrite index pages too: keep the map's headroom first, as the write path does
-                self._keep_index_headroom()
-                # in small transactions: one transaction copies every leaf it touches, and a few hundred scattered
-                # updates at once could need more free pages than a nearly full map has (seen: a 128 KiB map filled
-                # on every report tick, evictions could then free nothing); small ones reuse what the last freed
+                # in small transactions: one transaction copies every leaf it touches, and a few thousand scattered
+                # updates at once need room for a copy of the whole tree; small ones reuse what the last freed.
+                # They are a hint: where the map lacks even that room they go in smaller transactions, or not at
+                # all -- never evicting pages for them
                 pairs = list(zip(keys, scores))
-                for i in range(0, len(pairs), _SCORES_PER_TXN):
+                per_txn = self._commit_size(min(_SCORES_PER_TXN, len(pairs)), evict=False)
+                for i in range(0, len(pairs) if per_txn else 0, per_txn or 1):
                     with self._index.write() as txn:
-                        for k, s in pairs[i:i + _SCORES_PER_TXN]:
+                        for k, s in pairs[i:i + per_txn]:
                             pk = page_key(ns.id, key_bytes(k))
                             b = txn.get(pk, db=self._index.pages)
                             if b is not None:
                                 txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self._index.pages)
+                    self._last_txn_records = per_txn
         except (OSError, lmdb.Error) as e:  # e.g. a full map: a fault like any other, never the caller's exception
             self._fault(e, "scores")
             if isinstance(e, lmdb.MapFullError):
@@ -1001,6 +1008,7 @@ class DiskStore:
             emptied = info is not None and info.count == 0
             if emptied:
                 txn.delete(seg_key(seg), db=self._index.segs)
+        self._last_txn_records = n
         self._counts["evicted"] += n
         if not emptied:
             return False  # something still points into it (should not happen for a sealed segment): keep the file
@@ -1016,52 +1024,100 @@ class DiskStore:
         except FileNotFoundError:
             pass
 
-    def _index_fill(self) -> float:
-        """Share of the LMDB map its trees use. Cheap while the file never came near the map size (the usual case):
-        then only the file's high-water page number is looked at."""
-        env = self._index.env
-        info = env.info()
-        psize = env.stat()["psize"]
-        map_pages = max(1, info["map_size"] // psize)  # the map in force: LMDB keeps the largest any opener gave
-        if info["last_pgno"] + 1 < map_pages * _INDEX_HIGH:
-            return (info["last_pgno"] + 1) / map_pages
-        with self._index.read() as txn:
-            used = 2 + sum(st[k] for db in (None, self._index.meta, self._index.ns, self._index.pages, self._index.segs)
-                           for st in ((txn.stat(db) if db is not None else env.stat()),)
-                           for k in ("branch_pages", "leaf_pages", "overflow_pages"))
-        return used / map_pages
+    def _index_records(self, ns: Namespace, seg: int, recs: list, end: int, *, ttl: bool) -> int:
+        """Point the index at records just made durable in ``seg``, in as few commits as the map has room for (one,
+        but in a map far too small for the batch). Returns how many are indexed: fewer than all only when the map
+        has no room left even after eviction."""
+        done = 0
+        while done < len(recs):
+            touched = len(self._touched) if done == 0 else 0  # the first commit also writes pending access times
+            n = self._commit_size(len(recs) - done + touched) - touched
+            if n <= 0:
+                if touched:
+                    self._touched = {}  # access times are a hint: dropped rather than the pages
+                    continue
+                break
+            chunk = recs[done:done + n]
+            last = done + n == len(recs)
+            with self._index.write() as txn:
+                self._register_ns(txn, ns)
+                if ttl and not self._ttl_used:
+                    txn.put(b"ttl_used", b"1", db=self._index.meta)
+                    self._ttl_used = True
+                # a commit's end covers its own records; the tail past it is an orphan until the next commits
+                self._index.put_pages(txn, seg, chunk, end=end if last else chunk[-1][1].off + chunk[-1][1].length)
+                if touched:
+                    self._flush_touched(txn)
+            self._last_txn_records = n + touched
+            done += n
+        return done
 
-    def _keep_index_headroom(self) -> None:
-        """The index is a second capacity bound: above _INDEX_HIGH of the map, evict the lowest-value pages down to
-        _INDEX_LOW, while LMDB still has the free pages that deleting needs (a map that is full to the last page
-        cannot even commit a delete: every change copies its path of pages first)."""
+    def _commit_size(self, records: int, *, evict: bool = True) -> int:
+        """How many of ``records`` page records the next index commit may change: at most _COMMIT_SHARE of the map's
+        room, and what fits under _INDEX_HIGH after evicting the lowest-value pages (``evict``) -- 0 if not one."""
+        if evict:
+            self._keep_index_headroom(records)
+        shape = self._index.shape()
+        budget = max(COMMIT_FIXED_PAGES + 1, int(shape.map_pages * _COMMIT_SHARE))
+        n = records
+        while n > 1 and (shape.commit_pages(n) > budget or shape.fill(n, self._last_txn_records) > _INDEX_HIGH):
+            n = (n + 1) // 2
+        return n if records and shape.fill(n, self._last_txn_records) <= _INDEX_HIGH else 0
+
+    def _index_fill(self, records: int = 0) -> float:
+        """Share of the LMDB map its trees use plus the room the next commit (``records``) and the last need."""
+        return self._index.shape().fill(records, self._last_txn_records)
+
+    def _keep_index_headroom(self, records: int = 0) -> None:
+        """Above _INDEX_HIGH of the map, evict the lowest-value pages down to _INDEX_LOW, while LMDB still has the
+        free pages that deleting needs (a map full to the last page cannot even commit a delete: every change copies
+        its path of pages first). ``records``: page records the coming commit changes (at most its budget)."""
         try:
-            fill = self._index_fill()
+            shape = self._index.shape()
+            budget = max(COMMIT_FIXED_PAGES + 1, int(shape.map_pages * _COMMIT_SHARE))
+            while records > 1 and shape.commit_pages(records) > budget:
+                records = (records + 1) // 2
+            fill = shape.fill(records, self._last_txn_records)
             if fill > _INDEX_HIGH:
-                self._free_index_room(1.0 - _INDEX_LOW / fill, full=False)
+                # evicting shrinks the page tree and, with it, the room a commit may need to copy it
+                tree = shape.leaves + shape.branches
+                shrinks = tree + min(records, shape.leaves) + min(self._last_txn_records, shape.leaves)
+                share = min(1.0, (fill - _INDEX_LOW) * shape.map_pages / max(1, shrinks))
+                if share >= 1.0 and not self._warned_tiny_map:
+                    self._warned_tiny_map = True
+                    log.warning("kvdrive: the index map of store %s (map_size %d bytes) is too small to keep pages "
+                                "and still commit: it is emptied to make room each time; give the disk a larger "
+                                "map_size", self.path, self._index.env.info()["map_size"])
+                self._free_index_room(share, full=False)
         except (OSError, lmdb.Error) as e:  # called on the write path: a fault, never the writer's exception
             self._fault(e, "index eviction")
 
     def _free_index_room(self, share: float | None = None, *, full: bool = True) -> None:
         """Drop ``share`` of the pages (lowest value first; default 1 - low_watermark, as capacity eviction would),
         in small transactions: each frees pages the next can reuse, where one big delete would itself need more room
-        than a full map has. ``full``: the map filled up (a fault) rather than crossed the watermark. The map is not
-        grown instead: resizing is only safe while no transaction is open in the process, and readers run on
-        SGLang's threads."""
+        than a full map has; a transaction that does not fit is retried smaller (down to one page). ``full``: the
+        map filled up (a fault) rather than crossed the watermark. The map is not grown instead: resizing is only
+        safe while no transaction is open in the process, and readers run on SGLang's threads."""
         share = 1.0 - self.config.low_watermark if share is None else share
         with self._index.read() as txn:
             cands = [(r.score, r.atime_ms, bytes(k))
                      for k, v in txn.cursor(db=self._index.pages) for r in (Record.unpack(v),)]
-        victims = sorted(pk for _, _, pk in heapq.nsmallest(max(1, int(len(cands) * share)), cands))
-        n = 0
-        try:
-            # key order: neighbours share leaf pages, so each small transaction copies (needs) few new pages
-            for i in range(0, len(victims), 16):
+        victims = sorted(pk for _, _, pk in heapq.nsmallest(max(1, math.ceil(len(cands) * share)), cands))
+        n = i = 0
+        batch = 16  # halved when a commit does not fit
+        # key order: neighbours share leaf pages, so each small transaction copies (needs) few new pages
+        while i < len(victims):
+            try:
                 with self._index.write() as txn:
-                    done = sum(self._index.delete_page(txn, pk) is not None for pk in victims[i:i + 16])
-                n += done  # counted once committed
-        except lmdb.MapFullError:
-            pass  # as much as fitted; the next map-full fault frees more
+                    done = sum(self._index.delete_page(txn, pk) is not None for pk in victims[i:i + batch])
+            except lmdb.MapFullError:
+                if batch == 1:
+                    break  # as much as fitted; the next map-full fault frees more
+                batch //= 2
+                continue
+            n += done  # counted once committed
+            i += batch
+            self._last_txn_records = batch
         self._counts["evicted"] += n
         if full:
             log.warning("kvdrive: index of store %s is full (map_size %d bytes, %d pages): evicted the %d lowest-value "
@@ -1087,6 +1143,7 @@ class DiskStore:
                 if self._index.delete_page(txn, pk) is not None:
                     freed += length
                     n += 1
+        self._last_txn_records = n
         self._counts["evicted"] += n
 
     def _writer_alive(self, seg: int) -> bool:
@@ -1189,6 +1246,7 @@ class DiskStore:
                     continue  # deleted or rewritten meanwhile: the copy is dead bytes
                 moved.append((pk, moved_rec))
             self._index.put_pages(txn, seg, moved, end=end)  # also takes the old copies out of their segment
+        self._last_txn_records = len(moved)
         self._wend = end
         if end >= self.config.segment_bytes:
             self._seal_writer()

@@ -66,6 +66,34 @@ class SegInfo(NamedTuple):
         return cls._make(_SEG.unpack(b))
 
 
+# Pages a commit changes besides the page tree's own: the main tree (sub-tree roots), meta, ns and segs leaves, and
+# LMDB's free list. A sweep of batch sizes 1-64 through 128-512 KiB maps never failed a commit with 3; 6 for margin.
+COMMIT_FIXED_PAGES = 6
+
+
+class IndexShape(NamedTuple):
+    """The LMDB map against its trees, for sizing commits. LMDB copies every page a commit changes before freeing
+    the old ones, and the pages one commit freed cannot be reused by the next (a reader may still hold that
+    snapshot): beyond its trees a map needs room for two commits' copies, which in a tiny map is most of it."""
+    map_pages: int
+    used: int  # pages the trees use, LMDB's two meta pages included
+    depth: int  # of the page-record tree
+    leaves: int
+    branches: int
+    entries: int
+
+    def commit_pages(self, records: int) -> int:
+        """Pages a commit changing ``records`` page records may need: a copy of each leaf and branch it touches, the
+        new leaves the tree grows by, and the other trees' changed pages."""
+        per_leaf = max(8, self.entries // max(1, self.leaves))
+        return (min(records, self.leaves) + min(records * max(0, self.depth - 1), self.branches)
+                + -(-records // per_leaf) + COMMIT_FIXED_PAGES)
+
+    def fill(self, records: int, last: int) -> float:
+        """Share of the map the trees plus the next commit's (``records``) and the last one's (``last``) room take."""
+        return (self.used + self.commit_pages(records) + self.commit_pages(last)) / self.map_pages
+
+
 def page_key(ns_id: bytes, key: bytes) -> bytes:
     if len(key) <= _SHORT_KEY:
         return ns_id + b"\0" + key
@@ -137,6 +165,16 @@ class Index:
         # than keep working (or fail with lmdb's "closed/deleted/dropped object") after this one was closed
         if self.closed:
             raise StoreDirError(f"store {os.path.dirname(self.path)} is closed")
+
+    def shape(self) -> IndexShape:
+        info = self.env.info()
+        psize = self.env.stat()["psize"]
+        with self.read() as txn:
+            trees = [txn.stat(db) for db in (self.meta, self.ns, self.pages, self.segs)] + [self.env.stat()]
+        pages = trees[2]
+        return IndexShape(max(1, info["map_size"] // psize),  # the map in force: LMDB keeps the largest any opener gave
+                          2 + sum(st[k] for st in trees for k in ("branch_pages", "leaf_pages", "overflow_pages")),
+                          pages["depth"], pages["leaf_pages"], pages["branch_pages"], pages["entries"])
 
     # --- helpers used inside a caller's write transaction ---------------------------------------------------
     def alloc_segment(self, txn) -> int:

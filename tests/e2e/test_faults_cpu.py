@@ -41,6 +41,8 @@ if not _sglang_installed():
     pytest.skip("sglang is not installed: the e2e server tests need the [sglang] extra", allow_module_level=True)
 
 from kvdrive_sglang.flags import KvdriveOptions, canonical, flag_of
+from kvdrive_sglang.tier.store_dir import INDEX_DIR
+from tests.helpers import PinnedReader
 
 from .common import (MAX_NEW, PAGE, PROMPT_TOKENS, at_least, grep_log, kvdrive_cli, kvdrive_entries, metric_text,
                      server, stop, wait_for)
@@ -246,53 +248,96 @@ def test_storage_faults(tiny_model, all_prompts, reference, e2e_dir, ext_dir, tm
 
 
 # ------------------------------------------------------------------------------------------------ LMDB map full
+MAP_SIZE = 192 << 10  # the index of about five prompts' pages
+
+
+def settled(d: Driver, before: int, timeout: float = 15) -> int:
+    """The store's entry count once the write-down of the prompt just asked is over: changed from ``before`` (pages
+    stored, maybe others evicted) and then steady for a second."""
+    wait_for(lambda: d.entries() != before, timeout)
+    last = d.entries()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = d.entries()
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def test_lmdb_map_full(tiny_model, all_prompts, reference, e2e_dir, ext_dir):
-    """A map too small for the index fills for real; requests stay right, the fault is logged and counted, and the
-    store makes room (evicts its lowest-value pages) so that writes succeed again after retry_after_s."""
+    """1. A map too small for the index (192 KiB, about five prompts' pages) is not a fault: the store evicts its
+    lowest-value pages before a commit could fail (by the promoter's value: the prompt being written, never reused
+    yet, can be among them) and goes on storing and serving: the prompt after the eviction is served back from disk.
+    2. A map that fills for real: another process holds a read transaction open (a hung tool, a backup), so LMDB can
+    reuse no page freed since. Requests stay right, the fault is logged and counted; once the reader lets go the
+    tier stores and serves again by itself after retry_after_s."""
     store = e2e_dir / "mapfull_store"
-    args = kvdrive_flags(store, disk={"retry_after_s": RETRY_S, "map_size": 128 << 10}) + ["--enable-metrics"]
+    args = kvdrive_flags(store, disk={"retry_after_s": RETRY_S, "map_size": MAP_SIZE}) + ["--enable-metrics"]
     srv = server("mapfull", tiny_model, e2e_dir, ext_dir, args, max_total_tokens=1024).start()
     d = Driver(srv, store, reference["all_ids"], all_prompts)
+    reader = None
     try:
-        i, full_at = 0, None
-        while i < len(all_prompts) and full_at is None:
+        # 1. too small: keeps working
+        i, served, counts, evicting_from = 0, [], [], None
+        while i < 9 and (evicting_from is None or i <= evicting_from + 1):  # one more prompt once it evicts
             before = d.entries()
             d.ask(i)
-            # until this prompt's pages are indexed, or the map is full
-            wait_for(lambda: grep_log(srv, "after map_full during") or at_least(d.entries(), before + PAGES), 10)
-            if grep_log(srv, "after map_full during"):
+            counts.append(settled(d, before))
+            served.append(storage_tokens(d.from_storage(i)))
+            if evicting_from is None and grep_log(srv, "above 80% of its map"):
+                evicting_from = i
+            i += 1
+        evictions = grep_log(srv, "above 80% of its map")
+        record("lmdb_map_too_small", map_size=MAP_SIZE, prompts=i, entries_after_each=counts,
+               storage_tokens_each=served, eviction_line=evictions[0].split("kvdrive: ", 1)[-1][:200] if evictions
+               else None, faults=grep_log(srv, "after map_full during")[:1])
+        assert evictions, f"a {MAP_SIZE}-byte map never needed eviction in {i} prompts: entries {counts}"
+        # every prompt before the map filled, and the one after the eviction, came back from disk in full
+        assert all(t >= FULL_STORAGE for t in served[:evicting_from] + served[evicting_from + 1:]), (served, counts)
+        assert not grep_log(srv, "after map_full during"), "a map merely too small must not fault"
+
+        # 2. full for real while a reader pins an old snapshot
+        reader = PinnedReader(store / INDEX_DIR, MAP_SIZE)
+        full_at = None
+        while i < len(all_prompts) and full_at is None:
+            d.ask(i)
+            if wait_for(lambda: grep_log(srv, "after map_full during"), 10):
                 full_at = i
             i += 1
-        assert full_at is not None, f"the {128 << 10}-byte map never filled: {d.entries()} entries"
-        lines = grep_log(srv, "after map_full during") + grep_log(srv, "is full (map_size")
-        evicted = grep_log(srv, "is full (map_size")
-        t_full = time.monotonic()
+        assert full_at is not None, f"the map never filled with a reader pinned: {d.entries()} entries"
+        lines = grep_log(srv, "after map_full during")
+        reader.release()
+        t_free = time.monotonic()
         time.sleep(RETRY_S)
-        before = d.entries()
         recovered = None
         for j in range(i, len(all_prompts)):
+            before = d.entries()
             d.ask(j)
-            if wait_for(lambda: at_least(d.entries(), before + 1), 10):
-                # a map this small may fill again with the write that just landed, which turns the tier off for
-                # another retry_after_s: ask again after each such window rather than take one off-window as final
-                for _ in range(3):
-                    r = d.from_storage(j)
-                    if storage_tokens(r) > 0:
-                        recovered = round(time.monotonic() - t_full, 1)
-                        break
-                    time.sleep(RETRY_S)
+            settled(d, before)
+            # a write may land in another fault's off-window: ask again after each such window
+            for _ in range(3):
+                if storage_tokens(d.from_storage(j)) > 0:
+                    recovered = round(time.monotonic() - t_free, 1)
+                    break
+                time.sleep(RETRY_S)
             if recovered is not None:
                 break
         got = wait_for(lambda: int(sum(float(ln.rsplit(" ", 1)[1]) for ln in metric_text(srv).splitlines()
                                        if ln.startswith("kvdrive:disk_faults_total{") and 'kind="map_full"' in ln)),
                        30)
-        record("lmdb_map_full", injected="map_size 128 KiB (fills for real)", answers=d.answers, right=d.right,
-               full_after_prompts=full_at + 1, log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
-               eviction_line=evicted[0].split("kvdrive: ", 1)[-1][:200] if evicted else None,
+        full_lines = grep_log(srv, "is full (map_size")
+        record("lmdb_map_full", injected="a read transaction held open by another process (192 KiB map)",
+               answers=d.answers, right=d.right, full_after_prompts=full_at + 1 - len(served),
+               log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
+               eviction_line=full_lines[0].split("kvdrive: ", 1)[-1][:200] if full_lines else None,
                metric_map_full=got, recovered=recovered is not None, recovered_after_s=recovered)
         assert got and got >= 1, "kvdrive:disk_faults_total{kind='map_full'} missing"
-        assert recovered is not None, "the disk tier never stored and served a page again after the map filled"
+        assert recovered is not None, "the disk tier never stored and served a page again after the reader let go"
     finally:
+        if reader is not None:
+            reader.release()
         stop(srv, "mapfull")
     kvdrive_cli("verify", str(store))
 

@@ -12,7 +12,8 @@ import pytest
 
 from kvdrive_sglang.tier.codecs import encode_page
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
-from tests.helpers import small_page
+from kvdrive_sglang.tier.store_dir import INDEX_DIR
+from tests.helpers import PinnedReader, small_page
 
 
 def blobs(ns, seeds):
@@ -23,25 +24,64 @@ def keys(batch, n=24):
     return [f"b{batch}-p{j}-" + "h" * 56 for j in range(n)]  # SGLang-like 64-character page hashes
 
 
-def test_full_map_is_a_fault_then_room_is_made_and_writes_resume(tmp_path, ns, caplog):
-    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=128 << 10, retry_after_s=0.2)) as st:
+@pytest.fixture
+def pinned_reader():
+    readers = []
+
+    def pin(st):
+        readers.append(PinnedReader(os.path.join(st.path, INDEX_DIR), st.config.map_size))
+        return readers[-1]
+    yield pin
+    for r in readers:
+        r.release()
+
+
+def fill_until_refused(st, ns, first=1):
+    for b in range(first, first + 150):
+        if not all(st.put_many(ns, keys(b), blobs(ns, range(24)))):
+            return b
+    raise AssertionError(f"a {st.config.map_size}-byte map never filled: {st.stats()}")
+
+
+def test_full_map_is_a_fault_then_room_is_made_and_writes_resume(tmp_path, ns, caplog, pinned_reader):
+    """A map filled for real (a reader pinned in another process): one map_full fault, nothing else, with its log
+    line; the store evicts what it can. Once the reader lets go the fault clears and writes resume by themselves
+    after retry_after_s, and read back."""
+    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=256 << 10, retry_after_s=0.2)) as st:
+        assert all(st.put_many(ns, keys(0), blobs(ns, range(24))))
+        reader = pinned_reader(st)
         with caplog.at_level(logging.WARNING, logger="kvdrive.tier"):
-            full_at = None
-            for b in range(150):
-                if not all(st.put_many(ns, keys(b), blobs(ns, range(24)))):
-                    full_at = b
-                    break
-        assert full_at is not None, "a 128 KiB map never filled"
+            fill_until_refused(st, ns)
         # only the full map, nothing else: a failed segment allocation used to leave its file flock'ed, so every
         # later allocation of that id failed with EAGAIN (counted as io_error) for the life of the process
         assert st.stats().faults == {"map_full": 1}, st.stats().faults
-        assert st.stats().evicted > 0
         assert [r.message for r in caplog.records if "is full (map_size" in r.message]
+        reader.release()
         time.sleep(0.25)
         assert all(st.put_many(ns, keys(1000), blobs(ns, range(24)))), st.stats().faults  # came back by itself
+        assert st.stats().faults == {"map_full": 1}, st.stats().faults
         outs = [np.empty_like(small_page(0, ns)) for _ in range(24)]
         assert st.get_many(ns, keys(1000), outs) == [True] * 24
         np.testing.assert_array_equal(outs[5], small_page(5, ns))
+
+
+def test_a_map_too_small_for_the_index_keeps_working(tmp_path, ns, caplog):
+    """A 128 KiB map holds about two batches' index. Not a fault: the lowest-value pages are evicted before a commit
+    could fail, with score updates between the writes as the server's reporter makes them, and the log says so. Every write succeeds and the newest pages read back. (Before: the trees used 2/3 of the map and
+    the pages the last commit had freed -- not reusable until the next one commits -- the rest; no commit fitted,
+    not even a delete, and the tier stayed off for good.)"""
+    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=128 << 10, retry_after_s=60)) as st:
+        with caplog.at_level(logging.INFO, logger="kvdrive.tier"):
+            for b in range(60):
+                assert all(st.put_many(ns, keys(b), blobs(ns, range(24)))), (b, st.stats().faults)
+                recent = [k for i in range(max(0, b - 2), b + 1) for k in keys(i)]
+                st.set_scores(ns, recent, [float(24 * b + i) for i in range(len(recent))])  # the newest worth most
+                assert st.stats().faults == {}, (b, st.stats().faults)
+        assert st.stats().evicted > 0
+        assert [r.message for r in caplog.records if "above 80% of its map" in r.message]
+        outs = [np.empty_like(small_page(0, ns)) for _ in range(24)]
+        assert st.get_many(ns, keys(59), outs) == [True] * 24
+        np.testing.assert_array_equal(outs[9], small_page(9, ns))
 
 
 def test_failed_segment_allocation_leaves_no_lock_behind(tmp_path, ns, monkeypatch):
@@ -97,15 +137,12 @@ def test_read_fault_stops_the_batch(tmp_path, ns):
         assert st.stats().faults == {"eio": 1}
 
 
-def test_scores_on_a_full_map_are_a_fault_not_an_exception(tmp_path, ns, monkeypatch):
+def test_scores_on_a_full_map_are_a_fault_not_an_exception(tmp_path, ns, pinned_reader):
     """The server's reporter hands scores to the store every tick: a full map there used to raise out of every tick
     (no stats, no metrics, a traceback in the log each time) instead of counting as the tier's fault."""
-    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=128 << 10, retry_after_s=0.05)) as st:
-        monkeypatch.setattr(st, "_free_index_room", lambda: None)  # the map stays full
-        b = 0
-        while all(st.put_many(ns, keys(b), blobs(ns, range(24)))):
-            b += 1
-            assert b < 100, "a 128 KiB map never filled"
+    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=256 << 10, retry_after_s=0.05)) as st:
+        pinned_reader(st)  # the map fills for real and stays full
+        b = fill_until_refused(st, ns, first=0)
         time.sleep(0.06)
         before = st.stats().faults["map_full"]
         st.set_scores(ns, [k for i in range(b) for k in keys(i)], [float(i) for i in range(24 * b)])
@@ -165,24 +202,55 @@ def test_index_is_kept_below_its_map(tmp_path, ns):
         np.testing.assert_array_equal(outs[7], small_page(7, ns))
 
 
-@pytest.mark.parametrize("per_txn", [None, 1 << 30])
-def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns, monkeypatch, per_txn):
-    """A report tick rescores every page observed since the last one. In one transaction a few thousand scattered
-    updates copy every index leaf at once, more free pages than a map just under its high mark has: the e2e map-full
-    server saw "map_full during scores" with nothing left to evict. Small transactions fit (per_txn=None, the
-    store's own); one big one does not (the control)."""
-    from kvdrive_sglang.tier import disk_store
+def test_a_batch_too_big_for_the_map_is_indexed_in_parts(tmp_path, ns, caplog):
+    """200 pages at once into a 128 KiB map: one commit would need more room than the map has. They go in commits the
+    map has room for, evicting older pages between them -- no fault -- and put_many's answer is what really stayed
+    (each True reads back, each False is a miss); the log says the map is too small. In a map of ordinary size the
+    same batch is one commit (the control)."""
+    batch = blobs(ns, range(200))
+    with DiskStore(DiskStoreConfig(path=str(tmp_path / "tiny"), map_size=128 << 10, retry_after_s=60)) as st:
+        with caplog.at_level(logging.WARNING, logger="kvdrive.tier"):
+            for b in range(3):
+                got = st.put_many(ns, keys(b, 200), batch)
+                assert st.stats().faults == {}, st.stats().faults
+                outs = [np.empty_like(small_page(0, ns)) for _ in range(200)]
+                assert st.get_many(ns, keys(b, 200), outs) == got
+                assert 0 < sum(got) < 200 and st._last_txn_records < 200, (sum(got), st._last_txn_records)
+        assert [r for r in caplog.records if "is too small to keep pages" in r.message]
+    with DiskStore(DiskStoreConfig(path=str(tmp_path / "ordinary"), map_size=64 << 20)) as st:
+        assert all(st.put_many(ns, keys(0, 200), batch)) and st._last_txn_records == 200
 
-    if per_txn is not None:
-        monkeypatch.setattr(disk_store, "_SCORES_PER_TXN", per_txn)
-    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=512 << 10, retry_after_s=60)) as st:
-        b = 0
-        while st._index_fill() < 0.75:
-            assert all(st.put_many(ns, keys(b), blobs(ns, range(24)))), st.stats().faults
+
+def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns):
+    """A report tick rescores every page observed since the last one. In one transaction a few thousand scattered
+    updates copy every index leaf at once: room for a copy of the whole tree, which a map just under its high mark
+    does not have (the e2e map-full server saw "map_full during scores" with nothing left to evict). In the store's
+    small transactions they fit: every score recorded, nothing evicted, no fault. On a map past its high mark they
+    go in smaller transactions still, or are dropped: a hint never evicts a page nor faults the tier."""
+    from kvdrive_sglang.tier.disk_store import _SCORES_PER_TXN
+    from kvdrive_sglang.tier.index import Record, page_key
+    from kvdrive_sglang.tier.namespace import key_bytes
+
+    def scores(st, ks):
+        with st._index.read() as txn:
+            return [Record.unpack(txn.get(page_key(ns.id, key_bytes(k)), db=st._index.pages)).score for k in ks]
+
+    # a tree of many more leaves than one small transaction touches: 2 MiB holds ~300 leaves (~10k pages)
+    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=2 << 20, retry_after_s=60)) as st:
+        b, batch = 0, blobs(ns, range(24))
+        while st._index_fill(_SCORES_PER_TXN) < 0.75:
+            assert all(st.put_many(ns, keys(b), batch)), st.stats().faults
             b += 1
+            assert b < 1000 and st.stats().evicted == 0, (b, st.stats())
         every = [k for i in range(b) for k in keys(i)]
+        assert st._index_fill(len(every)) > 0.8, "one transaction for them all would not fit (the control)"
         st.set_scores(ns, every, [float(i + 1) for i in range(len(every))])
-        if per_txn is None:
-            assert st.stats().faults == {}, st.stats().faults
-        else:
-            assert st.stats().faults.get("map_full") == 1
+        assert st.stats().faults == {} and st.stats().evicted == 0, st.stats()
+        assert scores(st, every) == [float(i + 1) for i in range(len(every))]
+        # past the high mark (as another process's writes could leave it): no eviction, no fault
+        while st._index_fill(_SCORES_PER_TXN) <= 0.8:
+            with st._index.write() as txn:  # filler in the meta tree, which the store does not evict
+                txn.put(b"filler-%d" % b, bytes(2000), db=st._index.meta)
+            b += 1
+        st.set_scores(ns, every, [-1.0] * len(every))
+        assert st.stats().faults == {} and st.stats().evicted == 0, st.stats()
