@@ -1,6 +1,6 @@
 """End to end: real SGLang 0.5.17 servers serving the same workload in each cache configuration, side by side.
 
-    python bench/e2e_bench.py                     # --preset demo: tiny model, radix-only vs kvdrive (+ restart), ~1 min
+    python bench/e2e_bench.py                     # --preset demo: tiny model, radix-only vs kvdrive (+ restart), ~100 s
     python bench/e2e_bench.py --preset cpu        # prefill-heavy CPU model, radix / HiCache+file / kvdrive (+ restarts)
     python bench/e2e_bench.py --preset gpu        # on a GPU machine: ~0.7B random Llama, long documents and sessions
 
@@ -77,10 +77,10 @@ class Preset:
 
 PRESETS = {
     # README's main command: a small model whose prefill costs more than moving its KV (3 layers, hidden 768,
-    # 2 KV heads: 1.5 KiB of KV per token); the whole run (two servers and a restart) takes about two minutes
+    # 2 KV heads: 1.5 KiB of KV per token); the whole run (two servers and a restart) takes ~100 s on 2 cores
     "demo": Preset(model=dict(num_layers=3, hidden=768, heads=12, kv_heads=2, intermediate=2048),
                    configs=("radix", "kvdrive"), max_total_tokens=768, docs=4, doc_tokens=(320, 512),
-                   doc_requests=10, rate=0.7),
+                   doc_requests=10, rate=1.5),
     # CPU, prefill-heavy: hidden 1024, 4 layers, 2 KV heads (2 KiB of KV per token) so that prefill dominates
     "cpu": Preset(model=dict(num_layers=4, hidden=1024, heads=16, kv_heads=2, intermediate=2816),
                   configs=CONFIGS, max_total_tokens=2048, docs=8, doc_tokens=(768, 1536), doc_requests=24,
