@@ -39,8 +39,7 @@ from .crypto import OVERHEAD, KeyRing, SealError, is_envelope
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import ALIGN, Staging, direct_append, open_direct, select_io
-from .index import (_SHORT_KEY, COMMIT_FIXED_PAGES, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key,
-                    seg_key)
+from .index import _SHORT_KEY, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key, seg_key
 from .namespace import Namespace, key_bytes
 from .store_dir import FILE_MODE, INDEX_DIR, SEGMENT_DIR, GC_LOCK_FILE, StoreLock, check_store_dir
 
@@ -1058,9 +1057,8 @@ class DiskStore:
         if evict:
             self._keep_index_headroom(records)
         shape = self._index.shape()
-        budget = max(COMMIT_FIXED_PAGES + 1, int(shape.map_pages * _COMMIT_SHARE))
-        n = records
-        while n > 1 and (shape.commit_pages(n) > budget or shape.fill(n, self._last_txn_records) > _INDEX_HIGH):
+        n = shape.commit_cap(records, _COMMIT_SHARE)
+        while n > 1 and shape.fill(n, self._last_txn_records) > _INDEX_HIGH:
             n = (n + 1) // 2
         return n if records and shape.fill(n, self._last_txn_records) <= _INDEX_HIGH else 0
 
@@ -1074,9 +1072,7 @@ class DiskStore:
         its path of pages first). ``records``: page records the coming commit changes (at most its budget)."""
         try:
             shape = self._index.shape()
-            budget = max(COMMIT_FIXED_PAGES + 1, int(shape.map_pages * _COMMIT_SHARE))
-            while records > 1 and shape.commit_pages(records) > budget:
-                records = (records + 1) // 2
+            records = shape.commit_cap(records, _COMMIT_SHARE)
             fill = shape.fill(records, self._last_txn_records)
             if fill > _INDEX_HIGH:
                 # evicting shrinks the page tree and, with it, the room a commit may need to copy it

@@ -89,6 +89,13 @@ class IndexShape(NamedTuple):
         return (min(records, self.leaves) + min(records * max(0, self.depth - 1), self.branches)
                 + -(-records // per_leaf) + COMMIT_FIXED_PAGES)
 
+    def commit_cap(self, records: int, share: float) -> int:
+        """The most of ``records`` one commit may change with its room within ``share`` of the map (halving)."""
+        budget = max(COMMIT_FIXED_PAGES + 1, int(self.map_pages * share))
+        while records > 1 and self.commit_pages(records) > budget:
+            records = (records + 1) // 2
+        return records
+
     def fill(self, records: int, last: int) -> float:
         """Share of the map the trees plus the next commit's (``records``) and the last one's (``last``) room take."""
         return (self.used + self.commit_pages(records) + self.commit_pages(last)) / self.map_pages
