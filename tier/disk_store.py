@@ -174,6 +174,7 @@ class DiskStore:
             self._lock.release()
             raise StoreDirError(f"cannot open the index of store {self.path}: {e}") from None
         self._seg_dir = os.path.join(self.path, SEGMENT_DIR)
+        self._clear_stale_readers()
         self._io = select_io(config.io)
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="kvdrive-fsync")
         self._write_lock = threading.RLock()  # one writer segment per process; index writes serialise in LMDB
@@ -520,6 +521,7 @@ class DiskStore:
         if not self._available():
             return
         try:
+            self._clear_stale_readers()
             with self._write_lock:
                 self.expire()
                 self._make_room(0)
@@ -652,6 +654,7 @@ class DiskStore:
         if self._disabled_until and time.monotonic() >= self._disabled_until:
             self._disabled_until = 0.0
             log.warning("kvdrive: disk tier at %s back on after a fault; retrying", self.path)
+            self._clear_stale_readers()  # a map filled by a dead process's reader comes back with it
         return not self._disabled_until
 
     def _fault(self, e: BaseException, during: str) -> None:
@@ -1088,6 +1091,16 @@ class DiskStore:
         except (OSError, lmdb.Error) as e:  # called on the write path: a fault, never the writer's exception
             self._fault(e, "index eviction")
 
+    def _clear_stale_readers(self) -> None:
+        try:
+            n = self._index.clear_stale_readers()
+        except lmdb.Error as e:
+            log.warning("kvdrive: could not check the index readers of store %s: %s", self.path, e)
+            return
+        if n:
+            log.warning("kvdrive: cleared %d reader slot(s) of store %s left by dead processes (their old snapshot "
+                        "kept every index page freed since from reuse: the map would fill for good)", n, self.path)
+
     def _free_index_room(self, share: float | None = None, *, full: bool = True) -> None:
         """Drop ``share`` of the pages (lowest value first; default 1 - low_watermark, as capacity eviction would),
         in small transactions: each frees pages the next can reuse, where one big delete would itself need more room
@@ -1095,6 +1108,8 @@ class DiskStore:
         map filled up (a fault) rather than crossed the watermark. The map is not grown instead: resizing is only
         safe while no transaction is open in the process, and readers run on SGLang's threads."""
         share = 1.0 - self.config.low_watermark if share is None else share
+        if full:
+            self._clear_stale_readers()
         with self._index.read() as txn:
             cands = [(r.score, r.atime_ms, bytes(k))
                      for k, v in txn.cursor(db=self._index.pages) for r in (Record.unpack(v),)]

@@ -173,6 +173,12 @@ class Index:
         if self.closed:
             raise StoreDirError(f"store {os.path.dirname(self.path)} is closed")
 
+    def clear_stale_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction (kill -9 of a server or a tool):
+        LMDB keeps their old snapshot alive, so no page freed since can be reused and the map fills for good.
+        Returns how many were cleared."""
+        return self.env.reader_check()
+
     def shape(self) -> IndexShape:
         info = self.env.info()
         psize = self.env.stat()["psize"]

@@ -65,6 +65,29 @@ def test_full_map_is_a_fault_then_room_is_made_and_writes_resume(tmp_path, ns, c
         np.testing.assert_array_equal(outs[5], small_page(5, ns))
 
 
+def test_a_reader_killed_inside_its_transaction_does_not_wedge_the_store(tmp_path, ns, caplog, pinned_reader):
+    """kill -9 of a process inside a read transaction (a server, a tool) leaves its LMDB reader slot behind, and its
+    old snapshot keeps every page freed since from reuse: the map filled and stayed full for good (seen: 33 faults in
+    33 tries). The store clears dead readers when it comes back on after a fault (and on open and in maintain), so
+    writes resume by themselves."""
+    with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=256 << 10, retry_after_s=0.05)) as st:
+        assert all(st.put_many(ns, keys(0), blobs(ns, range(24))))
+        reader = pinned_reader(st)
+        reader.proc.kill()  # SIGKILL while its read transaction is open
+        reader.proc.wait()
+        with caplog.at_level(logging.WARNING, logger="kvdrive.tier"):
+            full_at = fill_until_refused(st, ns)
+            for b in range(full_at + 1, full_at + 20):
+                time.sleep(0.06)  # past retry_after_s: the tier comes back on, and clears the dead reader
+                if all(st.put_many(ns, keys(b), blobs(ns, range(24)))):
+                    break
+            else:
+                raise AssertionError(f"writes never resumed: {st.stats().faults}")
+        assert [r for r in caplog.records if "left by dead processes" in r.message]
+        outs = [np.empty_like(small_page(0, ns)) for _ in range(24)]
+        assert st.get_many(ns, keys(b), outs) == [True] * 24
+
+
 def test_a_map_too_small_for_the_index_keeps_working(tmp_path, ns, caplog):
     """A 128 KiB map holds about two batches' index. Not a fault: the lowest-value pages are evicted before a commit
     could fail, with score updates between the writes as the server's reporter makes them, and the log says so. Every write succeeds and the newest pages read back. (Before: the trees used 2/3 of the map and
