@@ -524,6 +524,7 @@ class DiskStore:
             self._clear_stale_readers()
             with self._write_lock:
                 self.expire()
+                self._keep_index_headroom()  # writes keep it per commit (_commit_size); this catches other writers
                 self._make_room(0)
                 self.compact()
             self._close_stale_fds()
@@ -969,7 +970,6 @@ class DiskStore:
         cap = self.config.capacity_bytes
         if incoming > cap // 4:
             return False
-        self._keep_index_headroom()
         used, live, _ = self._usage()
         if used + incoming <= cap * self.config.high_watermark:
             return True
