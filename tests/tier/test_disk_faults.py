@@ -90,9 +90,10 @@ def test_a_reader_killed_inside_its_transaction_does_not_wedge_the_store(tmp_pat
 
 def test_a_map_too_small_for_the_index_keeps_working(tmp_path, ns, caplog):
     """A 128 KiB map holds about two batches' index. Not a fault: the lowest-value pages are evicted before a commit
-    could fail, with score updates between the writes as the server's reporter makes them, and the log says so. Every write succeeds and the newest pages read back. (Before: the trees used 2/3 of the map and
-    the pages the last commit had freed -- not reusable until the next one commits -- the rest; no commit fitted,
-    not even a delete, and the tier stayed off for good.)"""
+    could fail, with score updates between the writes as the server's reporter makes them, and the log says so.
+    Every write succeeds and the newest pages read back. (Before: the trees used 2/3 of the map and the pages the
+    last commit had freed -- not reusable until the next one commits -- the rest; no commit fitted, not even a
+    delete, and the tier stayed off for good.)"""
     with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=128 << 10, retry_after_s=60)) as st:
         with caplog.at_level(logging.INFO, logger="kvdrive.tier"):
             for b in range(60):
