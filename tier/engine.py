@@ -120,7 +120,10 @@ class TierEngine:
         self.codec = get_codec(config.codec)
         self.tenants = Tenants(config.tenants)
         # With encryption at rest, a tenant's pages are cached (in any tier) only while its key is held.
-        self.keyring = KeyRing(config.encrypt) if config.encrypt is not None else None
+        try:
+            self.keyring = KeyRing(config.encrypt) if config.encrypt is not None else None
+        except ConfigError as e:  # say which setting the key file came from (fuzzing found "key file ./0: ...")
+            raise ConfigError(f"tier encrypt: {e}") from None
         self._warned_unkeyed: set[str] = set()
         self.disk: DiskStore | None = None
         if config.path is not None:

@@ -73,6 +73,7 @@ DISK_FIELDS = [f.name for f in dataclasses.fields(DiskStoreConfig) if f.name != 
 @example(fields={"default_ttl_s": float("nan")}, disk=None)
 @example(fields={"host_bytes": 1}, disk={"bogus": 1})
 @example(fields={"host_bytes": 1}, disk={"retry_after_s": float("inf")})
+@example(fields={"encrypt": "0"}, disk=None)  # "key file ./0: No such file" did not say it came from encrypt
 def test_tier_config_values(fields, disk):
     CASES["tier_config"] += 1
     if disk is not None:
