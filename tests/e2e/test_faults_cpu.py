@@ -293,7 +293,7 @@ def test_lmdb_map_full(tiny_model, all_prompts, reference, e2e_dir, ext_dir):
         record("lmdb_map_too_small", map_size=MAP_SIZE, prompts=i, entries_after_each=counts,
                storage_tokens_each=served, eviction_line=evictions[0].split("kvdrive: ", 1)[-1][:200] if evictions
                else None, faults=grep_log(srv, "after map_full during")[:1])
-        assert evictions, f"a {MAP_SIZE}-byte map never needed eviction in {i} prompts: entries {counts}"
+        assert evicting_from is not None, f"a {MAP_SIZE}-byte map never needed eviction in {i} prompts: {counts}"
         # every prompt before the map filled, and the one after the eviction, came back from disk in full
         assert all(t >= FULL_STORAGE for t in served[:evicting_from] + served[evicting_from + 1:]), (served, counts)
         assert not grep_log(srv, "after map_full during"), "a map merely too small must not fault"
