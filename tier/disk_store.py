@@ -39,7 +39,8 @@ from .crypto import OVERHEAD, KeyRing, SealError, is_envelope
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import ALIGN, Staging, direct_append, open_direct, select_io
-from .index import _SHORT_KEY, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, Record, SegInfo, page_key, seg_key
+from .index import (_SHORT_KEY, EXPIRES_AT, SEG_OPEN, SEG_SEALED, Index, IndexShape, Record, SegInfo, page_key,
+                    seg_key)
 from .namespace import Namespace, key_bytes
 from .store_dir import FILE_MODE, INDEX_DIR, SEGMENT_DIR, GC_LOCK_FILE, StoreLock, check_store_dir
 
@@ -1057,9 +1058,7 @@ class DiskStore:
     def _commit_size(self, records: int, *, evict: bool = True) -> int:
         """How many of ``records`` page records the next index commit may change: at most _COMMIT_SHARE of the map's
         room, and what fits under _INDEX_HIGH after evicting the lowest-value pages (``evict``) -- 0 if not one."""
-        if evict:
-            self._keep_index_headroom(records)
-        shape = self._index.shape()
+        shape = (self._keep_index_headroom(records) if evict else None) or self._index.shape()
         n = shape.commit_cap(records, _COMMIT_SHARE)
         while n > 1 and shape.fill(n, self._last_txn_records) > _INDEX_HIGH:
             n = (n + 1) // 2
@@ -1069,10 +1068,11 @@ class DiskStore:
         """Share of the LMDB map its trees use plus the room the next commit (``records``) and the last need."""
         return self._index.shape().fill(records, self._last_txn_records)
 
-    def _keep_index_headroom(self, records: int = 0) -> None:
+    def _keep_index_headroom(self, records: int = 0) -> IndexShape | None:
         """Above _INDEX_HIGH of the map, evict the lowest-value pages down to _INDEX_LOW, while LMDB still has the
         free pages that deleting needs (a map full to the last page cannot even commit a delete: every change copies
-        its path of pages first). ``records``: page records the coming commit changes (at most its budget)."""
+        its path of pages first). ``records``: page records the coming commit changes (at most its budget). Returns
+        the index's shape as it now is (None after a fault)."""
         try:
             shape = self._index.shape()
             records = shape.commit_cap(records, _COMMIT_SHARE)
@@ -1088,8 +1088,11 @@ class DiskStore:
                                 "and still commit: it is emptied to make room each time; give the disk a larger "
                                 "map_size", self.path, self._index.env.info()["map_size"])
                 self._free_index_room(share, full=False)
+                shape = self._index.shape()
+            return shape
         except (OSError, lmdb.Error) as e:  # called on the write path: a fault, never the writer's exception
             self._fault(e, "index eviction")
+            return None
 
     def _clear_stale_readers(self) -> None:
         try:
