@@ -1,9 +1,12 @@
-"""Torch fallbacks that let SGLang 0.5.17's HiCache run on a CPU-only server (no CUDA, no sgl_kernel ops).
+"""Torch fallbacks that let SGLang's HiCache run on a CPU-only server (no CUDA, no sgl_kernel ops).
 
 Installed by the plugin in every SGLang process, and only when no CUDA/ROCm device is present:
 - host KV pools without pinned memory (pinning needs a CUDA driver);
 - ``transfer_kv_direct`` (host<->device page copies; sgl_kernel's is imported only on CUDA/HIP) as indexed torch copies;
-- the paged allocator's two Triton kernels (``--page-size`` > 1) as torch code.
+- the paged allocator's two Triton kernels (``--page-size`` > 1) as torch code, on SGLang versions without their own
+  CPU path (up to 0.5.20).
+These assign into SGLang's modules (they are the only places kvdrive does), only on machines where SGLang's own
+code would fail.
 On a GPU none of this is touched: SGLang's own kernels run.
 """
 from __future__ import annotations
@@ -91,8 +94,11 @@ def install() -> bool:
                 continue
 
             cls.__init__ = _unpinned(orig)
-    paged.alloc_extend_kernel = _Grid(alloc_extend_torch)
-    paged.alloc_decode_kernel = _Grid(alloc_decode_torch)
+    if "use_triton_kernels" not in paged.PagedTokenToKVPoolAllocator.__init__.__code__.co_names:
+        # SGLang up to 0.5.20 launches the paged allocator's Triton kernels on every device; later ones fall back to
+        # their own torch code where Triton is unsupported (use_triton_kernels), and are left alone
+        paged.alloc_extend_kernel = _Grid(alloc_extend_torch)
+        paged.alloc_decode_kernel = _Grid(alloc_decode_torch)
     _installed = True
     log.info("kvdrive: no GPU found; CPU fallbacks for HiCache host pools and page copies installed")
     return True

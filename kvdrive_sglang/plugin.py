@@ -15,6 +15,14 @@ def register() -> None:
     """Each step on its own: one failing (logged with its traceback) does not take the others down."""
     import importlib
 
+    from .compat import check_supported
+    from .tier.errors import ConfigError
+
+    try:
+        version = check_supported()
+    except ConfigError as e:
+        log.error("%s", e)  # one line; SGLang then runs without any part of kvdrive
+        return
     done = []
     for module, step in (("cpu_fallbacks", "install"), ("flags", "install"), ("radix_backend", "register"),
                          ("attention_capture", "install"), ("cost_meter", "install")):
@@ -23,4 +31,4 @@ def register() -> None:
             done.append(module)
         except Exception:  # noqa: BLE001 - SGLang would swallow it silently; say which part is missing
             log.exception("kvdrive: plugin step %s.%s failed", module, step)
-    log.info("kvdrive: plugin registered: %s", ", ".join(done) or "nothing")
+    log.info("kvdrive: plugin registered on SGLang %s: %s", version, ", ".join(done) or "nothing")

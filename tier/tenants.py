@@ -123,6 +123,16 @@ class Tenants:
             return hashlib.sha256(_GROUP_PRIOR_DOMAIN + _raw(group)).hexdigest() + group_id(group)
         return hashlib.sha256(_SALT_PRIOR_DOMAIN + _raw(salt)).hexdigest() + tenant_id(salt)
 
+    def tagged_seed(self, salt, seed: str) -> str | None:
+        """Where a salted request's page-key chain starts on an SGLang that salts storage keys itself: its own
+        64-hex ``seed`` for the request's namespace, followed by the tenant id; for a member of a share_as group the
+        group's root prior instead (its members share pages, so they share a chain start). None when unsalted."""
+        if salt is None or salt == "" or salt == b"":
+            return None
+        if self.group_of(salt) is not None:
+            return self.root_prior(salt)
+        return seed + tenant_id(salt)
+
     def ttl_s(self, tid: str, default: float | None = None) -> float | None:
         """TTL of the pages of tenant ``tid`` (its own, else ``default``)."""
         return self._ttl.get(tid, default)
