@@ -13,6 +13,8 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E40
 
 from kvdrive_sglang import cpu_fallbacks  # noqa: E402
 
+from .backend_case import _host_extra, _host_source  # noqa: E402 - the host pool's constructor differs by version
+
 
 def device_pool(page=4, size=64):
     return MHATokenToKVPool(size=size, page_size=page, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=3,
@@ -22,7 +24,9 @@ def device_pool(page=4, size=64):
 def test_install_is_idempotent_and_host_pools_come_unpinned():
     assert cpu_fallbacks.install() is True and cpu_fallbacks.install() is True
     # pin_memory=True passed positionally, as SGLang's builders may: still constructs on a CPU-only machine
-    host = MHATokenToKVPoolHost(device_pool(), 2.0, 0, 4, "layer_first", True, "cpu")
+    kv = device_pool()
+    host = MHATokenToKVPoolHost(*_host_source(MHATokenToKVPoolHost, kv), 2.0, 0, 4, "layer_first", True, "cpu",
+                                **_host_extra(MHATokenToKVPoolHost, kv))
     assert host.pin_memory is False and not host.kv_buffer.is_pinned()
 
 
@@ -30,7 +34,8 @@ def test_install_is_idempotent_and_host_pools_come_unpinned():
 def test_device_to_host_and_back_through_the_direct_io_backend(layout):
     cpu_fallbacks.install()
     kv = device_pool()
-    host = MHATokenToKVPoolHost(kv, 2.0, 0, 4, layout, pin_memory=False, device="cpu")
+    host = MHATokenToKVPoolHost(*_host_source(MHATokenToKVPoolHost, kv), 2.0, 0, 4, layout, pin_memory=False,
+                                device="cpu", **_host_extra(MHATokenToKVPoolHost, kv))
     dev_idx = torch.arange(8, 16)
     for layer in range(kv.layer_num):
         kv.k_buffer[layer][dev_idx] = torch.randn(8, 2, 8).to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""The kvdrive radix-cache backend on real SGLang 0.5.17 objects, on CPU.
+"""The kvdrive radix-cache backend on SGLang's HiRadixCache generation (0.5.17 - 0.5.20), on real objects, on CPU.
 
 Caches are built through SGLang's radix-cache registry from real CPU pools (ReqToTokenPool, MHATokenToKVPool,
 TokenToKVPoolAllocator) with hierarchical cache on; requests are real ``Req`` objects driven through the cache the way
@@ -17,10 +17,15 @@ from array import array
 import pytest
 
 pytest.importorskip("sglang")
+pytest.importorskip("sglang.srt.mem_cache.hiradix_cache",
+                    reason="HiRadixCache is gone from SGLang 0.5.21 on: tests/sglang/test_unified_cache.py covers that "
+                           "generation")
 
 import torch  # noqa: E402
 
 from kvdrive_sglang import cpu_fallbacks, radix_backend  # noqa: E402
+from kvdrive_sglang.compat import hiradix  # noqa: E402
+from kvdrive_sglang.tier.tenants import Tenants  # noqa: E402
 
 cpu_fallbacks.install()  # unpinned host pools and torch page copies on a machine without a GPU
 
@@ -251,14 +256,14 @@ def test_register_is_idempotent():
     radix_backend.register()
     radix_backend.register()
     assert "kvdrive" in registry.registered_radix_cache_backends()
-    assert registry.get_radix_cache_factory("kvdrive") is radix_backend.build_tree_cache
+    assert registry.get_radix_cache_factory("kvdrive") is hiradix.build_tree_cache
 
 
 def test_factory_builds_kvdrive_hiradix():
     worker = _Worker()
     cache = registry.get_radix_cache_factory("kvdrive")(_ctx(worker=worker))
     try:
-        assert isinstance(cache, radix_backend.KvdriveRadixCache) and isinstance(cache, HiRadixCache)
+        assert isinstance(cache, hiradix.KvdriveRadixCache) and isinstance(cache, HiRadixCache)
         assert worker.counters == [cache.cache_controller.layer_done_counter]
         assert cache.kvdrive_stats() == dict.fromkeys(radix_backend.EVENT_KINDS, 0)
     finally:
@@ -298,7 +303,7 @@ def test_unsalted_keys_are_sglangs_and_salted_keys_differ(caches):
     assert salted_a == chain(PROMPT, "tenant-a")
     assert salted_b == chain(PROMPT, "tenant-b")
     assert len(set(plain) | set(salted_a) | set(salted_b)) == 12
-    assert radix_backend.salt_prior("") is None and radix_backend.salt_prior(None) is None  # empty salt: SGLang's keys
+    assert Tenants().root_prior("") is None and Tenants().root_prior(None) is None  # empty salt: SGLang's keys
 
     # a longer prompt of the same tenant extends its chain from the salted parent node
     serve(cache, "a-long", "tenant-a", PROMPT + list(range(50, 58)))
@@ -443,10 +448,10 @@ def test_host_evictions_reach_kvdrive_storage_as_promotion_candidates(tmp_path):
     try:
         backend = cache.cache_controller.storage_backend
         serve(cache, "a", "tenant-a")
-        assert not backend._spilled
+        assert not backend.upkeep.spilled
         cache.evict(EvictParams(num_tokens=10_000))  # GPU copies go; the host pool still holds the pages
-        assert not backend._spilled
+        assert not backend.upkeep.spilled
         cache.evict_host(10_000)
-        assert list(backend._spilled) == chain(PROMPT, "tenant-a")  # the salted, tenant-tagged keys
+        assert list(backend.upkeep.spilled) == chain(PROMPT, "tenant-a")  # the salted, tenant-tagged keys
     finally:
         cache.shutdown()
