@@ -14,6 +14,9 @@ import sys
 import pytest
 
 pytest.importorskip("sglang")
+pytest.importorskip("sglang.srt.mem_cache.hiradix_cache",
+                    reason="the rank workers drive HiRadixCache's request API (tests/sglang/test_radix_backend.serve); "
+                           "the rank sync itself (radix_backend.KvdriveCacheMixin) is shared by both generations")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
