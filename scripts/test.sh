@@ -1,7 +1,63 @@
 #!/usr/bin/env bash
-# Install everything into .venv and run the whole test suite (the README's test command; .ci/run runs exactly this).
-# pytest exits 5 when it collects nothing; `set -e` turns that into a failed run.
+# The README's test command; .ci/run runs exactly this. Installs both supported SGLang ends (scripts/install.sh) and runs
+#   1. the whole test suite on SGLang 0.5.23, the newest supported (.venv), then
+#   2. the SGLang-facing suites (tests/sglang tests/e2e) on SGLang 0.5.17, the oldest supported (.venv-sglang-0.5.17).
+# Both runs always run; the script fails if either fails. pytest's exit code 5 (no tests collected) is a failure too.
+#
+#   bash scripts/test.sh                            # both runs (CI)
+#   bash scripts/test.sh -x -k spill                # both runs, these pytest options added to each
+#   bash scripts/test.sh tests/sglang/test_x.py -x  # test paths given: exactly these, on both versions
+#   bash scripts/test.sh --sglang 0.5.17 [PYTEST ARGS]   # one version only; ARGS (paths too) replace its default selection
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh '[dev]'
-.venv/bin/python -m pytest -q -p no:warnings "$@"
+
+NEWEST=0.5.23 OLDEST=0.5.17
+only=""
+if [[ ${1:-} == --sglang ]]; then only=${2:?--sglang needs a version}; shift 2
+elif [[ ${1:-} == --sglang=* ]]; then only=${1#*=}; shift
+fi
+
+venv_of() { [[ $1 == "$NEWEST" ]] && echo .venv || echo ".venv-sglang-$1"; }
+selection_of() { [[ $1 == "$NEWEST" ]] && echo "" || echo "tests/sglang tests/e2e"; }
+
+if [[ -n $only ]]; then
+    runs=("$only")
+else
+    runs=("$NEWEST" "$OLDEST")
+fi
+for v in "${runs[@]}"; do
+    bash scripts/install.sh --sglang "$v" '[dev]'
+done
+
+# Did the arguments name tests (an existing path, or path::node)? Then they replace each run's default selection.
+paths=""
+for a in "$@"; do [[ $a != -* && -e ${a%%::*} ]] && paths=1; done
+[[ -n $only && $# -gt 0 ]] && paths=1
+
+declare -a summary=()
+failed=0 interrupted=""
+trap 'interrupted=1' INT    # Ctrl-C stops after the current pytest run instead of going on to the next
+for v in "${runs[@]}"; do
+    venv=$(venv_of "$v")
+    if [[ -n $paths ]]; then
+        args=("$@") what="$*"
+    else
+        sel=$(selection_of "$v")
+        read -r -a args <<<"$sel"
+        args+=("$@") what="${sel:-whole suite}${*:+ $*}"
+    fi
+    got=$("$venv/bin/python" -c 'import importlib.metadata as m; print("SGLang", m.version("sglang"), "/ torch", m.version("torch"))')
+    echo "== pytest on $got ($venv): $what"
+    rc=0
+    "$venv/bin/python" -m pytest -q -p no:warnings "${args[@]}" || rc=$?
+    case $rc in
+        0) summary+=("passed  $got: $what") ;;
+        5) summary+=("FAILED  $got: $what: no tests collected (pytest exit 5)"); failed=1 ;;
+        *) summary+=("FAILED  $got: $what (pytest exit $rc)"); failed=1 ;;
+    esac
+    if [[ -n $interrupted ]]; then summary+=("interrupted: later runs skipped"); break; fi
+done
+
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+exit $failed

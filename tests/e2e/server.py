@@ -7,9 +7,12 @@ The server runs in its own session (process group) so ``stop()`` reaches its sch
 waits until the whole group is gone. Every wait is bounded; nothing outlives the ``with`` block. Loopback only.
 
 On a CPU-only machine the subprocess gets ``SGLANG_USE_CPU_ENGINE=1``, offline Hugging Face flags, a private
-``TORCH_EXTENSIONS_DIR`` (HiCache JIT-builds a C++ hash module on first use; a stale lock left in a shared extensions
-folder makes that build -- and the server's warmup -- wait forever) and the ``fixtures/`` folder on ``PYTHONPATH``
-(an import-only ``sgl_kernel`` stub; never part of the package).
+``TORCH_EXTENSIONS_DIR`` (HiCache JIT-builds a C++ hash module on first use; on SGLang 0.5.17 a stale lock left in a
+shared extensions folder makes that build -- and the server's warmup -- wait forever; 0.5.23 clears stale locks itself)
+and the ``fixtures/`` folder on ``PYTHONPATH`` (an import-only ``sgl_kernel`` stub; never part of the package). The
+same environment serves every supported SGLang (0.5.17 to 0.5.23); the server runs on ``sys.executable`` by default,
+so each venv's test run starts its own SGLang. The CPU fallbacks SGLang's HiCache needs come from kvdrive's own plugin
+(kvdrive_sglang/cpu_fallbacks.py), not from this harness.
 """
 from __future__ import annotations
 
