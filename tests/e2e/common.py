@@ -110,10 +110,12 @@ def assert_kvdrive_wiring(srv):
     """--kv-tier kvdrive was expanded into SGLang's flags and SGLang built kvdrive's radix cache (the storage backend
     shows in every request's cached_tokens_details["storage_backend"])."""
     text = srv.log_text()
-    want = ["enable_hierarchical_cache=True", "hicache_storage_backend='dynamic'", "radix_cache_backend='kvdrive'"]
+    want = [("enable_hierarchical_cache", "True"), ("hicache_storage_backend", "'dynamic'"),
+            ("radix_cache_backend", "'kvdrive'")]
     if not gpu_present():
-        want += ["hicache_io_backend='direct'", "hicache_mem_layout='layer_first'"]
-    missing = [w for w in want if w not in text]
+        want += [("hicache_io_backend", "'direct'"), ("hicache_mem_layout", "'layer_first'")]
+    # SGLang logs its resolved arguments as ServerArgs(field=value, ...) up to 0.5.19, as a dict from 0.5.20
+    missing = [f"{k}={v}" for k, v in want if f"{k}={v}" not in text and f"'{k}': {v}" not in text]
     assert not missing, f"server_args lack {missing}: --kv-tier kvdrive was not expanded\n{srv.log_tail(30)}"
     assert "source=registered('kvdrive')" in text, "SGLang did not build kvdrive's radix cache:\n" + \
         "\n".join(grep_log(srv, "Tree cache initialized"))
