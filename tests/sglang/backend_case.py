@@ -1,4 +1,5 @@
 """Real SGLang CPU pools + KvdriveStorage, shared by the contract test and its restart subprocess."""
+import inspect
 import json
 
 import torch
@@ -18,8 +19,9 @@ def make_host(layout="layer_first", dtype=torch.bfloat16, heads=2, head_dim=16, 
     cpu_fallbacks.install()
     kv = MHATokenToKVPool(size=size, page_size=PAGE, dtype=dtype, head_num=heads, head_dim=head_dim,
                           layer_num=layers, device="cpu", enable_memory_saver=False)
-    return MHATokenToKVPoolHost(kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE, layout=layout,
-                                pin_memory=False, device="cpu")
+    return MHATokenToKVPoolHost(*_host_source(MHATokenToKVPoolHost, kv), host_to_device_ratio=2.0, host_size=0,
+                                page_size=PAGE, layout=layout, pin_memory=False, device="cpu",
+                                **_host_extra(MHATokenToKVPoolHost, kv))
 
 
 def make_mla_host(layout="layer_first", dtype=torch.bfloat16, size=64):
@@ -28,12 +30,33 @@ def make_mla_host(layout="layer_first", dtype=torch.bfloat16, size=64):
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
     kv = MLATokenToKVPool(size=size, page_size=PAGE, dtype=dtype, kv_lora_rank=32, qk_rope_head_dim=8, layer_num=2,
                           device="cpu", enable_memory_saver=False)
-    return MLATokenToKVPoolHost(kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE, layout=layout,
-                                pin_memory=False, device="cpu")
+    extra = _host_extra(MLATokenToKVPoolHost, kv)
+    if extra:
+        extra["target_layer_num"] = kv.layer_num
+    return MLATokenToKVPoolHost(*_host_source(MLATokenToKVPoolHost, kv), host_to_device_ratio=2.0, host_size=0,
+                                page_size=PAGE, layout=layout, pin_memory=False, device="cpu", **extra)
+
+
+def _new_host_api(host_cls) -> bool:
+    """SGLang 0.5.21 on: a host pool is built from its device pool's buffer info and capacity (what SGLang's own
+    hybrid_pool_assembler hands it), no longer from the device pool itself."""
+    return "device_capacity_tokens" in inspect.signature(host_cls.__init__).parameters
+
+
+def _host_source(host_cls, kv) -> tuple:
+    return (kv.get_device_pool_infos()[0].buffer_info,) if _new_host_api(host_cls) else (kv,)
+
+
+def _host_extra(host_cls, kv) -> dict:
+    if not _new_host_api(host_cls):
+        return {}
+    return dict(device_capacity_tokens=kv.size, start_layer=kv.start_layer, end_layer=kv.end_layer)
 
 
 def make_backend(store_dir, host, *, tp_rank=0, tp_size=1, model="tiny-llama", mla=False, codec="zstd",
-                 host_gb=0.01, promoter=None, reload=None):
+                 host_gb=0.01, promoter=None, reload=None, config=None):
+    """A KvdriveStorage as SGLang builds it (``config``: further HiCacheStorageConfig fields, e.g. 0.5.23's
+    dp_rank / dcp_size / dcp_rank / logical_page_size)."""
     extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(store_dir), host_gb=host_gb, disk_gb=1,
                                                            codec=codec)))
     if promoter:
@@ -43,7 +66,7 @@ def make_backend(store_dir, host, *, tp_rank=0, tp_size=1, model="tiny-llama", m
     cfg = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
                                is_page_first_layout=host.layout == "page_first", model_name=model,
-                               extra_config=extra)
+                               extra_config=extra, **(config or {}))
     be = StorageBackendFactory.create_backend("dynamic", cfg, host)
     be.register_mem_pool_host(host)
     return be

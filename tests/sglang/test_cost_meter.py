@@ -68,8 +68,8 @@ def test_measured_costs_decide_reload_vs_recompute(tmp_path, monkeypatch):
     for n in range(1, 20):
         fast.fit.add(n * 100, 1e-3 + n * 100 * 1e-8)  # 100M tokens/s
     monkeypatch.setattr(cost_meter, "PREFILL", fast)
-    monkeypatch.setattr("kvdrive_sglang.storage_backend.PREFILL", fast)
-    be._calibrate()
+    monkeypatch.setattr("kvdrive_sglang.upkeep.PREFILL", fast)
+    be.upkeep.calibrate()
     costs = be.tier_stats()["costs"]
     assert costs["prefill_tokens_per_s"] == (pytest.approx(1e8, rel=1e-3), "measured")
     assert costs["dram_gbps"][1] == "measured"
@@ -83,7 +83,7 @@ def test_measured_costs_outlive_a_restart(tmp_path):
     host = make_host()
     be = make_backend(tmp_path, host)
     be.promoter.calibrate(prefill_s_per_token=1e-5, tier_s_per_byte={"disk": 2e-9}, reload_fixed_s=0.02)
-    be._calibrate()
+    be.upkeep.calibrate()
     be.close()
     again = make_backend(tmp_path, make_host())  # a new server on the same store: no measurement yet
     costs = again.tier_stats()["costs"]
@@ -99,7 +99,7 @@ def test_measured_costs_outlive_a_restart(tmp_path):
 
 def test_a_damaged_costs_note_is_ignored(tmp_path, caplog):
     be = make_backend(tmp_path, make_host())
-    be.engine.put_note(be._costs_note(), b'{"prefill_s_per_token": -3}')
+    be.engine.put_note(be.upkeep.costs_note(), b'{"prefill_s_per_token": -3}')
     be.close()
     with caplog.at_level(logging.WARNING, logger="kvdrive.sglang"):
         again = make_backend(tmp_path, make_host())

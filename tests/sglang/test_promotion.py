@@ -38,7 +38,7 @@ def test_spilled_pages_come_back_up_and_are_then_served_from_dram(tmp_path):
     be.record_request(doc)
     be.record_request(doc)
     be.record_host_evicted(doc)  # kvdrive's radix cache: these pages just left SGLang's host pool
-    be._last_promote -= 1.0  # a second of disk bandwidth to spend
+    be.upkeep.last_promote -= 1.0  # a second of disk bandwidth to spend
     assert be.promote_tick() == 4
     assert be.engine.tiers_of(be.ns, doc) == ["dram"] * 4
     assert be.tier_stats()["io"]["promoted_pages"] == 4
@@ -48,7 +48,7 @@ def test_spilled_pages_come_back_up_and_are_then_served_from_dram(tmp_path):
     got = pages_of(host, out, 4)
     assert all(torch.equal(g, data[k]) for g, k in zip(got, doc))  # the same bytes, from DRAM
     assert be.engine.disk.stats().hits == disk_reads and be.engine.stats().hits_host == 4
-    be._last_promote -= 1.0
+    be.upkeep.last_promote -= 1.0
     assert be.promote_tick() == 0  # promoted (and now loaded) pages are no longer candidates
     be.close()
 
@@ -62,10 +62,10 @@ def test_the_bandwidth_share_bounds_promotion_and_value_orders_it(tmp_path):
         be.record_request(hot)  # reused three times
     be.record_request(cold)  # once, and more recently
     be.record_host_evicted(hot + cold)
-    be._last_promote -= 1.0
+    be.upkeep.last_promote -= 1.0
     assert be.promote_tick() == 2
     assert be.engine.tiers_of(be.ns, hot + cold) == ["dram", "dram", "disk", "disk"]
-    be._last_promote -= 1.0
+    be.upkeep.last_promote -= 1.0
     assert be.promote_tick() == 2  # the next tick's budget brings up the rest
     assert be.engine.tiers_of(be.ns, cold) == ["dram", "dram"]
     be.close()
@@ -78,7 +78,7 @@ def test_promotion_off_and_pages_not_worth_a_reload(tmp_path, promoter):
     be, _, _ = _stored_then_restarted(tmp_path, [keys], promoter=promoter)
     be.record_request(keys)
     be.record_host_evicted(keys)
-    be._last_promote -= 1.0
+    be.upkeep.last_promote -= 1.0
     assert be.promote_tick() == 0 and set(be.engine.tiers_of(be.ns, keys)) == {"disk"}
     be.close()
 

@@ -240,13 +240,31 @@ def test_gil_switch_interval_is_shortened_for_hicache_io_threads(tmp_path):
         sys.setswitchinterval(before)
 
 
-@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+# Every host-pool layout name SGLang's MHA host pool has had (0.5.17 - 0.5.23); each test below skips the ones the
+# installed SGLang cannot build on CPU or cannot copy flat pages of (page_unified: no per-page copy).
+MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head", "page_unified"]
+
+
+def flat_page_host(layout, **kw):
+    """A real SGLang MHA host pool in ``layout`` whose flat-page copy works, or skip."""
+    try:
+        host = make_host(layout, **kw)
+        host.get_data_page(0, flat=True)
+    except (ValueError, NotImplementedError) as e:
+        pytest.skip(f"this SGLang has no flat-page copy for MHA layout {layout}: {e}")
+    return host
+
+
+@pytest.mark.parametrize("layout", MHA_LAYOUTS)
 def test_batched_host_copies_are_exact_at_scattered_slots(tmp_path, layout):
     """Pages move between SGLang's host pool and the tiers in one gather / one scatter per batch (fewer GIL
-    hand-overs beside the scheduler loop): out-of-order, non-adjacent host slots both ways stay bit-exact."""
-    host = make_host(layout, size=256)
+    hand-overs beside the scheduler loop) where the pool's buffer allows it, SGLang's own per-page copy elsewhere:
+    out-of-order, non-adjacent host slots both ways stay bit-exact in every layout."""
+    from kvdrive_sglang.host_pages import BATCHED_LAYOUTS
+
+    host = flat_page_host(layout, size=256)
     be = make_backend(tmp_path, host)
-    assert be._batched_layout == layout
+    assert be.pages.layout == (layout if layout in BATCHED_LAYOUTS else None)
     idx, want = written(host, 8)
     order = [5, 0, 7, 2, 6, 1, 3, 4]
     src = torch.cat([idx[i * PAGE:(i + 1) * PAGE] for i in order])
@@ -259,3 +277,142 @@ def test_batched_host_copies_are_exact_at_scattered_slots(tmp_path, layout):
     for j in range(8):
         assert torch.equal(host.get_data_page(int(dst[j * PAGE]), flat=True), want[order[j]]), j
     be.close()
+
+
+@pytest.mark.parametrize("layout", MHA_LAYOUTS)
+def test_host_pages_copy_exactly_what_sglangs_own_page_copy_does(layout):
+    """HostPages against SGLang's own get_data_page / set_from_flat_data_page on the same real pool, byte for byte,
+    with every dimension distinct (a transposed layers/heads/tokens axis cannot hide) and pages out of order: the
+    batched gather reads what the per-page copy reads, and the batched scatter writes the very buffer the per-page
+    copy writes (a round trip alone would miss a permutation that read and write both made)."""
+    from kvdrive_sglang.host_pages import HostPages
+
+    shape = dict(dtype=torch.float32, heads=3, head_dim=5, layers=2, size=128)
+    host = flat_page_host(layout, **shape)
+    pages = HostPages(host)
+    starts = [7 * PAGE, 2 * PAGE, 11 * PAGE, 0, 5 * PAGE]
+    g = torch.Generator().manual_seed(7)
+    host.kv_buffer.copy_(torch.randn(host.kv_buffer.shape, generator=g))
+    got = pages.read(starts)
+    for s, row in zip(starts, got):
+        want = host.get_data_page(s, flat=True)
+        assert bytes(torch.as_tensor(row).view(torch.uint8).reshape(-1).numpy()) == \
+            bytes(want.contiguous().view(torch.uint8).numpy()), s
+    new = torch.randn((len(starts), pages.page_numel), generator=g)
+    twin = make_host(layout, **shape)
+    twin.kv_buffer.copy_(host.kv_buffer)
+    pages.write(starts, new)
+    for s, p in zip(starts, new):
+        twin.set_from_flat_data_page(s, p)
+    assert torch.equal(host.kv_buffer.view(torch.int32), twin.kv_buffer.view(torch.int32))
+    assert pages.read(starts[:1])[0].equal(host.get_data_page(starts[0], flat=True))  # one page: SGLang's own copy
+
+
+def test_a_host_pool_without_a_flat_page_copy_is_refused_at_start(tmp_path):
+    """SGLang 0.5.23's MHA host pool builds a page_unified buffer but copies no flat pages out of it: kvdrive refuses
+    it when SGLang registers the pool, naming the layout, rather than failing every backup on SGLang's I/O thread."""
+    from kvdrive_sglang.tier.errors import ConfigError
+
+    try:
+        host = make_host("page_unified")
+    except ValueError as e:
+        pytest.skip(f"this SGLang has no page_unified MHA host pool: {e}")
+    with pytest.raises(ConfigError, match="page_unified"):
+        make_backend(tmp_path, host)
+
+
+def test_other_host_pools_take_their_own_page_copy():
+    """Only SGLang's MHA host pool in a token-indexed layout is batched: MLA's pool copies its own pages."""
+    from kvdrive_sglang.host_pages import HostPages
+
+    assert HostPages(make_mla_host()).layout is None
+    assert HostPages(make_mla_host("page_first")).layout is None
+
+
+# The namespace ids of these configs before SGLang 0.5.23's config fields existed: a config without them, or with
+# their defaults, must keep its namespace (and so every page a server stored) on every supported SGLang.
+PINNED_NAMESPACES = [
+    (dict(layout="layer_first"), dict(), "dc078dc05e3d8bdc18da3a17fc2da664"),
+    (dict(layout="page_first"), dict(tp_rank=1, tp_size=2), "54b7f2cf251d430bd828022eb309f40d"),
+    (dict(layout="layer_first"), dict(tp_lcm_size=4, should_split_heads=True), "67010e88b3815006bd0cf6db6e73329a"),
+    (dict(mla=True), dict(tp_rank=1, tp_size=2, is_mla_model=True), "b78d73e018496cd2f15e4fcce8c0a239"),
+]
+
+
+def _storage_config(**kw):
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+    base = dict(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
+                enable_storage_metrics=False, is_page_first_layout=False, model_name="tiny-llama")
+    return HiCacheStorageConfig(**{**base, **kw})
+
+
+def _newer_config_fields():
+    import dataclasses
+
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+    return {f.name for f in dataclasses.fields(HiCacheStorageConfig)} >= {"dp_rank", "dcp_size", "dcp_rank",
+                                                                           "logical_page_size"}
+
+
+@pytest.mark.parametrize("host_kw,cfg,pinned", PINNED_NAMESPACES)
+def test_namespaces_stay_what_they_were(host_kw, cfg, pinned):
+    from kvdrive_sglang.storage_backend import namespace_for
+
+    host = make_mla_host() if host_kw.get("mla") else make_host(host_kw["layout"])
+    assert namespace_for(_storage_config(**cfg), host).id.hex() == pinned
+    if _newer_config_fields():  # 0.5.23's fields at their defaults change nothing
+        explicit = _storage_config(**cfg, dp_rank=0, dcp_size=1, dcp_rank=0, logical_page_size=None)
+        assert namespace_for(explicit, host).id.hex() == pinned
+
+
+def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
+    """SGLang 0.5.23: with DP attention tp_rank counts within a DP group, so dp_rank tells the groups' ranks apart;
+    with decode context parallelism each MLA rank holds its DCP shard of every page, and SGLang names the writer of
+    each shard (is_storage_writer: the first DCP group), not TP rank 0."""
+    if not _newer_config_fields():
+        pytest.skip("this SGLang's HiCacheStorageConfig has no dp_rank / dcp fields")
+    from kvdrive_sglang.storage_backend import namespace_for
+
+    host = make_host()
+    base = namespace_for(_storage_config(), host)
+    dp1 = namespace_for(_storage_config(dp_rank=1), host)
+    assert dp1.id != base.id and dict(dp1.extra)["dp"] == "1"
+    mla = make_mla_host()
+
+    def dcp(tp_rank, dp_rank=0):
+        return dict(tp_rank=tp_rank, tp_size=4, is_mla_model=True, dcp_size=2, dcp_rank=tp_rank % 2,
+                    logical_page_size=2 * PAGE, dp_rank=dp_rank)
+
+    ns = {r: namespace_for(_storage_config(**dcp(r)), mla) for r in range(4)}
+    assert ns[0].id == ns[2].id and ns[1].id == ns[3].id and ns[0].id != ns[1].id  # one namespace per DCP shard
+    assert dict(ns[1].extra)["dcp"] == "1/2" and dict(ns[1].extra)["logical_page_size"] == str(2 * PAGE)
+    no_dcp = namespace_for(_storage_config(tp_rank=0, tp_size=4, is_mla_model=True), mla)
+    assert no_dcp.id not in (ns[0].id, ns[1].id)
+    assert namespace_for(_storage_config(**dcp(0, dp_rank=1)), mla).id != ns[0].id
+    # the writers are SGLang's: ranks 0 and 1 (each its shard), ranks 2 and 3 only read
+    backends = [make_backend(tmp_path, mla, mla=True, tp_rank=r, tp_size=4,
+                             config={k: v for k, v in dcp(r).items() if k not in ("tp_rank", "tp_size", "is_mla_model")})
+                for r in range(4)]
+    try:
+        assert [b.read_only for b in backends] == [False, False, True, True]
+        assert [b.ns.id for b in backends] == [ns[r].id for r in range(4)]
+        idx, _ = written(mla, 2)
+        assert backends[3].batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 1 writes)
+        assert backends[3].engine.stats().host.inserts == 0
+        assert backends[1].batch_set_v1(keys(2), idx) == [True, True]
+        assert backends[1].engine.stats().host.inserts == 2
+    finally:
+        for b in backends:
+            b.close()
+
+
+def test_the_writer_rule_on_every_sglang():
+    """Which ranks write, on SGLang's real config: 0.5.23's says so itself (is_storage_writer), 0.5.17's has no such
+    property and kvdrive's own rule applies (MLA: TP rank 0 only). Without DCP both give the same answer."""
+    from kvdrive_sglang.storage_backend import storage_writer
+
+    assert [storage_writer(_storage_config(is_mla_model=True, tp_rank=r, tp_size=3)) for r in range(3)] == \
+        [True, False, False]
+    assert all(storage_writer(_storage_config(tp_rank=r, tp_size=3)) for r in range(3))
