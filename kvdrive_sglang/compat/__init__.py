@@ -75,6 +75,10 @@ class RadixAdapter(Protocol):
     def register_key_hooks(self) -> None:
         """Register this generation's storage-key hooks (beyond the tagged-prior hook every generation uses)."""
 
+    def namespace_fields(self) -> dict[str, str]:
+        """Namespace fields naming this generation's key scheme (``{}`` for the scheme stores had before
+        generations were told apart, so they stay readable)."""
+
     def request_slot(self, req: Any) -> Any:
         """The request's row in SGLang's req-to-token pool (the attention capture's key)."""
 

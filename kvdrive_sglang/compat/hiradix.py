@@ -277,6 +277,9 @@ class _HiRadixAdapter:
     def register_key_hooks(self) -> None:
         """Nothing beyond the tagged-prior hook: this cache computes salted root priors itself."""
 
+    def namespace_fields(self) -> dict[str, str]:
+        return {}  # the scheme every store was written under before SGLang 0.5.21
+
     def request_slot(self, req):
         return getattr(req, "req_pool_idx", None)
 

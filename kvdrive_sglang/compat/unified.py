@@ -204,6 +204,9 @@ class _UnifiedAdapter:
         if tree_core_registry.get_tree_core_factory(TREE_CORE) is None:
             tree_core_registry.register_tree_core_backend(TREE_CORE, _tree_core_factory)
 
+    def namespace_fields(self) -> dict[str, str]:
+        return {"keys": self.key_scheme}
+
     def request_slot(self, req):
         kv = getattr(req, "kv", None)
         return getattr(kv, "req_pool_idx", None)

@@ -56,7 +56,7 @@ TAIL = [7]  # SGLang never serves the last prompt token from cache: prompts are 
 
 class PageStore(HiCacheStorage):
     """A dict-backed SGLang storage backend (interface_v1). Instances naming the same ``store`` share their pages, as
-    a restarted server shares its disk. Has ``record_radix_event``, as kvdrive's KvdriveStorage does."""
+    a restarted server shares its disk. Implements kvdrive's radix-cache contract, as kvdrive's KvdriveStorage does."""
 
     SHARED: dict[str, dict] = {}
 
@@ -65,9 +65,28 @@ class PageStore(HiCacheStorage):
         self.pages = self.SHARED.setdefault(name, {})
         self.written: list[str] = []  # keys in write order, this instance
         self.events: list[tuple[str, int]] = []
+        self.requests: list[list[str]] = []
+        self.host_evicted: list[str] = []
+
+    # kvdrive's radix-cache contract (kvdrive_sglang.contract.RadixReports): the cache reports to a backend that
+    # implements all of it; no promoter here (eviction stays SGLang's LRU), no operator tenant policy
+    promoter = None
+    tenants = None
+
+    def expect_whole_requests(self) -> None:
+        pass
 
     def record_radix_event(self, kind: str, tokens: int) -> None:
         self.events.append((kind, tokens))
+
+    def record_request(self, keys) -> None:
+        self.requests.append(list(keys))
+
+    def record_attention(self, key_mass) -> None:
+        pass
+
+    def record_host_evicted(self, keys) -> None:
+        self.host_evicted.extend(keys)
 
     def batch_set_v1(self, keys, host_indices, extra_info=None):
         for i, key in enumerate(keys):

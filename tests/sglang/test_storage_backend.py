@@ -361,10 +361,33 @@ def test_namespaces_stay_what_they_were(host_kw, cfg, pinned):
     from kvdrive_sglang.storage_backend import namespace_for
 
     host = make_mla_host() if host_kw.get("mla") else make_host(host_kw["layout"])
-    assert namespace_for(_storage_config(**cfg), host).id.hex() == pinned
+    assert _without_key_scheme(namespace_for(_storage_config(**cfg), host)).id.hex() == pinned
     if _newer_config_fields():  # 0.5.23's fields at their defaults change nothing
         explicit = _storage_config(**cfg, dp_rank=0, dcp_size=1, dcp_rank=0, logical_page_size=None)
-        assert namespace_for(explicit, host).id.hex() == pinned
+        assert _without_key_scheme(namespace_for(explicit, host)).id.hex() == pinned
+
+
+def _without_key_scheme(ns):
+    """The namespace as it was before SGLang generations were told apart (no ``keys`` field)."""
+    from dataclasses import replace
+
+    return replace(ns, extra=tuple((k, v) for k, v in ns.extra if k != "keys"))
+
+
+@pytest.mark.parametrize("host_kw,cfg,pinned", PINNED_NAMESPACES[:1])
+def test_the_key_scheme_of_the_sglang_generation_is_part_of_the_namespace(host_kw, cfg, pinned):
+    """SGLang 0.5.21+ derives page keys differently (it salts chains itself, kvdrive tags them): pages written under
+    the other generation's keys must be missed, never read as this one's. The HiRadixCache generation keeps the
+    namespace every existing store was written under."""
+    from kvdrive_sglang.compat import radix_adapter
+    from kvdrive_sglang.storage_backend import namespace_for
+
+    ns = namespace_for(_storage_config(**cfg), make_host(host_kw["layout"]))
+    if radix_adapter().name == "hiradix":
+        assert "keys" not in dict(ns.extra) and ns.id.hex() == pinned
+    else:
+        assert dict(ns.extra)["keys"] == radix_adapter().key_scheme == "sglang-ns-v1"
+        assert ns.id.hex() != pinned
 
 
 def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
