@@ -1,222 +1,70 @@
 """``--kv-tier kvdrive`` and the ``--kvdrive-*`` options, expanded into SGLang's canonical hierarchical-cache flags.
 
-SGLang's ServerArgs cannot gain fields from a plugin, so kvdrive's options never reach it: two hooks translate them
-first, one per entry path, both through ``expand``:
-- the CLI (``python -m sglang.launch_server`` / ``sglang serve``): AROUND ``prepare_server_args`` rewrites argv;
-  an AFTER hook on ``ServerArgs.add_cli_args`` lists the options in ``--help``;
-- the Python API (``sglang.Engine(kv_tier="kvdrive", kvdrive_dir=...)``): BEFORE ``ServerArgs.__init__`` rewrites
-  the keyword arguments.
+SGLang's ServerArgs cannot gain fields from a plugin, so kvdrive's options never reach it: they are translated first,
+on each entry path, by ``expand_argv`` (the CLI: ``python -m sglang.launch_server`` / ``sglang serve``) and
+``expand_kwargs`` (the Python API: ``sglang.Engine(kv_tier="kvdrive", kvdrive_dir=...)``). Where SGLang lets a plugin
+do that differs between SGLang releases: ``compat/server_args.py`` holds one adapter per ServerArgs generation.
+kvdrive's own settings become one ``config.KvdriveSettings``, which travels to the storage backend inside SGLang's
+storage extra config.
+
 A canonical flag the user also set to something else is an error naming both; so is a ``--kvdrive-*`` option without
-``--kv-tier kvdrive``.
+``--kv-tier kvdrive``. Bad input ends as one line: ``kvdrive: error: ...`` and exit status 2 on the CLI, a
+ConfigError (a ValueError) from Engine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
-from dataclasses import dataclass
 
-from .tier.codecs import CODEC_NAMES
+from .config import FLAG_DESTS, FLAGS, GiB, KvdriveSettings
+from .config import RELOAD_POLICIES, checked_gil_switch_ms  # noqa: F401 - their old home: still importable here
 from .tier.errors import ConfigError, KvdriveError
-from .tier.store_dir import check_store_dir
 
 log = logging.getLogger("kvdrive.sglang")
 
 KV_TIERS = ("kvdrive",)
-STORAGE_MODULE = "kvdrive_sglang.storage_backend"
-STORAGE_CLASS = "KvdriveStorage"
 RADIX_BACKEND = "kvdrive"
-GiB = 1 << 30
-MIN_DISK_BYTES = 1 << 20
-RELOAD_POLICIES = ("auto", "always")
-
-
-def default_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "kvdrive")
-
-
-@dataclass(frozen=True)
-class KvdriveOptions:
-    dir: str
-    host_gb: float = 4.0  # kvdrive's compressed DRAM tier (SGLang's own host pool is sized by --hicache-ratio/size)
-    disk_gb: float = 64.0
-    codec: str = "zstd"
-    encrypt: str | None = None  # encryption at rest: key file (absolute path) or "env" (KVDRIVE_KEYS)
-    tenants: dict | None = None  # per-tenant policy: {"<salt>": {"ttl_s": ..., "share_as": ...}}
-    reload: str = "auto"  # storage hits: "auto" reloads only where that beats recomputing (measured), "always" reloads
-    promoter: dict | None = None  # PromoterConfig fields (half_life_s, promote_share, admit_min_reuse, ...)
-    gil_switch_ms: float | None = None  # Python's GIL switch interval in the server (None: kvdrive's default 0.5 ms)
-
-
-# our option -> (dest, type, default, help)
-_OPTIONS = {
-    "--kvdrive-dir": ("kvdrive_dir", str, None, "directory of kvdrive's persistent store (default: "
-                      "$XDG_CACHE_HOME/kvdrive or ~/.cache/kvdrive); survives restarts"),
-    "--kvdrive-host-gb": ("kvdrive_host_gb", float, KvdriveOptions.host_gb,
-                          "compressed host-DRAM tier budget in GB, behind SGLang's host pool (0: none)"),
-    "--kvdrive-disk-gb": ("kvdrive_disk_gb", float, KvdriveOptions.disk_gb, "disk store cap in GB"),
-    "--kvdrive-codec": ("kvdrive_codec", str, KvdriveOptions.codec,
-                        f"page codec: {', '.join(CODEC_NAMES)} (int8/fp8 are lossy: opt in)"),
-    "--kvdrive-encrypt": ("kvdrive_encrypt", str, None,
-                          "encrypt pages at rest (AES-256-GCM, a key per tenant): KEYFILE, a JSON object of tenant "
-                          "(cache salt, @group, or \"\" for unsalted traffic) -> base64 key, mode 0600; or 'env' "
-                          "to read that JSON from $KVDRIVE_KEYS. Deleting a tenant's key erases its stored pages"),
-    "--kvdrive-tenants": ("kvdrive_tenants", str, None,
-                          "per-tenant policy, a JSON object (or a JSON file) of cache salt -> {\"ttl_s\": seconds, "
-                          "\"share_as\": group}; salts with the same share_as group share pages"),
-    "--kvdrive-reload": ("kvdrive_reload", str, KvdriveOptions.reload,
-                         "storage hits: 'auto' reloads a hit only where that beats recomputing its prefill, by the "
-                         "costs this server measures; 'always' reloads every hit (benchmarks, tests)"),
-    "--kvdrive-promoter": ("kvdrive_promoter", str, None,
-                           "promoter settings, a JSON object of tier/promoter.py PromoterConfig fields, e.g. "
-                           "'{\"half_life_s\": 300, \"promote_share\": 0.1}'"),
-    "--kvdrive-gil-switch-ms": ("kvdrive_gil_switch_ms", float, 0.5,
-                                "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); "
-                                "short lets HiCache's I/O threads run beside the scheduler loop"),
-}
-_KWARGS = {"kv_tier"} | {dest for dest, *_ in _OPTIONS.values()}
+_KWARGS = frozenset({"kv_tier"} | FLAG_DESTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("kvdrive", "KV tiers below SGLang's host pool (kvdrive plugin)")
     g.add_argument("--kv-tier", choices=KV_TIERS, default=None,
                    help="kvdrive: compressed host-DRAM tier + persistent disk store under the radix cache")
-    for flag, (dest, typ, default, help_) in _OPTIONS.items():
-        g.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_} (default {default})"
-                       if default is not None else help_)
+    for f in FLAGS:
+        g.add_argument(f.flag, dest=f.dest, type=str, default=None,
+                       help=f"{f.help} (default {f.shown_default})" if f.shown_default is not None else f.help)
 
 
-def options_from(values: dict) -> KvdriveOptions:
-    """Validate kvdrive's option values (from argv or Engine kwargs); ConfigError names the bad one."""
-    d = values.get("kvdrive_dir") or default_dir()
-    if not isinstance(d, (str, os.PathLike)):
-        raise ConfigError(f"--kvdrive-dir must be a path, got {d!r}")
-    out = {"dir": os.path.abspath(os.path.expanduser(os.fspath(d)))}
-    for key, flag in (("host_gb", "--kvdrive-host-gb"), ("disk_gb", "--kvdrive-disk-gb")):
-        v = values.get(f"kvdrive_{key}")
-        if v is None:
-            continue
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{flag} must be a number of GB, got {v!r}") from None
-        if not (v >= 0 if key == "host_gb" else v > 0) or v != v or v == float("inf"):
-            raise ConfigError(f"{flag} must be {'>= 0' if key == 'host_gb' else '> 0'} GB, got {v!r}")
-        if key == "disk_gb" and int(v * GiB) < MIN_DISK_BYTES:
-            # a cap that rounds to 0 bytes passed here and then failed in the scheduler (found by fuzzing the flags)
-            raise ConfigError(f"{flag} must be at least {MIN_DISK_BYTES / GiB:.6f} GB (1 MiB), got {v!r}")
-        out[key] = v
-    codec = values.get("kvdrive_codec")
-    if codec is not None:
-        if codec not in CODEC_NAMES:
-            raise ConfigError(f"--kvdrive-codec {codec!r} is not one of {', '.join(CODEC_NAMES)}")
-        out["codec"] = codec
-    enc = values.get("kvdrive_encrypt")
-    if enc is not None:
-        from .tier.crypto import KeyRing
-
-        out["encrypt"] = KeyRing(enc).source  # a missing, unsafe or malformed key source fails here
-    rel = values.get("kvdrive_reload")
-    if rel is not None:
-        if rel not in RELOAD_POLICIES:
-            raise ConfigError(f"--kvdrive-reload {rel!r} is not one of {', '.join(RELOAD_POLICIES)}")
-        out["reload"] = rel
-    ten = values.get("kvdrive_tenants")
-    if ten is not None:
-        out["tenants"] = _tenants_option(ten)
-    prom = values.get("kvdrive_promoter")
-    if prom is not None:
-        out["promoter"] = _promoter_option(prom)
-    gil = values.get("kvdrive_gil_switch_ms")
-    if gil is not None:
-        try:
-            gil = float(gil)
-        except (TypeError, ValueError):
-            pass  # named by the check below
-        out["gil_switch_ms"] = checked_gil_switch_ms(gil, "--kvdrive-gil-switch-ms")
-    opts = KvdriveOptions(**out)
-    check_store_dir(opts.dir, create=True)  # a bad directory fails here, in the launcher, with its own message
-    return opts
+def options_from(values: dict) -> KvdriveSettings:
+    """kvdrive's option values by destination (``kvdrive_host_gb``; from argv or Engine keywords) -> checked
+    settings; ConfigError names the bad one."""
+    return KvdriveSettings.from_flags(values)
 
 
-def _tenants_option(value) -> dict:
-    """--kvdrive-tenants: a JSON object, inline or in a file; validated (ConfigError names the bad entry)."""
-    from .tier.tenants import Tenants
-
-    if isinstance(value, dict):
-        obj = value
-    else:
-        text = str(value)
-        if not text.lstrip().startswith("{"):
-            try:
-                with open(os.path.expanduser(text), encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError(f"--kvdrive-tenants {value!r}: not a JSON object, and not a readable file "
-                                  f"({e.strerror})") from None
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"--kvdrive-tenants is not valid JSON ({e})") from None
-    Tenants(obj)
-    return obj
+def KvdriveOptions(*, dir: str, host_gb: float = KvdriveSettings.host_bytes / GiB,  # noqa: N802, A002
+                   disk_gb: float = KvdriveSettings.disk_bytes / GiB, **settings) -> KvdriveSettings:
+    """Settings with the sizes in GB, as the flags give them (tests and tools; not checked: see KvdriveSettings)."""
+    return KvdriveSettings(dir=dir, host_bytes=int(host_gb * GiB), disk_bytes=int(disk_gb * GiB), **settings)
 
 
-def checked_gil_switch_ms(ms, what: str) -> float:
-    """A GIL switch interval in ms: a number from 0 (Python's own) to 100; ConfigError names ``what``."""
-    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 <= ms <= 100:
-        raise ConfigError(f"{what} must be a number of milliseconds from 0 to 100, got {ms!r}")
-    return float(ms)
+def storage_extra_config(settings: KvdriveSettings) -> str:
+    """``--hicache-storage-backend-extra-config``'s value for ``settings``."""
+    return json.dumps(settings.to_extra_config())
 
 
-def _promoter_option(value) -> dict:
-    """--kvdrive-promoter: a JSON object of PromoterConfig fields, checked here (ConfigError names the bad one)."""
-    from .tier.promoter import PromoterConfig
-
-    if isinstance(value, dict):
-        obj = value
-    else:
-        try:
-            obj = json.loads(str(value))
-        except ValueError as e:
-            raise ConfigError(f"--kvdrive-promoter is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"--kvdrive-promoter must be a JSON object of promoter settings, got {value!r}")
-    try:
-        PromoterConfig(**obj)
-    except TypeError as e:
-        raise ConfigError(f"--kvdrive-promoter: {e}") from None
-    return obj
+CANONICAL_FIELDS = ("enable_hierarchical_cache", "hicache_storage_backend", "hicache_storage_backend_extra_config",
+                    "radix_cache_backend", "hicache_io_backend", "hicache_mem_layout")
 
 
-def storage_extra_config(opts: KvdriveOptions) -> str:
-    section = {"dir": opts.dir, "host_bytes": int(opts.host_gb * GiB), "disk_bytes": int(opts.disk_gb * GiB),
-               "codec": opts.codec}
-    if opts.encrypt is not None:
-        section["encrypt"] = opts.encrypt
-    if opts.tenants:
-        section["tenants"] = opts.tenants
-    if opts.reload != "auto":
-        section["reload"] = opts.reload
-    if opts.promoter:
-        section["promoter"] = opts.promoter
-    if opts.gil_switch_ms is not None:
-        section["gil_switch_ms"] = opts.gil_switch_ms
-    return json.dumps({
-        "backend_name": "kvdrive", "module_path": STORAGE_MODULE, "class_name": STORAGE_CLASS, "interface_v1": 1,
-        "kvdrive": section,
-    })
-
-
-def canonical(opts: KvdriveOptions, *, gpu: bool) -> dict:
+def canonical(settings: KvdriveSettings, *, gpu: bool) -> dict:
     """SGLang ServerArgs fields that --kv-tier kvdrive sets."""
     fields = {
         "enable_hierarchical_cache": True,
         "hicache_storage_backend": "dynamic",
-        "hicache_storage_backend_extra_config": storage_extra_config(opts),
+        "hicache_storage_backend_extra_config": storage_extra_config(settings),
         "radix_cache_backend": RADIX_BACKEND,
     }
     if not gpu:
@@ -255,8 +103,9 @@ def merge(ours: dict, given: dict) -> dict:
     return out
 
 
-def expand_kwargs(kwargs: dict, *, gpu: bool) -> dict:
-    """Engine/ServerArgs keyword arguments with kvdrive's expanded into SGLang's."""
+def expand_kwargs(kwargs: dict, *, gpu: bool | None = None) -> dict:
+    """Engine/ServerArgs keyword arguments with kvdrive's expanded into SGLang's (``kwargs`` itself when it holds
+    none of kvdrive's)."""
     ours = {k: kwargs[k] for k in _KWARGS if k in kwargs}
     if not ours:
         return kwargs
@@ -269,21 +118,20 @@ def expand_kwargs(kwargs: dict, *, gpu: bool) -> dict:
         return rest
     if tier not in KV_TIERS:
         raise ConfigError(f"kv_tier {tier!r} is not one of: {', '.join(KV_TIERS)}")
-    return merge(canonical(options_from(ours), gpu=gpu), rest)
+    return merge(canonical(options_from(ours), gpu=_gpu() if gpu is None else gpu), rest)
 
 
 def _given_fields(argv: list[str]) -> dict:
     """The canonical fields the user set on the command line (values as SGLang's parser reads them)."""
-    from sglang.srt.server_args import ServerArgs
+    from .compat.server_args import server_args_adapter
 
-    p = argparse.ArgumentParser(add_help=False)
-    ServerArgs.add_cli_args(p)
+    p = server_args_adapter().cli_parser()
     unset = object()
     for action in p._actions:
         action.required = False  # only reading which flags were given; SGLang's own parse checks the rest
         action.default = unset  # a flag given with its default value is still given
     ns, _ = p.parse_known_args(argv)
-    keys = set(canonical(KvdriveOptions(dir="/"), gpu=False)) | {"disable_radix_cache"}
+    keys = set(CANONICAL_FIELDS) | {"disable_radix_cache"}
     return {k: getattr(ns, k) for k in keys if getattr(ns, k, unset) is not unset}
 
 
@@ -291,10 +139,7 @@ def expand_argv(argv: list[str], *, gpu: bool) -> list[str]:
     """Command-line arguments with kvdrive's options replaced by SGLang's canonical flags."""
     p = argparse.ArgumentParser(prog="sglang serve", add_help=False)
     add_arguments(p)
-    try:
-        mine, rest = p.parse_known_args(argv)
-    except SystemExit:
-        raise  # argparse already printed e.g. "--kv-tier: invalid choice: 'x' (choose from 'kvdrive')"
+    mine, rest = p.parse_known_args(argv)  # a bad --kv-tier exits here: "invalid choice: 'x' (choose from ...)"
     values = {k: v for k, v in vars(mine).items() if v is not None}
     tier = values.pop("kv_tier", None)
     if tier is None:
@@ -347,24 +192,26 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
     return result
 
 
-def _before_server_args_init(self, *args, **kwargs):
-    if not (_KWARGS & kwargs.keys()):
-        return None
-    return (self, *args), expand_kwargs(kwargs, gpu=_gpu())
+def _expand_engine_kwargs(kwargs: dict) -> dict:
+    try:
+        return expand_kwargs(kwargs)
+    except KvdriveError as e:
+        raise type(e)(str(e)) from None  # the caller's line and ours, not the whole chain of kvdrive's checks
 
 
 _installed = False
 
 
 def install() -> None:
-    """Register the hooks (call from the plugin; SGLang applies them after all plugins ran)."""
+    """Register the expansion on every entry path the installed SGLang has (call from the plugin; SGLang applies
+    HookRegistry hooks after all plugins ran)."""
     global _installed
     if _installed:
         return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from .compat.server_args import FlagHooks, server_args_adapter
 
-    HookRegistry.register("sglang.srt.server_args.prepare_server_args", _around_prepare_server_args,
-                          HookType.AROUND)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.__init__", _before_server_args_init, HookType.BEFORE)
+    adapter = server_args_adapter()
+    adapter.install(FlagHooks(around_prepare_server_args=_around_prepare_server_args,
+                              after_add_cli_args=_after_add_cli_args, expand_kwargs=_expand_engine_kwargs))
     _installed = True
+    log.debug("kvdrive: --kv-tier kvdrive installed for SGLang's %s ServerArgs", adapter.name)

@@ -33,7 +33,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from .cost_meter import ReloadMeter
-from .flags import RELOAD_POLICIES, checked_gil_switch_ms
+from .config import GIL_SWITCH_MS, KvdriveSettings  # noqa: F401 - GIL_SWITCH_MS: re-exported
 from .host_pages import HostPages
 from .metrics import Reporter, TierMetrics
 from .tier.engine import TierConfig, TierEngine
@@ -140,36 +140,18 @@ def storage_writer(config: HiCacheStorageConfig) -> bool:
     return not (config.is_mla_model and config.tp_rank != 0)
 
 
+# kvdrive's settings arrive in SGLang's storage extra config, {"kvdrive": {...}}, written by --kv-tier kvdrive and
+# read back in one call (config.KvdriveSettings.from_extra_config). The functions below are that call's parts, for
+# callers that need one of them.
 def tier_config_from(extra: dict | None) -> TierConfig:
     """The ``kvdrive`` section of SGLang's storage extra config -> TierConfig (ConfigError names a bad key)."""
-    section = extra.get("kvdrive") if isinstance(extra, dict) else None
-    if not isinstance(section, dict) or not section.get("dir"):
-        raise ConfigError("the kvdrive storage backend needs {'kvdrive': {'dir': ...}} in "
-                          "--hicache-storage-backend-extra-config; use --kv-tier kvdrive, which writes it")
-    known = {"dir": "path", "host_bytes": "host_bytes", "disk_bytes": "disk_bytes", "codec": "codec",
-             "write_policy": "write_policy", "ttl_s": "default_ttl_s",
-             "disk": "disk",  # further disk store options (retry_after_s, map_size, ...), checked by TierConfig
-             "tenants": "tenants",  # per-tenant ttl_s / share_as (tier/tenants.py)
-             "encrypt": "encrypt"}  # encryption at rest: key file path or "env" (tier/crypto.py)
-    unknown = sorted(set(section) - set(known) - {"promoter", "reload", "gil_switch_ms"})
-    if unknown:
-        raise ConfigError(f"unknown kvdrive storage option(s) {', '.join(unknown)}; known: "
-                          f"{', '.join([*known, 'promoter', 'reload', 'gil_switch_ms'])}")
-    # SGLang's server writes down selectively by default: only pages the promoter admits reach the disk
-    return TierConfig(**{"write_policy": "selective", **{known[k]: v for k, v in section.items() if k in known}})
+    return KvdriveSettings.from_extra_config(extra).tier_config()
 
 
 def reload_policy_from(extra: dict | None) -> str:
     """``{'kvdrive': {'reload': 'auto' | 'always'}}``: whether storage hits are reloaded only where that beats
     recomputing them (auto, the default) or always."""
-    section = (extra or {}).get("kvdrive") if isinstance(extra, dict) else None
-    policy = (section or {}).get("reload", "auto")
-    if policy not in RELOAD_POLICIES:
-        raise ConfigError(f"kvdrive reload {policy!r} is not one of {', '.join(RELOAD_POLICIES)}")
-    return policy
-
-
-GIL_SWITCH_MS = 0.5  # default: see gil_switch_s_from
+    return KvdriveSettings.from_extra_config(extra).reload
 
 
 def gil_switch_s_from(extra: dict | None) -> float:
@@ -179,8 +161,7 @@ def gil_switch_s_from(extra: dict | None) -> float:
     interval to get it back, many times per page: storage reloads measured ~9 ms per page at 5 ms against 0.5-1 ms
     at 0.5 ms beside a spinning thread (0.04-0.16 ms uncontended). A shorter interval only costs while another
     thread is runnable, i.e. while the overlap it buys is happening."""
-    section = (extra or {}).get("kvdrive") if isinstance(extra, dict) else None
-    return checked_gil_switch_ms((section or {}).get("gil_switch_ms", GIL_SWITCH_MS), "kvdrive gil_switch_ms") / 1000
+    return KvdriveSettings.from_extra_config(extra).gil_switch_s
 
 
 def apply_gil_switch(seconds: float) -> None:
@@ -197,23 +178,17 @@ def apply_gil_switch(seconds: float) -> None:
 
 def promoter_config_from(extra: dict | None) -> PromoterConfig:
     """``{'kvdrive': {'promoter': {...}}}``: PromoterConfig fields (bandwidths, prefill tokens/s, half-life)."""
-    kvdrive = extra.get("kvdrive") if isinstance(extra, dict) else None
-    section = (kvdrive.get("promoter") if isinstance(kvdrive, dict) else None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"kvdrive promoter options must be an object, got {section!r}")
-    try:
-        return PromoterConfig(**section)
-    except TypeError as e:
-        raise ConfigError(f"kvdrive promoter options: {e}") from None
+    return KvdriveSettings.from_extra_config(extra).promoter_config()
 
 
 class KvdriveStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
         self.storage_config = storage_config
-        self.tier_config = tier_config_from(storage_config.extra_config)
-        self.promoter = Promoter(promoter_config_from(storage_config.extra_config))
-        self.reload_policy = reload_policy_from(storage_config.extra_config)
-        apply_gil_switch(gil_switch_s_from(storage_config.extra_config))
+        self.settings = KvdriveSettings.from_extra_config(storage_config.extra_config)  # checked; names a bad key
+        self.tier_config = self.settings.tier_config()
+        self.promoter = Promoter(self.settings.promoter_config())
+        self.reload_policy = self.settings.reload
+        apply_gil_switch(self.settings.gil_switch_s)
         self.engine = TierEngine(self.tier_config)
         # selective write-down: a page reaches the disk only once the promoter finds it worth keeping (reused, a
         # conversation's continuation, ...), so disk bandwidth is not spent on one-off prompts

@@ -52,9 +52,6 @@ class ServerArgsAdapter(Protocol):
     def cli_parser(self):
         """An argparse parser holding SGLang's own server flags (what ``prepare_server_args`` parses)."""
 
-    def engine_server_args(self, **kwargs) -> Any:
-        """The ServerArgs ``sglang.Engine(**kwargs)`` builds, built the way Engine builds it (no server starts)."""
-
 
 def _register_cli_hooks(hooks: FlagHooks) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -95,9 +92,6 @@ class _DataclassGeneration:
 
     cli_parser = staticmethod(_cli_parser)
 
-    def engine_server_args(self, **kwargs):
-        return _engine_class().server_args_class(**kwargs)
-
 
 class _StructGeneration:
     name = "struct"
@@ -109,6 +103,8 @@ class _StructGeneration:
 
             if multiprocessing.parent_process() is not None:
                 return  # a scheduler / detokenizer process: no Engine is built here; leave its imports alone
+            # else the launcher (which imports Engine anyway), or a program that loaded the plugins itself before
+            # it builds an Engine: that Engine's load_plugins() is then a no-op, so the class is set up now
         # Not through HookRegistry, because none of its ways works here: a hook on Engine.__init__ is applied by
         # the load_plugins() call *inside* the first Engine.__init__, too late for that call; hooks on ServerArgs'
         # __init__/__new__ never run (msgspec); and a REPLACE hook on Engine.server_args_class would also rebind
@@ -121,9 +117,6 @@ class _StructGeneration:
             engine.server_args_class = _expanding_subclass(current, hooks.expand_kwargs)
 
     cli_parser = staticmethod(_cli_parser)
-
-    def engine_server_args(self, **kwargs):
-        return _engine_class().server_args_class(**kwargs)
 
 
 def _expanding_subclass(base: type, expand: Callable[[dict], dict]) -> type:

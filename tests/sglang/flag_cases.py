@@ -3,18 +3,30 @@
     python -m tests.sglang.flag_cases DIR FILE      -> the fixed cases below
     python -m tests.sglang.flag_cases --argv CASES  -> each case of the JSON file CASES ({"case": name, "argv": [...]}
                                                        lists, appended to the base arguments): many in one process
+    python -m tests.sglang.flag_cases --engine DIR  -> sglang.Engine(kv_tier=...) as a user calls it, first thing in
+                                                       the process (SGLang loads the plugins inside Engine.__init__),
+                                                       stopped right after Engine built its ServerArgs: needs
+                                                       SGLANG_RUST_SERVER=1 (Engine refuses that setting next, before
+                                                       it starts anything)
 One JSON object per line: {"case", "ok", "fields" | "error", "exit"}
 """
 import contextlib
+import inspect
 import io
 import json
+import os
 import sys
 
-from sglang.srt.plugins import load_plugins
+if sys.argv[1] == "--engine":
+    # before anything loads the plugins: the first Engine() call is the one that loads them
+    from sglang.srt.entrypoints.engine import Engine
+else:
+    from sglang.srt.plugins import load_plugins
 
-load_plugins()
+    load_plugins()
+    from sglang.srt.entrypoints.engine import Engine  # noqa: E402
 
-from sglang.srt.server_args import ServerArgs, prepare_server_args  # noqa: E402
+from sglang.srt.server_args import prepare_server_args  # noqa: E402
 
 FIELDS = ("enable_hierarchical_cache", "hicache_storage_backend", "hicache_storage_backend_extra_config",
           "radix_cache_backend", "hicache_io_backend", "hicache_mem_layout", "hicache_ratio")
@@ -25,7 +37,8 @@ def run(case, fn):
     try:
         with contextlib.redirect_stderr(err):
             sa = fn()
-        out = {"case": case, "ok": True, "fields": {f: getattr(sa, f) for f in FIELDS}}
+        out = {"case": case, "ok": True, "fields": {f: getattr(sa, f) for f in FIELDS},
+               "type": f"{type(sa).__module__}.{type(sa).__qualname__}"}
     except SystemExit as e:
         out = {"case": case, "ok": False, "exit": e.code, "error": err.getvalue().strip().splitlines()[-1:]}
     except Exception as e:  # noqa: BLE001
@@ -33,7 +46,31 @@ def run(case, fn):
     print(json.dumps(out), flush=True)
 
 
+def engine_server_args(**kwargs):
+    """The real Engine.__init__ up to its ServerArgs: SGLANG_RUST_SERVER makes it raise right after building them."""
+    assert os.environ.get("SGLANG_RUST_SERVER") == "1", "set SGLANG_RUST_SERVER=1, or Engine starts a server"
+    assert "SGLANG_RUST_SERVER" in inspect.getsource(Engine.__init__), "this SGLang's Engine would start a server"
+    engine = Engine.__new__(Engine)
+    try:
+        engine.__init__(**kwargs)
+    except ValueError as e:
+        if "SGLANG_RUST_SERVER" not in str(e):
+            raise
+    return engine.server_args
+
+
 base = ["--model-path", "dummy", "--device", "cpu"]
+if sys.argv[1] == "--engine":
+    d = sys.argv[2]
+    run("engine-first-call", lambda: engine_server_args(model_path="dummy", device="cpu", kv_tier="kvdrive",
+                                                        kvdrive_dir=d, kvdrive_host_gb=1, kvdrive_codec="raw"))
+    run("engine-plain", lambda: engine_server_args(model_path="dummy", device="cpu"))
+    run("engine-first-conflict", lambda: engine_server_args(model_path="dummy", device="cpu", kv_tier="kvdrive",
+                                                            kvdrive_dir=d, radix_cache_backend="lmcache"))
+    run("engine-bad-codec", lambda: engine_server_args(model_path="dummy", device="cpu", kv_tier="kvdrive",
+                                                       kvdrive_dir=d, kvdrive_codec="lz4"))
+    run("engine-option-without-tier", lambda: engine_server_args(model_path="dummy", device="cpu", kvdrive_dir=d))
+    sys.exit(0)
 if sys.argv[1] == "--argv":
     with open(sys.argv[2]) as f:
         for c in json.load(f):
@@ -60,10 +97,11 @@ run("bad-codec", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--
 run("bad-gb", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
                                                   "--kvdrive-disk-gb", "-3"]))
 run("dir-is-a-file", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", sys.argv[2]]))
-run("engine-kwargs", lambda: ServerArgs(model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d,
-                                        kvdrive_host_gb=1))
-run("engine-conflict", lambda: ServerArgs(model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d,
-                                          hicache_storage_backend="file"))
+# what Engine.__init__ does with its keywords once the plugins are loaded: self.server_args_class(**kwargs)
+run("engine-kwargs", lambda: Engine.server_args_class(model_path="dummy", device="cpu", kv_tier="kvdrive",
+                                                      kvdrive_dir=d, kvdrive_host_gb=1))
+run("engine-conflict", lambda: Engine.server_args_class(model_path="dummy", device="cpu", kv_tier="kvdrive",
+                                                        kvdrive_dir=d, hicache_storage_backend="file"))
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     try:

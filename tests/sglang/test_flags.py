@@ -75,7 +75,88 @@ def test_engine_kwargs_expand_too(cases):
     f = c["engine-kwargs"]["fields"]
     assert f["hicache_storage_backend"] == "dynamic" and f["radix_cache_backend"] == "kvdrive"
     assert json.loads(f["hicache_storage_backend_extra_config"])["kvdrive"]["host_bytes"] == 1 << 30
+    assert c["engine-kwargs"]["type"] == "sglang.srt.server_args.ServerArgs"  # a plain record, whatever built it
     assert "--hicache-storage-backend" in c["engine-conflict"]["error"][0]
+
+
+def test_engine_first_call_expands_kv_tier(tmp_path):
+    """``sglang.Engine(kv_tier="kvdrive", ...)`` as a user calls it, first thing in a fresh process: the real
+    Engine.__init__ loads the plugins itself and then builds its ServerArgs (on SGLang 0.5.20+ a sealed msgspec
+    Struct that takes no unknown keyword). SGLANG_RUST_SERVER=1 stops Engine right after that, before it starts
+    anything."""
+    d = tmp_path / "store"
+    env = {**os.environ, "SGLANG_RUST_SERVER": "1"}
+    p = subprocess.run([sys.executable, "-m", "tests.sglang.flag_cases", "--engine", str(d)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = {r["case"]: r for r in map(json.loads, (ln for ln in p.stdout.splitlines() if ln.startswith("{")))}
+    first = c["engine-first-call"]
+    assert first["ok"] is True, first
+    f = first["fields"]
+    assert first["type"] == "sglang.srt.server_args.ServerArgs"
+    assert f["enable_hierarchical_cache"] is True and f["radix_cache_backend"] == "kvdrive"
+    assert f["hicache_storage_backend"] == "dynamic"
+    assert json.loads(f["hicache_storage_backend_extra_config"])["kvdrive"] == {
+        "dir": str(d), "host_bytes": 1 << 30, "disk_bytes": 64 << 30, "codec": "raw"}
+    assert (f["hicache_io_backend"], f["hicache_mem_layout"]) == ("direct", "layer_first")
+    plain = c["engine-plain"]["fields"]
+    assert plain["enable_hierarchical_cache"] is False and plain["radix_cache_backend"] is None
+    for case, words in (("engine-first-conflict", ["--radix-cache-backend", "'lmcache'"]),
+                        ("engine-bad-codec", ["'lz4'", "zstd"]),
+                        ("engine-option-without-tier", ["kvdrive_dir", "kv_tier='kvdrive'"])):
+        r = c[case]
+        assert r["ok"] is False and len(r["error"]) == 1 and r["error"][0].startswith("ConfigError: "), r
+        for w in words:
+            assert w in r["error"][0], (w, r)
+
+
+def test_the_adapter_matches_this_sglang():
+    """The ServerArgs generation is chosen by feature: a msgspec Struct (0.5.20 on) or a dataclass (before)."""
+    import dataclasses
+
+    from sglang.srt.server_args import ServerArgs
+
+    from kvdrive_sglang.compat.server_args import server_args_adapter
+
+    adapter = server_args_adapter()
+    assert adapter.name == ("dataclass" if dataclasses.is_dataclass(ServerArgs) else "struct")
+    assert any(a.dest == "enable_hierarchical_cache" for a in adapter.cli_parser()._actions)
+
+
+def test_one_settings_object_from_flags_to_the_storage_backend(tmp_path):
+    """The flags' settings, written into SGLang's extra config and read back by the storage backend's one call, are
+    the same settings; both ends run the same checks, each naming the setting as its input spelled it."""
+    from kvdrive_sglang.config import KvdriveSettings
+    from kvdrive_sglang.tier.errors import ConfigError
+
+    s = KvdriveSettings.from_flags({"kvdrive_dir": str(tmp_path), "kvdrive_host_gb": "0.5", "kvdrive_disk_gb": 2,
+                                    "kvdrive_codec": "raw", "kvdrive_reload": "always",
+                                    "kvdrive_promoter": '{"half_life_s": 30}', "kvdrive_gil_switch_ms": "1",
+                                    "kvdrive_tenants": '{"t": {"ttl_s": 5}}'})
+    extra = json.loads(json.dumps(s.to_extra_config()))  # as SGLang hands it over: plain JSON
+    assert extra["kvdrive"] == {"dir": str(tmp_path), "host_bytes": 1 << 29, "disk_bytes": 2 << 30, "codec": "raw",
+                                "tenants": {"t": {"ttl_s": 5}}, "promoter": {"half_life_s": 30}, "reload": "always",
+                                "gil_switch_ms": 1.0}
+    back = KvdriveSettings.from_extra_config(extra)
+    assert back == s
+    tier = back.tier_config()
+    assert (tier.path, tier.host_bytes, tier.disk_bytes, tier.codec, tier.write_policy) == (
+        str(tmp_path), 1 << 29, 2 << 30, "raw", "selective")
+    assert back.promoter_config().half_life_s == 30 and back.gil_switch_s == 0.001
+    for flags, extra_section, flag_msg, key_msg in (
+            ({"kvdrive_codec": "lz4"}, {"codec": "lz4"}, "--kvdrive-codec 'lz4'", "kvdrive codec 'lz4'"),
+            ({"kvdrive_reload": "x"}, {"reload": "x"}, "--kvdrive-reload 'x'", "kvdrive reload 'x'"),
+            ({"kvdrive_gil_switch_ms": "500"}, {"gil_switch_ms": 500}, "--kvdrive-gil-switch-ms",
+             "kvdrive gil_switch_ms"),
+            ({"kvdrive_promoter": "[1]"}, {"promoter": [1]}, "--kvdrive-promoter must be a JSON object",
+             "kvdrive promoter must be a JSON object"),
+            ({"kvdrive_promoter": '{"colour": 1}'}, {"promoter": {"colour": 1}}, "--kvdrive-promoter: ", "colour")):
+        with pytest.raises(ConfigError, match=flag_msg):
+            KvdriveSettings.from_flags({"kvdrive_dir": str(tmp_path), **flags})
+        with pytest.raises(ConfigError, match=key_msg):
+            KvdriveSettings.from_extra_config({"kvdrive": {"dir": str(tmp_path), **extra_section}})
+    with pytest.raises(ConfigError, match="unknown kvdrive storage option"):
+        KvdriveSettings.from_extra_config({"kvdrive": {"dir": str(tmp_path), "host_gb": 1}})
 
 
 def test_help_lists_kvdrive_options(cases):

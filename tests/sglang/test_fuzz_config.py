@@ -194,6 +194,45 @@ def test_flag_values_through_the_plugin(tmp_path):
         assert any(f in line for f in given) or any(v in line for v in shown), (c, line)
 
 
+FLAG_VALUES = {"kvdrive_host_gb": st.one_of(st.sampled_from(GB_VALUES), EDGY),
+               "kvdrive_disk_gb": st.one_of(st.sampled_from(GB_VALUES), EDGY),
+               "kvdrive_codec": st.one_of(st.sampled_from(CODECS), EDGY),
+               "kvdrive_reload": st.one_of(st.sampled_from(["auto", "always", "never", ""]), EDGY),
+               "kvdrive_gil_switch_ms": st.one_of(st.sampled_from(["0", "0.5", "100", "101", "-1", "fast"]), EDGY),
+               "kvdrive_promoter": st.one_of(st.sampled_from(['{"half_life_s": 30}', '{"promote_share": 2}', "[1]",
+                                                              "{nope", '{"bogus": 1}', "{}"]), EDGY),
+               "kvdrive_tenants": st.one_of(st.sampled_from(['{"t": {"ttl_s": 5}}', '{"t": {"ttl_s": "soon"}}',
+                                                             '{"t": {"share_as": "g"}}', "{}"]), EDGY)}
+
+
+def test_settings_from_flags_round_trip_through_the_extra_config(tmp_path):
+    """Engine keywords / flag values in any shape: the settings the launcher accepts come back identical from the
+    extra config the storage backend reads (one object, one check); the rest fail as a ConfigError naming the
+    flag, or a value it was given."""
+    from kvdrive_sglang.config import FLAGS, KvdriveSettings
+
+    flag_of = {f.dest: f.flag for f in FLAGS}
+
+    @FUZZ
+    @given(values=st.fixed_dictionaries({}, optional=FLAG_VALUES))
+    @example(values={"kvdrive_disk_gb": "1e-12"})  # rounds to 0 bytes: refused in the launcher
+    @example(values={"kvdrive_host_gb": True})
+    @example(values={"kvdrive_host_gb": 1e300})  # was an OverflowError (no byte count)
+    @example(values={"kvdrive_promoter": "{}", "kvdrive_tenants": "{}"})  # was read back as None, not {}
+    def check(values):
+        CASES["settings_round_trip"] += 1
+        try:
+            s = KvdriveSettings.from_flags({"kvdrive_dir": str(tmp_path), **values})
+        except ConfigError as e:
+            msg = str(e)
+            assert "\n" not in msg
+            assert any(flag_of[k] in msg for k in values) or "tenants" in msg or "promoter" in msg, (values, msg)
+            return
+        back = KvdriveSettings.from_extra_config(json.loads(json.dumps(s.to_extra_config())))
+        assert back == s and back.tier_config() == s.tier_config()
+    check()
+
+
 # --- KvdriveStorage calls ----------------------------------------------------------------------------------------------
 def test_storage_calls_with_odd_keys_and_host_indices(tmp_path):
     host = make_host()
