@@ -32,6 +32,7 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from .compat import radix_adapter
 from .cost_meter import ReloadMeter
 from .config import GIL_SWITCH_MS, KvdriveSettings  # noqa: F401 - GIL_SWITCH_MS: re-exported
 from .host_pages import HostPages
@@ -99,6 +100,8 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
     if config.should_split_heads:
         extra["split_heads_lcm"] = str(config.tp_lcm_size)
     extra.update(_newer_ranks(config))
+    # how SGLang derives page keys on this version: a store written under another scheme is missed, never misread
+    extra.update(radix_adapter().namespace_fields())
     return Namespace(model=model_identity(config.model_name), kv_dtype=kv_dtype_name(host_pool.dtype),
                      layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
                      head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
