@@ -1,4 +1,4 @@
-"""End to end: real SGLang 0.5.17 servers serving the same workload in each cache configuration, side by side.
+"""End to end: real SGLang servers (0.5.17 - 0.5.23, whichever is installed) serving the same workload in each cache configuration, side by side.
 
     python bench/e2e_bench.py                     # --preset demo: tiny model, radix-only vs kvdrive (+ restart), ~100 s
     python bench/e2e_bench.py --preset cpu        # prefill-heavy CPU model, radix / HiCache+file / kvdrive (+ restarts)
