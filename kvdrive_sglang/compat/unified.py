@@ -41,6 +41,9 @@ TREE_CORE = "kvdrive"
 _STORAGE_HASH_TARGET = "sglang.srt.mem_cache.utils.get_storage_hash_str"
 _NO_POLICY = Tenants()
 _policy: Tenants = _NO_POLICY  # the operator's tenant policy, from kvdrive's storage backend (set when bound)
+# Whether this process runs kvdrive's radix cache. The key hook is registered whenever the plugin loads; without
+# kvdrive's cache (a plain SGLang server in the same environment) it must leave SGLang's keys exactly as they are.
+_active = False
 
 
 def tenant_salt(extra_key: Optional[str], cache_salt: Optional[str]) -> Optional[str]:
@@ -65,7 +68,7 @@ def tagged_root_prior(key: Any) -> Optional[str]:
 
 
 def _around_get_storage_hash_str(original, key, prior_hash=None, page_size=None):
-    if prior_hash is None:  # a chain's first page: SGLang would seed it with its namespace seed
+    if prior_hash is None and _active:  # a chain's first page: SGLang would seed it with its namespace seed
         prior_hash = tagged_root_prior(key)
     return original(key, prior_hash, page_size=page_size)
 
@@ -89,6 +92,8 @@ class KvdriveUnifiedRadixCache(KvdriveCacheMixin, UnifiedRadixCache):
     """UnifiedRadixCache with kvdrive's additions (see the module docstring)."""
 
     def __init__(self, params):
+        global _active
+        _active = True  # before SGLang's __init__: its storage controller hashes from then on
         self._kvdrive_init_state()
         ensure_hash_hooks()  # before the controller attaches: it hashes with the hooked functions
         super().__init__(replace(params, tree_core_backend=TREE_CORE))

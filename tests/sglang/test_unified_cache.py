@@ -518,3 +518,18 @@ def test_restart_serves_the_tenant_from_storage_and_no_one_else(tmp_path, server
     assert cache.kvdrive_stats() == want
     assert srv.backend.tier_stats()["radix"] == {k: v for k, v in want.items() if v}
     assert srv.backend.tier_stats()["disk"]["hits"] == 4
+
+
+def test_without_kvdrives_cache_in_the_process_salted_keys_stay_sglangs(monkeypatch):
+    """The key hook is registered wherever the plugin loads; a plain SGLang server in the same environment (no
+    kvdrive radix cache built in its process) must compute exactly SGLang's keys."""
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    monkeypatch.setattr(unified, "_active", False)
+    tokens = list(range(300, 316))
+    key = RadixKey(array("q", tokens), "lora-1", cache_salt="alice")
+    assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == \
+        sglang_keys(tokens, extra_key="lora-1", cache_salt="alice")
+    monkeypatch.setattr(unified, "_active", True)  # the same call where kvdrive's cache runs: tagged
+    assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == \
+        tenant_keys(tokens, "alice/lora-1", extra_key="lora-1", cache_salt="alice")
