@@ -145,7 +145,7 @@ class Replay:
         P, O = req.prompt, req.output
         keys = [str(x) for x in P]
         m = self.gpu.match(P)
-        g = len(m.device_indices)
+        g = len(self.gpu.hit(m))
         h = 0
         if self.host is not None:
             h = self.host.leading_hits(P, g)

@@ -1,4 +1,5 @@
-"""L1 of the replay: SGLang 0.5.17's own RadixCache on CPU with real pools, one tree token per 64-token page.
+"""L1 of the replay: SGLang's own RadixCache (0.5.17 - 0.5.23) on CPU with real pools, one tree token per 64-token
+page.
 
 The tree is driven as the scheduler drives it: match_prefix + inc_lock_ref, then evict / alloc / insert /
 dec_lock_ref when the request finishes. Every trace boundary is page-aligned, so a page-id tree has the shape and the
@@ -28,9 +29,9 @@ class Gpu:
         class BenchRadixCache(RadixCache):
             removed: list
 
-            def _record_remove_event(self, node, medium=None):
+            def _delete_leaf(self, node):  # eviction's one removal step, on every supported SGLang
                 self.removed.extend(node.key.token_ids)
-                super()._record_remove_event(node, medium)
+                super()._delete_leaf(node)
 
         self.torch = torch
         kv = MHATokenToKVPool(size=pages, page_size=1, dtype=torch.float16, head_num=1, head_dim=1, layer_num=1,
@@ -46,6 +47,13 @@ class Gpu:
             self.tree.eviction_strategy = strategy
         self.pages = pages
 
+    def hit(self, m):
+        """The device indices of a match's cached prefix (a MatchResult field up to SGLang 0.5.20; later ones give
+        its length and the node, whose path holds them)."""
+        if hasattr(m, "device_indices"):
+            return m.device_indices
+        return self.tree.path_device_indices(m.last_device_node)[:m.device_prefix_len]
+
     def match(self, ids):
         from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -57,7 +65,8 @@ class Gpu:
         """Insert the finished request (prompt + answer); returns the page ids the tree evicted to make room."""
         from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
-        g = len(m.device_indices)
+        prefix = self.hit(m)
+        g = len(prefix)
         need = len(ids) - g
         avail = self.alloc.available_size()
         if avail < need:
@@ -65,7 +74,7 @@ class Gpu:
         new = self.alloc.alloc(need)
         if new is None:
             raise ReplayError(f"GPU tier of {self.pages} pages cannot hold one request of {len(ids)} pages")
-        value = self.torch.cat([m.device_indices, new])
+        value = self.torch.cat([prefix.to(new.dtype), new])
         res = self.tree.insert(InsertParams(key=RadixKey(array("q", ids)), value=value))
         if res.prefix_len > g:
             self.alloc.free(value[g:res.prefix_len])

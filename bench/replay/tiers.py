@@ -60,14 +60,16 @@ class HostTier:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
         from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
+        from kvdrive_sglang.compat.host_pools import make_host_pool
+
         if pages < 1:
             raise ReplayError(f"host tier of {pages} pages")
         head_dim = synth.nbytes // (2 * 2)  # K and V, bf16: one token of head_dim elements is one synthetic page
         dev = MHATokenToKVPool(size=1, page_size=1, dtype=torch.bfloat16, head_num=1, head_dim=head_dim, layer_num=1,
                                device="cpu", enable_memory_saver=False)
         # SGLang sizes the host pool as device size x ratio (then one page more); ratio = pages makes it ``pages``
-        self.pool = MHATokenToKVPoolHost(dev, host_to_device_ratio=pages + 0.5, host_size=0, page_size=1,
-                                         layout="layer_first", pin_memory=False, device="cpu")
+        self.pool = make_host_pool(MHATokenToKVPoolHost, dev, host_to_device_ratio=pages + 0.5, host_size=0,
+                                   page_size=1, layout="layer_first", pin_memory=False, device="cpu")
         self.capacity = self.pool.available_size()
         self.synth = synth
         self.slot: OrderedDict[int, int] = OrderedDict()  # page id -> host index; front = least recently used

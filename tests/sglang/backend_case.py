@@ -1,5 +1,4 @@
 """Real SGLang CPU pools + KvdriveStorage, shared by the contract test and its restart subprocess."""
-import inspect
 import json
 
 import torch
@@ -10,6 +9,7 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 from kvdrive_sglang import cpu_fallbacks
+from kvdrive_sglang.compat.host_pools import host_pool_args, make_host_pool
 from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
 
 PAGE = 4
@@ -19,9 +19,8 @@ def make_host(layout="layer_first", dtype=torch.bfloat16, heads=2, head_dim=16, 
     cpu_fallbacks.install()
     kv = MHATokenToKVPool(size=size, page_size=PAGE, dtype=dtype, head_num=heads, head_dim=head_dim,
                           layer_num=layers, device="cpu", enable_memory_saver=False)
-    return MHATokenToKVPoolHost(*_host_source(MHATokenToKVPoolHost, kv), host_to_device_ratio=2.0, host_size=0,
-                                page_size=PAGE, layout=layout, pin_memory=False, device="cpu",
-                                **_host_extra(MHATokenToKVPoolHost, kv))
+    return make_host_pool(MHATokenToKVPoolHost, kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
+                          layout=layout, pin_memory=False, device="cpu")
 
 
 def make_mla_host(layout="layer_first", dtype=torch.bfloat16, size=64):
@@ -30,27 +29,9 @@ def make_mla_host(layout="layer_first", dtype=torch.bfloat16, size=64):
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
     kv = MLATokenToKVPool(size=size, page_size=PAGE, dtype=dtype, kv_lora_rank=32, qk_rope_head_dim=8, layer_num=2,
                           device="cpu", enable_memory_saver=False)
-    extra = _host_extra(MLATokenToKVPoolHost, kv)
-    if extra:
-        extra["target_layer_num"] = kv.layer_num
-    return MLATokenToKVPoolHost(*_host_source(MLATokenToKVPoolHost, kv), host_to_device_ratio=2.0, host_size=0,
-                                page_size=PAGE, layout=layout, pin_memory=False, device="cpu", **extra)
-
-
-def _new_host_api(host_cls) -> bool:
-    """SGLang 0.5.21 on: a host pool is built from its device pool's buffer info and capacity (what SGLang's own
-    hybrid_pool_assembler hands it), no longer from the device pool itself."""
-    return "device_capacity_tokens" in inspect.signature(host_cls.__init__).parameters
-
-
-def _host_source(host_cls, kv) -> tuple:
-    return (kv.get_device_pool_infos()[0].buffer_info,) if _new_host_api(host_cls) else (kv,)
-
-
-def _host_extra(host_cls, kv) -> dict:
-    if not _new_host_api(host_cls):
-        return {}
-    return dict(device_capacity_tokens=kv.size, start_layer=kv.start_layer, end_layer=kv.end_layer)
+    extra = {"target_layer_num": kv.layer_num} if host_pool_args(MLATokenToKVPoolHost, kv)[1] else {}
+    return make_host_pool(MLATokenToKVPoolHost, kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
+                          layout=layout, pin_memory=False, device="cpu", **extra)
 
 
 def make_backend(store_dir, host, *, tp_rank=0, tp_size=1, model="tiny-llama", mla=False, codec="zstd",

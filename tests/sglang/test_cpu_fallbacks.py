@@ -13,7 +13,7 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E40
 
 from kvdrive_sglang import cpu_fallbacks  # noqa: E402
 
-from .backend_case import _host_extra, _host_source  # noqa: E402 - the host pool's constructor differs by version
+from kvdrive_sglang.compat.host_pools import make_host_pool  # noqa: E402 - the constructor differs by version
 
 
 def device_pool(page=4, size=64):
@@ -25,8 +25,7 @@ def test_install_is_idempotent_and_host_pools_come_unpinned():
     assert cpu_fallbacks.install() is True and cpu_fallbacks.install() is True
     # pin_memory=True passed positionally, as SGLang's builders may: still constructs on a CPU-only machine
     kv = device_pool()
-    host = MHATokenToKVPoolHost(*_host_source(MHATokenToKVPoolHost, kv), 2.0, 0, 4, "layer_first", True, "cpu",
-                                **_host_extra(MHATokenToKVPoolHost, kv))
+    host = make_host_pool(MHATokenToKVPoolHost, kv, 2.0, 0, 4, "layer_first", True, "cpu")
     assert host.pin_memory is False and not host.kv_buffer.is_pinned()
 
 
@@ -34,8 +33,7 @@ def test_install_is_idempotent_and_host_pools_come_unpinned():
 def test_device_to_host_and_back_through_the_direct_io_backend(layout):
     cpu_fallbacks.install()
     kv = device_pool()
-    host = MHATokenToKVPoolHost(*_host_source(MHATokenToKVPoolHost, kv), 2.0, 0, 4, layout, pin_memory=False,
-                                device="cpu", **_host_extra(MHATokenToKVPoolHost, kv))
+    host = make_host_pool(MHATokenToKVPoolHost, kv, 2.0, 0, 4, layout, pin_memory=False, device="cpu")
     dev_idx = torch.arange(8, 16)
     for layer in range(kv.layer_num):
         kv.k_buffer[layer][dev_idx] = torch.randn(8, 2, 8).to(torch.bfloat16)
