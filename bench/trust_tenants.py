@@ -44,6 +44,7 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 from kvdrive_sglang import cpu_fallbacks
+from kvdrive_sglang.compat.host_pools import make_host_pool
 from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
 from kvdrive_sglang.radix_backend import kvdrive_hash
 from kvdrive_sglang.tier.cli import main as kvdrive_cli
@@ -59,8 +60,8 @@ def host_pool(pages: int):
     cpu_fallbacks.install()
     kv = MHATokenToKVPool(size=pages * PAGE, page_size=PAGE, dtype=torch.bfloat16, head_num=2, head_dim=64,
                           layer_num=2, device="cpu", enable_memory_saver=False)
-    return MHATokenToKVPoolHost(kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE, layout="layer_first",
-                                pin_memory=False, device="cpu")
+    return make_host_pool(MHATokenToKVPoolHost, kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
+                          layout="layer_first", pin_memory=False, device="cpu")
 
 
 class Store:
