@@ -46,6 +46,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench.bench_common import cpu_model  # noqa: E402
+from bench.bench_common import machine as common_machine  # noqa: E402
 from tests.e2e.server import SGLangServer, ServerError, gpu_present  # noqa: E402  (the e2e tests' server harness)
 from tests.e2e.tiny_model import WORDS, make_tiny_llama  # noqa: E402
 
@@ -413,8 +414,11 @@ def machine() -> str:
         import torch
 
         gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    m = common_machine(REPO)  # versions and the commit this ran (+uncommitted when the tree was dirty)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}{gpu}"
+           f"Python {platform.python_version()}{gpu}; SGLang {m['sglang']}, torch {m['torch']}; commit {m['git']}; " \
+           f"load average at start {load}"
 
 
 if __name__ == "__main__":
