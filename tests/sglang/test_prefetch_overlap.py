@@ -1,11 +1,18 @@
 """Disk -> host prefetch overlaps the scheduler loop: issued when a request enters the waiting queue, run on HiCache's
 I/O threads through kvdrive's tiers, and never waited on by the loop.
 
-Real SGLang objects of the HiRadixCache generation (0.5.17 - 0.5.20) on CPU: kvdrive's radix cache built through SGLang's registry with real pools and kvdrive's
-real ``KvdriveStorage`` (LMDB + segment files); the queue-entry step is SGLang's own ``Scheduler._prefetch_kvcache``
-(called with the two attributes it reads); the loop is what the scheduler runs for a waiting request every
-iteration (``check_hicache_events``, then ``check_prefetch_progress``). The disk is made slow by delaying ``os.preadv``
-(the segment-file read) by 0.4 s per call, so a loop that waited on it could not hide it.
+Real SGLang objects on CPU, on either radix-cache generation: kvdrive's radix cache built through SGLang's registry
+with real pools and kvdrive's real ``KvdriveStorage`` (LMDB + segment files). A prompt is served once and the server
+restarted, so its pages are on disk only. The queue-entry step is SGLang's own ``Scheduler._prefetch_kvcache``
+(called with the scheduler attributes it reads); the loop is what the scheduler runs for a waiting request every
+iteration (``check_hicache_events``, then ``check_prefetch_progress``). The disk is made slow by delaying
+``os.preadv`` (the segment-file read) by 0.4 s per call, so a loop that waited on it could not hide it.
+
+- HiRadixCache generation (0.5.17 - 0.5.20): the cache built from hand-made pools as in test_radix_backend.py; the
+  prompt written through ``cache_finished_req``; prefetches keyed by request id.
+- UnifiedRadixCache generation (0.5.21 on): the scheduler process of tests/sglang/unified_driver.py (the prompt
+  served through SGLang's PrefillAdder, prepare_for_extend and release_kv_cache); prefetches keyed by the request's
+  ``cache_request_handle``, handed over by ``pop_prefetch_loaded_span``.
 """
 from __future__ import annotations
 
@@ -19,9 +26,14 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("sglang")
-pytest.importorskip("sglang.srt.mem_cache.hiradix_cache",
-                    reason="drives HiRadixCache's request API (cache_finished_req, rid-keyed prefetch); on SGLang "
-                           "0.5.21 on the overlap is covered by the e2e storage-hit tests")
+
+from kvdrive_sglang.compat import radix_adapter  # noqa: E402
+from kvdrive_sglang.tier.errors import ConfigError  # noqa: E402
+
+try:
+    _GENERATION = radix_adapter().name
+except ConfigError as e:  # an SGLang with neither generation's seams
+    pytest.skip(str(e), allow_module_level=True)
 
 import torch  # noqa: E402
 
@@ -32,7 +44,6 @@ cpu_fallbacks.install()
 from sglang.srt.managers.schedule_batch import Req  # noqa: E402
 from sglang.srt.managers.scheduler import Scheduler  # noqa: E402
 from sglang.srt.mem_cache import registry  # noqa: E402
-from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext  # noqa: E402
@@ -45,12 +56,31 @@ PAGE = 4
 PROMPT = list(range(2000, 2032))  # 8 pages
 DISK_DELAY_S = 0.4
 LOOP_STEP_BUDGET_S = 0.1  # one scheduler iteration's cache calls: far below one disk read
+# kvdrive's settings on both generations. A prefill of 1 token/s: reloading always wins, so every stored page is
+# claimed
+KVDRIVE = {"host_bytes": 1 << 20, "promoter": {"prefill_tokens_per_s": 1.0}}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _group(process_group):  # tests/sglang/conftest.py
     yield
 
+
+@pytest.fixture(autouse=True)
+def _runtime_context():
+    """The unified generation's Server publishes its ServerArgs (as SGLang's scheduler process does); put back what
+    was there."""
+    if _GENERATION != "unified":
+        yield
+        return
+    from sglang.srt.runtime_context import restore_context, snapshot_context
+
+    saved = snapshot_context()
+    yield
+    restore_context(saved)
+
+
+# ------------------------------------------------------------------------------- HiRadixCache generation (0.5.17)
 
 class _Worker:
     def register_hicache_layer_transfer_counter(self, counter):
@@ -60,12 +90,12 @@ class _Worker:
 def build(store_dir):
     kv = MHATokenToKVPool(size=512, page_size=PAGE, dtype=torch.float16, head_num=2, head_dim=8, layer_num=2,
                           device="cpu", enable_memory_saver=False)
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
     allocator = TokenToKVPoolAllocator(size=512, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False)
     req_pool = ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
     extra = {"backend_name": "kvdrive", "module_path": "kvdrive_sglang.storage_backend", "class_name": "KvdriveStorage",
-             "interface_v1": 1, "prefetch_threshold": PAGE,
-             # a prefill of 1 token/s: reloading always wins, so every stored page is claimed
-             "kvdrive": {"dir": str(store_dir), "host_bytes": 1 << 20, "promoter": {"prefill_tokens_per_s": 1.0}}}
+             "interface_v1": 1, "prefetch_threshold": PAGE, "kvdrive": {"dir": str(store_dir), **KVDRIVE}}
     server_args = ServerArgs(model_path="dummy", device="cpu", page_size=PAGE, enable_hierarchical_cache=True,
                              hicache_ratio=2.0, hicache_io_backend="direct", hicache_mem_layout="layer_first",
                              hicache_write_policy="write_through", radix_cache_backend="kvdrive",
@@ -109,12 +139,94 @@ def write_prompt(cache):
         time.sleep(0.005)
 
 
-def test_prefetch_is_issued_at_queue_entry_and_the_loop_never_waits_on_disk(tmp_path, monkeypatch):
-    first = build(tmp_path)
-    write_prompt(first)
-    first.shutdown()  # detaches the backend: close() writes kvdrive's DRAM tier down; a restart finds it on disk
+class _HiRadix:
+    """The HiRadixCache generation's scheduler steps for one request (prefetches keyed by request id)."""
 
-    cache = build(tmp_path)  # "restarted": the pages are on disk only
+    def __init__(self, tmp_path):
+        self.store = tmp_path
+        self.cache = None
+
+    def restarted(self):
+        first = build(self.store)
+        try:
+            write_prompt(first)
+        finally:
+            first.shutdown()  # detaches the backend: close() writes kvdrive's DRAM tier down (to disk)
+        self.cache = build(self.store)  # "restarted": the pages are on disk only
+        return self.cache
+
+    def new_req(self, rid):
+        return make_req(rid)
+
+    def enter_queue(self, req):
+        """What Scheduler._add_request_to_queue does before appending the request to the waiting queue."""
+        Scheduler._prefetch_kvcache(SimpleNamespace(enable_hicache_storage=True, tree_cache=self.cache), req)
+
+    def prefetch_of(self, req):
+        return req.rid
+
+    def pop_loaded(self, prefetch):
+        return self.cache.pop_prefetch_loaded_tokens(prefetch)
+
+    def shutdown(self):
+        if self.cache is not None:
+            self.cache.shutdown()
+
+
+# -------------------------------------------------------------------------- UnifiedRadixCache generation (0.5.23)
+
+class _Unified:
+    """The UnifiedRadixCache generation's scheduler process (tests/sglang/unified_driver.py); prefetches keyed by the
+    request's cache_request_handle."""
+
+    def __init__(self, tmp_path):
+        from tests.sglang import unified_driver
+
+        self.driver = unified_driver
+        self.store = tmp_path / "store"
+        self.model_dir = unified_driver.make_model_dir(tmp_path / "model")
+        self.srv = None
+
+    def restarted(self):
+        first = self.driver.Server(self.store, self.model_dir, kvdrive=KVDRIVE)
+        try:
+            first.serve("writer", PROMPT)  # its KV goes device -> host -> kvdrive
+        finally:
+            first.shutdown()  # detaches the backend: close() writes kvdrive's DRAM tier down
+        self.srv = self.driver.Server(self.store, self.model_dir, kvdrive=KVDRIVE)  # the pages are on disk only
+        assert isinstance(self.srv.backend, KvdriveStorage)
+        return self.srv.cache
+
+    def new_req(self, rid):
+        return self.srv.new_req(rid, PROMPT)
+
+    def enter_queue(self, req):
+        """What Scheduler._add_request_to_queue does before appending the request to the waiting queue: SGLang's own
+        Scheduler._prefetch_kvcache, called with the scheduler attributes it reads (Server.enter_queue)."""
+        self.srv.enter_queue(req)
+
+    def prefetch_of(self, req):
+        return req.cache_request_handle
+
+    def pop_loaded(self, prefetch):
+        return self.srv.cache.pop_prefetch_loaded_span(prefetch)[0]
+
+    def shutdown(self):
+        if self.srv is not None:
+            self.srv.shutdown()
+
+
+@pytest.fixture
+def generation(tmp_path):
+    gen = {"hiradix": _HiRadix, "unified": _Unified}[_GENERATION](tmp_path)
+    yield gen
+    gen.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------- test
+
+def test_prefetch_is_issued_at_queue_entry_and_the_loop_never_waits_on_disk(generation, monkeypatch):
+    cache = generation.restarted()  # PROMPT served once, then a restart: its pages are on disk only
     backend = cache.cache_controller.storage_backend
     assert backend.engine.stats().disk.entries >= len(PROMPT) // PAGE
     reads: list[tuple[float, str]] = []
@@ -127,25 +239,25 @@ def test_prefetch_is_issued_at_queue_entry_and_the_loop_never_waits_on_disk(tmp_
 
     monkeypatch.setattr(os, "preadv", slow_preadv)
     try:
-        req = make_req("r1")
+        req = generation.new_req("r1")
+        prefetch = generation.prefetch_of(req)
         t0 = time.monotonic()
-        # what Scheduler._add_request_to_queue does before appending the request to the waiting queue
-        Scheduler._prefetch_kvcache(SimpleNamespace(enable_hicache_storage=True, tree_cache=cache), req)
+        generation.enter_queue(req)  # SGLang's Scheduler._prefetch_kvcache
         issued_in = time.monotonic() - t0
-        assert "r1" in cache.ongoing_prefetch, "no storage prefetch was started at queue entry"
+        assert prefetch in cache.ongoing_prefetch, "no storage prefetch was started at queue entry"
         assert issued_in < LOOP_STEP_BUDGET_S, f"queue entry took {issued_in:.3f} s: it waited on the store"
 
         steps, slowest, done = 0, 0.0, False
         while not done:
             s0 = time.monotonic()
             cache.check_hicache_events()
-            done = cache.check_prefetch_progress("r1")
+            done = cache.check_prefetch_progress(prefetch)
             slowest = max(slowest, time.monotonic() - s0)
             steps += 1
             assert time.monotonic() - t0 < 30, "prefetch never completed"
             if not done:
                 time.sleep(0.01)  # the rest of a scheduler iteration (a forward pass elsewhere)
-        loaded = cache.pop_prefetch_loaded_tokens("r1")
+        loaded = generation.pop_loaded(prefetch)
     finally:
         monkeypatch.setattr(os, "preadv", real_preadv)
     assert reads, "the prefetch never read the disk"
@@ -156,4 +268,3 @@ def test_prefetch_is_issued_at_queue_entry_and_the_loop_never_waits_on_disk(tmp_
     # the prefetched pages are now in SGLang's host pool under the request's prefix: the next match finds them
     req.init_next_round_input(cache)
     assert req.host_hit_length == len(PROMPT)
-    cache.shutdown()
