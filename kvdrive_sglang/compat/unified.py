@@ -131,8 +131,10 @@ class KvdriveUnifiedRadixCache(KvdriveCacheMixin, UnifiedRadixCache):
             self._kvdrive_finished(self._kvdrive_chain_keys(req.last_node), mass)
 
     def on_release(self, req, *, checkpointed: bool) -> None:
-        if not checkpointed:
-            CAPTURE.pop(req.kv.req_pool_idx)  # released without an insert (aborted, barred from the tree)
+        if not (checkpointed and req.finished()):
+            # the row is freed without a finished request's report (aborted, barred from the tree, retracted): its
+            # mass so far goes too, or the next request on this row would inherit it
+            CAPTURE.pop(req.kv.req_pool_idx)
         super().on_release(req, checkpointed=checkpointed)
 
     def pop_prefetch_loaded_span(self, request):
