@@ -151,7 +151,8 @@ class KvdriveCacheMixin:
         # Set before SGLang's __init__: it calls reset() and may attach the storage backend.
         self._kvdrive_counts = dict.fromkeys(EVENT_KINDS, 0)
         self._kvdrive_warned: set[str] = set()
-        self._kvdrive_bound = None  # the storage backend last bound (see _kvdrive_backend)
+        self._kvdrive_attached = None  # what SGLang had attached at the last look (see _kvdrive_backend)
+        self._kvdrive_bound = None  # ... as kvdrive's contract: None when it is not kvdrive's backend
         self._kvdrive_ranks = False
 
     def _kvdrive_started(self) -> None:
@@ -168,7 +169,8 @@ class KvdriveCacheMixin:
         self._kvdrive_calls = 0
         if self._kvdrive_ranks:
             self._kvdrive_sync()  # every rank builds its cache at start-up: the first agreed time
-        self._kvdrive_backend()
+        self._kvdrive_attached = None  # bind again: a backend SGLang attached during its __init__ was bound before
+        self._kvdrive_backend()  # the ranks were known (its promoter's clock)
 
     # ------------------------------------------------------------------------------------------ the storage backend
 
@@ -177,15 +179,20 @@ class KvdriveCacheMixin:
         the attached backend is not kvdrive's. A new one is told that this cache reports whole requests and, with
         several ranks, to run its promoter on the ranks' agreed clock: before it serves any page, as the cache looks
         it up on every event."""
-        backend = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
-        if not isinstance(backend, RadixReports):
-            return None
-        if backend is not self._kvdrive_bound:
-            self._kvdrive_bound = backend
+        attached = getattr(getattr(self, "cache_controller", None), "storage_backend", None)
+        if attached is self._kvdrive_attached:  # the common case: checked once per attachment, not per call (the
+            return self._kvdrive_bound  # eviction order asks for every node it ranks)
+        self._kvdrive_attached = attached
+        backend = self._kvdrive_bound = attached if isinstance(attached, RadixReports) else None
+        if backend is not None:
             backend.expect_whole_requests()
             if self._kvdrive_ranks and isinstance(backend.promoter, RankClock):
                 backend.promoter.set_clock(self._kvdrive_clock)
+        self._kvdrive_on_bind(backend)
         return backend
+
+    def _kvdrive_on_bind(self, backend: Optional[RadixReports]) -> None:
+        """A storage backend was attached (or detached: None); adapters that keep per-backend state refresh it."""
 
     def _kvdrive_promoter(self):
         backend = self._kvdrive_backend()

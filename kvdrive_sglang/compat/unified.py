@@ -104,12 +104,10 @@ class KvdriveUnifiedRadixCache(KvdriveCacheMixin, UnifiedRadixCache):
             self.tree_core.eviction_strategy = PromoterEviction(self, access_is_monotonic_time=False)
         self._kvdrive_started()
 
-    def _kvdrive_backend(self):
+    def _kvdrive_on_bind(self, backend) -> None:
         global _policy
-        backend = super()._kvdrive_backend()
         policy = getattr(backend, "tenants", None)
         _policy = policy if isinstance(policy, Tenants) else _NO_POLICY
-        return backend
 
     def _kvdrive_chain_keys(self, node_id) -> list[str]:
         """Storage keys of the pages from the root to ``node_id``, in sequence order."""
