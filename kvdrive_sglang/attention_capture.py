@@ -36,6 +36,22 @@ def _env_int(name: str, default: int) -> int:
     return max(0, v)
 
 
+_capture_flag = None  # SGLang's get_is_capture_mode, looked up once
+_CUDA = torch.cuda.is_available()
+
+
+def _graph_capture() -> bool:
+    """Whether SGLang is capturing CUDA graphs now: its capture-mode flag (set around warm-ups and capture alike;
+    ``model_executor/runner_utils/capture_mode.py`` on every supported SGLang), or a stream capturing on the GPU."""
+    global _capture_flag
+    if _capture_flag is None:
+        try:
+            from sglang.srt.model_executor.runner_utils.capture_mode import get_is_capture_mode as _capture_flag
+        except ImportError:
+            _capture_flag = bool  # bool() is False: only the stream check below
+    return bool(_capture_flag()) or (_CUDA and torch.cuda.is_current_stream_capturing())
+
+
 class AttentionCapture:
     def __init__(self, every_steps: int | None = None, layers: set[int] | None = None, max_requests: int = 4096):
         self.every = _env_int("KVDRIVE_ATTENTION_EVERY", 8) if every_steps is None else every_steps
@@ -64,6 +80,11 @@ class AttentionCapture:
             return
         lid = layer.layer_id
         if not self.sampled_layer(lid):
+            return
+        if _graph_capture():
+            # SGLang is capturing CUDA graphs (the warm-up and captured forwards of each batch size): a sample
+            # reads back to the host, which invalidates the capture and fails the server start; and these steps
+            # are no requests', so they are not counted either
             return
         if self._first_layer is None or lid < self._first_layer:
             self._first_layer = lid

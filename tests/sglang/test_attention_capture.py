@@ -69,3 +69,22 @@ def test_capture_off_and_missing_pools_disable_quietly():
     cap = AttentionCapture(every_steps=1, layers={1})
     cap.on_forward(_Layer(1), q.reshape(2, -1), decode, object())  # a backend without pools
     assert cap.samples == 0 and "no KV pools" in cap._disabled_reason
+
+
+def test_nothing_is_sampled_or_counted_while_sglang_captures_cuda_graphs():
+    """SGLang captures decode CUDA graphs at start-up (warm-ups and one captured forward per batch size) in its
+    capture mode; a sample there reads back to the host (invalidating the capture: the server fails to start) and
+    those steps are nobody's requests. Simulated with SGLang's own capture-mode context."""
+    from sglang.srt.model_executor.runner_utils.capture_mode import model_capture_mode
+
+    q, kb, r2t, rpi, lens, page = setup()
+    kv_pool = types.SimpleNamespace(page_size=page, get_key_buffer=lambda lid: kb)
+    backend = types.SimpleNamespace(req_to_token_pool=types.SimpleNamespace(req_to_token=r2t), token_to_kv_pool=kv_pool)
+    decode = types.SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=rpi, seq_lens=lens)
+    cap = AttentionCapture(every_steps=1, layers={1})
+    with model_capture_mode():
+        for _ in range(3):
+            cap.on_forward(_Layer(1), q.reshape(2, -1), decode, backend)
+    assert cap.samples == 0 and cap.pop(3) is None and cap._step == 0
+    cap.on_forward(_Layer(1), q.reshape(2, -1), decode, backend)  # after capture: sampled as usual
+    assert cap.samples == 1 and cap.pop(3) is not None
