@@ -86,6 +86,21 @@ def model_identity(model: str | None) -> str:
     return f"{os.path.abspath(model)}@{h.hexdigest()}"
 
 
+def server_model_identity(config: HiCacheStorageConfig) -> str:
+    """The model part of this server's namespace. SGLang names the model to the storage backend by
+    ``served_model_name``, which the operator may set to anything (two checkpoints or revisions served under one name
+    would share pages), so the model path and revision of the server this process runs win where SGLang published
+    them for it (``served_model_name`` defaults to the path, so such a server's namespace is what it always was)."""
+    from .compat.server_args import running_server_args
+
+    args = running_server_args()
+    path = getattr(args, "model_path", None)
+    if not path or getattr(args, "served_model_name", None) != config.model_name:
+        return model_identity(config.model_name)  # not this storage config's server (or none published)
+    revision = getattr(args, "revision", None)
+    return model_identity(path) + (f"@revision={revision}" if revision else "")
+
+
 def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") -> Namespace:
     """Everything that makes this server's pages incompatible with another's, from SGLang's own objects."""
     mla = bool(config.is_mla_model)
@@ -102,7 +117,7 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
     extra.update(_newer_ranks(config))
     # how SGLang derives page keys on this version: a store written under another scheme is missed, never misread
     extra.update(radix_adapter().namespace_fields())
-    return Namespace(model=model_identity(config.model_name), kv_dtype=kv_dtype_name(host_pool.dtype),
+    return Namespace(model=server_model_identity(config), kv_dtype=kv_dtype_name(host_pool.dtype),
                      layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
                      head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
                      tenant=tenant, extra=tuple(extra.items()))

@@ -149,3 +149,17 @@ def server_args_adapter() -> ServerArgsAdapter:
     from sglang.srt.server_args import ServerArgs
 
     return _ADAPTERS["struct" if _is_struct(ServerArgs) else "dataclass"]
+
+
+def running_server_args():
+    """The ServerArgs this process serves with, or None where SGLang published none (a storage backend built by
+    hand). SGLang publishes them in each scheduler process: ``runtime_context.get_server_args()`` from 0.5.20
+    (``server_args.get_global_server_args`` raises there), ``server_args.get_global_server_args()`` before."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+    except ImportError:
+        from sglang.srt.server_args import get_global_server_args as get_server_args
+    try:
+        return get_server_args()
+    except Exception:  # noqa: BLE001 - not published in this process
+        return None

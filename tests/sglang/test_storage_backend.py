@@ -439,3 +439,38 @@ def test_the_writer_rule_on_every_sglang():
     assert [storage_writer(_storage_config(is_mla_model=True, tp_rank=r, tp_size=3)) for r in range(3)] == \
         [True, False, False]
     assert all(storage_writer(_storage_config(tp_rank=r, tp_size=3)) for r in range(3))
+
+
+def test_checkpoints_served_under_one_name_never_share_a_namespace(tmp_path, monkeypatch):
+    """--served-model-name names the model to SGLang's storage config; two checkpoints (or revisions) served under one
+    name must still get namespaces of their own (a shared one serves one model's KV to the other: wrong output)."""
+    from types import SimpleNamespace
+
+    from kvdrive_sglang.compat import server_args as compat_args
+    from kvdrive_sglang.storage_backend import namespace_for
+
+    dirs = []
+    for i in range(2):
+        d = tmp_path / f"ckpt{i}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "seed": i}))
+        dirs.append(str(d))
+    host = make_host()
+    config = _storage_config(model_name="shared-name")
+
+    def ns_served(path, revision=None, name="shared-name"):
+        # the three fields kvdrive reads of the ServerArgs SGLang publishes in a scheduler process (a real
+        # ServerArgs would load the model's config here)
+        args = SimpleNamespace(model_path=path, served_model_name=name, revision=revision)
+        monkeypatch.setattr(compat_args, "running_server_args", lambda: args)
+        return namespace_for(config, host)
+
+    a, b = ns_served(dirs[0]), ns_served(dirs[1])
+    assert a.id != b.id and a.model.startswith(dirs[0] + "@") and b.model.startswith(dirs[1] + "@")
+    assert ns_served(dirs[0]).id == a.id  # the same checkpoint again: the same namespace (a restart finds its pages)
+    r1, r2 = ns_served(dirs[0], "r1"), ns_served(dirs[0], "r2")
+    assert len({a.id, r1.id, r2.id}) == 3 and r1.model.endswith("@revision=r1")
+    # no server published in this process, or another server's args: SGLang's name, as before
+    monkeypatch.setattr(compat_args, "running_server_args", lambda: None)
+    assert namespace_for(config, host).model == "shared-name"
+    assert ns_served(dirs[0], name="other-name").model == "shared-name"
