@@ -117,10 +117,37 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
     extra.update(_newer_ranks(config))
     # how SGLang derives page keys on this version: a store written under another scheme is missed, never misread
     extra.update(radix_adapter().namespace_fields())
+    extra.update(_fp8_kind(host_pool))
     return Namespace(model=server_model_identity(config), kv_dtype=kv_dtype_name(host_pool.dtype),
                      layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
                      head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
                      tenant=tenant, extra=tuple(extra.items()))
+
+
+def _fp8_kind(host_pool) -> dict[str, str]:
+    """SGLang keeps fp8 KV (``--kv-cache-dtype fp8_e4m3`` and ``fp8_e5m2`` alike) as uint8 in its pools, so the
+    pool's dtype cannot tell the two apart, and the same bytes read as the other format are wrong KV: the server's
+    own KV cache dtype (and the scales file it was given, by its fingerprint) name the format. Only uint8 pools get
+    the field, so every other namespace is what it was."""
+    if host_pool.dtype != torch.uint8:
+        return {}
+    from .compat.server_args import running_server_args
+
+    args = running_server_args()
+    kind = str(getattr(args, "kv_cache_dtype", None) or "unknown")
+    out = {"kv_cache_dtype": kind}
+    scales = getattr(args, "quantization_param_path", None)
+    if scales:
+        out["kv_scales"] = model_identity(scales) if os.path.isdir(scales) else _file_fingerprint(scales)
+    return out
+
+
+def _file_fingerprint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _newer_ranks(config: HiCacheStorageConfig) -> dict[str, str]:

@@ -474,3 +474,34 @@ def test_checkpoints_served_under_one_name_never_share_a_namespace(tmp_path, mon
     monkeypatch.setattr(compat_args, "running_server_args", lambda: None)
     assert namespace_for(config, host).model == "shared-name"
     assert ns_served(dirs[0], name="other-name").model == "shared-name"
+
+
+def test_fp8_formats_never_share_a_namespace(tmp_path, monkeypatch):
+    """fp8_e4m3 and fp8_e5m2 KV are both uint8 in SGLang's pools: the server's --kv-cache-dtype (and its scales
+    file) must tell their namespaces apart, or one format's bytes are served as the other's."""
+    from types import SimpleNamespace
+
+    from kvdrive_sglang.compat import server_args as compat_args
+    from kvdrive_sglang.storage_backend import namespace_for
+
+    host = make_host(dtype=torch.float8_e4m3fn)
+    assert host.dtype == torch.uint8  # what SGLang stores fp8 KV as
+    config = _storage_config()
+    scales = tmp_path / "kv_scales.json"
+    scales.write_text("{}")
+
+    def ns(kv_cache_dtype, scales_path=None):
+        args = SimpleNamespace(model_path="tiny-llama", served_model_name="other", revision=None,
+                               kv_cache_dtype=kv_cache_dtype, quantization_param_path=scales_path)
+        monkeypatch.setattr(compat_args, "running_server_args", lambda: args)
+        return namespace_for(config, host)
+
+    e4m3, e5m2 = ns("fp8_e4m3"), ns("fp8_e5m2")
+    assert e4m3.id != e5m2.id and dict(e4m3.extra)["kv_cache_dtype"] == "fp8_e4m3"
+    assert ns("fp8_e4m3").id == e4m3.id
+    with_scales = ns("fp8_e4m3", str(scales))
+    assert with_scales.id != e4m3.id
+    scales.write_text('{"k": 0.5}')  # other scales, same path
+    assert ns("fp8_e4m3", str(scales)).id != with_scales.id
+    bf16 = make_host()  # other dtypes: no field, their namespaces as they were
+    assert "kv_cache_dtype" not in dict(namespace_for(config, bf16).extra)
