@@ -34,13 +34,13 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from .compat import radix_adapter
 from .cost_meter import ReloadMeter
-from .config import GIL_SWITCH_MS, KvdriveSettings  # noqa: F401 - GIL_SWITCH_MS: re-exported
+from .config import KvdriveSettings
 from .host_pages import HostPages
 from .metrics import Reporter, TierMetrics
-from .tier.engine import TierConfig, TierEngine
+from .tier.engine import TierEngine
 from .tier.errors import ConfigError
 from .tier.namespace import Namespace, key_bytes
-from .tier.promoter import Promoter, PromoterConfig
+from .tier.promoter import Promoter
 from .tier.tenants import split_key
 from .upkeep import Upkeep
 
@@ -86,14 +86,12 @@ def model_identity(model: str | None) -> str:
     return f"{os.path.abspath(model)}@{h.hexdigest()}"
 
 
-def server_model_identity(config: HiCacheStorageConfig) -> str:
+def server_model_identity(config: HiCacheStorageConfig, args) -> str:
     """The model part of this server's namespace. SGLang names the model to the storage backend by
     ``served_model_name``, which the operator may set to anything (two checkpoints or revisions served under one name
     would share pages), so the model path and revision of the server this process runs win where SGLang published
-    them for it (``served_model_name`` defaults to the path, so such a server's namespace is what it always was)."""
-    from .compat.server_args import running_server_args
-
-    args = running_server_args()
+    them for it (``args``: those ServerArgs, or None; ``served_model_name`` defaults to the path, so such a server's
+    namespace is what it always was)."""
     path = getattr(args, "model_path", None)
     if not path or getattr(args, "served_model_name", None) != config.model_name:
         return model_identity(config.model_name)  # not this storage config's server (or none published)
@@ -103,6 +101,9 @@ def server_model_identity(config: HiCacheStorageConfig) -> str:
 
 def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") -> Namespace:
     """Everything that makes this server's pages incompatible with another's, from SGLang's own objects."""
+    from .compat.server_args import running_server_args
+
+    args = running_server_args()  # what SGLang published for the server this process runs (None: none)
     mla = bool(config.is_mla_model)
     if mla:
         num_heads, head_dim = 1, int(host_pool.kv_lora_rank + host_pool.qk_rope_head_dim)
@@ -117,23 +118,20 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
     extra.update(_newer_ranks(config))
     # how SGLang derives page keys on this version: a store written under another scheme is missed, never misread
     extra.update(radix_adapter().namespace_fields())
-    extra.update(_fp8_kind(host_pool))
-    return Namespace(model=server_model_identity(config), kv_dtype=kv_dtype_name(host_pool.dtype),
+    extra.update(_fp8_kind(host_pool, args))
+    return Namespace(model=server_model_identity(config, args), kv_dtype=kv_dtype_name(host_pool.dtype),
                      layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
                      head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
                      tenant=tenant, extra=tuple(extra.items()))
 
 
-def _fp8_kind(host_pool) -> dict[str, str]:
+def _fp8_kind(host_pool, args) -> dict[str, str]:
     """SGLang keeps fp8 KV (``--kv-cache-dtype fp8_e4m3`` and ``fp8_e5m2`` alike) as uint8 in its pools, so the
     pool's dtype cannot tell the two apart, and the same bytes read as the other format are wrong KV: the server's
     own KV cache dtype (and the scales file it was given, by its fingerprint) name the format. Only uint8 pools get
     the field, so every other namespace is what it was."""
     if host_pool.dtype != torch.uint8:
         return {}
-    from .compat.server_args import running_server_args
-
-    args = running_server_args()
     kind = str(getattr(args, "kv_cache_dtype", None) or "unknown")
     out = {"kv_cache_dtype": kind}
     scales = getattr(args, "quantization_param_path", None)
@@ -185,30 +183,6 @@ def storage_writer(config: HiCacheStorageConfig) -> bool:
     return not (config.is_mla_model and config.tp_rank != 0)
 
 
-# kvdrive's settings arrive in SGLang's storage extra config, {"kvdrive": {...}}, written by --kv-tier kvdrive and
-# read back in one call (config.KvdriveSettings.from_extra_config). The functions below are that call's parts, for
-# callers that need one of them.
-def tier_config_from(extra: dict | None) -> TierConfig:
-    """The ``kvdrive`` section of SGLang's storage extra config -> TierConfig (ConfigError names a bad key)."""
-    return KvdriveSettings.from_extra_config(extra).tier_config()
-
-
-def reload_policy_from(extra: dict | None) -> str:
-    """``{'kvdrive': {'reload': 'auto' | 'always'}}``: whether storage hits are reloaded only where that beats
-    recomputing them (auto, the default) or always."""
-    return KvdriveSettings.from_extra_config(extra).reload
-
-
-def gil_switch_s_from(extra: dict | None) -> float:
-    """``{'kvdrive': {'gil_switch_ms': ...}}``: Python's GIL switch interval for the server process, in ms (0 leaves
-    Python's own 5 ms). SGLang's scheduler loop holds the GIL whenever it runs Python (an idle CPU server spins at
-    100%), and a HiCache I/O thread that releases the GIL for a read, a decode or a copy may then wait a whole
-    interval to get it back, many times per page: storage reloads measured ~9 ms per page at 5 ms against 0.5-1 ms
-    at 0.5 ms beside a spinning thread (0.04-0.16 ms uncontended). A shorter interval only costs while another
-    thread is runnable, i.e. while the overlap it buys is happening."""
-    return KvdriveSettings.from_extra_config(extra).gil_switch_s
-
-
 def apply_gil_switch(seconds: float) -> None:
     """Shorten the interpreter's GIL switch interval to ``seconds`` (never lengthen one already shorter)."""
     import sys
@@ -219,11 +193,6 @@ def apply_gil_switch(seconds: float) -> None:
         log.info("kvdrive: Python's GIL switch interval %.2f -> %.2f ms, so HiCache's I/O threads get the GIL back "
                  "soon while the scheduler loop runs (set kvdrive gil_switch_ms to change)", before * 1000,
                  seconds * 1000)
-
-
-def promoter_config_from(extra: dict | None) -> PromoterConfig:
-    """``{'kvdrive': {'promoter': {...}}}``: PromoterConfig fields (bandwidths, prefill tokens/s, half-life)."""
-    return KvdriveSettings.from_extra_config(extra).promoter_config()
 
 
 class KvdriveStorage(HiCacheStorage):

@@ -176,16 +176,17 @@ def test_reload_policy_flag(tmp_path):
 
 def test_promoter_and_gil_flags(tmp_path):
     from kvdrive_sglang.flags import options_from, storage_extra_config
-    from kvdrive_sglang.storage_backend import gil_switch_s_from, promoter_config_from
+    from kvdrive_sglang.config import KvdriveSettings
     from kvdrive_sglang.tier.errors import ConfigError
 
     opts = options_from({"kvdrive_dir": str(tmp_path), "kvdrive_promoter": '{"half_life_s": 300, "promote_share": 0.1}',
                          "kvdrive_gil_switch_ms": "1.5"})
     extra = json.loads(storage_extra_config(opts))
     assert extra["kvdrive"]["promoter"] == {"half_life_s": 300, "promote_share": 0.1}
-    cfg = promoter_config_from(extra)  # what the server's backend builds from it
+    read = KvdriveSettings.from_extra_config(extra)  # what the server's backend reads back
+    cfg = read.promoter_config()
     assert cfg.half_life_s == 300 and cfg.promote_share == 0.1
-    assert gil_switch_s_from(extra) == 0.0015
+    assert read.gil_switch_s == 0.0015
     plain = json.loads(storage_extra_config(options_from({"kvdrive_dir": str(tmp_path)})))["kvdrive"]
     assert "promoter" not in plain and "gil_switch_ms" not in plain
     for bad, msg in (('{"half_life": 3}', "half_life"), ('{"promote_share": 2}', "promote_share"),

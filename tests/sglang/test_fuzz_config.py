@@ -22,7 +22,8 @@ pytest.importorskip("sglang")
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E402
 
-from kvdrive_sglang.storage_backend import KvdriveStorage, promoter_config_from, tier_config_from  # noqa: E402
+from kvdrive_sglang.config import KvdriveSettings  # noqa: E402
+from kvdrive_sglang.storage_backend import KvdriveStorage  # noqa: E402
 from kvdrive_sglang.tier.errors import ConfigError, KvdriveError  # noqa: E402
 from kvdrive_sglang.tier.promoter import PromoterConfig  # noqa: E402
 from kvdrive_sglang.tier.engine import TierConfig  # noqa: E402
@@ -109,7 +110,7 @@ PROMOTER_FIELDS = [f.name for f in dataclasses.fields(PromoterConfig)]
 def test_promoter_options(opts):
     CASES["promoter"] += 1
     try:
-        cfg = promoter_config_from({"kvdrive": {"dir": "/tmp/x", "promoter": opts}})
+        cfg = KvdriveSettings.from_extra_config({"kvdrive": {"dir": "/tmp/x", "promoter": opts}}).promoter_config()
     except ConfigError as e:
         assert "promoter" in str(e) and (not isinstance(opts, dict) or any(k in str(e) for k in opts)), str(e)
         return
@@ -123,7 +124,8 @@ def test_promoter_options(opts):
 @example(extra={"kvdrive": ["x"]})
 def test_extra_config_that_is_not_an_object(extra):
     CASES["extra_not_object"] += 1
-    for fn in (tier_config_from, promoter_config_from):
+    for fn in (lambda x: KvdriveSettings.from_extra_config(x).tier_config(),
+               lambda x: KvdriveSettings.from_extra_config(x).promoter_config()):
         try:
             fn(extra)
         except ConfigError as e:
@@ -183,7 +185,7 @@ def test_flag_values_through_the_plugin(tmp_path):
                 assert extra_json is None, c
                 continue
             # what the launcher accepted, the storage backend (in the scheduler) must accept too
-            tier = tier_config_from(json.loads(extra_json))
+            tier = KvdriveSettings.from_extra_config(json.loads(extra_json)).tier_config()
             assert os.path.isdir(tier.path), (c, tier)
             continue
         assert r["exit"] == 2, (c, r)  # never a traceback (exit None) or another status

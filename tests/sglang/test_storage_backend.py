@@ -219,8 +219,12 @@ def test_bad_promoter_options_are_clear_errors(tmp_path):
 
 
 def test_gil_switch_interval_is_shortened_for_hicache_io_threads(tmp_path):
-    from kvdrive_sglang.storage_backend import GIL_SWITCH_MS, apply_gil_switch, gil_switch_s_from
+    from kvdrive_sglang.config import GIL_SWITCH_MS, KvdriveSettings
+    from kvdrive_sglang.storage_backend import apply_gil_switch
     from kvdrive_sglang.tier.errors import ConfigError
+
+    def gil_switch_s_from(extra):  # what the server's backend reads back
+        return KvdriveSettings.from_extra_config(extra).gil_switch_s
 
     assert gil_switch_s_from({"kvdrive": {"dir": "x"}}) == GIL_SWITCH_MS / 1000
     assert gil_switch_s_from({"kvdrive": {"dir": "x", "gil_switch_ms": 0}}) == 0

@@ -115,7 +115,7 @@ def test_encrypted_store_serves_keyed_tenants_and_forgets_erased_ones(tmp_path, 
 
 def test_flags_pass_keys_and_tenant_policy_to_the_backend(tmp_path):
     from kvdrive_sglang.flags import options_from
-    from kvdrive_sglang.storage_backend import tier_config_from
+    from kvdrive_sglang.config import KvdriveSettings
     from kvdrive_sglang.tier.errors import ConfigError
 
     keys = tmp_path / "keys.json"
@@ -125,7 +125,7 @@ def test_flags_pass_keys_and_tenant_policy_to_the_backend(tmp_path):
     policy.write_text('{"x1": {"share_as": "team", "ttl_s": 60}}')
     opts = options_from({"kvdrive_dir": str(tmp_path / "s"), "kvdrive_encrypt": str(keys),
                          "kvdrive_tenants": str(policy)})
-    cfg = tier_config_from(json.loads(storage_extra_config(opts)))
+    cfg = KvdriveSettings.from_extra_config(json.loads(storage_extra_config(opts))).tier_config()
     assert cfg.encrypt == str(keys) and cfg.tenants == {"x1": {"share_as": "team", "ttl_s": 60}}
     inline = options_from({"kvdrive_dir": str(tmp_path / "s"), "kvdrive_tenants": '{"t": {"ttl_s": 5}}'})
     assert inline.tenants == {"t": {"ttl_s": 5}} and inline.encrypt is None
