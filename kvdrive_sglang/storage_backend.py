@@ -37,6 +37,7 @@ from .cost_meter import ReloadMeter
 from .config import KvdriveSettings
 from .host_pages import HostPages
 from .metrics import Reporter, TierMetrics
+from .pool_components import DRAFT, group_entries, model_kind, pool_kind, split_component, unsupported
 from .tier.engine import TierEngine
 from .tier.errors import ConfigError
 from .tier.namespace import Namespace, key_bytes
@@ -99,12 +100,16 @@ def server_model_identity(config: HiCacheStorageConfig, args) -> str:
     return model_identity(path) + (f"@revision={revision}" if revision else "")
 
 
-def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") -> Namespace:
-    """Everything that makes this server's pages incompatible with another's, from SGLang's own objects."""
+def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "", component: str = "") -> Namespace:
+    """Everything that makes this server's pages incompatible with another's, from SGLang's own objects.
+
+    ``component``: "" for the target model's KV pool; else the SGLang pool name of another host pool kvdrive stores
+    (``"draft"``: speculative decoding's draft KV, see pool_components), whose pages get a namespace of their own:
+    its own geometry (read from that pool) and, for the draft, the draft model."""
     from .compat.server_args import running_server_args
 
     args = running_server_args()  # what SGLang published for the server this process runs (None: none)
-    mla = bool(config.is_mla_model)
+    mla = bool(config.is_mla_model) if not component else pool_kind(host_pool) == "mla"
     if mla:
         num_heads, head_dim = 1, int(host_pool.kv_lora_rank + host_pool.qk_rope_head_dim)
         tp_rank, tp_size = 0, 1  # every rank holds the same latent cache
@@ -119,10 +124,26 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "") 
     # how SGLang derives page keys on this version: a store written under another scheme is missed, never misread
     extra.update(radix_adapter().namespace_fields())
     extra.update(_fp8_kind(host_pool, args))
+    if component:
+        extra.update(component_fields(component, args))
     return Namespace(model=server_model_identity(config, args), kv_dtype=kv_dtype_name(host_pool.dtype),
                      layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
                      head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
                      tenant=tenant, extra=tuple(extra.items()))
+
+
+def component_fields(component: str, args) -> dict[str, str]:
+    """Namespace fields of a component pool's pages: its name and, for the draft, the draft model (path + revision,
+    or the speculative algorithm where the draft has no weights of its own: NGRAM, the target's MTP layers). Two
+    servers of one target with different drafts never share draft pages."""
+    out = {"component": component}
+    if component == DRAFT:
+        path = getattr(args, "speculative_draft_model_path", None)
+        rev = getattr(args, "speculative_draft_model_revision", None)
+        algo = getattr(args, "speculative_algorithm", None)
+        out["draft_model"] = (model_identity(path) + (f"@revision={rev}" if rev else "")) if path else \
+            f"{algo or 'unknown'}:target"
+    return out
 
 
 def _fp8_kind(host_pool, args) -> dict[str, str]:
@@ -206,9 +227,15 @@ class KvdriveStorage(HiCacheStorage):
         self.engine = TierEngine(self.tier_config)
         # selective write-down: a page reaches the disk only once the promoter finds it worth keeping (reused, a
         # conversation's continuation, ...), so disk bandwidth is not spent on one-off prompts
-        self.engine.admit = lambda ns, key: self.promoter.admit(key.decode("utf-8", "replace"))
+        # (a draft page "<key>.draft" follows its target page's admission)
+        self.engine.admit = lambda ns, key: self.promoter.admit(split_component(key.decode("utf-8", "replace")).key)
         self.ns: Namespace | None = None
         self._tenant_ns: dict[str, Namespace] = {}  # tenant id -> this server's namespace for that tenant
+        # component pools stored beside the KV pool (pool_components): name -> (namespace, its pages or None where
+        # SGLang's per-key calls bring the pages without registering the pool), and their tenants' namespaces
+        self._components: dict[str, tuple[Namespace, HostPages | None]] = {}
+        self._component_tenant_ns: dict[tuple[str, str], Namespace] = {}
+        self.off_reason: str | None = None  # set when this server's host pools include one kvdrive cannot store
         self.tenants = self.engine.tenants  # the operator's tenant policy (the radix cache reads share_as here)
         self.mem_pool_host = None
         self.pages: HostPages | None = None  # page I/O on SGLang's host pool (set on register)
@@ -232,15 +259,68 @@ class KvdriveStorage(HiCacheStorage):
     # --- SGLang wiring -----------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host) -> None:
         super().register_mem_pool_host(mem_pool_host)
-        self.ns = namespace_for(self.storage_config, mem_pool_host)
-        self.pages = HostPages(mem_pool_host)
+        entries = group_entries(mem_pool_host)  # a HostPoolGroup (SGLang 0.5.21+: hybrid models, drafts): its pools
+        anchor = mem_pool_host if entries is None else entries[0][1]
+        for name, pool in [("kv", anchor)] + (entries or [])[1:]:
+            why = unsupported(name, pool)
+            if why is not None:
+                return self._turn_off(why)
+        self.ns = namespace_for(self.storage_config, anchor)
+        self.pages = HostPages(anchor)
         self.page_size, self.page_bytes = self.pages.page_size, self.pages.page_bytes
         log.info("kvdrive: namespace %s = %s (host pool %s, %s page copies)", self.ns.id.hex()[:16],
-                 self.ns.describe(), type(mem_pool_host).__name__,
+                 self.ns.describe(), type(anchor).__name__,
                  f"batched {self.pages.layout}" if self.pages.layout else "per-page")
         self.upkeep.bind(self.ns, self.page_size, self.page_bytes)
+        for name, pool in (entries or [])[1:]:
+            self._add_component(name, pool)
         if self._reporter is None:
             self._reporter = Reporter(self._tick_stats, _metrics_for(self.storage_config))
+
+    def register_mem_host_pool_v2(self, host_pool, host_pool_name) -> None:
+        """SGLang 0.5.21+ registers each further host pool (a HostPoolGroup's entries, the draft KV pool) by name."""
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        name = str(getattr(host_pool_name, "value", host_pool_name))
+        if self.off_reason is not None or name == "kv" or name in self._components:
+            return
+        why = unsupported(name, host_pool)
+        if why is not None:
+            return self._turn_off(why)
+        self._add_component(name, host_pool)
+
+    def _add_component(self, name: str, pool) -> None:
+        ns = namespace_for(self.storage_config, pool, component=name)
+        self._components[name] = (ns, HostPages(pool))
+        log.info("kvdrive: %s pages in namespace %s = %s", name, ns.id.hex()[:16], ns.describe())
+
+    def _legacy_component(self, name: str, page: torch.Tensor) -> bool:
+        """A component whose pages come through SGLang's per-key calls (0.5.17's draft path) without its pool being
+        registered: its namespace from the pages themselves (dtype, elements) and the component fields. False for a
+        component kvdrive does not store."""
+        if name in self._components:
+            return True
+        if name != DRAFT or self.ns is None:
+            return False
+        from .compat.server_args import running_server_args
+
+        base = self._require_ns()
+        n = int(page.numel())
+        extra = {**dict(base.extra), **component_fields(name, running_server_args()), "page_elements": str(n)}
+        ns = replace(base, kv_dtype=kv_dtype_name(page.dtype), num_heads=1,
+                     head_dim=base.head_dim if n % base.head_dim == 0 else n, tenant="", extra=tuple(extra.items()))
+        self._components[name] = (ns, None)
+        log.info("kvdrive: %s pages in namespace %s = %s", name, ns.id.hex()[:16], ns.describe())
+        return True
+
+    def _turn_off(self, why: str) -> None:
+        """Leave this server's cache to SGLang: a model whose host pools kvdrive cannot store whole is served by
+        SGLang's own GPU and host cache, and every kvdrive call is a miss (a KV page brought back without its state
+        pages would be a wrong prefix; a crash at attach would take the server down)."""
+        from .compat.server_args import running_server_args
+
+        self.off_reason = why
+        log.warning("kvdrive: off for %s: %s; SGLang's own cache (GPU and host memory) serves it, kvdrive's tiers "
+                    "stay empty", model_kind(running_server_args()), why)
 
     def _page_starts(self, op: str, keys, host_indices) -> list[int]:
         """The host-pool slot of each key's page (HostPages.starts), the keys checked first: a bad key is a
@@ -256,9 +336,19 @@ class KvdriveStorage(HiCacheStorage):
 
     def ns_of(self, key) -> Namespace:
         """The namespace of a page key: a salted request's key carries its tenant id (its last 16 hex digits, see
-        radix_backend), and its pages live in this server's namespace with that tenant; other keys in the base one."""
+        radix_backend), and its pages live in this server's namespace with that tenant; other keys in the base one.
+        A component key ``"<key>.<pool>"`` (a draft page) lives in that component's namespace, with the tenant of
+        the page key it belongs to."""
         base = self._require_ns()
+        key, component = split_component(key)
         tid = split_key(key)[1]
+        if component:
+            comp = self._components[component][0]
+            if not tid:
+                return comp
+            ns = self._component_tenant_ns.get((component, tid))
+            return ns if ns is not None else self._component_tenant_ns.setdefault(
+                (component, tid), replace(comp, tenant=tid))
         if not tid:
             return base
         ns = self._tenant_ns.get(tid)
@@ -268,12 +358,13 @@ class KvdriveStorage(HiCacheStorage):
 
     def _by_tenant(self, keys) -> list[tuple[Namespace, list[int]]]:
         """Positions of ``keys`` per namespace, in first-seen order (one group for a request's batch)."""
-        groups: dict[str, tuple[Namespace, list[int]]] = {}
+        groups: dict[tuple[str, str], tuple[Namespace, list[int]]] = {}
         for i, k in enumerate(keys):
-            tid = split_key(k)[1]
-            g = groups.get(tid)
+            key, component = split_component(k)
+            gk = (component, split_key(key)[1])
+            g = groups.get(gk)
             if g is None:
-                g = groups[tid] = (self.ns_of(k), [])
+                g = groups[gk] = (self.ns_of(k), [])
             g[1].append(i)
         return list(groups.values())
 
@@ -298,6 +389,8 @@ class KvdriveStorage(HiCacheStorage):
     # --- v1 batch API (interface_v1) -----------------------------------------------------------------------------
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        if self.off_reason is not None:
+            return [False] * len(keys)
         self._require_ns()
         if self.read_only or not keys:
             return [True] * len(keys)
@@ -311,6 +404,8 @@ class KvdriveStorage(HiCacheStorage):
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        if self.off_reason is not None:
+            return [False] * len(keys)
         self._require_ns()
         if not keys:
             return []
@@ -331,6 +426,8 @@ class KvdriveStorage(HiCacheStorage):
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
         """Leading pages worth loading: held in a kvdrive tier *and* faster to reload than to recompute (the
         promoter's plan over the tiers they sit in), so a slow disk never makes a request slower than no cache."""
+        if self.off_reason is not None:
+            return 0
         self._require_ns()
         if keys:
             self.reload_meter.exists_called(keys[0], extra_info.prefix_keys if extra_info is not None else None)
@@ -359,9 +456,13 @@ class KvdriveStorage(HiCacheStorage):
 
     def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
                   target_sizes: Optional[Any] = None):
+        if self.off_reason is not None or not keys:
+            return [None] * len(keys)
         self._require_ns()
         outs = list(target_locations) if target_locations is not None else \
             [self.pages.empty_page() for _ in keys]
+        if not self._components_known(keys, outs):
+            return [None] * len(keys)
         got = self._get(keys, outs)
         return [o if g else None for o, g in zip(outs, got)]
 
@@ -371,10 +472,73 @@ class KvdriveStorage(HiCacheStorage):
 
     def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
                   target_sizes: Optional[Any] = None) -> bool:
-        if self.read_only:
+        if self.off_reason is not None:
+            return False
+        if self.read_only or not keys:
             return True
         self._require_ns()
-        return all(self._put(keys, [v.contiguous() for v in values]))
+        pages = [v.contiguous() for v in values]
+        if not self._components_known(keys, pages):
+            return False
+        return all(self._put(keys, pages))
+
+    def _components_known(self, keys, pages) -> bool:
+        """Whether every component key among ``keys`` (``"<key>.draft"`` from SGLang's per-key calls) names a
+        component kvdrive stores, its namespace set up from its pages where its pool was never registered."""
+        for k, page in zip(keys, pages):
+            component = split_component(k).component
+            if component and not self._legacy_component(component, page):
+                return False
+        return True
+
+    # --- the multi-pool API (SGLang 0.5.21+: a draft KV pool beside the KV pool) ---------------------------------
+    def batch_exists_v2(self, keys: List[str], pool_transfers=None,
+                        extra_info: Optional[HiCacheStorageExtraInfo] = None):
+        """Leading pages held for the KV pool *and* every component pool named (SGLang's ALL_PAGES policy: a
+        draft page missing ends the prefix, as SGLang's own backends count it)."""
+        from sglang.srt.mem_cache.hicache_storage import PoolTransferResult
+
+        n = self.batch_exists(keys, extra_info)
+        extra: dict[str, int] = {}
+        for t in pool_transfers or []:
+            name = _pool_name(t.name)
+            if name == "kv":
+                continue
+            if name not in self._components or str(getattr(t.hit_policy, "value", t.hit_policy)) != "all_pages":
+                return PoolTransferResult(kv_hit_pages=0, extra_pool_hit_pages={})
+            ck = [f"{k}.{name}" for k in keys[:n]]
+            extra[name] = self.engine.exists_many(self.ns_of(ck[0]), ck) if ck else 0
+            n = min(n, extra[name])
+        return PoolTransferResult(kv_hit_pages=n, extra_pool_hit_pages=extra)
+
+    def batch_get_v2(self, transfers, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> dict[str, List[bool]]:
+        return {_pool_name(t.name): self._transfer(t, extra_info, get=True) for t in transfers}
+
+    def batch_set_v2(self, transfers, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> dict[str, List[bool]]:
+        return {_pool_name(t.name): self._transfer(t, extra_info, get=False) for t in transfers}
+
+    def _transfer(self, t, extra_info, *, get: bool) -> List[bool]:
+        """One pool's part of a v2 call: the KV pool's through the v1 calls, a component's (draft) on its own pool's
+        pages under ``"<key>.<pool>"`` keys; any other pool is a miss / not stored."""
+        name, keys = _pool_name(t.name), list(t.keys or [])
+        if name == "kv":
+            return (self.batch_get_v1 if get else self.batch_set_v1)(keys, t.host_indices, extra_info)
+        comp = self._components.get(name)
+        if self.off_reason is not None or comp is None or comp[1] is None or not keys:
+            return [False] * len(keys)
+        if not get and self.read_only:
+            return [True] * len(keys)
+        pages = comp[1]
+        starts = pages.starts(f"batch_{'get' if get else 'set'}_v2 {name}", len(keys), t.host_indices)
+        ckeys = [f"{k}.{name}" for k in keys]
+        if not get:
+            return self._put(ckeys, pages.read(starts))
+        scratch = pages.scratch(len(keys))
+        got = self._get(ckeys, [scratch.rows[i] for i in range(len(keys))])
+        n = got.index(False) if False in got else len(got)
+        if n:
+            pages.write(starts[:n], scratch.pages[:n])
+        return got[:n] + [False] * (len(keys) - n)
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
@@ -463,6 +627,10 @@ class KvdriveStorage(HiCacheStorage):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)
         return out
+
+
+def _pool_name(name) -> str:
+    return str(getattr(name, "value", name))
 
 
 _METRICS: dict[int, TierMetrics] = {}
