@@ -1,15 +1,20 @@
 """TierEngine: DRAM pool over the disk store, write-down queue, restart, lossy codecs opt-in, async API."""
+import os
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
 import pytest
-
 from kvdrive_sglang.tier.dtypes import bf16_bits_to_f32
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.errors import CodecError, ConfigError
+
 from tests.helpers import make_ns, small_page
 
 PAGE_BYTES = small_page(0).nbytes  # 8 KiB
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def keys(seeds):
@@ -267,3 +272,157 @@ def test_promote_does_not_revive_expired_pages(tmp_path, ns):
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
         assert e.promote(ns, keys(range(3))).promoted == 0
         assert e.tiers_of(ns, keys(range(3))) == [None] * 3
+
+
+# --- stage_many: acknowledged after a cheap copy, encoded by the encoder threads (kvdrive issue 15) ------------------
+class HeldEngine(TierEngine):
+    """A TierEngine whose encoder threads encode a staged page, then wait for the test's ``go`` before it lands: staged
+    pages stay staged (and encoded-but-not-landed) exactly as long as the test says."""
+
+    def __init__(self, config):
+        self.go = threading.Event()
+        self.encoded = threading.Semaphore(0)  # released once per page encoded (and now held back)
+        super().__init__(config)
+
+    def _encode_staged(self, item):
+        blob = super()._encode_staged(item)
+        self.encoded.release()
+        self.go.wait(timeout=60)  # a broken test fails on its assertions after a minute rather than hanging
+        return blob
+
+
+def staged_cfg(tmp_path, **over):
+    return TierConfig(path=str(tmp_path), host_bytes=1 << 20, **over)
+
+
+def test_staged_pages_are_served_bit_exact_before_they_are_encoded(tmp_path, ns):
+    seeds = list(range(6))
+    with HeldEngine(staged_cfg(tmp_path)) as e:
+        assert e.stage_many(ns, keys(seeds), pages(seeds), scores=[3.0] * 6) == [True] * 6
+        assert e.tiers_of(ns, keys(seeds) + ["nope"]) == ["staged"] * 6 + [None]
+        assert e.exists_many(ns, keys(seeds) + ["nope"]) == 6
+        got, outs = read(e, ns, seeds)
+        assert all(got)
+        assert_exact(outs, seeds)
+        s = e.stats()
+        assert (s.staged_bytes, s.hits_staged, s.host.entries, s.disk.entries) == (6 * PAGE_BYTES, 6, 0, 0)
+        with pytest.raises(CodecError):
+            e.get_many(ns, ["p0"], [np.zeros(10, dtype=np.uint16)])  # wrong-size buffer: the caller's bug, as in DRAM
+        e.go.set()
+        assert e.flush(timeout=30)
+        assert e.stats().staged_bytes == 0 and e.tiers_of(ns, keys(seeds)) == ["dram"] * 6
+        assert e.disk.stats().entries == 6  # write_through, as put_many
+        assert e.pool.peek((ns.id, b"p0")).score == 3.0
+        got, outs = read(e, ns, seeds)
+        assert all(got)
+        assert_exact(outs, seeds)
+
+
+def test_staged_pages_go_through_admission_and_ttl_like_put_many(tmp_path, ns):
+    with TierEngine(staged_cfg(tmp_path, write_policy="selective", default_ttl_s=60)) as e:
+        e.admit = lambda ns_, key: key.startswith(b"hot")
+        e.stage_many(ns, ["hot0", "cold0"], pages([0, 1]))
+        deadline = time.monotonic() + 30  # (flush() would write every DRAM page: wait for the encoders and writer)
+        while (e.stats().staged_bytes or e.stats().writedown_queued_bytes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(e.disk.keys(ns)) == {b"hot0"} and e.stats().not_admitted == 1
+        assert 0 < e.pool.peek((ns.id, b"cold0")).expires_ms - time.time() * 1000 <= 60_000
+
+
+def test_clear_drops_staged_pages_even_mid_encode(tmp_path):
+    a, b = make_ns(tenant="alice"), make_ns(tenant="bob")
+    with HeldEngine(staged_cfg(tmp_path, encode_threads=1)) as e:
+        e.stage_many(a, keys(range(4)), pages(range(4)))
+        e.stage_many(b, keys(range(4)), pages(range(4)))
+        assert e.encoded.acquire(timeout=30)  # a's first page is encoded and about to land
+        e.clear(a)
+        assert e.tiers_of(a, keys(range(4))) == [None] * 4 and e.exists_many(a, keys(range(4))) == 0
+        assert e.tiers_of(b, keys(range(4))) == ["staged"] * 4
+        e.go.set()
+        assert e.flush(timeout=30)
+        assert e.exists_many(a, keys(range(4))) == 0 and list(e.disk.keys(a)) == []  # none of a's landed afterwards
+        assert e.stats().host.entries == 4
+        got, outs = read(e, b, range(4))
+        assert all(got)
+        assert_exact(outs, range(4))
+
+
+def test_full_staging_area_refuses_and_never_blocks(tmp_path, ns):
+    with HeldEngine(staged_cfg(tmp_path, staging_bytes=3 * PAGE_BYTES)) as e:
+        t0 = time.perf_counter()
+        # the encoders are held for a minute: waiting for room would return late, and [True] * 5
+        assert e.stage_many(ns, keys(range(5)), pages(range(5))) == [True] * 3 + [False] * 2
+        assert e.stage_many(ns, ["late"], pages([9])) == [False]
+        assert time.perf_counter() - t0 < 30  # generous: "never blocks" is the task's bound, not a speed claim
+        s = e.stats()
+        assert (s.staged_bytes, s.staging_refused) == (3 * PAGE_BYTES, 3)
+        e.go.set()
+        assert e.flush(timeout=30)
+        got, outs = read(e, ns, range(5))
+        assert got == [True] * 3 + [False] * 2  # refused: not stored, a miss, never a wrong page
+        assert_exact(outs[:3], range(3))
+        assert e.stage_many(ns, keys([3]), pages([3])) == [True]  # room again
+
+
+def test_close_encodes_and_writes_down_what_is_staged(tmp_path, ns):
+    e = TierEngine(staged_cfg(tmp_path))
+    assert all(e.stage_many(ns, keys(range(40)), pages(range(40))))
+    e.close()
+    with TierEngine(staged_cfg(tmp_path)) as e2:
+        got, outs = read(e2, ns, range(40))
+        assert all(got)
+        assert_exact(outs, range(40))
+
+
+def test_close_with_held_encoders_drops_staged_pages_without_hanging(tmp_path, ns):
+    e = HeldEngine(staged_cfg(tmp_path))
+    e.put_many(ns, ["kept"], pages([7]))
+    assert all(e.stage_many(ns, keys(range(4)), pages(range(4))))
+    t = threading.Thread(target=e.close, kwargs={"timeout": 0.5}, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "close() hung"
+    e.go.set()  # the encoders finish after close: their pages must not land in a closed engine
+    time.sleep(0.2)
+    assert e.pool.stats().entries == 0 and e._staging.stats().pages == 0
+    with TierEngine(staged_cfg(tmp_path)) as e2:
+        assert e2.tiers_of(ns, ["kept"] + keys(range(4))) == ["disk"] + [None] * 4
+
+
+CRASH_CHILD = """
+import os, sys, threading, time
+from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+from tests.helpers import make_ns, small_page
+
+ns, seeds = make_ns(), range(16)
+pages = [small_page(s) for s in seeds]
+held = {id(p) for p in pages[1::2]}  # odd pages stay staged, held mid-encode; the even ones land
+
+class Held(TierEngine):
+    def _encode_staged(self, item):
+        if id(item.owner) in held:
+            threading.Event().wait()
+        return super()._encode_staged(item)
+
+e = Held(TierConfig(path=sys.argv[1], host_bytes=1 << 20, encode_threads=12))
+assert all(e.stage_many(ns, [f"p{s}" for s in seeds], pages))
+deadline = time.monotonic() + 60
+while (e.stats().staged_bytes > 8 * pages[0].nbytes or e.stats().writedown_queued_bytes) \\
+        and time.monotonic() < deadline:
+    time.sleep(0.01)  # until the even pages are committed to disk (a page leaves the queue once committed)
+print("staged", e.tiers_of(ns, [f"p{s}" for s in seeds]).count("staged"), flush=True)
+os._exit(0)  # dies like kill -9 with pages staged
+"""
+
+
+def test_crash_with_staged_pages_leaves_no_half_written_page(tmp_path, ns):
+    """Staged pages reach the disk only as whole encoded blobs through the write-down queue's group commit: a process
+    killed with pages staged leaves the committed ones whole and exact, and the staged ones missing."""
+    p = subprocess.run([sys.executable, "-c", CRASH_CHILD, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == 0 and p.stdout.split() == ["staged", "8"], (p.stdout, p.stderr)
+    with TierEngine(staged_cfg(tmp_path)) as e:
+        assert e.disk.verify().bad == 0
+        got, outs = read(e, ns, range(16))
+        assert got == [True, False] * 8  # the landed (even) pages on disk; the staged (odd) ones a miss
+        assert_exact(outs[::2], range(0, 16, 2))
