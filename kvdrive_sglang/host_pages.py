@@ -9,25 +9,31 @@ A flat page is SGLang's own: what the pool's ``get_data_page(start, flat=True)``
 (the layout is part of the namespace).
 
 Every torch call lets go of the GIL, and beside SGLang's scheduler loop each one may wait a switch interval to get
-it back. So where SGLang's MHA host pool keeps its KV in the one token-indexed buffer its own per-page copy slices
-(``layer_first``, ``page_first``), a batch of pages moves in one gather / one scatter (about four torch calls a batch
-instead of two a page). That is decided from the pool's class and the buffer's exact shape, on both SGLang
-generations (0.5.17's and 0.5.21+'s MHA host pool keep these two buffers alike): any other layout (``page_first_direct``
-and ``page_head``, indexed by page; ``page_unified``), any subclass that overrides the per-page copy (MXFP8, K/V of
-different widths), any wrapper (page interleave) or any other pool (MLA, ...) takes SGLang's own per-page
+it back, so a batch of pages moves in one gather / one scatter (about four torch calls a batch instead of two or
+three a page; at page size 1 the per-page copy is a Python loop per token). The batch path is a strided view of the
+pool's buffer as [pages, *page] (:class:`PageView`), whose row ``p`` holds exactly the elements SGLang's
+``get_data_page(p * page_size)`` slices, in the same order: for every pool kind and layout of
+``compat.host_pools.PAGE_AXES`` (MHA and MLA in ``layer_first``, ``page_first``, ``page_first_direct``; MHA also in
+``page_head``). It is built from the pool's kind and layout, then checked against the pool's own per-page view;
+anything else (a subclass with a page copy of its own, a wrapper, DCP shards, an unknown layout) takes SGLang's own
 ``get_data_page`` / ``set_from_flat_data_page``, so a layout kvdrive does not know is slower, never wrong.
 """
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from .compat.host_pools import AxisCounts, PageAxis, page_axis
 from .tier.errors import ConfigError
 
-BATCHED_LAYOUTS = ("layer_first", "page_first")
+# Layouts batched for some pool kind (MLA has no page_head); whether a given pool is, is PageView.of's call
+BATCHED_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
+
+log = logging.getLogger(__name__)
 
 
 class PageScratch:
@@ -45,43 +51,117 @@ class PageScratch:
         self.rows = self.pages.view(torch.uint8).numpy()
 
 
-def batched_layout(host) -> str | None:
-    """The layout whose pages :class:`HostPages` may gather and scatter in one call each, or None for the per-page
-    path.
+def strided_form(t: torch.Tensor) -> tuple:
+    """Which elements of its storage ``t`` views, in which flat order: (storage offset, ((size, stride), ...)) with
+    size-1 dimensions dropped and dimensions that step as one merged. Two views of one storage with equal forms
+    hold the same elements in the same order, whatever their shapes."""
+    dims: list[tuple[int, int]] = []
+    for size, stride in zip(t.shape, t.stride()):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    return t.storage_offset(), tuple(dims)
 
-    Only SGLang's own MHA host pool qualifies (``MHATokenToKVPoolHost`` or a subclass that overrides neither
-    ``get_data_page`` nor ``set_from_flat_data_page``), in ``layer_first`` or ``page_first`` layout, with K and V
-    of one width and a single ``kv_buffer`` of exactly the shape that layout's per-page copy slices:
-    [2, layers, size, heads, head_dim] (layer_first) or [2, size, layers, heads, head_dim] (page_first), in the
-    pool's dtype. The batched copy then moves the very elements the per-page copy would, in the same order.
+
+class PageView:
+    """A host pool's buffer seen as [pages, *page]: row ``p`` is a strided view of exactly the elements SGLang's
+    ``get_data_page(p * page_size)`` slices, in its order, so ``rows[pages]`` gathers a batch of flat pages in one
+    call and ``rows[pages] = new`` scatters one back (SGLang's byte order, so pages stored by the per-page copy
+    read back the same).
+
+    Args:
+        host: the host pool.
+        axis: where its layout keeps a page (``compat.host_pools.PAGE_AXES``).
+    """
+
+    def __init__(self, host, axis: PageAxis):
+        self.host, self.axis, self.page_size = host, axis, int(host.page_size)
+        self._buffer: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, host) -> PageView | None:
+        """The page view of ``host`` where kvdrive knows its pool kind and layout and the view matches the pool's own
+        per-page view, else None (SGLang's per-page copy)."""
+        axis = page_axis(host)
+        if axis is None:
+            return None
+        view = cls(host, axis)
+        try:
+            ok = view._matches_sglang()
+        except Exception as e:  # noqa: BLE001 - a pool kvdrive cannot read is copied SGLang's way, never refused
+            log.warning("kvdrive: %s (%s): per-page copies (page view check failed: %s)", type(host).__name__,
+                        host.layout, e)
+            return None
+        if not ok:
+            log.warning("kvdrive: %s in layout %s does not keep its pages where compat.host_pools.PAGE_AXES says: "
+                        "per-page copies", type(host).__name__, host.layout)
+            return None
+        return view
+
+    def rows(self) -> torch.Tensor:
+        """The [pages, *page] view of the pool's buffer (rebuilt if SGLang swapped the buffer)."""
+        buffer = getattr(self.host, self.axis.buffer)
+        if buffer is not self._buffer:
+            ax, ps = self.axis.axis, self.page_size
+            if self.axis.counts is AxisCounts.TOKENS:
+                pages = buffer.shape[ax] // ps
+                buffer_pages = buffer.narrow(ax, 0, pages * ps).unflatten(ax, (pages, ps))
+            else:
+                buffer_pages = buffer
+            self._rows, self._buffer = buffer_pages.movedim(ax, 0), buffer
+        return self._rows
+
+    def _matches_sglang(self) -> bool:
+        """Whether rows hold what SGLang's own per-page view holds: same storage, elements and order, at the first,
+        second, middle and last page, and the flat page's element count (no page bytes are written or compared:
+        the check is on the views, so it costs nothing and touches no KV)."""
+        host, ps = self.host, self.page_size
+        rows = self.rows()
+        buffer = self._buffer
+        if not isinstance(buffer, torch.Tensor) or buffer.dtype != host.dtype or rows.shape[0] * ps < int(host.size):
+            return False
+        if rows[0].numel() != host.get_dummy_flat_data_page().numel():
+            return False
+        storage = buffer.untyped_storage().data_ptr()
+        n = int(host.size) // ps
+        for p in sorted({0, 1, n // 2, n - 1} & set(range(n))):
+            ref = host.get_data_page(p * ps, flat=False)
+            if not isinstance(ref, torch.Tensor) or ref.untyped_storage().data_ptr() != storage:
+                return False
+            if ref.dtype != buffer.dtype or strided_form(ref) != strided_form(rows[p]):
+                return False
+        return True
+
+    def page_ids(self, starts: Sequence[int]) -> torch.Tensor:
+        """Row of each page start (starts are page-aligned: :meth:`HostPages.starts` checks)."""
+        return torch.from_numpy(np.asarray(starts, dtype=np.int64) // self.page_size)
+
+    def gather(self, starts: Sequence[int]) -> torch.Tensor:
+        """The pages at ``starts`` as one new [n, page elements] tensor, in order."""
+        rows = self.rows()
+        return torch.index_select(rows, 0, self.page_ids(starts)).view(len(starts), -1)
+
+    def scatter(self, starts: Sequence[int], pages: torch.Tensor) -> None:
+        """Row ``i`` of ``pages`` (a [n, page elements] tensor in the pool's dtype) into the page at ``starts[i]``."""
+        rows = self.rows()
+        rows.index_copy_(0, self.page_ids(starts), pages.reshape(len(starts), *rows.shape[1:]))
+
+
+def batched_layout(host) -> str | None:
+    """The layout whose pages :class:`HostPages` gathers and scatters in one call each, or None for the per-page
+    path (see :meth:`PageView.of`).
 
     Args:
         host: the host pool SGLang registered (any HostKVCache, or a wrapper around one).
 
     Returns:
-        ``"layer_first"``, ``"page_first"`` or None.
+        The pool's layout, or None.
     """
-    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
-
-    cls = type(host)
-    if not isinstance(host, MHATokenToKVPoolHost):
-        return None
-    for method in ("get_data_page", "set_from_flat_data_page"):
-        if getattr(cls, method, None) is not getattr(MHATokenToKVPoolHost, method):
-            return None  # the pool copies its pages its own way (scales beside the data, split K/V, ...)
-    layout = getattr(host, "layout", None)
-    if layout not in BATCHED_LAYOUTS:
-        return None
-    kv = getattr(host, "kv_buffer", None)
-    try:
-        size, layers, heads, dim = (int(host.size), int(host.layer_num), int(host.head_num), int(host.head_dim))
-        v_dim = int(getattr(host, "v_head_dim", dim))
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if not isinstance(kv, torch.Tensor) or kv.dtype != host.dtype or v_dim != dim:
-        return None
-    want = (2, layers, size, heads, dim) if layout == "layer_first" else (2, size, layers, heads, dim)
-    return layout if tuple(kv.shape) == want else None
+    return host.layout if PageView.of(host) is not None else None
 
 
 class HostPages:
@@ -107,10 +187,11 @@ class HostPages:
             # start-up rather than fail every backup on SGLang's I/O thread
             raise ConfigError(f"kvdrive cannot move pages of this host pool ({type(host).__name__}, layout "
                               f"{getattr(host, 'layout', '?')}): {e}. Use another --hicache-mem-layout "
-                              f"(layer_first, page_first)") from None
+                              f"(layer_first, page_first, page_first_direct)") from None
         self.page_numel = int(page.numel())
         self.page_bytes = int(page.numel() * page.element_size())
-        self.layout = batched_layout(host)  # the layout gathered / scattered in one call; None: per page
+        self.view = PageView.of(host)  # the batch path; None: SGLang's per-page copy
+        self.layout = host.layout if self.view is not None else None  # the layout batched (None: per page)
         self._scratch = threading.local()
 
     def starts(self, op: str, n: int, host_indices) -> list[int]:
@@ -169,17 +250,10 @@ class HostPages:
             ``get_data_page``, which may be views of the pool where a page is contiguous in it: read them before
             the slots are reused (``TierEngine.put_many`` encodes before it returns).
         """
-        host, n, ps = self.host, len(starts), self.page_size
-        if self.layout is None or n == 1:
-            return [host.get_data_page(s, flat=True).contiguous() for s in starts]
-        layers, heads, dim = host.layer_num, host.head_num, host.head_dim
-        tokens = self.tokens(starts)
-        if self.layout == "layer_first":  # [2, layers, n*ps, heads, dim] -> [n, 2, layers, ps, heads, dim]
-            got = host.kv_buffer[:, :, tokens].view(2, layers, n, ps, heads, dim).permute(2, 0, 1, 3, 4, 5)
-        else:  # page_first: [2, n*ps, layers, heads, dim] -> [n, 2, ps, layers, heads, dim]
-            got = host.kv_buffer[:, tokens].view(2, n, ps, layers, heads, dim).permute(1, 0, 2, 3, 4, 5)
-        rows = got.reshape(n, -1).view(torch.uint8).numpy()
-        return [rows[i] for i in range(n)]
+        if self.view is None or len(starts) == 1:
+            return [self.host.get_data_page(s, flat=True).contiguous() for s in starts]
+        rows = self.view.gather(starts).view(torch.uint8).numpy()
+        return [rows[i] for i in range(len(starts))]
 
     def write(self, starts: Sequence[int], pages: torch.Tensor) -> None:
         """Copy decoded flat pages into the host pool: row ``i`` of ``pages`` to the page at ``starts[i]``.
@@ -188,19 +262,11 @@ class HostPages:
             starts: page starts (checked by :meth:`starts`).
             pages: a [len(starts), page elements] tensor in the pool's dtype (rows of :meth:`scratch`).
         """
-        host, n, ps = self.host, len(starts), self.page_size
-        if self.layout is None or n == 1:
+        if self.view is None or len(starts) == 1:
             for s, p in zip(starts, pages):
-                host.set_from_flat_data_page(s, p)
+                self.host.set_from_flat_data_page(s, p)
             return
-        layers, heads, dim = host.layer_num, host.head_num, host.head_dim
-        tokens = self.tokens(starts)
-        if self.layout == "layer_first":  # kv_buffer [2, layers, tokens, heads, dim]
-            src = pages.view(n, 2, layers, ps, heads, dim).permute(1, 2, 0, 3, 4, 5)
-            host.kv_buffer[:, :, tokens] = src.reshape(2, layers, n * ps, heads, dim)
-        else:  # page_first: kv_buffer [2, tokens, layers, heads, dim]
-            src = pages.view(n, 2, ps, layers, heads, dim).permute(1, 0, 2, 3, 4, 5)
-            host.kv_buffer[:, tokens] = src.reshape(2, n * ps, layers, heads, dim)
+        self.view.scatter(starts, pages)
 
     def scratch(self, n: int) -> PageScratch:
         """This thread's reusable page buffers for at least ``n`` pages (SGLang calls get from its prefetch I/O
