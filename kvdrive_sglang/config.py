@@ -26,12 +26,16 @@ from .tier.errors import ConfigError
 GiB = 1 << 30
 MIN_DISK_BYTES = 1 << 20
 RELOAD_POLICIES = ("auto", "always")
-# kvdrive's default GIL switch interval in the server process, ms (0 leaves Python's own 5 ms). SGLang's scheduler
-# loop holds the GIL whenever it runs Python (an idle CPU server spins at 100%), and a HiCache I/O thread that releases
-# the GIL for a read, a decode or a copy may then wait a whole interval to get it back, many times per page: storage
-# reloads measured ~9 ms per page at 5 ms against 0.5-1 ms at 0.5 ms beside a spinning thread (0.04-0.16 ms
-# uncontended). A shorter interval only costs while another thread is runnable, i.e. while the overlap it buys runs.
-GIL_SWITCH_MS = 0.5
+# kvdrive's default GIL switch interval in the server process, ms, per device (0 leaves Python's own 5 ms).
+# CPU servers: SGLang's scheduler loop holds the GIL whenever it runs Python (an idle CPU server spins at 100%), and a
+# HiCache I/O thread that releases the GIL for a read, a decode or a copy may then wait a whole interval to get it
+# back, many times per page: storage reloads measured ~9 ms per page at 5 ms against 0.5-1 ms at 0.5 ms beside a
+# spinning thread (0.04-0.16 ms uncontended). A shorter interval only costs while another thread is runnable.
+# GPU servers: the scheduler thread is launch-bound and every forced switch delays a launch; torch's op bindings
+# release the GIL around each op anyway, which gives the I/O threads their turns without a shorter interval. No GPU
+# has measured the trade yet (bench/gil_switch_bench.py is the probe), so a GPU server keeps Python's own interval:
+# SGLang's behaviour there is unchanged. Set kvdrive gil_switch_ms to choose.
+GIL_SWITCH_MS = {"cpu": 0.5, "cuda": 0.0}
 SECTION = "kvdrive"  # the extra config's key for kvdrive's settings
 STORAGE_MODULE = "kvdrive_sglang.storage_backend"
 STORAGE_CLASS = "KvdriveStorage"
@@ -67,7 +71,7 @@ class KvdriveSettings:
     encrypt: str | None = None  # encryption at rest: key file (absolute path) or "env" (KVDRIVE_KEYS; tier/crypto.py)
     promoter: dict | None = None  # PromoterConfig fields (half_life_s, promote_share, admit_min_reuse, ...)
     reload: str = "auto"  # storage hits: "auto" reloads only where that beats recomputing (measured), "always" does
-    gil_switch_ms: float | None = None  # Python's GIL switch interval in the server (None: GIL_SWITCH_MS)
+    gil_switch_ms: float | None = None  # Python's GIL switch interval in the server (None: GIL_SWITCH_MS[device])
 
     # --- what the storage backend builds from it ------------------------------------------------------------------
     def tier_config(self):
@@ -83,9 +87,11 @@ class KvdriveSettings:
 
         return PromoterConfig(**(self.promoter or {}))
 
-    @property
-    def gil_switch_s(self) -> float:
-        return (GIL_SWITCH_MS if self.gil_switch_ms is None else self.gil_switch_ms) / 1000
+    def gil_switch_s(self, device: str = "cpu") -> float:
+        """The GIL switch interval to set, s: the setting, else the default for ``device`` ("cpu", "cuda", ...;
+        devices without a measured default get Python's own, 0)."""
+        ms = self.gil_switch_ms if self.gil_switch_ms is not None else GIL_SWITCH_MS.get(device.split(":")[0], 0.0)
+        return ms / 1000
 
     # --- SGLang's storage extra config ----------------------------------------------------------------------------
     def to_section(self) -> dict:
@@ -272,7 +278,8 @@ FLAGS = (
     Flag("--kvdrive-promoter", "promoter", _json, None,
          "promoter settings, a JSON object of tier/promoter.py PromoterConfig fields, e.g. "
          "'{\"half_life_s\": 300, \"promote_share\": 0.1}'"),
-    Flag("--kvdrive-gil-switch-ms", "gil_switch_ms", _ms, GIL_SWITCH_MS,
+    Flag("--kvdrive-gil-switch-ms", "gil_switch_ms", _ms,
+         ", ".join(f"{ms:g} on {dev}" for dev, ms in GIL_SWITCH_MS.items()),
          "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); short lets HiCache's I/O "
          "threads run beside the scheduler loop"),
 )

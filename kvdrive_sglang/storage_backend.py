@@ -204,6 +204,16 @@ def storage_writer(config: HiCacheStorageConfig) -> bool:
     return not (config.is_mla_model and config.tp_rank != 0)
 
 
+def server_device() -> str:
+    """The device this process serves on: the published ServerArgs' ``device``, else "cuda" where torch sees a GPU."""
+    from .compat.server_args import running_server_args
+
+    device = getattr(running_server_args(), "device", None)
+    if isinstance(device, str) and device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def apply_gil_switch(seconds: float) -> None:
     """Shorten the interpreter's GIL switch interval to ``seconds`` (never lengthen one already shorter)."""
     import sys
@@ -223,7 +233,7 @@ class KvdriveStorage(HiCacheStorage):
         self.tier_config = self.settings.tier_config()
         self.promoter = Promoter(self.settings.promoter_config())
         self.reload_policy = self.settings.reload
-        apply_gil_switch(self.settings.gil_switch_s)
+        apply_gil_switch(self.settings.gil_switch_s(server_device()))
         self.engine = TierEngine(self.tier_config)
         # selective write-down: a page reaches the disk only once the promoter finds it worth keeping (reused, a
         # conversation's continuation, ...), so disk bandwidth is not spent on one-off prompts

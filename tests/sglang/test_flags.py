@@ -142,7 +142,7 @@ def test_one_settings_object_from_flags_to_the_storage_backend(tmp_path):
     tier = back.tier_config()
     assert (tier.path, tier.host_bytes, tier.disk_bytes, tier.codec, tier.write_policy) == (
         str(tmp_path), 1 << 29, 2 << 30, "raw", "selective")
-    assert back.promoter_config().half_life_s == 30 and back.gil_switch_s == 0.001
+    assert back.promoter_config().half_life_s == 30 and back.gil_switch_s() == 0.001
     for flags, extra_section, flag_msg, key_msg in (
             ({"kvdrive_codec": "lz4"}, {"codec": "lz4"}, "--kvdrive-codec 'lz4'", "kvdrive codec 'lz4'"),
             ({"kvdrive_reload": "x"}, {"reload": "x"}, "--kvdrive-reload 'x'", "kvdrive reload 'x'"),
@@ -186,7 +186,7 @@ def test_promoter_and_gil_flags(tmp_path):
     read = KvdriveSettings.from_extra_config(extra)  # what the server's backend reads back
     cfg = read.promoter_config()
     assert cfg.half_life_s == 300 and cfg.promote_share == 0.1
-    assert read.gil_switch_s == 0.0015
+    assert read.gil_switch_s() == 0.0015
     plain = json.loads(storage_extra_config(options_from({"kvdrive_dir": str(tmp_path)})))["kvdrive"]
     assert "promoter" not in plain and "gil_switch_ms" not in plain
     for bad, msg in (('{"half_life": 3}', "half_life"), ('{"promote_share": 2}', "promote_share"),

@@ -218,28 +218,39 @@ def test_bad_promoter_options_are_clear_errors(tmp_path):
         make_backend(tmp_path, make_host(), promoter={"colour": 1})
 
 
-def test_gil_switch_interval_is_shortened_for_hicache_io_threads(tmp_path):
+def test_gil_switch_interval_is_shortened_for_hicache_io_threads(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kvdrive_sglang.compat import server_args as compat_args
     from kvdrive_sglang.config import GIL_SWITCH_MS, KvdriveSettings
     from kvdrive_sglang.storage_backend import apply_gil_switch
     from kvdrive_sglang.tier.errors import ConfigError
 
-    def gil_switch_s_from(extra):  # what the server's backend reads back
-        return KvdriveSettings.from_extra_config(extra).gil_switch_s
+    def gil_switch_s_from(extra, device="cpu"):  # what the server's backend reads back
+        return KvdriveSettings.from_extra_config(extra).gil_switch_s(device)
 
-    assert gil_switch_s_from({"kvdrive": {"dir": "x"}}) == GIL_SWITCH_MS / 1000
+    assert gil_switch_s_from({"kvdrive": {"dir": "x"}}) == GIL_SWITCH_MS["cpu"] / 1000
     assert gil_switch_s_from({"kvdrive": {"dir": "x", "gil_switch_ms": 0}}) == 0
+    # a GPU server keeps Python's own interval unless told (config.GIL_SWITCH_MS says why); the setting wins anywhere
+    assert gil_switch_s_from({"kvdrive": {"dir": "x"}}, "cuda") == 0
+    assert gil_switch_s_from({"kvdrive": {"dir": "x"}}, "cuda:1") == 0
+    assert gil_switch_s_from({"kvdrive": {"dir": "x", "gil_switch_ms": 1}}, "cuda") == 0.001
     for bad in (-1, 1000, "fast", True, float("nan")):
         with pytest.raises(ConfigError, match="gil_switch_ms"):
             gil_switch_s_from({"kvdrive": {"dir": "x", "gil_switch_ms": bad}})
     before = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.005)  # Python's default
-        make_backend(tmp_path, make_host()).close()
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS / 1000)
+        monkeypatch.setattr(compat_args, "running_server_args", lambda: SimpleNamespace(device="cuda"))
+        make_backend(tmp_path / "gpu", make_host()).close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)  # a GPU server's scheduler thread: untouched
+        monkeypatch.setattr(compat_args, "running_server_args", lambda: SimpleNamespace(device="cpu"))
+        make_backend(tmp_path / "cpu", make_host()).close()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS["cpu"] / 1000)
         apply_gil_switch(0.002)  # never lengthened
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS / 1000)
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS["cpu"] / 1000)
         apply_gil_switch(0)  # 0: leave it
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS / 1000)
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_MS["cpu"] / 1000)
     finally:
         sys.setswitchinterval(before)
 
