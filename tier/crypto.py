@@ -10,6 +10,9 @@ Envelope (what the disk store writes instead of the page blob): ``MAGIC | key fi
 ciphertext + tag (16)``, authenticated with the page's namespace id and key as associated data, so a page copied to
 another key, namespace or tenant, or altered in any byte, fails to open. Nonces are random (96 bits): safe for far
 more pages than one key will ever seal (the 2^32 bound of NIST SP 800-38D).
+
+PageSealer applies this to a disk store's pages: a store with a key ring seals every page it writes and serves only
+sealed pages (I6 in docs/invariants.md).
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ import logging
 import os
 import stat
 import threading
+from collections import Counter
+from collections.abc import Sequence
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -146,7 +152,7 @@ class KeyRing:
 
     def refresh(self) -> set[str]:
         """Re-read the keys if their source changed. Returns the tenant ids whose key went away or changed."""
-        text, sig = self._current()
+        _, sig = self._current()
         if sig == self._sig:
             return set()
         try:
@@ -225,3 +231,71 @@ class KeyRing:
 def new_key() -> str:
     """A fresh random key, base64 (for key files)."""
     return base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
+
+
+class PageSealer:
+    """Seals and opens a disk store's pages under their tenant's key, counting refusals and failures per reason
+    (``counts``: no_key, stale_key, bad_tag, unkeyed_refused). The index is not authenticated, so a store with a key
+    ring serves sealed pages only: a plaintext entry could have been planted (I6)."""
+
+    def __init__(self, keyring: KeyRing, *, store_path: str):
+        self.keyring = keyring
+        self.store_path = store_path
+        self.counts: Counter = Counter()
+        self._warned_unkeyed: set[str] = set()
+        self._seal_buf = bytearray()  # envelopes of the batch being written (under the store's write lock)
+        self._plain = threading.local()  # per reading thread: the envelope read and the page blob just decrypted
+
+    def has_key(self, tid: str) -> bool:
+        return self.keyring.has_key(tid)
+
+    def seal_batch(self, tid: str, pkeys: list[bytes], blobs: Sequence, todo: list[int]) -> list | None:
+        """``blobs`` with those at ``todo`` replaced by their envelopes (bound to their page keys), sealed into one
+        buffer reused by every write (held under the write lock until the batch is durable; as large as the largest
+        batch). None if the tenant has no key."""
+        need = sum(len(blobs[i]) + OVERHEAD for i in todo)
+        if len(self._seal_buf) < need:
+            self._seal_buf = bytearray(need)
+        mv, off, out = memoryview(self._seal_buf), 0, list(blobs)
+        for i in todo:
+            n = self.keyring.seal_into(tid, pkeys[i], blobs[i], mv[off:])
+            if n is None:
+                return None
+            out[i] = mv[off:off + n]
+            off += n
+        return out
+
+    def read_buffer(self, nbytes: int) -> np.ndarray:
+        """This thread's reusable buffer for an envelope of ``nbytes`` (valid until its next call)."""
+        env = getattr(self._plain, "env", None)
+        if env is None or len(env) < nbytes:
+            env = self._plain.env = np.empty(nbytes, dtype=np.uint8)
+        return env[:nbytes]
+
+    def unseal(self, tid: str, pk: bytes, envelope, scratch: bool = False) -> tuple[bytes | None, bool]:
+        """(the page blob, or None; whether to drop the entry). With ``scratch`` the blob is a view of this thread's
+        reusable buffer, valid until its next call. A tenant without a key keeps its entries (a restored key reads
+        them again); pages sealed under a replaced key or failing authentication are dropped, like a checksum
+        failure, so the page can be written again under the current key."""
+        try:
+            if not scratch:
+                return self.keyring.open(tid, pk, envelope), False
+            buf = getattr(self._plain, "buf", None)
+            if buf is None or len(buf) < len(envelope):
+                buf = self._plain.buf = bytearray(len(envelope))
+            n = self.keyring.open_into(tid, pk, envelope, buf)
+            return memoryview(buf)[:n], False
+        except SealError as e:
+            self.counts[e.reason] += 1
+            if e.reason == "bad_tag":
+                log.warning("kvdrive: a page of store %s failed authentication (altered or misplaced); dropped",
+                            self.store_path)
+            return None, e.reason != "no_key"
+
+    def refuse_unkeyed(self, tid: str, n: int) -> None:
+        """With encryption on, a tenant without a key gets nothing written to disk (one log line per tenant)."""
+        self.counts["unkeyed_refused"] += n
+        if tid not in self._warned_unkeyed:
+            self._warned_unkeyed.add(tid)
+            log.warning("kvdrive: %s has no key for tenant %s; its pages are not written to disk (further refusals "
+                        "are counted, not logged)", self.keyring.describe(), tid or "'' (unsalted)")

@@ -1,13 +1,16 @@
-"""Positional file I/O for segment files: POSIX pread/pwrite, or kvikio when it imports and a GPU is present.
+"""Positional file I/O for segment files: POSIX pread/pwrite, or kvikio when asked for and usable.
 
 Both read straight into the caller's buffers (scatter reads): a raw page goes from the file into the caller's host
-buffer with no intermediate copy.
+buffer with no intermediate copy. POSIX is the default (issue 15): kvikio was not measured faster for page-sized reads
+into host memory, and its default thread pool of one serialised every read.
 """
 from __future__ import annotations
 
 import logging
 import mmap
 import os
+
+from .handle_cache import HandleCache
 
 log = logging.getLogger("kvdrive.tier")
 
@@ -144,48 +147,81 @@ class PosixIO:
 class KvikioIO(PosixIO):
     """kvikio's parallel pread (its thread pool splits large reads; GDS where the file system allows it).
 
-    Writes stay POSIX: they are appends followed by fdatasync, which kvikio does not speed up.
+    Writes stay POSIX: they are appends followed by fdatasync, which kvikio does not speed up. Its handles (one per
+    segment path) are cached like the store's descriptors (tier/handle_cache.py): pinned across each read, so
+    ``forget`` (compaction deleting a segment) closes a handle only once no read uses it (I5).
     """
 
     name = "kvikio"
 
-    def __init__(self, kvikio_mod):
+    def __init__(self, kvikio_mod, handles: int = 256):
         self._kvikio = kvikio_mod
-        self._files: dict[str, object] = {}
+        self._files = HandleCache(lambda path: kvikio_mod.CuFile(path, "r"), _close_handle, handles)
+        _size_thread_pool(kvikio_mod)
 
     def preadv(self, fd: int, bufs: list, offset: int, path: str | None = None) -> int:
         if path is None:
             return super().preadv(fd, bufs, offset)
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = self._kvikio.CuFile(path, "r")
         total = 0
-        for b in bufs:
-            view = memoryview(b).cast("B")
-            n = f.pread(view, len(view), offset + total).get()
-            total += n
-            if n < len(view):
-                break
+        with self._files.pinned(path) as f:
+            for b in bufs:
+                view = memoryview(b).cast("B")
+                n = f.pread(view, len(view), offset + total).get()
+                total += n
+                if n < len(view):
+                    break
         return total
 
     def forget(self, path: str) -> None:
-        f = self._files.pop(path, None)
-        if f is not None:
-            f.close()
+        self._files.forget(path)
+
+    def close(self) -> None:
+        self._files.close_all()
 
 
-def select_io(prefer: str = "auto"):
-    """``auto``: kvikio when it imports and CUDA is available, else POSIX. ``posix``: always POSIX."""
+def _close_handle(key, handle, replaced: bool) -> None:
+    handle.close()
+
+
+# kvikio's thread pool defaults to one thread (KVIKIO_NTHREADS unset): every read of every SGLang thread waited on it
+# in turn. Several concurrent page reads need several threads; more than this buys nothing for page-sized reads.
+KVIKIO_THREADS = 8
+
+
+def kvikio_threads(cpus: int | None, env: str | None) -> int | None:
+    """The thread count to give kvikio's pool: None when KVIKIO_NTHREADS (``env``) already says."""
+    if env:
+        return None
+    return max(1, min(KVIKIO_THREADS, cpus or 1))
+
+
+def _size_thread_pool(kvikio_mod) -> None:
+    n = kvikio_threads(os.cpu_count(), os.environ.get("KVIKIO_NTHREADS"))
+    if n is None:
+        return
+    defaults = kvikio_mod.defaults
+    try:
+        if hasattr(defaults, "set"):  # kvikio >= 25.02
+            defaults.set("num_threads", n)
+        else:
+            defaults.num_threads_reset(n)
+    except Exception as e:  # noqa: BLE001 - a kvikio without either call: its own default, said once
+        log.warning("kvdrive: could not size kvikio's thread pool to %d threads (%s); set KVIKIO_NTHREADS", n, e)
+
+
+def select_io(prefer: str = "posix", *, handles: int = 256):
+    """``posix``: POSIX. ``auto``: kvikio when it imports and CUDA is available, else POSIX. ``kvikio``: the same,
+    with a warning when it falls back. ``handles``: kvikio file handles kept open (as the store's fd_cache)."""
     if prefer == "posix":
         return PosixIO()
     try:
-        import kvikio  # noqa: F401
+        import kvikio
         import torch
 
         if torch.cuda.is_available():
-            return KvikioIO(kvikio)
-    except Exception:  # noqa: BLE001 - any import problem means "not available"
-        pass
+            return KvikioIO(kvikio, handles)
+    except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+        log.debug("kvikio not usable: %s", e)
     if prefer == "kvikio":
         log.warning("kvikio requested but not usable here (needs the kvikio package and a CUDA GPU); using POSIX I/O")
     return PosixIO()

@@ -5,29 +5,52 @@ Databases in one environment:
     ns     namespace id (16 B) -> canonical JSON description (for stats and clear)
     pages  namespace id + key tag -> Record (packed)
     segs   segment id (u32 big-endian) -> SegInfo (packed)
-A page record and the accounting of the segment it lives in always change in the same transaction.
+A page record and the accounting of the segment it lives in always change in the same transaction (I2 in
+docs/invariants.md). The record layout is this module's: other modules use Record, Location and the helpers below.
+
+Also here: the index-room policy (IndexRoom), which keeps the LMDB map from filling: commit sizing, headroom
+eviction, stale readers of dead processes.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
+import logging
+import math
 import os
 import struct
 import threading
+from collections import Counter
+from collections.abc import Callable
 from typing import NamedTuple
 
 import lmdb
 
 from .errors import StoreDirError
+from .namespace import key_bytes
 from .store_dir import FILE_MODE
+
+log = logging.getLogger("kvdrive.tier")
 
 _REC = struct.Struct("<IQIBBQQQQQf")
 EXPIRES_AT = slice(50, 58)  # byte range of expires_ms inside a packed record: lookups test it without unpacking
+_FLAGS_AT = struct.calcsize("<IQIB")  # byte offset of flags inside a packed record (after seg, off, length, codec)
+_NEVER = bytes(8)  # expires_ms == 0
 _SEG = struct.Struct("<QQQIB")
 _U32 = struct.Struct(">I")
 _SHORT_KEY = 400  # longer keys are hashed to stay well under LMDB's 511-byte key limit
+SEALED = 1  # Record.flags bit: the blob on disk is an AES-GCM envelope of the page blob (tier/crypto.py)
 
 SEG_OPEN = 0  # a live writer appends to it (it holds a flock on the file)
 SEG_SEALED = 1
+
+
+class Location(NamedTuple):
+    """Where a record's bytes are. Segments are append-only and their ids never reused (I3), so two records at one
+    location name the same bytes: an entry is "still the one we read" exactly when its location is unchanged."""
+    seg: int
+    off: int
+    length: int
 
 
 class Record(NamedTuple):
@@ -47,8 +70,24 @@ class Record(NamedTuple):
         return _REC.pack(*self)
 
     @classmethod
-    def unpack(cls, b) -> "Record":
+    def unpack(cls, b) -> Record:
         return cls._make(_REC.unpack(b))
+
+    @classmethod
+    def unpack_live(cls, b, now_ms: int) -> Record | None:
+        """The record packed in ``b`` unless there is none or it expired by ``now_ms``."""
+        if b is None:
+            return None
+        rec = cls._make(_REC.unpack(b))
+        return None if rec.expires_ms and rec.expires_ms <= now_ms else rec
+
+    @property
+    def location(self) -> Location:
+        return Location(self.seg, self.off, self.length)
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.flags & SEALED)
 
 
 class SegInfo(NamedTuple):
@@ -62,7 +101,7 @@ class SegInfo(NamedTuple):
         return _SEG.pack(*self)
 
     @classmethod
-    def unpack(cls, b) -> "SegInfo":
+    def unpack(cls, b) -> SegInfo:
         return cls._make(_SEG.unpack(b))
 
 
@@ -239,3 +278,142 @@ class Index:
 
     def segments(self, txn) -> dict[int, SegInfo]:
         return {seg_id(k): SegInfo.unpack(v) for k, v in txn.cursor(db=self.segs)}
+
+    def records(self, txn):
+        """(page key, Record) of every page, in key order."""
+        return ((bytes(k), Record.unpack(v)) for k, v in txn.cursor(db=self.pages))
+
+    def leading_present(self, txn, ns_id: bytes, keys, *, now_ms: int, sealed: bool, held=None) -> int:
+        """How many leading ``keys`` of namespace ``ns_id`` have a live entry written the way this store serves
+        (``sealed`` or not: I6) or are ``held(key)`` elsewhere. The hot lookup of SGLang's prefix matching: tests the
+        packed bytes without unpacking them."""
+        short = ns_id + b"\0"
+        pages = self.pages
+        want = SEALED if sealed else 0
+        get = txn.get  # positional (key, default, db): measurably cheaper than keywords in this loop
+        n = 0
+        for k in keys:
+            # fast path for the common key (a str of <= _SHORT_KEY bytes): same bytes as page_key(key_bytes(k))
+            if type(k) is str and 0 < len(k) <= _SHORT_KEY // 4 and k.isascii():
+                b = get(short + k.encode(), None, pages)
+            else:
+                b = get(page_key(ns_id, key_bytes(k)), None, pages)
+            if (b is None or (b[EXPIRES_AT] != _NEVER and Record.unpack(b).expires_ms <= now_ms)
+                    or b[_FLAGS_AT] & SEALED != want) and (held is None or not held(k)):
+                break
+            n += 1
+        return n
+
+
+# --- index-room policy ---------------------------------------------------------------------------------------------
+# The index is a second capacity bound: past INDEX_HIGH of the map (its trees plus the room commits need, see
+# IndexShape) the lowest-value pages are evicted down to INDEX_LOW. A commit's room stays under COMMIT_SHARE of the
+# map: bigger batches are indexed in several commits (only ever in a map far too small for them: more commits take
+# more pages while a reader pins old ones).
+INDEX_HIGH, INDEX_LOW = 0.80, 0.60
+COMMIT_SHARE = 0.25
+
+
+class IndexRoom:
+    """Keeps room in the LMDB map for the next commits (I7): sizes commits, evicts the lowest-value pages above
+    INDEX_HIGH, frees the reader slots of dead processes. Its evictions count into ``counts["evicted"]``.
+
+    ``last_txn_records``: page records the last index commit changed (its freed pages cannot be reused by the next
+    commit: see IndexShape). Whoever commits page records sets it."""
+
+    def __init__(self, index: Index, *, store_path: str, low_watermark: float, counts: Counter,
+                 on_fault: Callable[[BaseException, str], None]):
+        self.index = index
+        self.store_path = store_path
+        self.low_watermark = low_watermark
+        self.counts = counts
+        self.on_fault = on_fault
+        self.last_txn_records = 0
+        self._warned_tiny_map = False
+
+    def fill(self, records: int = 0) -> float:
+        """Share of the LMDB map its trees use plus the room the next commit (``records``) and the last need."""
+        return self.index.shape().fill(records, self.last_txn_records)
+
+    def commit_size(self, records: int, *, evict: bool = True) -> int:
+        """How many of ``records`` page records the next index commit may change: at most COMMIT_SHARE of the map's
+        room, and what fits under INDEX_HIGH after evicting the lowest-value pages (``evict``) -- 0 if not one."""
+        shape = (self.keep_headroom(records) if evict else None) or self.index.shape()
+        n = shape.commit_cap(records, COMMIT_SHARE)
+        while n > 1 and shape.fill(n, self.last_txn_records) > INDEX_HIGH:
+            n = (n + 1) // 2
+        return n if records and shape.fill(n, self.last_txn_records) <= INDEX_HIGH else 0
+
+    def keep_headroom(self, records: int = 0) -> IndexShape | None:
+        """Above INDEX_HIGH of the map, evict the lowest-value pages down to INDEX_LOW, while LMDB still has the
+        free pages that deleting needs (a map full to the last page cannot even commit a delete: every change copies
+        its path of pages first). ``records``: page records the coming commit changes (at most its budget). Returns
+        the index's shape as it now is (None after a fault)."""
+        try:
+            shape = self.index.shape()
+            records = shape.commit_cap(records, COMMIT_SHARE)
+            fill = shape.fill(records, self.last_txn_records)
+            if fill > INDEX_HIGH:
+                # evicting shrinks the page tree and, with it, the room a commit may need to copy it
+                tree = shape.leaves + shape.branches
+                shrinks = tree + min(records, shape.leaves) + min(self.last_txn_records, shape.leaves)
+                share = min(1.0, (fill - INDEX_LOW) * shape.map_pages / max(1, shrinks))
+                if share >= 1.0 and not self._warned_tiny_map:
+                    self._warned_tiny_map = True
+                    log.warning("kvdrive: the index map of store %s (map_size %d bytes) is too small to keep pages "
+                                "and still commit: it is emptied to make room each time; give the disk a larger "
+                                "map_size", self.store_path, self.index.env.info()["map_size"])
+                self.free(share, full=False)
+                shape = self.index.shape()
+            return shape
+        except (OSError, lmdb.Error) as e:  # called on the write path: a fault, never the writer's exception
+            self.on_fault(e, "index eviction")
+            return None
+
+    def clear_stale_readers(self) -> None:
+        try:
+            n = self.index.clear_stale_readers()
+        except lmdb.Error as e:
+            log.warning("kvdrive: could not check the index readers of store %s: %s", self.store_path, e)
+            return
+        if n:
+            log.warning("kvdrive: cleared %d reader slot(s) of store %s left by dead processes (their old snapshot "
+                        "kept every index page freed since from reuse: the map would fill for good)", n,
+                        self.store_path)
+
+    def free(self, share: float | None = None, *, full: bool = True) -> None:
+        """Drop ``share`` of the pages (lowest value first; default 1 - low_watermark, as capacity eviction would),
+        in small transactions: each frees pages the next can reuse, where one big delete would itself need more room
+        than a full map has; a transaction that does not fit is retried smaller (down to one page). ``full``: the
+        map filled up (a fault) rather than crossed the watermark. The map is not grown instead: resizing is only
+        safe while no transaction is open in the process, and readers run on SGLang's threads."""
+        share = 1.0 - self.low_watermark if share is None else share
+        if full:
+            self.clear_stale_readers()
+        with self.index.read() as txn:
+            cands = [(r.score, r.atime_ms, pk) for pk, r in self.index.records(txn)]
+        victims = sorted(pk for _, _, pk in heapq.nsmallest(max(1, math.ceil(len(cands) * share)), cands))
+        n = i = 0
+        batch = 16  # halved when a commit does not fit
+        # key order: neighbours share leaf pages, so each small transaction copies (needs) few new pages
+        while i < len(victims):
+            try:
+                with self.index.write() as txn:
+                    done = sum(self.index.delete_page(txn, pk) is not None for pk in victims[i:i + batch])
+            except lmdb.MapFullError:
+                if batch == 1:
+                    break  # as much as fitted; the next map-full fault frees more
+                batch //= 2
+                continue
+            n += done  # counted once committed
+            i += batch
+            self.last_txn_records = batch
+        self.counts["evicted"] += n
+        if full:
+            log.warning("kvdrive: index of store %s is full (map_size %d bytes, %d pages): evicted the %d lowest-value "
+                        "pages to make room; a larger disk map_size keeps more", self.store_path,
+                        self.index.env.info()["map_size"], len(cands), n)
+        else:
+            log.info("kvdrive: index of store %s above %.0f%% of its map (map_size %d bytes): evicted the %d "
+                     "lowest-value pages of %d", self.store_path, 100 * INDEX_HIGH,
+                     self.index.env.info()["map_size"], n, len(cands))

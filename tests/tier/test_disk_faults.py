@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 import pytest
-
 from kvdrive_sglang.tier.codecs import encode_page
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.store_dir import INDEX_DIR
+
 from tests.helpers import PinnedReader, small_page
 
 
@@ -179,12 +179,12 @@ def small_fs(tmp_path):
     mnt = tmp_path / "fs"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+                                           check=False, capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 
 
 def test_real_full_file_system(small_fs, ns):
@@ -239,10 +239,10 @@ def test_a_batch_too_big_for_the_map_is_indexed_in_parts(tmp_path, ns, caplog):
                 assert st.stats().faults == {}, st.stats().faults
                 outs = [np.empty_like(small_page(0, ns)) for _ in range(200)]
                 assert st.get_many(ns, keys(b, 200), outs) == got
-                assert 0 < sum(got) < 200 and st._last_txn_records < 200, (sum(got), st._last_txn_records)
+                assert 0 < sum(got) < 200 and st.index_room.last_txn_records < 200, (sum(got), st.index_room.last_txn_records)
         assert [r for r in caplog.records if "is too small to keep pages" in r.message]
     with DiskStore(DiskStoreConfig(path=str(tmp_path / "ordinary"), map_size=64 << 20)) as st:
-        assert all(st.put_many(ns, keys(0, 200), batch)) and st._last_txn_records == 200
+        assert all(st.put_many(ns, keys(0, 200), batch)) and st.index_room.last_txn_records == 200
 
 
 def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns):
@@ -256,25 +256,25 @@ def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns):
     from kvdrive_sglang.tier.namespace import key_bytes
 
     def scores(st, ks):
-        with st._index.read() as txn:
-            return [Record.unpack(txn.get(page_key(ns.id, key_bytes(k)), db=st._index.pages)).score for k in ks]
+        with st.index.read() as txn:
+            return [Record.unpack(txn.get(page_key(ns.id, key_bytes(k)), db=st.index.pages)).score for k in ks]
 
     # a tree of many more leaves than one small transaction touches: 2 MiB holds ~300 leaves (~10k pages)
     with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=2 << 20, retry_after_s=60)) as st:
         b, batch = 0, blobs(ns, range(24))
-        while st._index_fill(_SCORES_PER_TXN) < 0.75:
+        while st.index_room.fill(_SCORES_PER_TXN) < 0.75:
             assert all(st.put_many(ns, keys(b), batch)), st.stats().faults
             b += 1
             assert b < 1000 and st.stats().evicted == 0, (b, st.stats())
         every = [k for i in range(b) for k in keys(i)]
-        assert st._index_fill(len(every)) > 0.8, "one transaction for them all would not fit (the control)"
+        assert st.index_room.fill(len(every)) > 0.8, "one transaction for them all would not fit (the control)"
         st.set_scores(ns, every, [float(i + 1) for i in range(len(every))])
         assert st.stats().faults == {} and st.stats().evicted == 0, st.stats()
         assert scores(st, every) == [float(i + 1) for i in range(len(every))]
         # past the high mark (as another process's writes could leave it): no eviction, no fault
-        while st._index_fill(_SCORES_PER_TXN) <= 0.8:
-            with st._index.write() as txn:  # filler in the meta tree, which the store does not evict
-                txn.put(b"filler-%d" % b, bytes(2000), db=st._index.meta)
+        while st.index_room.fill(_SCORES_PER_TXN) <= 0.8:
+            with st.index.write() as txn:  # filler in the meta tree, which the store does not evict
+                txn.put(b"filler-%d" % b, bytes(2000), db=st.index.meta)
             b += 1
         st.set_scores(ns, every, [-1.0] * len(every))
         assert st.stats().faults == {} and st.stats().evicted == 0, st.stats()

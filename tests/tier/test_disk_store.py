@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import pytest
-
 from kvdrive_sglang.tier.codecs import encode_page
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.errors import CodecError, ConfigError
+
 from tests.helpers import make_ns, small_page
 
 
@@ -356,7 +356,7 @@ def test_write_down_still_works_once_executors_refuse_work(tmp_path, ns):
     """At interpreter exit concurrent.futures refuses new work before exit hooks run, and SGLang detaches its storage
     backend from such a hook: the last write-down must still reach the disk (inline), not fail."""
     st = open_store(tmp_path)
-    st._syncer.shutdown(wait=True)  # what the interpreter-exit hook does to every executor
+    st.writer.io_thread.shutdown(wait=True)  # what the interpreter-exit hook does to every executor
     assert st.put_many(ns, ["late"], blobs_for(ns, [3])) == [True]
     st.close()
     with open_store(tmp_path) as again:

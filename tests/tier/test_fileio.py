@@ -4,8 +4,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-from kvdrive_sglang.tier.fileio import ALIGN, PosixIO, Staging, direct_append, open_direct, select_io
+from kvdrive_sglang.tier.fileio import (
+    ALIGN,
+    PosixIO,
+    Staging,
+    direct_append,
+    open_direct,
+    select_io,
+)
 
 
 def chunks(rng, sizes):
