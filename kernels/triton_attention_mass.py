@@ -80,7 +80,10 @@ def _request(seq_lens_ptr, rpi_ptr, b, max_tokens, num_splits, split, HAS_RPI: t
     return row, start, end
 
 
-@triton.jit
+# The lengths and the output width change with every batch; specialising on them (Triton's default: ints equal to 1
+# or divisible by 16) would compile new variants mid-request. Not specialised, the kernels compiled once per layer
+# geometry (attention_capture.KernelWarmup, on small inputs) serve every batch.
+@triton.jit(do_not_specialize=["max_tokens", "num_splits"])
 def _lse_partial_kernel(
     q_ptr, stride_qb, stride_qh, stride_qd,
     k_ptr, stride_ks, stride_kh, stride_kd,
@@ -98,7 +101,7 @@ def _lse_partial_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     for t0 in range(start, end, BLOCK):
-        s, t, tmask = _tile_logits(q, k_ptr, stride_ks, stride_kh, stride_kd, r2t_ptr + row * stride_r2t, kvh, t0,
+        s, _, tmask = _tile_logits(q, k_ptr, stride_ks, stride_kh, stride_kd, r2t_ptr + row * stride_r2t, kvh, t0,
                                    end, scale, k_scale, logit_cap, D, COMPUTE, IEEE, K_SCALED, HAS_CAP, D_PAD, BLOCK)
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -110,7 +113,7 @@ def _lse_partial_kernel(
     tl.store(l_ptr + idx, l_i, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ob", "num_pages", "max_tokens", "num_splits"])
 def _mass_kernel(
     q_ptr, stride_qb, stride_qh, stride_qd,
     k_ptr, stride_ks, stride_kh, stride_kd,
@@ -168,8 +171,9 @@ def _common(a):
     r2t = a.req_to_token if a.req_to_token.stride(1) == 1 else a.req_to_token.contiguous()
     rpi = a.rpi.contiguous() if a.rpi is not None else a.seq_lens
     d_pad = max(16, next_pow2(a.D))
-    consts = dict(G=a.G, G_PAD=max(16, next_pow2(a.G)), D_PAD=d_pad, BLOCK=_block_t(d_pad), COMPUTE=compute,
-                  IEEE=ieee, K_SCALED=k_scaled, HAS_CAP=a.logit_cap > 0, HAS_RPI=a.rpi is not None)
+    consts = {"G": a.G, "G_PAD": max(16, next_pow2(a.G)), "D_PAD": d_pad, "BLOCK": _block_t(d_pad),
+              "COMPUTE": compute, "IEEE": ieee, "K_SCALED": k_scaled, "HAS_CAP": a.logit_cap > 0,
+              "HAS_RPI": a.rpi is not None}
     scalars = (a.D, a.scale, 1.0 if a.k_scale is None else a.k_scale, a.logit_cap or 1.0)
     args = (q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
             r2t, r2t.stride(0), a.seq_lens.contiguous(), rpi)

@@ -4,9 +4,10 @@ kvdrive must never make a request slower than no cache, and whether a reload bea
 machine: an H100 prefills a 7B model at ~10k tokens/s, a CPU server at a few hundred. Assumed figures get it wrong
 in both directions, so the promoter's reload-vs-recompute choice runs on measurements once there are enough:
 
-``PREFILL``  an AROUND hook on ``ModelRunner.forward`` times every extend (prefill) forward pass against its new
-             tokens; the slope of the fitted line is the marginal prefill cost per token (the fixed part of a forward
-             pass is paid with or without a cache hit). On CUDA the pass is timed with CUDA events read back
+``PREFILL``  an AROUND hook on ``ModelRunner.forward`` times the target model's extend (prefill, mixed) forward
+             passes against their new tokens (not a draft model's passes, speculative verify, or a pass waiting for
+             HiCache's load-back: see ``timed_pass``); the slope of the fitted line is the marginal prefill cost per
+             token (the fixed part of a forward pass is paid with or without a cache hit). On CUDA the pass is timed with CUDA events read back
              later, when they have completed, so the hook never synchronises the GPU; on CPU with the wall clock.
              Linear in new tokens: a long prefix's attention makes real recompute dearer than the line says, so
              the error leans towards recomputing, never towards a slow reload.
@@ -15,15 +16,35 @@ in both directions, so the promoter's reload-vs-recompute choice runs on measure
              thread hand-offs included). Its fitted fixed part is the per-reload overhead; per-tier read speeds come
              from the tier engine's own timings (see ``KvdriveStorage._calibrate``).
 
-Nothing here blocks or raises into SGLang: a failing measurement is dropped.
+Nothing here blocks or raises into SGLang: a failing measurement is dropped, the first failure logged and all of them
+counted (``PrefillMeter.failures``).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
 
 from .tier.costfit import LinearFit
+
+log = logging.getLogger("kvdrive.sglang")
+
+
+def timed_pass(runner, forward_batch) -> int:
+    """New tokens of a pass the prefill meter times, else 0: only the target model's own extend work (EXTEND, and
+    MIXED chunked prefill whose decode rows are one new token each). Not a speculative draft model's runner
+    (``is_draft_worker``), target-verify / draft-extend passes (draft tokens, not prefill), idle, split-prefill or
+    dLLM passes, nor a pass that waits for HiCache's layer-wise load-back (the tp worker points the KV pool's
+    ``layer_transfer_counter`` at a pending load: the pass's time is partly the host-to-device copy)."""
+    if getattr(runner, "is_draft_worker", False):
+        return 0
+    if forward_batch.forward_mode.name not in ("EXTEND", "MIXED"):
+        return 0
+    counter = getattr(getattr(runner, "token_to_kv_pool", None), "layer_transfer_counter", None)
+    if counter is not None and getattr(counter, "consumer_index", -1) >= 0:
+        return 0
+    return int(forward_batch.extend_num_tokens or 0)
 
 
 class PrefillMeter:
@@ -31,18 +52,25 @@ class PrefillMeter:
         self.fit = LinearFit(window=window, min_samples=8, min_spread=2.0)
         self._pending: deque = deque(maxlen=64)  # (tokens, start event, end event) not yet completed on the GPU
         self._lock = threading.Lock()
+        self.failures = 0  # measurements dropped after an error (the first one is logged)
+
+    def _failed(self, where: str, e: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.warning("kvdrive: prefill cost measurement failed %s (%s: %s); dropping it, and counting further "
+                        "failures in PREFILL.failures", where, type(e).__name__, e)
 
     def around_forward(self, original, runner, forward_batch, *args, **kwargs):
         try:
-            mode = forward_batch.forward_mode
-            tokens = int(forward_batch.extend_num_tokens or 0) if mode.is_extend() else 0
+            tokens = timed_pass(runner, forward_batch)
             cuda = str(getattr(runner, "device", "cpu")).startswith("cuda")
             if tokens and cuda:
                 import torch
 
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-        except Exception:  # noqa: BLE001 - a statistic must never fail a forward pass
+        except Exception as e:  # noqa: BLE001 - a statistic must never fail a forward pass
+            self._failed("before the pass", e)
             tokens = 0
         if not tokens:
             return original(runner, forward_batch, *args, **kwargs)
@@ -56,8 +84,8 @@ class PrefillMeter:
                     self._pending.append((tokens, start, end))
             else:
                 self.fit.add(tokens, time.perf_counter() - t0)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001 - a statistic must never fail a forward pass
+            self._failed("after the pass", e)
         return out
 
     def _harvest(self) -> None:

@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
-from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
-from kvdrive_sglang import cost_meter  # noqa: E402
-from kvdrive_sglang.cost_meter import PrefillMeter  # noqa: E402
-from tests.sglang.backend_case import PAGE, make_backend, make_host, written  # noqa: E402
+from kvdrive_sglang import cost_meter
+from kvdrive_sglang.cost_meter import PrefillMeter
+from tests.sglang.backend_case import PAGE, make_backend, make_host, written
 
 
 def test_prefill_meter_fits_the_marginal_cost_of_extend_passes_only():
@@ -36,10 +36,55 @@ def test_prefill_meter_fits_the_marginal_cost_of_extend_passes_only():
     assert meter.seconds_per_token() == pytest.approx(20e-6, rel=0.5)
 
 
-def test_a_broken_batch_is_passed_through_unmeasured():
+def test_a_broken_batch_is_passed_through_unmeasured_logged_once_and_counted(caplog):
+    """Issue 17: both of the meter's ``except Exception: pass`` dropped a measurement without a word."""
     meter = PrefillMeter()
-    out = meter.around_forward(lambda r, b: "ran", SimpleNamespace(device="cpu"), object())
-    assert out == "ran" and meter.fit.observed == 0
+    with caplog.at_level(logging.WARNING, logger="kvdrive.sglang"):
+        for _ in range(3):
+            out = meter.around_forward(lambda r, b: "ran", SimpleNamespace(device="cpu"), object())
+            assert out == "ran"
+    assert meter.fit.observed == 0 and meter.failures == 3
+    assert caplog.text.count("prefill cost measurement failed") == 1
+
+
+def _batch(mode, tokens=64):
+    n = 2
+    return ForwardBatch(forward_mode=mode, batch_size=n, input_ids=torch.zeros(tokens, dtype=torch.int64),
+                        req_pool_indices=torch.arange(n), seq_lens=torch.tensor([tokens, 1]),
+                        out_cache_loc=torch.zeros(tokens, dtype=torch.int64), seq_lens_sum=tokens + 1,
+                        extend_num_tokens=tokens)
+
+
+def test_only_the_target_models_own_extend_passes_are_timed():
+    """Issue 15: the meter timed every pass ``is_extend()`` admits: a speculative draft model's runner, target-verify
+    passes (draft tokens checked by the target), split-prefill and dLLM passes, and passes that wait for HiCache's
+    layer-wise load-back (its LayerDoneCounter pointed at a pending load), none of which is the cost of a prefill."""
+    from sglang.srt.managers.cache_controller import LayerDoneCounter
+
+    meter = PrefillMeter()
+    ran = []
+
+    def forward(runner, batch):
+        ran.append(batch.forward_mode)
+        return "out"
+
+    counter = LayerDoneCounter(4)
+    target = SimpleNamespace(device="cpu", is_draft_worker=False,
+                             token_to_kv_pool=SimpleNamespace(layer_transfer_counter=counter))
+    draft = SimpleNamespace(device="cpu", is_draft_worker=True, token_to_kv_pool=SimpleNamespace())
+    not_timed = [(draft, ForwardMode.EXTEND), (target, ForwardMode.TARGET_VERIFY),
+                 (target, ForwardMode.DRAFT_EXTEND_V2), (target, ForwardMode.SPLIT_PREFILL),
+                 (target, ForwardMode.DLLM_EXTEND), (target, ForwardMode.IDLE), (target, ForwardMode.DECODE)]
+    for runner, mode in not_timed:
+        assert meter.around_forward(forward, runner, _batch(mode)) == "out"
+    assert meter.fit.observed == 0
+    counter.set_consumer(0)  # the tp worker: this batch consumes a pending load-back
+    meter.around_forward(forward, target, _batch(ForwardMode.EXTEND))
+    assert meter.fit.observed == 0
+    counter.set_consumer(-1)
+    for mode in (ForwardMode.EXTEND, ForwardMode.MIXED):  # a plain prefill and a chunked-prefill mixed pass
+        meter.around_forward(forward, target, _batch(mode))
+    assert meter.fit.observed == 2 and len(ran) == len(not_timed) + 3 and meter.failures == 0
 
 
 def _keys(n, start=0):
