@@ -1,12 +1,16 @@
 """Per-page attention mass reference against a float64 loop over requests, heads and tokens, on CPU."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from kvdrive_sglang.kernels import attention_lse, attention_lse_ref, page_attention_mass, page_attention_mass_ref
 
 
@@ -147,3 +151,64 @@ def test_bad_inputs_are_refused():
         page_attention_mass(q, kb, r2t, ok, 8, out=torch.zeros(2, 4, dtype=torch.float64))
     assert torch.equal(page_attention_mass(q, kb, r2t, ok, 8, impl="torch"),
                        page_attention_mass_ref(q, kb, r2t, ok, 8))
+
+
+def test_k_scale_and_logit_cap_match_the_float64_loop_in_the_reference():
+    """The capture passes a layer's ``k_scale_float`` (fp8 KV stores K / k_scale) and ``logit_cap``: both change the
+    mass, and the reference follows the float64 loop for each, alone and together."""
+    q, kb, r2t = make(3, 8, 2, 32, 300, 70, 11)
+    seq_lens = torch.tensor([70, 41, 3])
+    plain = page_attention_mass(q, kb, r2t, seq_lens, 16)
+    for k_scale, cap in ((0.25, 0.0), (1.0, 2.0), (3.0, 4.0)):
+        got = page_attention_mass(q, kb, r2t, seq_lens, 16, k_scale=k_scale, logit_cap=cap)
+        expect, _ = naive(q, kb, r2t, seq_lens, 16, 5, k_scale=k_scale, cap=cap)
+        np.testing.assert_allclose(got.numpy(), expect, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_mla_geometry_one_latent_head_of_576():
+    """DeepSeek MLA: 16 (or 128) query heads over one 576-wide latent KV head (512 + 64 rope)."""
+    q, kb, r2t = make(2, 16, 1, 576, 200, 40, 12)
+    kb = kb * 0.05
+    seq_lens = torch.tensor([40, 17])
+    got = page_attention_mass(q, kb, r2t, seq_lens, 16, scale=576 ** -0.5)
+    expect, _ = naive(q, kb, r2t, seq_lens, 16, 3, scale=576 ** -0.5)
+    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1).numpy(), [16, 16], rtol=1e-5)
+
+
+_TRITON_CHECK = """
+import torch
+from tests.kernels.interpret_check import _patch_interpreter_index
+_patch_interpreter_index()
+from kvdrive_sglang.kernels import page_attention_mass, page_attention_mass_ref
+g = torch.Generator().manual_seed(13)
+cases = [  # (q heads, kv heads, head dim, page size, k_scale, logit_cap, fp8 K)
+    (8, 2, 32, 16, 0.5, 0.0, False), (8, 2, 32, 4, None, 3.0, False), (4, 4, 16, 1, 2.0, 5.0, False),
+    (16, 1, 576, 16, None, 0.0, False), (16, 1, 576, 64, 1.5, 0.0, False), (4, 2, 32, 16, 2.0, 4.0, True)]
+for hq, hkv, d, page, k_scale, cap, fp8 in cases:
+    q = torch.randn(3, hq, d, generator=g)
+    kb = torch.randn(120, hkv, d, generator=g) * (0.05 if d > 256 else 1.0)
+    if fp8:
+        kb = kb.to(torch.float8_e4m3fn)
+    r2t = torch.randint(0, 120, (4, 48), generator=g, dtype=torch.int32)
+    lens, rpi = torch.tensor([48, 1, 29]), torch.tensor([3, 0, 1])
+    kw = dict(req_pool_indices=rpi, k_scale=k_scale, logit_cap=cap, scale=d ** -0.5)
+    ref = page_attention_mass_ref(q, kb, r2t, lens, page, **kw)
+    got = page_attention_mass(q, kb, r2t, lens, page, impl="triton", num_splits=2, **kw)
+    err = (got - ref).abs().max().item()
+    assert err < 2e-3 * hq, (hq, hkv, d, page, k_scale, cap, fp8, err)
+    print("ok", hq, hkv, d, page, k_scale, cap, fp8)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_agrees_on_k_scale_logit_cap_and_mla_under_the_interpreter():
+    """The Triton kernels against the reference with k_scale (fp8 and float K), logit_cap and MLA's launch shape (one
+    KV head, 576 dims: the 16-token tiles), run by Triton's interpreter on CPU (a subprocess: TRITON_INTERPRET must be
+    set before Triton is imported)."""
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert r.stdout.count("ok ") == 6
