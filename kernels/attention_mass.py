@@ -1,8 +1,8 @@
 """Per-page attention mass: how much softmax weight each KV page of each request received from one query row.
 
 A row is a decode step's query, or one query token of an extend pass with its causal span as its length (the
-capture in ``kvdrive_sglang.attention_capture`` samples both). For row ``b``, query head ``h`` and token position ``t < seq_lens[b]`` of the
-request, with ``slot = req_to_token[row_b, t]`` and kv head ``g = h // (q_heads // kv_heads)`` (GQA):
+capture in ``kvdrive_sglang.attention_capture`` samples both). For row ``b``, query head ``h`` and token position
+``t < seq_lens[b]`` of the request, with ``slot = req_to_token[row_b, t]`` and kv head ``g = h // (q_heads // kv_heads)`` (GQA):
 
     s[h, t] = scale * dot(q[b, h], k_buffer[slot, g] * k_scale)      (then logit_cap * tanh(s / logit_cap) if set)
     p[h, t] = exp(s[h, t] - lse[b, h])      lse = log(sum_t exp(s[h, t])), natural log, over the same tokens

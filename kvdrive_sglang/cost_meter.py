@@ -7,8 +7,9 @@ in both directions, so the promoter's reload-vs-recompute choice runs on measure
 ``PREFILL``  an AROUND hook on ``ModelRunner.forward`` times the target model's extend (prefill, mixed) forward
              passes against their new tokens (not a draft model's passes, speculative verify, or a pass waiting for
              HiCache's load-back: see ``timed_pass``); the slope of the fitted line is the marginal prefill cost per
-             token (the fixed part of a forward pass is paid with or without a cache hit). On CUDA the pass is timed with CUDA events read back
-             later, when they have completed, so the hook never synchronises the GPU; on CPU with the wall clock.
+             token (the fixed part of a forward pass is paid with or without a cache hit). On CUDA the pass is
+             timed with CUDA events read back later, when they have completed, so the hook never synchronises the
+             GPU; on CPU with the wall clock.
              Linear in new tokens: a long prefix's attention makes real recompute dearer than the line says, so
              the error leans towards recomputing, never towards a slow reload.
 ``ReloadMeter``  (one per storage backend) the round trip of each storage reload: from SGLang's first
