@@ -385,14 +385,16 @@ class KvdriveStorage(HiCacheStorage):
                 got[i] = g
         return got
 
-    def _put(self, keys, pages) -> list[bool]:
+    def _put(self, keys, pages, *, staged: bool = False) -> list[bool]:
         """Store pages (a chain in prefix order) with the promoter's scores as of now: stored unscored (0.0, the
-        lowest value) they were the first evicted until the next report tick scored them."""
+        lowest value) they were the first evicted until the next report tick scored them. ``staged``: ``pages`` are
+        copies the tiers may keep, acknowledged at once and encoded off this thread (TierEngine.stage_many)."""
+        put = self.engine.stage_many if staged else self.engine.put_many
         ok = [False] * len(keys)
         for ns, idx in self._by_tenant(keys):
             part = [keys[i] for i in idx]
             scores = self.promoter.score_of(part, chain=True)
-            for i, o in zip(idx, self.engine.put_many(ns, part, [pages[i] for i in idx], scores=scores)):
+            for i, o in zip(idx, put(ns, part, [pages[i] for i in idx], scores=scores)):
                 ok[i] = o
         return ok
 
@@ -406,9 +408,13 @@ class KvdriveStorage(HiCacheStorage):
             return [True] * len(keys)
         t0 = time.perf_counter()
         starts = self._page_starts("batch_set_v1", keys, host_indices)
-        pages = self.pages.read(starts)
+        # SGLang keeps these host-pool nodes locked until this returns, and encoding (zstd: ~0.6 GB/s a core) is far
+        # slower than the KV a model writes through (kvdrive issue 15): the tiers take copies of the pages and encode
+        # them on their own threads. The batched read is one gathered copy already (numpy rows); SGLang's per-page
+        # copy may be a view of the pool, so it is cloned (test_batch_set_v1_acknowledges_before_encoding_...)
+        pages = [p.clone() if isinstance(p, torch.Tensor) else p for p in self.pages.read(starts)]
         self.upkeep.observe(keys, use=False)  # before the put: admission sees the page's size and recency
-        ok = self._put(keys, pages)
+        ok = self._put(keys, pages, staged=True)  # False where the staging area was full: not backed up
         self._count("set", len(keys), sum(ok), len(keys) * self.page_bytes, t0)
         return ok
 

@@ -73,7 +73,9 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from .errors import ConfigError
 
-TIERS = ("gpu", "host", "dram", "queued", "disk")  # "queued": waiting for the disk, in memory (as TierEngine.tiers_of)
+# "queued": waiting for the disk, in memory; "staged": raw, waiting for an encoder (as TierEngine.tiers_of): both
+# cost what DRAM does
+TIERS = ("gpu", "host", "dram", "queued", "staged", "disk")
 LOSSY_CODECS = ("int8", "fp8")
 _NEG_INF = float("-inf")
 _SCORE_OFFSET = 4096.0  # keeps scores positive: the engine treats score 0 as "no score"
@@ -138,7 +140,7 @@ class PromoterConfig:
     def tier_gbps(self, tier: str) -> float:
         _check_tier(tier)
         return {"gpu": math.inf, "host": math.inf, "dram": self.dram_gbps, "queued": self.dram_gbps,
-                "disk": self.disk_gbps}[tier]
+                "staged": self.dram_gbps, "disk": self.disk_gbps}[tier]
 
 
 class Decision(NamedTuple):
@@ -552,7 +554,7 @@ class Promoter:
         pcie = 1.0 / (cfg.pcie_gbps * _GB)
         if tier == "host":
             return pcie
-        measured = self._tier_s_per_byte.get(tier)
+        measured = self._tier_s_per_byte.get("dram" if tier == "staged" else tier)
         return (measured if measured is not None else 1.0 / (cfg.tier_gbps(tier) * _GB)) + pcie
 
     def _latency(self, tier: str) -> float:

@@ -520,3 +520,56 @@ def test_fp8_formats_never_share_a_namespace(tmp_path, monkeypatch):
     assert ns("fp8_e4m3", str(scales)).id != with_scales.id
     bf16 = make_host()  # other dtypes: no field, their namespaces as they were
     assert "kv_cache_dtype" not in dict(namespace_for(config, bf16).extra)
+
+
+# --- batch_set_v1 acknowledges after a cheap copy; kvdrive's encoder threads encode (kvdrive issue 15) -------------
+@pytest.mark.parametrize("mla", [False, True])
+def test_batch_set_v1_acknowledges_before_encoding_and_serves_staged_pages_bit_exact(tmp_path, mla):
+    from tests.sglang.backend_case import fill
+
+    # MLA page_first, one page: SGLang's per-page copy is a view of the pool, so the backend must copy it itself
+    host = make_mla_host("page_first") if mla else make_host()
+    be = make_backend(tmp_path, host, mla=mla)
+    n = 1 if mla else 4
+    idx, want = written(host, n, seed=5)
+    with be.engine._staging._landing:  # the encoder threads may encode, not store: the pages stay staged
+        assert be.batch_set_v1(keys(n), idx) == [True] * n
+        assert be.engine.tiers_of(be.ns, keys(n)) == ["staged"] * n
+        fill(host, [idx[i * PAGE] for i in range(n)], seed=6)  # SGLang reuses the slots once the write is acked
+        assert be.batch_exists(keys(n)) == n  # the promoter plans a staged page like a DRAM one
+        dst = host.alloc(n * PAGE)
+        assert be.batch_get_v1(keys(n), dst) == [True] * n
+        for a, b in zip(pages_of(host, dst, n), want):
+            assert torch.equal(a, b)
+    assert be.engine.flush(timeout=30)
+    assert be.engine.tiers_of(be.ns, keys(n)) == ["dram"] * n
+    dst = host.alloc(n * PAGE)
+    assert be.batch_get_v1(keys(n), dst) == [True] * n
+    for a, b in zip(pages_of(host, dst, n), want):
+        assert torch.equal(a, b)
+    be.close()
+
+
+def test_batch_set_v1_never_encodes_on_sglangs_backup_thread(tmp_path, monkeypatch):
+    import threading
+
+    from kvdrive_sglang.tier import engine as engine_mod
+
+    encoded_on, real = [], engine_mod.encode_page
+
+    def recording(*args, **kw):  # the real encoder, noting which thread runs it
+        encoded_on.append(threading.current_thread())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine_mod, "encode_page", recording)
+    host = make_host()
+    be = make_backend(tmp_path, host)
+    idx, want = written(host, 8)
+    assert be.batch_set_v1(keys(8), idx) == [True] * 8
+    assert be.engine.flush(timeout=30)
+    assert len(encoded_on) == 8 and threading.current_thread() not in encoded_on
+    dst = host.alloc(8 * PAGE)
+    assert be.batch_get_v1(keys(8), dst) == [True] * 8
+    for a, b in zip(pages_of(host, dst, 8), want):
+        assert torch.equal(a, b)
+    be.close()
