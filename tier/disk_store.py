@@ -150,7 +150,7 @@ def _fault_kind(e: BaseException) -> str:
 
 
 class ReadOutcome(Enum):
-    """What reading one page into a caller's buffer came to."""
+    """What reading one page into a caller's buffer came to (I8: damaged data is never served)."""
     OK = "ok"  # the page is in the buffer
     BAD = "bad"  # missing, short, damaged or failing authentication: drop the entry
     MISS = "miss"  # transient (an I/O fault) or no key now: keep the entry
@@ -738,7 +738,7 @@ class DiskStore:
         return ReadOutcome.OK
 
     def _read_blob(self, rec: Record, buf: np.ndarray | None = None) -> np.ndarray | None:
-        """The verified blob (read into ``buf`` if given: exactly rec.length bytes), or None if missing/short/corrupt.
+        """I8: the verified blob (read into ``buf`` if given: exactly rec.length bytes), or None if missing/short/corrupt.
         An I/O error propagates: it says nothing of the data."""
         if buf is None:
             buf = np.empty(rec.length, dtype=np.uint8)  # not zero-filled: every byte is read or the blob is rejected

@@ -32,7 +32,7 @@ from .store_dir import FILE_MODE
 
 log = logging.getLogger("kvdrive.tier")
 
-_REC = struct.Struct("<IQIBBQQQQQf")
+_REC = struct.Struct("<IQIBBQQQQQf")  # I10: the on-disk record layout; existing stores depend on it
 EXPIRES_AT = slice(50, 58)  # byte range of expires_ms inside a packed record: lookups test it without unpacking
 _FLAGS_AT = struct.calcsize("<IQIB")  # byte offset of flags inside a packed record (after seg, off, length, codec)
 _NEVER = bytes(8)  # expires_ms == 0

@@ -108,7 +108,7 @@ def test_a_map_too_small_for_the_index_keeps_working(tmp_path, ns, caplog):
         np.testing.assert_array_equal(outs[9], small_page(9, ns))
 
 
-def test_failed_segment_allocation_leaves_no_lock_behind(tmp_path, ns, monkeypatch):
+def test_failed_segment_allocation_leaves_no_lock_behind(tmp_path, ns, monkeypatch):  # I4
     """A segment allocation that fails after its file was created and flock'ed (its LMDB commit hit a full map, or
     as here the file's reset failed) must let go of the file: the retry allocates the same id, and a flock still held
     by the leaked descriptor made every later allocation fail with EAGAIN for the life of the process."""
@@ -212,7 +212,7 @@ def test_real_full_file_system(small_fs, ns):
         np.testing.assert_array_equal(outs[5], small_page(5, ns))
 
 
-def test_index_is_kept_below_its_map(tmp_path, ns):
+def test_index_is_kept_below_its_map(tmp_path, ns):  # I7
     """Past 80% of the map the lowest-value pages are evicted (down to 60%), while LMDB still has the free pages a
     delete needs: 3600 pages written through a 512 KiB map that holds ~2100 never fill it. (Without this, a map
     filled to the last page could not even commit the deletes meant to make room: the tier stayed off for good.)"""

@@ -80,7 +80,7 @@ def test_odd_keys(tmp_path, ns):
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
-def test_flipped_byte_is_a_counted_miss_and_dropped(tmp_path, ns, codec):
+def test_flipped_byte_is_a_counted_miss_and_dropped(tmp_path, ns, codec):  # I8
     seeds = list(range(10))
     with open_store(tmp_path) as st:
         st.put_many(ns, [f"k{s}" for s in seeds], blobs_for(ns, seeds, codec))
@@ -105,7 +105,7 @@ def test_flipped_byte_is_a_counted_miss_and_dropped(tmp_path, ns, codec):
         assert st.verify().bad == 0
 
 
-def test_truncated_segment_serves_only_whole_pages(tmp_path, ns):
+def test_truncated_segment_serves_only_whole_pages(tmp_path, ns):  # I1, I8
     seeds = list(range(10))
     with open_store(tmp_path) as st:
         st.put_many(ns, [f"k{s}" for s in seeds], blobs_for(ns, seeds))
@@ -163,7 +163,7 @@ def test_capacity_is_a_hard_bound_and_evicts_lowest_value(tmp_path):
         assert st.exists_many(ns, ["k0"]) == 0  # the oldest went first
 
 
-def test_gc_reclaims_space_and_keeps_live_pages(tmp_path, ns):
+def test_gc_reclaims_space_and_keeps_live_pages(tmp_path, ns):  # I2
     seeds = list(range(200))
     with open_store(tmp_path, segment_bytes=256 << 10) as st:
         st.put_many(ns, [f"k{s}" for s in seeds], blobs_for(ns, seeds))
@@ -299,7 +299,7 @@ def test_thinly_spread_dead_bytes_never_wedge_the_store(tmp_path):
         assert st.verify().bad == 0
 
 
-def test_reads_racing_fd_eviction_and_compaction_never_fault(tmp_path, ns):
+def test_reads_racing_fd_eviction_and_compaction_never_fault(tmp_path, ns):  # I3, I5
     # Found by bench/stress/soak.py: a reader thread used a cached segment fd that another thread closed (fd cache
     # eviction, or compaction forgetting a segment): EBADF turned the whole disk tier off, and a reused fd number
     # could have read another segment's bytes. fd_cache=2 over ~10 segments makes every read churn the cache.
