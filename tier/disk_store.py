@@ -10,27 +10,24 @@ segment of its own (a fresh, never-reused id, flock'ed while open), so no two wr
 Compaction only rewrites sealed segments (or open ones whose writer is gone: its flock is free) and moves an entry only
 if the entry still points where it did when the copy was made.
 
-This module is the public API and the read path; the parts have a module each: segment_writer.py (appends, fsync,
-seal), segment_fds.py (read descriptors), compaction.py (capacity, eviction, compaction), index.py (records and the
-index-room policy), crypto.py (sealing). The rules they keep are numbered in docs/invariants.md (I1, I2, ...).
+This module is the public API and the read path; the parts have a module each: disk_config.py (config, stats),
+page_writer.py (put_many's steps), segment_writer.py (appends, fsync, seal), segment_fds.py + handle_cache.py (read
+descriptors), compaction.py (capacity, eviction, compaction), index.py (records and the index-room policy), crypto.py
+(sealing). The rules they keep are numbered in docs/invariants.md (I1, I2, ...).
 
 Disk faults (ENOSPC, EIO, a read-only file system, a full LMDB map) turn the tier off for ``retry_after_s`` with one
 log line and a counter per kind; the caller sees misses / refused writes and keeps running.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import math
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
 
 import lmdb
 import numpy as np
@@ -40,23 +37,29 @@ from .buffers import byte_view
 from .codecs import HEADER, CodecError, decode_page, get_codec, peek_header
 from .compaction import Compactor
 from .crypto import KeyRing, PageSealer, is_envelope
+from .disk_config import (
+    DiskStats,
+    DiskStoreConfig,
+    GiB,
+    MiB,
+    VerifyReport,
+    fault_kind,
+)
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import select_io
 from .index import SEALED, Index, IndexRoom, Record, SegInfo, page_key
 from .namespace import Namespace, key_bytes
+from .page_writer import PageWriter
 from .segment_fds import SegmentFds
 from .segment_writer import SegmentWriter
 from .store_dir import INDEX_DIR, SEGMENT_DIR, StoreLock, check_store_dir
 
 log = logging.getLogger("kvdrive.tier")
 
-GiB = 1 << 30
-MiB = 1 << 20
 _RAW_CODEC = get_codec("raw").code
 _NOTE = b"note:"  # meta-table prefix of small values kept with the store (get_note / put_note)
 _SCORES_PER_TXN = 32  # score updates per index transaction (see set_scores)
-MAX_TTL_S = 100 * 365 * 86400  # expiry times are u64 milliseconds; a TTL past this is a mistake, not a wish
 __all__ = ["SEALED", "DiskStats", "DiskStore", "DiskStoreConfig", "GiB", "MiB", "ReadOutcome", "VerifyReport"]
 
 
@@ -64,104 +67,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass
-class DiskStoreConfig:
-    path: str
-    capacity_bytes: int = 64 * GiB
-    segment_bytes: int = 256 * MiB  # capped at capacity/16 so eviction and compaction have room to work
-    default_ttl_s: float | None = None  # None: pages never expire
-    gc_live_ratio: float = 0.5  # compact sealed segments whose live share fell below this
-    high_watermark: float = 0.95  # start evicting above this share of capacity...
-    low_watermark: float = 0.80  # ...down to this share of live bytes
-    map_size: int = 64 * GiB  # LMDB map: address space only (sparse file); ~300 B a page, so ~200M pages
-    retry_after_s: float = 30.0  # a faulted disk tier tries again after this long
-    # "posix" | "auto" (kvikio when it imports and a GPU is present) | "kvikio". POSIX by default: kvikio was not
-    # measured faster for page-sized reads from host memory (issue 15)
-    io: str = "posix"
-    direct_io: bool = True  # O_DIRECT appends where the file system allows (buffered otherwise)
-    staging_bytes: int = 16 * MiB  # the aligned buffer O_DIRECT appends go through
-    fd_cache: int = 256
-
-    def __post_init__(self):
-        def positive(name, integer=True, most=math.inf):
-            v = getattr(self, name)
-            ok = isinstance(v, int) and not isinstance(v, bool) if integer else \
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-            if not ok or not 0 < v < most:  # NaN and inf too: a NaN TTL or retry delay broke the store later
-                raise ConfigError(f"disk store {name} must be a positive {'integer' if integer else 'number'}"
-                                  f"{'' if most == math.inf else f' below {most:g}'}, got {v!r}")
-        for name in ("capacity_bytes", "segment_bytes", "fd_cache"):
-            positive(name)
-        positive("staging_bytes", most=(1 << 30) + 1)  # allocated up front (two halves): a huge one is a typo
-        positive("map_size", most=1 << 46)  # address space reserved by LMDB's map: 64 TiB is ~10^11 pages
-        positive("retry_after_s", integer=False)
-        if self.default_ttl_s is not None:
-            positive("default_ttl_s", integer=False, most=MAX_TTL_S)
-        for name in ("gc_live_ratio", "high_watermark", "low_watermark"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise ConfigError(f"disk store {name} must be in (0, 1], got {v!r}")
-        if self.low_watermark >= self.high_watermark:
-            raise ConfigError(f"disk store low_watermark ({self.low_watermark}) must be below high_watermark "
-                              f"({self.high_watermark})")
-        if self.io not in ("auto", "posix", "kvikio"):
-            raise ConfigError(f"disk store io must be 'auto', 'posix' or 'kvikio', got {self.io!r}")
-        self.segment_bytes = max(64 << 10, min(self.segment_bytes, self.capacity_bytes // 16))
-
-
-class DiskStats(NamedTuple):
-    enabled: bool
-    entries: int
-    live_bytes: int  # encoded bytes the index points at
-    raw_bytes: int  # decoded size of those pages (raw_bytes / live_bytes = codec ratio)
-    file_bytes: int  # bytes in segment files (live + dead awaiting compaction)
-    capacity_bytes: int
-    segments: int
-    hits: int
-    misses: int
-    pages_written: int
-    bytes_written: int
-    bytes_read: int
-    corrupt_dropped: int
-    expired: int
-    evicted: int
-    segments_compacted: int
-    rejected_full: int
-    faults: dict
-    sealed: dict = {}  # noqa: RUF012 - a NamedTuple default, never mutated. Encryption at rest: pages refused or missed per reason (no_key, stale_key, bad_tag, ...)
-
-
-class VerifyReport(NamedTuple):
-    checked: int
-    ok: int
-    bad: int  # failed checksum / header / missing bytes: dropped from the index
-    bytes_checked: int
-    io_errors: int = 0  # unreadable right now (EIO...): kept, since the bytes may be fine
-
-
-def _fault_kind(e: BaseException) -> str:
-    if isinstance(e, lmdb.MapFullError):
-        return "map_full"
-    if isinstance(e, OSError):
-        return {errno.ENOSPC: "enospc", errno.EDQUOT: "enospc", errno.EIO: "eio", errno.EROFS: "read_only",
-                errno.EACCES: "read_only", errno.EPERM: "read_only", errno.ENOENT: "missing_file"}.get(e.errno, "io_error")
-    return "index_error"
-
-
-
 class ReadOutcome(Enum):
     """What reading one page into a caller's buffer came to (I8: damaged data is never served)."""
     OK = "ok"  # the page is in the buffer
     BAD = "bad"  # missing, short, damaged or failing authentication: drop the entry
     MISS = "miss"  # transient (an I/O fault) or no key now: keep the entry
-
-
-class _Batch(NamedTuple):
-    """A put_many batch planned for the disk: ``todo`` indexes the pages to write, ``blobs`` holds what goes to
-    disk (envelopes at ``todo`` when sealed), ``flags`` their Record flags."""
-    todo: list[int]
-    blobs: Sequence
-    flags: int
 
 
 class DiskStore:
@@ -193,9 +103,7 @@ class DiskStore:
         self.compactor = Compactor(config, store_path=self.path, index=self.index, room=self.index_room,
                                    writer=self.writer, fds=self.fds, write_lock=self._write_lock, counts=self._counts,
                                    read_blob=self._read_blob, drop_bad=self._drop_bad)
-        self._touched: dict[bytes, int] = {}  # page key -> access time, flushed with the next write transaction
-        self._known_ns: set[bytes] = set()
-        self._ttl_used = False  # any page with an expiry ever written (by any process): expire() must scan
+        self._pages = PageWriter(self.index, self.index_room, self.writer, self._sealer)
         self._disabled_until = 0.0
         self._closed = False
 
@@ -217,7 +125,7 @@ class DiskStore:
         that waited in a queue keep the expiry they were given); a page already past it is not written (False).
         In four steps: check the arguments, plan the batch (what is not there yet, sealed), write it durably, index
         it."""
-        headers = self._check_put(ns, keys, blobs, scores, ttl_s, expires_ms)
+        headers = PageWriter.check(ns, keys, blobs, scores, ttl_s, expires_ms)
         if not self.available():
             return [False] * len(keys)
         if self._sealer is not None and not self._sealer.has_key(ns.tenant):
@@ -232,7 +140,7 @@ class DiskStore:
             expiry = [int(e) for e in expires_ms]
         with self._write_lock:
             have = self._present(pkeys, now)
-            batch = self._plan_put(ns, pkeys, blobs, have, expiry, now)
+            batch = self._pages.plan(ns, pkeys, blobs, have, expiry, now)
             if batch is None:
                 return have
             if not batch.todo:
@@ -242,9 +150,9 @@ class DiskStore:
                 self._counts["rejected_full"] += len(batch.todo)
                 return have
             try:
-                seg, recs, end = self._write_durably(pkeys, headers, batch, expiry, scores, now)
+                seg, recs, end = self._pages.write_durably(pkeys, headers, batch, expiry, scores, now)
                 evicted = self._counts["evicted"]
-                done = self._index_records(ns, seg, recs, end, ttl=any(expiry[i] for i in batch.todo))
+                done = self._pages.index_records(ns, seg, recs, end, ttl=any(expiry[i] for i in batch.todo))
                 self.writer.seal_if_full()
             except (OSError, lmdb.Error) as e:
                 self._fault(e, "write")
@@ -321,7 +229,7 @@ class DiskStore:
             elif rec is not None and blob is None:
                 bad.append((pk, rec))
             if blob is not None:
-                self._touched[pk] = now
+                self._pages.touched[pk] = now
             out.append((blob, rec.expires_ms) if blob is not None else None)
         if bad:
             self._drop_bad(bad)
@@ -403,13 +311,7 @@ class DiskStore:
                 txn.delete(namespace_id, db=self.index.ns)
             else:
                 txn.drop(self.index.ns, delete=False)
-        if namespace_id is None:
-            self._known_ns.clear()
-            self._touched.clear()
-        else:
-            self._known_ns.discard(namespace_id)
-            for pk in [pk for pk in self._touched if pk.startswith(namespace_id)]:
-                self._touched.pop(pk, None)
+        self._pages.forget(namespace_id)
         return n
 
     def keys(self, ns: Namespace) -> list[bytes]:
@@ -475,10 +377,10 @@ class DiskStore:
 
     def expire(self) -> int:
         """Delete expired pages. A full index scan, skipped while no page in the store was ever given a TTL."""
-        if not self._ttl_used:
+        if not self._pages.ttl_used:
             with self.index.read() as txn:
-                self._ttl_used = txn.get(b"ttl_used", db=self.index.meta) is not None
-            if not self._ttl_used:
+                self._pages.ttl_used = txn.get(b"ttl_used", db=self.index.meta) is not None
+            if not self._pages.ttl_used:
                 return 0
         now = _now_ms()
         n = 0
@@ -512,7 +414,7 @@ class DiskStore:
                 blob = self._read_blob(rec)
             except OSError as e:
                 io_errors += 1
-                self._faults[_fault_kind(e)] += 1
+                self._faults[fault_kind(e)] += 1
                 continue
             if blob is not None:
                 ok += 1
@@ -560,9 +462,9 @@ class DiskStore:
         self._closed = True
         with self._write_lock:
             try:
-                if self._touched:
+                if self._pages.touched:
                     with self.index.write() as txn:
-                        self._flush_touched(txn)
+                        self._pages.flush_touched(txn)
                 self.writer.seal()
             except (OSError, lmdb.Error) as e:
                 log.warning("kvdrive: closing store %s: %s", self.path, e)
@@ -580,103 +482,9 @@ class DiskStore:
     def __exit__(self, *exc):
         self.close()
 
-    # --- writing: the steps of put_many --------------------------------------------------------------------
-    def _check_put(self, ns: Namespace, keys: Sequence, blobs: Sequence, scores, ttl_s, expires_ms) -> list:
-        """The blobs' headers; ConfigError / CodecError for arguments that do not fit together."""
-        if len(keys) != len(blobs) or (scores is not None and len(scores) != len(keys)):
-            raise ConfigError(f"put_many got {len(keys)} keys, {len(blobs)} blobs"
-                              f"{'' if scores is None else f', {len(scores)} scores'}; they must match")
-        # refuse anything that is not a well-formed page blob before it reaches the disk
-        headers = [peek_header(b) for b in blobs]
-        for k, h in zip(keys, headers):
-            if h.dtype_name != ns.kv_dtype:  # it could never be read back: a read would drop it as damaged
-                raise CodecError(f"page {k!r} is a {h.dtype_name} blob; its namespace holds {ns.kv_dtype} pages")
-        if ttl_s is not None and (not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool)
-                                  or not 0 < ttl_s < MAX_TTL_S):
-            raise ConfigError(f"put_many ttl_s must be a positive number of seconds below {MAX_TTL_S}, got {ttl_s!r}")
-        if expires_ms is not None and len(expires_ms) != len(keys):
-            raise ConfigError(f"put_many got {len(keys)} keys and {len(expires_ms)} expiry times; they must match")
-        return headers
-
     def _present(self, pkeys: list[bytes], now: int) -> list[bool]:
         with self.index.read() as txn:
             return [self._usable(txn.get(pk, db=self.index.pages), now) is not None for pk in pkeys]
-
-    def _plan_put(self, ns: Namespace, pkeys: list[bytes], blobs: Sequence, have: list[bool], expiry: list[int],
-                  now: int) -> _Batch | None:
-        """What to write: pages not stored yet, each once, not yet expired; sealed when encryption is on. None when
-        the tenant's key went away since put_many checked it (refused: nothing of it reaches the disk)."""
-        todo, seen = [], set()
-        for i, h in enumerate(have):
-            # skip pages already stored, duplicates within the batch, and pages whose expiry has passed
-            if not h and pkeys[i] not in seen and not 0 < expiry[i] <= now:
-                seen.add(pkeys[i])
-                todo.append(i)
-        if not todo or self._sealer is None:
-            return _Batch(todo, blobs, 0)
-        sealed = self._sealer.seal_batch(ns.tenant, pkeys, blobs, todo)
-        if sealed is None:
-            self._sealer.refuse_unkeyed(ns.tenant, len(pkeys))
-            return None
-        return _Batch(todo, sealed, SEALED)
-
-    def _write_durably(self, pkeys: list[bytes], headers: list, batch: _Batch, expiry: list[int], scores,
-                       now: int) -> tuple[int, list[tuple[bytes, Record]], int]:
-        """Append the batch to the writer segment and wait until it is durable (I1: before the index may point at
-        it). Returns (segment, the records to index, the segment's new end)."""
-        blobs, todo = batch.blobs, batch.todo
-        seg, off0 = self.writer.reserve(sum(len(blobs[i]) for i in todo))
-        # checksums are taken as each blob is staged, while the I/O thread writes the previous chunk
-        sums = []
-        end, synced = self.writer.append([blobs[i] for i in todo], off0,
-                                         lambda j, b: sums.append(xxhash.xxh3_64_intdigest(b)))
-        recs, off = [], off0
-        for j, i in enumerate(todo):
-            b, h = blobs[i], headers[i]
-            recs.append((pkeys[i], Record(seg, off, len(b), h.codec, batch.flags, sums[j], h.raw_nbytes, now, now,
-                                          expiry[i], float(scores[i]) if scores is not None else 0.0)))
-            off += len(b)
-        synced.result()  # durable before the index can point at it
-        self.writer.end = end
-        return seg, recs, end
-
-    def _index_records(self, ns: Namespace, seg: int, recs: list, end: int, *, ttl: bool) -> int:
-        """Point the index at records just made durable in ``seg``, in as few commits as the map has room for (one,
-        but in a map far too small for the batch). Returns how many are indexed: fewer than all only when the map
-        has no room left even after eviction."""
-        done = 0
-        while done < len(recs):
-            touched = len(self._touched) if done == 0 else 0  # the first commit also writes pending access times
-            n = self.index_room.commit_size(len(recs) - done + touched) - touched
-            if n <= 0:
-                if touched:
-                    self._touched = {}  # access times are a hint: dropped rather than the pages
-                    continue
-                break
-            chunk = recs[done:done + n]
-            last = done + n == len(recs)
-            with self.index.write() as txn:  # I2: records and their segment's accounting in one commit
-                if ns.id not in self._known_ns:
-                    txn.put(ns.id, ns.canonical, db=self.index.ns)
-                    self._known_ns.add(ns.id)
-                if ttl and not self._ttl_used:
-                    txn.put(b"ttl_used", b"1", db=self.index.meta)
-                    self._ttl_used = True
-                # a commit's end covers its own records; the tail past it is an orphan until the next commits
-                self.index.put_pages(txn, seg, chunk, end=end if last else chunk[-1][1].off + chunk[-1][1].length)
-                if touched:
-                    self._flush_touched(txn)
-            self.index_room.last_txn_records = n + touched
-            done += n
-        return done
-
-    def _flush_touched(self, txn) -> None:
-        touched, self._touched = self._touched, {}
-        pages = self.index.pages
-        for pk, t in touched.items():
-            b = txn.get(pk, db=pages)
-            if b is not None:
-                txn.put(pk, Record.unpack(b)._replace(atime_ms=t).pack(), db=pages)
 
     # --- reading ---------------------------------------------------------------------------------------------
     def _usable(self, b, now: int) -> Record | None:
@@ -693,7 +501,7 @@ class DiskStore:
             outcome = self._read_into(rec, views[i], ns, pkeys[i])
             if outcome is ReadOutcome.OK:
                 result[i] = True
-                self._touched[pkeys[i]] = now
+                self._pages.touched[pkeys[i]] = now
             elif outcome is ReadOutcome.BAD:
                 bad.append((i, rec))
             elif self._disabled_until:
@@ -773,7 +581,7 @@ class DiskStore:
             log.warning("kvdrive: dropped %d corrupt or missing page(s) from store %s (served as misses)", n, self.path)
 
     def _fault(self, e: BaseException, during: str) -> None:
-        kind = _fault_kind(e)
+        kind = fault_kind(e)
         self._faults[kind] += 1
         if not self._disabled_until:
             log.error("kvdrive: disk tier at %s off for %gs after %s during %s: %s (requests recompute meanwhile)",
