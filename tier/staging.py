@@ -13,6 +13,7 @@ tenant's key deleted, the engine closed) never reaches the tiers afterwards.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -139,6 +140,7 @@ class StagingArea:
                                 self._encode_s)
 
     def _work(self) -> None:
+        _lower_priority()
         while True:
             with self._cv:
                 while not self._todo and not self._stop:
@@ -173,3 +175,17 @@ class StagingArea:
                         else:
                             self._landed += 1
                     self._cv.notify_all()
+
+
+ENCODER_NICENESS = 10  # on top of the process's own: SGLang's scheduler and backup threads come first for a core
+
+
+def _lower_priority() -> None:
+    """Let this (encoder) thread yield a contended core to SGLang's threads: the encoders only trail the writes,
+    while the scheduler's forward passes and the backup thread's copies are what requests wait on. Linux only
+    (per-thread niceness); elsewhere, or where refused, nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)
+                       + ENCODER_NICENESS)
+    except (AttributeError, OSError):
+        pass

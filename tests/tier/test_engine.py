@@ -426,3 +426,18 @@ def test_crash_with_staged_pages_leaves_no_half_written_page(tmp_path, ns):
         got, outs = read(e, ns, range(16))
         assert got == [True, False] * 8  # the landed (even) pages on disk; the staged (odd) ones a miss
         assert_exact(outs[::2], range(0, 16, 2))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_encoder_threads_yield_contended_cores_to_the_callers_threads(tmp_path):
+    from kvdrive_sglang.tier.staging import ENCODER_NICENESS
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    with TierEngine(staged_cfg(tmp_path)) as e:
+        tids = [t.native_id for t in e._staging._threads]
+        want = min(mine + ENCODER_NICENESS, 19)
+        deadline = time.monotonic() + 10  # each thread lowers its own priority as it starts
+        while any(os.getpriority(os.PRIO_PROCESS, t) < want for t in tids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [os.getpriority(os.PRIO_PROCESS, t) for t in tids] == [want] * len(tids)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # the caller's own thread is untouched
