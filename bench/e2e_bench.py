@@ -1,8 +1,11 @@
-"""End to end: real SGLang servers (0.5.17 - 0.5.23, whichever is installed) serving the same workload in each cache configuration, side by side.
+"""End to end: real SGLang servers (0.5.17 - 0.5.23, whichever is installed) serving the same workload in each cache
+configuration, side by side.
 
     python bench/e2e_bench.py                     # --preset demo: tiny model, radix-only vs kvdrive (+ restart), ~100 s
     python bench/e2e_bench.py --preset cpu        # prefill-heavy CPU model, radix / HiCache+file / kvdrive (+ restarts)
     python bench/e2e_bench.py --preset gpu        # on a GPU machine: ~0.7B random Llama, long documents and sessions
+    python bench/e2e_bench.py --preset gpu-defaults   # SGLang's own defaults: only --kv-tier kvdrive (graphs on)
+    python bench/e2e_bench.py --preset gpu-defaults-mla-tp2 | gpu-defaults-fp8   # its MLA (TP=2) and fp8 KV variants
 
 What it does, per configuration (one server at a time, same model, same device KV budget, same trace):
   radix          SGLang's radix cache alone (the reference for outputs and for cold prefill)
@@ -19,6 +22,12 @@ Recorded per configuration: TTFT p50/p99, request and output-token throughput, p
 host / storage, from SGLang's per-request ``cached_tokens_details``) and computed, greedy outputs compared with the
 radix run (identical is expected with the lossless codec), server start time; for restarts, TTFT after restart / cold.
 Results: ``bench/results/e2e-<preset>.json`` and ``.md`` (``--out`` to change; the demo writes nothing unless asked).
+
+The ``gpu-defaults`` presets give the server nothing beyond the model and ``--kv-tier kvdrive`` (plus what the
+harness itself passes: host, port, ``--max-total-tokens`` for the device KV budget, and ``--kvdrive-dir``): CUDA graphs
+on, SGLang's default attention backend, sampling backend and page size -- what a user who only adds kvdrive runs. Its
+variants add exactly one thing each: ``--tp 2`` with a tiny DeepSeek-V2-style MLA model, or ``--kv-cache-dtype
+fp8_e4m3``. On CPU (bench/first_device.py's dry run) see ``CPU_DRY_RUN`` for what a CPU server adds and why.
 
 Machines are noisy and this one has 2 cores: read the ratios between configurations measured in the same run, not the
 absolute times. On CPU the model is tiny, so server overheads weigh more than they would on a GPU.
@@ -40,26 +49,57 @@ import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.bench_common import cpu_model  # noqa: E402
-from bench.bench_common import machine as common_machine  # noqa: E402
-from tests.e2e.server import SGLangServer, ServerError, gpu_present  # noqa: E402  (the e2e tests' server harness)
-from tests.e2e.tiny_model import WORDS, make_tiny_llama  # noqa: E402
+from bench.bench_common import cpu_model
+from bench.bench_common import machine as common_machine
+from tests.e2e.server import ServerError, SGLangServer, gpu_present
+from tests.e2e.tiny_mla_model import make_tiny_mla
+from tests.e2e.tiny_model import WORDS, make_tiny_llama
 
 CONFIGS = ("radix", "hicache_file", "kvdrive")
+
+
+class ModelKind(str, Enum):
+    """Which generated checkpoint a preset serves."""
+    LLAMA = "llama"  # tests/e2e/tiny_model.py: make_tiny_llama
+    MLA = "mla"  # tests/e2e/tiny_mla_model.py: make_tiny_mla (DeepSeek-V2-style, 576-wide latent)
+
+
+def make_model(kind: ModelKind, path: str, **kwargs) -> str:
+    return (make_tiny_mla if ModelKind(kind) is ModelKind.MLA else make_tiny_llama)(path, **kwargs)
+
+
+# What a CPU server adds to a preset's flags, in one place. tests/e2e/server.py (the harness) passes --device cpu (no
+# CUDA device; SGLang would otherwise pick cuda) and sets SGLANG_USE_CPU_ENGINE=1 plus the import-only sgl_kernel stub
+# on PYTHONPATH (SGLang imports sgl_kernel at module level even on CPU). Nothing else is needed for a Llama: on CPU
+# SGLang itself skips CUDA-graph capture and picks its CPU attention backend (torch_native without AMX), and kvdrive's
+# plugin picks the host-pool I/O flags a CPU needs (direct, layer_first). What a CPU server cannot run at all is named
+# in CPU_UNSUPPORTED, so the dry run skips it with that reason instead of failing.
+CPU_DRY_RUN = {"--device": "cpu"}
+CPU_UNSUPPORTED = {
+    "mla": "SGLang's CPU attention backends cannot serve MLA here: torch_native has no MLA path (its extend reads the "
+           "576-wide latent pool as K: 'Expected size ... [16, 96] but got: [16, 576]', SGLang 0.5.17 and 0.5.23) "
+           "and intel_amx needs sgl_kernel's CPU ops and AMX",
+    "tp2": "SGLang's CPU tensor parallelism does not start here: with one NUMA node it refuses 2 ranks unless "
+           "SGLANG_CPU_OMP_THREADS_BIND is set, and with it set its TP group builds a PyNccl communicator on the CPU "
+           "('Expected a cuda device, but got: cpu', SGLang 0.5.23 with the CUDA build of torch on a CPU machine)",
+    "fp8": "SGLang refuses an fp8 KV cache on a CPU without Intel AMX ('CPU FP8 KV cache requires Intel AMX "
+           "support', 0.5.23; fp8 KV on CPU needs the intel_amx backend)",
+}
 
 
 @dataclass
 class Preset:
     """Sizes of one run. Token counts are prompt lengths in tokens of the generated model's tokenizer."""
-    model: dict  # make_tiny_llama kwargs
+    model: dict  # make_tiny_llama / make_tiny_mla kwargs
     configs: tuple
     max_total_tokens: int  # device KV pool (tokens): deliberately smaller than the documents together
-    page_size: int = 16
+    page_size: int | None = 16  # None: SGLang's default (no --page-size)
     docs: int = 6
     doc_tokens: tuple = (512, 1024)
     doc_requests: int = 16
@@ -72,28 +112,48 @@ class Preset:
     rate: float = 4.0  # Poisson arrivals per second (docs)
     max_new_tokens: int = 8
     restart: bool = True
-    context: int = 4096
+    context: int | None = 4096  # None: the model's own (no --context-length)
     extra_args: list = field(default_factory=list)
+    model_kind: ModelKind = ModelKind.LLAMA
 
+
+# gpu-defaults' Llama: 8 layers, hidden 1024, 8 heads of 128 (4 KV heads): ~100M parameters, 16 KiB of KV per token
+GPU_DEFAULTS_LLAMA = {"num_layers": 8, "hidden": 1024, "heads": 8, "kv_heads": 4, "intermediate": 2816}
 
 PRESETS = {
     # README's main command: a small model whose prefill costs more than moving its KV (3 layers, hidden 768,
     # 2 KV heads: 1.5 KiB of KV per token); the whole run (two servers and a restart) takes ~100 s on 2 cores
-    "demo": Preset(model=dict(num_layers=3, hidden=768, heads=12, kv_heads=2, intermediate=2048),
+    "demo": Preset(model={"num_layers": 3, "hidden": 768, "heads": 12, "kv_heads": 2, "intermediate": 2048},
                    configs=("radix", "kvdrive"), max_total_tokens=768, docs=4, doc_tokens=(320, 512),
                    doc_requests=10, rate=1.5),
     # CPU, prefill-heavy: hidden 1024, 4 layers, 2 KV heads (2 KiB of KV per token) so that prefill dominates
-    "cpu": Preset(model=dict(num_layers=4, hidden=1024, heads=16, kv_heads=2, intermediate=2816),
+    "cpu": Preset(model={"num_layers": 4, "hidden": 1024, "heads": 16, "kv_heads": 2, "intermediate": 2816},
                   configs=CONFIGS, max_total_tokens=2048, docs=8, doc_tokens=(768, 1536), doc_requests=24,
                   sessions=3, turns=(4, 6), turn_tokens=96, rate=0.5),
     # GPU: ~0.7B random Llama (bf16), documents of 8K-32K tokens, a device budget of 64K tokens
-    "gpu": Preset(model=dict(num_layers=16, hidden=2048, heads=16, kv_heads=8, intermediate=5632),
+    "gpu": Preset(model={"num_layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 8, "intermediate": 5632},
                   configs=CONFIGS, max_total_tokens=65536, page_size=64, docs=12, doc_tokens=(8192, 32768),
                   doc_requests=120, sessions=8, turns=(10, 20), turn_tokens=512, rate=2.0, max_new_tokens=32,
                   context=65536 + 1024,
                   extra_args=["--attention-backend", "triton", "--sampling-backend", "pytorch",
                               "--disable-cuda-graph", "--mm-feature-transport", "cpu"]),
+    # GPU with SGLang's defaults: no page size, context, backend or graph flag (see the module docstring). A ~100M
+    # random Llama (head_dim 128) whose documents fit its own 4K context; the 16K-token device budget holds about four
+    # of the twelve documents, so the host and disk tiers serve the rest.
+    "gpu-defaults": Preset(model=GPU_DEFAULTS_LLAMA, configs=("radix", "kvdrive"), max_total_tokens=16384,
+                           page_size=None, context=None, docs=12, doc_tokens=(2048, 3584), doc_requests=60,
+                           sessions=4, turns=(4, 8), turn_tokens=256, rate=2.0, max_new_tokens=32),
+    # ... with a tiny DeepSeek-V2-style MLA model at TP=2 (kvdrive's mla layout; one writer rank)
+    "gpu-defaults-mla-tp2": Preset(model={}, model_kind=ModelKind.MLA, configs=("radix", "kvdrive"),
+                                   max_total_tokens=16384, page_size=None, context=None, docs=12,
+                                   doc_tokens=(2048, 3584), doc_requests=60, rate=2.0, max_new_tokens=32,
+                                   extra_args=["--tp", "2"]),
+    # ... with an fp8 KV cache (SGLang's uint8 pools; kvdrive's fp8_e4m3 namespace)
+    "gpu-defaults-fp8": Preset(model=GPU_DEFAULTS_LLAMA, configs=("radix", "kvdrive"), max_total_tokens=16384,
+                               page_size=None, context=None, docs=12, doc_tokens=(2048, 3584), doc_requests=60,
+                               rate=2.0, max_new_tokens=32, extra_args=["--kv-cache-dtype", "fp8_e4m3"]),
 }
+GPU_ONLY_PRESETS = ("gpu", "gpu-defaults", "gpu-defaults-mla-tp2", "gpu-defaults-fp8")
 
 
 # ------------------------------------------------------------------------------------------------- workload
@@ -202,7 +262,7 @@ def replay(url: str, trace: list[Request], max_new: int, timeout: float, progres
             else:
                 time.sleep(max(0.0, r.at - (time.perf_counter() - t0)))
             results[i] = stream_generate(url, r.prompt, max_new, timeout)
-        except Exception as e:  # reported after the run; never a hang
+        except Exception as e:  # noqa: BLE001 - any failure is reported after the run; never a hang
             errors.append(f"request {i}: {type(e).__name__}: {e}")
         finally:
             done[i].set()
@@ -222,8 +282,10 @@ def replay(url: str, trace: list[Request], max_new: int, timeout: float, progres
 
 # ------------------------------------------------------------------------------------------------- configurations
 def server_args(config: str, p: Preset, workdir: str) -> tuple[list[str], dict]:
+    """Launch flags (beyond the model, host, port and --max-total-tokens, which the harness adds) and extra env."""
     cpu = [] if gpu_present() else ["--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first"]
-    base = ["--page-size", str(p.page_size), "--context-length", str(p.context), *p.extra_args]
+    base = [*(["--page-size", str(p.page_size)] if p.page_size is not None else []),
+            *(["--context-length", str(p.context)] if p.context is not None else []), *p.extra_args]
     if config == "radix":
         return base, {}
     if config == "hicache_file":
@@ -253,7 +315,8 @@ def summarise(results: list[dict], makespan: float) -> dict:
             "req_per_s": len(results) / makespan,
             "output_tok_per_s": sum(r["completion_tokens"] for r in results) / makespan,
             "prompt_tokens": prompt, "cached_tokens": sum(r["cached"] for r in results),
-            "computed_tokens": prompt - sum(r["cached"] for r in results), **{f"{k}_tokens": v for k, v in tiers.items()}}
+            "computed_tokens": prompt - sum(r["cached"] for r in results),
+            **{f"{k}_tokens": v for k, v in tiers.items()}}
 
 
 def run_config(config: str, p: Preset, model: str, trace: list[Request], restart_prompts: list[str], workdir: str,
@@ -302,19 +365,20 @@ def report(run: dict) -> str:
     ref = rows.get("radix")
     lines = [f"# e2e bench — preset `{run['preset']}` ({run['device']})", "",
              f"Command: `{run['command']}`  ", f"Machine: {run['machine']}  ", f"Date: {run['date']}", "",
-             f"Trace: {run['trace']['requests']} requests ({run['trace']['doc_requests']} document, "
+             (f"Trace: {run['trace']['requests']} requests ({run['trace']['doc_requests']} document, "
              f"{run['trace']['session_requests']} session turns), {run['trace']['prompt_tokens']} prompt tokens; "
              f"device KV pool {run['preset_values']['max_total_tokens']} tokens, page size "
-             f"{run['preset_values']['page_size']}.", "",
-             "| configuration | TTFT p50 (s) | TTFT p99 (s) | req/s | output tok/s | prompt tokens computed | "
-             "from device | from host | from storage | outputs = radix |",
+             f"{run['preset_values']['page_size'] or 'SGLang default'}."), "",
+             ("| configuration | TTFT p50 (s) | TTFT p99 (s) | req/s | output tok/s | prompt tokens computed | "
+             "from device | from host | from storage | outputs = radix |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         s = r["summary"]
         same = "reference" if name == "radix" else (f"{compare_outputs(ref['results'], r['results'])}/"
                                                    f"{s['requests']}" if ref else "n/a")
         lines.append(f"| {name} | {s['ttft_p50_s']:.3f} | {s['ttft_p99_s']:.3f} | {s['req_per_s']:.2f} | "
-                     f"{s['output_tok_per_s']:.1f} | {s['computed_tokens']} ({s['computed_tokens'] / max(s['prompt_tokens'], 1):.0%}) | "
+                     f"{s['output_tok_per_s']:.1f} | {s['computed_tokens']} "
+                     f"({s['computed_tokens'] / max(s['prompt_tokens'], 1):.0%}) | "
                      f"{s['device_tokens']} | {s['host_tokens']} | {s['storage_tokens']} | {same} |")
     if ref:
         lines += ["", "Ratios against radix-only in this run:", ""]
@@ -329,10 +393,10 @@ def report(run: dict) -> str:
     cold = (ref or {}).get("cold")
     restarts = {n: r["restart"] for n, r in rows.items() if "restart" in r}
     if restarts and cold:
-        lines += ["", "Restart: the server stopped and started again on the same store, every document asked again "
-                  "as it was first asked (cold = the same prompts on the radix-only server after /flush_cache):", "",
-                  "| configuration | docs served from storage | storage tokens | TTFT after restart / cold (median) "
-                  "| outputs = cold |", "|---|---|---|---|---|"]
+        lines += ["", ("Restart: the server stopped and started again on the same store, every document asked again "
+                  "as it was first asked (cold = the same prompts on the radix-only server after /flush_cache):"), "",
+                  ("| configuration | docs served from storage | storage tokens | TTFT after restart / cold (median) "
+                  "| outputs = cold |"), "|---|---|---|---|---|"]
         for name, again in restarts.items():
             ratios = [a["ttft"] / c["ttft"] for a, c in zip(again, cold)]
             served = sum(a["storage"] > 0 for a in again)
@@ -358,8 +422,9 @@ def main(argv=None) -> int:
     for c in configs:
         if c not in CONFIGS:
             ap.error(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
-    if a.preset == "gpu" and not gpu_present():
-        ap.error("--preset gpu needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    if a.preset in GPU_ONLY_PRESETS and not gpu_present():
+        ap.error(f"--preset {a.preset} needs a CUDA GPU (torch.cuda.is_available() is False here); "
+                 "bench/first_device.py --device cpu is its CPU dry run")
     out = a.out if a.out is not None else (None if a.preset == "demo" else
                                            os.path.join(REPO, "bench", "results", f"e2e-{a.preset}"))
     workdir = a.workdir or tempfile.mkdtemp(prefix="kvdrive-e2e-bench-")
@@ -369,9 +434,9 @@ def main(argv=None) -> int:
         model = a.model or os.path.join(workdir, f"model-{a.preset}")
         if not a.model and not os.path.exists(os.path.join(model, "config.json")):
             print(f"generating the {a.preset} model in {model}", file=sys.stderr)
-            make_tiny_llama(model, **p.model)
+            make_model(p.model_kind, model, **p.model)
         tok = Tokenizer(model)
-        trace, docs = build_trace(p, tok, a.seed)
+        trace, _docs = build_trace(p, tok, a.seed)
         # after a restart every document is asked again as it was first asked (document + its first question)
         firsts = {}
         for r in trace:

@@ -18,17 +18,7 @@ VOCAB = 1024
 CONTEXT = 4096
 
 # Words used both for the tokenizer corpus and for the test prompts (tests.e2e.test_server_cpu.prompt()).
-WORDS = (
-    "the a of to and in is it that for on with as was at by be this from or have an they which one you had "
-    "not but what all were when we there can been has more if no out do so up said time about other into than "
-    "its only some could new them these two may first then any like my now over such our man me even most made "
-    "after also did many before must through back years where much your way well down should because each just "
-    "those people how too little state good very make world still own see men work long get here between both "
-    "life being under never day same another know while last might us great old year off come since against go "
-    "came right used take three cache page token memory disk store tier host device prefix radix tree evict "
-    "restart server model layer head value key vector block segment index batch write read hash quick brown fox "
-    "jumps over lazy dog river mountain forest ocean city garden library window engine signal orbit planet"
-).split()
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was", "at", "by", "be", "this", "from", "or", "have", "an", "they", "which", "one", "you", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "been", "has", "more", "if", "no", "out", "do", "so", "up", "said", "time", "about", "other", "into", "than", "its", "only", "some", "could", "new", "them", "these", "two", "may", "first", "then", "any", "like", "my", "now", "over", "such", "our", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "cache", "page", "token", "memory", "disk", "store", "tier", "host", "device", "prefix", "radix", "tree", "evict", "restart", "server", "model", "layer", "head", "value", "key", "vector", "block", "segment", "index", "batch", "write", "read", "hash", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river", "mountain", "forest", "ocean", "city", "garden", "library", "window", "engine", "signal", "orbit", "planet"]
 
 
 def corpus(n_lines: int = 600, seed: int = SEED) -> list[str]:
@@ -40,14 +30,12 @@ def corpus(n_lines: int = 600, seed: int = SEED) -> list[str]:
     return lines
 
 
-def make_tiny_llama(path: str | os.PathLike, *, num_layers: int = 2, hidden: int = 128, heads: int = 4,
-                    kv_heads: int = 2, intermediate: int = 256, seed: int = SEED) -> str:
-    """Write config, bf16 safetensors weights and tokenizer files into ``path`` (created if missing)."""
-    import torch
+def write_tokenizer(path: str, seed: int = SEED):
+    """Train the byte-level BPE tokenizer on the generated corpus and save it (with a chat template) into ``path``.
+    Returns the Hugging Face tokenizer (for its special token ids and length)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -59,6 +47,31 @@ def make_tiny_llama(path: str | os.PathLike, *, num_layers: int = 2, hidden: int
                                  model_max_length=CONTEXT)
     hf.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     hf.save_pretrained(path)
+    return hf
+
+
+def save_greedy(model, path: str) -> None:
+    """Save bf16 safetensors weights, with sampling defaults kept out of generation_config.json: greedy requests
+    must be greedy."""
+    model.save_pretrained(path, safe_serialization=True)
+    gen_cfg = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen_cfg):
+        with open(gen_cfg) as f:
+            g = json.load(f)
+        for k in ("temperature", "top_p", "top_k", "do_sample"):
+            g.pop(k, None)
+        with open(gen_cfg, "w") as f:
+            json.dump(g, f, indent=2)
+
+
+def make_tiny_llama(path: str | os.PathLike, *, num_layers: int = 2, hidden: int = 128, heads: int = 4,
+                    kv_heads: int = 2, intermediate: int = 256, seed: int = SEED) -> str:
+    """Write config, bf16 safetensors weights and tokenizer files into ``path`` (created if missing)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = os.fspath(path)
+    hf = write_tokenizer(path, seed)
 
     cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=intermediate,
@@ -68,16 +81,7 @@ def make_tiny_llama(path: str | os.PathLike, *, num_layers: int = 2, hidden: int
                       initializer_range=0.2)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(path, safe_serialization=True)
-    # keep sampling defaults out of the way: greedy requests must be greedy
-    gen_cfg = os.path.join(path, "generation_config.json")
-    if os.path.exists(gen_cfg):
-        with open(gen_cfg) as f:
-            g = json.load(f)
-        for k in ("temperature", "top_p", "top_k", "do_sample"):
-            g.pop(k, None)
-        with open(gen_cfg, "w") as f:
-            json.dump(g, f, indent=2)
+    save_greedy(model, path)
     return path
 
 
