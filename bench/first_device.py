@@ -421,8 +421,10 @@ def step_fp8(run: Run) -> dict:
 
 STEPS = [
     Step("models", 60, step_models),
-    Step("server_start", 150, step_server_start),
-    Step("requests", 120, step_requests, cpu_factor=1.5),
+    # on a GPU the first start JIT-compiles SGLang's CUDA kernels (~10 s each, ../shared/gpu/README.md) and captures
+    # graphs; the radix-only server in requests finds them compiled
+    Step("server_start", 240, step_server_start, cpu_factor=0.75),
+    Step("requests", 180, step_requests),
     Step("kernel_tests", 90, step_kernel_tests),
     Step("page_mass", 60, step_page_mass),
     Step("mla_config", 30, step_mla_config),
