@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 
+from . import activation
 from .config import FLAG_DESTS, FLAGS, GiB, KvdriveSettings
 from .config import RELOAD_POLICIES, checked_gil_switch_ms  # noqa: F401 - their old home: still importable here
 from .tier.errors import ConfigError, KvdriveError
@@ -180,6 +181,7 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
         argv = expand_argv(given, gpu=_gpu())
     except KvdriveError as e:
         _fail(e)
+    activation.mark(activation.argv_selects_kvdrive(argv))  # before SGLang spawns this server's processes
     result = original(argv, *args, **kwargs)
     if argv != given:  # logged after SGLang's parse, which is what sets up logging in the launcher
         log.info("kvdrive: --kv-tier kvdrive expanded to: %s", " ".join(argv))
@@ -194,9 +196,12 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
 
 def _expand_engine_kwargs(kwargs: dict) -> dict:
     try:
-        return expand_kwargs(kwargs)
+        out = expand_kwargs(kwargs)
     except KvdriveError as e:
         raise type(e)(str(e)) from None  # the caller's line and ours, not the whole chain of kvdrive's checks
+    activation.mark(activation.selects_kvdrive(out.get("radix_cache_backend"),
+                                               out.get("hicache_storage_backend_extra_config")))
+    return out
 
 
 _installed = False
@@ -213,5 +218,4 @@ def install() -> None:
     adapter = server_args_adapter()
     adapter.install(FlagHooks(around_prepare_server_args=_around_prepare_server_args,
                               after_add_cli_args=_after_add_cli_args, expand_kwargs=_expand_engine_kwargs))
-    _installed = True
-    log.debug("kvdrive: --kv-tier kvdrive installed for SGLang's %s ServerArgs", adapter.name)
+    _installed = True  # (the plugin's one line names this step)

@@ -77,9 +77,10 @@ def hash_hook_active() -> bool:
 
 
 def ensure_hash_hooks() -> None:
-    """SGLang applies plugin hooks in every process (load_plugins); a cache built without that (an embedding that
-    registers the backend by hand) applies them here, before its controller picks up the hash functions."""
-    if hash_hook_active():
+    """The plugin registers the key hooks in the processes of a server that selected kvdrive, and SGLang applies
+    them (load_plugins); a cache built without that (an embedding that registers the backend by hand, tests) registers
+    and applies them here, before its controller picks up the hash functions."""
+    if _hooks_registered and hash_hook_active():
         return
     from sglang.srt.plugins.hook_registry import HookRegistry
 
@@ -307,13 +308,13 @@ class KvdriveCacheMixin:
 
 
 def register() -> None:
-    """Register the ``kvdrive`` radix-cache backend with SGLang (through the adapter for the installed SGLang).
+    """Register the ``kvdrive`` radix-cache backend's name with SGLang (through the adapter for the installed
+    SGLang): a registry entry only, called when a server selects it; its key hooks are ``register_hash_hooks``.
     Idempotent (the plugin runs once per process)."""
     from sglang.srt.mem_cache import registry
 
     from .compat import radix_adapter
 
-    register_hash_hooks()  # SGLang applies them with the other plugins' hooks
     if registry.get_radix_cache_factory(BACKEND_NAME) is not None:
         return
     registry.register_radix_cache_backend(BACKEND_NAME, radix_adapter().build_tree_cache)

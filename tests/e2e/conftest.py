@@ -66,6 +66,12 @@ def reference(tiny_model, all_prompts, e2e_dir, ext_dir):
         first = srv.generate(all_prompts[0], MAX_NEW)
         second = srv.generate(all_prompts[0], MAX_NEW)
         others = [srv.generate(p, MAX_NEW) for p in all_prompts[1:]]
+        # kvdrive is installed in this environment but this server did not ask for it: no kvdrive line beyond the
+        # plugin's one debug line (SGLang logs at INFO) and, on CPU, the fallbacks SGLang needs to run there at all
+        # (tests/e2e/server.py), i.e. no kvdrive hook (issue 17: inert unless asked)
+        ours = [ln for ln in srv.log_text().splitlines() if ("kvdrive:" in ln or "kvdrive.sglang" in ln)
+                and "CPU fallbacks for HiCache host pools and page copies installed" not in ln]
+        assert ours == [], "kvdrive acted in a server without --kv-tier kvdrive:\n" + "\n".join(ours[:10])
     finally:
         stop(srv, "radix", graceful=False)
     ids = [first["ids"]] + [r["ids"] for r in others]

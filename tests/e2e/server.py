@@ -12,7 +12,8 @@ shared extensions folder makes that build -- and the server's warmup -- wait for
 and the ``fixtures/`` folder on ``PYTHONPATH`` (an import-only ``sgl_kernel`` stub; never part of the package). The
 same environment serves every supported SGLang (0.5.17 to 0.5.23); the server runs on ``sys.executable`` by default,
 so each venv's test run starts its own SGLang. The CPU fallbacks SGLang's HiCache needs come from kvdrive's own plugin
-(kvdrive_sglang/cpu_fallbacks.py), not from this harness.
+(kvdrive_sglang/cpu_fallbacks.py): a kvdrive server gets them with its flag, every other CPU server through
+``KVDRIVE_CPU_FALLBACKS=1`` (those alone, none of kvdrive's hooks).
 """
 from __future__ import annotations
 
@@ -99,13 +100,18 @@ class SGLangServer:
                 "--max-total-tokens", str(self.max_total_tokens), *self.extra_args]
 
     def environment(self) -> dict[str, str]:
-        e = dict(os.environ)
+        # the server's launcher marks its own processes as kvdrive's (kvdrive_sglang/activation.py): never inherited
+        e = {k: v for k, v in os.environ.items() if k != "KVDRIVE_SERVER"}
         e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                  TORCH_EXTENSIONS_DIR=self.torch_extensions_dir or private_torch_extensions_dir())
         front = list(self.pythonpath)
         if not gpu_present():
             e["SGLANG_USE_CPU_ENGINE"] = "1"
             front.append(FIXTURES)
+            # SGLang itself runs on CPU only with kvdrive's CPU fallbacks (0.5.17's paged allocator launches Triton
+            # kernels on any device; HiCache's host pools pin memory): asked for alone, the plugin installs them and
+            # none of kvdrive's hooks (kvdrive_sglang/activation.py), so baselines stay SGLang's own code otherwise
+            e["KVDRIVE_CPU_FALLBACKS"] = "1"
         if front:
             e["PYTHONPATH"] = os.pathsep.join(front + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
         e.update(self.extra_env)
