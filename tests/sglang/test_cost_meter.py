@@ -98,6 +98,7 @@ def test_measured_costs_decide_reload_vs_recompute(tmp_path, monkeypatch):
     be = make_backend(tmp_path, host)
     idx, _ = written(host, 40, seed=3)
     assert all(be.batch_set_v1(_keys(40), idx))
+    assert be.engine.flush(timeout=30)  # encoded into the DRAM tier, whose reads the tier timings measure
     assert be.batch_exists(_keys(40)) == 40  # assumed costs: reload
     for _ in range(3):  # round trips: exists then get, as SGLang's prefetch does
         assert be.batch_exists(_keys(40)) == 40

@@ -201,6 +201,7 @@ def test_attention_and_accesses_become_eviction_scores(tmp_path):
     be = make_backend(tmp_path, host)
     idx, _ = written(host, 3)
     be.batch_set_v1(keys(3), idx)
+    assert be.engine.flush(timeout=30)  # staged pages reach the DRAM pool (TierEngine.stage_many)
     be.record_attention({keys(3)[2]: 0.9})
     assert be.push_scores() == 3 and be.push_scores() == 0
     pool = be.engine.pool
@@ -336,12 +337,13 @@ def test_a_host_pool_without_a_flat_page_copy_is_refused_at_start(tmp_path):
         make_backend(tmp_path, host)
 
 
-def test_other_host_pools_take_their_own_page_copy():
-    """Only SGLang's MHA host pool in a token-indexed layout is batched: MLA's pool copies its own pages."""
+def test_mla_host_pools_are_batched_too():
+    """SGLang's MLA host pool moves its pages in one gather / scatter a batch too, in its layer_first and (GPU
+    default) page_first layouts; tests/sglang/test_host_pages.py checks every kind and layout bit-exact."""
     from kvdrive_sglang.host_pages import HostPages
 
-    assert HostPages(make_mla_host()).layout is None
-    assert HostPages(make_mla_host("page_first")).layout is None
+    assert HostPages(make_mla_host()).layout == "layer_first"
+    assert HostPages(make_mla_host("page_first")).layout == "page_first"
 
 
 # The namespace ids of these configs before SGLang 0.5.23's config fields existed: a config without them, or with
@@ -440,6 +442,7 @@ def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
         assert backends[3].batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 1 writes)
         assert backends[3].engine.stats().host.inserts == 0
         assert backends[1].batch_set_v1(keys(2), idx) == [True, True]
+        assert backends[1].engine.flush(timeout=30)
         assert backends[1].engine.stats().host.inserts == 2
     finally:
         for b in backends:
