@@ -52,18 +52,38 @@ class PageScratch:
 
 
 def strided_form(t: torch.Tensor) -> tuple:
-    """Which elements of its storage ``t`` views, in which flat order: (storage offset, ((size, stride), ...)) with
-    size-1 dimensions dropped and dimensions that step as one merged. Two views of one storage with equal forms
-    hold the same elements in the same order, whatever their shapes."""
+    """Which bytes of its storage ``t`` views, in which order: (byte offset, ((size, byte stride), ...)) with size-1
+    dimensions dropped and dimensions that step as one merged. Two views of one storage with equal forms hold the
+    same bytes in the same order, whatever their shapes and dtypes."""
+    item = t.element_size()
     dims: list[tuple[int, int]] = []
-    for size, stride in zip(t.shape, t.stride()):
+    for size, stride in [*zip(t.shape, (st * item for st in t.stride())), (item, 1)]:
         if size == 1:
             continue
         if dims and dims[-1][1] == size * stride:
             dims[-1] = (dims[-1][0] * size, stride)
         else:
             dims.append((size, stride))
-    return t.storage_offset(), tuple(dims)
+    return t.storage_offset() * item, tuple(dims)
+
+
+# Largest fresh buffer one batched read allocates (see PageView.gather)
+GATHER_CHUNK_BYTES = 8 << 20
+
+WIDE_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def widest_view(buffer: torch.Tensor) -> torch.Tensor:
+    """``buffer``'s bytes as the widest integer dtype its last dimension divides into: the gather / scatter kernels
+    copy element by element, so a bf16 or fp8 page moved as int64 takes 4 or 8 times fewer steps (measured by
+    bench/host_pages_bench.py); the bytes, and so the flat page, are the same."""
+    raw = buffer.view(torch.uint8) if buffer.dtype != torch.uint8 else buffer
+    for dtype in WIDE_DTYPES:
+        try:
+            return raw.view(dtype)
+        except RuntimeError:  # the last dimension's bytes do not divide, or the storage offset is not aligned
+            continue
+    return buffer
 
 
 class PageView:
@@ -106,13 +126,11 @@ class PageView:
         """The [pages, *page] view of the pool's buffer (rebuilt if SGLang swapped the buffer)."""
         buffer = getattr(self.host, self.axis.buffer)
         if buffer is not self._buffer:
-            ax, ps = self.axis.axis, self.page_size
+            ax, ps, wide = self.axis.axis, self.page_size, widest_view(buffer)
             if self.axis.counts is AxisCounts.TOKENS:
-                pages = buffer.shape[ax] // ps
-                buffer_pages = buffer.narrow(ax, 0, pages * ps).unflatten(ax, (pages, ps))
-            else:
-                buffer_pages = buffer
-            self._rows, self._buffer = buffer_pages.movedim(ax, 0), buffer
+                pages = wide.shape[ax] // ps
+                wide = wide.narrow(ax, 0, pages * ps).unflatten(ax, (pages, ps))
+            self._rows, self._buffer = wide.movedim(ax, 0), buffer
         return self._rows
 
     def _matches_sglang(self) -> bool:
@@ -124,7 +142,8 @@ class PageView:
         buffer = self._buffer
         if not isinstance(buffer, torch.Tensor) or buffer.dtype != host.dtype or rows.shape[0] * ps < int(host.size):
             return False
-        if rows[0].numel() != host.get_dummy_flat_data_page().numel():
+        dummy = host.get_dummy_flat_data_page()
+        if rows[0].numel() * rows.element_size() != dummy.numel() * dummy.element_size():
             return False
         storage = buffer.untyped_storage().data_ptr()
         n = int(host.size) // ps
@@ -140,15 +159,23 @@ class PageView:
         """Row of each page start (starts are page-aligned: :meth:`HostPages.starts` checks)."""
         return torch.from_numpy(np.asarray(starts, dtype=np.int64) // self.page_size)
 
-    def gather(self, starts: Sequence[int]) -> torch.Tensor:
-        """The pages at ``starts`` as one new [n, page elements] tensor, in order."""
-        rows = self.rows()
-        return torch.index_select(rows, 0, self.page_ids(starts)).view(len(starts), -1)
+    def gather(self, starts: Sequence[int]) -> list[torch.Tensor]:
+        """The pages at ``starts`` as new [k, page bytes] uint8 tensors of up to :data:`GATHER_CHUNK_BYTES` each, in
+        order (one gather each). Chunked because a fresh allocation past glibc's dynamic mmap threshold (32 MiB at
+        most) is a new mapping whose every 4 KiB page faults on first touch: one 256 MiB gather (256 pages of 1 MiB)
+        took 110-200 ms against 40-60 ms in 8 MiB chunks, which malloc recycles (bench/host_pages_bench.py). Advanced
+        indexing, not ``index_select``: on a strided view torch's CPU index_select takes a slow generic path (3-8x
+        slower here)."""
+        rows, ids = self.rows(), self.page_ids(starts)
+        per = max(1, GATHER_CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
+        return [rows[ids[a:a + per]].view(min(per, len(starts) - a), -1).view(torch.uint8)
+                for a in range(0, len(starts), per)]
 
     def scatter(self, starts: Sequence[int], pages: torch.Tensor) -> None:
         """Row ``i`` of ``pages`` (a [n, page elements] tensor in the pool's dtype) into the page at ``starts[i]``."""
         rows = self.rows()
-        rows.index_copy_(0, self.page_ids(starts), pages.reshape(len(starts), *rows.shape[1:]))
+        src = pages.reshape(len(starts), -1).contiguous().view(torch.uint8).view(rows.dtype)
+        rows.index_put_((self.page_ids(starts),), src.view(len(starts), *rows.shape[1:]))
 
 
 def batched_layout(host) -> str | None:
@@ -245,15 +272,14 @@ class HostPages:
             starts: page starts (checked by :meth:`starts`).
 
         Returns:
-            One flat page per start, in order: on the batched path numpy byte rows of one gathered copy (the tiers
-            encode them without a torch call per page), else contiguous tensors from the pool's own
+            One flat page per start, in order: on the batched path numpy byte rows of fresh gathered copies that
+            nothing else refers to (the tiers may keep them, and encode them without a torch call per page), else contiguous tensors from the pool's own
             ``get_data_page``, which may be views of the pool where a page is contiguous in it: read them before
             the slots are reused (``TierEngine.put_many`` encodes before it returns).
         """
         if self.view is None or len(starts) == 1:
             return [self.host.get_data_page(s, flat=True).contiguous() for s in starts]
-        rows = self.view.gather(starts).view(torch.uint8).numpy()
-        return [rows[i] for i in range(len(starts))]
+        return [row for chunk in self.view.gather(starts) for row in chunk.numpy()]
 
     def write(self, starts: Sequence[int], pages: torch.Tensor) -> None:
         """Copy decoded flat pages into the host pool: row ``i`` of ``pages`` to the page at ``starts[i]``.

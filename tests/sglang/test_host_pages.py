@@ -187,3 +187,21 @@ def test_a_page_axis_that_is_not_sglangs_falls_back_to_the_per_page_copy(monkeyp
     fill_random(host, seed=8)
     starts = scattered_starts(host, seed=9)
     assert [as_bytes(r) for r in pages.read(starts)] == [as_bytes(host.get_data_page(s, flat=True)) for s in starts]
+
+
+@pytest.mark.parametrize("kind,layout,page_size", [("mha", "page_head", 16), ("mla", "page_first", 1),
+                                                   ("mha", "layer_first", 1)])
+def test_a_read_gathered_in_chunks_is_still_sglangs_pages_in_order(monkeypatch, kind, layout, page_size):
+    """A big read is gathered in chunks of GATHER_CHUNK_BYTES (fresh buffers malloc recycles: one 256 MiB gather
+    faulted in every page); chunk boundaries, a short last chunk included, keep every page and the order."""
+    from kvdrive_sglang import host_pages
+
+    host = build_host(kind, layout, page_size, torch.bfloat16)
+    pages = HostPages(host)
+    fill_random(host, seed=10)
+    starts = scattered_starts(host, seed=11)
+    per = next(k for k in (3, 4, 5) if len(starts) % k)  # pages a chunk: the last chunk is short
+    monkeypatch.setattr(host_pages, "GATHER_CHUNK_BYTES", per * pages.page_bytes)
+    assert len(pages.view.gather(starts)) == -(-len(starts) // per)
+    got = pages.read(starts)
+    assert [as_bytes(r) for r in got] == [as_bytes(host.get_data_page(s, flat=True)) for s in starts]
