@@ -48,7 +48,7 @@ from .disk_config import (
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import select_io
-from .index import SEALED, Index, IndexRoom, Record, SegInfo, page_key
+from .index import SEALED, Index, IndexRoom, Record, page_key
 from .namespace import Namespace, key_bytes
 from .page_writer import PageWriter
 from .segment_fds import SegmentFds
@@ -87,7 +87,6 @@ class DiskStore:
         except lmdb.Error as e:
             self._lock.release()
             raise StoreDirError(f"cannot open the index of store {self.path}: {e}") from None
-        self._index = self.index  # the name tests of other modules (test_tenants, test_multiprocess) still use
         self._counts = Counter()
         self._faults = Counter()
         self.index_room = IndexRoom(self.index, store_path=self.path, low_watermark=config.low_watermark,
@@ -397,10 +396,6 @@ class DiskStore:
         gc_live_ratio) and delete emptied ones. Returns segments reclaimed."""
         return self.compactor.compact(live_ratio)
 
-    def _recover_dead_writers(self, segs: dict[int, SegInfo]) -> None:
-        """Kept for tests/tier/test_multiprocess.py; see Compactor.recover_dead_writers."""
-        self.compactor.recover_dead_writers(segs)
-
     def verify(self) -> VerifyReport:
         """Re-read every page, check header and checksum; drop bad entries from the index."""
         checked = ok = nbytes = io_errors = 0
@@ -454,7 +449,6 @@ class DiskStore:
             self.index_room.clear_stale_readers()  # a map filled by a dead process's reader comes back with it
         return not self._disabled_until
 
-    _available = available  # the old private name: tier/engine.py calls it (until it switches to available)
 
     def close(self) -> None:
         if self._closed:

@@ -384,7 +384,7 @@ class TierEngine:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                if not self._writer.is_alive() or not self.disk._available():
+                if not self._writer.is_alive() or not self.disk.available():
                     return False
                 self._queue_cv.wait(0.1 if left is None else min(left, 0.1))
         return True
@@ -535,7 +535,7 @@ class TierEngine:
                 return True
             while self._queue_bytes + len(blob) > self.config.writedown_queue_bytes:
                 # a page larger than the whole queue never fits: waiting for room hung close() (found by fuzzing)
-                if not block or self._stop or not self.disk._available() \
+                if not block or self._stop or not self.disk.available() \
                         or len(blob) > self.config.writedown_queue_bytes:
                     self._counts["writedown_dropped"] += 1
                     return False
@@ -595,7 +595,7 @@ class TierEngine:
                             del self._queue[pk]
                             self._queue_bytes -= len(item[1])
                     self._queue_cv.notify_all()
-            if batch and not self.disk._available():
+            if batch and not self.disk.available():
                 time.sleep(0.05)  # the store is off after a fault: its pages were dropped; don't spin
 
     def _write_batch(self, batch) -> None:

@@ -61,14 +61,14 @@ def test_dead_writer_recovery_cuts_at_the_committed_end_not_a_stale_one(tmp_path
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().startswith("committed 0"), p.stderr.read()
     with DiskStore(DiskStoreConfig(path=str(tmp_path), capacity_bytes=1 << 30)) as st:
-        with st._index.read() as txn:
-            stale = st._index.segments(txn)  # what a compaction running right now has read
+        with st.index.read() as txn:
+            stale = st.index.segments(txn)  # what a compaction running right now has read
         p.stdin.write("\n")
         p.stdin.flush()
         assert p.stdout.readline().startswith("committed 1")
         p.stdin.write("\n")
         p.stdin.flush()
         assert p.wait(timeout=30) == 0
-        st._recover_dead_writers(stale)  # the compaction carries on: the writer is dead by now
+        st.compactor.recover_dead_writers(stale)  # the compaction carries on: the writer is dead by now
     c = check_every_page(tmp_path)
     assert (c.pages, c.corrupt, c.unreadable, c.verify_bad) == (8, 0, 0, 0), c

@@ -192,16 +192,16 @@ def test_tampered_ciphertext_is_a_counted_miss_and_dropped(tmp_path):
         st.put_many(ns, ["p0", "p1"], blobs(ns, [0, 1]))
         # an attacker who can write the store flips a ciphertext byte and fixes the (unkeyed) checksum in the index
         pk = page_key(ns.id, key_bytes("p0"))
-        with st._index.read() as txn:
-            rec = Record.unpack(txn.get(pk, db=st._index.pages))
+        with st.index.read() as txn:
+            rec = Record.unpack(txn.get(pk, db=st.index.pages))
         seg = tmp_path / "s" / "segments" / f"seg-{rec.seg:08x}.kvs"
         data = bytearray(seg.read_bytes())
         data[rec.off + rec.length - 40] ^= 0x01
         seg.write_bytes(bytes(data))
         import xxhash
         new_sum = xxhash.xxh3_64_intdigest(bytes(data[rec.off:rec.off + rec.length]))
-        with st._index.write() as txn:
-            txn.put(pk, rec._replace(checksum=new_sum).pack(), db=st._index.pages)
+        with st.index.write() as txn:
+            txn.put(pk, rec._replace(checksum=new_sum).pack(), db=st.index.pages)
         assert read(st, ns, ["p0", "p1"], [0, 1]) == [False, True]
         s = st.stats()
         assert s.sealed == {"bad_tag": 1} and s.corrupt_dropped == 1
@@ -215,10 +215,10 @@ def test_another_tenants_key_cannot_open_a_page(tmp_path):
     na, nb, nc = make_ns(tenant=A), make_ns(tenant=B), make_ns(tenant=tenant_id("carol"))
     with sealed_store(tmp_path / "s", ring) as st:
         st.put_many(na, ["p"], blobs(na, [0]))
-        with st._index.read() as txn:
-            rec = Record.unpack(txn.get(page_key(na.id, key_bytes("p")), db=st._index.pages))
-        with st._index.write() as txn:  # alice's entry planted under bob's and carol's names
-            st._index.put_pages(txn, rec.seg, [(page_key(ns.id, key_bytes("p")), rec) for ns in (nb, nc)],
+        with st.index.read() as txn:
+            rec = Record.unpack(txn.get(page_key(na.id, key_bytes("p")), db=st.index.pages))
+        with st.index.write() as txn:  # alice's entry planted under bob's and carol's names
+            st.index.put_pages(txn, rec.seg, [(page_key(ns.id, key_bytes("p")), rec) for ns in (nb, nc)],
                                 end=rec.off + rec.length)
         assert read(st, nb, ["p"]) == [False]  # bob's key is another key: the fingerprint says so
         assert read(st, nc, ["p"]) == [False]  # carol has the same key bytes, but the page is bound to alice's name
