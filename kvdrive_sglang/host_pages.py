@@ -9,8 +9,8 @@ A flat page is SGLang's own: what the pool's ``get_data_page(start, flat=True)``
 (the layout is part of the namespace).
 
 Every torch call lets go of the GIL, and beside SGLang's scheduler loop each one may wait a switch interval to get
-it back, so a batch of pages moves in one gather / one scatter (about four torch calls a batch instead of two or
-three a page; at page size 1 the per-page copy is a Python loop per token). The batch path is a strided view of the
+it back, so a batch of pages moves in one scatter and one gather per 8 MiB (:data:`GATHER_CHUNK_BYTES`), not two or
+three torch calls a page (at page size 1 the per-page copy is a Python loop per token). The batch path is a strided view of the
 pool's buffer as [pages, *page] (:class:`PageView`), whose row ``p`` holds exactly the elements SGLang's
 ``get_data_page(p * page_size)`` slices, in the same order: for every pool kind and layout of
 ``compat.host_pools.PAGE_AXES`` (MHA and MLA in ``layer_first``, ``page_first``, ``page_first_direct``; MHA also in
