@@ -64,6 +64,7 @@ def kv_dtype_name(dtype: torch.dtype) -> str:
                           f"{', '.join(_TORCH_DTYPES.values())}") from None
 
 
+MIRROR_ROOT = "/dev/shm"  # where replicated MLA ranks share the writer's DRAM tier (a memory-backed file system)
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "*.json")
 
 
@@ -230,7 +231,14 @@ class KvdriveStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
         self.storage_config = storage_config
         self.settings = KvdriveSettings.from_extra_config(storage_config.extra_config)  # checked; names a bad key
+        # MLA: every rank has the same cache, and one rank writes it (see storage_writer)
+        self.read_only = not storage_writer(storage_config)
         self.tier_config = self.settings.tier_config()
+        if storage_config.is_mla_model and int(storage_config.tp_size) > 1:
+            # replicas: the writer's DRAM tier is shared with the other ranks of this node (tier/replica_mirror.py),
+            # so every rank counts the same hits and reads them from memory, not each from disk (issue 15)
+            self.tier_config = replace(self.tier_config, mirror="read" if self.read_only else "publish",
+                                       mirror_root=MIRROR_ROOT)
         self.promoter = Promoter(self.settings.promoter_config())
         self.reload_policy = self.settings.reload
         apply_gil_switch(self.settings.gil_switch_s(server_device()))
@@ -249,8 +257,6 @@ class KvdriveStorage(HiCacheStorage):
         self.tenants = self.engine.tenants  # the operator's tenant policy (the radix cache reads share_as here)
         self.mem_pool_host = None
         self.pages: HostPages | None = None  # page I/O on SGLang's host pool (set on register)
-        # MLA: every rank has the same cache, and one rank writes it (see storage_writer)
-        self.read_only = not storage_writer(storage_config)
         self._events = Counter()
         self._io = Counter()
         self._lock = threading.Lock()

@@ -29,12 +29,14 @@ from .disk_store import DiskStats, DiskStore, DiskStoreConfig, GiB, MiB
 from .errors import CodecError, ConfigError
 from .host_pool import CompressedHostPool, HostPoolStats, PoolKey
 from .namespace import Namespace, key_bytes
+from .replica_mirror import SHM_ROOT, ReplicaMirror
 from .staging import StagedPage, StagingArea
 from .tenants import Tenants
 
 log = logging.getLogger("kvdrive.tier")
 
 WRITE_POLICIES = ("write_through", "write_back", "selective")
+MIRROR_MODES = ("off", "publish", "read")
 
 
 @dataclass
@@ -60,6 +62,10 @@ class TierConfig:
     # at several GB/s, ~0.2 s of encoding for two zstd threads
     staging_bytes: int = 256 * MiB
     encode_threads: int = 2  # encoder threads for staged pages (zstd releases the GIL)
+    # a node-shared copy of the DRAM tier for ranks holding the same KV (MLA replicas; tier/replica_mirror.py):
+    # "publish" (the writing rank), "read" (the others) or "off"; it lives under mirror_root (shared memory)
+    mirror: str = "off"
+    mirror_root: str = SHM_ROOT
 
     def __post_init__(self):
         zero_ok = ("host_bytes", "staging_bytes")
@@ -69,6 +75,10 @@ class TierConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name in zero_ok else 1):
                 raise ConfigError(f"tier {name} must be a {'non-negative' if name in zero_ok else 'positive'} "
                                   f"integer, got {v!r}")
+        if self.mirror not in MIRROR_MODES:
+            raise ConfigError(f"tier mirror {self.mirror!r} is not one of {', '.join(MIRROR_MODES)}")
+        if self.mirror != "off" and self.path is None:
+            raise ConfigError("tier mirror is named after the disk store: it needs a disk store path")
         if self.codec not in CODEC_NAMES:
             raise ConfigError(f"tier codec {self.codec!r} is not one of {', '.join(CODEC_NAMES)}")
         if self.write_policy not in WRITE_POLICIES:
@@ -117,6 +127,7 @@ class TierStats(NamedTuple):
     hits_staged: int = 0  # get_many hits served from staged raw pages (not yet encoded)
     staged_bytes: int = 0  # raw bytes staged now (stage_many), waiting for the encoder threads
     staging_refused: int = 0  # pages stage_many refused: the staging area was full
+    mirror: dict | None = None  # the replica mirror's counts (published, dropped, hits, queued); None: no mirror
 
 
 class Promotion(NamedTuple):
@@ -143,6 +154,9 @@ class TierEngine:
                                                   default_ttl_s=config.default_ttl_s, **config.disk),
                                   keyring=self.keyring)
         self.pool = CompressedHostPool(config.host_bytes, self._demote)
+        self.mirror = None if config.mirror == "off" else ReplicaMirror.open(
+            config.path, config.host_bytes, self.keyring, publisher=config.mirror == "publish",
+            root=config.mirror_root)
         # write-down queue: key -> (namespace, blob, score, expires_ms); readable until on disk
         self._queue: OrderedDict[PoolKey, tuple[Namespace, bytes, float, int]] = OrderedDict()
         self._queue_bytes = 0
@@ -248,6 +262,12 @@ class TierEngine:
             result[i] = True
             self._counts[where] += 1
         self._times["decode_s"] += time.perf_counter() - t0 - staged_s
+        if rest and self.mirror is not None:  # the writing rank's DRAM tier, for a rank holding the same KV
+            got = self.mirror.get_many(ns, [keys[i] for i in rest], [outs[i] for i in rest])
+            for i, g in zip(rest, got):
+                result[i] = g
+            self._counts["hits_host"] += sum(got)
+            rest = [i for i, g in zip(rest, got) if not g]
         if rest and self.disk is not None:
             t1 = time.perf_counter()
             got = self.disk.get_many(ns, [keys[i] for i in rest], [outs[i] for i in rest])
@@ -273,6 +293,14 @@ class TierEngine:
             if not held(k):
                 break
             n += 1
+        if n < len(keys) and self.mirror is not None:
+            mirrored = self.mirror.held(ns, keys[n:])
+            in_memory = held
+
+            def held(k) -> bool:  # noqa: F811 - the memory tiers, the mirror included
+                return in_memory(k) or key_bytes(k) in mirrored
+            while n < len(keys) and held(keys[n]):
+                n += 1
         if n == len(keys) or self.disk is None:
             return n
         return n + self.disk.exists_many(ns, keys[n:], held=held)
@@ -288,6 +316,12 @@ class TierEngine:
             out.append("staged" if self._staging.get(pk) is not None else "dram" if self.pool.contains(pk)
                        else "queued" if self._queued_blob(pk) is not None else None)
         missing = [i for i, t in enumerate(out) if t is None]
+        if missing and self.mirror is not None:  # shared memory: read like the DRAM tier
+            mirrored = self.mirror.held(ns, [keys[i] for i in missing])
+            for i in missing:
+                if key_bytes(keys[i]) in mirrored:
+                    out[i] = "dram"
+            missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.disk is not None:
             for i, on_disk in zip(missing, self.disk.contains(ns, [keys[i] for i in missing])):
                 if on_disk:
@@ -364,6 +398,8 @@ class TierEngine:
         with self._queue_cv:
             for pk in [pk for pk in self._queue if nid is None or pk[0] == nid]:
                 self._queue_bytes -= len(self._queue.pop(pk)[1])
+        if self.mirror is not None:
+            self.mirror.clear(nid)
         if self.disk is not None:
             self.disk.clear(nid)
 
@@ -408,7 +444,8 @@ class TierEngine:
                          c["writedown_dropped"], c["hits_host"], c["hits_queued"], c["hits_disk"], c["misses"],
                          self._times["encode_s"] + st.encode_s, self._times["decode_s"], self._times["disk_get_s"],
                          c["disk_get_pages"], c["not_admitted"], c["not_admitted_dropped"], c["unkeyed_refused"],
-                         c["erased"], c["promoted"], c["promote_below_floor"], c["hits_staged"], st.bytes, st.refused)
+                         c["erased"], c["promoted"], c["promote_below_floor"], c["hits_staged"], st.bytes, st.refused,
+                         self.mirror.stats() if self.mirror is not None else None)
 
     def close(self, timeout: float = 120.0) -> None:
         """Encode what is staged (waiting at most ``timeout`` seconds), then write down what is queued (as long
@@ -427,6 +464,8 @@ class TierEngine:
         if self._writer is not None:
             self._writer.join(timeout=30)
         self._executor.shutdown(wait=True)
+        if self.mirror is not None:
+            self.mirror.close()
         if self.disk is not None:
             self.disk.close()
         # Free the DRAM tier now: the pool's demote callback points back at this engine, so a closed engine would
@@ -447,6 +486,8 @@ class TierEngine:
         """An encoded page into the DRAM pool and, as the write policy says, the write-down queue. True if held."""
         held = self.pool.put(pk, blob, peek_header(blob).raw_nbytes, ns=ns, score=score, expires_ms=expires) \
             if self.config.host_bytes else False
+        if held and self.mirror is not None and self.mirror.publisher:
+            self.mirror.publish(ns, pk[1], blob, score, expires)  # for the ranks that hold the same KV
         if self.disk is not None and self._write_now(pk, ns, held):
             held = self._enqueue(pk, ns, blob, score, expires) or held
         return held
@@ -523,6 +564,8 @@ class TierEngine:
             for pk in [pk for pk, item in self._queue.items() if item[0].tenant in gone]:
                 self._queue_bytes -= len(self._queue.pop(pk)[1])
                 n += 1
+        if self.mirror is not None:
+            n += self.mirror.drop_queued(lambda ns: ns.tenant in gone)
         self._counts["erased"] += n
         self._warned_unkeyed -= gone
         if n:

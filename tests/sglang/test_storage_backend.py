@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -105,22 +106,37 @@ def test_corrupted_page_is_a_miss(tmp_path):
     be.close()
 
 
-def test_mla_ranks_share_one_namespace_and_only_rank0_writes(tmp_path):
+def test_mla_ranks_share_one_namespace_and_only_rank0_writes(tmp_path, monkeypatch):
+    """MLA replicas: one namespace, rank 0 writes, and rank 1 counts and reads rank 0's DRAM-tier pages through the
+    node-shared replica mirror, with nothing on disk. Before the mirror, rank 1 saw only what had reached the disk
+    (this test used to flush rank 0 to disk first), so SGLang's minimum over ranks capped every hit at the disk."""
+    from kvdrive_sglang import storage_backend
+
+    monkeypatch.setattr(storage_backend, "MIRROR_ROOT", str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
     host = make_mla_host()
-    r0 = make_backend(tmp_path, host, tp_rank=0, tp_size=2, mla=True)
-    r1 = make_backend(tmp_path, host, tp_rank=1, tp_size=2, mla=True)
-    assert r0.ns.id == r1.ns.id and r0.ns.layout == "mla" and r0.ns.head_dim == 32 + 8
-    dst = host.alloc(2 * PAGE)
-    idx, _ = written(host, 2)
-    assert r1.batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 0 writes)
-    assert r1.engine.stats().host.inserts == 0
-    r0.batch_set_v1(keys(2), idx)
-    r0.engine.flush()
-    assert r1.batch_exists(keys(2)) == 2
-    assert r1.batch_get_v1(keys(2), dst) == [True, True]
-    assert all(torch.equal(a, b) for a, b in zip(pages_of(host, dst, 2), pages_of(host, idx, 2)))
-    r0.close()
-    r1.close()
+    r0 = make_backend(tmp_path / "store", host, tp_rank=0, tp_size=2, mla=True, host_gb=0.2)
+    r1 = make_backend(tmp_path / "store", host, tp_rank=1, tp_size=2, mla=True, host_gb=0.2)
+    try:
+        assert r0.ns.id == r1.ns.id and r0.ns.layout == "mla" and r0.ns.head_dim == 32 + 8
+        assert r0.engine.mirror.publisher and not r1.engine.mirror.publisher
+        dst = host.alloc(2 * PAGE)
+        idx, _ = written(host, 2)
+        assert r1.batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 0 writes)
+        assert r1.engine.stats().host.inserts == 0
+        assert r0.batch_set_v1(keys(2), idx) == [True, True]
+        deadline = time.monotonic() + 30  # staged -> encoded -> published: milliseconds, on a loaded CI box more
+        while r1.batch_exists(keys(2)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert r1.batch_exists(keys(2)) == 2 == r0.batch_exists(keys(2))
+        assert r1.batch_get_v1(keys(2), dst) == [True, True]
+        assert all(torch.equal(a, b) for a, b in zip(pages_of(host, dst, 2), pages_of(host, idx, 2)))
+        assert r0.engine.stats().disk.entries == 0  # not through the disk (selective write-down admitted nothing)
+        s1 = r1.engine.stats()
+        assert s1.hits_disk == 0 and s1.mirror["hits"] == 2 and r0.engine.stats().mirror["published"] == 2
+    finally:
+        r0.close()
+        r1.close()
 
 
 def test_legacy_api_and_events(tmp_path):
