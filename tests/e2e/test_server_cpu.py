@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -92,6 +93,10 @@ def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_
             or kvdrive_entries(store)
     finally:
         stop(srv, "kvdrive_1")
+    # attention masses from the server's real forward passes reached the promoter (issue 17): the summary line
+    # logged at shutdown counts the pages they covered (extend passes over cached prefixes, sampled decode steps)
+    attended = [int(n) for n in re.findall(r"attention on (\d+) pages", srv.log_text())]
+    assert attended and max(attended) > 0, "no attention mass reached the promoter:\n" + srv.log_tail(20)
     for r in runs:
         assert r["prompt_tokens"] == PROMPT_TOKENS and r["cached"] < PAGE, runs
     # prompt 0 was evicted from the device by the later prompts, and came back from host or storage
