@@ -12,22 +12,30 @@ import fcntl
 import heapq
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
-from .index import SEG_OPEN, SEG_SEALED, Index, IndexRoom, Record, SegInfo, seg_key
+from .index import FRAMED, SEG_OPEN, SEG_SEALED, Index, IndexRoom, Record, SegInfo, seg_key
 from .segment_fds import SegmentFds
+from .segment_records import TYPICAL_BYTES, Kind, trailer
 from .segment_writer import SegmentWriter
 from .store_dir import FILE_MODE, GC_LOCK_FILE
 
 
+def _live_share(info: SegInfo) -> float:
+    """Share of a segment's bytes that are live: its pages' blobs and (estimated: SegInfo counts blob bytes only,
+    I10) their trailers, which would otherwise make a segment of small pages look sparse and compact it forever."""
+    return min(1.0, (info.live + info.count * TYPICAL_BYTES) / max(info.end, 1))
+
+
 class Compactor:
-    """``read_blob(rec)``: the verified blob or None (the read path's); ``drop_bad(pairs)``: drop entries whose
+    """``read_blob(rec, page_key)``: the verified blob or None (the read path's); ``drop_bad(pairs)``: drop entries whose
     bytes are missing or damaged. ``counts``: the store's counters (evicted, segments_compacted)."""
 
     def __init__(self, config, *, store_path: str, index: Index, room: IndexRoom, writer: SegmentWriter,
                  fds: SegmentFds, write_lock: threading.RLock, counts: Counter,
-                 read_blob: Callable[[Record], object], drop_bad: Callable[[list], None]):
+                 read_blob: Callable[[Record, bytes], object], drop_bad: Callable[[list], None]):
         self.config = config
         self.store_path = store_path
         self.index, self.room, self.writer, self.fds = index, room, writer, fds
@@ -181,7 +189,7 @@ class Compactor:
         self.recover_dead_writers(segs)
         victims = sorted((info.live, seg) for seg, info in segs.items()
                          if seg != self.writer.seg and info.state == SEG_SEALED
-                         and (info.count == 0 or info.live / max(info.end, 1) < live_ratio))
+                         and (info.count == 0 or _live_share(info) < live_ratio))
         if not victims:
             return 0
         vset = {seg for _, seg in victims}
@@ -199,7 +207,7 @@ class Compactor:
             batch, batch_bytes, bad = [], 0, []
             limit = max(64 << 10, self.config.segment_bytes // 4)
             for pk, rec in moving:
-                blob = self.read_blob(rec)
+                blob = self.read_blob(rec, pk)
                 if blob is None:
                     bad.append((pk, rec))
                     continue
@@ -223,17 +231,31 @@ class Compactor:
         return reclaimed
 
     def _move(self, batch: list[tuple[bytes, Record, bytes]]) -> None:
-        """Copy ``batch`` to the writer segment and repoint the entries that did not change meanwhile."""
-        total = sum(len(b) for _, _, b in batch)
-        seg, off0 = self.writer.reserve(total)
-        end, synced = self.writer.append([b for _, _, b in batch], off0)
+        """Copy ``batch`` to the writer segment (format 2: each blob with its trailer, and the description of each
+        namespace the segment does not hold yet, I11) and repoint the entries that did not change meanwhile."""
+        now = int(time.time() * 1000)
+        tails = [trailer(Kind.PAGE, rec.flags & ~FRAMED, rec.codec, pk, blob, rec.raw_nbytes, rec.created_ms,
+                         rec.expires_ms) for pk, rec, blob in batch]
+        total = sum(len(b) for _, _, b in batch) + sum(len(t) for t in tails)
+        with self.index.read() as txn:
+            descs = {nid: txn.get(nid, db=self.index.ns) for nid in {pk[:16] for pk, _, _ in batch}}
+        seg, off0 = self.writer.reserve(total + sum(len(d) + 64 for d in descs.values() if d is not None))
+        bufs: list = []
+        for (_, _, blob), tail in zip(batch, tails):
+            bufs += [blob, tail]
+        for nid, desc in descs.items():
+            if desc is not None and nid not in self.writer.described:
+                bufs += [desc, trailer(Kind.NAMESPACE, 0, 0, nid, desc, 0, now, 0)]
+        off = off0
+        end, synced = self.writer.append(bufs, off0)
         synced.result()  # I1: the copy is durable before the index points at it
-        off, moved = off0, []
+        self.writer.described.update(nid for nid, desc in descs.items() if desc is not None)
+        moved = []
         with self.index.write() as txn:
-            for pk, rec, blob in batch:
+            for (pk, rec, blob), tail in zip(batch, tails):
                 cur = txn.get(pk, db=self.index.pages)
-                moved_rec = rec._replace(seg=seg, off=off)
-                off += len(blob)
+                moved_rec = rec._replace(seg=seg, off=off, flags=rec.flags | FRAMED)
+                off += len(blob) + len(tail)
                 if cur is None or Record.unpack(cur).location != rec.location:
                     continue  # deleted or rewritten meanwhile: the copy is dead bytes
                 moved.append((pk, moved_rec))

@@ -52,6 +52,7 @@ from .index import SEALED, Index, IndexRoom, Record, page_key
 from .namespace import Namespace, key_bytes
 from .page_writer import PageWriter
 from .segment_fds import SegmentFds
+from .segment_records import names_page, trailer_size
 from .segment_writer import SegmentWriter
 from .store_dir import INDEX_DIR, SEGMENT_DIR, StoreLock, check_store_dir
 
@@ -149,7 +150,7 @@ class DiskStore:
                 self._counts["rejected_full"] += len(batch.todo)
                 return have
             try:
-                seg, recs, end = self._pages.write_durably(pkeys, headers, batch, expiry, scores, now)
+                seg, recs, end = self._pages.write_durably(ns, pkeys, headers, batch, expiry, scores, now)
                 evicted = self._counts["evicted"]
                 done = self._pages.index_records(ns, seg, recs, end, ttl=any(expiry[i] for i in batch.todo))
                 self.writer.seal_if_full()
@@ -216,7 +217,7 @@ class DiskStore:
         out, bad = [], []
         for pk, rec in zip(pkeys, recs):
             try:
-                blob = self._read_blob(rec) if rec is not None else None
+                blob = self._read_blob(rec, pk) if rec is not None else None
             except OSError as e:
                 self._fault(e, "read")
                 out.append(None)
@@ -406,7 +407,7 @@ class DiskStore:
             checked += 1
             nbytes += rec.length
             try:
-                blob = self._read_blob(rec)
+                blob = self._read_blob(rec, pk)
             except OSError as e:
                 io_errors += 1
                 self._faults[fault_kind(e)] += 1
@@ -506,7 +507,7 @@ class DiskStore:
         dtype = ns.kv_dtype
         try:
             if rec.sealed:
-                blob = self._read_blob(rec, self._sealer.read_buffer(rec.length))
+                blob = self._read_blob(rec, pk, self._sealer.read_buffer(rec.length))
                 if blob is None:
                     return ReadOutcome.BAD
                 plain, drop = self._sealer.unseal(ns.tenant, pk, blob, scratch=True)
@@ -516,19 +517,22 @@ class DiskStore:
             elif rec.codec == _RAW_CODEC and rec.length - HEADER.size == len(out):
                 # zero copy: header into a small buffer, body straight into the caller's buffer
                 hdr = bytearray(HEADER.size)
-                n = self.fds.pread(rec.seg, rec.off, [hdr, out])
-                if n is None or n != rec.length:
+                tail = bytearray(trailer_size(pk) if rec.framed else 0)
+                n = self.fds.pread(rec.seg, rec.off, [hdr, out, tail] if rec.framed else [hdr, out])
+                if n is None or n != rec.length + len(tail):
                     return ReadOutcome.BAD
                 h = xxhash.xxh3_64(hdr)
                 h.update(out)
                 if h.intdigest() != rec.checksum:
+                    return ReadOutcome.BAD
+                if rec.framed and not names_page(tail, pk, rec.length, rec.checksum, rec.flags, rec.codec):
                     return ReadOutcome.BAD
                 hh = peek_header(hdr)
                 if hh.codec != _RAW_CODEC or hh.raw_nbytes != len(out) or hh.dtype != dtype_info(dtype).code:
                     return ReadOutcome.BAD
                 self._counts["bytes_read"] += rec.length
             else:
-                blob = self._read_blob(rec)
+                blob = self._read_blob(rec, pk)
                 if blob is None:
                     return ReadOutcome.BAD
                 decode_page(blob, out, dtype)
@@ -539,13 +543,20 @@ class DiskStore:
             return ReadOutcome.MISS
         return ReadOutcome.OK
 
-    def _read_blob(self, rec: Record, buf: np.ndarray | None = None) -> np.ndarray | None:
-        """I8: the verified blob (read into ``buf`` if given: exactly rec.length bytes), or None if missing/short/corrupt.
-        An I/O error propagates: it says nothing of the data."""
+    def _read_blob(self, rec: Record, pk: bytes, buf: np.ndarray | None = None) -> np.ndarray | None:
+        """I8: the verified blob of page ``pk`` (read into ``buf`` if given: exactly rec.length bytes), or None if
+        missing/short/corrupt, or (format 2) its trailer does not name ``pk``. An I/O error propagates: it says nothing
+        of the data."""
         if buf is None:
             buf = np.empty(rec.length, dtype=np.uint8)  # not zero-filled: every byte is read or the blob is rejected
-        n = self.fds.pread(rec.seg, rec.off, [buf])
-        if n != rec.length or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
+        # a sealed page's envelope is bound to its namespace and key (AES-GCM associated data): its trailer adds
+        # nothing, and its tag is the stronger check
+        named = rec.framed and not rec.sealed
+        tail = bytearray(trailer_size(pk) if named else 0)
+        n = self.fds.pread(rec.seg, rec.off, [buf, tail] if named else [buf])
+        if n != rec.length + len(tail) or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
+            return None
+        if named and not names_page(tail, pk, rec.length, rec.checksum, rec.flags, rec.codec):
             return None
         if rec.sealed:
             if not is_envelope(buf):  # its contents are checked when a key opens it

@@ -40,6 +40,9 @@ _SEG = struct.Struct("<QQQIB")
 _U32 = struct.Struct(">I")
 _SHORT_KEY = 400  # longer keys are hashed to stay well under LMDB's 511-byte key limit
 SEALED = 1  # Record.flags bit: the blob on disk is an AES-GCM envelope of the page blob (tier/crypto.py)
+# Record.flags bit: a trailer naming the page follows the blob (segment format 2, tier/segment_records.py); reads check
+# it names the page asked for, and a rebuild can find the page from the segment file alone (I11)
+FRAMED = 2
 
 SEG_OPEN = 0  # a live writer appends to it (it holds a flock on the file)
 SEG_SEALED = 1
@@ -88,6 +91,10 @@ class Record(NamedTuple):
     @property
     def sealed(self) -> bool:
         return bool(self.flags & SEALED)
+
+    @property
+    def framed(self) -> bool:
+        return bool(self.flags & FRAMED)
 
 
 class SegInfo(NamedTuple):

@@ -12,8 +12,9 @@ from .codecs import CodecError, peek_header
 from .crypto import PageSealer
 from .disk_config import MAX_TTL_S
 from .errors import ConfigError
-from .index import SEALED, Index, IndexRoom, Record
+from .index import FRAMED, SEALED, Index, IndexRoom, Record
 from .namespace import Namespace
+from .segment_records import Kind, fill_trailer, trailer, trailer_size
 from .segment_writer import SegmentWriter
 
 
@@ -81,24 +82,42 @@ class PageWriter:
             return None
         return Batch(todo, sealed, SEALED)
 
-    def write_durably(self, pkeys: list[bytes], headers: list, batch: Batch, expiry: list[int], scores,
-                       now: int) -> tuple[int, list[tuple[bytes, Record]], int]:
+    def write_durably(self, ns: Namespace, pkeys: list[bytes], headers: list, batch: Batch, expiry: list[int],
+                       scores, now: int) -> tuple[int, list[tuple[bytes, Record]], int]:
         """Append the batch to the writer segment and wait until it is durable (I1: before the index may point at
-        it). Returns (segment, the records to index, the segment's new end)."""
+        it). Each blob is followed by its trailer (I11: the segment alone names its pages), and the first page of a
+        namespace in a segment by the namespace's description. Returns (segment, the records to index, the
+        segment's new end)."""
         blobs, todo = batch.blobs, batch.todo
-        seg, off0 = self.writer.reserve(sum(len(blobs[i]) for i in todo))
-        # checksums are taken as each blob is staged, while the I/O thread writes the previous chunk
+        tails = [bytearray(trailer_size(pkeys[i])) for i in todo]
+        size = sum(len(blobs[i]) for i in todo) + sum(len(t) for t in tails)
+        seg, off0 = self.writer.reserve(size + len(ns.canonical) + trailer_size(ns.id))
+        bufs: list = []
+        for j, i in enumerate(todo):
+            bufs += [blobs[i], tails[j]]
+        if ns.id not in self.writer.described:  # after the pages: their offsets stay those of format 1 batches
+            bufs += [ns.canonical, trailer(Kind.NAMESPACE, 0, 0, ns.id, ns.canonical, 0, now, 0)]
+        # checksums are taken as each blob is staged, while the I/O thread writes the previous chunk; the blob's
+        # trailer (staged next) is filled with it
         sums = []
-        end, synced = self.writer.append([blobs[i] for i in todo], off0,
-                                         lambda j, b: sums.append(xxhash.xxh3_64_intdigest(b)))
+
+        def each(n: int, b) -> None:
+            if n < 2 * len(todo) and n % 2 == 0:
+                j = n // 2
+                i, h = todo[j], headers[todo[j]]
+                sums.append(xxhash.xxh3_64_intdigest(b))
+                fill_trailer(tails[j], Kind.PAGE, batch.flags, h.codec, pkeys[i], len(b), h.raw_nbytes, sums[j],
+                             now, expiry[i])
+        end, synced = self.writer.append(bufs, off0, each)
         recs, off = [], off0
         for j, i in enumerate(todo):
             b, h = blobs[i], headers[i]
-            recs.append((pkeys[i], Record(seg, off, len(b), h.codec, batch.flags, sums[j], h.raw_nbytes, now, now,
-                                          expiry[i], float(scores[i]) if scores is not None else 0.0)))
-            off += len(b)
+            recs.append((pkeys[i], Record(seg, off, len(b), h.codec, batch.flags | FRAMED, sums[j], h.raw_nbytes, now,
+                                          now, expiry[i], float(scores[i]) if scores is not None else 0.0)))
+            off += len(b) + len(tails[j])
         synced.result()  # durable before the index can point at it
         self.writer.end = end
+        self.writer.described.add(ns.id)
         return seg, recs, end
 
     def index_records(self, ns: Namespace, seg: int, recs: list, end: int, *, ttl: bool) -> int:

@@ -43,6 +43,9 @@ class SegmentWriter:
         self._fd = -1
         self._direct = None  # O_DIRECT descriptor of the writer segment (None: buffered appends)
         self._staging: Staging | None = None
+        # namespaces whose description is already in the writer segment: each segment holding a namespace's pages
+        # also holds its NAMESPACE record, so a rebuild from any surviving segments knows them (I11)
+        self.described: set[bytes] = set()
 
     def reserve(self, incoming: int) -> tuple[int, int]:
         """(segment, offset) where ``incoming`` bytes go: the open segment, or a new one when it would overflow."""
@@ -78,13 +81,15 @@ class SegmentWriter:
                 os.close(fd)
             raise
         self.seg, self._fd, self.end = seg, fd, 0
+        self.described = set()
         self._direct = open_direct(segment_path(self.seg_dir, seg)) if self.direct_io else None
 
     def append(self, bufs: list, off: int, each=None) -> tuple[int, Future]:
         """Append blobs at ``off`` to the writer segment and fdatasync it, on the I/O thread.
 
         Returns (new end, ALIGN-padded for O_DIRECT; future that completes once the bytes are durable).
-        ``each(i, buf)`` runs on the caller's thread as each blob is staged.
+        ``each(i, buf)`` runs on the caller's thread before buffer i is written (as it is staged), in order: it may
+        fill buffers that come after i (the page writer fills each blob's trailer with the blob's checksum).
         """
         fd = self._fd
         if self._direct is not None and off % ALIGN == 0:
@@ -93,10 +98,10 @@ class SegmentWriter:
             end, writes = direct_append(self._direct, self._staging, bufs, off, self._submit, each)
         else:
             writes = []
-            end = off + self.io.pwritev(fd, bufs, off)
-            if each is not None:
+            if each is not None:  # before the write: each may fill a later buffer (a trailer)
                 for i, b in enumerate(bufs):
                     each(i, b)
+            end = off + self.io.pwritev(fd, bufs, off)
         # the same single I/O thread runs the sync after every write above; its future fails if any write did
         return end, self._submit(self._sync_after_writes, fd, writes)
 
@@ -110,6 +115,7 @@ class SegmentWriter:
             return
         seg, fd = self.seg, self._fd
         self.seg, self._fd, self.end = 0, -1, 0
+        self.described = set()
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
