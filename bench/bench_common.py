@@ -13,8 +13,43 @@ def cpu_model(default: str = "unknown") -> str:
     return default
 
 
+RESULTS_DIR = "bench/results"
+
+
+def add_allow_dirty(ap) -> None:
+    """The ``--allow-dirty`` option of every benchmark that writes results (see ``guard_results``)."""
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="write results into bench/results/ from a tree with uncommitted changes (they then name a "
+                         "commit that is not what ran)")
+
+
+def guard_results(path: str | None, repo: str, allow_dirty: bool = False) -> None:
+    """Refuse (exit 2, one line) to write published results -- anything under ``bench/results/`` -- from a working
+    tree with uncommitted changes, unless ``allow_dirty``: a results file names the commit it measured, and a dirty
+    tree's figures belong to no commit. Results written elsewhere (temp dirs, tests) are not checked."""
+    import os
+    import subprocess
+    import sys
+
+    if not path or allow_dirty:
+        return
+    results = os.path.realpath(os.path.join(repo, RESULTS_DIR))
+    if not os.path.realpath(path).startswith(results + os.sep):
+        return
+    try:
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return
+    if dirty:
+        print(f"bench: refusing to write {os.path.relpath(path, repo)} from a tree with uncommitted changes "
+              f"(commit first, or pass --allow-dirty):\n{dirty}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def machine(repo: str) -> dict:
-    """What a result ran on: CPU, cores, versions, the git revision of ``repo`` (+uncommitted) and the date."""
+    """What a result ran on: CPU, cores, load average now (call it at the start of a run), versions, the exact command,
+    the git revision of ``repo`` (+uncommitted) and the date."""
     import datetime
     import os
     import platform
@@ -31,8 +66,13 @@ def machine(repo: str) -> dict:
         rev = rev + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         rev = "?"
+    import shlex
+    import sys
+
     return {"cpu": cpu_model(platform.processor() or ""), "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "sglang": sglang.__version__, "torch": torch.__version__, "git": rev,
+            "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 

@@ -56,6 +56,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench.bench_common import cpu_model
+from bench.bench_common import add_allow_dirty, guard_results
 from bench.bench_common import machine as common_machine
 from tests.e2e.server import ServerError, SGLangServer, gpu_present
 from tests.e2e.tiny_mla_model import make_tiny_mla
@@ -416,6 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write <out>.json and <out>.md (default for presets other than demo: "
                                   "bench/results/e2e-<preset>)")
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    add_allow_dirty(ap)
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
     configs = tuple(a.configs.split(",")) if a.configs else p.configs
@@ -427,6 +429,7 @@ def main(argv=None) -> int:
                  "bench/first_device.py --device cpu is its CPU dry run")
     out = a.out if a.out is not None else (None if a.preset == "demo" else
                                            os.path.join(REPO, "bench", "results", f"e2e-{a.preset}"))
+    guard_results(out + ".json" if out else None, REPO, a.allow_dirty)
     workdir = a.workdir or tempfile.mkdtemp(prefix="kvdrive-e2e-bench-")
     os.makedirs(workdir, exist_ok=True)
     t_start = time.time()

@@ -45,7 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.bench_common import cpu_model
+from bench.bench_common import add_allow_dirty, cpu_model, guard_results
 from bench.bench_common import machine as common_machine
 from bench.e2e_bench import (
     CPU_DRY_RUN,
@@ -540,6 +540,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", help=f"comma-separated subset of {','.join(s.name for s in STEPS)} (models always)")
     ap.add_argument("--page-mass-check", action="store_true", help=argparse.SUPPRESS)  # the page_mass subprocess
     ap.add_argument("--page-mass-sizes", help=argparse.SUPPRESS)
+    add_allow_dirty(ap)
     a = ap.parse_args(argv)
     if a.page_mass_check:
         print(json.dumps(page_mass_check(a.device, json.loads(a.page_mass_sizes))))
@@ -564,6 +565,7 @@ def main(argv=None) -> int:
     else:
         tmp_out = tempfile.mkdtemp(prefix="kvdrive-first-device-")
         out = os.path.join(tmp_out, "first-device-cpu")
+    guard_results(out + ".json", REPO, a.allow_dirty)
     workdir = a.workdir or tempfile.mkdtemp(prefix="kvdrive-first-device-work-")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()

@@ -31,7 +31,7 @@ import torch
 import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import machine  # noqa: E402
+from bench_common import add_allow_dirty, guard_results, machine  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", help="write <out>.json and <out>.md")
+    add_allow_dirty(ap)
     a = ap.parse_args()
+    guard_results(a.out + ".json" if a.out else None, REPO, a.allow_dirty)
     meta = {**machine(REPO), "command": " ".join(["python"] + sys.argv), "load": os.getloadavg()}
     torch.set_num_threads(1)
     blob = _page_blob()

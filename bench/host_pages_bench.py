@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import machine
+from bench_common import add_allow_dirty, guard_results, machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,9 @@ def main() -> None:
                     "with more runnable threads than cores a 2-thread copy waits a scheduler slice (~8 ms) for its "
                     "second thread: measure with 1 there")
     ap.add_argument("--out", default=None, help="write the results here as JSON")
+    add_allow_dirty(ap)
     args = ap.parse_args()
+    guard_results(args.out, REPO, args.allow_dirty)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.pages, args.repeats)

@@ -69,7 +69,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench_common import machine  # noqa: E402
+from bench_common import add_allow_dirty, guard_results, machine  # noqa: E402
 from cost_model import CostModel, calibrate, percentile  # noqa: E402
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
 from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
@@ -304,6 +304,7 @@ def main(argv=None) -> int:
                     help="DiskStore gc_live_ratio for the replays (the store's default 0.5 wedges: see the notes)")
     ap.add_argument("--calib-pages", type=int, default=192)
     ap.add_argument("--calib-reps", type=int, default=5)
+    add_allow_dirty(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.docs, args.doc_requests = 12, 60
@@ -312,6 +313,7 @@ def main(argv=None) -> int:
         args.calib_pages, args.calib_reps = 64, 2
     out = args.out if args.out is not None else (None if args.quick else
                                                   os.path.join(REPO, "bench", "results", "promoter_bench"))
+    guard_results(out + ".json" if out else None, REPO, args.allow_dirty)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:

@@ -52,7 +52,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench_common import Progress, machine  # noqa: E402
+from bench_common import Progress, add_allow_dirty, guard_results, machine  # noqa: E402
 from cost_model import CostModel, calibrate, calibrate_file, percentile  # noqa: E402
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
 from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
@@ -142,6 +142,7 @@ def parse_args(argv):
                     help="wait for kvdrive's disk writer every N requests (default: the preset's; 1 = deterministic)")
     ap.add_argument("--calib-pages", type=int, default=None)
     ap.add_argument("--calib-reps", type=int, default=None)
+    add_allow_dirty(ap)
     args = ap.parse_args(argv)
     for k, v in {**DEFAULTS, **PRESETS[args.preset]}.items():
         if getattr(args, k) is None:
@@ -516,6 +517,7 @@ def main(argv=None) -> int:
     if args.render:
         return render(args.render, not args.no_plots)
     out = args.out or os.path.join(REPO, "bench", "results", f"replay_bench-{args.preset}")
+    guard_results(out + ".json", REPO, args.allow_dirty)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     ck = Checkpoints(out, args, args.resume)
     t_start = time.perf_counter()

@@ -58,7 +58,7 @@ import time
 
 import numpy as np
 
-from bench_common import cpu_model
+from bench_common import add_allow_dirty, cpu_model, guard_results
 from kvdrive_sglang.tier.codecs import CODEC_NAMES, decode_page, encode_page, get_codec
 from kvdrive_sglang.tier.crypto import KeyRing, new_key
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
@@ -836,6 +836,7 @@ def parse(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the bench directory (default: removed)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed (data errors always exit 2)")
+    add_allow_dirty(ap)
     a = ap.parse_args(argv)
     q = a.quick
     for name, full, quick in (("mib", 512, 32), ("reps", 3, 3), ("disk_reps", 5, 3), ("codec_pages", 200, 24),
@@ -849,6 +850,7 @@ def parse(argv):
         today = _dt.date.today().isoformat()
         a.out = a.out or os.path.join(REPO, "bench", "results", f"tier_bench-{today}.json")
         a.md = a.md or os.path.join(REPO, "bench", "results", "tier_bench.md")
+    guard_results(a.out, REPO, a.allow_dirty)
     a.sections = [s.strip() for s in a.only.split(",") if s.strip()]
     return a
 

@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.bench_common import machine  # noqa: E402
+from bench.bench_common import add_allow_dirty, guard_results, machine  # noqa: E402
 
 
 def _build(core: str, page: int, tokens: int):
@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="write a results file (markdown)")
+    add_allow_dirty(ap)
     args = ap.parse_args(argv)
+    guard_results(args.out, os.path.dirname(HERE), args.allow_dirty)
 
     from kvdrive_sglang import cpu_fallbacks, radix_backend
     from kvdrive_sglang.compat import radix_adapter

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from bench_common import machine
+from bench_common import add_allow_dirty, guard_results, machine
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -241,12 +241,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
+    add_allow_dirty(ap)
     a = ap.parse_args(argv)
     a.tenants = a.tenants or (3 if a.quick else 8)
     a.prompts = a.prompts or (2 if a.quick else 4)
     if not a.quick:
         a.out = a.out or os.path.join(REPO, "bench", "results", "trust-tenants.json")
         a.md = a.md or os.path.join(REPO, "bench", "results", "trust-tenants.md")
+    guard_results(a.out, REPO, a.allow_dirty)
     cmd = " ".join(shlex.quote(x) for x in ["python", "bench/trust_tenants.py", *(sys.argv[1:] if argv is None
                                                                                   else argv)])
     t0 = time.perf_counter()

@@ -28,6 +28,11 @@ import time
 
 from bench.stress.crash_worker import MODES, check_every_page
 
+from bench.bench_common import add_allow_dirty, guard_results, machine
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYSPACE = 1000  # key numbers wrap: the store stays a few thousand pages, so checking all of them stays quick
 
@@ -170,7 +175,10 @@ def main(argv=None) -> int:
     p.add_argument("--dir", help="store directory (default: a fresh temporary one, removed afterwards)")
     p.add_argument("--max-run-s", type=float, default=0.4, help="a writer runs up to this long before its kill")
     p.add_argument("--json", help="also write the figures here")
+    add_allow_dirty(p)
     a = p.parse_args(argv)
+    guard_results(a.json, _REPO, a.allow_dirty)
+    started = machine(_REPO)  # load average and commit at the start of the run
     print(f"kill -9 stress: {a.kills} kills, seed {a.seed}")
     r = run(a.kills, a.seed, a.dir, a.max_run_s)
     print(f"kills:                      {r['kills']}  ({', '.join(f'{m} {n}' for m, n in r['by_mode'].items())}; "
@@ -190,6 +198,7 @@ def main(argv=None) -> int:
         print("  !", e)
     print("PASS" if r["ok"] else "FAIL")
     if a.json:
+        r = {**r, "machine": started}
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)
     return 0 if r["ok"] else 1

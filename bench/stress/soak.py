@@ -39,6 +39,11 @@ from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.synthetic import kv_page
 
+from bench.bench_common import add_allow_dirty, guard_results, machine
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 MiB = 1 << 20
 FD_SLACK = 24  # fds after warm-up: max - min. One read fd per segment is cached: their number moves with compaction
 RSS_GROWTH_BOUND = 48 * MiB  # RssAnon, end of warm-up -> end of run (the pool's budget is accounted separately)
@@ -246,7 +251,10 @@ def main(argv=None) -> int:
     p.add_argument("--dir", help="store directory (default: a fresh temporary one, removed afterwards)")
     p.add_argument("--no-tracemalloc", action="store_true")
     p.add_argument("--json", help="also write the samples and verdict here")
+    add_allow_dirty(p)
     a = p.parse_args(argv)
+    guard_results(a.json, _REPO, a.allow_dirty)
+    started = machine(_REPO)  # load average and commit at the start of the run
     print(f"soak: {a.minutes} min, DRAM budget {a.host_mb} MiB, disk cap {a.disk_mb} MiB, reopen every "
           f"{a.reopen_min} min, TTL {a.ttl_s} s, seed {a.seed}")
     r = run(a.minutes * 60, a.sample_s, a.host_mb * MiB, a.disk_mb * MiB, a.reopen_min * 60, a.ttl_s, seed=a.seed,
@@ -264,6 +272,7 @@ def main(argv=None) -> int:
         print(f"  {'ok  ' if v else 'FAIL'} {k}")
     print("PASS" if r["ok"] else "FAIL")
     if a.json:
+        r = {**r, "machine": started}
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)
     return 0 if r["ok"] else 1
