@@ -26,6 +26,22 @@ def _private_torch_extensions_dir() -> None:
 _private_torch_extensions_dir()
 
 
+def _fuzz_profile() -> None:
+    """The fuzz suites (hypothesis) run derandomized -- the same examples on every run, so CI is reproducible -- unless
+    ``KVDRIVE_FUZZ=random`` asks for fresh ones (a fuzzing session: ``KVDRIVE_FUZZ=random pytest tests -k fuzz``).
+    Loaded before the test modules build their settings from it."""
+    try:
+        from hypothesis import settings
+    except ImportError:
+        return
+    settings.register_profile("fixed", derandomize=True)
+    settings.register_profile("random", derandomize=False)
+    settings.load_profile("random" if os.environ.get("KVDRIVE_FUZZ") == "random" else "fixed")
+
+
+_fuzz_profile()
+
+
 @pytest.fixture
 def ns():
     return make_ns()
