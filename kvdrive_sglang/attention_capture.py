@@ -35,6 +35,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -437,7 +438,13 @@ CAPTURE = AttentionCapture()
 _installed = False
 
 
+# Host time spent in the hook, all calls (sampled or not): the capture's own overhead, which the storage backend
+# reports beside the forward passes' host time (cost_meter.FORWARDS) in its summary line and stats
+HOOK_TIME = {"seconds": 0.0, "calls": 0}
+
+
 def _after_attention_forward(result, layer, q, k, v, forward_batch, *args, **kwargs):
+    t0 = time.perf_counter()
     try:
         from sglang.srt.layers.radix_attention import get_attn_backend
         CAPTURE.on_forward(layer, q, forward_batch, get_attn_backend(), q_rope=kwargs.get("q_rope"))
@@ -445,6 +452,8 @@ def _after_attention_forward(result, layer, q, k, v, forward_batch, *args, **kwa
         if CAPTURE._disabled_reason is None:
             CAPTURE._disabled_reason = "hook error"
             log.exception("kvdrive: attention capture off after an error")
+    HOOK_TIME["seconds"] += time.perf_counter() - t0
+    HOOK_TIME["calls"] += 1
     # returns None: SGLang keeps the original result
 
 

@@ -136,8 +136,18 @@ PREFILL = PrefillMeter()
 _installed = False
 
 
+# Host time of every forward pass this process ran (on a GPU: launch time, the pass runs on the device later), and
+# how many: what kvdrive's hooks' own cost is a share of (attention_capture.HOOK_TIME)
+FORWARDS = {"seconds": 0.0, "passes": 0}
+
+
 def _around_forward(original, runner, forward_batch, *args, **kwargs):
-    return PREFILL.around_forward(original, runner, forward_batch, *args, **kwargs)
+    t0 = time.perf_counter()
+    try:
+        return PREFILL.around_forward(original, runner, forward_batch, *args, **kwargs)
+    finally:
+        FORWARDS["seconds"] += time.perf_counter() - t0
+        FORWARDS["passes"] += 1
 
 
 def install() -> None:

@@ -39,6 +39,10 @@ def summary_line(st: dict) -> str:
     if io.get("recompute_pages") or io.get("attention_pages"):
         parts.append(f"recompute-not-reload {io.get('recompute_pages', 0)} pages, "
                      f"attention on {io.get('attention_pages', 0)} pages")
+    hooks = st.get("hooks")
+    if hooks and hooks["forward_s"] > 0:
+        parts.append(f"attention capture {hooks['capture_s'] * 1000:.0f} ms over {hooks['forwards']} forward passes "
+                     f"= {hooks['capture_s'] / hooks['forward_s']:.1%} of their host time")
     costs = st.get("costs")
     if costs:  # what reload-vs-recompute runs on: (value, "measured" | "assumed")
         pre, fixed, disk = costs["prefill_tokens_per_s"], costs["reload_fixed_s"], costs["disk_gbps"]

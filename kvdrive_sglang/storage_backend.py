@@ -645,10 +645,21 @@ class KvdriveStorage(HiCacheStorage):
                "io": io, "radix": ev,
                "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},
                "promoter": self.promoter.stats(), "costs": self.promoter.costs()}
+        out["hooks"] = hook_times()
         if io.get("get_pages_ok"):
             out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
                 max(io["get_pages"] / max(io["get_calls"], 1), 1)
         return out
+
+
+def hook_times() -> dict:
+    """kvdrive's own hooks' host time in this process against its forward passes' (attention_capture.HOOK_TIME,
+    cost_meter.FORWARDS): the capture's overhead as a share of forward time."""
+    from .attention_capture import HOOK_TIME
+    from .cost_meter import FORWARDS
+
+    return {"capture_s": HOOK_TIME["seconds"], "capture_calls": HOOK_TIME["calls"],
+            "forward_s": FORWARDS["seconds"], "forwards": FORWARDS["passes"]}
 
 
 def _pool_name(name) -> str:
