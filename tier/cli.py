@@ -5,13 +5,17 @@
     kvdrive gc     DIR [--live-ratio R]              expire TTL'd pages, compact sparse segments
     kvdrive clear  DIR [--namespace HEX ...] [--tenant NAME ...] [--yes]
                                                      drop pages (all, or some namespaces / tenants), then compact
+    kvdrive repair DIR [--rebuild]                   repair a damaged store (what a server does when it opens one)
 
 ``stats`` takes the store lock shared, like a server, so it runs alongside them. ``verify``, ``gc`` and ``clear`` take
 it exclusive: they refuse to run while any server (or other command) has the store open. No command ever creates a
-store: a missing directory, or one that is not a kvdrive store of this format version, is an error.
+store: a missing directory, or one that is not a kvdrive store of this format version, is an error; so is a damaged
+store, for all but ``repair``, which takes the recovery ladder of tier/recovery.py by hand (rewrite a damaged stamp,
+recreate missing directories, rebuild a damaged index from the segment files; if that fails, move the store aside to
+DIR.damaged-<time> and start an empty one), then re-reads every page and drops those that fail their checks.
 
-Exit status: 0 success; 1 ``verify`` found (and dropped) bad pages, or ``clear`` was declined at the prompt;
-2 an error (one line on stderr, ``kvdrive: error: ...``).
+Exit status: 0 success; 1 ``verify`` found (and dropped) bad pages, ``repair`` repaired something, or ``clear`` was
+declined at the prompt; 2 an error (one line on stderr, ``kvdrive: error: ...``).
 """
 from __future__ import annotations
 
@@ -25,8 +29,17 @@ import time
 import lmdb
 
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig
-from .errors import KvdriveError
-from .store_dir import FORMAT_FILE, FORMAT_VERSION, SEGMENT_DIR, check_store_dir
+from .errors import KvdriveError, StoreFormatError
+from .recovery import RecoveryKind
+from .store_dir import (
+    FORMAT_FILE,
+    FORMAT_VERSION,
+    SEGMENT_DIR,
+    DirState,
+    StoreLock,
+    check_store_dir,
+    inspect_store_dir,
+)
 from .tenants import id_of_label
 
 PROG = "kvdrive"
@@ -43,7 +56,7 @@ class CliError(Exception):
 
 
 # --- formatting ---------------------------------------------------------------------------------------------------
-def human_bytes(n: int | float) -> str:
+def human_bytes(n: float) -> str:
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -104,7 +117,7 @@ def _open(path: str, mode: str, live_ratio: float = 0.5) -> DiskStore:
     path = _existing_store(path)
     cfg = DiskStoreConfig(path=path, capacity_bytes=_NO_EVICTION_CAPACITY, segment_bytes=_segment_bytes_of(path),
                           gc_live_ratio=live_ratio)
-    return DiskStore(cfg, lock_mode=mode)
+    return DiskStore(cfg, lock_mode=mode, repair=False)
 
 
 # --- commands -------------------------------------------------------------------------------------------------------
@@ -121,7 +134,7 @@ def _ns_row(nid: bytes, desc: dict | None, pages: int, nbytes: int) -> dict:
 def cmd_stats(args) -> int:
     path = _existing_store(args.dir)
     version = _format_version(path)
-    store = DiskStore(DiskStoreConfig(path=path), lock_mode="shared")
+    store = DiskStore(DiskStoreConfig(path=path), lock_mode="shared", repair=False)
     try:
         st: DiskStats = store.stats()
         nss = [_ns_row(*n) for n in store.namespaces()]
@@ -202,8 +215,7 @@ def _match_namespaces(prefixes: list[str], present: list[tuple[bytes, dict | Non
     chosen: list[bytes] = []
     for raw in prefixes:
         p = raw.strip().lower()
-        if p.startswith("0x"):
-            p = p[2:]
+        p = p.removeprefix("0x")
         if not p or len(p) > 32 or any(c not in "0123456789abcdef" for c in p):
             raise CliError(f"--namespace {raw!r} is not a hex prefix of a namespace id (1 to 32 hex digits; "
                            "see `kvdrive stats`)")
@@ -266,6 +278,34 @@ def cmd_clear(args) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def cmd_repair(args) -> int:
+    check = inspect_store_dir(args.dir)  # refuses what is not a kvdrive store, like every command
+    path = check.path
+    if check.state is DirState.NEW:
+        check_store_dir(path, create=False)  # raises: missing, or empty
+    if check.state is DirState.OTHER_VERSION:
+        raise StoreFormatError(check.problem)  # another kvdrive's store: not ours to rewrite
+    StoreLock(path, "exclusive").release()  # refuse, with who holds it, while a server or command uses the store
+    cfg = DiskStoreConfig(path=path, capacity_bytes=_NO_EVICTION_CAPACITY, segment_bytes=_segment_bytes_of(path))
+    store = DiskStore(cfg, lock_mode="exclusive", repair=True, rebuild=args.rebuild)
+    try:
+        for r in store.recoveries:
+            print(f"{r.kind.value}: {r.detail}")
+        if store.off_reason is not None:
+            raise CliError(f"could not repair store {path}: {store.off_reason}")
+        rep = store.verify()
+    finally:
+        store.close()
+    moved = any(r.kind is RecoveryKind.MOVED_ASIDE for r in store.recoveries)
+    print(f"kept {rep.ok} page(s), dropped {rep.bad} damaged page(s)"
+          + (f", {rep.io_errors} unreadable now (kept)" if rep.io_errors else "")
+          + ("; the old store was moved aside (see above): this one starts empty" if moved else ""))
+    if not store.recoveries and not rep.bad:
+        print("the store was intact")
+        return EXIT_OK
+    return EXIT_FOUND
 
 
 def _isatty(f) -> bool:
@@ -340,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--live-ratio", type=_ratio, default=0.5, metavar="R",
                    help="after clearing, compact segments whose live share is below R (default 0.5)")
     c.set_defaults(func=cmd_clear)
+
+    r = sub.add_parser("repair", help="repair a damaged store (exit 1 if anything was repaired or dropped)",
+                       description="Take the recovery ladder a server takes when it opens a damaged store: rewrite a "
+                                   "damaged format stamp, recreate missing directories, rebuild a damaged index from "
+                                   "the segment files; if that fails, move the store aside to DIR.damaged-<time> "
+                                   "(kept) and start an empty one. Then re-read every page and drop those that fail "
+                                   "their checks. Prints what it kept, dropped and rebuilt. Needs the store to itself.")
+    r.add_argument("dir", metavar="DIR", help=dir_help)
+    r.add_argument("--rebuild", action="store_true",
+                   help="rebuild the index from the segment files even if it checks out (pages of segments written "
+                        "before kvdrive's segment format 2 are then lost)")
+    r.set_defaults(func=cmd_repair)
     return p
 
 

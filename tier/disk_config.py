@@ -80,6 +80,9 @@ class DiskStats(NamedTuple):
     rejected_full: int
     faults: dict
     sealed: dict = {}  # noqa: RUF012 - a NamedTuple default, never mutated. Encryption at rest: pages refused or missed per reason (no_key, stale_key, bad_tag, ...)
+    # steps of the recovery ladder this store's open took, by kind (tier/recovery.py RecoveryKind): a damaged store
+    # repaired, moved aside, or the disk tier off
+    recoveries: dict = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 class VerifyReport(NamedTuple):

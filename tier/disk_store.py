@@ -48,13 +48,14 @@ from .disk_config import (
 from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import select_io
-from .index import SEALED, Index, IndexRoom, Record, page_key
+from .index import SEALED, IndexRoom, Record, page_key
 from .namespace import Namespace, key_bytes
 from .page_writer import PageWriter
+from .recovery import Recovery, open_store
 from .segment_fds import SegmentFds
 from .segment_records import names_page, trailer_size
 from .segment_writer import SegmentWriter
-from .store_dir import INDEX_DIR, SEGMENT_DIR, StoreLock, check_store_dir
+from .store_dir import SEGMENT_DIR
 
 log = logging.getLogger("kvdrive.tier")
 
@@ -76,20 +77,29 @@ class ReadOutcome(Enum):
 
 
 class DiskStore:
-    def __init__(self, config: DiskStoreConfig, *, lock_mode: str = "shared", keyring: KeyRing | None = None):
+    def __init__(self, config: DiskStoreConfig, *, lock_mode: str = "shared", keyring: KeyRing | None = None,
+                 repair: bool = True, rebuild: bool = False):
+        """Open (creating, checking and if need be repairing: tier/recovery.py) the store at ``config.path``. A
+        damaged store never raises: it is repaired, moved aside, or this store runs with its disk tier off
+        (``off_reason``). ``repair=False`` (the read-only ``kvdrive`` commands) raises for a damaged store instead;
+        ``rebuild`` rebuilds the index from the segment files even if it checks out (``kvdrive repair --rebuild``)."""
         self.config = config
-        self.path = check_store_dir(config.path, create=True)
+        self._counts = Counter()
+        self._faults = Counter()
+        self._closed = False
+        self._disabled_until = 0.0
+        opened = open_store(config.path, map_size=config.map_size, lock_mode=lock_mode, repair=repair,
+                            rebuild=rebuild)
+        self.path = opened.path
+        self.recoveries: list[Recovery] = opened.recoveries  # the ladder's steps this open took
+        self.off_reason = opened.off_reason  # why the disk tier is off for good in this process (None: it is not)
         # With a key ring every page is sealed (AES-GCM, per-tenant key) before it reaches the disk, and only sealed
         # pages are served: the index is not authenticated, so a plaintext entry could have been planted (I6).
         self._sealer = PageSealer(keyring, store_path=self.path) if keyring is not None else None
-        self._lock = StoreLock(self.path, lock_mode)
-        try:
-            self.index = Index(os.path.join(self.path, INDEX_DIR), map_size=config.map_size)
-        except lmdb.Error as e:
-            self._lock.release()
-            raise StoreDirError(f"cannot open the index of store {self.path}: {e}") from None
-        self._counts = Counter()
-        self._faults = Counter()
+        self._lock = opened.lock
+        self.index = opened.index
+        if self.index is None:
+            return  # off: every call below answers "nothing here" without touching the directory
         self.index_room = IndexRoom(self.index, store_path=self.path, low_watermark=config.low_watermark,
                                     counts=self._counts, on_fault=self._fault)
         self.index_room.clear_stale_readers()
@@ -104,8 +114,6 @@ class DiskStore:
                                    writer=self.writer, fds=self.fds, write_lock=self._write_lock, counts=self._counts,
                                    read_blob=self._read_blob, drop_bad=self._drop_bad)
         self._pages = PageWriter(self.index, self.index_room, self.writer, self._sealer)
-        self._disabled_until = 0.0
-        self._closed = False
 
     @property
     def _io(self):
@@ -255,6 +263,8 @@ class DiskStore:
                                               held=held)
 
     def contains(self, ns: Namespace, keys: Sequence) -> list[bool]:
+        if self.index is None:
+            return [False] * len(keys)
         now = _now_ms()
         if self._sealer is not None and not self._sealer.has_key(ns.tenant):
             return [False] * len(keys)
@@ -289,11 +299,15 @@ class DiskStore:
                     self.index_room.free()
 
     def delete_many(self, ns: Namespace, keys: Sequence) -> int:
+        if self.index is None:
+            return 0
         with self._write_lock, self.index.write() as txn:
             return sum(self.index.delete_page(txn, page_key(ns.id, key_bytes(k))) is not None for k in keys)
 
     def clear(self, namespace_id: bytes | None = None) -> int:
         """Drop every page (of one namespace, or all); space comes back at the next compaction."""
+        if self.index is None:
+            return 0
         n = 0
         with self._write_lock, self.index.write() as txn:
             cur = txn.cursor(db=self.index.pages)
@@ -316,6 +330,8 @@ class DiskStore:
 
     def keys(self, ns: Namespace) -> list[bytes]:
         """Keys of every page held for ``ns`` (hashed for keys over 400 bytes)."""
+        if self.index is None:
+            return []
         prefix = ns.id
         out = []
         with self.index.read() as txn:
@@ -329,6 +345,8 @@ class DiskStore:
 
     def get_note(self, name: str) -> bytes | None:
         """A small value kept with the store under ``name`` (e.g. measured costs that should outlive a restart)."""
+        if self.index is None:
+            return None
         with self.index.read() as txn:
             v = txn.get(_NOTE + name.encode(), db=self.index.meta)
         return bytes(v) if v is not None else None
@@ -349,6 +367,8 @@ class DiskStore:
 
     def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
         """(namespace id, description, pages, encoded bytes) for each namespace holding pages."""
+        if self.index is None:
+            return []
         per: dict[bytes, list[int]] = {}
         with self.index.read() as txn:
             for k, v in txn.cursor(db=self.index.pages):
@@ -377,6 +397,8 @@ class DiskStore:
 
     def expire(self) -> int:
         """Delete expired pages. A full index scan, skipped while no page in the store was ever given a TTL."""
+        if self.index is None:
+            return 0
         if not self._pages.ttl_used:
             with self.index.read() as txn:
                 self._pages.ttl_used = txn.get(b"ttl_used", db=self.index.meta) is not None
@@ -395,10 +417,14 @@ class DiskStore:
     def compact(self, live_ratio: float | None = None) -> int:
         """Rewrite live pages out of sparse sealed segments (live share below ``live_ratio``, default the config's
         gc_live_ratio) and delete emptied ones. Returns segments reclaimed."""
+        if self.index is None:
+            return 0
         return self.compactor.compact(live_ratio)
 
     def verify(self) -> VerifyReport:
         """Re-read every page, check header and checksum; drop bad entries from the index."""
+        if self.index is None:
+            return VerifyReport(0, 0, 0, 0)
         checked = ok = nbytes = io_errors = 0
         bad = []
         with self.index.read() as txn:
@@ -421,6 +447,10 @@ class DiskStore:
         return VerifyReport(checked, ok, len(bad), nbytes, io_errors)
 
     def stats(self) -> DiskStats:
+        recoveries = dict(Counter(r.kind.value for r in self.recoveries))
+        if self.index is None:
+            return DiskStats(False, 0, 0, 0, 0, self.config.capacity_bytes, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {},
+                             recoveries=recoveries)
         with self.index.read() as txn:
             segs = self.index.segments(txn)
         file_bytes = 0
@@ -437,13 +467,16 @@ class DiskStore:
             hits=c["hits"], misses=c["misses"], pages_written=c["pages_written"], bytes_written=c["bytes_written"],
             bytes_read=c["bytes_read"], corrupt_dropped=c["corrupt_dropped"], expired=c["expired"],
             evicted=c["evicted"], segments_compacted=c["segments_compacted"], rejected_full=c["rejected_full"],
-            faults=dict(self._faults), sealed=dict(self._sealer.counts) if self._sealer is not None else {})
+            faults=dict(self._faults), sealed=dict(self._sealer.counts) if self._sealer is not None else {},
+            recoveries=recoveries)
 
     def available(self) -> bool:
         """Whether the disk tier is on: False for ``retry_after_s`` after a fault (then it tries again).
         StoreDirError once the store is closed."""
         if self._closed:
             raise StoreDirError(f"store {self.path} is closed")
+        if self.index is None:
+            return False
         if self._disabled_until and time.monotonic() >= self._disabled_until:
             self._disabled_until = 0.0
             log.warning("kvdrive: disk tier at %s back on after a fault; retrying", self.path)
@@ -455,6 +488,8 @@ class DiskStore:
         if self._closed:
             return
         self._closed = True
+        if self.index is None:
+            return
         with self._write_lock:
             try:
                 if self._pages.touched:
