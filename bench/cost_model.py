@@ -88,7 +88,7 @@ def calibrate(tmp: str, pages: int, reps: int) -> dict:
             dram.append(raw / (time.perf_counter() - t0) / GB)
             if not all(got):
                 raise CalibrationError("calibration: DRAM read missed")
-            st = e.stats().host
+            st = e.stats().dram
             res["zstd_ratio"] = st.raw_bytes / st.used_bytes
         with TierEngine(TierConfig(path=path, host_bytes=0, disk_bytes=8 * raw + (64 * MiB))) as e:
             _drop_cache(path, ".kvs")

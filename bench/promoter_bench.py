@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
         with TierEngine(TierConfig(path=None, host_bytes=64 * MiB)) as e:
             e.put_many(ns, [f"p{i}" for i in range(N_POOL_PAGES)], synth.numpy)
-            small_encoded = e.stats().host.used_bytes / N_POOL_PAGES
+            small_encoded = e.stats().dram.used_bytes / N_POOL_PAGES
         print("importing sglang ...", flush=True)
         mach = machine(REPO)
         report = {

@@ -604,13 +604,14 @@ def bench_engine(a, root: str, pages: np.ndarray, keys: list[str], prefault: Pre
                         raise BenchError(f"engine get_many ({label}) missed {got.count(False)} page(s)")
                 res[f"get_{label}_s"] = time.perf_counter() - t0
                 s1 = eng.stats()
-                res[f"get_{label}_where"] = {"host": s1.hits_host - s0.hits_host, "queued": s1.hits_queued - s0.hits_queued,
+                res[f"get_{label}_where"] = {"dram": s1.hits_dram - s0.hits_dram,
+                                             "queued": s1.hits_queued - s0.hits_queued,
                                              "disk": s1.hits_disk - s0.hits_disk}
             if not np.array_equal(src, dst):
                 raise BenchError("engine get_many returned pages that differ from what was put")
             st = eng.stats()
-            res["host_used_bytes"] = st.host.used_bytes
-            res["host_raw_bytes"] = st.host.raw_bytes
+            res["dram_used_bytes"] = st.dram.used_bytes
+            res["dram_raw_bytes"] = st.dram.raw_bytes
             res["disk_live_bytes"] = st.disk.live_bytes
         finally:
             eng.close()

@@ -43,6 +43,7 @@ from .tier.errors import ConfigError
 from .tier.namespace import Namespace, key_bytes
 from .tier.promoter import Promoter
 from .tier.tenants import split_key
+from .tier.tiers import Tier
 from .upkeep import Upkeep
 
 log = logging.getLogger("kvdrive.sglang")
@@ -639,8 +640,12 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             io, ev = dict(self._io), dict(self._events)
         io.update(self.upkeep.counts())
-        out = {"host": s.host._asdict(), "disk": s.disk._asdict() if s.disk else None,
-               "hits": {"dram": s.hits_host, "queued": s.hits_queued, "disk": s.hits_disk, "miss": s.misses},
+        dram = s.dram._asdict()
+        # "host" is the old key of kvdrive's DRAM pool (not SGLang's host pool), kept only while metrics.py (another
+        # engineer's file) still reads it; remove it with that reader (issue 16)
+        out = {Tier.DRAM.value: dram, "host": dram, Tier.DISK.value: s.disk._asdict() if s.disk else None,
+               "hits": {Tier.DRAM.value: s.hits_dram, Tier.QUEUED.value: s.hits_queued, Tier.DISK.value: s.hits_disk,
+                        "miss": s.misses},
                "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
                "io": io, "radix": ev,
                "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},

@@ -42,7 +42,7 @@ def _page(seed: int) -> np.ndarray:
 
 def _print_stats(title: str, engine: TierEngine) -> None:
     s = engine.stats()
-    h, d = s.host, s.disk
+    h, d = s.dram, s.disk
     print(f"  {title}")
     print(f"    DRAM tier : {h.entries:5d} pages  {_size(h.used_bytes):>10} of {_size(h.capacity_bytes)}"
           f"  ({_ratio(h.raw_bytes, h.used_bytes)})  demoted {h.demoted}, dropped {h.dropped}")
@@ -50,7 +50,7 @@ def _print_stats(title: str, engine: TierEngine) -> None:
         print(f"    disk tier : {d.entries:5d} pages  {_size(d.file_bytes):>10} in {d.segments} segment(s)"
               f"  ({_ratio(d.raw_bytes, d.live_bytes)})  written {_size(d.bytes_written)},"
               f" read {_size(d.bytes_read)}, corrupt dropped {d.corrupt_dropped}")
-    print(f"    hits      : DRAM {s.hits_host}, write-down queue {s.hits_queued}, disk {s.hits_disk}; misses {s.misses}")
+    print(f"    hits      : DRAM {s.hits_dram}, write-down queue {s.hits_queued}, disk {s.hits_disk}; misses {s.misses}")
 
 
 def run(pages: int, path: str, codec: str, host_mib: int) -> int:

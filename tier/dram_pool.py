@@ -1,4 +1,7 @@
-"""The compressed DRAM tier: a byte-bounded map of encoded pages with value-ordered eviction.
+"""kvdrive's compressed DRAM tier (``Tier.DRAM``): a byte-bounded map of encoded pages with value-ordered eviction.
+
+Not SGLang's host pool (``Tier.HOST``, uncompressed, above this one): pages SGLang writes back from its host pool land
+here encoded, and leave for the disk store.
 
 Value is the promoter's score; until a page has one (score 0 for all), eviction is least-recently-used. Victims are
 handed to a ``demote`` callback (the engine queues them for the disk store) *before* they leave the pool, so a page
@@ -8,16 +11,17 @@ from __future__ import annotations
 
 import heapq
 import threading
-import time
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
-from .errors import ConfigError
+from . import clock
+from .validate import integer
 
 PoolKey = tuple[bytes, bytes]  # (namespace id, key bytes)
 
 
-class HostPoolStats(NamedTuple):
+class DramPoolStats(NamedTuple):
     entries: int
     used_bytes: int  # encoded bytes held
     raw_bytes: int  # their decoded size (raw_bytes / used_bytes = codec ratio)
@@ -37,23 +41,17 @@ class _Entry:
         self.retiring = False  # picked as a victim; another thread is handing it to the disk tier
         self.expires_ms = expires_ms  # wall-clock ms (the disk store's clock); 0: never
 
-    def expired(self, now_ms: int | None = None) -> bool:
-        return bool(self.expires_ms) and self.expires_ms <= (now_ms if now_ms is not None else _now_ms())
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+    def expired(self, now: int | None = None) -> bool:
+        return clock.expired(self.expires_ms, now)
 
 
 # demote(victims) -> number accepted; victims are (key, entry) pairs, oldest/lowest value first
 Demote = Callable[[list[tuple[PoolKey, _Entry]]], int]
 
 
-class CompressedHostPool:
+class DramPool:
     def __init__(self, capacity_bytes: int, demote: Demote | None = None, *, low_watermark: float = 0.9):
-        if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) or capacity_bytes < 0:
-            raise ConfigError(f"host pool capacity must be a non-negative integer of bytes, got {capacity_bytes!r}")
-        self.capacity = capacity_bytes
+        self.capacity = integer(capacity_bytes, "DRAM pool capacity_bytes", least=0)
         self._low = int(capacity_bytes * low_watermark)  # evict in batches down to here: fewer, larger demotions
         self._demote = demote
         self._lock = threading.Lock()
@@ -117,7 +115,8 @@ class CompressedHostPool:
 
     def expire(self) -> int:
         """Drop pages past their expiry. Returns how many."""
-        return self.drop_where(lambda e, now=_now_ms(): e.expired(now))
+        now = clock.now_ms()
+        return self.drop_where(lambda e: e.expired(now))
 
     def drop_where(self, doomed: Callable[[_Entry], bool]) -> int:
         """Drop (without demoting) every page for which ``doomed(entry)`` holds: expired pages, or those of a tenant
@@ -159,10 +158,11 @@ class CompressedHostPool:
         with self._lock:
             return [(k, e) for k, e in self._map.items() if not e.on_disk]
 
-    def stats(self) -> HostPoolStats:
+    def stats(self) -> DramPoolStats:
         with self._lock:
-            return HostPoolStats(len(self._map), self._used, self._raw, self.capacity, self._hits, self._misses,
-                                 self._inserts, self._demoted, self._dropped)
+            return DramPoolStats(entries=len(self._map), used_bytes=self._used, raw_bytes=self._raw,
+                                 capacity_bytes=self.capacity, hits=self._hits, misses=self._misses,
+                                 inserts=self._inserts, demoted=self._demoted, dropped=self._dropped)
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _account(self, e: _Entry, sign: int) -> None:

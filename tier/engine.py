@@ -13,7 +13,6 @@ clean restart serves all of it; after a crash, only what reached the disk (its i
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -22,16 +21,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+from . import clock
 from .buffers import byte_view
 from .codecs import CODEC_NAMES, decode_page, encode_page, get_codec, peek_header
 from .crypto import KeyRing
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig, GiB, MiB
+from .dram_pool import DramPool, DramPoolStats, PoolKey
 from .errors import CodecError, ConfigError
-from .host_pool import CompressedHostPool, HostPoolStats, PoolKey
 from .namespace import Namespace, key_bytes
 from .replica_mirror import SHM_ROOT, ReplicaMirror
 from .staging import StagedPage, StagingArea
 from .tenants import Tenants
+from .tiers import Tier
+from .validate import integer, number
 
 log = logging.getLogger("kvdrive.tier")
 
@@ -71,10 +73,7 @@ class TierConfig:
         zero_ok = ("host_bytes", "staging_bytes")
         for name in ("host_bytes", "disk_bytes", "writedown_queue_bytes", "writedown_batch_bytes", "io_threads",
                      "staging_bytes", "encode_threads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name in zero_ok else 1):
-                raise ConfigError(f"tier {name} must be a {'non-negative' if name in zero_ok else 'positive'} "
-                                  f"integer, got {v!r}")
+            integer(getattr(self, name), f"tier {name}", least=0 if name in zero_ok else 1)
         if self.mirror not in MIRROR_MODES:
             raise ConfigError(f"tier mirror {self.mirror!r} is not one of {', '.join(MIRROR_MODES)}")
         if self.mirror != "off" and self.path is None:
@@ -85,9 +84,7 @@ class TierConfig:
             raise ConfigError(f"tier write_policy {self.write_policy!r} is not one of {', '.join(WRITE_POLICIES)}")
         if self.path is None and self.host_bytes == 0:
             raise ConfigError("tier has neither a disk path nor a DRAM budget: set path or host_bytes")
-        v = self.maintain_interval_s
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
-            raise ConfigError(f"tier maintain_interval_s must be a positive number, got {v!r}")
+        number(self.maintain_interval_s, "tier maintain_interval_s")
         if not isinstance(self.disk, dict):
             raise ConfigError(f"tier disk options must be a dict of disk store settings, got {self.disk!r}")
         allowed = sorted({f.name for f in fields(DiskStoreConfig)} - {"path", "capacity_bytes", "default_ttl_s"})
@@ -106,11 +103,13 @@ class TierConfig:
 
 
 class TierStats(NamedTuple):
-    host: HostPoolStats
+    """Figures of every tier the engine holds pages in (``Tier.STAGED``, ``DRAM``, ``QUEUED``, ``DISK``). Built by
+    keyword (``TierEngine.stats``)."""
+    dram: DramPoolStats  # kvdrive's compressed DRAM pool (Tier.DRAM), not SGLang's host pool
     disk: DiskStats | None
     writedown_queued_bytes: int
     writedown_dropped: int
-    hits_host: int
+    hits_dram: int  # get_many hits served from the DRAM pool (the replica mirror's included)
     hits_queued: int
     hits_disk: int
     misses: int
@@ -128,6 +127,20 @@ class TierStats(NamedTuple):
     staged_bytes: int = 0  # raw bytes staged now (stage_many), waiting for the encoder threads
     staging_refused: int = 0  # pages stage_many refused: the staging area was full
     mirror: dict | None = None  # the replica mirror's counts (published, dropped, hits, queued); None: no mirror
+
+    @property
+    def hits_host(self) -> int:
+        """The old name of ``hits_dram``, kept only while kvdrive_sglang/upkeep.py and tests/sglang/test_promotion.py
+        (another engineer's files) still read it; remove with them (issue 16)."""
+        return self.hits_dram
+
+
+class QueuedPage(NamedTuple):
+    """One page in the write-down queue: readable (``TierEngine.get_many``) until it is on disk."""
+    ns: Namespace
+    blob: bytes  # the encoded page, as the DRAM pool holds it
+    score: float  # the promoter's value: the disk store evicts the lowest first
+    expires_ms: int  # wall-clock ms (tier/clock.py); 0: never
 
 
 class Promotion(NamedTuple):
@@ -153,12 +166,12 @@ class TierEngine:
             self.disk = DiskStore(DiskStoreConfig(path=config.path, capacity_bytes=config.disk_bytes,
                                                   default_ttl_s=config.default_ttl_s, **config.disk),
                                   keyring=self.keyring)
-        self.pool = CompressedHostPool(config.host_bytes, self._demote)
+        self.pool = DramPool(config.host_bytes, self._demote)
         self.mirror = None if config.mirror == "off" else ReplicaMirror.open(
             config.path, config.host_bytes, self.keyring, publisher=config.mirror == "publish",
             root=config.mirror_root)
-        # write-down queue: key -> (namespace, blob, score, expires_ms); readable until on disk
-        self._queue: OrderedDict[PoolKey, tuple[Namespace, bytes, float, int]] = OrderedDict()
+        # write-down queue, oldest first; readable until on disk
+        self._queue: OrderedDict[PoolKey, QueuedPage] = OrderedDict()
         self._queue_bytes = 0
         self._queue_cv = threading.Condition()
         self._inflight = 0  # batches taken off the queue's head but not yet committed
@@ -187,7 +200,7 @@ class TierEngine:
             return [False] * len(keys)
         codec = self._codec_for(ns)
         ttl = self.tenants.ttl_s(ns.tenant, self.config.default_ttl_s)
-        expires = int(time.time() * 1000 + ttl * 1000) if ttl else 0
+        expires = clock.expires_at_ms(ttl)
         ok = []
         t0 = time.perf_counter()
         for i, (k, page) in enumerate(zip(keys, pages)):
@@ -216,7 +229,7 @@ class TierEngine:
             return [False] * len(keys)
         codec = self._codec_for(ns)
         ttl = self.tenants.ttl_s(ns.tenant, self.config.default_ttl_s)
-        expires = int(time.time() * 1000 + ttl * 1000) if ttl else 0
+        expires = clock.expires_at_ms(ttl)
         items = []
         for i, (k, page) in enumerate(zip(keys, pages)):
             data = byte_view(page)
@@ -247,7 +260,7 @@ class TierEngine:
                 self._counts["hits_staged"] += 1
                 continue
             blob = self.pool.get(pk)
-            where = "hits_host"
+            where = "hits_dram"
             if blob is None:
                 blob = self._queued_blob(pk)
                 where = "hits_queued"
@@ -266,7 +279,7 @@ class TierEngine:
             got = self.mirror.get_many(ns, [keys[i] for i in rest], [outs[i] for i in rest])
             for i, g in zip(rest, got):
                 result[i] = g
-            self._counts["hits_host"] += sum(got)
+            self._counts["hits_dram"] += sum(got)
             rest = [i for i, g in zip(rest, got) if not g]
         if rest and self.disk is not None:
             t1 = time.perf_counter()
@@ -305,27 +318,27 @@ class TierEngine:
             return n
         return n + self.disk.exists_many(ns, keys[n:], held=held)
 
-    def tiers_of(self, ns: Namespace, keys: Sequence) -> list[str | None]:
-        """Where each page would be read from: "staged" (raw, not yet encoded: stage_many), "dram", "queued" (waiting
-        for the disk, in memory), "disk" or None."""
+    def tiers_of(self, ns: Namespace, keys: Sequence) -> list[Tier | None]:
+        """Where each page would be read from: ``Tier.STAGED`` (raw, not yet encoded: stage_many), ``DRAM``, ``QUEUED``
+        (waiting for the disk, in memory), ``DISK`` or None. Tiers equal their strings ("staged", "dram", ...)."""
         self._refresh_keys()
         nid = ns.id
-        out: list[str | None] = []
+        out: list[Tier | None] = []
         for k in keys:
             pk = (nid, key_bytes(k))
-            out.append("staged" if self._staging.get(pk) is not None else "dram" if self.pool.contains(pk)
-                       else "queued" if self._queued_blob(pk) is not None else None)
+            out.append(Tier.STAGED if self._staging.get(pk) is not None else Tier.DRAM if self.pool.contains(pk)
+                       else Tier.QUEUED if self._queued_blob(pk) is not None else None)
         missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.mirror is not None:  # shared memory: read like the DRAM tier
             mirrored = self.mirror.held(ns, [keys[i] for i in missing])
             for i in missing:
                 if key_bytes(keys[i]) in mirrored:
-                    out[i] = "dram"
+                    out[i] = Tier.DRAM
             missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.disk is not None:
             for i, on_disk in zip(missing, self.disk.contains(ns, [keys[i] for i in missing])):
                 if on_disk:
-                    out[i] = "disk"
+                    out[i] = Tier.DISK
         return out
 
     def submit_get_many(self, ns, keys, outs) -> Future:
@@ -397,7 +410,7 @@ class TierEngine:
         self.pool.clear(nid)
         with self._queue_cv:
             for pk in [pk for pk in self._queue if nid is None or pk[0] == nid]:
-                self._queue_bytes -= len(self._queue.pop(pk)[1])
+                self._queue_bytes -= len(self._queue.pop(pk).blob)
         if self.mirror is not None:
             self.mirror.clear(nid)
         if self.disk is not None:
@@ -438,14 +451,18 @@ class TierEngine:
             self.disk.maintain()
 
     def stats(self) -> TierStats:
-        c = self._counts
+        c, t = self._counts, self._times
         st = self._staging.stats()
-        return TierStats(self.pool.stats(), self.disk.stats() if self.disk else None, self._queue_bytes,
-                         c["writedown_dropped"], c["hits_host"], c["hits_queued"], c["hits_disk"], c["misses"],
-                         self._times["encode_s"] + st.encode_s, self._times["decode_s"], self._times["disk_get_s"],
-                         c["disk_get_pages"], c["not_admitted"], c["not_admitted_dropped"], c["unkeyed_refused"],
-                         c["erased"], c["promoted"], c["promote_below_floor"], c["hits_staged"], st.bytes, st.refused,
-                         self.mirror.stats() if self.mirror is not None else None)
+        return TierStats(
+            dram=self.pool.stats(), disk=self.disk.stats() if self.disk else None,
+            writedown_queued_bytes=self._queue_bytes, writedown_dropped=c["writedown_dropped"],
+            hits_dram=c["hits_dram"], hits_queued=c["hits_queued"], hits_disk=c["hits_disk"], misses=c["misses"],
+            encode_s=t["encode_s"] + st.encode_s, decode_s=t["decode_s"], disk_get_s=t["disk_get_s"],
+            disk_get_pages=c["disk_get_pages"], not_admitted=c["not_admitted"],
+            not_admitted_dropped=c["not_admitted_dropped"], unkeyed_refused=c["unkeyed_refused"], erased=c["erased"],
+            promoted=c["promoted"], promote_below_floor=c["promote_below_floor"], hits_staged=c["hits_staged"],
+            staged_bytes=st.bytes, staging_refused=st.refused,
+            mirror=self.mirror.stats() if self.mirror is not None else None)
 
     def close(self, timeout: float = 120.0) -> None:
         """Encode what is staged (waiting at most ``timeout`` seconds), then write down what is queued (as long
@@ -561,8 +578,8 @@ class TierEngine:
         n = self._staging.drop_where(lambda pk, item: item.ns.tenant in gone)
         n += self.pool.drop_where(lambda e: e.ns is not None and e.ns.tenant in gone)
         with self._queue_cv:
-            for pk in [pk for pk, item in self._queue.items() if item[0].tenant in gone]:
-                self._queue_bytes -= len(self._queue.pop(pk)[1])
+            for pk in [pk for pk, item in self._queue.items() if item.ns.tenant in gone]:
+                self._queue_bytes -= len(self._queue.pop(pk).blob)
                 n += 1
         if self.mirror is not None:
             n += self.mirror.drop_queued(lambda ns: ns.tenant in gone)
@@ -583,16 +600,16 @@ class TierEngine:
                     self._counts["writedown_dropped"] += 1
                     return False
                 self._queue_cv.wait(0.1)
-            self._queue[pk] = (ns, blob, score, expires_ms)
+            self._queue[pk] = QueuedPage(ns=ns, blob=blob, score=score, expires_ms=expires_ms)
             self._queue_bytes += len(blob)
             self._queue_cv.notify_all()
         return True
 
     def _queued_blob(self, pk: PoolKey) -> bytes | None:
         item = self._queue.get(pk)
-        if item is None or (item[3] and item[3] <= time.time() * 1000):  # expired pages are never served
+        if item is None or clock.expired(item.expires_ms):  # expired pages are never served
             return None
-        return item[1]
+        return item.blob
 
     def _demote(self, victims) -> int:
         """Pool victims not yet on disk join the write-down queue (non-blocking; a full queue drops them)."""
@@ -618,7 +635,7 @@ class TierEngine:
                 batch, size = [], 0
                 for pk, item in self._queue.items():  # stay in the queue (readable) until committed
                     batch.append((pk, item))
-                    size += len(item[1])
+                    size += len(item.blob)
                     if size >= self.config.writedown_batch_bytes:
                         break
                 self._inflight += 1
@@ -636,19 +653,19 @@ class TierEngine:
                     for pk, item in batch:
                         if self._queue.get(pk) is item:
                             del self._queue[pk]
-                            self._queue_bytes -= len(item[1])
+                            self._queue_bytes -= len(item.blob)
                     self._queue_cv.notify_all()
             if batch and not self.disk.available():
                 time.sleep(0.05)  # the store is off after a fault: its pages were dropped; don't spin
 
-    def _write_batch(self, batch) -> None:
-        by_ns: dict[bytes, list] = {}
-        for pk, (ns, blob, score, expires) in batch:
-            by_ns.setdefault(ns.id, []).append((pk, ns, blob, score, expires))
+    def _write_batch(self, batch: list[tuple[PoolKey, QueuedPage]]) -> None:
+        by_ns: dict[bytes, list[tuple[PoolKey, QueuedPage]]] = {}
+        for pk, item in batch:
+            by_ns.setdefault(item.ns.id, []).append((pk, item))
         for items in by_ns.values():
-            ns = items[0][1]
-            ok = self.disk.put_many(ns, [pk[1] for pk, *_ in items], [it[2] for it in items],
-                                    scores=[it[3] for it in items], expires_ms=[it[4] for it in items])
-            done = [(it[0], it[2]) for it, o in zip(items, ok) if o]
+            ns = items[0][1].ns
+            ok = self.disk.put_many(ns, [pk[1] for pk, _ in items], [it.blob for _, it in items],
+                                    scores=[it.score for _, it in items], expires_ms=[it.expires_ms for _, it in items])
+            done = [(pk, it.blob) for (pk, it), o in zip(items, ok) if o]
             self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
             self._counts["writedown_dropped"] += len(items) - len(done)

@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .host_pool import PoolKey
+from . import clock
+from .dram_pool import PoolKey
 from .namespace import Namespace
 
 log = logging.getLogger("kvdrive.tier")
@@ -41,7 +42,7 @@ class StagedPage:
         self.expires_ms = expires_ms  # wall-clock ms; 0: never
 
     def expired(self) -> bool:
-        return bool(self.expires_ms) and self.expires_ms <= time.time() * 1000
+        return clock.expired(self.expires_ms)
 
 
 class StagingStats(NamedTuple):

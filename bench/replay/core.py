@@ -430,7 +430,7 @@ class Replay:
             s = self.engine.stats()
             d = s.disk
             enc_page = self.page_bytes / self.cost.zstd_ratio if self.host is None else None
-            mean_enc = s.host.used_bytes / s.host.entries if s.host.entries else self.synth.nbytes
+            mean_enc = s.dram.used_bytes / s.dram.entries if s.dram.entries else self.synth.nbytes
             b["dram"]["read"] = c["used_dram"] * self.page_bytes
             b["dram"]["written"] = c["pages_put"] * mean_enc * self.scale  # encoded bytes into the pool
             b["disk"]["read"] = d.bytes_read * self.scale
@@ -449,7 +449,7 @@ class Replay:
                 "disk_live_pct_of_cap_at_end": 100.0 * d.live_bytes / max(1, d.capacity_bytes),
                 "disk_bytes_at_end_here": d.live_bytes,
                 "disk_bytes_at_end": d.live_bytes * self.scale,
-                "dram_dropped_pages": s.host.dropped,
+                "dram_dropped_pages": s.dram.dropped,
                 "writedown_dropped": s.writedown_dropped,
                 "vanished_between_lookup_and_read": c["vanished"],
                 "engine_small_bytes_written": d.bytes_written,

@@ -128,7 +128,7 @@ def run(seconds: float = 1200, sample_s: float = 10, host_bytes: int = 32 * MiB,
 
     def check_bounds() -> None:
         st = eng.stats()
-        maxes["pool_bytes"] = max(maxes["pool_bytes"], st.host.used_bytes)
+        maxes["pool_bytes"] = max(maxes["pool_bytes"], st.dram.used_bytes)
         maxes["queue_bytes"] = max(maxes["queue_bytes"], st.writedown_queued_bytes)
         maxes["disk_file_bytes"] = max(maxes["disk_file_bytes"], st.disk.file_bytes)
 
@@ -141,11 +141,11 @@ def run(seconds: float = 1200, sample_s: float = 10, host_bytes: int = 32 * MiB,
             if now >= next_sample:
                 st = eng.stats()
                 ps = _proc_status()
-                hits = (st.hits_host, st.hits_queued, st.hits_disk, st.misses)
+                hits = (st.hits_dram, st.hits_queued, st.hits_disk, st.misses)
                 s = dict(t=round(now - t0, 1), rss=ps["VmRSS"], rss_anon=ps["RssAnon"], rss_file=ps["RssFile"],
                          threads=ps["Threads"], fds=len(os.listdir("/proc/self/fd")),
                          traced=tracemalloc.get_traced_memory()[0] if use_tracemalloc else None,
-                         pool_bytes=st.host.used_bytes, pool_entries=st.host.entries,
+                         pool_bytes=st.dram.used_bytes, pool_entries=st.dram.entries,
                          queue_bytes=st.writedown_queued_bytes, disk_file_bytes=st.disk.file_bytes,
                          disk_entries=st.disk.entries, disk_segments=st.disk.segments, dir_bytes=_dir_bytes(path),
                          requests=counts["requests"], wrong=counts["wrong_pages"],

@@ -123,7 +123,7 @@ def test_mla_ranks_share_one_namespace_and_only_rank0_writes(tmp_path, monkeypat
         dst = host.alloc(2 * PAGE)
         idx, _ = written(host, 2)
         assert r1.batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 0 writes)
-        assert r1.engine.stats().host.inserts == 0
+        assert r1.engine.stats().dram.inserts == 0
         assert r0.batch_set_v1(keys(2), idx) == [True, True]
         deadline = time.monotonic() + 30  # staged -> encoded -> published: milliseconds, on a loaded CI box more
         while r1.batch_exists(keys(2)) < 2 and time.monotonic() < deadline:
@@ -151,7 +151,7 @@ def test_legacy_api_and_events(tmp_path):
     with pytest.raises(ValueError, match="unknown radix event"):
         be.record_radix_event("bogus", 1)
     st = be.tier_stats()
-    assert st["radix"]["storage_hit"] == 64 and st["host"]["entries"] == 1
+    assert st["radix"]["storage_hit"] == 64 and st["dram"]["entries"] == 1
     be.clear()
     assert not be.exists("k")
     be.close()
@@ -456,10 +456,10 @@ def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
         assert [b.ns.id for b in backends] == [ns[r].id for r in range(4)]
         idx, _ = written(mla, 2)
         assert backends[3].batch_set_v1(keys(2), idx) == [True, True]  # accepted, not written (rank 1 writes)
-        assert backends[3].engine.stats().host.inserts == 0
+        assert backends[3].engine.stats().dram.inserts == 0
         assert backends[1].batch_set_v1(keys(2), idx) == [True, True]
         assert backends[1].engine.flush(timeout=30)
-        assert backends[1].engine.stats().host.inserts == 2
+        assert backends[1].engine.stats().dram.inserts == 2
     finally:
         for b in backends:
             b.close()

@@ -1,10 +1,11 @@
-"""CompressedHostPool: byte bound, LRU until scores exist, value order after, demotion before removal."""
+"""DramPool (kvdrive's compressed DRAM tier): byte bound, LRU until scores exist, value order after, demotion
+before removal."""
 import threading
 
 import pytest
 
 from kvdrive_sglang.tier.errors import ConfigError
-from kvdrive_sglang.tier.host_pool import CompressedHostPool
+from kvdrive_sglang.tier.dram_pool import DramPool
 
 
 def k(i):
@@ -13,7 +14,7 @@ def k(i):
 
 def test_byte_bound_and_lru_order():
     demoted = []
-    pool = CompressedHostPool(1000, lambda v: demoted.extend(key for key, _ in v) or len(v))
+    pool = DramPool(1000, lambda v: demoted.extend(key for key, _ in v) or len(v))
     for i in range(10):
         pool.put(k(i), bytes(100), 200)
     pool.get(k(0))  # refresh: 0 is now most recent
@@ -27,7 +28,7 @@ def test_byte_bound_and_lru_order():
 
 def test_scores_override_recency():
     demoted = []
-    pool = CompressedHostPool(500, lambda v: demoted.extend(key for key, _ in v) or len(v))
+    pool = DramPool(500, lambda v: demoted.extend(key for key, _ in v) or len(v))
     for i in range(5):
         pool.put(k(i), bytes(100), 100, score=float(10 - i))  # k(4) has the lowest value
     pool.put(k(5), bytes(100), 100, score=100.0)
@@ -36,7 +37,7 @@ def test_scores_override_recency():
 
 
 def test_on_disk_pages_leave_without_demotion_and_drops_counted():
-    pool = CompressedHostPool(300, None)  # no disk tier: victims are dropped, and counted
+    pool = DramPool(300, None)  # no disk tier: victims are dropped, and counted
     pool.put(k(0), bytes(100), 100, on_disk=True)
     for i in range(1, 5):
         pool.put(k(i), bytes(100), 100)
@@ -51,21 +52,21 @@ def test_victim_stays_visible_until_demote_returns():
     def demote(victims):
         seen.extend(pool.get(key) is not None for key, _ in victims)  # still readable during hand-over
         return len(victims)
-    pool = CompressedHostPool(200, demote)
+    pool = DramPool(200, demote)
     for i in range(4):
         pool.put(k(i), bytes(100), 100)
     assert seen and all(seen)
 
 
 def test_oversized_page_refused_and_bad_capacity():
-    pool = CompressedHostPool(100)
+    pool = DramPool(100)
     assert pool.put(k(0), bytes(101), 101) is False
     with pytest.raises(ConfigError):
-        CompressedHostPool(-5)
+        DramPool(-5)
 
 
 def test_threads_keep_the_bound():
-    pool = CompressedHostPool(10_000, lambda v: len(v))
+    pool = DramPool(10_000, lambda v: len(v))
 
     def work(t):
         for i in range(500):

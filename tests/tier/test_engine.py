@@ -10,6 +10,7 @@ import pytest
 from kvdrive_sglang.tier.dtypes import bf16_bits_to_f32
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.errors import CodecError, ConfigError
+from kvdrive_sglang.tier.tiers import Tier
 
 from tests.helpers import make_ns, small_page
 
@@ -44,9 +45,9 @@ def test_working_set_larger_than_dram_spills_to_disk_and_reads_back(tmp_path, ns
         assert all(got)
         assert_exact(outs, seeds)
         s = e.stats()
-        assert s.host.used_bytes <= 40 * PAGE_BYTES
-        assert s.hits_host > 0 and s.hits_disk > 0 and s.hits_host + s.hits_disk + s.hits_queued == 200
-        assert s.host.raw_bytes / s.host.used_bytes > 1.3  # the DRAM tier holds compressed pages
+        assert s.dram.used_bytes <= 40 * PAGE_BYTES
+        assert s.hits_dram > 0 and s.hits_disk > 0 and s.hits_dram + s.hits_disk + s.hits_queued == 200
+        assert s.dram.raw_bytes / s.dram.used_bytes > 1.3  # the DRAM tier holds compressed pages
         assert e.exists_many(ns, keys(seeds) + ["nope"]) == 200
 
 
@@ -56,7 +57,7 @@ def test_clean_restart_serves_everything(tmp_path, ns, policy):
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, write_policy=policy)) as e:
         e.put_many(ns, keys(seeds), pages(seeds))
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
-        assert e.stats().host.entries == 0  # nothing from before is in DRAM: it comes from disk
+        assert e.stats().dram.entries == 0  # nothing from before is in DRAM: it comes from disk
         got, outs = read(e, ns, seeds)
         assert all(got)
         assert_exact(outs, seeds)
@@ -111,7 +112,7 @@ def test_dram_only_engine(ns):
         got, outs = read(e, ns, range(50))
         assert 0 < sum(got) < 50  # the pool holds what fits, and nothing lies about the rest
         assert_exact([o for o, g in zip(outs, got) if g], [s for s, g in zip(range(50), got) if g])
-        assert e.stats().host.dropped == 50 - sum(got)
+        assert e.stats().dram.dropped == 50 - sum(got)
 
 
 def test_namespaces_isolated_across_tiers(tmp_path):
@@ -136,7 +137,7 @@ def test_lossy_codecs_are_opt_in_and_close(tmp_path, codec, min_cos):
             x, y = bf16_bits_to_f32(small_page(s)).ravel(), bf16_bits_to_f32(o).ravel()
             cos = float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
             assert min_cos <= cos < 1.0 or np.array_equal(x, y)
-        assert e.stats().host.raw_bytes / e.stats().host.used_bytes > 1.8
+        assert e.stats().dram.raw_bytes / e.stats().dram.used_bytes > 1.8
 
 
 def test_lossy_codec_falls_back_to_lossless_for_non_float_pages(tmp_path):
@@ -201,6 +202,7 @@ def test_tiers_of_says_where_each_page_is(tmp_path, ns):
         assert where[-1] is None and set(where[:6]) <= {"dram", "disk"}
         assert "dram" in where and "disk" in where  # the pool holds the newest, the disk everything
         assert where[5] == "dram"
+        assert all(isinstance(t, Tier) for t in where[:6]) and where[5] is Tier.DRAM  # the typed vocabulary
 
 
 def test_close_frees_the_dram_tier_at_once(tmp_path, ns):
@@ -208,7 +210,7 @@ def test_close_frees_the_dram_tier_at_once(tmp_path, ns):
     # whole DRAM tier until a full cyclic GC (bench/stress/soak.py's reopens grew RSS by the pool budget each time)
     e = TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20))
     e.put_many(ns, keys(range(20)), pages(range(20)))
-    assert e.stats().host.used_bytes > 0
+    assert e.stats().dram.used_bytes > 0
     e.close()
     assert e.pool.stats().used_bytes == 0
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e2:  # all of it was written down first
@@ -245,7 +247,7 @@ def test_promote_brings_disk_pages_up_as_stored_with_their_expiry(tmp_path, ns):
         got, outs = read(e, ns, seeds[:5])
         assert all(got)
         assert_exact(outs, seeds[:5])
-        assert e.disk.stats().hits == disk_hits and e.stats().hits_host == 5  # served from DRAM, no disk read
+        assert e.disk.stats().hits == disk_hits and e.stats().hits_dram == 5  # served from DRAM, no disk read
         assert e.promote(ns, keys(seeds[:5])).not_on_disk == 5  # already up: nothing read again
         assert e.stats().promoted == 5
         assert e.flush(timeout=30) and e.stats().disk.pages_written == 0  # promoted pages are never written again
@@ -305,7 +307,7 @@ def test_staged_pages_are_served_bit_exact_before_they_are_encoded(tmp_path, ns)
         assert all(got)
         assert_exact(outs, seeds)
         s = e.stats()
-        assert (s.staged_bytes, s.hits_staged, s.host.entries, s.disk.entries) == (6 * PAGE_BYTES, 6, 0, 0)
+        assert (s.staged_bytes, s.hits_staged, s.dram.entries, s.disk.entries) == (6 * PAGE_BYTES, 6, 0, 0)
         with pytest.raises(CodecError):
             e.get_many(ns, ["p0"], [np.zeros(10, dtype=np.uint16)])  # wrong-size buffer: the caller's bug, as in DRAM
         e.go.set()
@@ -341,7 +343,7 @@ def test_clear_drops_staged_pages_even_mid_encode(tmp_path):
         e.go.set()
         assert e.flush(timeout=30)
         assert e.exists_many(a, keys(range(4))) == 0 and list(e.disk.keys(a)) == []  # none of a's landed afterwards
-        assert e.stats().host.entries == 4
+        assert e.stats().dram.entries == 4
         got, outs = read(e, b, range(4))
         assert all(got)
         assert_exact(outs, range(4))

@@ -269,7 +269,7 @@ def test_deleting_a_key_erases_the_tenant_at_once_in_every_tier(tmp_path):
         assert read(eng, na, ["a0", "a1"], [0, 1]) == [True, True]
         assert eng.put_many(nb, ["b2"], [small_page(4, nb)]) == [False]  # nothing of bob is cached any more
         s = eng.stats()
-        assert s.erased == 2 and s.unkeyed_refused == 1 and s.host.entries == 2
+        assert s.erased == 2 and s.unkeyed_refused == 1 and s.dram.entries == 2
     with TierEngine(TierConfig(**{**cfg, "host_bytes": 0})) as eng:  # restart: disk only
         assert read(eng, na, ["a0", "a1"], [0, 1]) == [True, True]
         assert read(eng, nb, ["b0", "b1"]) == [False, False]
@@ -299,7 +299,7 @@ def test_per_tenant_ttl_in_both_tiers(tmp_path):
         assert read(eng, nb, ["k0", "k1"]) == [False, False] and eng.exists_many(nb, ["k0"]) == 0
         assert read(eng, nl, ["k0", "k1"], [0, 1]) == [True, True]
         eng.maintain()
-        assert eng.stats().host.entries == 2  # the expired pages left the pool
+        assert eng.stats().dram.entries == 2  # the expired pages left the pool
     # disk tier: the expiry travels with the page through the write-down queue
     cfg = dict(path=str(tmp_path / "s"), host_bytes=0, disk_bytes=64 << 20, tenants=tenants)
     with TierEngine(TierConfig(**cfg)) as eng:
