@@ -72,6 +72,8 @@ class KvdriveSettings:
     promoter: dict | None = None  # PromoterConfig fields (half_life_s, promote_share, admit_min_reuse, ...)
     reload: str = "auto"  # storage hits: "auto" reloads only where that beats recomputing (measured), "always" does
     gil_switch_ms: float | None = None  # Python's GIL switch interval in the server (None: GIL_SWITCH_MS[device])
+    remote: str | None = None  # a shared remote tier behind the local ones: mooncake://MASTER:PORT (tier/remote/)
+    remote_config: dict | None = None  # its settings (tier/remote RemoteOptions and the engine's Config fields)
 
     # --- what the storage backend builds from it ------------------------------------------------------------------
     def tier_config(self):
@@ -81,6 +83,14 @@ class KvdriveSettings:
                           write_policy=self.write_policy, default_ttl_s=self.ttl_s,
                           disk={} if self.disk is None else self.disk,
                           tenants={} if self.tenants is None else self.tenants, encrypt=self.encrypt)
+
+    def remote_spec(self):
+        """The checked remote tier (tier.remote.RemoteSpec), or None without --kvdrive-remote."""
+        if self.remote is None:
+            return None
+        from .tier.remote import parse_remote
+
+        return parse_remote(self.remote, self.remote_config)
 
     def promoter_config(self):
         from .tier.promoter import PromoterConfig
@@ -138,10 +148,14 @@ class KvdriveSettings:
                 section[flag.key] = flag.parse(v, flag.flag)
         settings = _checked(section, lambda key: _FLAG_OF_KEY.get(key, f"kvdrive {key}"))
         check_store_dir(settings.dir, create=True)  # a bad directory fails here, in the launcher, with its own message
+        if settings.remote is not None:
+            from .tier.remote import check_available
+
+            check_available(settings.remote_spec())  # a missing client library fails here, naming the install
         return settings
 
 
-_OBJECTS = ("disk", "tenants", "promoter")
+_OBJECTS = ("disk", "tenants", "promoter", "remote_config")
 
 
 def _checked(section: Mapping[str, Any], name: Callable[[str], str]) -> KvdriveSettings:
@@ -165,6 +179,15 @@ def _checked(section: Mapping[str, Any], name: Callable[[str], str]) -> KvdriveS
             PromoterConfig(**promoter)  # its own ConfigErrors name the field ("promoter half_life_s must be ...")
         except TypeError as e:
             raise ConfigError(f"{name('promoter')}: {e}") from None
+    if section.get("remote") is not None:
+        from .tier.remote import parse_remote
+
+        try:
+            parse_remote(section["remote"], section.get("remote_config"))
+        except ConfigError as e:  # "kvdrive remote ..." -> the flag's (or key's) name
+            raise ConfigError(f"{name('remote')}: {e}") from None
+    elif section.get("remote_config"):
+        raise ConfigError(f"{name('remote_config')} is given without {name('remote')}")
     # an empty object is the default: one spelling, so settings read back from the extra config compare equal
     settings = KvdriveSettings(**{k: v for k, v in section.items() if not (k in _OBJECTS and v == {})})
     settings.tier_config()  # TierConfig's checks: sizes, write policy, TTL, disk options, tenant policy, encryption
@@ -278,6 +301,14 @@ FLAGS = (
     Flag("--kvdrive-promoter", "promoter", _json, None,
          "promoter settings, a JSON object of tier/promoter.py PromoterConfig fields, e.g. "
          "'{\"half_life_s\": 300, \"promote_share\": 0.1}'"),
+    Flag("--kvdrive-remote", "remote", _as_is, None,
+         "a shared tier behind the local DRAM and disk tiers, for every node of a fleet: mooncake://MASTER_HOST:PORT "
+         "(Mooncake Store; pip install 'kvdrive-sglang[remote]'). Local misses are read from it, pages the promoter "
+         "admits are written to it in the background"),
+    Flag("--kvdrive-remote-config", "remote_config", _json, None,
+         "remote tier settings, a JSON object: protocol (tcp|rdma), device_name, local_hostname, metadata_server, "
+         "global_segment_size, local_buffer_size (bytes), timeout_s, put_timeout_s, retry_s, queue_bytes, batch_bytes, "
+         "prefix, write"),
     Flag("--kvdrive-gil-switch-ms", "gil_switch_ms", _ms,
          ", ".join(f"{ms:g} on {dev}" for dev, ms in GIL_SWITCH_MS.items()),
          "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); short lets HiCache's I/O "

@@ -23,7 +23,9 @@ def _size(n: float) -> str:
 
 def summary_line(st: dict) -> str:
     h, d, hits, io = st["host"], st["disk"] or {}, st["hits"], st["io"]
-    ratio = (lambda raw, stored: f"x{raw / stored:.2f}" if stored else "-")
+
+    def ratio(raw, stored) -> str:
+        return f"x{raw / stored:.2f}" if stored else "-"
     parts = [f"DRAM {h['entries']} pages {_size(h['used_bytes'])}/{_size(h['capacity_bytes'])} "
              f"{ratio(h['raw_bytes'], h['used_bytes'])}"]
     if d:
@@ -76,6 +78,9 @@ class TierMetrics:
         self.reload_pages = counter("kvdrive:reload_pages", "Pages filled into SGLang's host pool")
         self.corrupt = counter("kvdrive:corrupt_pages_dropped", "Pages that failed their checksum (served as misses)")
         self.faults = counter("kvdrive:disk_faults", "Disk faults that turned the disk tier off for a while", ["kind"])
+        # exported as kvdrive:store_recoveries_total{kind=stamp_rewritten|dirs_recreated|index_rebuilt|moved_aside|
+        # tier_off}: the recovery ladder's steps when this rank opened a damaged store (tier/recovery.py)
+        self.recoveries = counter("kvdrive:store_recoveries", "Steps taken to open a damaged kvdrive store", ["kind"])
         self.promoted = counter("kvdrive:promoted_pages", "Pages brought up from disk into kvdrive's DRAM tier "
                                 "ahead of demand")
         self.radix = counter("kvdrive:radix_tokens", "Radix-tree events reported by kvdrive's cache", ["event"])
@@ -110,6 +115,8 @@ class TierMetrics:
             self._inc(self.corrupt, "corrupt", d["corrupt_dropped"])
             for kind, n in d["faults"].items():
                 self._inc(self.faults, f"fault_{kind}", n, kind=kind)
+            for kind, n in d.get("recoveries", {}).items():
+                self._inc(self.recoveries, f"recovery_{kind}", n, kind=kind)
             self.usage.labels(**self.labels, tier="disk").set(d["file_bytes"])
             self.capacity.labels(**self.labels, tier="disk").set(d["capacity_bytes"])
             if d["live_bytes"]:

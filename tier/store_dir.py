@@ -59,7 +59,8 @@ def _read_stamp(path: str) -> dict:
         if not isinstance(stamp, dict):
             raise ValueError("not a JSON object")  # noqa: TRY004 - reported with json's own ValueErrors
     except (OSError, ValueError) as e:
-        raise StoreFormatError(f"{stamp_path} is unreadable or damaged ({e}); this is not a usable kvdrive store") from None
+        raise StoreFormatError(f"{stamp_path} is unreadable or damaged ({e}); this is not a usable kvdrive "
+                               "store") from None
     if stamp.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{path} is not a kvdrive store ({FORMAT_FILE} names format {stamp.get('format')!r})")
     if stamp.get("version") != FORMAT_VERSION:
@@ -137,7 +138,7 @@ def inspect_store_dir(path) -> DirCheck:
         if isinstance(got, dict) and got.get("format") == FORMAT_NAME and type(got.get("version")) is int \
                 and set(got) == {"format", "version"}:
             return DirCheck(path, DirState.OTHER_VERSION, str(e), got["version"])
-        return DirCheck(path, DirState.DAMAGED, str(e))
+        return DirCheck(path, DirState.DAMAGED, str(e).split("; this is not a usable")[0])
     if set(stamp) != {"format", "version"} and ours:
         return DirCheck(path, DirState.DAMAGED, f"{FORMAT_FILE} holds unexpected fields {sorted(stamp)}")
     return DirCheck(path, DirState.STORE, "")
