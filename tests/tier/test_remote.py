@@ -408,3 +408,21 @@ def test_remote_settings_are_checked_without_connecting():
     ]:
         with pytest.raises(ConfigError, match=words):
             parse_remote(url, cfg)
+
+
+def test_remote_flags_are_checked_in_the_launcher_and_travel_to_the_backend(tmp_path):
+    from kvdrive_sglang.config import KvdriveSettings
+
+    _mooncake_or_skip()  # from_flags also checks that the client library loads
+    flags = {"kvdrive_dir": str(tmp_path), "kvdrive_remote": "mooncake://127.0.0.1:50051",
+             "kvdrive_remote_config": '{"protocol": "tcp", "global_segment_size": 33554432}'}
+    s = KvdriveSettings.from_flags(flags)
+    assert s.remote_spec().backend_config.global_segment_size == 32 * MiB
+    assert KvdriveSettings.from_extra_config(json.loads(json.dumps(s.to_extra_config()))) == s
+    for extra, words in [({"kvdrive_remote": "mooncake://nohost"}, "--kvdrive-remote: .*HOST:PORT"),
+                         ({"kvdrive_remote_config": '{"retry_s": 1}'}, "--kvdrive-remote-config is given without"),
+                         ({"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": '{"bogus": 1}'},
+                          "unknown kvdrive remote option"),
+                         ({"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": "{"}, "not valid JSON")]:
+        with pytest.raises(ConfigError, match=words):
+            KvdriveSettings.from_flags({"kvdrive_dir": str(tmp_path), **extra})
