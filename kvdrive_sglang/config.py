@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .tier.codecs import CODEC_NAMES
 from .tier.errors import ConfigError
+from .tier.validate import number
 
 GiB = 1 << 30
 MIN_DISK_BYTES = 1 << 20
@@ -48,9 +50,7 @@ def default_dir() -> str:
 
 def checked_gil_switch_ms(ms, what: str) -> float:
     """A GIL switch interval in ms: a number from 0 (Python's own) to 100; ConfigError names ``what``."""
-    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 <= ms <= 100:
-        raise ConfigError(f"{what} must be a number of milliseconds from 0 to 100, got {ms!r}")
-    return float(ms)
+    return number(ms, what, zero_ok=True, most=100, unit="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -223,8 +223,7 @@ def _gb(zero_ok: bool) -> Callable[[Any, str], int]:
             v = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{flag} must be a number of GB, got {value!r}") from None
-        if not (v >= 0 if zero_ok else v > 0) or v == math.inf:  # NaN fails both comparisons
-            raise ConfigError(f"{flag} must be {'>= 0' if zero_ok else '> 0'} GB, got {v!r}")
+        number(v, flag, zero_ok=zero_ok, unit="GB")  # NaN and inf too
         if v * GiB == math.inf:  # 1e300 GB: no byte count (found by fuzzing the settings)
             raise ConfigError(f"{flag} must be a finite number of GB, got {v!r}")
         if not zero_ok and int(v * GiB) < MIN_DISK_BYTES:

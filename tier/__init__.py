@@ -6,8 +6,7 @@ from .codecs import CODEC_NAMES, decode_page, encode_page, get_codec
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig, VerifyReport
 from .dram_pool import DramPool, DramPoolStats
 from .engine import TierConfig, TierEngine, TierStats
-from .errors import (CodecError, ConfigError, KvdriveError, StoreDirError, StoreError, StoreFormatError,
-                     StoreLockedError)
+from .errors import CodecError, ConfigError, KvdriveError, StoreDirError, StoreError, StoreFormatError, StoreLockedError
 from .namespace import Namespace
 from .tiers import Tier
 

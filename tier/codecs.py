@@ -24,9 +24,19 @@ import numpy as np
 import zstandard
 
 from .buffers import byte_view
-from .dtypes import (DTYPE_BY_CODE, DTYPES, FLOAT32_CONVERTIBLE, _has_nan, bf16_bits_to_f32, dtype_info,
-                     from_float32, scratch, to_float32)
+from .dtypes import (
+    DTYPE_BY_CODE,
+    DTYPES,
+    FLOAT32_CONVERTIBLE,
+    _has_nan,
+    bf16_bits_to_f32,
+    dtype_info,
+    from_float32,
+    scratch,
+    to_float32,
+)
 from .errors import CodecError
+from .validate import integer
 
 MAGIC = b"KVPG"
 FORMAT_VERSION = 1
@@ -115,8 +125,7 @@ class Codec(ABC):
         if not self.supports(dtype):
             ok = [d for d in DTYPES if self.supports(d)]
             raise CodecError(f"codec {self.name!r} does not handle dtype {dtype!r}; it handles {', '.join(ok)}")
-        if not isinstance(row_len, int) or isinstance(row_len, bool) or row_len < 1:
-            raise CodecError(f"row_len must be a positive integer, got {row_len!r}")
+        integer(row_len, "row_len", error=CodecError)
         group = info.itemsize * row_len
         if nbytes % group:
             raise CodecError(f"page is {nbytes} bytes, not a multiple of row_len {row_len} x {dtype} itemsize "

@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from typing import NamedTuple
 
-from .errors import ConfigError
+from .validate import integer, number
 
 
 class Line(NamedTuple):
@@ -28,12 +28,9 @@ class Line(NamedTuple):
 
 class LinearFit:
     def __init__(self, window: int = 256, min_samples: int = 8, min_spread: float = 2.0):
-        if not isinstance(window, int) or window < 2:
-            raise ConfigError(f"LinearFit window must be an integer >= 2, got {window!r}")
-        if not isinstance(min_samples, int) or not 2 <= min_samples <= window:
-            raise ConfigError(f"LinearFit min_samples must be an integer in [2, window], got {min_samples!r}")
-        if not isinstance(min_spread, (int, float)) or min_spread < 1:
-            raise ConfigError(f"LinearFit min_spread must be a number >= 1, got {min_spread!r}")
+        integer(window, "LinearFit window", least=2)
+        integer(min_samples, "LinearFit min_samples", least=2, most=window)
+        number(min_spread, "LinearFit min_spread", least=1)
         self.min_samples = min_samples
         self.min_spread = float(min_spread)
         self._obs: deque[tuple[float, float]] = deque(maxlen=window)

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from .engine import TierConfig, TierEngine
 from .dtypes import bf16_bits_to_f32
+from .engine import TierConfig, TierEngine
 from .namespace import Namespace
 from .synthetic import kv_page
 
@@ -50,7 +50,8 @@ def _print_stats(title: str, engine: TierEngine) -> None:
         print(f"    disk tier : {d.entries:5d} pages  {_size(d.file_bytes):>10} in {d.segments} segment(s)"
               f"  ({_ratio(d.raw_bytes, d.live_bytes)})  written {_size(d.bytes_written)},"
               f" read {_size(d.bytes_read)}, corrupt dropped {d.corrupt_dropped}")
-    print(f"    hits      : DRAM {s.hits_dram}, write-down queue {s.hits_queued}, disk {s.hits_disk}; misses {s.misses}")
+    print(f"    hits      : DRAM {s.hits_dram}, write-down queue {s.hits_queued}, disk {s.hits_disk};"
+          f" misses {s.misses}")
 
 
 def run(pages: int, path: str, codec: str, host_mib: int) -> int:

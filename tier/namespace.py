@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 from .errors import ConfigError
+from .validate import integer
 
 KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2", "uint8", "int8")
 LAYOUTS = ("mha", "mla")
@@ -39,11 +40,8 @@ class Namespace:
         if self.layout not in LAYOUTS:
             raise ConfigError(f"namespace layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         for name in ("page_size", "num_heads", "head_dim", "num_layers", "tp_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"namespace {name} must be a positive integer, got {v!r}")
-        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
-            raise ConfigError(f"namespace tp_rank must be in [0, tp_size={self.tp_size}), got {self.tp_rank!r}")
+            integer(getattr(self, name), f"namespace {name}")
+        integer(self.tp_rank, f"namespace tp_rank (of tp_size={self.tp_size})", least=0, below=self.tp_size)
         if not isinstance(self.tenant, str):
             raise ConfigError(f"namespace tenant must be a string, got {self.tenant!r}")
         try:
@@ -67,7 +65,7 @@ class Namespace:
         return hashlib.blake2b(self.canonical, digest_size=16, person=b"kvdrive-ns-v1").digest()
 
     @classmethod
-    def from_canonical(cls, data: bytes) -> "Namespace":
+    def from_canonical(cls, data: bytes) -> Namespace:
         d = json.loads(data)
         d["extra"] = tuple(d.get("extra", {}).items())
         return cls(**d)

@@ -16,10 +16,10 @@ Operator config (``{"kvdrive": {"tenants": {...}}}``)::
 from __future__ import annotations
 
 import hashlib
-import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import ConfigError
+from .validate import number
 
 ID_HEX = 16  # hex digits of a tenant id
 CHAIN_HEX = 64  # hex digits of a SHA-256 chain hash (SGLang's page key)
@@ -92,10 +92,7 @@ class Tenants:
             tid = self.id_of(name)
             ttl = policy.get("ttl_s")
             if ttl is not None:
-                if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl < MAX_TTL_S \
-                        or math.isnan(ttl):
-                    raise ConfigError(f"{where}.ttl_s must be a positive number of seconds below {MAX_TTL_S}, "
-                                      f"got {ttl!r}")
+                number(ttl, f"{where}.ttl_s", below=MAX_TTL_S, unit="seconds")
                 if tid in self._ttl and self._ttl[tid] != float(ttl):
                     raise ConfigError(f"{where}.ttl_s={ttl} conflicts with {ttl_from[tid]}.ttl_s="
                                       f"{self._ttl[tid]:g}: members of share_as group "

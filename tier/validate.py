@@ -17,10 +17,14 @@ import math
 from .errors import ConfigError
 
 
-def integer(v, what: str, *, least: int = 1, below: int | None = None, error: type[Exception] = ConfigError) -> int:
-    """An int (not a bool) with ``least <= v`` (default 1: positive) and, if given, ``v < below``."""
-    if not isinstance(v, int) or isinstance(v, bool) or v < least or (below is not None and v >= below):
-        raise error(f"{what} must be {_describe('integer', least, True, below, False, '')}, got {v!r}")
+def integer(v, what: str, *, least: int = 1, most: int | None = None, below: int | None = None,
+            error: type[Exception] = ConfigError) -> int:
+    """An int (not a bool) with ``least <= v`` (default 1: positive) and, if given, ``v <= most`` or ``v < below``."""
+    hi, hi_in = (most, True) if most is not None else (below, False)
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= least \
+        and (hi is None or (v <= hi if hi_in else v < hi))
+    if not ok:
+        raise error(f"{what} must be {_describe('integer', least, True, hi, hi_in, '')}, got {v!r}")
     return v
 
 
@@ -47,16 +51,17 @@ def fraction(v, what: str, *, error: type[Exception] = ConfigError) -> float:
 
 def _describe(kind: str, lo, lo_in: bool, hi, hi_in: bool, unit: str) -> str:
     noun = f"{kind} of {unit}" if unit else kind
+    article = "an" if kind == "integer" else "a"
     if hi is not None and hi_in:
         if lo == 0 and not lo_in:
             return f"a positive {noun} up to {_num(hi)}"
-        return f"a {noun} from {_num(lo)} to {_num(hi)}"
+        return f"{article} {noun} from {_num(lo)} to {_num(hi)}"
     if lo == 0:
         text = f"a {'non-negative' if lo_in else 'positive'} {noun}"
     elif lo == 1 and lo_in and kind == "integer":
         text = f"a positive {noun}"
     else:
-        text = f"{'an' if kind == 'integer' else 'a'} {noun} {'>=' if lo_in else '>'} {_num(lo)}"
+        text = f"{article} {noun} {'>=' if lo_in else '>'} {_num(lo)}"
     return text if hi is None else f"{text} below {_num(hi)}"
 
 

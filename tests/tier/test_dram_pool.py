@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from kvdrive_sglang.tier.errors import ConfigError
 from kvdrive_sglang.tier.dram_pool import DramPool
+from kvdrive_sglang.tier.errors import ConfigError
 
 
 def k(i):

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
+
 from kvdrive_sglang.tier.dtypes import bf16_bits_to_f32
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.errors import CodecError, ConfigError
 from kvdrive_sglang.tier.tiers import Tier
-
 from tests.helpers import make_ns, small_page
 
 PAGE_BYTES = small_page(0).nbytes  # 8 KiB
