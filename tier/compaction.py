@@ -16,22 +16,33 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from .index import FRAMED, SEG_OPEN, SEG_SEALED, Index, IndexRoom, Record, SegInfo, seg_key
+from .index import (
+    FRAMED,
+    SEG_OPEN,
+    SEG_SEALED,
+    Index,
+    IndexRoom,
+    Record,
+    SegInfo,
+    seg_key,
+)
 from .segment_fds import SegmentFds
-from .segment_records import TYPICAL_BYTES, Kind, trailer
+from .segment_records import MIN_PAGE_BYTES, Kind, trailer
 from .segment_writer import SegmentWriter
 from .store_dir import FILE_MODE, GC_LOCK_FILE
 
 
 def _live_share(info: SegInfo) -> float:
-    """Share of a segment's bytes that are live: its pages' blobs and (estimated: SegInfo counts blob bytes only,
-    I10) their trailers, which would otherwise make a segment of small pages look sparse and compact it forever."""
-    return min(1.0, (info.live + info.count * TYPICAL_BYTES) / max(info.end, 1))
+    """Share of a segment's bytes that are live: its pages' blobs and (at least) their trailers -- SegInfo counts blob
+    bytes only (I10), and without them a segment of small pages would look sparse and be compacted over and over. An
+    underestimate: with ``live_ratio`` 1 every segment holding any dead bytes is still compacted (`kvdrive clear
+    --tenant` relies on it to leave none of a tenant's bytes behind)."""
+    return min(1.0, (info.live + info.count * MIN_PAGE_BYTES) / max(info.end, 1))
 
 
 class Compactor:
-    """``read_blob(rec, page_key)``: the verified blob or None (the read path's); ``drop_bad(pairs)``: drop entries whose
-    bytes are missing or damaged. ``counts``: the store's counters (evicted, segments_compacted)."""
+    """``read_blob(rec, page_key)``: the verified blob or None (the read path's); ``drop_bad(pairs)``: drop entries
+    whose bytes are missing or damaged. ``counts``: the store's counters (evicted, segments_compacted)."""
 
     def __init__(self, config, *, store_path: str, index: Index, room: IndexRoom, writer: SegmentWriter,
                  fds: SegmentFds, write_lock: threading.RLock, counts: Counter,

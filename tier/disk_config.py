@@ -98,5 +98,6 @@ def fault_kind(e: BaseException) -> str:
         return "map_full"
     if isinstance(e, OSError):
         return {errno.ENOSPC: "enospc", errno.EDQUOT: "enospc", errno.EIO: "eio", errno.EROFS: "read_only",
-                errno.EACCES: "read_only", errno.EPERM: "read_only", errno.ENOENT: "missing_file"}.get(e.errno, "io_error")
+                errno.EACCES: "read_only", errno.EPERM: "read_only",
+                errno.ENOENT: "missing_file"}.get(e.errno, "io_error")
     return "index_error"

@@ -177,7 +177,8 @@ class DiskStore:
         return [not 0 < e <= now for e in expiry]
 
     def get_many(self, ns: Namespace, keys: Sequence, outs: Sequence) -> list[bool]:
-        """Read and decode pages into the caller's buffers. False is a miss; that buffer's contents are then undefined."""
+        """Read and decode pages into the caller's buffers. False is a miss; that buffer's contents are then
+        undefined."""
         if len(keys) != len(outs):
             raise ConfigError(f"get_many got {len(keys)} keys and {len(outs)} buffers; they must match")
         views = [byte_view(o, writable=True) for o in outs]

@@ -30,11 +30,13 @@ from .index import SEALED
 
 MAGIC = b"KVR2"
 VERSION = 2
-FIXED = struct.Struct("<4sBBBBHIQQQQI")  # magic, version, kind, flags, codec, key_len, length, raw, sum, created, exp, check
+# magic, version, kind, flags, codec, key length, blob length, decoded bytes, checksum, created, expires, check
+FIXED = struct.Struct("<4sBBBBHIQQQQI")
 _CHECK_AT = FIXED.size - 4
 _MAX_KEY = 1024  # page keys are at most 16 + 1 + 400 bytes (longer keys are hashed): anything longer is damage
-# A typical trailer (a 64-character key: SGLang's page hashes), for space estimates where the keys are not at hand.
-TYPICAL_BYTES = FIXED.size + 16 + 1 + 64
+# The smallest page trailer (an empty key), for space estimates where the keys are not at hand: never more than a
+# segment's real trailer bytes, so a segment holding dead bytes never looks fully live
+MIN_PAGE_BYTES = FIXED.size + 16 + 1
 
 
 class Kind(IntEnum):

@@ -303,7 +303,7 @@ def test_clear_all_asks_and_refuses_without_a_tty(tmp_path, capsys, monkeypatch)
     assert j["entries"] == 0 and j["namespaces"] == [] and j["file_bytes"] == 0
 
 
-# --- errors: not a store ------------------------------------------------------------------------------------------------
+# --- errors: not a store ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cmd", [["stats"], ["stats", "--json"], ["verify"], ["gc"], ["clear", "--yes"]])
 def test_missing_dir_is_an_error_and_is_not_created(tmp_path, capsys, cmd):
     d = tmp_path / "nope"
@@ -343,7 +343,7 @@ def test_foreign_or_empty_dir_is_an_error(tmp_path, capsys, cmd):
     assert os.listdir(e) == []
 
 
-# --- a store in use by another process ------------------------------------------------------------------------------------
+# --- a store in use by another process --------------------------------------------------------------------------------
 HOLDER = """
 import sys, time
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
@@ -375,7 +375,7 @@ def test_maintenance_refuses_a_store_a_server_has_open_but_stats_works(tmp_path,
     assert rc == 0 and "ok 4, bad 0" in out
 
 
-# --- the installed entry point ------------------------------------------------------------------------------------------
+# --- the installed entry point ----------------------------------------------------------------------------------------
 def _kvdrive() -> list[str]:
     here = Path(sys.executable).parent / "kvdrive"
     if here.exists():
@@ -419,3 +419,40 @@ def test_help_says_what_each_command_does(capsys):
         assert words in capsys.readouterr().out
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("kvdrive ")
+
+
+# --- kvdrive repair (issue 17) --------------------------------------------------------------------------------------
+def test_repair_by_hand_rebuilds_a_damaged_store_and_says_what_it_kept(tmp_path, capsys):
+    d = tmp_path / "store"
+    items = populate(d, {make_ns("a"): 6})
+    (d / FORMAT_FILE).write_bytes(b"\x00\x01garbage")
+    (d / "index" / "data.mdb").write_bytes(b"\xff" * 4096)
+    for cmd in ("stats", "verify", "gc"):  # the other commands name the fix, and leave the store as it is
+        rc, out, err = run(capsys, cmd, d)
+        assert_one_line_error(rc, err, "damaged", f"kvdrive repair {d}")
+    assert (d / FORMAT_FILE).read_bytes() == b"\x00\x01garbage"
+    rc, out, err = run(capsys, "repair", d)
+    assert rc == 1, (out, err)
+    assert "stamp_rewritten:" in out and "index_rebuilt:" in out and "kept 6 page(s), dropped 0" in out
+    got = read_back(d, items)
+    assert all(got[k] is not None and np.array_equal(got[k], items[k]) for k in items)
+    rc, out, err = run(capsys, "repair", d)  # nothing left to do
+    assert rc == 0 and "the store was intact" in out and "kept 6 page(s)" in out
+
+
+def test_repair_refuses_while_a_server_has_the_store_and_refuses_foreign_dirs(tmp_path, capsys):
+    d = tmp_path / "store"
+    populate(d, {make_ns("a"): 2})
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(d)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        rc, out, err = run(capsys, "repair", d)
+        assert_one_line_error(rc, err, "in use by another process")
+    finally:
+        proc.kill()
+        proc.wait()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    rc, out, err = run(capsys, "repair", tmp_path / "photos")
+    assert_one_line_error(rc, err, "not a kvdrive store")
+    assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
