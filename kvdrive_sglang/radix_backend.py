@@ -21,9 +21,10 @@ methods whose names and signatures are its own. What the mixin adds, on both:
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ BACKEND_NAME = "kvdrive"
 EVENT_KINDS = tuple(e.value for e in RadixEvent)
 
 _TAGGED = CHAIN_HEX + ID_HEX
+_SCORE_ATTR = "_kvdrive_score"  # tree-node attribute: (promoter, its group_score of the node's pages)
 _HASH_TARGET = "sglang.srt.mem_cache.utils.get_hash_str"
 
 
@@ -118,9 +120,14 @@ class PromoterEviction:
     so known and unknown nodes interleave on one scale; otherwise (several ranks, whose clocks differ, or an SGLang
     whose access stamps are a logical counter) it goes first, in SGLang's own order (last access), which every rank
     agrees on. Scores are time-invariant, so heap entries SGLang built earlier in an eviction stay valid. Without a
-    promoter (storage off) this is SGLang's LRU."""
+    promoter (storage off) this is SGLang's LRU.
 
-    def __init__(self, cache: "KvdriveCacheMixin", *, access_is_monotonic_time: bool):
+    SGLang asks for the priority of every evictable leaf on every eviction, so a node's promoter score is kept on
+    the node (``_kvdrive_score``) until a finished request through it makes it stale (KvdriveCacheMixin._kvdrive_stale):
+    each eviction then costs O(1) per leaf, not a walk over every page of every leaf (issue 15: 10^5-10^6 steps per
+    eviction at page size 1; guarded by tests/sglang/test_page1_costs.py)."""
+
+    def __init__(self, cache: KvdriveCacheMixin, *, access_is_monotonic_time: bool):
         self.cache = cache
         self.access_is_monotonic_time = access_is_monotonic_time
 
@@ -129,7 +136,12 @@ class PromoterEviction:
         if promoter is None:
             return node.last_access_time
         if node.hash_value:
-            score = promoter.group_score(node.hash_value)
+            kept = getattr(node, _SCORE_ATTR, None)
+            if kept is not None and kept[0] is promoter:
+                score = kept[1]
+            else:
+                score = promoter.group_score(node.hash_value)
+                setattr(node, _SCORE_ATTR, (promoter, score))
             if score:
                 return score
         if self.cache._kvdrive_ranks or not self.access_is_monotonic_time:
@@ -175,7 +187,7 @@ class KvdriveCacheMixin:
 
     # ------------------------------------------------------------------------------------------ the storage backend
 
-    def _kvdrive_backend(self) -> Optional[RadixReports]:
+    def _kvdrive_backend(self) -> RadixReports | None:
         """kvdrive's storage backend, looked up each time (SGLang can attach and detach one at runtime); None when
         the attached backend is not kvdrive's. A new one is told that this cache reports whole requests and, with
         several ranks, to run its promoter on the ranks' agreed clock: before it serves any page, as the cache looks
@@ -192,7 +204,7 @@ class KvdriveCacheMixin:
         self._kvdrive_on_bind(backend)
         return backend
 
-    def _kvdrive_on_bind(self, backend: Optional[RadixReports]) -> None:
+    def _kvdrive_on_bind(self, backend: RadixReports | None) -> None:
         """A storage backend was attached (or detached: None); adapters that keep per-backend state refresh it."""
 
     def _kvdrive_promoter(self):
@@ -208,7 +220,7 @@ class KvdriveCacheMixin:
         """Call ``call(*args)`` on the storage backend: statistics and hints must never take the scheduler down."""
         try:
             call(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:  # statistics and hints must never take the scheduler down
             if what not in self._kvdrive_warned:
                 self._kvdrive_warned.add(what)
                 log.warning("kvdrive: storage backend %s failed (further failures are not logged)", what,
@@ -226,23 +238,24 @@ class KvdriveCacheMixin:
         requests finished since the last sync, summed over ranks (each rank sees its own heads). The pending list is
         the same on every rank (the same requests finish in the same order), so the payload lines up."""
         pending, self._kvdrive_pending, self._kvdrive_pending_pages = self._kvdrive_pending, [], 0
-        payload = torch.zeros(2 + sum(len(k) for k, _ in pending), dtype=torch.float64)
+        payload = torch.zeros(2 + sum(len(u) for u, _, _ in pending), dtype=torch.float64)
         payload[0], payload[1] = 1.0, time.time()
         off = 2
-        for keys, mass in pending:
+        for units, mass, _ in pending:  # per tracked unit of the promoter (_kvdrive_finished), not per page
             if mass is not None:
-                n = min(len(keys), len(mass))
+                n = min(len(units), len(mass))
                 payload[off:off + n] = torch.from_numpy(np.ascontiguousarray(mass[:n], dtype=np.float64))
-            off += len(keys)
+            off += len(units)
         self._all_reduce(payload, torch.distributed.ReduceOp.SUM)
         self._kvdrive_now = float(payload[1]) / float(payload[0])
         summed = payload[2:].tolist()
         off = 0
-        for keys, _ in pending:
-            key_mass = {k: m for k, m in zip(keys, summed[off:off + len(keys)]) if m > 0.0}
-            off += len(keys)
+        for units, _, leaf in pending:
+            key_mass = {k: m for k, m in zip(units, summed[off:off + len(units)]) if m > 0.0}
+            off += len(units)
             if key_mass:
                 self._kvdrive_attention(key_mass)
+                self._kvdrive_stale(leaf)
 
     def check_hicache_events(self, *args, **kwargs):
         result = super().check_hicache_events(*args, **kwargs)
@@ -279,20 +292,48 @@ class KvdriveCacheMixin:
         self._kvdrive_event(RadixEvent.DEVICE_HIT, getattr(req, "cached_tokens_device", 0))
         self._kvdrive_event(RadixEvent.HOST_HIT, getattr(req, "cached_tokens_host", 0))
 
-    def _kvdrive_finished(self, keys: list[str], mass) -> None:
-        """A finished request's whole chain (prompt and output pages, as they now sit in the tree) and the attention
-        mass captured for it: one access for the promoter, and its attention (summed over ranks first)."""
+    def _kvdrive_finished(self, keys: list[str], mass, leaf=None) -> None:
+        """A finished request's whole chain (prompt and output pages, as they now sit in the tree), the attention
+        mass captured for it and the deepest tree node of the chain: one access for the promoter, and its attention
+        (summed over ranks first). The attention is summed per tracked unit of the promoter here (one step per unit,
+        not per page: pages of one token are tracked in runs, tier/promoter.py), and so is the payload of the sync
+        over ranks."""
         backend = self._kvdrive_backend()
         if not keys or backend is None:
             return
         self._kvdrive_report("record_request", backend.record_request, keys)
+        self._kvdrive_stale(leaf)
         if self._kvdrive_ranks:
             if CAPTURE.every:  # the same on every rank (environment), so the sync's payload lines up
-                self._kvdrive_pending.append((keys, mass))  # summed over ranks at the next sync
-                self._kvdrive_pending_pages += len(keys)
+                units, unit_mass = self._kvdrive_unit_mass(backend, keys, mass)
+                self._kvdrive_pending.append((units, unit_mass, leaf))  # summed over ranks at the next sync
+                self._kvdrive_pending_pages += len(units)
         elif mass is not None:
-            n = min(len(keys), len(mass))
-            self._kvdrive_attention({k: float(m) for k, m in zip(keys[:n], mass[:n])})
+            units, unit_mass = self._kvdrive_unit_mass(backend, keys, mass)
+            self._kvdrive_attention(dict(zip(units, unit_mass.tolist())))
+
+    @staticmethod
+    def _kvdrive_unit_mass(backend, keys: list[str], mass) -> tuple[list[str], np.ndarray | None]:
+        """The promoter's units along ``keys`` (a key naming each) and ``mass`` (per page, or None) summed per unit.
+        The units are the same on every rank (the promoter's state is), so summed payloads line up."""
+        units, starts = backend.promoter.units_of(keys)
+        if mass is None:
+            return units, None
+        n = min(len(keys), len(mass))
+        cut = bisect.bisect_left(starts, n)
+        if cut == 0:
+            return [], np.zeros(0)
+        per_unit = np.add.reduceat(np.ascontiguousarray(mass[:n], dtype=np.float64), np.asarray(starts[:cut]))
+        return units[:cut], per_unit
+
+    def _kvdrive_stale(self, leaf) -> None:
+        """The promoter just observed the pages from the root to ``leaf``: the eviction scores kept on those nodes
+        (PromoterEviction) are stale. O(depth)."""
+        node = leaf
+        while node is not None:
+            if getattr(node, _SCORE_ATTR, None) is not None:
+                setattr(node, _SCORE_ATTR, None)
+            node = node.parent
 
     def _kvdrive_attention(self, key_mass: dict) -> None:
         backend = self._kvdrive_backend()

@@ -18,12 +18,13 @@ counted in ``io.tick_errors``): background upkeep must never stop the reporter.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .cost_meter import PREFILL, ReloadMeter
 from .tier.engine import TierEngine
@@ -50,6 +51,10 @@ class Upkeep:
 
     SPILLED_MAX = 16384  # promotion candidates remembered (keys; the oldest are forgotten first)
     PROMOTE_WINDOW_S = 30.0  # bandwidth left unused longer ago than this is not saved up
+    # Pages scored per hold of the promoter's lock on the reporter's thread: the scheduler's thread reports finished
+    # requests to the same promoter, and at page size 1 a tick can score 10^6 pages; in one piece that held the lock
+    # (and the GIL) for seconds and stalled request finishes by 100s of ms (tests/sglang/test_page1_costs.py)
+    SCORE_SLICE = 2048
 
     def __init__(self, engine: TierEngine, promoter: Promoter, reload_meter: ReloadMeter, *, by_tenant: ByTenant,
                  selective: bool, read_only: bool):
@@ -63,7 +68,10 @@ class Upkeep:
         self.page_size = 0
         self.page_bytes = 0
         self.whole_requests = False  # kvdrive's radix cache reports whole requests (record_request)
-        self._scored: set[str] = set()  # pages observed since their score was last handed to the engine
+        # Pages observed since their score was last handed to the engine, as the observed lists: kept whole, not
+        # copied key by key, because a request's report runs on the scheduler's thread and at page size 1 a 32k-token
+        # request has 32k pages (issue 15); push_scores, on the reporter's thread, flattens them
+        self._scored: list[Sequence[str]] = []
         # Pages that left SGLang's host pool (kvdrive's radix cache reports them), newest last: the candidates the
         # promoter may bring back up from disk into kvdrive's DRAM tier ahead of demand (promote_tick)
         self.spilled: OrderedDict[str, None] = OrderedDict()
@@ -111,7 +119,7 @@ class Upkeep:
             # storage-level calls see part of a request: they must not mark chain ends (whole_request=False)
             self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=False, reuse=use)
         with self._lock:
-            self._scored.update(keys)
+            self._scored.append(list(keys))  # SGLang's list: not ours to keep
 
     def expect_whole_requests(self) -> None:
         """kvdrive's radix cache reports every finished request (record_request): from now on storage-level
@@ -129,7 +137,7 @@ class Upkeep:
         self.whole_requests = True
         self.promoter.observe_access(keys, self.page_size, self.page_bytes, whole_request=True)
         with self._lock:
-            self._scored.update(keys)
+            self._scored.append(keys)
 
     def record_attention(self, key_mass: dict) -> None:
         """Per-page attention mass of a finished request (from kvdrive's radix cache): the promoter's signal.
@@ -141,7 +149,7 @@ class Upkeep:
             return
         self.promoter.observe_attention(key_mass)
         with self._lock:
-            self._scored.update(key_mass)
+            self._scored.append(list(key_mass))
             self._counts["attention_pages"] += len(key_mass)
 
     # --- promotion candidates ----------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ class Upkeep:
                 continue  # nothing to bring up for a server that is stopping
             try:
                 step()
-            except Exception:  # noqa: BLE001 - background upkeep must never stop the reporter
+            except Exception:  # background upkeep must never stop the reporter
                 with self._lock:
                     self._counts["tick_errors"] += 1
                     first = self._counts["tick_errors"] == 1
@@ -197,14 +205,17 @@ class Upkeep:
             Pages scored.
         """
         with self._lock:
-            keys, self._scored = list(self._scored), set()
+            observed, self._scored = self._scored, []
+        keys = list(dict.fromkeys(itertools.chain.from_iterable(observed)))
         if keys and self.ns is not None:
             for ns, idx in self._by_tenant(keys):
-                part = [keys[i] for i in idx]
-                self.engine.set_scores(ns, part, self.promoter.score_of(part))
-                if self.selective and not self.read_only:
-                    # pages admitted since they were stored (reused, continued) go down now: not lost in a crash
-                    self.engine.write_down(ns, [k for k in part if self.promoter.admit(k)])
+                for at in range(0, len(idx), self.SCORE_SLICE):
+                    part = [keys[i] for i in idx[at:at + self.SCORE_SLICE]]
+                    self.engine.set_scores(ns, part, self.promoter.score_of(part))
+                    if self.selective and not self.read_only:
+                        # pages admitted since they were stored (reused, continued) go down now: not lost in a crash
+                        self.engine.write_down(ns, self.promoter.admitted(part))
+                    time.sleep(0)  # let the scheduler's thread in between slices
         return len(keys)
 
     def calibrate(self) -> None:

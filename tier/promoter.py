@@ -29,6 +29,17 @@ The value of a page
     clearly better on multi-turn sessions, where a long half-life lets finished sessions' much-reused history
     outrank live sessions' newest turns (LFU pollution).
 
+Tracked units
+    The promoter keeps its state per *unit*: a page, or, for pages of fewer than 16 tokens (SGLang on CUDA defaults
+    to one-token pages), a run of up to ceil(unit_tokens / tokens_per_page) consecutive pages of a chain (default
+    unit_tokens 64: the size of a page-64 page), aligned on the chain's position, sharing one state (reuse, recency,
+    attention mass summed over its pages, value per byte of a whole unit). Every page key still answers for itself
+    (score_of, admit, reuse, ...) through its unit. Pages of 16 tokens or more are units of their own, exactly as
+    before; at page size 1 the per-request work, the tracking state and the eviction priority's cost per node shrink
+    64-fold, and ``max_tracked`` (counted in units) holds 64x the tokens (issue 15: at page size 1 the 262,144
+    tracked pages were 262k tokens, forgotten before admission). A unit is created by the first observation of its pages; a later chain
+    that runs into it and diverges inside it starts a unit of its own for the rest (as a radix tree splits a node).
+
 Time-invariant scores
     Every term of heat decays at the same rate, so value(t) * 2^(t / half_life) never changes between observations.
     Its log2 (plus a constant offset) is the page's *score*: a fixed number that orders pages exactly as their value
@@ -60,7 +71,7 @@ order or on when a decision is asked. Two promoters fed the same trace with the 
 across TP ranks, feed every rank the same (all-reduced) attention and a clock reading all ranks agree on
 (``set_clock``): kvdrive's radix cache does both (radix_backend._kvdrive_sync).
 
-Thread-safe: one lock. observe_* is O(1) per key; orderings are O(n log n).
+Thread-safe: one lock. observe_access is O(1) per unit (plus C-level list work per key); orderings are O(n log n).
 """
 from __future__ import annotations
 
@@ -68,8 +79,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 from .errors import ConfigError
 
@@ -79,6 +91,7 @@ TIERS = ("gpu", "host", "dram", "queued", "staged", "disk")
 LOSSY_CODECS = ("int8", "fp8")
 _NEG_INF = float("-inf")
 _SCORE_OFFSET = 4096.0  # keeps scores positive: the engine treats score 0 as "no score"
+_UNIT_PAGE_TOKENS = 16  # pages of at least this many tokens are tracked one by one (module doc: tracked units)
 _CHAIN_STEP = 1e-6  # log2 units: a prefix page outranks the pages after it by this much (0.00007 %)
 _LN2 = math.log(2.0)
 _GB = 1e9
@@ -107,7 +120,8 @@ class PromoterConfig:
     promote_share: float = 0.2  # share of the disk's read bandwidth spent bringing pages up ahead of demand (0: off)
     lossy_ok: bool = False  # allow a lossy codec on disk
     lossy_codec: str = "int8"
-    max_tracked: int = 262144  # pages with tracking state; beyond it the least recently observed are forgotten
+    max_tracked: int = 262144  # units with tracking state; beyond it the least recently observed are forgotten
+    unit_tokens: int = 64  # pages of fewer than 16 tokens are tracked in runs of ceil(unit_tokens / page) (module doc)
 
     def __post_init__(self):
         def number(name, *, zero_ok=False):
@@ -127,7 +141,7 @@ class PromoterConfig:
                               f"got {self.promote_share!r}")
         if self.admit_min_value is not None:
             number("admit_min_value")
-        for name in ("admit_min_reuse", "max_tracked"):
+        for name in ("admit_min_reuse", "max_tracked", "unit_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"promoter {name} must be a positive integer, got {v!r}")
@@ -173,18 +187,24 @@ def _lae2(a: float, b: float) -> float:
 
 
 class _Page:
-    __slots__ = ("reuse", "t_access", "seq", "mass_log", "nbytes", "tokens", "tail", "extends", "score")
+    """A tracked unit: one page, or a run of consecutive pages of a chain (``members``; see the module doc)."""
 
-    def __init__(self):
-        self.tail = False  # the last page of some request's chain
+    __slots__ = ("extends", "mass_log", "members", "name", "nbytes", "reuse", "score", "seq", "span", "t_access",
+                 "tails", "tokens")
+
+    def __init__(self, name: str, members: list[str] | None = None, span: int = 1):
+        self.name = name  # its key in Promoter._pages: the (first) page's key
+        self.members = members  # the pages of a multi-page unit, in chain order (None: the page ``name`` alone)
+        self.span = span  # pages of a whole unit at this page size: its value is per byte of a whole unit
+        self.tails = 0  # bit i: member i is the last page of some request's chain
         self.extends = False  # created by a request that continued an earlier request's chain
         self.reuse = 0
         self.t_access = None  # clock reading of the last access (None: only attention seen)
         self.seq = -1  # access order; larger = more recent
         self.mass_log = _NEG_INF  # log2(mass * 2^(t_obs / half_life)), summed over observations
-        self.nbytes = 0
-        self.score = None  # _log_score, cached: constant until the page is observed again (None: not computed)
-        self.tokens = 0
+        self.nbytes = 0  # of one page
+        self.score = None  # _log_score, cached: constant until the unit is observed again (None: not computed)
+        self.tokens = 0  # of one page
 
 
 class Promoter:
@@ -194,10 +214,14 @@ class Promoter:
             raise ConfigError(f"promoter config must be a PromoterConfig, got {type(self.config).__name__}")
         self._clock = clock
         self._lock = threading.Lock()
-        self._pages: OrderedDict[str, _Page] = OrderedDict()  # least recently observed first
+        self._pages: OrderedDict[str, _Page] = OrderedDict()  # units by name, least recently observed first
+        self._alias: dict[str, _Page] = {}  # every page key of a multi-page unit -> the unit
         self._seq = 0
         self._typical_bytes = 0  # bytes of the last page observed: stands in for pages seen only via attention
         self._typical_tokens = 0
+        self._typical_span = 1  # pages per unit at the last observed page size
+        self._singles = 0  # units of one page (members None)
+        self._last = None  # (keys, len, runs) of the last observe_access, for units_of
         self._log_floor = math.log2(self.config.attention_floor)
         self._inv_hl = 1.0 / self.config.half_life_s
         self._forgotten = 0
@@ -279,27 +303,36 @@ class Promoter:
         order. ``whole_request=False`` for partial observations (a storage read or write of some of a request's
         pages): they count reuse and recency but neither mark the end of a chain nor detect a continuation.
         ``reuse=False``: recency and size only (a page being stored is not a use of it; a storage read whose
-        request will be observed whole when it finishes must not count twice)."""
+        request will be observed whole when it finishes must not count twice). Pages of fewer than
+        ``unit_tokens`` tokens are tracked in units (module doc): one step per unit, not per page."""
         for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
+        span = 1 if tokens_per_page >= _UNIT_PAGE_TOKENS else -(-self.config.unit_tokens // tokens_per_page)
         now = self._clock()
         with self._lock:
+            runs = self._track(keys, span)
+            # units_of right after this call, for the same list (a finished request's attention): no second walk
+            self._last = (keys, len(keys), runs)
             # Continuation: the chain runs through the last page of an earlier request (a conversation's next turn,
             # an agent's next step), so its new pages will most likely be continued in turn.
             cont = False
-            for k in (keys[:-1] if whole_request else ()):
-                p = self._pages.get(k)
-                if p is not None and p.tail:
-                    cont = True
-                    break
+            if whole_request:
+                pos, last = 0, len(keys) - 1
+                for p, off, take in runs:
+                    inner = take if pos + take <= last else take - 1  # the chain's own last page does not count
+                    if inner > 0 and (p.tails >> off) & ((1 << inner) - 1):
+                        cont = True
+                        break
+                    pos += take
             if cont:
                 self._continuations += 1
-            # the first page of the prefix gets the newest sequence number: on equal value the tail goes first
-            self._seq += len(keys)
+            # the first unit of the prefix gets the newest sequence number: on equal value the tail goes first
+            self._seq += len(runs)
             seq = self._seq
-            for k in keys:
-                p = self._touch(k)
+            pages = self._pages
+            for p, _, _ in runs:
+                pages.move_to_end(p.name)
                 if cont and p.reuse == 0:
                     p.extends = True
                 p.reuse += 1 if reuse else 0
@@ -309,15 +342,18 @@ class Promoter:
                 seq -= 1
                 p.nbytes = bytes_per_page
                 p.tokens = tokens_per_page
-            if keys and whole_request:
-                self._pages[keys[-1]].tail = True
+            if runs and whole_request:
+                p, off, take = runs[-1]
+                p.tails |= 1 << (off + take - 1)
             self._typical_bytes = bytes_per_page
             self._typical_tokens = tokens_per_page
+            self._typical_span = span
             self._accesses += len(keys)
             self._bound()
 
     def observe_attention(self, key_to_mass: Mapping[str, float]) -> None:
-        """Add attention mass received by pages now (decays by half every half-life from now on)."""
+        """Add attention mass received by pages now (decays by half every half-life from now on). Pages of one unit
+        add to its mass; callers with many small pages sum them per unit first (``units_of``) to save the steps."""
         now_anchor = self._clock() * self._inv_hl
         with self._lock:
             for k, m in key_to_mass.items():
@@ -334,30 +370,52 @@ class Promoter:
             self._attention += len(key_to_mass)
             self._bound()
 
+    def units_of(self, keys: Sequence[str]) -> tuple[list[str], list[int]]:
+        """The tracked units along a chain of page keys: each run of consecutive pages of one unit as (a key that
+        names the unit, the run's first position in ``keys``); an untracked page is a run of its own. For summing a
+        request's per-page attention per unit before observe_attention (and before a sync over ranks)."""
+        with self._lock:
+            last = self._last
+            if last is not None and last[0] is keys and last[1] == len(keys):
+                runs = last[2]
+            else:
+                runs = self._runs(keys)
+        names, starts, pos = [], [], 0
+        for p, _, take in runs:
+            names.append(keys[pos] if p is None else p.name)
+            starts.append(pos)
+            pos += take
+        return names, starts
+
     def forget(self, keys: Iterable[str]) -> None:
-        """Drop the tracking state of pages (e.g. deleted everywhere)."""
+        """Drop the tracking state of pages (e.g. deleted everywhere): of the whole unit of each."""
         with self._lock:
             for k in keys:
-                self._pages.pop(k, None)
+                p = self._unit(k)
+                if p is not None:
+                    self._drop(p)
 
     # --- values -----------------------------------------------------------------------------------------------
     def value(self, key: str) -> float:
         """heat x reuse / reload seconds (from disk), now. 0 for a page never seen."""
         now_anchor = self._clock() * self._inv_hl
         with self._lock:
-            s = self._log_score(self._pages.get(key))
+            s = self._log_score(self._unit(key))
         return 0.0 if s == _NEG_INF else 2.0 ** (s - now_anchor)
 
     def attention_mass(self, key: str) -> float:
-        """The page's decayed attention mass now (no floor, no reuse)."""
+        """The page's decayed attention mass now (no floor, no reuse): of a multi-page unit, an even share of the
+        unit's (as the attention capture spreads a group's mass over its pages)."""
         now_anchor = self._clock() * self._inv_hl
         with self._lock:
-            p = self._pages.get(key)
-            return 0.0 if p is None or p.mass_log == _NEG_INF else 2.0 ** (p.mass_log - now_anchor)
+            p = self._unit(key)
+            if p is None or p.mass_log == _NEG_INF:
+                return 0.0
+            return 2.0 ** (p.mass_log - now_anchor) / (1 if p.members is None else len(p.members))
 
     def reuse(self, key: str) -> int:
         with self._lock:
-            p = self._pages.get(key)
+            p = self._unit(key)
             return 0 if p is None else p.reuse
 
     def score_of(self, keys: Sequence[str], *, chain: bool = False) -> list[float]:
@@ -366,8 +424,10 @@ class Promoter:
         ``chain=True``: the keys are one prefix chain in order (a request's pages). A page is useless without the
         pages before it, so each is raised to just above the highest score after it: the chain then loses its tail
         first, and a valuable late page keeps its whole prefix."""
+        raw: list[float] = []
         with self._lock:
-            raw = [self._log_score(self._pages.get(k)) for k in keys]
+            for p, _, take in self._runs(keys):  # one score per run of a unit's pages
+                raw += [self._log_score(p)] * take
         out = [0.0 if s == _NEG_INF else max(s + _SCORE_OFFSET, 1e-9) for s in raw]
         if chain:
             after = 0.0
@@ -379,26 +439,26 @@ class Promoter:
 
     def group_score(self, keys: Sequence[str]) -> float:
         """One score for a group evicted together (a radix node): log2 of the mean page value, same scale as
-        score_of. 0.0 when no page is known."""
-        pages, score = self._pages, self._log_score
+        score_of. 0.0 when no page is known. One step per unit the pages belong to."""
         with self._lock:
-            raw = [score(pages.get(k)) for k in keys]
+            raw = [(self._log_score(p), take) for p, _, take in self._runs(keys)]
         if not raw:
             return 0.0
-        top = max(raw)
+        top = max(s for s, _ in raw)
         if top == _NEG_INF:
             return 0.0
-        # log2 of the sum of 2^s, relative to the largest (no overflow); unknown pages (-inf) add 0
-        acc = top + math.log2(math.fsum(2.0 ** (s - top) for s in raw))
-        return max(acc - math.log2(len(raw)) + _SCORE_OFFSET, 1e-9)
+        # log2 of the sum of 2^s over pages, relative to the largest (no overflow); unknown pages (-inf) add 0
+        acc = top + math.log2(math.fsum(take * 2.0 ** (s - top) for s, take in raw))
+        return max(acc - math.log2(len(keys)) + _SCORE_OFFSET, 1e-9)
 
     def access_score(self, t_access: float, reuse: int = 1, nbytes: int | None = None) -> float:
         """The score a page the promoter never observed would have, had it been accessed at ``t_access`` (this
         promoter's clock) ``reuse`` times with no attention: so pages it knows and pages it does not (e.g. radix
-        nodes not yet written down) rank on one scale, the unknown ones by recency as in LRU."""
+        nodes not yet written down) rank on one scale, the unknown ones by recency as in LRU. ``nbytes``: of the
+        tracked unit (default: a whole unit of the last observed page size)."""
         with self._lock:
             heat = self._log_floor + t_access * self._inv_hl
-            size = nbytes or self._typical_bytes or 1
+            size = nbytes or self._typical_bytes * self._typical_span or 1
         reload_s = size / (self.config.disk_gbps * _GB)
         return max(heat + math.log2(max(int(reuse), 1)) - math.log2(reload_s) + _SCORE_OFFSET, 1e-9)
 
@@ -408,7 +468,7 @@ class Promoter:
         with self._lock:
             rows = []
             for k in dict.fromkeys(keys):
-                p = self._pages.get(k)
+                p = self._unit(k)
                 rows.append((self._log_score(p), p.seq if p is not None else -1, k))
         rows.sort()
         return [k for _, _, k in rows]
@@ -417,7 +477,7 @@ class Promoter:
         """Write this page down to DRAM/disk? reuse >= admit_min_reuse, or value >= admit_min_value."""
         cfg = self.config
         with self._lock:
-            p = self._pages.get(key)
+            p = self._unit(key)
             if p is None:
                 return False
             if p.reuse >= cfg.admit_min_reuse or (p.extends and cfg.admit_continuations):
@@ -426,6 +486,20 @@ class Promoter:
                 return False
             s = self._log_score(p)
         return s != _NEG_INF and 2.0 ** (s - self._clock() * self._inv_hl) >= cfg.admit_min_value
+
+    def admitted(self, keys: Sequence[str]) -> list[str]:
+        """The keys that ``admit`` would write down, decided once per run of a unit's pages."""
+        out = []
+        pos = 0
+        for p, _, take in self._locked_runs(keys):
+            if p is not None and self.admit(keys[pos]):
+                out += keys[pos:pos + take]
+            pos += take
+        return out
+
+    def _locked_runs(self, keys: Sequence[str]):
+        with self._lock:
+            return self._runs(keys)
 
     def prefetch(self, candidates: Sequence[str], budget_bytes: int, to_tier: str = "dram") -> list[str]:
         """Candidates to bring up into ``to_tier`` ahead of demand, highest value first, within ``budget_bytes``
@@ -441,7 +515,7 @@ class Promoter:
         with self._lock:
             rows = []
             for i, k in enumerate(dict.fromkeys(candidates)):
-                p = self._pages.get(k)
+                p = self._unit(k)
                 nbytes = p.nbytes if p is not None and p.nbytes else self._typical_bytes
                 tokens = p.tokens if p is not None and p.tokens else self._typical_tokens
                 if tokens and latency + nbytes * per_byte >= tokens * self._recompute_s_per_token():
@@ -511,20 +585,127 @@ class Promoter:
                     "continuations": self._continuations, "attention_updates": self._attention}
 
     # --- internals --------------------------------------------------------------------------------------------
+    def _unit(self, key: str) -> _Page | None:
+        p = self._alias.get(key)
+        return self._pages.get(key) if p is None else p
+
+    def _runs(self, keys: Sequence[str], grouped: bool = False) -> list[tuple[_Page | None, int, int]]:
+        """``keys`` as runs of consecutive pages of one tracked unit, (unit, offset of the run's first page in it,
+        pages), and of untracked pages, (None, 0, pages). A key names its whole prefix (a chain hash), so two chains
+        that agree on a page agree on every page before it: where a run ends and where an untracked stretch ends
+        are found by comparing a few keys (galloping, then bisecting), not every page. ``grouped``: find untracked
+        stretches even while there are no multi-page units yet (to create them)."""
+        pages, alias = self._pages, self._alias
+        if not alias and not grouped:  # no multi-page units (pages of unit_tokens or more): every page is its own
+            return [(pages.get(k), 0, 1) for k in keys]
+        singles = self._singles
+
+        def tracked(x):
+            return x in alias or (singles and x in pages)
+
+        out, i, n = [], 0, len(keys)
+        while i < n:
+            k = keys[i]
+            p = alias.get(k)
+            if p is not None:
+                m = p.members
+                off = 0 if m[0] == k else m.index(k)
+                take = min(len(m) - off, n - i)
+                if m[off + take - 1] != keys[i + take - 1]:  # the chain leaves the unit inside it: bisect
+                    lo, hi = 1, take - 1  # pages [0, lo) agree, page hi does not
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        if m[off + mid] == keys[i + mid]:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    take = lo
+                out.append((p, off, take))
+                i += take
+                continue
+            p = pages.get(k) if singles else None
+            if p is not None:  # a single page's unit
+                out.append((p, 0, 1))
+                i += 1
+                continue
+            # untracked: gallop to a tracked page (or the end), then bisect for the first one
+            lo, step = i + 1, 1  # keys[i:lo] untracked
+            while lo < n and not tracked(keys[min(lo + step, n) - 1]):
+                lo = min(lo + step, n)
+                step *= 2
+            hi = min(lo + step, n)  # keys[hi - 1] tracked, or hi == n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if tracked(keys[mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out.append((None, 0, lo - i))
+            i = lo
+        return out
+
+    def _track(self, keys: Sequence[str], span: int) -> list[tuple[_Page, int, int]]:
+        """Runs of ``keys`` (as _runs), with units created for the untracked pages: of up to ``span`` pages each,
+        aligned on the position in ``keys`` (a whole chain's position from its root)."""
+        pages, alias = self._pages, self._alias
+        keys = keys if isinstance(keys, list) else list(keys)
+        out, pos = [], 0
+        for p, off, take in self._runs(keys, grouped=span > 1):
+            if p is not None:
+                out.append((p, off, take))
+                pos += take
+                continue
+            end_run = pos + take
+            while pos < end_run:
+                end = min(end_run, (pos // span + 1) * span)
+                group = keys[pos:end]
+                if not all(map(str.__instancecheck__, group)):  # one C-level pass
+                    bad = next(k for k in group if not isinstance(k, str))
+                    raise ConfigError(f"page key must be a str, got {type(bad).__name__}")
+                name = group[0]
+                u = pages.get(name)  # a page seen only through attention: its unit grows, its mass is kept
+                if u is None:
+                    u = pages[name] = _Page(name)
+                    if span == 1:
+                        self._singles += 1
+                elif span > 1:
+                    self._singles -= 1
+                if span > 1:
+                    u.members, u.span = group, span
+                    alias.update(dict.fromkeys(group, u))
+                out.append((u, 0, len(group)))
+                pos = end
+        return out
+
     def _touch(self, key: str) -> _Page:
-        p = self._pages.get(key)
+        p = self._unit(key)
         if p is None:
             if not isinstance(key, str):
                 raise ConfigError(f"page key must be a str, got {type(key).__name__}")
-            p = self._pages[key] = _Page()
+            p = self._pages[key] = _Page(key)
+            self._singles += 1
         else:
-            self._pages.move_to_end(key)
+            self._pages.move_to_end(p.name)
         return p
+
+    def _drop(self, p: _Page) -> None:
+        if self._pages.get(p.name) is p:
+            del self._pages[p.name]
+        self._unlink(p)
+
+    def _unlink(self, p: _Page) -> None:
+        if p.members is None:
+            self._singles -= 1
+            return
+        alias = self._alias
+        for k in p.members:
+            if alias.get(k) is p:
+                del alias[k]
 
     def _bound(self) -> None:
         over = len(self._pages) - self.config.max_tracked
         for _ in range(over):
-            self._pages.popitem(last=False)
+            self._unlink(self._pages.popitem(last=False)[1])
         if over > 0:
             self._forgotten += over
 
@@ -539,7 +720,8 @@ class Promoter:
             heat = _lae2(heat, self._log_floor + p.t_access * self._inv_hl)
         if heat == _NEG_INF:
             return _NEG_INF
-        nbytes = p.nbytes or self._typical_bytes or 1
+        # value per byte of a whole unit: runs of small pages rank as one page of unit_tokens tokens would
+        nbytes = p.nbytes * p.span if p.nbytes else self._typical_bytes * self._typical_span or 1
         reload_s = nbytes / (self.config.disk_gbps * _GB)
         reuse = p.reuse + 1 if p.extends else p.reuse
         score = heat + math.log2(max(reuse, 1)) - math.log2(reload_s)

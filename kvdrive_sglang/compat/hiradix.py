@@ -73,10 +73,10 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
         result = super().cache_finished_req(req, *args, **kwargs)
         # the request's whole chain as it now sits in the tree (prompt and output pages): req.last_node marks only
         # what the last cache_unfinished_req inserted (none of a request that finished at its prefill)
-        keys = self._kvdrive_chain_keys(self._kvdrive_finished_key(req, kwargs.get("kv_len_to_handle"))) \
-            if self.enable_storage else []
+        keys, leaf = self._kvdrive_chain_keys(self._kvdrive_finished_key(req, kwargs.get("kv_len_to_handle"))) \
+            if self.enable_storage else ([], None)
         self._kvdrive_report_hits(req)
-        self._kvdrive_finished(keys, mass)
+        self._kvdrive_finished(keys, mass, leaf)
         return result
 
     def _kvdrive_finished_key(self, req, kv_len):
@@ -86,10 +86,11 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
             token_ids = token_ids[:kv_len]
         return RadixKey(token_ids, req.extra_key, is_bigram=self.is_eagle).page_aligned(self.page_size)
 
-    def _kvdrive_chain_keys(self, key) -> list[str]:
+    def _kvdrive_chain_keys(self, key) -> tuple[list[str], Any]:
         """Storage keys of the pages of ``key`` held in the tree, in sequence order, from the root as far as the
-        tree holds them. Read-only: unlike match_prefix it splits no node and stamps no access time."""
-        node, ps, out = self.root_node, self.page_size, []
+        tree holds them, and the deepest node they reach (None: none). Read-only: unlike match_prefix it splits no
+        node and stamps no access time."""
+        node, ps, out, leaf = self.root_node, self.page_size, [], None
         while len(key):
             child = node.children.get(key.child_key(ps))
             if child is None:
@@ -99,10 +100,11 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
                 break  # not hashed (storage attached later): nothing below it is either
             self._kvdrive_fix_keys(child)
             out.extend(child.hash_value[:n // ps])
+            leaf = child
             if n < len(child.key):
                 break
             node, key = child, key[n:]
-        return out
+        return out, leaf
 
 
     def pop_prefetch_loaded_tokens(self, req_id: str) -> int:

@@ -126,7 +126,8 @@ class KvdriveUnifiedRadixCache(KvdriveCacheMixin, UnifiedRadixCache):
         if finished and self.enable_storage:
             # the request's whole chain as it now sits in the tree (prompt and output pages): the insert moved
             # req.last_node to the node it ended on
-            self._kvdrive_finished(self._kvdrive_chain_keys(req.last_node), mass)
+            leaf = None if req.last_node is None else self.tree_core.node_by_id(req.last_node)
+            self._kvdrive_finished(self._kvdrive_chain_keys(req.last_node), mass, leaf)
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         if not (checkpointed and req.finished()):

@@ -465,3 +465,64 @@ def test_cached_page_scores_always_equal_freshly_computed_ones():
             for page in p._pages.values():
                 page.score = None
             assert cached == [p.group_score(n) for n in nodes], step
+
+
+# --- page size 1 (issue 15) ---------------------------------------------------------------------------------------
+def _chain(tag, n):
+    return [f"{tag}{i:062x}" for i in range(n)]
+
+
+def test_a_million_one_token_pages_stay_tracked():
+    """At page size 1 (SGLang's CUDA default) 10^6 tokens are 10^6 pages: with one state per page the default
+    max_tracked (262,144) forgot three quarters of them before any could be admitted. Units of 64 one-token pages
+    keep them all, and every page still answers for itself."""
+    p, clock = make()
+    chains = [_chain(f"{r:02x}", 32768) for r in range(31)] + [_chain("zz", 1048576 - 31 * 32768)]
+    for keys in chains:
+        clock.t += 1
+        p.observe_access(keys, 1, 512)
+    assert sum(map(len, chains)) == 1_000_000 + 48576
+    s = p.stats()
+    assert s["forgotten"] == 0 and s["tracked"] == 1048576 // 64
+    first = chains[0]
+    assert p.reuse(first[0]) == 1 and p.reuse(first[-1]) == 1 and p.value(first[12345]) > 0
+    p.observe_access(first[:1000], 1, 512)  # a second request over the first 1000 tokens of the first document
+    assert p.admit(first[0]) and p.admit(first[959])  # reused: admitted, through their units
+    assert not p.admit(first[1024]) and p.reuse(first[1024]) == 1  # beyond the reused prefix's units
+
+
+def test_one_token_pages_rank_and_admit_like_sixty_four_token_pages():
+    """A unit of 64 one-token pages carries the state a 64-token page would: the same eviction order, the same
+    admission, the same score for the same bytes; a chain that leaves a unit inside it gets a unit of its own."""
+    small, clock_s = make()
+    big, clock_b = make()
+    doc = _chain("d", 256)  # 256 one-token pages = 4 units
+    big_doc = [doc[i] for i in range(63, 256, 64)]  # the same tokens as four 64-token pages
+    small.observe_access(doc, 1, 512)
+    big.observe_access(big_doc, 64, 64 * 512)
+    assert small.stats()["tracked"] == 4
+    assert small.score_of(doc)[::64] == big.score_of(big_doc)
+    clock_s.t = clock_b.t = 10.0
+    small.observe_access(doc[:128] + _chain("q", 64), 1, 512)  # a question after the first half
+    big.observe_access(big_doc[:2] + ["q-page"], 64, 64 * 512)
+    assert [small.admit(doc[i]) for i in (0, 127, 128, 255)] == [True, True, False, False]
+    assert small.eviction_order([doc[0], doc[200]]) == [doc[200], doc[0]]  # the unreused half goes first
+    assert big.eviction_order([big_doc[0], big_doc[3]]) == [big_doc[3], big_doc[0]]
+    # a chain leaving a unit inside it: the shared part counts for the unit, the rest is a new unit
+    branch = doc[:100] + _chain("b", 60)
+    small.observe_access(branch, 1, 512)
+    assert small.reuse(doc[99]) == 3 and small.reuse(branch[100]) == 1 and small.reuse(doc[150]) == 1
+    names, starts = small.units_of(branch)
+    assert starts == [0, 64, 100, 128] and names[2:] == [branch[100], branch[128]]  # aligned on position
+    # attention mass summed per unit reaches every page of it
+    small.observe_attention({names[2]: 0.5})
+    assert small.attention_mass(branch[127]) == pytest.approx(0.5 / 28)  # an even share of the unit's (28 pages)
+    assert small.attention_mass(branch[128]) == 0.0
+
+
+def test_group_score_of_a_node_of_one_token_pages_steps_per_unit():
+    p, _ = make()
+    keys = _chain("n", 4096)
+    p.observe_access(keys, 1, 512)
+    assert len(p._runs(keys[10:4000])) == 63  # 3990 pages in 63 runs of units, not 3990 steps
+    assert p.group_score(keys[10:4000]) == pytest.approx(p.group_score(keys[:64]))
