@@ -224,7 +224,7 @@ class Upkeep:
         (only once enough pages were read to mean something); keep new measurements in the store."""
         s = self.engine.stats()
         tiers = {}
-        for tier, seconds, pages in (("dram", s.decode_s, s.hits_host + s.hits_queued),
+        for tier, seconds, pages in (("dram", s.decode_s, s.hits_dram + s.hits_queued),
                                      ("disk", s.disk_get_s, s.disk_get_pages)):
             s0, p0 = self._timing_seen.get(tier, (0.0, 0))
             if pages - p0 >= 32:  # else keep measuring over a longer span

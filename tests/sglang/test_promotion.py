@@ -47,7 +47,7 @@ def test_spilled_pages_come_back_up_and_are_then_served_from_dram(tmp_path):
     assert all(be.batch_get_v1(doc, out))
     got = pages_of(host, out, 4)
     assert all(torch.equal(g, data[k]) for g, k in zip(got, doc))  # the same bytes, from DRAM
-    assert be.engine.disk.stats().hits == disk_reads and be.engine.stats().hits_host == 4
+    assert be.engine.disk.stats().hits == disk_reads and be.engine.stats().hits_dram == 4
     be.upkeep.last_promote -= 1.0
     assert be.promote_tick() == 0  # promoted (and now loaded) pages are no longer candidates
     be.close()
