@@ -116,9 +116,8 @@ def calibrate_file(tmp: str, pages: int, reps: int) -> dict:
     """SGLang's HiCacheFile (real files, raw pages) on the same 256 KiB bf16 pages: batch_set GB/s, cold batch_get
     GB/s (page cache dropped) and the fixed latency of a one-page get."""
     import torch
-    from sglang.srt.mem_cache.hicache_storage import HiCacheFile
-
     from replay.tiers import file_storage_config
+    from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
     data = [torch.from_numpy(p.view(np.int16)).view(torch.bfloat16).flatten() for p in _calib_pages(pages)]
     raw = sum(p.numel() * 2 for p in data)
@@ -150,7 +149,8 @@ def calibrate_file(tmp: str, pages: int, reps: int) -> dict:
     res = {"file_read_gbps": statistics.median(reads), "file_write_gbps": statistics.median(writes),
            "single_page_file_read_s": statistics.median(single),
            "runs": {"file_read_gbps": reads, "file_write_gbps": writes}}
-    res["file_latency_s"] = max(0.0, res["single_page_file_read_s"] - data[0].numel() * 2 / (res["file_read_gbps"] * GB))
+    page_read_s = data[0].numel() * 2 / (res["file_read_gbps"] * GB)
+    res["file_latency_s"] = max(0.0, res["single_page_file_read_s"] - page_read_s)
     return res
 
 

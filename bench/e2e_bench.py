@@ -21,9 +21,10 @@ same directory and every document is asked again as it was first asked: the rest
 with the same prompts' cold TTFT on the radix server after a cache flush.
 
 Recorded per configuration: TTFT p50/p99, request and output-token rates at the trace's open-loop arrival rate (what
-the trace asked for over its makespan: not capacity, which a closed-loop run would measure), prompt tokens served per tier (device /
-host / storage, from SGLang's per-request ``cached_tokens_details``) and computed, greedy outputs compared with the
-radix run (identical is expected with the lossless codec), server start time; for restarts, TTFT after restart / cold.
+the trace asked for over its makespan: not capacity, which a closed-loop run would measure), prompt tokens served per
+tier (device / host / storage, from SGLang's per-request ``cached_tokens_details``) and computed, greedy outputs
+compared with the radix run (identical is expected with the lossless codec), server start time; for restarts, TTFT after
+restart / cold.
 Results: ``bench/results/e2e-<preset>.json`` and ``.md`` (``--out`` to change; the demo writes nothing unless asked).
 
 The ``gpu-defaults`` presets give the server nothing beyond the model and ``--kv-tier kvdrive`` (plus what the
@@ -354,7 +355,8 @@ def run_config(config: str, p: Preset, model: str, trace: list[Request], restart
     hooks = HOOK_LINE.findall(srv.log_text())  # kvdrive's summary line at shutdown: its hooks' own host time
     if hooks:
         ms, passes, share = hooks[-1]
-        out["hooks"] = {"capture_ms": int(ms), "forward_passes": int(passes), "share_of_forward_time": float(share) / 100}
+        out["hooks"] = {"capture_ms": int(ms), "forward_passes": int(passes),
+                        "share_of_forward_time": float(share) / 100}
     if p.restart and config != "radix":
         print(f"[{config}] restarting on the same store", file=sys.stderr)
         srv = start("restart")

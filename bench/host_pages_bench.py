@@ -69,7 +69,8 @@ def measure(kind: str, layout: str, page_size: int, pages: int, repeats: int) ->
     g = torch.Generator().manual_seed(0)
     starts = [p * page_size for p in torch.randperm(int(host.size) // page_size, generator=g)[:pages].tolist()]
     src = batched.scratch(pages).pages[:pages]
-    row = {"kind": kind, "layout": layout, "page_size": page_size, "pages": pages, "page_kib": batched.page_bytes / 1024}
+    row = {"kind": kind, "layout": layout, "page_size": page_size, "pages": pages,
+           "page_kib": batched.page_bytes / 1024}
     for name, pg in (("batched", batched), ("per_page", per_page)):
         row[f"read_ms_{name}"] = per_call_ms(lambda pg=pg: pg.read(starts), repeats)
         row[f"write_ms_{name}"] = per_call_ms(lambda pg=pg: pg.write(starts, src), repeats)

@@ -19,8 +19,13 @@ import time
 import numpy as np
 import torch
 
-from kvdrive_sglang.kernels import (attention_lse, dequant_body, gather_pages_layers, page_attention_mass,
-                                    scatter_pages_layers)
+from kvdrive_sglang.kernels import (
+    attention_lse,
+    dequant_body,
+    gather_pages_layers,
+    page_attention_mass,
+    scatter_pages_layers,
+)
 from kvdrive_sglang.tier.codecs import HEADER, decode_page, encode_page
 from kvdrive_sglang.tier.synthetic import kv_page
 

@@ -35,7 +35,8 @@ Policies (same tiers, same budgets):
              tiers), every tier hit reloaded.
   promoter   tree eviction by promoter value (radix EvictionStrategy whose priority is Promoter.group_score of the
              node's pages); write-down only of admitted pages (reuse >= 2, or a conversation's continuation; at
-             insert and, for pages that qualify later, when the tree evicts them); TierEngine.set_scores from Promoter.score_of(chain=True);
+             insert and, for pages that qualify later, when the tree evicts them); TierEngine.set_scores from
+             Promoter.score_of(chain=True);
              reload-vs-recompute per hit prefix (Promoter.plan_prefix); background prefetch disk -> DRAM of the
              highest-value disk-only pages among those that left the GPU tree (Promoter.prefetch, then
              TierEngine.promote, as the server does with pages leaving SGLang's host pool), within a bandwidth budget.
@@ -71,12 +72,13 @@ if REPO not in sys.path:
 
 from bench_common import add_allow_dirty, guard_results, machine  # noqa: E402
 from cost_model import CostModel, calibrate, percentile  # noqa: E402
-from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
-from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
-from kvdrive_sglang.tier.promoter import Promoter, PromoterConfig  # noqa: E402
 from replay import Config, Replay, ReplayError, SyntheticPages  # noqa: E402
 from replay.tiers import N_POOL_PAGES, SMALL_SHAPE  # noqa: E402
 from workloads import PAGE_TOKENS, Workload, docs_workload, sessions_workload  # noqa: E402
+
+from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
+from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
+from kvdrive_sglang.tier.promoter import Promoter, PromoterConfig  # noqa: E402
 
 MiB = 1 << 20
 VARIANTS = {  # promoter_bench's hierarchy: no host pool (L2); pages go GPU -> kvdrive
@@ -210,7 +212,8 @@ def markdown(report: dict) -> str:
     lines += [
         f"| PCIe GB/s | {a['pcie_gbps']:g} | assumption: {a['pcie_note']} |",
         f"| DRAM tier read GB/s (decode into host buffer) | {m['dram_read_gbps']:.2f} | measured: TierEngine.get_many, "
-        f"256 KiB bf16 pages, median of {m['reps']} (runs: {', '.join(f'{x:.2f}' for x in m['runs']['dram_read_gbps'])}) |",
+        f"256 KiB bf16 pages, median of {m['reps']} "
+        f"(runs: {', '.join(f'{x:.2f}' for x in m['runs']['dram_read_gbps'])}) |",
         f"| disk tier read GB/s (cold, checksum + decode) | {m['disk_read_gbps']:.2f} | measured, page cache dropped "
         f"(runs: {', '.join(f'{x:.2f}' for x in m['runs']['disk_read_gbps'])}) |",
         f"| disk latency | {m['disk_latency_s'] * 1e6:.0f} µs | measured: one-page read minus bytes / GB/s |",
@@ -221,7 +224,8 @@ def markdown(report: dict) -> str:
         "A tier pays off only where its end-to-end speed (tier read, then PCIe) beats bytes per token x prefill "
         f"tokens/s. Prefetch may use {a['prefetch_share']:.0%} of the measured disk read bandwidth between requests "
         f"(background, off the TTFT path). Promoter: half-life {a['half_life_s']:g} s, admission reuse >= 2 or "
-        "continuation (promoter_admitall: everything), other settings default. gpu_only and lru do not depend on the prefill rate: they "
+        "continuation (promoter_admitall: everything), other settings default. gpu_only and lru do not depend on the "
+        "prefill rate: they "
         "are replayed once and their TTFT evaluated at each rate; the promoter variants are replayed per scenario.",
     ]
     for name, w in report["workloads"].items():
@@ -377,7 +381,8 @@ def main(argv=None) -> int:
                 "Value-ordered eviction spreads deletions over more segments and wedges sooner (it wedged at 0.75, "
                 "LRU did not). Bytes moved by compaction are not in 'disk written'.",
                 "Prefetch is TierEngine.promote (disk blobs moved into the DRAM pool as stored, marked on disk; "
-                "with scores, only pages scoring above the full pool's lowest score). Candidates are the disk-only pages among those the GPU tree evicted "
+                "with scores, only pages scoring above the full pool's lowest score). Candidates are the disk-only "
+                "pages among those the GPU tree evicted "
                 "(up to --prefetch-candidates, newest first on equal value), every >= 1 s of replay time; no "
                 "arrival-time (queue) prefetch is modelled.",
                 "The GPU tier holds finished requests only (one request at a time); SGLang's uncompressed host pool "

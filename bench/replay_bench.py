@@ -1,7 +1,7 @@
 """Trace replay on CPU: radix-only vs SGLang HiCache (host pool, + file backend) vs kvdrive (LRU, promoter).
 
     python bench/replay_bench.py --preset smoke              # seconds (the test runs it)
-    python bench/replay_bench.py --preset default            # a few minutes; writes bench/results/replay_bench-default.*
+    python bench/replay_bench.py --preset default            # a few minutes; writes results/replay_bench-default.*
     python bench/replay_bench.py --preset production-day     # >= 100k requests, < 30 min on 2 cores
     ... --resume                                             # skip (workload, configuration) pairs already done
 
@@ -54,12 +54,13 @@ if REPO not in sys.path:
 
 from bench_common import Progress, add_allow_dirty, guard_results, machine  # noqa: E402
 from cost_model import CostModel, calibrate, calibrate_file, percentile  # noqa: E402
-from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
-from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
-from kvdrive_sglang.tier.promoter import PromoterConfig  # noqa: E402
 from replay import Config, Replay, ReplayError, SyntheticPages  # noqa: E402
 from replay.tiers import N_POOL_PAGES, SMALL_SHAPE  # noqa: E402
 from workloads import GENERATORS, trace_digest  # noqa: E402
+
+from kvdrive_sglang.tier.engine import TierConfig, TierEngine  # noqa: E402
+from kvdrive_sglang.tier.namespace import Namespace  # noqa: E402
+from kvdrive_sglang.tier.promoter import PromoterConfig  # noqa: E402
 
 MiB = 1 << 20
 PREFETCH_THRESHOLD_TOKENS = 256  # SGLang's default: storage is asked only for at least this many tokens

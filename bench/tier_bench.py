@@ -57,8 +57,8 @@ import tempfile
 import time
 
 import numpy as np
-
 from bench_common import add_allow_dirty, cpu_model, guard_results
+
 from kvdrive_sglang.tier.codecs import CODEC_NAMES, decode_page, encode_page, get_codec
 from kvdrive_sglang.tier.crypto import KeyRing, new_key
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
@@ -551,8 +551,8 @@ def bench_lookups(a, root: str) -> dict:
     r = {"keys": n, "key_len": len(keys[0]), "entries": entries, "fill_batch": fill_batch,
          "fill_keys_per_s": n / t_fill, "exists_many_keys_per_s": n / med(ex), "contains_keys_per_s": n / med(co),
          "exists_many_keys_per_s_all": [n / t for t in ex], "contains_keys_per_s_all": [n / t for t in co]}
-    log(f"  {n} keys: fill {r['fill_keys_per_s'] / 1e3:.0f}k/s, exists_many {r['exists_many_keys_per_s'] / 1e3:.0f}k/s, "
-        f"contains {r['contains_keys_per_s'] / 1e3:.0f}k/s")
+    log(f"  {n} keys: fill {r['fill_keys_per_s'] / 1e3:.0f}k/s, "
+        f"exists_many {r['exists_many_keys_per_s'] / 1e3:.0f}k/s, contains {r['contains_keys_per_s'] / 1e3:.0f}k/s")
     return r
 
 
@@ -691,8 +691,8 @@ def summary_rows(res: dict) -> list[dict]:
         row("disk", f"raw O_DIRECT write ({mb}, 4 MiB chunks via aligned buffer, 1 fsync)",
             d["raw_direct"]["write_gbps"], "GB/s")
         row("disk", f"tier raw put_many ({bp} pages/call)", d["tier_raw"]["write_gbps"], "GB/s")
-        row("disk", "tier raw put_many / raw O_DIRECT write", d["tier_raw"]["write_gbps"] / d["raw_direct"]["write_gbps"],
-            "x")
+        row("disk", "tier raw put_many / raw O_DIRECT write",
+            d["tier_raw"]["write_gbps"] / d["raw_direct"]["write_gbps"], "x")
         row("disk", "tier raw put_many / raw write", d["tier_raw"]["write_vs_raw"], "x", "tier_raw_write_vs_raw")
         row("disk", f"tier raw get_many ({bp} pages/call)", d["tier_raw"]["read_gbps"], "GB/s")
         row("disk", "tier raw get_many / raw read", d["tier_raw"]["read_vs_raw"], "x", "tier_raw_read_vs_raw")
@@ -818,7 +818,8 @@ def parse(argv):
     ap.add_argument("--dir", default=None, help="where files and stores go (default: a temp dir under $TMPDIR)")
     ap.add_argument("--out", default=None, help="JSON results (default bench/results/tier_bench-<date>.json; "
                                                 "none with --quick)")
-    ap.add_argument("--md", default=None, help="Markdown table (default bench/results/tier_bench.md; none with --quick)")
+    ap.add_argument("--md", default=None,
+                    help="Markdown table (default bench/results/tier_bench.md; none with --quick)")
     ap.add_argument("--mib", type=int, default=None, help="disk working set in MiB (default 512, quick 32)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3)")
     ap.add_argument("--disk-reps", type=int, default=None,
@@ -827,7 +828,8 @@ def parse(argv):
                     help="don't warm guest memory before timed disk/engine phases (see the module doc)")
     ap.add_argument("--batch", type=int, default=64, help="pages per put_many / get_many call (default 64 = 16 MiB)")
     ap.add_argument("--codec-pages", type=int, default=None, help="synthetic pages per dtype (default 200, quick 24)")
-    ap.add_argument("--lookup-keys", type=int, default=None, help="keys for the index test (default 131072, quick 8192)")
+    ap.add_argument("--lookup-keys", type=int, default=None,
+                    help="keys for the index test (default 131072, quick 8192)")
     ap.add_argument("--engine-mib", type=int, default=None, help="engine working set MiB (default 256, quick 32)")
     ap.add_argument("--engine-host-mib", type=int, default=None, help="engine DRAM budget MiB (default 64, quick 8)")
     ap.add_argument("--io", default="auto", choices=("auto", "posix", "kvikio"), help="DiskStoreConfig.io")

@@ -103,9 +103,9 @@ def _workload(requests: int, seed: int = 7):
 
 
 def _run_once(core: str, page: int, reqs) -> dict[str, float]:
-    import torch
     from array import array
 
+    import torch
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
@@ -163,8 +163,9 @@ def main(argv=None) -> int:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     HookRegistry.apply_hooks()
-    import torch.distributed as dist
     import tempfile
+
+    import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='kvdrive-pg-')}", rank=0,
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
         m = machine(os.path.dirname(HERE))
         m["loadavg_start"] = load_start
         header = "".join(f"- {k}: {v}\n" for k, v in m.items())
-        header += f"- command: `python bench/tree_core_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        header += f"- command: `python bench/tree_core_bench.py {command}`\n"
         with open(args.out, "w") as f:
             f.write("# Tree cores on SGLang's UnifiedRadixCache: kvdrive's vs SGLang's\n\n" + header + "\n" + table +
                     f"\n\n{args.requests} requests (Zipf over 24 documents of 320-512 tokens + a 16-63-token suffix), "

@@ -35,9 +35,7 @@ import time
 
 import numpy as np
 import torch
-
 from bench_common import add_allow_dirty, guard_results, machine
-
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost

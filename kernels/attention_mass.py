@@ -1,8 +1,9 @@
 """Per-page attention mass: how much softmax weight each KV page of each request received from one query row.
 
-A row is a decode step's query, or one query token of an extend pass with its causal span as its length (the
-capture in ``kvdrive_sglang.attention_capture`` samples both). For row ``b``, query head ``h`` and token position
-``t < seq_lens[b]`` of the request, with ``slot = req_to_token[row_b, t]`` and kv head ``g = h // (q_heads // kv_heads)`` (GQA):
+A row is a decode step's query, or one query token of an extend pass with its causal span as its length (the capture in
+``kvdrive_sglang.attention_capture`` samples both). For row ``b``, query head ``h`` and token position
+``t < seq_lens[b]`` of the request, with ``slot = req_to_token[row_b, t]`` and kv head
+``g = h // (q_heads // kv_heads)`` (GQA):
 
     s[h, t] = scale * dot(q[b, h], k_buffer[slot, g] * k_scale)      (then logit_cap * tanh(s / logit_cap) if set)
     p[h, t] = exp(s[h, t] - lse[b, h])      lse = log(sum_t exp(s[h, t])), natural log, over the same tokens
@@ -132,7 +133,7 @@ def page_attention_mass_ref(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     lens = a.seq_lens.tolist()
     rows = a.rpi.tolist() if a.rpi is not None else list(range(a.B))
     max_len = a.req_to_token.shape[1]
-    for b, (L, row) in enumerate(zip(lens, rows)):
+    for b, (L, _row) in enumerate(zip(lens, rows)):
         if L < 0 or L > max_len or cdiv(L, a.page_size) > a.num_pages:
             raise ValueError(f"seq_lens[{b}] = {L} does not fit req_to_token's {max_len} columns and "
                              f"{a.num_pages} output pages of {a.page_size}")

@@ -25,13 +25,13 @@ Each dispatcher runs the Triton kernel (``triton_page_copy``) on CUDA tensors an
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 from ._dispatch import use_triton
 
-Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
+Layers = torch.Tensor | Sequence[torch.Tensor]
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -4,8 +4,8 @@ Imported only when a dispatcher gets CUDA tensors (or ``impl="triton"``). Grid `
 program takes one request, one kv head with its ``q_heads / kv_heads`` query heads (GQA: K is read once per
 group, padded to 16 rows for ``tl.dot``), and one contiguous share of the request's tokens, in tiles of
 ``BLOCK_T`` tokens (64; 16 for head dims over 256). Without a backend LSE, a first kernel computes per-split running
-max / sum (flash-decoding style) that torch folds into the LSE; the mass kernel then turns each tile's logits into probabilities, sums them
-over the group's heads and adds them into the output pages with atomics:
+max / sum (flash-decoding style) that torch folds into the LSE; the mass kernel then turns each tile's logits into
+probabilities, sums them over the group's heads and adds them into the output pages with atomics:
 
     page_size a multiple of BLOCK_T   one atomic per tile (the tile lies in one page)
     BLOCK_T a multiple of page_size   the tile reshaped to [pages, page_size], one atomic per page

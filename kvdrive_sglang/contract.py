@@ -8,8 +8,9 @@ nothing but SGLang's own calls. The contract is the same for every SGLang versio
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 class RadixEvent(str, Enum):

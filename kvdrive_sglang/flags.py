@@ -19,8 +19,14 @@ import logging
 import sys
 
 from . import activation
-from .config import FLAG_DESTS, FLAGS, GiB, KvdriveSettings
-from .config import RELOAD_POLICIES, checked_gil_switch_ms  # noqa: F401 - their old home: still importable here
+from .config import (
+    FLAG_DESTS,
+    FLAGS,
+    RELOAD_POLICIES,  # noqa: F401 - its old home: still importable here
+    GiB,
+    KvdriveSettings,
+    checked_gil_switch_ms,  # noqa: F401 - its old home: still importable here
+)
 from .tier.errors import ConfigError, KvdriveError
 
 log = logging.getLogger("kvdrive.sglang")

@@ -10,8 +10,8 @@ A flat page is SGLang's own: what the pool's ``get_data_page(start, flat=True)``
 
 Every torch call lets go of the GIL, and beside SGLang's scheduler loop each one may wait a switch interval to get
 it back, so a batch of pages moves in one scatter and one gather per 8 MiB (:data:`GATHER_CHUNK_BYTES`), not two or
-three torch calls a page (at page size 1 the per-page copy is a Python loop per token). The batch path is a strided view of the
-pool's buffer as [pages, *page] (:class:`PageView`), whose row ``p`` holds exactly the elements SGLang's
+three torch calls a page (at page size 1 the per-page copy is a Python loop per token). The batch path is a strided view
+of the pool's buffer as [pages, *page] (:class:`PageView`), whose row ``p`` holds exactly the elements SGLang's
 ``get_data_page(p * page_size)`` slices, in the same order: for every pool kind and layout of
 ``compat.host_pools.PAGE_AXES`` (MHA and MLA in ``layer_first``, ``page_first``, ``page_first_direct``; MHA also in
 ``page_head``). It is built from the pool's kind and layout, then checked against the pool's own per-page view;
@@ -273,8 +273,9 @@ class HostPages:
 
         Returns:
             One flat page per start, in order: on the batched path numpy byte rows of fresh gathered copies that
-            nothing else refers to (the tiers may keep them, and encode them without a torch call per page), else contiguous tensors from the pool's own
-            ``get_data_page``, which may be views of the pool where a page is contiguous in it: read them before
+            nothing else refers to (the tiers may keep them, and encode them without a torch call per page), else
+            contiguous tensors from the pool's own ``get_data_page``, which may be views of the pool where a page is
+            contiguous in it: read them before
             the slots are reused (``TierEngine.put_many`` encodes before it returns).
         """
         if self.view is None or len(starts) == 1:

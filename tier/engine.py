@@ -128,12 +128,6 @@ class TierStats(NamedTuple):
     staging_refused: int = 0  # pages stage_many refused: the staging area was full
     mirror: dict | None = None  # the replica mirror's counts (published, dropped, hits, queued); None: no mirror
 
-    @property
-    def hits_host(self) -> int:
-        """The old name of ``hits_dram``, kept only while kvdrive_sglang/upkeep.py and tests/sglang/test_promotion.py
-        (another engineer's files) still read it; remove with them (issue 16)."""
-        return self.hits_dram
-
 
 class QueuedPage(NamedTuple):
     """One page in the write-down queue: readable (``TierEngine.get_many``) until it is on disk."""

@@ -21,7 +21,7 @@ import os
 import shutil
 import threading
 from collections import Counter, deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from .disk_store import DiskStore, DiskStoreConfig
 from .namespace import Namespace, key_bytes
@@ -74,7 +74,7 @@ class ReplicaMirror:
 
     @classmethod
     def open(cls, store_dir: str, want_bytes: int, keyring=None, *, publisher: bool,
-             root: str = SHM_ROOT) -> "ReplicaMirror | None":
+             root: str = SHM_ROOT) -> ReplicaMirror | None:
         """The mirror of ``store_dir``, or None (logged) where shared memory is too small or the store won't open."""
         cap = mirror_capacity(want_bytes, root)
         path = mirror_path(store_dir, root)

@@ -22,12 +22,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-
 from cost_model import CostModel, percentile
+from workloads import Request, Workload, trace_digest
+
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.promoter import Promoter, PromoterConfig
-from workloads import Request, Workload, trace_digest
 
 from .gpu import Gpu, PromoterStrategy, ReplayError
 from .tiers import SMALL_SHAPE, FileTier, HostTier, SyntheticPages
@@ -59,8 +59,8 @@ class Replay:
     """``budgets``: gpu_pages, max_request_pages, and as the configuration needs: l2_pages, host_bytes (kvdrive's
     compressed pool, in stored bytes), disk_bytes (kvdrive's store or HiCacheFile's cap, in stored bytes).
     ``knobs``: an object with the promoter settings (half_life_s, prefetch_share, prefetch_tick_s,
-    prefetch_window_s, prefetch_candidates), disk_gc_live_ratio, and optionally flush_every (default 1: wait for the disk
-    writer after every request)."""
+    prefetch_window_s, prefetch_candidates), disk_gc_live_ratio, and optionally flush_every (default 1: wait for the
+    disk writer after every request)."""
 
     def __init__(self, cfg: Config, wl: Workload, budgets: dict, cost: CostModel, knobs, tmp: str,
                  synth: SyntheticPages):

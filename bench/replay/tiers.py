@@ -37,6 +37,7 @@ class SyntheticPages:
 
     def __init__(self, seed: int = 99):
         import torch
+
         from kvdrive_sglang.tier.synthetic import kv_page
 
         rng = np.random.default_rng(seed)

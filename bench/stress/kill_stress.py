@@ -26,9 +26,8 @@ import tempfile
 import threading
 import time
 
-from bench.stress.crash_worker import MODES, check_every_page
-
 from bench.bench_common import add_allow_dirty, guard_results, machine
+from bench.stress.crash_worker import MODES, check_every_page
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,7 +85,8 @@ def run(kills: int = 200, seed: int = 1, path: str | None = None, max_run_s: flo
     t0 = time.monotonic()
     r = dict(kills=0, kills_survived=0, rounds=0, pages_checked=0, pages_served_corrupt=0, unreadable_entries=0,
              verify_bad=0, durable_pages_lost=0, tail_pages_lost=0, tail_pages_accepted=0, cli_verify_runs=0,
-             cli_verify_failures=0, worker_errors=0, kills_during_compaction=0, check_errors=0, by_mode={m: 0 for m in MODES}, errors=[])
+             cli_verify_failures=0, worker_errors=0, kills_during_compaction=0, check_errors=0,
+             by_mode={m: 0 for m in MODES}, errors=[])
     try:
         while r["kills"] < kills:
             r["rounds"] += 1

@@ -35,11 +35,10 @@ from collections import Counter
 
 import numpy as np
 
+from bench.bench_common import add_allow_dirty, guard_results, machine
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.synthetic import kv_page
-
-from bench.bench_common import add_allow_dirty, guard_results, machine
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -265,8 +264,9 @@ def main(argv=None) -> int:
     print(f"max pool {r['maxes']['pool_bytes'] / MiB:.1f} / {a.host_mb} MiB, max queue "
           f"{r['maxes']['queue_bytes'] / MiB:.1f} / {r['budgets']['queue_bytes'] / MiB:.0f} MiB, max segment files "
           f"{r['maxes']['disk_file_bytes'] / MiB:.1f} / {a.disk_mb} MiB")
-    print(f"after warm-up ({r['warmup_s']:.0f} s): RssAnon {w['rss_anon_min'] / MiB:.1f}..{w['rss_anon_max'] / MiB:.1f} "
-          f"MiB, growth {w['rss_anon_growth'] / MiB:+.1f} MiB (bound {RSS_GROWTH_BOUND / MiB:.0f}); fds "
+    print(f"after warm-up ({r['warmup_s']:.0f} s): RssAnon {w['rss_anon_min'] / MiB:.1f}.."
+          f"{w['rss_anon_max'] / MiB:.1f} MiB, growth {w['rss_anon_growth'] / MiB:+.1f} MiB "
+          f"(bound {RSS_GROWTH_BOUND / MiB:.0f}); fds "
           f"{w['fds_min']}..{w['fds_max']} (slack {FD_SLACK}); threads {w['threads_min']}..{w['threads_max']}")
     for k, v in r["verdict"].items():
         print(f"  {'ok  ' if v else 'FAIL'} {k}")

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 log = logging.getLogger("kvdrive.sglang")
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -117,7 +117,7 @@ class SGLangServer:
         e.update(self.extra_env)
         return e
 
-    def start(self) -> "SGLangServer":
+    def start(self) -> SGLangServer:
         assert self.proc is None, "already started"
         self.port = free_port()
         t0 = time.monotonic()
@@ -200,7 +200,7 @@ class SGLangServer:
         except PermissionError:
             return True
 
-    def __enter__(self) -> "SGLangServer":
+    def __enter__(self) -> SGLangServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

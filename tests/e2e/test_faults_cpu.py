@@ -44,8 +44,19 @@ from kvdrive_sglang.flags import KvdriveOptions, canonical, flag_of
 from kvdrive_sglang.tier.store_dir import INDEX_DIR
 from tests.helpers import PinnedReader
 
-from .common import (MAX_NEW, PAGE, PROMPT_TOKENS, at_least, grep_log, kvdrive_cli, kvdrive_entries, metric_text,
-                     server, stop, wait_for)
+from .common import (
+    MAX_NEW,
+    PAGE,
+    PROMPT_TOKENS,
+    at_least,
+    grep_log,
+    kvdrive_cli,
+    kvdrive_entries,
+    metric_text,
+    server,
+    stop,
+    wait_for,
+)
 from .server import gpu_present
 
 pytestmark = pytest.mark.e2e

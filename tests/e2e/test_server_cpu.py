@@ -34,8 +34,23 @@ if not _sglang_installed():
     pytest.skip("sglang is not installed: the e2e server tests need the [sglang] extra (on CPU: "
                 "scripts/install.sh, pins in requirements/sglang-VERSION/)", allow_module_level=True)
 
-from .common import (HICACHE_CPU, MAX_NEW, N_PROMPTS, PAGE, PROMPT_TOKENS, assert_kvdrive_wiring, assert_plugin_ok,
-                     at_least, full_hit, kvdrive_cli, kvdrive_entries, metric_value, server, stop, wait_for)
+from .common import (
+    HICACHE_CPU,
+    MAX_NEW,
+    N_PROMPTS,
+    PAGE,
+    PROMPT_TOKENS,
+    assert_kvdrive_wiring,
+    assert_plugin_ok,
+    at_least,
+    full_hit,
+    kvdrive_cli,
+    kvdrive_entries,
+    metric_value,
+    server,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 

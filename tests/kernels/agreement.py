@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive_sglang.kernels import (attention_lse, attention_lse_ref, dequant_body, dequant_body_ref, dequant_rows,
-                                    dequant_rows_ref, gather_pages, gather_pages_layers, gather_pages_layers_ref,
-                                    gather_pages_ref, page_attention_mass, page_attention_mass_ref, quant_rows_ref,
-                                    scatter_pages, scatter_pages_layers, scatter_pages_layers_ref, scatter_pages_ref)
+from kvdrive_sglang.kernels import (
+    attention_lse,
+    attention_lse_ref,
+    dequant_body,
+    dequant_body_ref,
+    dequant_rows,
+    dequant_rows_ref,
+    gather_pages,
+    gather_pages_layers,
+    gather_pages_layers_ref,
+    gather_pages_ref,
+    page_attention_mass,
+    page_attention_mass_ref,
+    quant_rows_ref,
+    scatter_pages,
+    scatter_pages_layers,
+    scatter_pages_layers_ref,
+    scatter_pages_ref,
+)
 
 FP8 = torch.float8_e4m3fn
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from kvdrive_sglang.kernels import attention_lse, attention_lse_ref, page_attention_mass, page_attention_mass_ref
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvdrive_sglang.kernels import (dequant_body, dequant_rows, dequant_rows_ref, quant_rows_ref, split_lossy_body)
+from kvdrive_sglang.kernels import dequant_body, dequant_rows, dequant_rows_ref, quant_rows_ref, split_lossy_body
 from kvdrive_sglang.tier.codecs import _E4M3_LUT, HEADER, decode_page, encode_page
 from kvdrive_sglang.tier.dtypes import from_float32
 from kvdrive_sglang.tier.synthetic import kv_page

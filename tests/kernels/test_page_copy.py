@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from kvdrive_sglang.kernels import (gather_pages, gather_pages_layers, gather_pages_ref, page_slots, scatter_pages,
-                                    scatter_pages_layers)
+from kvdrive_sglang.kernels import (
+    gather_pages,
+    gather_pages_layers,
+    gather_pages_ref,
+    page_slots,
+    scatter_pages,
+    scatter_pages_layers,
+)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.int32, torch.float8_e4m3fn)
 SHAPES = ((1, ()), (16, (2, 64)), (64, (3, 5)), (5, (1, 7)), (3, (4, 24)))

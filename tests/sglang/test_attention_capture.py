@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
-from kvdrive_sglang.kernels import page_attention_mass_ref
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvdrive_sglang import attention_capture
 from kvdrive_sglang.attention_capture import AttentionCapture, PendingSample
+from kvdrive_sglang.kernels import page_attention_mass_ref
 
 
 def setup(bs=2, qh=4, kvh=2, d=8, page=4, lens=(10, 7), slots=64, seed=0):

@@ -12,7 +12,6 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
 
 from kvdrive_sglang import cpu_fallbacks  # noqa: E402
-
 from kvdrive_sglang.compat.host_pools import make_host_pool  # noqa: E402 - the constructor differs by version
 
 

@@ -175,8 +175,8 @@ def test_reload_policy_flag(tmp_path):
 
 
 def test_promoter_and_gil_flags(tmp_path):
-    from kvdrive_sglang.flags import options_from, storage_extra_config
     from kvdrive_sglang.config import KvdriveSettings
+    from kvdrive_sglang.flags import options_from, storage_extra_config
     from kvdrive_sglang.tier.errors import ConfigError
 
     opts = options_from({"kvdrive_dir": str(tmp_path), "kvdrive_promoter": '{"half_life_s": 300, "promote_share": 0.1}',

@@ -10,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 
 import pytest
@@ -24,9 +23,9 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E
 
 from kvdrive_sglang.config import KvdriveSettings  # noqa: E402
 from kvdrive_sglang.storage_backend import KvdriveStorage  # noqa: E402
+from kvdrive_sglang.tier.engine import TierConfig  # noqa: E402
 from kvdrive_sglang.tier.errors import ConfigError, KvdriveError  # noqa: E402
 from kvdrive_sglang.tier.promoter import PromoterConfig  # noqa: E402
-from kvdrive_sglang.tier.engine import TierConfig  # noqa: E402
 from tests.sglang.backend_case import PAGE, fill, make_backend, make_host, pages_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -235,7 +234,7 @@ def test_settings_from_flags_round_trip_through_the_extra_config(tmp_path):
     check()
 
 
-# --- KvdriveStorage calls ----------------------------------------------------------------------------------------------
+# --- KvdriveStorage calls ---------------------------------------------------------------------------------------------
 def test_storage_calls_with_odd_keys_and_host_indices(tmp_path):
     host = make_host()
     be = make_backend(tmp_path, host)

@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 sglang = pytest.importorskip("sglang")
 
-from kvdrive_sglang.tier.errors import ConfigError
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
@@ -18,6 +17,7 @@ from kvdrive_sglang import cpu_fallbacks
 from kvdrive_sglang.compat import host_pools
 from kvdrive_sglang.compat.host_pools import make_host_pool
 from kvdrive_sglang.host_pages import HostPages
+from kvdrive_sglang.tier.errors import ConfigError
 
 KINDS = ["mha", "mla"]
 LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head", "page_unified"]

@@ -11,8 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
-from tests.sglang.backend_case import (PAGE, make_backend, make_host, make_mla_host, pages_of,  # noqa: E402
-                                      written)
+from tests.sglang.backend_case import PAGE, make_backend, make_host, make_mla_host, pages_of, written  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -449,7 +448,8 @@ def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
     assert namespace_for(_storage_config(**dcp(0, dp_rank=1)), mla).id != ns[0].id
     # the writers are SGLang's: ranks 0 and 1 (each its shard), ranks 2 and 3 only read
     backends = [make_backend(tmp_path, mla, mla=True, tp_rank=r, tp_size=4,
-                             config={k: v for k, v in dcp(r).items() if k not in ("tp_rank", "tp_size", "is_mla_model")})
+                             config={k: v for k, v in dcp(r).items()
+                                     if k not in ("tp_rank", "tp_size", "is_mla_model")})
                 for r in range(4)]
     try:
         assert [b.read_only for b in backends] == [False, False, True, True]

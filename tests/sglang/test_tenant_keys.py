@@ -15,8 +15,7 @@ from sglang.srt.mem_cache.utils import get_hash_str  # noqa: E402
 from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config  # noqa: E402
 from kvdrive_sglang.tier.crypto import new_key  # noqa: E402
 from kvdrive_sglang.tier.tenants import group_id, tenant_id  # noqa: E402
-from tests.sglang.test_radix_backend import (PAGE, PROMPT, _ctx, _kv_value, chain, _group,  # noqa: E402,F401
-                                             serve)
+from tests.sglang.test_radix_backend import PAGE, PROMPT, _ctx, _group, _kv_value, chain, serve  # noqa: E402,F401
 
 EXPECTED_KV = [_kv_value(t) for t in PROMPT]
 
@@ -114,8 +113,8 @@ def test_encrypted_store_serves_keyed_tenants_and_forgets_erased_ones(tmp_path, 
 
 
 def test_flags_pass_keys_and_tenant_policy_to_the_backend(tmp_path):
-    from kvdrive_sglang.flags import options_from
     from kvdrive_sglang.config import KvdriveSettings
+    from kvdrive_sglang.flags import options_from
     from kvdrive_sglang.tier.errors import ConfigError
 
     keys = tmp_path / "keys.json"

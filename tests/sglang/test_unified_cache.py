@@ -29,12 +29,6 @@ if _GENERATION != "unified":
                 "tests/sglang/test_radix_backend.py and test_tenant_keys.py cover it", allow_module_level=True)
 
 import torch  # noqa: E402
-
-from kvdrive_sglang import radix_backend  # noqa: E402
-from kvdrive_sglang.compat import unified  # noqa: E402
-from kvdrive_sglang.storage_backend import KvdriveStorage  # noqa: E402
-from kvdrive_sglang.tier.tenants import group_id, tenant_id  # noqa: E402
-
 from sglang.srt.mem_cache import registry  # noqa: E402
 from sglang.srt.mem_cache import utils as sglang_utils  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams  # noqa: E402
@@ -44,8 +38,11 @@ from sglang.srt.mem_cache.unified_cache.components import ComponentType  # noqa:
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache  # noqa: E402
 from sglang.srt.runtime_context import get_memory, restore_context, snapshot_context  # noqa: E402
 
-from tests.sglang.unified_driver import (EXT, PAGE, PROMPT, TAIL, Served, Server, kv_values,  # noqa: E402
-                                         make_model_dir, sglang_keys)
+from kvdrive_sglang import radix_backend  # noqa: E402
+from kvdrive_sglang.compat import unified  # noqa: E402
+from kvdrive_sglang.storage_backend import KvdriveStorage  # noqa: E402
+from kvdrive_sglang.tier.tenants import group_id, tenant_id  # noqa: E402
+from tests.sglang.unified_driver import EXT, PAGE, PROMPT, TAIL, Served, Server, kv_values, make_model_dir, sglang_keys
 
 EVENTS_ZERO = dict.fromkeys(radix_backend.EVENT_KINDS, 0)
 

@@ -10,9 +10,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvdrive_sglang.tier.codecs import (CODEC_NAMES, HEADER, MAGIC, PageHeader, decode_page, encode_page,
-                                        f32_to_e4m3, get_codec, peek_header, _E4M3_LUT)
-from kvdrive_sglang.tier.dtypes import (DTYPES, bf16_bits_to_f32, from_float32, to_bf16_bits, to_float32)
+from kvdrive_sglang.tier.codecs import (
+    _E4M3_LUT,
+    CODEC_NAMES,
+    HEADER,
+    MAGIC,
+    PageHeader,
+    decode_page,
+    encode_page,
+    f32_to_e4m3,
+    get_codec,
+    peek_header,
+)
+from kvdrive_sglang.tier.dtypes import DTYPES, bf16_bits_to_f32, from_float32, to_bf16_bits, to_float32
 from kvdrive_sglang.tier.errors import CodecError
 from kvdrive_sglang.tier.namespace import KV_DTYPES
 from kvdrive_sglang.tier.synthetic import kv_page

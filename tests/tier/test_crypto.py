@@ -4,6 +4,7 @@ import logging
 import os
 
 import pytest
+
 from kvdrive_sglang.tier.crypto import (
     OVERHEAD,
     KeyRing,

@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import pytest
+
 from kvdrive_sglang.tier.codecs import encode_page
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.errors import CodecError, ConfigError
-
 from tests.helpers import make_ns, small_page
 
 
@@ -315,7 +315,8 @@ def test_reads_racing_fd_eviction_and_compaction_never_fault(tmp_path, ns):  # I
             try:
                 while not stop.is_set():
                     got, outs = read_back(st, ns, part)
-                    wrong.extend(s for s, g, o in zip(part, got, outs) if g and not np.array_equal(o, small_page(s, ns)))
+                    wrong.extend(s for s, g, o in zip(part, got, outs)
+                                 if g and not np.array_equal(o, small_page(s, ns)))
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 

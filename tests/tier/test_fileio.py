@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
 from kvdrive_sglang.tier.fileio import (
     ALIGN,
     PosixIO,

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kvdrive_sglang.tier import cli
-from kvdrive_sglang.tier.codecs import CODEC_NAMES, HEADER, decode_page, encode_page, peek_header
+from kvdrive_sglang.tier.codecs import CODEC_NAMES, decode_page, encode_page, peek_header
 from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.errors import CodecError, ConfigError, KvdriveError, StoreDirError, StoreFormatError
-from kvdrive_sglang.tier.namespace import MAX_KEY_BYTES, Namespace, key_bytes
+from kvdrive_sglang.tier.namespace import Namespace, key_bytes
 from kvdrive_sglang.tier.store_dir import FORMAT_FILE
 from tests.helpers import make_ns, small_page
 

@@ -3,6 +3,7 @@ import logging
 from collections import Counter
 
 import pytest
+
 from kvdrive_sglang.tier.index import (
     EXPIRES_AT,
     SEALED,
@@ -15,7 +16,6 @@ from kvdrive_sglang.tier.index import (
     page_key,
 )
 from kvdrive_sglang.tier.namespace import key_bytes
-
 from tests.helpers import make_ns
 
 

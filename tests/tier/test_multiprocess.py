@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from bench.stress.crash_worker import check_every_page
-from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from bench.stress.kill_stress import run as kill_stress
+from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
