@@ -6,7 +6,7 @@
     STAGED  raw pages acknowledged by stage_many, waiting for an encoder (tier/staging.py); read like DRAM
     QUEUED  encoded pages waiting in the write-down queue for the disk; in memory, read like DRAM
     DISK    the LMDB-indexed segment store (tier/disk_store.py)
-    REMOTE  reserved for a remote tier (tier/remote/); nothing reports it yet
+    REMOTE  a store shared by every node, behind the disk (tier/remote/, issue 19)
 
 ``Tier`` is a ``str`` enum whose values are the strings kvdrive has always used ("dram", "disk", ...): a member equals
 its string, hashes like it and prints as it, so code and stats that compare, key or log by the plain strings keep
