@@ -28,6 +28,9 @@ else
 fi
 for v in "${runs[@]}"; do
     bash scripts/install.sh --sglang "$v" '[dev]'
+    # Mooncake Store's CPU client (the [remote] extra, without its unneeded dependencies) for the shared tier's tests,
+    # and the one system library it links (libibverbs), fetched without root
+    bash scripts/mooncake_env.sh --python "$(venv_of "$v")/bin/python" >/dev/null
 done
 
 # Lint before testing: ruff comes with the [dev] extra just installed
