@@ -94,7 +94,7 @@ class RebuildReport(NamedTuple):
     dropped: int  # records whose trailer is whole but whose blob is damaged, or is not a page blob
     expired: int  # intact pages past their expiry (not indexed)
     superseded: int  # older copies of a page (compaction moved it; the newest copy is kept)
-    unframed_segments: int  # format-1 segments: their pages cannot be found without the old index
+    unframed_segments: int  # files holding bytes but no whole record: format 1 (found only by the old index), or cut
     unreadable_segments: int  # files that could not be read (I/O errors)
     namespaces: int
     bytes_scanned: int
@@ -281,7 +281,7 @@ def rebuild_index(path: str, *, map_size: int, now_ms: int | None = None) -> Reb
                 continue
             intact += 1
             best[t.key] = (seg, rec.blob_off, t)  # files by id, records by offset: the newest copy wins
-        if not found and data[:4] in (b"KVPG", b"KVX1"):
+        if not found and data:
             unframed += 1
     tmp = os.path.join(path, f"{INDEX_DIR}.rebuild-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -481,6 +481,6 @@ def _repair(path: str, check, map_size: int, repair: bool, rebuild: bool, note) 
     note(RecoveryKind.INDEX_REBUILT,
          f"index: {why}; rebuilt it from {rep.segments} segment file(s) in {time.monotonic() - t0:.1f}s: kept "
          f"{rep.kept} page(s), dropped {rep.dropped} damaged, {rep.expired} expired, {rep.superseded} older copies"
-         + (f"; {rep.unframed_segments} format-1 segment(s) could not be read without the old index"
-            if rep.unframed_segments else "")
+         + (f"; {rep.unframed_segments} segment file(s) held no whole record (written before segment format 2, "
+            "or cut short)" if rep.unframed_segments else "")
          + (f"; {rep.unreadable_segments} unreadable segment file(s)" if rep.unreadable_segments else ""))

@@ -75,6 +75,8 @@ def test_damaged_store_between_restarts_never_stops_the_server(tiny_model, all_p
 
     srv, _ = serve("damage_0")
     try:
+        # asked again, the prompts' pages are worth keeping: the promoter admits them to the disk (selective writes)
+        assert [srv.generate(p, MAX_NEW)["ids"] for p in prompts] == ref
         got = wait_for(lambda: at_least(kvdrive_entries(store), N * (PROMPT_TOKENS // PAGE)), 30)
         assert got, f"the store holds {kvdrive_entries(store)} entries"
     finally:
@@ -117,5 +119,7 @@ def test_damaged_store_between_restarts_never_stops_the_server(tiny_model, all_p
         shutil.rmtree(store / "segments")
 
     round_("damage_no_segments", no_stamp_no_segments, want_kind=None)
+    # the index still names pages of the deleted segment files that no request read again: verify drops them (1)
     p = kvdrive_cli("verify", str(store), check=False)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode in (0, 1), p.stdout + p.stderr
+    kvdrive_cli("verify", str(store))  # and then the store is clean
