@@ -22,7 +22,7 @@ def _size(n: float) -> str:
 
 
 def summary_line(st: dict) -> str:
-    h, d, hits, io = st["host"], st["disk"] or {}, st["hits"], st["io"]
+    h, d, hits, io = st["dram"], st["disk"] or {}, st["hits"], st["io"]
 
     def ratio(raw, stored) -> str:
         return f"x{raw / stored:.2f}" if stored else "-"
@@ -96,7 +96,7 @@ class TierMetrics:
             metric.labels(**self.labels, **labels).inc(delta)
 
     def update(self, st: dict) -> None:
-        h, d, hits, io = st["host"], st["disk"], st["hits"], st["io"]
+        h, d, hits, io = st["dram"], st["disk"], st["hits"], st["io"]
         self._inc(self.hit_pages, "hit_dram", hits["dram"] + hits["queued"], tier="dram")
         self._inc(self.hit_pages, "hit_disk", hits["disk"], tier="disk")
         self._inc(self.miss_pages, "miss", hits["miss"])

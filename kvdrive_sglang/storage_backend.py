@@ -652,10 +652,7 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             io, ev = dict(self._io), dict(self._events)
         io.update(self.upkeep.counts())
-        dram = s.dram._asdict()
-        # "host" is the old key of kvdrive's DRAM pool (not SGLang's host pool), kept only while metrics.py (another
-        # engineer's file) still reads it; remove it with that reader (issue 16)
-        out = {Tier.DRAM.value: dram, "host": dram, Tier.DISK.value: s.disk._asdict() if s.disk else None,
+        out = {Tier.DRAM.value: s.dram._asdict(), Tier.DISK.value: s.disk._asdict() if s.disk else None,
                "hits": {Tier.DRAM.value: s.hits_dram, Tier.QUEUED.value: s.hits_queued, Tier.DISK.value: s.hits_disk,
                         "miss": s.misses},
                "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
