@@ -1,9 +1,10 @@
 """kvdrive's per-tier figures: Prometheus metrics when SGLang runs with --enable-metrics, a periodic log line always.
 
 Figures come from ``KvdriveStorage.tier_stats()``: hits per tier, bytes written/read, reload latency, codec ratio,
-disk and DRAM usage, corrupt pages dropped, faults by kind, and the radix-tree events. Counters are fed by deltas, so
-they stay monotonic across the process's life; SGLang runs Prometheus in multiprocess mode, which Counters support
-and the Gauges below declare (``mostrecent`` per rank label).
+disk and DRAM usage, corrupt pages dropped, faults by kind, and the radix-tree events; with --kvdrive-remote, the
+shared remote tier's hits, bytes, call latency, faults, rejected objects and write-behind drops. Counters are fed
+by deltas, so they stay monotonic across the process's life; SGLang runs Prometheus in multiprocess mode, which
+Counters support and the Gauges below declare (``mostrecent`` per rank label).
 """
 from __future__ import annotations
 
@@ -52,7 +53,26 @@ def summary_line(st: dict) -> str:
                      f"({fixed[1]}), disk {disk[0]:.2f} GB/s ({disk[1]})")
     if d and (d["corrupt_dropped"] or d["faults"]):
         parts.append(f"corrupt dropped {d['corrupt_dropped']} faults {d['faults']}")
+    if st.get("remote"):
+        parts.append(_remote_part(st["remote"]))
     return "kvdrive: " + " | ".join(parts)
+
+
+def _remote_part(r: dict) -> str:
+    """The shared remote tier's part of the summary line (tier/remote/tiered.py RemoteStats)."""
+    text = (f"remote hits {r['hits']} miss {r['misses']} read {_size(r['bytes_read'])} "
+            f"written {_size(r['bytes_written'])}")
+    if r["get_calls"]:
+        text += f" get {1000 * r['get_s'] / r['get_calls']:.1f} ms/call"
+    if sum(r["rejected"].values()):
+        text += f" rejected {sum(r['rejected'].values())}"
+    if sum(r["dropped"].values()):
+        text += f" write-behind dropped {sum(r['dropped'].values())}"
+    if r["faults"]:
+        text += f" faults {dict(sorted(r['faults'].items()))}"
+    if not r["on"]:
+        text += f" OFF for {r['off_for_s']:.0f} s ({r['last_fault']})" if r["off_for_s"] else " OFF"
+    return text
 
 
 class TierMetrics:
@@ -84,6 +104,18 @@ class TierMetrics:
         self.promoted = counter("kvdrive:promoted_pages", "Pages brought up from disk into kvdrive's DRAM tier "
                                 "ahead of demand")
         self.radix = counter("kvdrive:radix_tokens", "Radix-tree events reported by kvdrive's cache", ["event"])
+        # the shared remote tier (--kvdrive-remote, tier/remote/): its hits are kvdrive:hit_pages{tier="remote"}
+        self.remote_bytes = counter("kvdrive:remote_bytes", "Object bytes moved to/from the shared remote tier",
+                                    ["direction"])
+        self.remote_seconds = counter("kvdrive:remote_seconds", "Seconds spent in remote tier calls", ["op"])
+        self.remote_calls = counter("kvdrive:remote_calls", "Remote tier calls made", ["op"])
+        self.remote_faults = counter("kvdrive:remote_faults", "Remote tier faults that turned it off for its retry "
+                                     "window", ["kind"])
+        self.remote_rejected = counter("kvdrive:remote_rejected_pages", "Remote objects that failed their checks "
+                                       "(served as misses)", ["reason"])
+        self.remote_dropped = counter("kvdrive:remote_dropped_pages", "Pages the write-behind dropped instead of "
+                                      "writing to the remote tier", ["reason"])
+        self.remote_up = gauge("kvdrive:remote_up", "1 while the remote tier is on, 0 inside a fault's retry window")
         self.usage = gauge("kvdrive:usage_bytes", "Bytes held per tier", ["tier"])
         self.capacity = gauge("kvdrive:capacity_bytes", "Byte budget per tier", ["tier"])
         self.codec_ratio = gauge("kvdrive:codec_ratio", "Decoded / stored bytes per tier", ["tier"])
@@ -121,6 +153,24 @@ class TierMetrics:
             self.capacity.labels(**self.labels, tier="disk").set(d["capacity_bytes"])
             if d["live_bytes"]:
                 self.codec_ratio.labels(**self.labels, tier="disk").set(d["raw_bytes"] / d["live_bytes"])
+        if st.get("remote"):
+            self._update_remote(st["remote"])
+
+    def _update_remote(self, r: dict) -> None:
+        self._inc(self.hit_pages, "hit_remote", r["hits"], tier="remote")
+        self._inc(self.remote_bytes, "remote_read", r["bytes_read"], direction="read")
+        self._inc(self.remote_bytes, "remote_written", r["bytes_written"], direction="written")
+        for op in ("get", "exists", "put"):
+            self._inc(self.remote_calls, f"remote_{op}_calls", r[f"{op}_calls"], op=op)
+            self._inc(self.remote_seconds, f"remote_{op}_s", r[f"{op}_s"], op=op)
+        for kind, n in r["faults"].items():
+            self._inc(self.remote_faults, f"remote_fault_{kind}", n, kind=kind)
+        for reason, n in r["rejected"].items():
+            self._inc(self.remote_rejected, f"remote_reject_{reason}", n, reason=reason)
+        for reason, n in r["dropped"].items():
+            self._inc(self.remote_dropped, f"remote_drop_{reason}", n, reason=reason)
+        self.remote_up.labels(**self.labels).set(1 if r["on"] else 0)
+        self.usage.labels(**self.labels, tier="remote_queue").set(r["queued_bytes"])
 
 
 class Reporter:

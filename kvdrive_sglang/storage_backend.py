@@ -42,6 +42,7 @@ from .tier.engine import TierEngine
 from .tier.errors import ConfigError
 from .tier.namespace import Namespace, key_bytes
 from .tier.promoter import Promoter
+from .tier.remote import SETTINGS_NOTE, settings_note
 from .tier.tenants import split_key
 from .tier.tiers import Tier
 from .upkeep import Upkeep
@@ -277,7 +278,11 @@ class KvdriveStorage(HiCacheStorage):
         """The tier engine; with --kvdrive-remote, one with the shared remote tier behind its local tiers."""
         spec = self.settings.remote_spec()
         if spec is None:
-            return TierEngine(self.tier_config)
+            engine = TierEngine(self.tier_config)
+            if not self.read_only and engine.get_note(SETTINGS_NOTE) is not None:
+                # `kvdrive stats` shows the remote settings the last server recorded: not a tier this one lacks
+                engine.put_note(SETTINGS_NOTE, settings_note(None))
+            return engine
         from .tier.remote.tiered import RemoteTieredEngine
 
         return RemoteTieredEngine(self.tier_config, spec)

@@ -1,6 +1,7 @@
 """``kvdrive``: inspect and maintain a kvdrive disk store from the shell.
 
-    kvdrive stats  DIR [--json]                      what the store holds (safe while servers use it)
+    kvdrive stats  DIR [--json]                      what the store holds (safe while servers use it), and the
+                                                     remote tier settings the last server recorded there
     kvdrive verify DIR                               re-read every page, drop the corrupt ones
     kvdrive gc     DIR [--live-ratio R]              expire TTL'd pages, compact sparse segments
     kvdrive clear  DIR [--namespace HEX ...] [--tenant NAME ...] [--yes]
@@ -31,6 +32,7 @@ import lmdb
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig
 from .errors import KvdriveError, StoreFormatError
 from .recovery import RecoveryKind
+from .remote import SETTINGS_NOTE, read_settings_note
 from .store_dir import (
     FORMAT_FILE,
     FORMAT_VERSION,
@@ -138,6 +140,7 @@ def cmd_stats(args) -> int:
     try:
         st: DiskStats = store.stats()
         nss = [_ns_row(*n) for n in store.namespaces()]
+        remote = read_settings_note(store.get_note(SETTINGS_NOTE))
     finally:
         store.close()
     dead = max(0, st.file_bytes - st.live_bytes)
@@ -148,6 +151,7 @@ def cmd_stats(args) -> int:
         "file_bytes": st.file_bytes, "dead_bytes": dead,
         "dead_share": round(dead / st.file_bytes, 4) if st.file_bytes else 0.0,
         "segments": st.segments, "namespaces": nss,
+        "remote": remote,  # the remote tier settings the last server on this store recorded (None: never)
     }
     if args.json:
         print(json.dumps(out))
@@ -160,6 +164,8 @@ def cmd_stats(args) -> int:
     print(f"raw bytes     {human_bytes(st.raw_bytes)} (decoded; codec ratio {ratio})")
     print(f"file bytes    {human_bytes(st.file_bytes)} in {st.segments} segment(s); "
           f"{human_bytes(dead)} dead ({out['dead_share']:.1%})" + (", reclaimable by `kvdrive gc`" if dead else ""))
+    for line in _remote_lines(remote):
+        print(line)
     print(f"namespaces    {len(nss)}")
     if nss:
         rows = [[n["short_id"], str(n["model"] if n["model"] is not None else "?"), str(n["kv_dtype"] or "?"),
@@ -170,6 +176,24 @@ def cmd_stats(args) -> int:
         for line in _table(["ID", "MODEL", "KV_DTYPE", "LAYOUT", "TP", "TENANT", "PAGES", "BYTES"], rows, {6, 7}):
             print(line)
     return EXIT_OK
+
+
+def _remote_lines(remote: dict | None) -> list[str]:
+    """``kvdrive stats``' view of the shared remote tier: the settings a server recorded when it opened this store
+    (they live on its command line, not in the store; tier/remote settings_note)."""
+    if remote is None:
+        return ["remote        none recorded (no server with --kvdrive-remote has opened this store)"]
+    rec = remote.get("recorded") or {}
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["unix_s"])) if "unix_s" in rec else "?"
+    by = f"as recorded {when} by {rec.get('host', '?')} pid {rec.get('pid', '?')}"
+    if remote.get("url") is None:
+        return [f"remote        none ({by}, a server without --kvdrive-remote)"]
+    skip = {"url", "recorded", "client"}
+    client = remote.get("client") or {}
+    lines = [f"remote        {remote['url']} ({by})"]
+    settings = {k: v for k, v in remote.items() if k not in skip} | {k: v for k, v in client.items() if k not in remote}
+    lines += [f"  {k:<20} {v}" for k, v in sorted(settings.items())]
+    return lines
 
 
 def cmd_verify(args) -> int:

@@ -17,7 +17,7 @@ import pytest
 if importlib.util.find_spec("sglang") is None:
     pytest.skip("sglang is not installed: the e2e server tests need the [sglang] extra", allow_module_level=True)
 
-from tests.tier.test_remote import Master, _mooncake_or_skip
+from tests.tier.mooncake_master import Master, mooncake_or_skip
 
 from .common import MAX_NEW, PAGE, PROMPT_TOKENS, assert_plugin_ok, at_least, kvdrive_entries, server, stop, wait_for
 
@@ -38,7 +38,7 @@ def node_args(store, url, **remote) -> list[str]:
 
 def test_two_nodes_share_a_remote_tier_and_survive_a_node_killed(tiny_model, all_prompts, reference, e2e_dir,
                                                                  ext_dir):
-    _mooncake_or_skip()
+    mooncake_or_skip()
     master = Master(str(e2e_dir / "mooncake_master.log")).start()
     a = b = None
     try:

@@ -7,14 +7,10 @@ without root (run here once if needed). The tests skip, saying why, only where n
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import multiprocessing
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -24,10 +20,10 @@ from kvdrive_sglang.tier.errors import ConfigError
 from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.remote import ObjectId, RemoteOptions, parse_remote
 from kvdrive_sglang.tier.remote.envelope import Reject, open_object, pack
-from kvdrive_sglang.tier.remote.mooncake import import_store_class, libs_dir, object_name
+from kvdrive_sglang.tier.remote.mooncake import object_name
 from kvdrive_sglang.tier.tenants import tenant_id
+from tests.tier.mooncake_master import Master, mooncake_or_skip
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGE_BYTES = 4096
 MiB = 1 << 20
 ALICE, BOB = tenant_id("alice"), tenant_id("bob")
@@ -47,72 +43,9 @@ def page_of(tenant: str, key: str) -> np.ndarray:
     return page
 
 
-# --- the Mooncake master ----------------------------------------------------------------------------------------
-def _mooncake_or_skip() -> None:
-    try:
-        import_store_class()
-        return
-    except ConfigError:
-        pass
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "mooncake_env.sh"), "--python", sys.executable],
-                       capture_output=True, text=True, timeout=300)
-    try:
-        import_store_class()
-    except ConfigError as e:
-        pytest.skip(f"Mooncake Store cannot be installed here ({e}); scripts/mooncake_env.sh said: "
-                    f"{r.stderr.strip()[-300:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Master:
-    """A mooncake_master on its own ports; ``client_ttl`` 2 s: a dead node's segment is dropped ~2 s after it dies."""
-
-    def __init__(self, log_path: str):
-        spec = importlib.util.find_spec("mooncake")
-        self.binary = os.path.join(list(spec.submodule_search_locations)[0], "mooncake_master")
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.log_path = log_path
-        libs = libs_dir()
-        ld = f"{libs}/usr/lib/x86_64-linux-gnu:{libs}/lib/x86_64-linux-gnu"
-        self.env = dict(os.environ, LD_LIBRARY_PATH=ld + (":" + os.environ["LD_LIBRARY_PATH"]
-                                                           if os.environ.get("LD_LIBRARY_PATH") else ""))
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"mooncake://127.0.0.1:{self.port}"
-
-    def start(self) -> Master:
-        self.proc = subprocess.Popen(
-            [self.binary, "--rpc_address=127.0.0.1", f"--rpc_port={self.port}", "--metrics_host=127.0.0.1",
-             f"--metrics_port={self.metrics_port}", "--rpc_thread_num=2", "--client_ttl=2",
-             "--enable_http_metadata_server=false"],
-            env=self.env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, open(self.log_path, errors="replace").read()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("mooncake_master did not listen within 15 s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
 def master(tmp_path):
-    _mooncake_or_skip()
+    mooncake_or_skip()
     m = Master(str(tmp_path / "master.log")).start()
     yield m
     m.kill()
@@ -413,7 +346,7 @@ def test_remote_settings_are_checked_without_connecting():
 def test_remote_flags_are_checked_in_the_launcher_and_travel_to_the_backend(tmp_path):
     from kvdrive_sglang.config import KvdriveSettings
 
-    _mooncake_or_skip()  # from_flags also checks that the client library loads
+    mooncake_or_skip()  # from_flags also checks that the client library loads
     flags = {"kvdrive_dir": str(tmp_path), "kvdrive_remote": "mooncake://127.0.0.1:50051",
              "kvdrive_remote_config": '{"protocol": "tcp", "global_segment_size": 33554432}'}
     s = KvdriveSettings.from_flags(flags)
@@ -426,3 +359,52 @@ def test_remote_flags_are_checked_in_the_launcher_and_travel_to_the_backend(tmp_
                          ({"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": "{"}, "not valid JSON")]:
         with pytest.raises(ConfigError, match=words):
             KvdriveSettings.from_flags({"kvdrive_dir": str(tmp_path), **extra})
+
+
+def test_kvdrive_stats_shows_the_remote_settings_a_server_recorded(tmp_path, capsys):
+    """The CLI reads a store offline; the remote settings live on the server's command line, so the engine records
+    them in the store's notes when it opens (issue 19: `kvdrive stats` shows the remote settings)."""
+    from kvdrive_sglang.tier.cli import main
+    from kvdrive_sglang.tier.engine import TierConfig
+    from kvdrive_sglang.tier.remote.tiered import RemoteTieredEngine
+
+    mooncake_or_skip()
+    store = tmp_path / "store"
+    assert main(["stats", str(tmp_path / "nothing")]) == 2  # still no store created by the CLI
+    # the engine connects on its first remote call, so no master is needed to open it (nothing listens there)
+    spec = parse_remote("mooncake://127.0.0.1:9", {"protocol": "tcp", "retry_s": 7, "global_segment_size": 16 * MiB})
+    engine = RemoteTieredEngine(TierConfig(path=str(store), host_bytes=MiB, disk_bytes=64 * MiB), spec)
+    engine.close(timeout=10)
+    capsys.readouterr()
+    assert main(["stats", str(store), "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)["remote"]
+    assert remote["url"] == "mooncake://127.0.0.1:9" and remote["retry_s"] == 7
+    assert remote["global_segment_size"] == 16 * MiB and remote["client"]["engine"] == "mooncake"
+    assert remote["recorded"]["pid"] == os.getpid()
+    assert main(["stats", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert "remote        mooncake://127.0.0.1:9 (as recorded" in text
+    assert "retry_s" in text and "protocol             tcp" in text
+
+
+def test_kvdrive_stats_without_a_recorded_remote_tier(tmp_path, capsys):
+    from kvdrive_sglang.tier.cli import main
+    from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
+    from kvdrive_sglang.tier.remote import SETTINGS_NOTE, settings_note
+
+    store = DiskStore(DiskStoreConfig(path=str(tmp_path / "s")))
+    store.close()
+    assert main(["stats", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["remote"] is None
+    assert main(["stats", str(tmp_path / "s")]) == 0
+    assert "remote        none recorded" in capsys.readouterr().out
+    store = DiskStore(DiskStoreConfig(path=str(tmp_path / "s")))
+    store.put_note(SETTINGS_NOTE, b"{not json")  # a damaged note is shown as absent, never an error
+    store.close()
+    assert main(["stats", str(tmp_path / "s")]) == 0
+    assert "remote        none recorded" in capsys.readouterr().out
+    store = DiskStore(DiskStoreConfig(path=str(tmp_path / "s")))
+    store.put_note(SETTINGS_NOTE, settings_note(None))  # a later server ran without --kvdrive-remote
+    store.close()
+    assert main(["stats", str(tmp_path / "s")]) == 0
+    assert "a server without --kvdrive-remote" in capsys.readouterr().out

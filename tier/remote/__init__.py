@@ -19,7 +19,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import json
 import math
+import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -165,3 +169,28 @@ def open_remote(spec: RemoteSpec) -> RemoteTier:
 def check_available(spec: RemoteSpec) -> None:
     """ConfigError (naming the install command) when the engine's client library cannot be loaded here."""
     backend_class(spec.scheme).check_installed()
+
+
+# --- the settings a server used, kept with its store for ``kvdrive stats`` ----------------------------------------
+# The CLI reads a store directory offline, and the remote settings live on the server's command line: so the server
+# records them in the store's notes (DiskStore put_note) when it opens, and the CLI shows the last record.
+SETTINGS_NOTE = "remote_settings"
+
+
+def settings_note(spec: RemoteSpec | None, client: Mapping | None = None) -> bytes:
+    """The note a server keeps: its remote settings (None: it runs without a remote tier), when and by whom."""
+    body = {"url": None} if spec is None else spec.describe() | ({"client": dict(client)} if client else {})
+    body["recorded"] = {"unix_s": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid()}
+    return json.dumps(body, sort_keys=True, default=str).encode()
+
+
+def read_settings_note(raw: bytes | None) -> dict | None:
+    """The recorded settings (``url`` None: the last server ran without a remote tier); None if none or unreadable
+    (a note is a hint: a damaged one is shown as absent, never an error)."""
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and "url" in body else None

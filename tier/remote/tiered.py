@@ -30,7 +30,7 @@ from ..codecs import decode_page
 from ..engine import TierConfig, TierEngine, TierStats
 from ..errors import CodecError, ConfigError
 from ..namespace import Namespace, key_bytes
-from . import ObjectId, RemoteSpec, RemoteTier, open_remote
+from . import SETTINGS_NOTE, ObjectId, RemoteSpec, RemoteTier, open_remote, settings_note
 from .envelope import Reject, open_object
 from .guard import CallGuard, Unavailable
 from .write_behind import WriteBehind
@@ -55,8 +55,9 @@ class RemoteStats(NamedTuple):
     dropped: dict  # write-behind pages dropped: full, off (fault window), unkeyed
     get_calls: int
     get_s: float
-    exists_calls: int
+    exists_calls: int  # the read path's and the write-behind's
     exists_s: float
+    put_calls: int  # write-behind puts that succeeded
     put_s: float
     faults: dict  # RemoteFault -> count
     refused: dict  # calls not made: off (retry window), busy (every worker held by a hung call)
@@ -86,6 +87,8 @@ class RemoteTieredEngine(TierEngine):
                 self.write_behind.offer(ns, [k for k, o in zip(keys, ok) if o], [b for b, o in zip(blobs, ok) if o])
                 return ok
             self.disk.put_many = put_many
+        if config.mirror != "read":  # a rank reading another's tier writes nothing to the store
+            self.put_note(SETTINGS_NOTE, settings_note(spec, self.remote.describe()))  # for `kvdrive stats`
         log.info("kvdrive: remote tier %s behind the local tiers (%s)", spec.url,
                  ", ".join(f"{k}={v}" for k, v in self.remote.describe().items()))
 
@@ -179,8 +182,10 @@ class RemoteTieredEngine(TierEngine):
             bytes_written=wc["bytes_written"], written=wc["written"], present=wc["present"],
             queued_bytes=wb.queued_bytes() if wb is not None else 0,
             dropped={"full": wc["dropped_full"], "off": wc["dropped_off"], "unkeyed": wc["unkeyed"]},
-            get_calls=c.get("get_calls", 0), get_s=t.get("get_s", 0.0), exists_calls=c.get("exists_calls", 0),
-            exists_s=t.get("exists_s", 0.0) + wt["exists_s"], put_s=wt["put_s"], faults=dict(g.faults),
+            get_calls=c.get("get_calls", 0), get_s=t.get("get_s", 0.0),
+            exists_calls=c.get("exists_calls", 0) + wc["exists_calls"],
+            exists_s=t.get("exists_s", 0.0) + wt["exists_s"],
+            put_calls=wc["put_calls"], put_s=wt["put_s"], faults=dict(g.faults),
             refused={"off": g.off, "busy": g.busy}, settings=self.spec.describe() | {"client": self.remote.describe()})
 
     def close(self, timeout: float = 120.0) -> None:

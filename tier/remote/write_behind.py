@@ -23,7 +23,8 @@ from .guard import CallGuard, Unavailable
 class WriteBehind:
     def __init__(self, remote: RemoteTier, guard: CallGuard, options: RemoteOptions, keyring: KeyRing | None):
         self.remote, self.guard, self.options, self.keyring = remote, guard, options, keyring
-        self.counts: Counter = Counter()  # queued, dropped_full, dropped_off, unkeyed, present, written, bytes_written
+        # queued, dropped_full, dropped_off, unkeyed, present, written, bytes_written, exists_calls, put_calls
+        self.counts: Counter = Counter()
         self.times: Counter = Counter()  # put_s, exists_s
         self._queue: OrderedDict[ObjectId, tuple[Namespace, bytes]] = OrderedDict()
         self._bytes = 0
@@ -125,6 +126,7 @@ class WriteBehind:
             t0 = time.perf_counter()
             there = self.guard.call("exists", lambda: self.remote.exists(ids), self.options.timeout_s)
             self.times["exists_s"] += time.perf_counter() - t0
+            self.counts["exists_calls"] += 1
             todo = [i for i, t in enumerate(there) if not t]
             self.counts["present"] += len(ids) - len(todo)
             if not todo:
@@ -133,6 +135,7 @@ class WriteBehind:
             t0 = time.perf_counter()
             self.guard.call("put", lambda: self.remote.put(put_ids, put_objs), self.options.put_timeout_s)
             self.times["put_s"] += time.perf_counter() - t0
+            self.counts["put_calls"] += 1
             self.counts["written"] += len(put_ids)
             self.counts["bytes_written"] += sum(len(o) for o in put_objs)
         except Unavailable:
