@@ -30,15 +30,10 @@ The value of a page
     outrank live sessions' newest turns (LFU pollution).
 
 Tracked units
-    The promoter keeps its state per *unit*: a page, or, for pages of fewer than 16 tokens (SGLang on CUDA defaults
-    to one-token pages), a run of up to ceil(unit_tokens / tokens_per_page) consecutive pages of a chain (default
-    unit_tokens 64: the size of a page-64 page), aligned on the chain's position, sharing one state (reuse, recency,
-    attention mass summed over its pages, value per byte of a whole unit). Every page key still answers for itself
-    (score_of, admit, reuse, ...) through its unit. Pages of 16 tokens or more are units of their own, exactly as
-    before; at page size 1 the per-request work, the tracking state and the eviction priority's cost per node shrink
-    64-fold, and ``max_tracked`` (counted in units) holds 64x the tokens (issue 15: at page size 1 the 262,144
-    tracked pages were 262k tokens, forgotten before admission). A unit is created by the first observation of its pages; a later chain
-    that runs into it and diverges inside it starts a unit of its own for the rest (as a radix tree splits a node).
+    The promoter keeps its state per *unit*: a page, or, for pages of fewer than 16 tokens, a run of up to
+    ceil(unit_tokens / tokens_per_page) consecutive pages of a chain sharing one state (issue 15). Every page key
+    still answers for itself through its unit. Units, their grouping and their bound (``max_tracked``) live in
+    tier/page_tracker.py (its module doc says how and why); this module decides what they are worth.
 
 Time-invariant scores
     Every term of heat decays at the same rate, so value(t) * 2^(t / half_life) never changes between observations.
@@ -78,101 +73,21 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from .errors import ConfigError
+from .page_tracker import NEG_INF as _NEG_INF
+from .page_tracker import PageTracker, Unit, unit_span
+from .promoter_config import LOSSY_CODECS, TIERS, Decision, PrefixPlan, PromoterConfig
+from .promoter_config import check_tier as _check_tier
 
-# "queued": waiting for the disk, in memory; "staged": raw, waiting for an encoder (as TierEngine.tiers_of): both
-# cost what DRAM does
-TIERS = ("gpu", "host", "dram", "queued", "staged", "disk")
-LOSSY_CODECS = ("int8", "fp8")
-_NEG_INF = float("-inf")
+# Re-exported: importers of kvdrive_sglang.tier.promoter keep getting the config and result types from here
+__all__ = ["LOSSY_CODECS", "TIERS", "Decision", "PrefixPlan", "Promoter", "PromoterConfig"]
+
 _SCORE_OFFSET = 4096.0  # keeps scores positive: the engine treats score 0 as "no score"
-_UNIT_PAGE_TOKENS = 16  # pages of at least this many tokens are tracked one by one (module doc: tracked units)
 _CHAIN_STEP = 1e-6  # log2 units: a prefix page outranks the pages after it by this much (0.00007 %)
 _LN2 = math.log(2.0)
 _GB = 1e9
-
-
-@dataclass
-class PromoterConfig:
-    """Promoter settings. Bandwidths are GB/s (1e9 bytes/s) of decoded page bytes.
-
-    The bandwidth and prefill defaults are assumptions, to be replaced by what the server measures:
-    dram_gbps 2.0 (one core of lossless zstd decode, docs limits.md), disk_gbps 1.5 (NVMe reads of 256 KiB pages
-    plus checksum and decode on one core), pcie_gbps 25 (PCIe 4.0 x16, effective), disk_latency_s 100 us (one
-    NVMe read), prefill_tokens_per_s 10000 (an 8B-class model on one datacenter GPU, long prompts).
-    """
-
-    half_life_s: float = 120.0  # attention mass and recency halve over this long (bench: see the module doc)
-    attention_floor: float = 1e-3  # heat of a page with no attention: its (decayed) recency
-    admit_min_reuse: int = 2  # write down pages used at least this often...
-    admit_min_value: float | None = None  # ...or whose value reaches this (None: reuse only)
-    admit_continuations: bool = True  # ...or that a request continuing an earlier request's chain created
-    dram_gbps: float = 2.0
-    disk_gbps: float = 1.5
-    pcie_gbps: float = 25.0
-    disk_latency_s: float = 1e-4
-    prefill_tokens_per_s: float = 10000.0
-    promote_share: float = 0.2  # share of the disk's read bandwidth spent bringing pages up ahead of demand (0: off)
-    lossy_ok: bool = False  # allow a lossy codec on disk
-    lossy_codec: str = "int8"
-    max_tracked: int = 262144  # units with tracking state; beyond it the least recently observed are forgotten
-    unit_tokens: int = 64  # pages of fewer than 16 tokens are tracked in runs of ceil(unit_tokens / page) (module doc)
-
-    def __post_init__(self):
-        def number(name, *, zero_ok=False):
-            v = getattr(self, name)
-            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-                    or v < 0 or (v == 0 and not zero_ok)):
-                raise ConfigError(f"promoter {name} must be a {'non-negative' if zero_ok else 'positive'} "
-                                  f"finite number, got {v!r}")
-
-        for name in ("half_life_s", "attention_floor", "dram_gbps", "disk_gbps", "pcie_gbps",
-                     "prefill_tokens_per_s"):
-            number(name)
-        number("disk_latency_s", zero_ok=True)
-        number("promote_share", zero_ok=True)
-        if self.promote_share > 1:
-            raise ConfigError(f"promoter promote_share is a share of the disk's bandwidth (0 to 1), "
-                              f"got {self.promote_share!r}")
-        if self.admit_min_value is not None:
-            number("admit_min_value")
-        for name in ("admit_min_reuse", "max_tracked", "unit_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"promoter {name} must be a positive integer, got {v!r}")
-        for name in ("lossy_ok", "admit_continuations"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"promoter {name} must be True or False, got {getattr(self, name)!r}")
-        if self.lossy_codec not in LOSSY_CODECS:
-            raise ConfigError(f"promoter lossy_codec {self.lossy_codec!r} is not one of {', '.join(LOSSY_CODECS)}")
-
-    def tier_gbps(self, tier: str) -> float:
-        _check_tier(tier)
-        return {"gpu": math.inf, "host": math.inf, "dram": self.dram_gbps, "queued": self.dram_gbps,
-                "staged": self.dram_gbps, "disk": self.disk_gbps}[tier]
-
-
-class Decision(NamedTuple):
-    action: str  # "reload" | "recompute"
-    reload_s: float
-    recompute_s: float
-
-
-class PrefixPlan(NamedTuple):
-    reload_pages: int  # reload the first this-many hit pages; recompute the rest of the hits
-    reload_s: float  # modelled time of those reloads
-    recompute_s: float  # modelled time of recomputing the hit pages not reloaded
-    saved_s: float  # against recomputing every hit page
-
-
-def _check_tier(tier) -> None:
-    if tier not in TIERS:
-        raise ConfigError(f"tier {tier!r} is not one of {', '.join(TIERS)}")
 
 
 def _lae2(a: float, b: float) -> float:
@@ -186,27 +101,6 @@ def _lae2(a: float, b: float) -> float:
     return a + math.log1p(2.0 ** (b - a)) / _LN2
 
 
-class _Page:
-    """A tracked unit: one page, or a run of consecutive pages of a chain (``members``; see the module doc)."""
-
-    __slots__ = ("extends", "mass_log", "members", "name", "nbytes", "reuse", "score", "seq", "span", "t_access",
-                 "tails", "tokens")
-
-    def __init__(self, name: str, members: list[str] | None = None, span: int = 1):
-        self.name = name  # its key in Promoter._pages: the (first) page's key
-        self.members = members  # the pages of a multi-page unit, in chain order (None: the page ``name`` alone)
-        self.span = span  # pages of a whole unit at this page size: its value is per byte of a whole unit
-        self.tails = 0  # bit i: member i is the last page of some request's chain
-        self.extends = False  # created by a request that continued an earlier request's chain
-        self.reuse = 0
-        self.t_access = None  # clock reading of the last access (None: only attention seen)
-        self.seq = -1  # access order; larger = more recent
-        self.mass_log = _NEG_INF  # log2(mass * 2^(t_obs / half_life)), summed over observations
-        self.nbytes = 0  # of one page
-        self.score = None  # _log_score, cached: constant until the unit is observed again (None: not computed)
-        self.tokens = 0  # of one page
-
-
 class Promoter:
     def __init__(self, config: PromoterConfig | None = None, clock: Callable[[], float] = time.time):
         self.config = config if config is not None else PromoterConfig()
@@ -214,17 +108,15 @@ class Promoter:
             raise ConfigError(f"promoter config must be a PromoterConfig, got {type(self.config).__name__}")
         self._clock = clock
         self._lock = threading.Lock()
-        self._pages: OrderedDict[str, _Page] = OrderedDict()  # units by name, least recently observed first
-        self._alias: dict[str, _Page] = {}  # every page key of a multi-page unit -> the unit
+        # the tracked units (page_tracker.py), read and changed only under self._lock
+        self.tracker = PageTracker(self.config.max_tracked)
         self._seq = 0
         self._typical_bytes = 0  # bytes of the last page observed: stands in for pages seen only via attention
         self._typical_tokens = 0
         self._typical_span = 1  # pages per unit at the last observed page size
-        self._singles = 0  # units of one page (members None)
         self._last = None  # (keys, len, runs) of the last observe_access, for units_of
         self._log_floor = math.log2(self.config.attention_floor)
         self._inv_hl = 1.0 / self.config.half_life_s
-        self._forgotten = 0
         self._continuations = 0
         self._accesses = 0
         self._attention = 0
@@ -308,10 +200,10 @@ class Promoter:
         for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
-        span = 1 if tokens_per_page >= _UNIT_PAGE_TOKENS else -(-self.config.unit_tokens // tokens_per_page)
+        span = unit_span(tokens_per_page, self.config.unit_tokens)
         now = self._clock()
         with self._lock:
-            runs = self._track(keys, span)
+            runs = self.tracker.track(keys, span)
             # units_of right after this call, for the same list (a finished request's attention): no second walk
             self._last = (keys, len(keys), runs)
             # Continuation: the chain runs through the last page of an earlier request (a conversation's next turn,
@@ -330,7 +222,7 @@ class Promoter:
             # the first unit of the prefix gets the newest sequence number: on equal value the tail goes first
             self._seq += len(runs)
             seq = self._seq
-            pages = self._pages
+            pages = self.tracker.pages
             for p, _, _ in runs:
                 pages.move_to_end(p.name)
                 if cont and p.reuse == 0:
@@ -349,7 +241,7 @@ class Promoter:
             self._typical_tokens = tokens_per_page
             self._typical_span = span
             self._accesses += len(keys)
-            self._bound()
+            self.tracker.bound()
 
     def observe_attention(self, key_to_mass: Mapping[str, float]) -> None:
         """Add attention mass received by pages now (decays by half every half-life from now on). Pages of one unit
@@ -364,11 +256,11 @@ class Promoter:
                     raise ConfigError(f"attention mass for page {k!r} must be a non-negative number, got {m!r}")
                 if not math.isfinite(m):
                     raise ConfigError(f"attention mass for page {k!r} must be finite, got {m!r}")
-                p = self._touch(k)
+                p = self.tracker.touch(k)
                 p.mass_log = _lae2(p.mass_log, math.log2(m) + now_anchor)
                 p.score = None
             self._attention += len(key_to_mass)
-            self._bound()
+            self.tracker.bound()
 
     def units_of(self, keys: Sequence[str]) -> tuple[list[str], list[int]]:
         """The tracked units along a chain of page keys: each run of consecutive pages of one unit as (a key that
@@ -379,7 +271,7 @@ class Promoter:
             if last is not None and last[0] is keys and last[1] == len(keys):
                 runs = last[2]
             else:
-                runs = self._runs(keys)
+                runs = self.tracker.runs(keys)
         names, starts, pos = [], [], 0
         for p, _, take in runs:
             names.append(keys[pos] if p is None else p.name)
@@ -391,16 +283,16 @@ class Promoter:
         """Drop the tracking state of pages (e.g. deleted everywhere): of the whole unit of each."""
         with self._lock:
             for k in keys:
-                p = self._unit(k)
+                p = self.tracker.unit(k)
                 if p is not None:
-                    self._drop(p)
+                    self.tracker.drop(p)
 
     # --- values -----------------------------------------------------------------------------------------------
     def value(self, key: str) -> float:
         """heat x reuse / reload seconds (from disk), now. 0 for a page never seen."""
         now_anchor = self._clock() * self._inv_hl
         with self._lock:
-            s = self._log_score(self._unit(key))
+            s = self._log_score(self.tracker.unit(key))
         return 0.0 if s == _NEG_INF else 2.0 ** (s - now_anchor)
 
     def attention_mass(self, key: str) -> float:
@@ -408,14 +300,14 @@ class Promoter:
         unit's (as the attention capture spreads a group's mass over its pages)."""
         now_anchor = self._clock() * self._inv_hl
         with self._lock:
-            p = self._unit(key)
+            p = self.tracker.unit(key)
             if p is None or p.mass_log == _NEG_INF:
                 return 0.0
             return 2.0 ** (p.mass_log - now_anchor) / (1 if p.members is None else len(p.members))
 
     def reuse(self, key: str) -> int:
         with self._lock:
-            p = self._unit(key)
+            p = self.tracker.unit(key)
             return 0 if p is None else p.reuse
 
     def score_of(self, keys: Sequence[str], *, chain: bool = False) -> list[float]:
@@ -426,7 +318,7 @@ class Promoter:
         first, and a valuable late page keeps its whole prefix."""
         raw: list[float] = []
         with self._lock:
-            for p, _, take in self._runs(keys):  # one score per run of a unit's pages
+            for p, _, take in self.tracker.runs(keys):  # one score per run of a unit's pages
                 raw += [self._log_score(p)] * take
         out = [0.0 if s == _NEG_INF else max(s + _SCORE_OFFSET, 1e-9) for s in raw]
         if chain:
@@ -441,7 +333,7 @@ class Promoter:
         """One score for a group evicted together (a radix node): log2 of the mean page value, same scale as
         score_of. 0.0 when no page is known. One step per unit the pages belong to."""
         with self._lock:
-            raw = [(self._log_score(p), take) for p, _, take in self._runs(keys)]
+            raw = [(self._log_score(p), take) for p, _, take in self.tracker.runs(keys)]
         if not raw:
             return 0.0
         top = max(s for s, _ in raw)
@@ -468,7 +360,7 @@ class Promoter:
         with self._lock:
             rows = []
             for k in dict.fromkeys(keys):
-                p = self._unit(k)
+                p = self.tracker.unit(k)
                 rows.append((self._log_score(p), p.seq if p is not None else -1, k))
         rows.sort()
         return [k for _, _, k in rows]
@@ -477,7 +369,7 @@ class Promoter:
         """Write this page down to DRAM/disk? reuse >= admit_min_reuse, or value >= admit_min_value."""
         cfg = self.config
         with self._lock:
-            p = self._unit(key)
+            p = self.tracker.unit(key)
             if p is None:
                 return False
             if p.reuse >= cfg.admit_min_reuse or (p.extends and cfg.admit_continuations):
@@ -499,7 +391,7 @@ class Promoter:
 
     def _locked_runs(self, keys: Sequence[str]):
         with self._lock:
-            return self._runs(keys)
+            return self.tracker.runs(keys)
 
     def prefetch(self, candidates: Sequence[str], budget_bytes: int, to_tier: str = "dram") -> list[str]:
         """Candidates to bring up into ``to_tier`` ahead of demand, highest value first, within ``budget_bytes``
@@ -515,7 +407,7 @@ class Promoter:
         with self._lock:
             rows = []
             for i, k in enumerate(dict.fromkeys(candidates)):
-                p = self._unit(k)
+                p = self.tracker.unit(k)
                 nbytes = p.nbytes if p is not None and p.nbytes else self._typical_bytes
                 tokens = p.tokens if p is not None and p.tokens else self._typical_tokens
                 if tokens and latency + nbytes * per_byte >= tokens * self._recompute_s_per_token():
@@ -544,8 +436,9 @@ class Promoter:
 
     def plan_prefix(self, tiers: Sequence[str], tokens_per_page: int, bytes_per_page: int) -> PrefixPlan:
         """For a prefix hit whose pages sit in ``tiers`` (one entry per page, in prefix order, as
-        ``TierEngine.tiers_of`` gives them): how many leading pages to reload. KV of a prefix can only be extended at its end, so recomputing page i means recomputing
-        every page after it; this picks the cut with the least modelled time (0 = recompute all of them)."""
+        ``TierEngine.tiers_of`` gives them): how many leading pages to reload. KV of a prefix can only be extended
+        at its end, so recomputing page i means recomputing every page after it; this picks the cut with the least
+        modelled time (0 = recompute all of them)."""
         for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"plan_prefix {name} must be a positive integer, got {v!r}")
@@ -580,136 +473,12 @@ class Promoter:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"tracked": len(self._pages), "max_tracked": self.config.max_tracked,
-                    "forgotten": self._forgotten, "accesses": self._accesses,
+            return {"tracked": len(self.tracker), "max_tracked": self.config.max_tracked,
+                    "forgotten": self.tracker.forgotten, "accesses": self._accesses,
                     "continuations": self._continuations, "attention_updates": self._attention}
 
     # --- internals --------------------------------------------------------------------------------------------
-    def _unit(self, key: str) -> _Page | None:
-        p = self._alias.get(key)
-        return self._pages.get(key) if p is None else p
-
-    def _runs(self, keys: Sequence[str], grouped: bool = False) -> list[tuple[_Page | None, int, int]]:
-        """``keys`` as runs of consecutive pages of one tracked unit, (unit, offset of the run's first page in it,
-        pages), and of untracked pages, (None, 0, pages). A key names its whole prefix (a chain hash), so two chains
-        that agree on a page agree on every page before it: where a run ends and where an untracked stretch ends
-        are found by comparing a few keys (galloping, then bisecting), not every page. ``grouped``: find untracked
-        stretches even while there are no multi-page units yet (to create them)."""
-        pages, alias = self._pages, self._alias
-        if not alias and not grouped:  # no multi-page units (pages of unit_tokens or more): every page is its own
-            return [(pages.get(k), 0, 1) for k in keys]
-        singles = self._singles
-
-        def tracked(x):
-            return x in alias or (singles and x in pages)
-
-        out, i, n = [], 0, len(keys)
-        while i < n:
-            k = keys[i]
-            p = alias.get(k)
-            if p is not None:
-                m = p.members
-                off = 0 if m[0] == k else m.index(k)
-                take = min(len(m) - off, n - i)
-                if m[off + take - 1] != keys[i + take - 1]:  # the chain leaves the unit inside it: bisect
-                    lo, hi = 1, take - 1  # pages [0, lo) agree, page hi does not
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        if m[off + mid] == keys[i + mid]:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                    take = lo
-                out.append((p, off, take))
-                i += take
-                continue
-            p = pages.get(k) if singles else None
-            if p is not None:  # a single page's unit
-                out.append((p, 0, 1))
-                i += 1
-                continue
-            # untracked: gallop to a tracked page (or the end), then bisect for the first one
-            lo, step = i + 1, 1  # keys[i:lo] untracked
-            while lo < n and not tracked(keys[min(lo + step, n) - 1]):
-                lo = min(lo + step, n)
-                step *= 2
-            hi = min(lo + step, n)  # keys[hi - 1] tracked, or hi == n
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if tracked(keys[mid]):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            out.append((None, 0, lo - i))
-            i = lo
-        return out
-
-    def _track(self, keys: Sequence[str], span: int) -> list[tuple[_Page, int, int]]:
-        """Runs of ``keys`` (as _runs), with units created for the untracked pages: of up to ``span`` pages each,
-        aligned on the position in ``keys`` (a whole chain's position from its root)."""
-        pages, alias = self._pages, self._alias
-        keys = keys if isinstance(keys, list) else list(keys)
-        out, pos = [], 0
-        for p, off, take in self._runs(keys, grouped=span > 1):
-            if p is not None:
-                out.append((p, off, take))
-                pos += take
-                continue
-            end_run = pos + take
-            while pos < end_run:
-                end = min(end_run, (pos // span + 1) * span)
-                group = keys[pos:end]
-                if not all(map(str.__instancecheck__, group)):  # one C-level pass
-                    bad = next(k for k in group if not isinstance(k, str))
-                    raise ConfigError(f"page key must be a str, got {type(bad).__name__}")
-                name = group[0]
-                u = pages.get(name)  # a page seen only through attention: its unit grows, its mass is kept
-                if u is None:
-                    u = pages[name] = _Page(name)
-                    if span == 1:
-                        self._singles += 1
-                elif span > 1:
-                    self._singles -= 1
-                if span > 1:
-                    u.members, u.span = group, span
-                    alias.update(dict.fromkeys(group, u))
-                out.append((u, 0, len(group)))
-                pos = end
-        return out
-
-    def _touch(self, key: str) -> _Page:
-        p = self._unit(key)
-        if p is None:
-            if not isinstance(key, str):
-                raise ConfigError(f"page key must be a str, got {type(key).__name__}")
-            p = self._pages[key] = _Page(key)
-            self._singles += 1
-        else:
-            self._pages.move_to_end(p.name)
-        return p
-
-    def _drop(self, p: _Page) -> None:
-        if self._pages.get(p.name) is p:
-            del self._pages[p.name]
-        self._unlink(p)
-
-    def _unlink(self, p: _Page) -> None:
-        if p.members is None:
-            self._singles -= 1
-            return
-        alias = self._alias
-        for k in p.members:
-            if alias.get(k) is p:
-                del alias[k]
-
-    def _bound(self) -> None:
-        over = len(self._pages) - self.config.max_tracked
-        for _ in range(over):
-            self._unlink(self._pages.popitem(last=False)[1])
-        if over > 0:
-            self._forgotten += over
-
-    def _log_score(self, p: _Page | None) -> float:
+    def _log_score(self, p: Unit | None) -> float:
         """log2(value(t) * 2^(t / half_life)): constant between observations. -inf for an unknown page."""
         if p is None:
             return _NEG_INF

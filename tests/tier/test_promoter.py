@@ -462,7 +462,7 @@ def test_cached_page_scores_always_equal_freshly_computed_ones():
             p.observe_access(ks[:3], TOK, PAGE, whole_request=False, reuse=False)
         if step % 25 == 0:
             cached = [p.group_score(n) for n in nodes]
-            for page in p._pages.values():
+            for page in p.tracker.pages.values():
                 page.score = None
             assert cached == [p.group_score(n) for n in nodes], step
 
@@ -524,5 +524,5 @@ def test_group_score_of_a_node_of_one_token_pages_steps_per_unit():
     p, _ = make()
     keys = _chain("n", 4096)
     p.observe_access(keys, 1, 512)
-    assert len(p._runs(keys[10:4000])) == 63  # 3990 pages in 63 runs of units, not 3990 steps
+    assert len(p.tracker.runs(keys[10:4000])) == 63  # 3990 pages in 63 runs of units, not 3990 steps
     assert p.group_score(keys[10:4000]) == pytest.approx(p.group_score(keys[:64]))
