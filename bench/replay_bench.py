@@ -3,6 +3,9 @@
     python bench/replay_bench.py --preset smoke              # seconds (the test runs it)
     python bench/replay_bench.py --preset default            # a few minutes; writes results/replay_bench-default.*
     python bench/replay_bench.py --preset production-day     # >= 100k requests, < 30 min on 2 cores
+    python bench/replay_bench.py --nodes 2,4,8               # N replicas (round-robin), with and without the
+                                                             # shared remote tier (bench/replay/fleet.py); writes
+                                                             # results/remote-replay-<preset>.*
     ... --resume                                             # skip (workload, configuration) pairs already done
 
 Workloads (bench/workloads.py, seeded, sizes as flags): docs (long-document reuse, Zipf popularity, Poisson
@@ -142,6 +145,16 @@ def parse_args(argv):
     ap.add_argument("--flush-every", type=int, default=None,
                     help="wait for kvdrive's disk writer every N requests (default: the preset's; 1 = deterministic)")
     ap.add_argument("--calib-pages", type=int, default=None)
+    f = ap.add_argument_group("N replicas with a shared remote tier (bench/replay/fleet.py; issue 19)")
+    f.add_argument("--nodes", default=None, help="comma-separated replica counts, e.g. 2,4,8: replay the trace "
+                                                  "round-robin over that many nodes, with and without the shared tier")
+    f.add_argument("--fleet-config", default="kvdrive_lru", help="each node's configuration (a kvdrive one)")
+    f.add_argument("--shared-frac", type=float, default=1.0,
+                   help="the shared tier's capacity, as a fraction of the workload's distinct pages (stored bytes)")
+    f.add_argument("--remote-gbps", type=float, default=1.3,
+                   help="shared tier read GB/s (default: batched Mooncake gets over loopback TCP measured on these "
+                        "machines; RDMA: ~10x)")
+    f.add_argument("--remote-latency-s", type=float, default=0.0005, help="shared tier latency per request")
     ap.add_argument("--calib-reps", type=int, default=None)
     add_allow_dirty(ap)
     args = ap.parse_args(argv)
@@ -161,6 +174,18 @@ def parse_args(argv):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.config_list = [x for x in args.configs.split(",") if x]
+    args.node_list = []
+    if args.nodes is not None:
+        try:
+            args.node_list = [int(x) for x in args.nodes.split(",") if x]
+        except ValueError:
+            args.node_list = []
+        if not args.node_list or min(args.node_list) < 1:
+            ap.error(f"--nodes must be a comma-separated list of replica counts >= 1, got {args.nodes!r}")
+        if CONFIGS.get(args.fleet_config, Config("")).l3 != "kvdrive":
+            ap.error(f"--fleet-config must be a kvdrive configuration, got {args.fleet_config!r}")
+        if not 0 < args.shared_frac:
+            ap.error(f"--shared-frac must be > 0, got {args.shared_frac}")
     for x in args.config_list:
         if x not in CONFIGS:
             ap.error(f"unknown configuration {x!r}; known: {', '.join(CONFIGS)}")
@@ -517,6 +542,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.render:
         return render(args.render, not args.no_plots)
+    if args.node_list:
+        return fleet_main(args, argv)
     out = args.out or os.path.join(REPO, "bench", "results", f"replay_bench-{args.preset}")
     guard_results(out + ".json", REPO, args.allow_dirty)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -640,6 +667,70 @@ def main(argv=None) -> int:
         print(f"\nreplay_bench: interrupted; finished (workload, configuration) results are kept in {ck.dir}: run "
               "the same command with --resume to go on", file=sys.stderr)
         return 130
+    finally:
+        if args.dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def fleet_main(args, argv) -> int:
+    """--nodes: the trace round-robin over N replicas, with and without the shared tier (bench/replay/fleet.py)."""
+    from replay.fleet import FleetCost, fleet_markdown, run_fleet
+
+    out = args.out or os.path.join(REPO, "bench", "results", f"remote-replay-{args.preset}")
+    guard_results(out + ".json", REPO, args.allow_dirty)
+    tmp = args.dir or tempfile.mkdtemp(prefix="kvdrive-fleet-bench-")
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        print("calibrating (TierEngine, 256 KiB bf16 pages) ...", file=sys.stderr, flush=True)
+        meas = calibrate(tmp, args.calib_pages, args.calib_reps)
+        cost = FleetCost(prefill_tokens_per_s=args.prefill_tps, pcie_gbps=args.pcie_gbps,
+                         bytes_per_token=args.bytes_per_token, dram_gbps=meas["dram_read_gbps"],
+                         disk_gbps=meas["disk_read_gbps"], disk_latency_s=meas["disk_latency_s"],
+                         zstd_ratio=meas["zstd_ratio"], page_tokens=args.page_tokens,
+                         remote_gbps=args.remote_gbps, remote_latency_s=args.remote_latency_s)
+        synth = SyntheticPages(99)
+        ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
+        with TierEngine(TierConfig(path=None, host_bytes=64 * MiB)) as e:
+            e.put_many(ns, [f"p{i}" for i in range(N_POOL_PAGES)], synth.numpy)
+            small_encoded = e.stats().dram.used_bytes / N_POOL_PAGES
+        cfg = config_for(args.fleet_config, args.page_tokens)
+        report = {"command": "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] +
+                                                   (sys.argv[1:] if argv is None else list(argv))),
+                  "preset": args.preset, "machine": machine(REPO), "configuration": cfg.name,
+                  "shared_frac": args.shared_frac, "measured": meas, "args": fingerprint(args),
+                  "assumptions": {"prefill_tokens_per_s": args.prefill_tps, "pcie_gbps": args.pcie_gbps,
+                                  "bytes_per_token": args.bytes_per_token, "remote_gbps": args.remote_gbps,
+                                  "remote_latency_s": args.remote_latency_s,
+                                  "remote_note": "batched Mooncake gets over loopback TCP measured here"},
+                  "workloads": {}}
+        for wname in args.workload_list:
+            wl = workload(args, wname)
+            b = budgets_for(wl, args, synth.nbytes, small_encoded)
+            shared_bytes = int(args.shared_frac * wl.footprint_pages * small_encoded)
+            runs = []
+            for n in args.node_list:
+                for shared in (False, True):
+                    label = f"  {wname} x{n} {'shared' if shared else 'local only'}"
+                    res = run_fleet(cfg, wl, config_budgets(cfg, b), cost, args, os.path.join(tmp, wname), synth,
+                                    n, shared_bytes if shared else None, Progress(label, len(wl.requests)))
+                    runs.append(res)
+                    print(f"{label}: saved {res['saved_pct']:.1f}%, remote hit tokens {res['hit_tokens_remote']:,}, "
+                          f"TTFT p50 {res['ttft_p50_s']:.3f} s ({res['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            report["workloads"][wname] = {"requests": len(wl.requests), "trace_digest": trace_digest(wl.requests),
+                                          "footprint_tokens": wl.footprint_pages * args.page_tokens, "budgets": b,
+                                          "runs": runs}
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=float)
+        md = fleet_markdown(report)
+        with open(out + ".md", "w") as f:
+            f.write(md)
+        print(md)
+        print(f"wrote {out}.json, {out}.md", file=sys.stderr)
+    except ReplayError as e:
+        print(f"replay_bench: {e}", file=sys.stderr)
+        return 2
     finally:
         if args.dir is None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -63,7 +63,7 @@ class Replay:
     disk writer after every request)."""
 
     def __init__(self, cfg: Config, wl: Workload, budgets: dict, cost: CostModel, knobs, tmp: str,
-                 synth: SyntheticPages):
+                 synth: SyntheticPages, make_engine=TierEngine):
         if cfg.promoter and cfg.l3 != "kvdrive":
             raise ReplayError(f"configuration {cfg.name}: the promoter needs kvdrive as L3")
         if cost.page_tokens != wl.page_tokens:
@@ -92,7 +92,8 @@ class Replay:
                 raise ReplayError(f"configuration {cfg.name}: the file backend sits behind the host pool (l2)")
             self.file = FileTier(self.dir, budgets["disk_bytes"], self.host)
         elif cfg.l3 == "kvdrive":
-            self.engine = TierEngine(TierConfig(path=self.dir, host_bytes=budgets["host_bytes"],
+            # make_engine: TierEngine, or (bench/replay/fleet.py) a node's engine with a shared remote tier behind it
+            self.engine = make_engine(TierConfig(path=self.dir, host_bytes=budgets["host_bytes"],
                                                 disk_bytes=budgets["disk_bytes"], codec="zstd",
                                                 disk={"gc_live_ratio": knobs.disk_gc_live_ratio}))
         elif cfg.l3 is not None:
@@ -111,7 +112,7 @@ class Replay:
         # per request, for TTFT, the timeline and post-hoc re-scoring
         self.ttft = array("d")
         self.nocache = array("d")
-        self.per_req = {k: array("i") for k in ("prompt", "gpu", "host", "dram", "disk", "recomputed")}
+        self.per_req = {k: array("i") for k in ("prompt", "gpu", "host", "dram", "disk", "remote", "recomputed")}
         self.records = []  # promoter_bench: (prompt pages, gpu hit pages, L3 tiers found "m"/"d" string, reloaded)
 
     # --- helpers ----------------------------------------------------------------------------------------------------
@@ -163,7 +164,9 @@ class Replay:
                     tiers = self.engine.tiers_of(self.ns, keys[s:s + n_t])
                     if None in tiers:  # evicted between the two calls (the writer thread): a shorter hit
                         tiers = tiers[:tiers.index(None)]
-                k = (self.promoter.plan_prefix(tiers, self.pt, self.page_bytes).reload_pages
+                # the promoter plans a remote page as a disk read, as KvdriveStorage does until it has a remote cost
+                k = (self.promoter.plan_prefix(["disk" if t == "remote" else t for t in tiers], self.pt,
+                                               self.page_bytes).reload_pages
                      if self.promoter is not None else len(tiers))
             if k:
                 k = self._fetch(P, keys, s, k)
@@ -183,13 +186,15 @@ class Replay:
         c["gpu_hit_pages"] += g
         c["host_hit_pages"] += h
         for t in tiers:
-            c["found_" + ("dram" if t in ("dram", "queued") else "disk")] += 1
+            c["found_" + ("dram" if t in ("dram", "queued") else "remote" if t == "remote" else "disk")] += 1
         n_dram = sum(1 for t in used if t in ("dram", "queued"))
+        n_remote = sum(1 for t in used if t == "remote")  # the shared tier (fleet.py), read through to this node
         c["used_dram"] += n_dram
-        c["used_disk"] += k - n_dram
+        c["used_remote"] += n_remote
+        c["used_disk"] += k - n_dram - n_remote
         if self.prefetched:
             for key, t in zip(keys[s:s + k], used):
-                if t != "disk" and key in self.prefetched:
+                if t not in ("disk", "remote") and key in self.prefetched:
                     self.prefetched.discard(key)
                     c["prefetch_used"] += 1
         c["recomputed_pages"] += recompute
@@ -198,7 +203,8 @@ class Replay:
         pr["gpu"].append(g)
         pr["host"].append(h)
         pr["dram"].append(n_dram)
-        pr["disk"].append(k - n_dram)
+        pr["disk"].append(k - n_dram - n_remote)
+        pr["remote"].append(n_remote)
         pr["recomputed"].append(recompute)
         if self.host is None:
             self.records.append((len(P), g, "".join("d" if t == "disk" else "m" for t in tiers), k))
@@ -388,6 +394,7 @@ class Replay:
             "hit_tokens_host": c["host_hit_pages"] * tok,
             "hit_tokens_dram": c["used_dram"] * tok,
             "hit_tokens_disk": c["used_disk"] * tok,
+            "hit_tokens_remote": c["used_remote"] * tok,
             "hit_tokens_dram_found": c["found_dram"] * tok,
             "hit_tokens_dram_used": c["used_dram"] * tok,
             "hit_tokens_disk_found": c["found_disk"] * tok,
@@ -412,8 +419,9 @@ class Replay:
         b = out["bytes"]
         if self.host is not None:
             hs = self.host
-            b["host"]["read"] = (hs.read + c["used_dram"] + c["used_disk"]) * self.page_bytes  # L3 pages pass through
-            b["host"]["written"] = (hs.written + c["used_dram"] + c["used_disk"]) * self.page_bytes
+            l3 = c["used_dram"] + c["used_disk"] + c["used_remote"]  # L3 pages pass through
+            b["host"]["read"] = (hs.read + l3) * self.page_bytes
+            b["host"]["written"] = (hs.written + l3) * self.page_bytes
             out.update({"host_pool_pages": hs.capacity, "host_pages_written": hs.written,
                         "host_pages_evicted": hs.evicted, "host_writes_refused_full": hs.refused,
                         "storage_hits_dropped_no_host_room": c["storage_hits_dropped_no_host_room"]})
