@@ -13,94 +13,31 @@ clean restart serves all of it; after a crash, only what reached the disk (its i
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from . import clock
 from .buffers import byte_view
-from .codecs import CODEC_NAMES, decode_page, encode_page, get_codec, peek_header
+from .codecs import decode_page, encode_page, get_codec, peek_header
 from .crypto import KeyRing
-from .disk_store import DiskStats, DiskStore, DiskStoreConfig, GiB, MiB
+from .disk_store import DiskStats, DiskStore, DiskStoreConfig
 from .dram_pool import DramPool, DramPoolStats, PoolKey
+from .engine_config import MIRROR_MODES, WRITE_POLICIES, TierConfig
 from .errors import CodecError, ConfigError
 from .namespace import Namespace, key_bytes
-from .replica_mirror import SHM_ROOT, ReplicaMirror
+from .replica_mirror import ReplicaMirror
 from .staging import StagedPage, StagingArea
 from .tenants import Tenants
 from .tiers import Tier
-from .validate import integer, number
+from .writedown import QueuedPage, WriteDown
+
+# Re-exported: importers of kvdrive_sglang.tier.engine keep getting the settings and the queue's item type from here
+__all__ = ["MIRROR_MODES", "WRITE_POLICIES", "Promotion", "QueuedPage", "TierConfig", "TierEngine", "TierStats"]
 
 log = logging.getLogger("kvdrive.tier")
-
-WRITE_POLICIES = ("write_through", "write_back", "selective")
-MIRROR_MODES = ("off", "publish", "read")
-
-
-@dataclass
-class TierConfig:
-    path: str | None = None  # disk store directory; None: DRAM tier only
-    host_bytes: int = 4 * GiB  # compressed DRAM tier budget (encoded bytes)
-    disk_bytes: int = 64 * GiB  # disk store cap (segment file bytes)
-    codec: str = "zstd"  # raw | zstd (lossless) | int8 | fp8 (lossy: opt in)
-    # write_through: every page also goes to disk at once (survives a crash); write_back: a page goes to disk when it
-    # leaves the DRAM pool; selective: only pages the engine's ``admit`` callback calls worth keeping go to disk -- at
-    # once if admitted when stored, else when they leave the pool if admitted by then (others are dropped there)
-    write_policy: str = "write_through"
-    writedown_queue_bytes: int = 256 * MiB  # pages waiting for the disk; over this, write-downs are dropped
-    writedown_batch_bytes: int = 16 * MiB  # one group commit
-    io_threads: int = 2  # for submit_get_many / submit_put_many
-    maintain_interval_s: float = 30.0  # TTL expiry, capacity and compaction on the writer thread
-    default_ttl_s: float | None = None
-    disk: dict = field(default_factory=dict)  # further DiskStoreConfig fields (segment_bytes, io, ...)
-    tenants: dict = field(default_factory=dict)  # per-tenant policy (ttl_s, share_as): see tier/tenants.py
-    encrypt: str | None = None  # encryption at rest: key file path, or "env" (KVDRIVE_KEYS); see tier/crypto.py
-    # stage_many: raw pages waiting for the encoder threads (a page over this is refused, never waited for); 0: no
-    # staging, stage_many encodes on the caller's thread like put_many. 256 MiB: ~0.2 s of an 8B model's write-through
-    # at several GB/s, ~0.2 s of encoding for two zstd threads
-    staging_bytes: int = 256 * MiB
-    encode_threads: int = 2  # encoder threads for staged pages (zstd releases the GIL)
-    # a node-shared copy of the DRAM tier for ranks holding the same KV (MLA replicas; tier/replica_mirror.py):
-    # "publish" (the writing rank), "read" (the others) or "off"; it lives under mirror_root (shared memory)
-    mirror: str = "off"
-    mirror_root: str = SHM_ROOT
-
-    def __post_init__(self):
-        zero_ok = ("host_bytes", "staging_bytes")
-        for name in ("host_bytes", "disk_bytes", "writedown_queue_bytes", "writedown_batch_bytes", "io_threads",
-                     "staging_bytes", "encode_threads"):
-            integer(getattr(self, name), f"tier {name}", least=0 if name in zero_ok else 1)
-        if self.mirror not in MIRROR_MODES:
-            raise ConfigError(f"tier mirror {self.mirror!r} is not one of {', '.join(MIRROR_MODES)}")
-        if self.mirror != "off" and self.path is None:
-            raise ConfigError("tier mirror is named after the disk store: it needs a disk store path")
-        if self.codec not in CODEC_NAMES:
-            raise ConfigError(f"tier codec {self.codec!r} is not one of {', '.join(CODEC_NAMES)}")
-        if self.write_policy not in WRITE_POLICIES:
-            raise ConfigError(f"tier write_policy {self.write_policy!r} is not one of {', '.join(WRITE_POLICIES)}")
-        if self.path is None and self.host_bytes == 0:
-            raise ConfigError("tier has neither a disk path nor a DRAM budget: set path or host_bytes")
-        number(self.maintain_interval_s, "tier maintain_interval_s")
-        if not isinstance(self.disk, dict):
-            raise ConfigError(f"tier disk options must be a dict of disk store settings, got {self.disk!r}")
-        allowed = sorted({f.name for f in fields(DiskStoreConfig)} - {"path", "capacity_bytes", "default_ttl_s"})
-        unknown = sorted(str(k) for k in self.disk if k not in allowed)
-        if unknown:
-            raise ConfigError(f"unknown tier disk option(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
-        Tenants(self.tenants)  # ConfigError names a bad entry
-        if self.encrypt is not None:
-            if not isinstance(self.encrypt, str) or not self.encrypt:
-                raise ConfigError(f"tier encrypt must be a key file path or 'env', got {self.encrypt!r}")
-            if self.path is None:
-                raise ConfigError("tier encrypt is encryption at rest: it needs a disk store path")
-        # the disk store's own checks, now rather than when the engine opens it (no I/O happens here)
-        DiskStoreConfig(path=self.path or ".", capacity_bytes=self.disk_bytes, default_ttl_s=self.default_ttl_s,
-                        **self.disk)
-
 
 class TierStats(NamedTuple):
     """Figures of every tier the engine holds pages in (``Tier.STAGED``, ``DRAM``, ``QUEUED``, ``DISK``). Built by
@@ -129,14 +66,6 @@ class TierStats(NamedTuple):
     mirror: dict | None = None  # the replica mirror's counts (published, dropped, hits, queued); None: no mirror
 
 
-class QueuedPage(NamedTuple):
-    """One page in the write-down queue: readable (``TierEngine.get_many``) until it is on disk."""
-    ns: Namespace
-    blob: bytes  # the encoded page, as the DRAM pool holds it
-    score: float  # the promoter's value: the disk store evicts the lowest first
-    expires_ms: int  # wall-clock ms (tier/clock.py); 0: never
-
-
 class Promotion(NamedTuple):
     """What one ``TierEngine.promote`` call did with its candidates."""
     promoted: int  # brought up into the DRAM pool
@@ -160,29 +89,28 @@ class TierEngine:
             self.disk = DiskStore(DiskStoreConfig(path=config.path, capacity_bytes=config.disk_bytes,
                                                   default_ttl_s=config.default_ttl_s, **config.disk),
                                   keyring=self.keyring)
-        self.pool = DramPool(config.host_bytes, self._demote)
+        # the write-down queue and its writer thread (tier/writedown.py): pages on their way to the disk, readable
+        # until their batch commits (I9)
+        self.writedown = WriteDown(self.disk, queue_bytes=config.writedown_queue_bytes,
+                                   batch_bytes=config.writedown_batch_bytes,
+                                   maintain_interval_s=config.maintain_interval_s,
+                                   selective=config.write_policy == "selective", admitted=self._admitted,
+                                   maintain=self.maintain)
+        self.pool = DramPool(config.host_bytes, self.writedown.demote)
         self.mirror = None if config.mirror == "off" else ReplicaMirror.open(
             config.path, config.host_bytes, self.keyring, publisher=config.mirror == "publish",
             root=config.mirror_root)
-        # write-down queue, oldest first; readable until on disk
-        self._queue: OrderedDict[PoolKey, QueuedPage] = OrderedDict()
-        self._queue_bytes = 0
-        self._queue_cv = threading.Condition()
-        self._inflight = 0  # batches taken off the queue's head but not yet committed
         self._counts = Counter()
         self._times = Counter()
         # selective write-down: (namespace, key bytes) -> worth a disk write? Set by the owner (kvdrive's SGLang
         # backend: the promoter's admission). None admits everything.
         self.admit = None
         self._warned_codec: set[str] = set()
-        self._stop = False
+        self._closed = False
         self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvdrive-io")
         self._staging = StagingArea(config.staging_bytes, config.encode_threads if config.staging_bytes else 0,
                                     self._encode_staged, self._land_staged)
-        self._writer = None
-        if self.disk is not None:
-            self._writer = threading.Thread(target=self._writer_loop, name="kvdrive-writedown", daemon=True)
-            self._writer.start()
+        self.writedown.start(self.pool)
 
     # --- page API --------------------------------------------------------------------------------------------
     def put_many(self, ns: Namespace, keys: Sequence, pages: Sequence, *,
@@ -256,7 +184,7 @@ class TierEngine:
             blob = self.pool.get(pk)
             where = "hits_dram"
             if blob is None:
-                blob = self._queued_blob(pk)
+                blob = self.writedown.queued_blob(pk)
                 where = "hits_queued"
             if blob is None:
                 rest.append(i)
@@ -294,7 +222,7 @@ class TierEngine:
         def held(k) -> bool:
             pk = (nid, key_bytes(k))
             return (self._staging.get(pk) is not None or self.pool.contains(pk)
-                    or self._queued_blob(pk) is not None)
+                    or self.writedown.queued_blob(pk) is not None)
         n = 0
         for k in keys:  # the DRAM tiers first: no index lookups for a prefix held in memory
             if not held(k):
@@ -321,7 +249,7 @@ class TierEngine:
         for k in keys:
             pk = (nid, key_bytes(k))
             out.append(Tier.STAGED if self._staging.get(pk) is not None else Tier.DRAM if self.pool.contains(pk)
-                       else Tier.QUEUED if self._queued_blob(pk) is not None else None)
+                       else Tier.QUEUED if self.writedown.queued_blob(pk) is not None else None)
         missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.mirror is not None:  # shared memory: read like the DRAM tier
             mirrored = self.mirror.held(ns, [keys[i] for i in missing])
@@ -352,8 +280,8 @@ class TierEngine:
         for k in keys:
             pk = (ns.id, key_bytes(k))
             e = self.pool.peek(pk)
-            if e is not None and not e.on_disk and pk not in self._queue:
-                n += self._enqueue(pk, e.ns, e.blob, e.score, e.expires_ms)
+            if e is not None and not e.on_disk and pk not in self.writedown:
+                n += self.writedown.enqueue(pk, e.ns, e.blob, e.score, e.expires_ms)
         return n
 
     def promote(self, ns: Namespace, keys: Sequence, scores: Sequence[float] | None = None) -> Promotion:
@@ -367,7 +295,7 @@ class TierEngine:
             return Promotion(0, 0, len(keys))
         self._refresh_keys()
         pks = [(ns.id, key_bytes(k)) for k in keys]
-        todo = [i for i, pk in enumerate(pks) if not self.pool.contains(pk) and self._queued_blob(pk) is None
+        todo = [i for i, pk in enumerate(pks) if not self.pool.contains(pk) and self.writedown.queued_blob(pk) is None
                 and self._staging.get(pk) is None]
         below = 0
         if scores is not None and todo:
@@ -402,9 +330,7 @@ class TierEngine:
         # queue or the disk after they were cleared (test_clear_drops_staged_pages_even_mid_encode)
         self._staging.drop_where(lambda pk, item: nid is None or pk[0] == nid)
         self.pool.clear(nid)
-        with self._queue_cv:
-            for pk in [pk for pk in self._queue if nid is None or pk[0] == nid]:
-                self._queue_bytes -= len(self._queue.pop(pk).blob)
+        self.writedown.drop_where(lambda pk, item: nid is None or pk[0] == nid)
         if self.mirror is not None:
             self.mirror.clear(nid)
         if self.disk is not None:
@@ -420,17 +346,8 @@ class TierEngine:
             return True
         for pk, e in self.pool.entries_not_on_disk():
             if not e.expired():
-                self._enqueue(pk, e.ns, e.blob, e.score, e.expires_ms, block=True)
-        with self._queue_cv:
-            self._queue_cv.notify_all()
-            while self._queue or self._inflight:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if not self._writer.is_alive() or not self.disk.available():
-                    return False
-                self._queue_cv.wait(0.1 if left is None else min(left, 0.1))
-        return True
+                self.writedown.enqueue(pk, e.ns, e.blob, e.score, e.expires_ms, block=True)
+        return self.writedown.wait_written(deadline)
 
     def get_note(self, name: str) -> bytes | None:
         """A small value kept with the disk store (None without one, or when never set)."""
@@ -445,15 +362,15 @@ class TierEngine:
             self.disk.maintain()
 
     def stats(self) -> TierStats:
-        c, t = self._counts, self._times
+        c, t, w = self._counts, self._times, self.writedown.counts
         st = self._staging.stats()
         return TierStats(
             dram=self.pool.stats(), disk=self.disk.stats() if self.disk else None,
-            writedown_queued_bytes=self._queue_bytes, writedown_dropped=c["writedown_dropped"],
+            writedown_queued_bytes=self.writedown.queued_bytes, writedown_dropped=w["writedown_dropped"],
             hits_dram=c["hits_dram"], hits_queued=c["hits_queued"], hits_disk=c["hits_disk"], misses=c["misses"],
             encode_s=t["encode_s"] + st.encode_s, decode_s=t["decode_s"], disk_get_s=t["disk_get_s"],
             disk_get_pages=c["disk_get_pages"], not_admitted=c["not_admitted"],
-            not_admitted_dropped=c["not_admitted_dropped"], unkeyed_refused=c["unkeyed_refused"], erased=c["erased"],
+            not_admitted_dropped=w["not_admitted_dropped"], unkeyed_refused=c["unkeyed_refused"], erased=c["erased"],
             promoted=c["promoted"], promote_below_floor=c["promote_below_floor"], hits_staged=c["hits_staged"],
             staged_bytes=st.bytes, staging_refused=st.refused,
             mirror=self.mirror.stats() if self.mirror is not None else None)
@@ -461,30 +378,27 @@ class TierEngine:
     def close(self, timeout: float = 120.0) -> None:
         """Encode what is staged (waiting at most ``timeout`` seconds), then write down what is queued (as long
         again), then stop; what could not be finished is dropped (logged), never waited for."""
-        if self._stop:
+        if self._closed:
             return
         self._staging.wait_empty(time.monotonic() + timeout)
         dropped = self._staging.close()  # nothing staged lands after this (test_close_with_held_encoders_...)
         if dropped:
             log.warning("kvdrive: %d staged page(s) could not be encoded before close; dropped", dropped)
         if self.disk is not None and not self.flush(timeout=timeout):
-            log.warning("kvdrive: %d bytes of pages could not be written down before close", self._queue_bytes)
-        self._stop = True
-        with self._queue_cv:
-            self._queue_cv.notify_all()
-        if self._writer is not None:
-            self._writer.join(timeout=30)
+            log.warning("kvdrive: %d bytes of pages could not be written down before close",
+                        self.writedown.queued_bytes)
+        self._closed = True
+        self.writedown.stop(timeout=30)
         self._executor.shutdown(wait=True)
         if self.mirror is not None:
             self.mirror.close()
         if self.disk is not None:
             self.disk.close()
-        # Free the DRAM tier now: the pool's demote callback points back at this engine, so a closed engine would
-        # otherwise hold up to host_bytes until a full cyclic GC (found by bench/stress/soak.py's reopens).
+        # Free the DRAM tier now: the pool's demote callback points back at this engine (through the write-down's
+        # admission and upkeep callbacks), so a closed engine would otherwise hold up to host_bytes until a full
+        # cyclic GC (found by bench/stress/soak.py's reopens).
         self.pool.clear()
-        with self._queue_cv:
-            self._queue.clear()
-            self._queue_bytes = 0
+        self.writedown.clear()
 
     def __enter__(self):
         return self
@@ -500,7 +414,7 @@ class TierEngine:
         if held and self.mirror is not None and self.mirror.publisher:
             self.mirror.publish(ns, pk[1], blob, score, expires)  # for the ranks that hold the same KV
         if self.disk is not None and self._write_now(pk, ns, held):
-            held = self._enqueue(pk, ns, blob, score, expires) or held
+            held = self.writedown.enqueue(pk, ns, blob, score, expires) or held
         return held
 
     def _encode_staged(self, item: StagedPage) -> bytes:
@@ -571,95 +485,10 @@ class TierEngine:
             return
         n = self._staging.drop_where(lambda pk, item: item.ns.tenant in gone)
         n += self.pool.drop_where(lambda e: e.ns is not None and e.ns.tenant in gone)
-        with self._queue_cv:
-            for pk in [pk for pk, item in self._queue.items() if item.ns.tenant in gone]:
-                self._queue_bytes -= len(self._queue.pop(pk).blob)
-                n += 1
+        n += self.writedown.drop_where(lambda pk, item: item.ns.tenant in gone)
         if self.mirror is not None:
             n += self.mirror.drop_queued(lambda ns: ns.tenant in gone)
         self._counts["erased"] += n
         self._warned_unkeyed -= gone
         if n:
             log.warning("kvdrive: dropped %d in-memory page(s) of %d tenant(s) whose key was removed", n, len(gone))
-
-    def _enqueue(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires_ms: int = 0,
-                 block: bool = False) -> bool:
-        with self._queue_cv:
-            if pk in self._queue:
-                return True
-            while self._queue_bytes + len(blob) > self.config.writedown_queue_bytes:
-                # a page larger than the whole queue never fits: waiting for room hung close() (found by fuzzing)
-                if not block or self._stop or not self.disk.available() \
-                        or len(blob) > self.config.writedown_queue_bytes:
-                    self._counts["writedown_dropped"] += 1
-                    return False
-                self._queue_cv.wait(0.1)
-            self._queue[pk] = QueuedPage(ns=ns, blob=blob, score=score, expires_ms=expires_ms)
-            self._queue_bytes += len(blob)
-            self._queue_cv.notify_all()
-        return True
-
-    def _queued_blob(self, pk: PoolKey) -> bytes | None:
-        item = self._queue.get(pk)
-        if item is None or clock.expired(item.expires_ms):  # expired pages are never served
-            return None
-        return item.blob
-
-    def _demote(self, victims) -> int:
-        """Pool victims not yet on disk join the write-down queue (non-blocking; a full queue drops them)."""
-        if self.disk is None:
-            return 0
-        n = 0
-        for k, e in victims:
-            if self.config.write_policy == "selective" and not self._admitted(e.ns, k[1]):
-                self._counts["not_admitted_dropped"] += 1  # never worth a disk write: leaves the tiers here
-                continue
-            if not e.expired():
-                n += self._enqueue(k, e.ns, e.blob, e.score, e.expires_ms)
-        return n
-
-    def _writer_loop(self) -> None:
-        next_maintain = time.monotonic() + self.config.maintain_interval_s
-        while True:
-            with self._queue_cv:
-                while not self._queue and not self._stop and time.monotonic() < next_maintain:
-                    self._queue_cv.wait(0.5)
-                if self._stop and not self._queue:
-                    return
-                batch, size = [], 0
-                for pk, item in self._queue.items():  # stay in the queue (readable) until committed
-                    batch.append((pk, item))
-                    size += len(item.blob)
-                    if size >= self.config.writedown_batch_bytes:
-                        break
-                self._inflight += 1
-            try:
-                if batch:
-                    self._write_batch(batch)
-                if time.monotonic() >= next_maintain:
-                    next_maintain = time.monotonic() + self.config.maintain_interval_s
-                    self.maintain()
-            except Exception:  # the writer must survive anything; the store counts the faults
-                log.exception("kvdrive: write-down batch failed")
-            finally:
-                with self._queue_cv:
-                    self._inflight -= 1
-                    for pk, item in batch:
-                        if self._queue.get(pk) is item:
-                            del self._queue[pk]
-                            self._queue_bytes -= len(item.blob)
-                    self._queue_cv.notify_all()
-            if batch and not self.disk.available():
-                time.sleep(0.05)  # the store is off after a fault: its pages were dropped; don't spin
-
-    def _write_batch(self, batch: list[tuple[PoolKey, QueuedPage]]) -> None:
-        by_ns: dict[bytes, list[tuple[PoolKey, QueuedPage]]] = {}
-        for pk, item in batch:
-            by_ns.setdefault(item.ns.id, []).append((pk, item))
-        for items in by_ns.values():
-            ns = items[0][1].ns
-            ok = self.disk.put_many(ns, [pk[1] for pk, _ in items], [it.blob for _, it in items],
-                                    scores=[it.score for _, it in items], expires_ms=[it.expires_ms for _, it in items])
-            done = [(pk, it.blob) for (pk, it), o in zip(items, ok) if o]
-            self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
-            self._counts["writedown_dropped"] += len(items) - len(done)

@@ -1,0 +1,194 @@
+"""The write-down queue: encoded pages on their way from memory to the disk store, and the writer thread draining it.
+
+Pages leaving the DRAM pool (``demote``, the pool's callback) and write-through copies (``enqueue``) wait here, oldest
+first, bounded by ``writedown_queue_bytes``; one writer thread takes them in batches of ``writedown_batch_bytes`` and
+writes each batch with one ``DiskStore.put_many`` (group commit). A queued page stays readable (``queued_blob``) until
+its batch has committed, and leaves the queue only then (I9 in docs/invariants.md: a page is never invisible between
+the tiers). When the queue is full a write-down is dropped and counted, never blocking the caller (``block=True``:
+flush and close wait for room instead). The writer thread also runs the engine's periodic upkeep (``maintain``).
+
+``TierEngine`` owns one and keeps the page API and the tier order; this module only moves pages down. Split from
+engine.py (issue 16).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from . import clock
+from .disk_store import DiskStore
+from .dram_pool import DramPool, PoolKey
+from .namespace import Namespace
+
+log = logging.getLogger("kvdrive.tier")
+
+
+class QueuedPage(NamedTuple):
+    """One page in the write-down queue: readable (``TierEngine.get_many``) until it is on disk."""
+    ns: Namespace
+    blob: bytes  # the encoded page, as the DRAM pool holds it
+    score: float  # the promoter's value: the disk store evicts the lowest first
+    expires_ms: int  # wall-clock ms (tier/clock.py); 0: never
+
+
+class WriteDown:
+    """The queue of pages waiting for ``disk`` and its writer thread (``start``). Counts, in ``counts``:
+    ``writedown_dropped`` (a full queue, or the disk refused the page) and ``not_admitted_dropped`` (selective: a page
+    left the DRAM pool still not worth a disk write)."""
+
+    def __init__(self, disk: DiskStore | None, *, queue_bytes: int, batch_bytes: int, maintain_interval_s: float,
+                 selective: bool, admitted: Callable[[Namespace, bytes], bool], maintain: Callable[[], None]):
+        self.disk = disk
+        self.queue_bytes = queue_bytes
+        self.batch_bytes = batch_bytes
+        self.maintain_interval_s = maintain_interval_s
+        self.selective = selective
+        self._admitted = admitted
+        self._maintain = maintain
+        self.counts = Counter()
+        self.pool: DramPool | None = None  # pages written down are marked on disk there (start)
+        # oldest first; readable until on disk (I9)
+        self._queue: OrderedDict[PoolKey, QueuedPage] = OrderedDict()
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self._inflight = 0  # batches taken off the queue's head but not yet committed
+        self._stop = False
+        self._writer: threading.Thread | None = None
+
+    def __contains__(self, pk: PoolKey) -> bool:
+        return pk in self._queue
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def start(self, pool: DramPool) -> None:
+        """Start the writer thread (only with a disk store); written pages are marked on disk in ``pool``."""
+        self.pool = pool
+        if self.disk is not None:
+            self._writer = threading.Thread(target=self._writer_loop, name="kvdrive-writedown", daemon=True)
+            self._writer.start()
+
+    def enqueue(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires_ms: int = 0,
+                block: bool = False) -> bool:
+        """Queue a page for the disk. False: dropped (the queue is full and ``block`` is off, the page is larger than
+        the whole queue, the disk tier is off, or the writer is stopping)."""
+        with self._cv:
+            if pk in self._queue:
+                return True
+            while self._bytes + len(blob) > self.queue_bytes:
+                # a page larger than the whole queue never fits: waiting for room hung close() (found by fuzzing)
+                if not block or self._stop or not self.disk.available() or len(blob) > self.queue_bytes:
+                    self.counts["writedown_dropped"] += 1
+                    return False
+                self._cv.wait(0.1)
+            self._queue[pk] = QueuedPage(ns=ns, blob=blob, score=score, expires_ms=expires_ms)
+            self._bytes += len(blob)
+            self._cv.notify_all()
+        return True
+
+    def queued_blob(self, pk: PoolKey) -> bytes | None:
+        item = self._queue.get(pk)
+        if item is None or clock.expired(item.expires_ms):  # expired pages are never served
+            return None
+        return item.blob
+
+    def demote(self, victims: Iterable[tuple[PoolKey, Any]]) -> int:
+        """The DRAM pool's callback: victims not yet on disk join the queue (non-blocking; a full queue drops them).
+        The pool keeps a victim readable until this returns (I9), and the queue keeps it readable from then on."""
+        if self.disk is None:
+            return 0
+        n = 0
+        for k, e in victims:
+            if self.selective and not self._admitted(e.ns, k[1]):
+                self.counts["not_admitted_dropped"] += 1  # never worth a disk write: leaves the tiers here
+                continue
+            if not e.expired():
+                n += self.enqueue(k, e.ns, e.blob, e.score, e.expires_ms)
+        return n
+
+    def drop_where(self, pred: Callable[[PoolKey, QueuedPage], bool]) -> int:
+        """Drop the queued pages ``pred`` picks (clear, crypto-erase); the number dropped."""
+        with self._cv:
+            gone = [pk for pk, item in self._queue.items() if pred(pk, item)]
+            for pk in gone:
+                self._bytes -= len(self._queue.pop(pk).blob)
+        return len(gone)
+
+    def wait_written(self, deadline: float | None) -> bool:
+        """Wait until everything queued is on disk (flush's queue part). False at ``deadline`` (time.monotonic), or
+        when it cannot happen: the writer thread is gone or the disk tier is off."""
+        with self._cv:
+            self._cv.notify_all()
+            while self._queue or self._inflight:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self._writer is None or not self._writer.is_alive() or not self.disk.available():
+                    return False
+                self._cv.wait(0.1 if left is None else min(left, 0.1))
+        return True
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop taking pages and let the writer finish what is queued (waiting at most ``timeout`` seconds)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=timeout)
+
+    def clear(self) -> None:
+        with self._cv:
+            self._queue.clear()
+            self._bytes = 0
+
+    def _writer_loop(self) -> None:
+        next_maintain = time.monotonic() + self.maintain_interval_s
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop and time.monotonic() < next_maintain:
+                    self._cv.wait(0.5)
+                if self._stop and not self._queue:
+                    return
+                batch, size = [], 0
+                for pk, item in self._queue.items():  # stay in the queue (readable, I9) until committed
+                    batch.append((pk, item))
+                    size += len(item.blob)
+                    if size >= self.batch_bytes:
+                        break
+                self._inflight += 1
+            try:
+                if batch:
+                    self._write_batch(batch)
+                if time.monotonic() >= next_maintain:
+                    next_maintain = time.monotonic() + self.maintain_interval_s
+                    self._maintain()
+            except Exception:  # the writer must survive anything; the store counts the faults
+                log.exception("kvdrive: write-down batch failed")
+            finally:
+                with self._cv:
+                    self._inflight -= 1
+                    for pk, item in batch:
+                        if self._queue.get(pk) is item:
+                            del self._queue[pk]
+                            self._bytes -= len(item.blob)
+                    self._cv.notify_all()
+            if batch and not self.disk.available():
+                time.sleep(0.05)  # the store is off after a fault: its pages were dropped; don't spin
+
+    def _write_batch(self, batch: list[tuple[PoolKey, QueuedPage]]) -> None:
+        by_ns: dict[bytes, list[tuple[PoolKey, QueuedPage]]] = {}
+        for pk, item in batch:
+            by_ns.setdefault(item.ns.id, []).append((pk, item))
+        for items in by_ns.values():
+            ns = items[0][1].ns
+            # self.disk.put_many looked up now, not bound at start: the remote tier wraps it (tier/remote/tiered.py)
+            ok = self.disk.put_many(ns, [pk[1] for pk, _ in items], [it.blob for _, it in items],
+                                    scores=[it.score for _, it in items], expires_ms=[it.expires_ms for _, it in items])
+            done = [(pk, it.blob) for (pk, it), o in zip(items, ok) if o]
+            self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
+            self.counts["writedown_dropped"] += len(items) - len(done)
