@@ -10,6 +10,7 @@ Two readings for "staged": one call at a time (each after the previous one's pag
 backup thread sees) and back to back (calls arriving faster than the encoders keep up: the staging area fills, and
 the pages it refuses are not backed up; their count is printed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +51,16 @@ def run(calls: int) -> dict:
                     assert be.engine.flush(timeout=120)
             t_drain = time.perf_counter()
             assert be.engine.flush(timeout=300)
-            out[mode] = {"ms_per_call_median": round(1000 * statistics.median(times), 2),
-                         "ms_per_call_min": round(1000 * min(times), 2),
-                         "ms_per_call_max": round(1000 * max(times), 2),
-                         "page_kib": page_bytes // 1024, "pages_per_call": PAGES, "calls": calls,
-                         "pages_refused": refused,
-                         "drain_s_after_last_call": round(time.perf_counter() - t_drain, 3)}
+            out[mode] = {
+                "ms_per_call_median": round(1000 * statistics.median(times), 2),
+                "ms_per_call_min": round(1000 * min(times), 2),
+                "ms_per_call_max": round(1000 * max(times), 2),
+                "page_kib": page_bytes // 1024,
+                "pages_per_call": PAGES,
+                "calls": calls,
+                "pages_refused": refused,
+                "drain_s_after_last_call": round(time.perf_counter() - t_drain, 3),
+            }
             be.close()
     return out
 

@@ -18,9 +18,12 @@ RESULTS_DIR = "bench/results"
 
 def add_allow_dirty(ap) -> None:
     """The ``--allow-dirty`` option of every benchmark that writes results (see ``guard_results``)."""
-    ap.add_argument("--allow-dirty", action="store_true",
-                    help="write results into bench/results/ from a tree with uncommitted changes (they then name a "
-                         "commit that is not what ran)")
+    ap.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write results into bench/results/ from a tree with uncommitted changes (they then name a "
+        "commit that is not what ran)",
+    )
 
 
 def guard_results(path: str | None, repo: str, allow_dirty: bool = False) -> None:
@@ -37,13 +40,20 @@ def guard_results(path: str | None, repo: str, allow_dirty: bool = False) -> Non
     if not os.path.realpath(path).startswith(results + os.sep):
         return
     try:
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return
     if dirty:
-        print(f"bench: refusing to write {os.path.relpath(path, repo)} from a tree with uncommitted changes "
-              f"(commit first, or pass --allow-dirty):\n{dirty}", file=sys.stderr)
+        print(
+            f"bench: refusing to write {os.path.relpath(path, repo)} from a tree with uncommitted changes "
+            f"(commit first, or pass --allow-dirty):\n{dirty}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 
@@ -59,21 +69,30 @@ def machine(repo: str) -> dict:
     import torch
 
     try:
-        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         rev = rev + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         rev = "?"
     import shlex
     import sys
 
-    return {"cpu": cpu_model(platform.processor() or ""), "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "sglang": sglang.__version__, "torch": torch.__version__, "git": rev,
-            "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "cpu": cpu_model(platform.processor() or ""),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sglang": sglang.__version__,
+        "torch": torch.__version__,
+        "git": rev,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 class Progress:

@@ -6,6 +6,7 @@ Prints, per codec, the compression ratio and the median (over reps) encode / dec
 decoded page bytes, one thread. Pages: 64 tokens x 8 heads x 128 head_dim, K with outlier channels (see
 tier/synthetic.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     pages = [kv_page(rng, dtype=a.dtype) for _ in range(a.pages)]
-    print(f"{a.pages} synthetic {a.dtype} pages of {pages[0].nbytes} bytes, shape {pages[0].shape}, "
-          f"median of {a.reps}, one thread")
+    print(
+        f"{a.pages} synthetic {a.dtype} pages of {pages[0].nbytes} bytes, shape {pages[0].shape}, "
+        f"median of {a.reps}, one thread"
+    )
     print(f"{'codec':6} {'ratio':>7} {'enc GB/s':>9} {'dec GB/s':>9}")
     rows = []
     for codec in CODEC_NAMES:

@@ -14,6 +14,7 @@ prefill tokens/s (linear in tokens: no quadratic attention term, which understat
 throughput is prefill-bound and serial: requests / sum of TTFTs (one GPU, no overlap of reload and compute, decode
 not counted).
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,9 @@ def _calib_pages(pages: int):
 def calibrate(tmp: str, pages: int, reps: int) -> dict:
     """TierEngine read throughput from DRAM and from disk (cold), write throughput, disk latency, zstd ratio, on
     256 KiB bf16 pages [2, 64, 8, 128]."""
-    ns = Namespace(model="calib", kv_dtype="bfloat16", layout="mha", page_size=64, num_heads=8, head_dim=128,
-                   num_layers=1)
+    ns = Namespace(
+        model="calib", kv_dtype="bfloat16", layout="mha", page_size=64, num_heads=8, head_dim=128, num_layers=1
+    )
     data = _calib_pages(pages)
     raw = sum(p.nbytes for p in data)
     outs = [np.zeros_like(data[0]) for _ in range(pages)]  # touched: no first-touch faults inside the timing
@@ -146,9 +148,12 @@ def calibrate_file(tmp: str, pages: int, reps: int) -> dict:
             store.batch_get([keys[i]], [outs[0]])
             single.append(time.perf_counter() - t0)
     shutil.rmtree(path, ignore_errors=True)
-    res = {"file_read_gbps": statistics.median(reads), "file_write_gbps": statistics.median(writes),
-           "single_page_file_read_s": statistics.median(single),
-           "runs": {"file_read_gbps": reads, "file_write_gbps": writes}}
+    res = {
+        "file_read_gbps": statistics.median(reads),
+        "file_write_gbps": statistics.median(writes),
+        "single_page_file_read_s": statistics.median(single),
+        "runs": {"file_read_gbps": reads, "file_write_gbps": writes},
+    }
     page_read_s = data[0].numel() * 2 / (res["file_read_gbps"] * GB)
     res["file_latency_s"] = max(0.0, res["single_page_file_read_s"] - page_read_s)
     return res
@@ -158,6 +163,7 @@ def calibrate_file(tmp: str, pages: int, reps: int) -> dict:
 class CostModel:
     """Seconds for reloads and prefill. Tiers: "host" (SGLang's host pool: PCIe only), "dram"/"queued" (kvdrive's
     compressed pool), "disk" (kvdrive's disk store), "file" (SGLang's HiCacheFile)."""
+
     prefill_tokens_per_s: float
     pcie_gbps: float
     bytes_per_token: int

@@ -36,6 +36,7 @@ fp8_e4m3``. On CPU (bench/first_device.py's dry run) see ``CPU_DRY_RUN`` for wha
 Machines are noisy and this one has 2 cores: read the ratios between configurations measured in the same run, not the
 absolute times. On CPU the model is tiny, so server overheads weigh more than they would on a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,6 +72,7 @@ CONFIGS = ("radix", "hicache_host", "hicache_file", "kvdrive")
 
 class ModelKind(str, Enum):
     """Which generated checkpoint a preset serves."""
+
     LLAMA = "llama"  # tests/e2e/tiny_model.py: make_tiny_llama
     MLA = "mla"  # tests/e2e/tiny_mla_model.py: make_tiny_mla (DeepSeek-V2-style, 576-wide latent)
 
@@ -88,19 +90,20 @@ def make_model(kind: ModelKind, path: str, **kwargs) -> str:
 CPU_DRY_RUN = {"--device": "cpu"}
 CPU_UNSUPPORTED = {
     "mla": "SGLang's CPU attention backends cannot serve MLA here: torch_native has no MLA path (its extend reads the "
-           "576-wide latent pool as K: 'Expected size ... [16, 96] but got: [16, 576]', SGLang 0.5.17 and 0.5.23) "
-           "and intel_amx needs sgl_kernel's CPU ops and AMX",
+    "576-wide latent pool as K: 'Expected size ... [16, 96] but got: [16, 576]', SGLang 0.5.17 and 0.5.23) "
+    "and intel_amx needs sgl_kernel's CPU ops and AMX",
     "tp2": "SGLang's CPU tensor parallelism does not start here: with one NUMA node it refuses 2 ranks unless "
-           "SGLANG_CPU_OMP_THREADS_BIND is set, and with it set its TP group builds a PyNccl communicator on the CPU "
-           "('Expected a cuda device, but got: cpu', SGLang 0.5.23 with the CUDA build of torch on a CPU machine)",
+    "SGLANG_CPU_OMP_THREADS_BIND is set, and with it set its TP group builds a PyNccl communicator on the CPU "
+    "('Expected a cuda device, but got: cpu', SGLang 0.5.23 with the CUDA build of torch on a CPU machine)",
     "fp8": "SGLang refuses an fp8 KV cache on a CPU without Intel AMX ('CPU FP8 KV cache requires Intel AMX "
-           "support', 0.5.23; fp8 KV on CPU needs the intel_amx backend)",
+    "support', 0.5.23; fp8 KV on CPU needs the intel_amx backend)",
 }
 
 
 @dataclass
 class Preset:
     """Sizes of one run. Token counts are prompt lengths in tokens of the generated model's tokenizer."""
+
     model: dict  # make_tiny_llama / make_tiny_mla kwargs
     configs: tuple
     max_total_tokens: int  # device KV pool (tokens): deliberately smaller than the documents together
@@ -128,35 +131,100 @@ GPU_DEFAULTS_LLAMA = {"num_layers": 8, "hidden": 1024, "heads": 8, "kv_heads": 4
 PRESETS = {
     # README's main command: a small model whose prefill costs more than moving its KV (3 layers, hidden 768,
     # 2 KV heads: 1.5 KiB of KV per token); the whole run (two servers and a restart) takes ~100 s on 2 cores
-    "demo": Preset(model={"num_layers": 3, "hidden": 768, "heads": 12, "kv_heads": 2, "intermediate": 2048},
-                   configs=("radix", "hicache_host", "kvdrive"), max_total_tokens=768, docs=4, doc_tokens=(320, 512),
-                   doc_requests=10, rate=1.5),
+    "demo": Preset(
+        model={"num_layers": 3, "hidden": 768, "heads": 12, "kv_heads": 2, "intermediate": 2048},
+        configs=("radix", "hicache_host", "kvdrive"),
+        max_total_tokens=768,
+        docs=4,
+        doc_tokens=(320, 512),
+        doc_requests=10,
+        rate=1.5,
+    ),
     # CPU, prefill-heavy: hidden 1024, 4 layers, 2 KV heads (2 KiB of KV per token) so that prefill dominates
-    "cpu": Preset(model={"num_layers": 4, "hidden": 1024, "heads": 16, "kv_heads": 2, "intermediate": 2816},
-                  configs=CONFIGS, max_total_tokens=2048, docs=8, doc_tokens=(768, 1536), doc_requests=24,
-                  sessions=3, turns=(4, 6), turn_tokens=96, rate=0.5),
+    "cpu": Preset(
+        model={"num_layers": 4, "hidden": 1024, "heads": 16, "kv_heads": 2, "intermediate": 2816},
+        configs=CONFIGS,
+        max_total_tokens=2048,
+        docs=8,
+        doc_tokens=(768, 1536),
+        doc_requests=24,
+        sessions=3,
+        turns=(4, 6),
+        turn_tokens=96,
+        rate=0.5,
+    ),
     # GPU: ~0.7B random Llama (bf16), documents of 8K-32K tokens, a device budget of 64K tokens
-    "gpu": Preset(model={"num_layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 8, "intermediate": 5632},
-                  configs=CONFIGS, max_total_tokens=65536, page_size=64, docs=12, doc_tokens=(8192, 32768),
-                  doc_requests=120, sessions=8, turns=(10, 20), turn_tokens=512, rate=2.0, max_new_tokens=32,
-                  context=65536 + 1024,
-                  extra_args=["--attention-backend", "triton", "--sampling-backend", "pytorch",
-                              "--disable-cuda-graph", "--mm-feature-transport", "cpu"]),
+    "gpu": Preset(
+        model={"num_layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 8, "intermediate": 5632},
+        configs=CONFIGS,
+        max_total_tokens=65536,
+        page_size=64,
+        docs=12,
+        doc_tokens=(8192, 32768),
+        doc_requests=120,
+        sessions=8,
+        turns=(10, 20),
+        turn_tokens=512,
+        rate=2.0,
+        max_new_tokens=32,
+        context=65536 + 1024,
+        extra_args=[
+            "--attention-backend",
+            "triton",
+            "--sampling-backend",
+            "pytorch",
+            "--disable-cuda-graph",
+            "--mm-feature-transport",
+            "cpu",
+        ],
+    ),
     # GPU with SGLang's defaults: no page size, context, backend or graph flag (see the module docstring). A ~100M
     # random Llama (head_dim 128) whose documents fit its own 4K context; the 16K-token device budget holds about four
     # of the twelve documents, so the host and disk tiers serve the rest.
-    "gpu-defaults": Preset(model=GPU_DEFAULTS_LLAMA, configs=("radix", "kvdrive"), max_total_tokens=16384,
-                           page_size=None, context=None, docs=12, doc_tokens=(2048, 3584), doc_requests=60,
-                           sessions=4, turns=(4, 8), turn_tokens=256, rate=2.0, max_new_tokens=32),
+    "gpu-defaults": Preset(
+        model=GPU_DEFAULTS_LLAMA,
+        configs=("radix", "kvdrive"),
+        max_total_tokens=16384,
+        page_size=None,
+        context=None,
+        docs=12,
+        doc_tokens=(2048, 3584),
+        doc_requests=60,
+        sessions=4,
+        turns=(4, 8),
+        turn_tokens=256,
+        rate=2.0,
+        max_new_tokens=32,
+    ),
     # ... with a tiny DeepSeek-V2-style MLA model at TP=2 (kvdrive's mla layout; one writer rank)
-    "gpu-defaults-mla-tp2": Preset(model={}, model_kind=ModelKind.MLA, configs=("radix", "kvdrive"),
-                                   max_total_tokens=16384, page_size=None, context=None, docs=12,
-                                   doc_tokens=(2048, 3584), doc_requests=60, rate=2.0, max_new_tokens=32,
-                                   extra_args=["--tp", "2"]),
+    "gpu-defaults-mla-tp2": Preset(
+        model={},
+        model_kind=ModelKind.MLA,
+        configs=("radix", "kvdrive"),
+        max_total_tokens=16384,
+        page_size=None,
+        context=None,
+        docs=12,
+        doc_tokens=(2048, 3584),
+        doc_requests=60,
+        rate=2.0,
+        max_new_tokens=32,
+        extra_args=["--tp", "2"],
+    ),
     # ... with an fp8 KV cache (SGLang's uint8 pools; kvdrive's fp8_e4m3 namespace)
-    "gpu-defaults-fp8": Preset(model=GPU_DEFAULTS_LLAMA, configs=("radix", "kvdrive"), max_total_tokens=16384,
-                               page_size=None, context=None, docs=12, doc_tokens=(2048, 3584), doc_requests=60,
-                               rate=2.0, max_new_tokens=32, extra_args=["--kv-cache-dtype", "fp8_e4m3"]),
+    "gpu-defaults-fp8": Preset(
+        model=GPU_DEFAULTS_LLAMA,
+        configs=("radix", "kvdrive"),
+        max_total_tokens=16384,
+        page_size=None,
+        context=None,
+        docs=12,
+        doc_tokens=(2048, 3584),
+        doc_requests=60,
+        rate=2.0,
+        max_new_tokens=32,
+        extra_args=["--kv-cache-dtype", "fp8_e4m3"],
+    ),
 }
 GPU_ONLY_PRESETS = ("gpu", "gpu-defaults", "gpu-defaults-mla-tp2", "gpu-defaults-fp8")
 
@@ -215,8 +283,16 @@ def build_trace(p: Preset, tok: Tokenizer, seed: int) -> tuple[list[Request], li
         for turn in range(rng.randint(*p.turns)):
             kind = rng.choice(("tool call", "observation", "user"))
             history += "\n" + text_of(rng, tok, p.turn_tokens, f"[{kind} {turn}]")
-            trace.append(Request(at=start if prev < 0 else 0.0, prompt=history, kind="session", group=s,
-                                 follows=prev, think_s=rng.uniform(0, 2 * p.think_s)))
+            trace.append(
+                Request(
+                    at=start if prev < 0 else 0.0,
+                    prompt=history,
+                    kind="session",
+                    group=s,
+                    follows=prev,
+                    think_s=rng.uniform(0, 2 * p.think_s),
+                )
+            )
             prev = len(trace) - 1
     return trace, docs
 
@@ -224,8 +300,9 @@ def build_trace(p: Preset, tok: Tokenizer, seed: int) -> tuple[list[Request], li
 # ------------------------------------------------------------------------------------------------- client
 def stream_generate(url: str, prompt: str, max_new: int, timeout: float) -> dict:
     """One streamed greedy /generate: TTFT (first chunk), latency, output text, cached tokens by tier."""
-    body = json.dumps({"text": prompt, "stream": True,
-                       "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}).encode()
+    body = json.dumps(
+        {"text": prompt, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
+    ).encode()
     req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
     ttft, last = None, None
@@ -244,10 +321,17 @@ def stream_generate(url: str, prompt: str, max_new: int, timeout: float) -> dict
         raise ServerError(f"no streamed chunk from {url}/generate")
     m = last["meta_info"]
     d = m.get("cached_tokens_details") or {}
-    return {"ttft": ttft, "latency": time.perf_counter() - t0, "text": last.get("text", ""),
-            "prompt_tokens": m.get("prompt_tokens", 0), "completion_tokens": m.get("completion_tokens", 0),
-            "cached": m.get("cached_tokens", 0),
-            "device": d.get("device", 0), "host": d.get("host", 0), "storage": d.get("storage", 0)}
+    return {
+        "ttft": ttft,
+        "latency": time.perf_counter() - t0,
+        "text": last.get("text", ""),
+        "prompt_tokens": m.get("prompt_tokens", 0),
+        "completion_tokens": m.get("completion_tokens", 0),
+        "cached": m.get("cached_tokens", 0),
+        "device": d.get("device", 0),
+        "host": d.get("host", 0),
+        "storage": d.get("storage", 0),
+    }
 
 
 def replay(url: str, trace: list[Request], max_new: int, timeout: float, progress: str) -> tuple[list[dict], float]:
@@ -289,16 +373,20 @@ def replay(url: str, trace: list[Request], max_new: int, timeout: float, progres
 def server_args(config: str, p: Preset, workdir: str) -> tuple[list[str], dict]:
     """Launch flags (beyond the model, host, port and --max-total-tokens, which the harness adds) and extra env."""
     cpu = [] if gpu_present() else ["--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first"]
-    base = [*(["--page-size", str(p.page_size)] if p.page_size is not None else []),
-            *(["--context-length", str(p.context)] if p.context is not None else []), *p.extra_args]
+    base = [
+        *(["--page-size", str(p.page_size)] if p.page_size is not None else []),
+        *(["--context-length", str(p.context)] if p.context is not None else []),
+        *p.extra_args,
+    ]
     if config == "radix":
         return base, {}
     if config == "hicache_host":
         return base + ["--enable-hierarchical-cache", *cpu], {}
     if config == "hicache_file":
         store = os.path.join(workdir, "hicache-file")
-        return base + ["--enable-hierarchical-cache", *cpu, "--hicache-storage-backend", "file"], \
-            {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": store}
+        return base + ["--enable-hierarchical-cache", *cpu, "--hicache-storage-backend", "file"], {
+            "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": store
+        }
     if config == "kvdrive":
         return base + ["--kv-tier", "kvdrive", "--kvdrive-dir", os.path.join(workdir, "kvdrive-store")], {}
     raise ValueError(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
@@ -317,26 +405,39 @@ def summarise(results: list[dict], makespan: float) -> dict:
     ttft = [r["ttft"] for r in results]
     prompt = sum(r["prompt_tokens"] for r in results)
     tiers = {t: sum(r[t] for r in results) for t in ("device", "host", "storage")}
-    return {"requests": len(results), "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
-            "ttft_mean_s": statistics.fmean(ttft), "makespan_s": makespan,
-            "req_per_s": len(results) / makespan,
-            "output_tok_per_s": sum(r["completion_tokens"] for r in results) / makespan,
-            "prompt_tokens": prompt, "cached_tokens": sum(r["cached"] for r in results),
-            "computed_tokens": prompt - sum(r["cached"] for r in results),
-            **{f"{k}_tokens": v for k, v in tiers.items()}}
+    return {
+        "requests": len(results),
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "ttft_mean_s": statistics.fmean(ttft),
+        "makespan_s": makespan,
+        "req_per_s": len(results) / makespan,
+        "output_tok_per_s": sum(r["completion_tokens"] for r in results) / makespan,
+        "prompt_tokens": prompt,
+        "cached_tokens": sum(r["cached"] for r in results),
+        "computed_tokens": prompt - sum(r["cached"] for r in results),
+        **{f"{k}_tokens": v for k, v in tiers.items()},
+    }
 
 
-def run_config(config: str, p: Preset, model: str, trace: list[Request], restart_prompts: list[str], workdir: str,
-               timeout: float) -> dict:
+def run_config(
+    config: str, p: Preset, model: str, trace: list[Request], restart_prompts: list[str], workdir: str, timeout: float
+) -> dict:
     args, env = server_args(config, p, workdir)
     logs = os.path.join(workdir, "logs")
     os.makedirs(logs, exist_ok=True)
     out = {"args": args, "env": env}
 
     def start(tag: str) -> SGLangServer:
-        srv = SGLangServer(model, args, env=env, log_path=os.path.join(logs, f"{config}-{tag}.log"),
-                           max_total_tokens=p.max_total_tokens, request_timeout=timeout,
-                           torch_extensions_dir=os.path.join(workdir, "torch_ext"))
+        srv = SGLangServer(
+            model,
+            args,
+            env=env,
+            log_path=os.path.join(logs, f"{config}-{tag}.log"),
+            max_total_tokens=p.max_total_tokens,
+            request_timeout=timeout,
+            torch_extensions_dir=os.path.join(workdir, "torch_ext"),
+        )
         return srv.start()
 
     print(f"[{config}] starting server", file=sys.stderr)
@@ -355,8 +456,11 @@ def run_config(config: str, p: Preset, model: str, trace: list[Request], restart
     hooks = HOOK_LINE.findall(srv.log_text())  # kvdrive's summary line at shutdown: its hooks' own host time
     if hooks:
         ms, passes, share = hooks[-1]
-        out["hooks"] = {"capture_ms": int(ms), "forward_passes": int(passes),
-                        "share_of_forward_time": float(share) / 100}
+        out["hooks"] = {
+            "capture_ms": int(ms),
+            "forward_passes": int(passes),
+            "share_of_forward_time": float(share) / 100,
+        }
     if p.restart and config != "radix":
         print(f"[{config}] restarting on the same store", file=sys.stderr)
         srv = start("restart")
@@ -378,25 +482,44 @@ def compare_outputs(ref: list[dict], other: list[dict]) -> int:
 def report(run: dict) -> str:
     rows = run["configs"]
     ref = rows.get("radix")
-    lines = [f"# e2e bench — preset `{run['preset']}` ({run['device']})", "",
-             f"Command: `{run['command']}`  ", f"Machine: {run['machine']}  ", f"Date: {run['date']}", "",
-             (f"Trace: {run['trace']['requests']} requests ({run['trace']['doc_requests']} document, "
-             f"{run['trace']['session_requests']} session turns), {run['trace']['prompt_tokens']} prompt tokens; "
-             f"device KV pool {run['preset_values']['max_total_tokens']} tokens, page size "
-             f"{run['preset_values']['page_size'] or 'SGLang default'}."), "",
-             (f"req/s and output tok/s are at the trace's open-loop arrival rate ({run['preset_values']['rate']} "
-              "document requests/s): served over the makespan, not the server's capacity."), "",
-             ("| configuration | TTFT p50 (s) | TTFT p99 (s) | req/s | output tok/s | prompt tokens computed | "
-             "from device | from host | from storage | outputs = radix |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# e2e bench — preset `{run['preset']}` ({run['device']})",
+        "",
+        f"Command: `{run['command']}`  ",
+        f"Machine: {run['machine']}  ",
+        f"Date: {run['date']}",
+        "",
+        (
+            f"Trace: {run['trace']['requests']} requests ({run['trace']['doc_requests']} document, "
+            f"{run['trace']['session_requests']} session turns), {run['trace']['prompt_tokens']} prompt tokens; "
+            f"device KV pool {run['preset_values']['max_total_tokens']} tokens, page size "
+            f"{run['preset_values']['page_size'] or 'SGLang default'}."
+        ),
+        "",
+        (
+            f"req/s and output tok/s are at the trace's open-loop arrival rate ({run['preset_values']['rate']} "
+            "document requests/s): served over the makespan, not the server's capacity."
+        ),
+        "",
+        (
+            "| configuration | TTFT p50 (s) | TTFT p99 (s) | req/s | output tok/s | prompt tokens computed | "
+            "from device | from host | from storage | outputs = radix |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         s = r["summary"]
-        same = "reference" if name == "radix" else (f"{compare_outputs(ref['results'], r['results'])}/"
-                                                   f"{s['requests']}" if ref else "n/a")
-        lines.append(f"| {name} | {s['ttft_p50_s']:.3f} | {s['ttft_p99_s']:.3f} | {s['req_per_s']:.2f} | "
-                     f"{s['output_tok_per_s']:.1f} | {s['computed_tokens']} "
-                     f"({s['computed_tokens'] / max(s['prompt_tokens'], 1):.0%}) | "
-                     f"{s['device_tokens']} | {s['host_tokens']} | {s['storage_tokens']} | {same} |")
+        same = (
+            "reference"
+            if name == "radix"
+            else (f"{compare_outputs(ref['results'], r['results'])}/{s['requests']}" if ref else "n/a")
+        )
+        lines.append(
+            f"| {name} | {s['ttft_p50_s']:.3f} | {s['ttft_p99_s']:.3f} | {s['req_per_s']:.2f} | "
+            f"{s['output_tok_per_s']:.1f} | {s['computed_tokens']} "
+            f"({s['computed_tokens'] / max(s['prompt_tokens'], 1):.0%}) | "
+            f"{s['device_tokens']} | {s['host_tokens']} | {s['storage_tokens']} | {same} |"
+        )
     if ref:
         lines += ["", "Ratios against radix-only in this run:", ""]
         rs = ref["summary"]
@@ -404,43 +527,63 @@ def report(run: dict) -> str:
             if name == "radix":
                 continue
             s = r["summary"]
-            lines.append(f"- {name}: TTFT p50 {s['ttft_p50_s'] / rs['ttft_p50_s']:.2f}x, p99 "
-                         f"{s['ttft_p99_s'] / rs['ttft_p99_s']:.2f}x, output tokens/s (open loop) "
-                         f"{s['output_tok_per_s'] / rs['output_tok_per_s']:.2f}x, prompt tokens computed "
-                         f"{s['computed_tokens'] / max(rs['computed_tokens'], 1):.2f}x")
+            lines.append(
+                f"- {name}: TTFT p50 {s['ttft_p50_s'] / rs['ttft_p50_s']:.2f}x, p99 "
+                f"{s['ttft_p99_s'] / rs['ttft_p99_s']:.2f}x, output tokens/s (open loop) "
+                f"{s['output_tok_per_s'] / rs['output_tok_per_s']:.2f}x, prompt tokens computed "
+                f"{s['computed_tokens'] / max(rs['computed_tokens'], 1):.2f}x"
+            )
     hooked = {n: r["hooks"] for n, r in rows.items() if "hooks" in r}
     if hooked:
-        lines += ["", "kvdrive's own hooks (attention capture on every attention layer call, sampled passes only doing "
-                  "work), host time against the forward passes' host time in the same server: "
-                  + "; ".join(f"{n} {h['capture_ms']} ms over {h['forward_passes']} passes = "
-                              f"{h['share_of_forward_time']:.1%}" for n, h in hooked.items())
-                  + ". The radix and HiCache rows run with no kvdrive hook at all (the plugin is inert without "
-                  "--kv-tier kvdrive)."]
+        lines += [
+            "",
+            "kvdrive's own hooks (attention capture on every attention layer call, sampled passes only doing "
+            "work), host time against the forward passes' host time in the same server: "
+            + "; ".join(
+                f"{n} {h['capture_ms']} ms over {h['forward_passes']} passes = {h['share_of_forward_time']:.1%}"
+                for n, h in hooked.items()
+            )
+            + ". The radix and HiCache rows run with no kvdrive hook at all (the plugin is inert without "
+            "--kv-tier kvdrive).",
+        ]
     cold = (ref or {}).get("cold")
     restarts = {n: r["restart"] for n, r in rows.items() if "restart" in r}
     if restarts and cold:
-        lines += ["", ("Restart: the server stopped and started again on the same store, every document asked again "
-                  "as it was first asked (cold = the same prompts on the radix-only server after /flush_cache):"), "",
-                  ("| configuration | docs served from storage | storage tokens | TTFT after restart / cold (median) "
-                  "| outputs = cold |"), "|---|---|---|---|---|"]
+        lines += [
+            "",
+            (
+                "Restart: the server stopped and started again on the same store, every document asked again "
+                "as it was first asked (cold = the same prompts on the radix-only server after /flush_cache):"
+            ),
+            "",
+            (
+                "| configuration | docs served from storage | storage tokens | TTFT after restart / cold (median) "
+                "| outputs = cold |"
+            ),
+            "|---|---|---|---|---|",
+        ]
         for name, again in restarts.items():
             ratios = [a["ttft"] / c["ttft"] for a, c in zip(again, cold)]
             served = sum(a["storage"] > 0 for a in again)
-            lines.append(f"| {name} | {served}/{len(again)} | {sum(a['storage'] for a in again)} | "
-                         f"{statistics.median(ratios):.2f} | {compare_outputs(cold, again)}/{len(again)} |")
+            lines.append(
+                f"| {name} | {served}/{len(again)} | {sum(a['storage'] for a in again)} | "
+                f"{statistics.median(ratios):.2f} | {compare_outputs(cold, again)}/{len(again)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--configs", help=f"comma-separated subset of {','.join(CONFIGS)} (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", help="an existing model directory (default: generate the preset's model)")
     ap.add_argument("--workdir", help="keep models, stores and server logs here (default: a temp dir, removed)")
-    ap.add_argument("--out", help="write <out>.json and <out>.md (default for presets other than demo: "
-                                  "bench/results/e2e-<preset>)")
+    ap.add_argument(
+        "--out", help="write <out>.json and <out>.md (default for presets other than demo: bench/results/e2e-<preset>)"
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     add_allow_dirty(ap)
     a = ap.parse_args(argv)
@@ -450,10 +593,15 @@ def main(argv=None) -> int:
         if c not in CONFIGS:
             ap.error(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
     if a.preset in GPU_ONLY_PRESETS and not gpu_present():
-        ap.error(f"--preset {a.preset} needs a CUDA GPU (torch.cuda.is_available() is False here); "
-                 "bench/first_device.py --device cpu is its CPU dry run")
-    out = a.out if a.out is not None else (None if a.preset == "demo" else
-                                           os.path.join(REPO, "bench", "results", f"e2e-{a.preset}"))
+        ap.error(
+            f"--preset {a.preset} needs a CUDA GPU (torch.cuda.is_available() is False here); "
+            "bench/first_device.py --device cpu is its CPU dry run"
+        )
+    out = (
+        a.out
+        if a.out is not None
+        else (None if a.preset == "demo" else os.path.join(REPO, "bench", "results", f"e2e-{a.preset}"))
+    )
     guard_results(out + ".json" if out else None, REPO, a.allow_dirty)
     workdir = a.workdir or tempfile.mkdtemp(prefix="kvdrive-e2e-bench-")
     os.makedirs(workdir, exist_ok=True)
@@ -471,20 +619,33 @@ def main(argv=None) -> int:
             if r.kind == "doc":
                 firsts.setdefault(r.group, r.prompt)
         restart_prompts = [firsts[d] for d in sorted(firsts)]
-        run = {"preset": a.preset, "device": "GPU" if gpu_present() else "CPU", "machine": machine(),
-               "command": "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] +
-                                                 (argv if argv is not None else sys.argv[1:])),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset_values": asdict(p),
-               "trace": {"requests": len(trace), "doc_requests": sum(r.kind == "doc" for r in trace),
-                         "session_requests": sum(r.kind == "session" for r in trace),
-                         "prompt_tokens": sum(tok.count(r.prompt) for r in trace)}, "configs": {}}
+        run = {
+            "preset": a.preset,
+            "device": "GPU" if gpu_present() else "CPU",
+            "machine": machine(),
+            "command": "python "
+            + " ".join(
+                shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])
+            ),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "preset_values": asdict(p),
+            "trace": {
+                "requests": len(trace),
+                "doc_requests": sum(r.kind == "doc" for r in trace),
+                "session_requests": sum(r.kind == "session" for r in trace),
+                "prompt_tokens": sum(tok.count(r.prompt) for r in trace),
+            },
+            "configs": {},
+        }
         for c in configs:
             run["configs"][c] = run_config(c, p, model, trace, restart_prompts, workdir, a.timeout)
         run["wall_s"] = round(time.time() - t_start, 1)
         md = report(run)
         print(md)
-        print(f"(wall time {run['wall_s']} s; server logs in {workdir}/logs"
-              f"{'' if a.workdir else ', removed now: pass --workdir to keep them'})")
+        print(
+            f"(wall time {run['wall_s']} s; server logs in {workdir}/logs"
+            f"{'' if a.workdir else ', removed now: pass --workdir to keep them'})"
+        )
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out + ".json", "w") as f:
@@ -509,9 +670,11 @@ def machine() -> str:
         gpu = f", GPU {torch.cuda.get_device_name(0)}"
     m = common_machine(REPO)  # versions and the commit this ran (+uncommitted when the tree was dirty)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}{gpu}; SGLang {m['sglang']}, torch {m['torch']}; commit {m['git']}; " \
-           f"load average at start {load}"
+    return (
+        f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}{gpu}; SGLang {m['sglang']}, torch {m['torch']}; commit {m['git']}; "
+        f"load average at start {load}"
+    )
 
 
 if __name__ == "__main__":

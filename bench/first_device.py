@@ -23,6 +23,7 @@ that reason), and a step a CPU cannot run is skipped there with the reason (benc
   fp8           the Llama served with kvdrive and --kv-cache-dtype fp8_e4m3
 Results: ``bench/results/gpu-first-device.json`` and ``.md`` on a GPU; on CPU a temp dir unless ``--out`` is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,6 +92,7 @@ class StepResult:
 @dataclass
 class Sizes:
     """Per device: the models, the 20-request workload and the servers' device KV budget."""
+
     llama: dict
     doc_tokens: int
     question_tokens: int
@@ -103,12 +105,28 @@ class Sizes:
 
 
 SIZES = {
-    "cuda": Sizes(llama=PRESETS["gpu-defaults"].model, doc_tokens=3000, question_tokens=24, max_total_tokens=8192,
-                  max_new_tokens=16, variant_requests=10, page_mass={"batch": 32, "tokens": 4096, "page": 64},
-                  startup_timeout=240.0, budget_s=300.0),
-    "cpu": Sizes(llama={}, doc_tokens=400, question_tokens=16, max_total_tokens=1024, max_new_tokens=8,
-                 variant_requests=6, page_mass={"batch": 2, "tokens": 40, "page": 16}, startup_timeout=180.0,
-                 budget_s=170.0),
+    "cuda": Sizes(
+        llama=PRESETS["gpu-defaults"].model,
+        doc_tokens=3000,
+        question_tokens=24,
+        max_total_tokens=8192,
+        max_new_tokens=16,
+        variant_requests=10,
+        page_mass={"batch": 32, "tokens": 4096, "page": 64},
+        startup_timeout=240.0,
+        budget_s=300.0,
+    ),
+    "cpu": Sizes(
+        llama={},
+        doc_tokens=400,
+        question_tokens=16,
+        max_total_tokens=1024,
+        max_new_tokens=8,
+        variant_requests=6,
+        page_mass={"batch": 2, "tokens": 40, "page": 16},
+        startup_timeout=180.0,
+        budget_s=170.0,
+    ),
 }
 DOCS, QUESTIONS = 4, 5  # 20 requests
 
@@ -140,10 +158,15 @@ class Run:
         os.makedirs(self.logs, exist_ok=True)
 
     def server(self, tag: str, args: list[str], model: str | None = None) -> SGLangServer:
-        srv = SGLangServer(model or self.models["llama"], [*args, *self.fallback],
-                           log_path=os.path.join(self.logs, f"{tag}.log"),
-                           max_total_tokens=self.sizes.max_total_tokens, startup_timeout=self.sizes.startup_timeout,
-                           request_timeout=120.0, torch_extensions_dir=os.path.join(self.workdir, "torch_ext"))
+        srv = SGLangServer(
+            model or self.models["llama"],
+            [*args, *self.fallback],
+            log_path=os.path.join(self.logs, f"{tag}.log"),
+            max_total_tokens=self.sizes.max_total_tokens,
+            startup_timeout=self.sizes.startup_timeout,
+            request_timeout=120.0,
+            torch_extensions_dir=os.path.join(self.workdir, "torch_ext"),
+        )
         with self.lock:
             self.servers.append(srv)
         return srv
@@ -172,7 +195,7 @@ class Run:
     def kvdrive_args(self, preset: str, store: str) -> list[str]:
         p = PRESETS[preset]
         args, _ = server_args("kvdrive", p, self.workdir)
-        return [*args[:args.index("--kvdrive-dir") + 1], os.path.join(self.workdir, store)]
+        return [*args[: args.index("--kvdrive-dir") + 1], os.path.join(self.workdir, store)]
 
     def radix_args(self, preset: str) -> list[str]:
         return server_args("radix", PRESETS[preset], self.workdir)[0]
@@ -187,23 +210,35 @@ def prompts(run: Run) -> list[str]:
     tok = Tokenizer(run.models["llama"])
     rng = random.Random(15)
     docs = [text_of(rng, tok, run.sizes.doc_tokens, f"Document {d}:") for d in range(DOCS)]
-    return [f"{docs[d]}\n{text_of(rng, tok, run.sizes.question_tokens, 'Question:')}"
-            for _ in range(QUESTIONS) for d in range(DOCS)]
+    return [
+        f"{docs[d]}\n{text_of(rng, tok, run.sizes.question_tokens, 'Question:')}"
+        for _ in range(QUESTIONS)
+        for d in range(DOCS)
+    ]
 
 
 def send_all(srv: SGLangServer, texts: list[str], max_new: int) -> list[dict]:
     out = []
     for t in texts:
         r = srv.generate(t, max_new)
-        out.append({"ids": r["ids"], "prompt_tokens": r["prompt_tokens"], "cached": r["cached"],
-                    **{k: int(r["details"].get(k) or 0) for k in ("device", "host", "storage")}})
+        out.append(
+            {
+                "ids": r["ids"],
+                "prompt_tokens": r["prompt_tokens"],
+                "cached": r["cached"],
+                **{k: int(r["details"].get(k) or 0) for k in ("device", "host", "storage")},
+            }
+        )
     return out
 
 
 def tier_figures(results: list[dict]) -> dict:
-    return {"requests": len(results), "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in results),
-            "cached_tokens": sum(r["cached"] for r in results),
-            **{f"{k}_tokens": sum(r[k] for r in results) for k in ("device", "host", "storage")}}
+    return {
+        "requests": len(results),
+        "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in results),
+        "cached_tokens": sum(r["cached"] for r in results),
+        **{f"{k}_tokens": sum(r[k] for r in results) for k in ("device", "host", "storage")},
+    }
 
 
 def kvdrive_stats(store: str) -> dict:
@@ -298,8 +333,19 @@ def step_requests(run: Run) -> dict:
 
 
 def step_kernel_tests(run: Run) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "tests/kernels",
-           "-m", "gpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:warnings",
+        "-p",
+        "no:cacheprovider",
+        "tests/kernels",
+        "-m",
+        "gpu",
+    ]
     p = subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True, timeout=run.box_left())
     tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail[0])}
@@ -315,8 +361,15 @@ def step_page_mass(run: Run) -> dict:
     env = dict(os.environ)
     if run.device == "cpu":
         env["TRITON_INTERPRET"] = "1"  # must be set before Triton is imported: a subprocess
-    cmd = [sys.executable, os.path.abspath(__file__), "--page-mass-check", "--device", run.device,
-           "--page-mass-sizes", json.dumps(run.sizes.page_mass)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--page-mass-check",
+        "--device",
+        run.device,
+        "--page-mass-sizes",
+        json.dumps(run.sizes.page_mass),
+    ]
     p = subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True, timeout=run.box_left(), env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -348,15 +401,24 @@ def page_mass_check(device: str, sizes: dict) -> dict:
         D, slots = 576, B * L + 7
         q = torch.randn(B, hq, D, generator=g).to(dtype).to(dev)
         k = torch.randn(slots, 1, D, generator=g).to(dtype).to(dev)
-        r2t = torch.randperm(slots, generator=g)[:B * L].view(B, L).to(torch.int32).to(dev)
+        r2t = torch.randperm(slots, generator=g)[: B * L].view(B, L).to(torch.int32).to(dev)
         seq_lens = torch.randint(max(1, L // 2), L + 1, (B,), generator=g).to(dev)
         got = page_attention_mass(q, k, r2t, seq_lens, page, impl="triton")
         ref = page_attention_mass_ref(q, k, r2t, seq_lens, page)
         err = (got - ref).abs().max().item()
         sums = got.sum(1)
-        case = {"q_heads": hq, "kv_heads": 1, "head_dim": D, "batch": B, "tokens": L, "page": page,
-                "dtype": str(dtype).replace("torch.", ""), "max_abs_err": err, "tol": 2e-3 * hq,
-                "row_sum_err": (sums - hq).abs().max().item()}
+        case = {
+            "q_heads": hq,
+            "kv_heads": 1,
+            "head_dim": D,
+            "batch": B,
+            "tokens": L,
+            "page": page,
+            "dtype": str(dtype).replace("torch.", ""),
+            "max_abs_err": err,
+            "tol": 2e-3 * hq,
+            "row_sum_err": (sums - hq).abs().max().item(),
+        }
         case["ok"] = err < case["tol"] and case["row_sum_err"] < 1e-3 * hq
         if dev == "cuda":
             for _ in range(3):
@@ -372,12 +434,19 @@ def page_mass_check(device: str, sizes: dict) -> dict:
 
 
 def step_mla_config(run: Run) -> dict:
-    code = ("import json, sys; from sglang.srt.configs.model_config import ModelConfig; m = ModelConfig(sys.argv[1]); "
-            "print(json.dumps({'arch': m.attention_arch.name, 'kv_lora_rank': m.kv_lora_rank, "
-            "'qk_rope_head_dim': m.qk_rope_head_dim, 'layers': m.num_hidden_layers}))")
-    p = subprocess.run([sys.executable, "-W", "ignore", "-c", code, run.models["mla"]], check=False,
-                       capture_output=True, text=True, timeout=run.box_left(),
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import json, sys; from sglang.srt.configs.model_config import ModelConfig; m = ModelConfig(sys.argv[1]); "
+        "print(json.dumps({'arch': m.attention_arch.name, 'kv_lora_rank': m.kv_lora_rank, "
+        "'qk_rope_head_dim': m.qk_rope_head_dim, 'layers': m.num_hidden_layers}))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code, run.models["mla"]],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=run.box_left(),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         raise AssertionError(f"rc {p.returncode}\n{(p.stdout + p.stderr)[-2000:]}")
@@ -388,7 +457,7 @@ def step_mla_config(run: Run) -> dict:
 
 
 def variant(run: Run, tag: str, preset: str, model: str, extra_note: str = "") -> dict:
-    texts = prompts(run)[:run.sizes.variant_requests]
+    texts = prompts(run)[: run.sizes.variant_requests]
     args = run.kvdrive_args(preset, f"store-{tag}")
     if "--tp" in args:
         import torch
@@ -396,7 +465,7 @@ def variant(run: Run, tag: str, preset: str, model: str, extra_note: str = "") -
         n = torch.cuda.device_count() if run.device == "cuda" else 2
         if n < 2:
             i = args.index("--tp")
-            args = args[:i] + args[i + 2:]
+            args = args[:i] + args[i + 2 :]
             extra_note = f"TP=1: this machine has {n} GPU (--tp 2 needs two)"
     srv, figs = start_checked(run, tag, args, model)
     try:
@@ -448,8 +517,15 @@ def run_steps(run: Run, budget_s: float, only: set[str] | None = None) -> list[S
             results.append(StepResult(step.name, Status.SKIP, 0.0, f"CPU: {step.cpu_skip}"))
             continue
         if step.optional and box > left:  # the first steps always run; the variants only if time allows
-            results.append(StepResult(step.name, Status.SKIP, 0.0, f"no time left: {max(left, 0):.0f} s of the "
-                                      f"{budget_s:.0f} s budget, the step is boxed at {box:.0f} s"))
+            results.append(
+                StepResult(
+                    step.name,
+                    Status.SKIP,
+                    0.0,
+                    f"no time left: {max(left, 0):.0f} s of the "
+                    f"{budget_s:.0f} s budget, the step is boxed at {box:.0f} s",
+                )
+            )
             continue
         results.append(run_one(run, step, box))
         r = results[-1]
@@ -491,10 +567,18 @@ def run_one(run: Run, step: Step, box: float) -> StepResult:
 
 # ------------------------------------------------------------------------------------------------- report
 def report(res: dict) -> str:
-    lines = [f"# First device run ({res['device']})", "", f"Command: `{res['command']}`  ",
-             f"Machine: {res['machine']}  ", f"Commit: {res['commit']}  ", f"Date: {res['date']}  ",
-             f"Wall time: {res['wall_s']} s of a {res['budget_s']:.0f} s budget", "",
-             "| step | status | seconds | detail |", "|---|---|---|---|"]
+    lines = [
+        f"# First device run ({res['device']})",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {res['machine']}  ",
+        f"Commit: {res['commit']}  ",
+        f"Date: {res['date']}  ",
+        f"Wall time: {res['wall_s']} s of a {res['budget_s']:.0f} s budget",
+        "",
+        "| step | status | seconds | detail |",
+        "|---|---|---|---|",
+    ]
     for s in res["steps"]:
         detail = s["detail"].replace("\n", " ").replace("|", "/")[:300] or _brief(s["figures"])
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {detail} |")
@@ -510,11 +594,15 @@ def _brief(figs: dict) -> str:
     parts = [f"{k} {figs[k]}" for k in keys if k in figs]
     if "kvdrive" in figs:
         k = figs["kvdrive"]
-        parts.append(f"kvdrive tokens device/host/storage {k['device_tokens']}/{k['host_tokens']}/"
-                     f"{k['storage_tokens']}")
+        parts.append(
+            f"kvdrive tokens device/host/storage {k['device_tokens']}/{k['host_tokens']}/{k['storage_tokens']}"
+        )
     if "cases" in figs:
-        parts += [f"Hq {c['q_heads']}: err {c['max_abs_err']:.2e}" + (f", {c['ms_per_call']} ms" if "ms_per_call" in c
-                                                                     else "") for c in figs["cases"]]
+        parts += [
+            f"Hq {c['q_heads']}: err {c['max_abs_err']:.2e}"
+            + (f", {c['ms_per_call']} ms" if "ms_per_call" in c else "")
+            for c in figs["cases"]
+        ]
     return "; ".join(parts)
 
 
@@ -525,16 +613,24 @@ def machine_line(device: str) -> tuple[str, str]:
         import torch
 
         gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return ((f"{cpu_model()} ({os.cpu_count()} cores){gpu}, {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}; SGLang {m['sglang']}, torch {m['torch']}"), m["git"])
+    return (
+        (
+            f"{cpu_model()} ({os.cpu_count()} cores){gpu}, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}; SGLang {m['sglang']}, torch {m['torch']}"
+        ),
+        m["git"],
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--out", help="write <out>.json and <out>.md (default: bench/results/gpu-first-device on cuda, "
-                                  "a temp dir on cpu)")
+    ap.add_argument(
+        "--out",
+        help="write <out>.json and <out>.md (default: bench/results/gpu-first-device on cuda, a temp dir on cpu)",
+    )
     ap.add_argument("--workdir", help="keep models, stores and server logs here (default: a temp dir, removed)")
     ap.add_argument("--budget", type=float, help="seconds for the whole run (default: 300 on cuda, 170 on cpu)")
     ap.add_argument("--steps", help=f"comma-separated subset of {','.join(s.name for s in STEPS)} (models always)")
@@ -548,8 +644,9 @@ def main(argv=None) -> int:
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False here); --device cpu is the "
-                 "dry run")
+        ap.error(
+            "--device cuda needs a CUDA GPU (torch.cuda.is_available() is False here); --device cpu is the dry run"
+        )
     if a.device == "cpu" and torch.cuda.is_available():
         ap.error("--device cpu is the dry run for CPU-only machines: the server harness would start GPU servers here")
     names = {s.name for s in STEPS}
@@ -575,13 +672,22 @@ def main(argv=None) -> int:
         steps = run_steps(run, budget, only)
     finally:
         run.stop_all()
-    res = {"device": a.device, "machine": mach, "commit": commit,
-           "command": "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] +
-                                             (argv if argv is not None else sys.argv[1:])),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget_s": budget,
-           "wall_s": round(time.time() - t0, 1), "load_average_at_end": os.getloadavg(),
-           "cpu_dry_run": CPU_DRY_RUN if a.device == "cpu" else None, "fallback_args": run.fallback,
-           "steps": [{**asdict(s), "status": s.status.value} for s in steps]}
+    res = {
+        "device": a.device,
+        "machine": mach,
+        "commit": commit,
+        "command": "python "
+        + " ".join(
+            shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "budget_s": budget,
+        "wall_s": round(time.time() - t0, 1),
+        "load_average_at_end": os.getloadavg(),
+        "cpu_dry_run": CPU_DRY_RUN if a.device == "cpu" else None,
+        "fallback_args": run.fallback,
+        "steps": [{**asdict(s), "status": s.status.value} for s in steps],
+    }
     md = report(res)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w") as f:

@@ -16,6 +16,7 @@ this machine, in one process, per interval:
 The result informs ``config.GIL_SWITCH_MS`` (the default per device); the README quotes only what the results file
 shows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,32 +104,44 @@ def main() -> None:
                 r, p = _run(a.seconds, True, blob)
                 beside.append(r)
                 page.append(p)
-            row = {"interval_ms": ms, "sched_ops_per_s_alone": statistics.median(alone),
-                   "sched_ops_per_s_beside_io": statistics.median(beside),
-                   "slowdown": statistics.median(alone) / statistics.median(beside),
-                   "slowdown_spread": [min(alone) / max(beside), max(alone) / min(beside)],
-                   "page_ms_p50": statistics.median(page), "page_ms_spread": [min(page), max(page)]}
+            row = {
+                "interval_ms": ms,
+                "sched_ops_per_s_alone": statistics.median(alone),
+                "sched_ops_per_s_beside_io": statistics.median(beside),
+                "slowdown": statistics.median(alone) / statistics.median(beside),
+                "slowdown_spread": [min(alone) / max(beside), max(alone) / min(beside)],
+                "page_ms_p50": statistics.median(page),
+                "page_ms_spread": [min(page), max(page)],
+            }
             rows.append(row)
-            print(f"interval {ms:4.1f} ms: scheduler {row['sched_ops_per_s_alone']:,.0f} ops/s alone, "
-                  f"{row['sched_ops_per_s_beside_io']:,.0f} beside I/O (x{row['slowdown']:.2f} slower); "
-                  f"I/O {row['page_ms_p50']:.2f} ms/page", flush=True)
+            print(
+                f"interval {ms:4.1f} ms: scheduler {row['sched_ops_per_s_alone']:,.0f} ops/s alone, "
+                f"{row['sched_ops_per_s_beside_io']:,.0f} beside I/O (x{row['slowdown']:.2f} slower); "
+                f"I/O {row['page_ms_p50']:.2f} ms/page",
+                flush=True,
+            )
     finally:
         sys.setswitchinterval(before)
     if a.out:
-        res = {**meta, "seconds": a.seconds, "repeats": a.repeats, "page_bytes": PAGE_BYTES,
-               "rows": rows}
+        res = {**meta, "seconds": a.seconds, "repeats": a.repeats, "page_bytes": PAGE_BYTES, "rows": rows}
         with open(a.out + ".json", "w") as f:
             json.dump(res, f, indent=1)
-        lines = [f"# GIL switch interval: scheduler cost vs I/O latency ({res['date']})", "",
-                 f"commit `{res['git']}`, `{res['command']}`, {res['cpu']} x{res['cores']}, Python {res['python']}, "
-                 f"torch {res['torch']}; load average at start {', '.join(f'{x:.2f}' for x in res['load'])}.", "",
-                 "| interval | scheduler ops/s alone | beside I/O | slowdown (spread) | I/O ms/page p50 (spread) |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            f"# GIL switch interval: scheduler cost vs I/O latency ({res['date']})",
+            "",
+            f"commit `{res['git']}`, `{res['command']}`, {res['cpu']} x{res['cores']}, Python {res['python']}, "
+            f"torch {res['torch']}; load average at start {', '.join(f'{x:.2f}' for x in res['load'])}.",
+            "",
+            "| interval | scheduler ops/s alone | beside I/O | slowdown (spread) | I/O ms/page p50 (spread) |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['interval_ms']} ms | {r['sched_ops_per_s_alone']:,.0f} | "
-                         f"{r['sched_ops_per_s_beside_io']:,.0f} | x{r['slowdown']:.2f} "
-                         f"({r['slowdown_spread'][0]:.2f}-{r['slowdown_spread'][1]:.2f}) | {r['page_ms_p50']:.2f} "
-                         f"({r['page_ms_spread'][0]:.2f}-{r['page_ms_spread'][1]:.2f}) |")
+            lines.append(
+                f"| {r['interval_ms']} ms | {r['sched_ops_per_s_alone']:,.0f} | "
+                f"{r['sched_ops_per_s_beside_io']:,.0f} | x{r['slowdown']:.2f} "
+                f"({r['slowdown_spread'][0]:.2f}-{r['slowdown_spread'][1]:.2f}) | {r['page_ms_p50']:.2f} "
+                f"({r['page_ms_spread'][0]:.2f}-{r['page_ms_spread'][1]:.2f}) |"
+            )
         with open(a.out + ".md", "w") as f:
             f.write("\n".join(lines) + "\n")
 

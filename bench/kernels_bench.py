@@ -9,6 +9,7 @@ for attention mass). As a yardstick for the capture overhead, SGLang's own Trito
 is timed too when it imports. On CPU: the references only, on smaller inputs, and a line saying GPU timings were
 not measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def row(name: str, nbytes: int, t_triton: float | None, t_ref: float, agree: str) -> None:
     def fmt(t):
         return "      -      " if t is None else f"{t * 1e3:8.3f} ms {nbytes / t / 1e9:6.1f} GB/s"
+
     speed = "" if t_triton is None else f"  x{t_ref / t_triton:6.1f}"
     print(f"{name:<46} triton {fmt(t_triton)}   torch {fmt(t_ref)}{speed}   {agree}")
 
@@ -90,7 +92,7 @@ def bench_dequant(dev: str, cuda: bool, reps: int) -> None:
     pages = [kv_page(rng, page_size=64, num_heads=8, head_dim=128) for _ in range(min(n, 16))]
     for codec in ("int8", "fp8"):
         blobs = [encode_page(p, "bfloat16", codec, 128) for p in pages]
-        bodies = torch.stack([torch.frombuffer(bytearray(b[HEADER.size:]), dtype=torch.uint8) for b in blobs])
+        bodies = torch.stack([torch.frombuffer(bytearray(b[HEADER.size :]), dtype=torch.uint8) for b in blobs])
         bodies = bodies.repeat(-(-n // len(blobs)), 1)[:n].to(dev)
         nbytes = n * pages[0].nbytes  # decoded bytes
         ref = dequant_body(bodies, codec, 128, torch.bfloat16, impl="torch")
@@ -116,7 +118,7 @@ def sglang_decode_attention(q, kb, vb, r2t, seq_lens, scale):
     splits = 16
     indptr = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     indptr[1:] = torch.cumsum(seq_lens, 0)
-    indices = torch.cat([r2t[b, :int(seq_lens[b])] for b in range(B)]).to(torch.int64)
+    indices = torch.cat([r2t[b, : int(seq_lens[b])] for b in range(B)]).to(torch.int64)
     o = torch.empty_like(q)
     logits = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
@@ -124,6 +126,7 @@ def sglang_decode_attention(q, kb, vb, r2t, seq_lens, scale):
 
     def run():
         decode_attention_fwd(q, kb, vb, o, indptr, indices, logits, lse, num_splits, splits, scale, 1.0, 1.0)
+
     try:
         run()
     except Exception as e:  # noqa: BLE001
@@ -137,7 +140,7 @@ def bench_mass(dev: str, cuda: bool, reps: int) -> None:
     slots = B * L + 1
     q = torch.randn(B, Hq, D, generator=g).to(torch.bfloat16).to(dev)
     kb = torch.randn(slots, Hkv, D, generator=g).to(torch.bfloat16).to(dev)
-    r2t = (1 + torch.randperm(slots - 1, generator=g)[:B * L].view(B, L)).to(torch.int32).to(dev)
+    r2t = (1 + torch.randperm(slots - 1, generator=g)[: B * L].view(B, L)).to(torch.int32).to(dev)
     seq_lens = torch.full((B,), L, device=dev)
     nbytes = B * L * Hkv * D * 2  # K read once
     scale = 1 / math.sqrt(D)
@@ -145,8 +148,9 @@ def bench_mass(dev: str, cuda: bool, reps: int) -> None:
     lse = attention_lse(q, kb, r2t, seq_lens, impl="torch")  # stands in for the attention backend's LSE
     print(f"attention mass: batch {B}, {Hq} q / {Hkv} kv heads, head_dim {D}, {L} tokens each, page {page_size}, bf16")
     for name, kw in (("mass, LSE recomputed", {}), ("mass, backend LSE given", {"lse": lse})):
-        t_ref = timed(lambda: page_attention_mass(q, kb, r2t, seq_lens, page_size, impl="torch", **kw),
-                      max(1, reps // 4), cuda)
+        t_ref = timed(
+            lambda: page_attention_mass(q, kb, r2t, seq_lens, page_size, impl="torch", **kw), max(1, reps // 4), cuda
+        )
         t_tri, agree = None, "reference only"
         if cuda:
             t_tri = timed(lambda: page_attention_mass(q, kb, r2t, seq_lens, page_size, **kw), reps, cuda)
@@ -161,8 +165,10 @@ def bench_mass(dev: str, cuda: bool, reps: int) -> None:
         else:
             t_attn = timed(run, reps, cuda)
             t_mass = timed(lambda: page_attention_mass(q, kb, r2t, seq_lens, page_size, lse=lse), reps, cuda)
-            print(f"SGLang Triton decode attention, same batch, one layer: {t_attn * 1e3:.3f} ms; mass with LSE = "
-                  f"{t_mass / t_attn * 100:.0f}% of it (per sampled layer)")
+            print(
+                f"SGLang Triton decode attention, same batch, one layer: {t_attn * 1e3:.3f} ms; mass with LSE = "
+                f"{t_mass / t_attn * 100:.0f}% of it (per sampled layer)"
+            )
 
 
 def main() -> None:
@@ -174,8 +180,10 @@ def main() -> None:
     if cuda:
         print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
     else:
-        print(f"device: CPU (torch {torch.__version__}). GPU timings were not measured: no CUDA device, so only the "
-              "torch references run, on smaller inputs.")
+        print(
+            f"device: CPU (torch {torch.__version__}). GPU timings were not measured: no CUDA device, so only the "
+            "torch references run, on smaller inputs."
+        )
     bench_copy(dev, cuda, args.reps)
     bench_dequant(dev, cuda, args.reps)
     bench_mass(dev, cuda, args.reps)

@@ -51,6 +51,7 @@ first two pages (attention sinks), 30% on the last 8 pages (local window), 30% o
 time from 8 fixed hot pages of that document), 20% uniform; sessions: 20% sinks, 30% local window, 30% on the
 last two turns, 20% uniform. It is fed to the promoter after each request, as kvdrive's capture hands it over.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,15 @@ def ttft_from_records(records, cost: CostModel, rate: float, use_plan: bool) -> 
     (use_plan False: lru) or as Promoter.plan_prefix decides at that rate. Exact for replays whose cache contents do
     not depend on the rate (gpu_only, lru); for promoter replays of another rate it is a post-hoc estimate."""
     cost = dataclasses.replace(cost, prefill_tokens_per_s=float(rate))
-    p = Promoter(PromoterConfig(dram_gbps=cost.dram_gbps, disk_gbps=cost.disk_gbps, disk_latency_s=cost.disk_latency_s,
-                                pcie_gbps=cost.pcie_gbps, prefill_tokens_per_s=float(rate)))
+    p = Promoter(
+        PromoterConfig(
+            dram_gbps=cost.dram_gbps,
+            disk_gbps=cost.disk_gbps,
+            disk_latency_s=cost.disk_latency_s,
+            pcie_gbps=cost.pcie_gbps,
+            prefill_tokens_per_s=float(rate),
+        )
+    )
     page_bytes = cost.page_bytes
     ttft, slower, used, recomputed = [], 0, Counter(), 0
     for n, g, tiers, _ in records:
@@ -109,8 +117,13 @@ def ttft_from_records(records, cost: CostModel, rate: float, use_plan: bool) -> 
         slower += t > n * PAGE_TOKENS / rate * (1 + 1e-9)
         used.update(tl[:k])
         recomputed += n - g - k
-    return {"ttft": ttft, "slower": slower, "used_dram": used["dram"], "used_disk": used["disk"],
-            "recomputed_pages": recomputed}
+    return {
+        "ttft": ttft,
+        "slower": slower,
+        "used_dram": used["dram"],
+        "used_disk": used["disk"],
+        "recomputed_pages": recomputed,
+    }
 
 
 def rescore(res: dict, records, cost: CostModel, rate: float, use_plan: bool) -> dict:
@@ -118,28 +131,39 @@ def rescore(res: dict, records, cost: CostModel, rate: float, use_plan: bool) ->
     e = ttft_from_records(records, cost, rate, use_plan)
     out = dict(res)
     prompt_pages = res["prompt_tokens"] // PAGE_TOKENS
-    out.update({
-        "prefill_tokens": e["recomputed_pages"] * PAGE_TOKENS,
-        "prefill_tokens_saved": res["prompt_tokens"] - e["recomputed_pages"] * PAGE_TOKENS,
-        "saved_pct": 100.0 * (1 - e["recomputed_pages"] / max(1, prompt_pages)),
-        "hit_tokens_dram_used": e["used_dram"] * PAGE_TOKENS,
-        "hit_tokens_disk_used": e["used_disk"] * PAGE_TOKENS,
-        "ttft_p50_s": percentile(e["ttft"], 50), "ttft_p90_s": percentile(e["ttft"], 90),
-        "ttft_p99_s": percentile(e["ttft"], 99), "ttft_mean_s": float(np.mean(e["ttft"])) if e["ttft"] else 0.0,
-        "requests_slower_than_no_cache": e["slower"],
-    })
+    out.update(
+        {
+            "prefill_tokens": e["recomputed_pages"] * PAGE_TOKENS,
+            "prefill_tokens_saved": res["prompt_tokens"] - e["recomputed_pages"] * PAGE_TOKENS,
+            "saved_pct": 100.0 * (1 - e["recomputed_pages"] / max(1, prompt_pages)),
+            "hit_tokens_dram_used": e["used_dram"] * PAGE_TOKENS,
+            "hit_tokens_disk_used": e["used_disk"] * PAGE_TOKENS,
+            "ttft_p50_s": percentile(e["ttft"], 50),
+            "ttft_p90_s": percentile(e["ttft"], 90),
+            "ttft_p99_s": percentile(e["ttft"], 99),
+            "ttft_mean_s": float(np.mean(e["ttft"])) if e["ttft"] else 0.0,
+            "requests_slower_than_no_cache": e["slower"],
+        }
+    )
     return out
 
 
 # --- driver ---------------------------------------------------------------------------------------------------------
+
 
 def budgets_for(wl: Workload, args, small_encoded: float) -> dict:
     max_req = max(len(r.prompt) + len(r.output) for r in wl.requests)
     gpu = max(int(args.gpu_frac * wl.footprint_pages), max_req + 16)
     dram = int(args.dram_frac * wl.footprint_pages)
     disk = int(args.disk_frac * wl.footprint_pages)
-    return {"gpu_pages": gpu, "dram_pages": dram, "disk_pages": disk, "max_request_pages": max_req,
-            "host_bytes": max(1, int(dram * small_encoded)), "disk_bytes": max(1 << 20, int(disk * small_encoded))}
+    return {
+        "gpu_pages": gpu,
+        "dram_pages": dram,
+        "disk_pages": disk,
+        "max_request_pages": max_req,
+        "host_bytes": max(1, int(dram * small_encoded)),
+        "disk_bytes": max(1 << 20, int(disk * small_encoded)),
+    }
 
 
 ROWS = [  # (label, key, format)
@@ -158,8 +182,11 @@ ROWS = [  # (label, key, format)
     ("pages not admitted", "pages_not_admitted", "{:,}"),
     ("disk written: pages / GB (model)", ("disk_pages_written", "disk_gb_written_model"), "{:,} / {:.1f}"),
     ("disk read: pages / GB (model)", ("disk_pages_read", "disk_gb_read_model"), "{:,} / {:.1f}"),
-    ("  of which prefetch: pages / later reloaded from DRAM", ("prefetched_pages", "prefetched_pages_used"),
-     "{:,} / {:,}"),
+    (
+        "  of which prefetch: pages / later reloaded from DRAM",
+        ("prefetched_pages", "prefetched_pages_used"),
+        "{:,} / {:,}",
+    ),
     ("disk pages evicted", "disk_evicted_pages", "{:,}"),
     ("disk writes refused (store full)", "disk_writes_refused_full", "{:,}"),
     ("disk segments compacted", "disk_segments_compacted", "{:,}"),
@@ -180,7 +207,7 @@ def fmt_row(res: dict, key, f: str) -> str:
 
 PREFILL_NOTES = {
     12000: "8B model on one H100, long prompts (~25 GFLOP/token at 32K context incl. attention, ~30% of bf16 dense "
-           "peak)",
+    "peak)",
     3000: "the same model on a GPU ~4x slower at prefill (A100/L40S-class), or a larger model",
 }
 
@@ -207,8 +234,10 @@ def markdown(report: dict) -> str:
         f"64-token page) | assumption: {a['model']} |",
     ]
     for sc in report["scenarios"]:
-        lines.append(f"| prefill tokens/s, scenario {sc['name']} | {sc['prefill_tokens_per_s']:,.0f} | assumption: "
-                     f"{sc['note']}; break-even tier speed {sc['break_even_gbps']:.2f} GB/s |")
+        lines.append(
+            f"| prefill tokens/s, scenario {sc['name']} | {sc['prefill_tokens_per_s']:,.0f} | assumption: "
+            f"{sc['note']}; break-even tier speed {sc['break_even_gbps']:.2f} GB/s |"
+        )
     lines += [
         f"| PCIe GB/s | {a['pcie_gbps']:g} | assumption: {a['pcie_note']} |",
         f"| DRAM tier read GB/s (decode into host buffer) | {m['dram_read_gbps']:.2f} | measured: TierEngine.get_many, "
@@ -230,20 +259,30 @@ def markdown(report: dict) -> str:
     ]
     for name, w in report["workloads"].items():
         b = w["budgets"]
-        lines += ["", f"## {name}", "",
-                  "workload: " + ", ".join(f"{k} {v}" for k, v in w["params"].items()) +
-                  f"; {w['footprint_pages'] * PAGE_TOKENS:,} distinct tokens.",
-                  "",
-                  f"budgets (same for every policy): GPU {b['gpu_pages'] * PAGE_TOKENS:,} tokens "
-                  f"({b['gpu_pages'] * a['bytes_per_token'] * PAGE_TOKENS / 2**30:.0f} GiB modelled), DRAM tier "
-                  f"{b['dram_pages'] * PAGE_TOKENS:,} tokens, disk {b['disk_pages'] * PAGE_TOKENS:,} tokens (the "
-                  "disk store evicts from 95% to 80% of its cap)."]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            "workload: "
+            + ", ".join(f"{k} {v}" for k, v in w["params"].items())
+            + f"; {w['footprint_pages'] * PAGE_TOKENS:,} distinct tokens.",
+            "",
+            f"budgets (same for every policy): GPU {b['gpu_pages'] * PAGE_TOKENS:,} tokens "
+            f"({b['gpu_pages'] * a['bytes_per_token'] * PAGE_TOKENS / 2**30:.0f} GiB modelled), DRAM tier "
+            f"{b['dram_pages'] * PAGE_TOKENS:,} tokens, disk {b['disk_pages'] * PAGE_TOKENS:,} tokens (the "
+            "disk store evicts from 95% to 80% of its cap).",
+        ]
         for sc in report["scenarios"]:
             ws = w["scenarios"][sc["name"]]
-            lines += ["", f"### {name}, scenario {sc['name']}: prefill {sc['prefill_tokens_per_s']:,.0f} tok/s "
-                          f"(break-even {sc['break_even_gbps']:.2f} GB/s)", "",
-                      f"no cache at all: TTFT p50 {ws['no_cache']['ttft_p50_s']:.3f} s, p99 "
-                      f"{ws['no_cache']['ttft_p99_s']:.3f} s.", ""]
+            lines += [
+                "",
+                f"### {name}, scenario {sc['name']}: prefill {sc['prefill_tokens_per_s']:,.0f} tok/s "
+                f"(break-even {sc['break_even_gbps']:.2f} GB/s)",
+                "",
+                f"no cache at all: TTFT p50 {ws['no_cache']['ttft_p50_s']:.3f} s, p99 "
+                f"{ws['no_cache']['ttft_p99_s']:.3f} s.",
+                "",
+            ]
             vs = list(ws["variants"])
             lines.append("| | " + " | ".join(vs) + " |")
             lines.append("|---|" + "---:|" * len(vs))
@@ -252,27 +291,44 @@ def markdown(report: dict) -> str:
         if w.get("post_hoc"):
             ph = w["post_hoc"]
             cols = list(ph["columns"])
-            lines += ["", f"Post hoc, other prefill rates (TTFT p50 / p99 in s): each request's hits as found in the "
-                          f"runs above, re-decided at that rate; exact for gpu_only and lru, an estimate for "
-                          f"{ph['promoter_from']} (its cache contents are those of scenario {ph['scenario']}).", "",
-                      "| prefill tok/s | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+            lines += [
+                "",
+                f"Post hoc, other prefill rates (TTFT p50 / p99 in s): each request's hits as found in the "
+                f"runs above, re-decided at that rate; exact for gpu_only and lru, an estimate for "
+                f"{ph['promoter_from']} (its cache contents are those of scenario {ph['scenario']}).",
+                "",
+                "| prefill tok/s | " + " | ".join(cols) + " |",
+                "|---:|" + "---:|" * len(cols),
+            ]
             for rate in SENS_RATES:
-                lines.append(f"| {rate:,} | " + " | ".join(f"{ph['columns'][c][str(rate)][0]:.3f} / "
-                                                          f"{ph['columns'][c][str(rate)][1]:.3f}" for c in cols) + " |")
+                lines.append(
+                    f"| {rate:,} | "
+                    + " | ".join(
+                        f"{ph['columns'][c][str(rate)][0]:.3f} / {ph['columns'][c][str(rate)][1]:.3f}" for c in cols
+                    )
+                    + " |"
+                )
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="seconds-sized run; writes files only with --out")
-    ap.add_argument("--out", default=None, help="output path without extension (default bench/results/"
-                                                 "promoter_bench; --quick: none)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output path without extension (default bench/results/promoter_bench; --quick: none)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workloads", default="docs,sessions")
-    ap.add_argument("--variants", default="gpu_only,lru,promoter,promoter_noattn,promoter_lrutiers",
-                    help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        default="gpu_only,lru,promoter,promoter_noattn,promoter_lrutiers",
+        help=f"any of {', '.join(VARIANTS)}",
+    )
     ap.add_argument("--dir", default=None, help="scratch directory for the disk tiers (default: a temp dir)")
     # docs
     ap.add_argument("--docs", type=int, default=40)
@@ -292,9 +348,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dram-frac", type=float, default=0.25)
     ap.add_argument("--disk-frac", type=float, default=0.6)
     # cost model assumptions
-    ap.add_argument("--bytes-per-token", type=int, default=131072,
-                    help="KV bytes per token of the modelled model (Llama-3.1-8B bf16: 32 layers x 8 KV heads x "
-                         "128 x 2 x 2 B)")
+    ap.add_argument(
+        "--bytes-per-token",
+        type=int,
+        default=131072,
+        help="KV bytes per token of the modelled model (Llama-3.1-8B bf16: 32 layers x 8 KV heads x 128 x 2 x 2 B)",
+    )
     ap.add_argument("--prefill-tps", default="12000,3000", help="prefill tokens/s, one scenario each")
     ap.add_argument("--pcie-gbps", type=float, default=25.0)
     # promoter
@@ -302,10 +361,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prefetch-share", type=float, default=PromoterConfig().promote_share)
     ap.add_argument("--prefetch-tick-s", type=float, default=1.0)
     ap.add_argument("--prefetch-window-s", type=float, default=30.0)
-    ap.add_argument("--prefetch-candidates", type=int, default=16384,
-                    help="pages that left the tier above kvdrive remembered as prefetch candidates (as the server)")
-    ap.add_argument("--disk-gc-live-ratio", type=float, default=0.9,
-                    help="DiskStore gc_live_ratio for the replays (the store's default 0.5 wedges: see the notes)")
+    ap.add_argument(
+        "--prefetch-candidates",
+        type=int,
+        default=16384,
+        help="pages that left the tier above kvdrive remembered as prefetch candidates (as the server)",
+    )
+    ap.add_argument(
+        "--disk-gc-live-ratio",
+        type=float,
+        default=0.9,
+        help="DiskStore gc_live_ratio for the replays (the store's default 0.5 wedges: see the notes)",
+    )
     ap.add_argument("--calib-pages", type=int, default=192)
     ap.add_argument("--calib-reps", type=int, default=5)
     add_allow_dirty(ap)
@@ -315,8 +382,11 @@ def main(argv=None) -> int:
         args.sessions, args.turns_min, args.turns_max = 10, 4, 8
         args.session_spread_s = 200.0
         args.calib_pages, args.calib_reps = 64, 2
-    out = args.out if args.out is not None else (None if args.quick else
-                                                  os.path.join(REPO, "bench", "results", "promoter_bench"))
+    out = (
+        args.out
+        if args.out is not None
+        else (None if args.quick else os.path.join(REPO, "bench", "results", "promoter_bench"))
+    )
     guard_results(out + ".json" if out else None, REPO, args.allow_dirty)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -333,18 +403,32 @@ def main(argv=None) -> int:
     try:
         print("calibrating the tier constants (TierEngine, 256 KiB bf16 pages) ...", flush=True)
         meas = calibrate(tmp, args.calib_pages, args.calib_reps)
-        print(f"  DRAM read {meas['dram_read_gbps']:.2f} GB/s, disk read {meas['disk_read_gbps']:.2f} GB/s, "
-              f"disk write {meas['disk_write_gbps']:.2f} GB/s, disk latency {meas['disk_latency_s'] * 1e6:.0f} us, "
-              f"zstd {meas['zstd_ratio']:.3f}x", flush=True)
-        base_cost = CostModel(prefill_tokens_per_s=rates[0], pcie_gbps=args.pcie_gbps,
-                              bytes_per_token=args.bytes_per_token, dram_gbps=meas["dram_read_gbps"],
-                              disk_gbps=meas["disk_read_gbps"], disk_latency_s=meas["disk_latency_s"],
-                              zstd_ratio=meas["zstd_ratio"], page_tokens=PAGE_TOKENS)
+        print(
+            f"  DRAM read {meas['dram_read_gbps']:.2f} GB/s, disk read {meas['disk_read_gbps']:.2f} GB/s, "
+            f"disk write {meas['disk_write_gbps']:.2f} GB/s, disk latency {meas['disk_latency_s'] * 1e6:.0f} us, "
+            f"zstd {meas['zstd_ratio']:.3f}x",
+            flush=True,
+        )
+        base_cost = CostModel(
+            prefill_tokens_per_s=rates[0],
+            pcie_gbps=args.pcie_gbps,
+            bytes_per_token=args.bytes_per_token,
+            dram_gbps=meas["dram_read_gbps"],
+            disk_gbps=meas["disk_read_gbps"],
+            disk_latency_s=meas["disk_latency_s"],
+            zstd_ratio=meas["zstd_ratio"],
+            page_tokens=PAGE_TOKENS,
+        )
         scenarios = []
         for i, rate in enumerate(rates):
-            scenarios.append({"name": chr(ord("A") + i), "prefill_tokens_per_s": rate,
-                              "note": PREFILL_NOTES.get(int(rate), "stated on the command line"),
-                              "break_even_gbps": rate * args.bytes_per_token / 1e9})
+            scenarios.append(
+                {
+                    "name": chr(ord("A") + i),
+                    "prefill_tokens_per_s": rate,
+                    "note": PREFILL_NOTES.get(int(rate), "stated on the command line"),
+                    "break_even_gbps": rate * args.bytes_per_token / 1e9,
+                }
+            )
         synth = SyntheticPages(99)
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
         with TierEngine(TierConfig(path=None, host_bytes=64 * MiB)) as e:
@@ -353,13 +437,20 @@ def main(argv=None) -> int:
         print("importing sglang ...", flush=True)
         mach = machine(REPO)
         report = {
-            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] +
-                                            (sys.argv[1:] if argv is None else list(argv))),
+            "command": "python "
+            + " ".join(
+                shlex.quote(a)
+                for a in [os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv))
+            ),
             "machine": mach,
-            "assumptions": {"bytes_per_token": args.bytes_per_token,
-                            "model": "Llama-3.1-8B-class, bf16 KV (32 layers x 8 KV heads x 128 dim x K,V x 2 B)",
-                            "pcie_gbps": args.pcie_gbps, "pcie_note": "PCIe 4.0 x16, effective",
-                            "prefetch_share": args.prefetch_share, "half_life_s": args.half_life_s},
+            "assumptions": {
+                "bytes_per_token": args.bytes_per_token,
+                "model": "Llama-3.1-8B-class, bf16 KV (32 layers x 8 KV heads x 128 dim x K,V x 2 B)",
+                "pcie_gbps": args.pcie_gbps,
+                "pcie_note": "PCIe 4.0 x16, effective",
+                "prefetch_share": args.prefetch_share,
+                "half_life_s": args.half_life_s,
+            },
             "scenarios": scenarios,
             "measured": meas,
             "args": vars(args),
@@ -394,10 +485,17 @@ def main(argv=None) -> int:
         for wname in [w for w in args.workloads.split(",") if w]:
             wl = {"docs": docs_workload, "sessions": sessions_workload}[wname](args, args.seed)
             b = budgets_for(wl, args, small_encoded)
-            print(f"\n[{wname}] {len(wl.requests)} requests, {wl.footprint_pages * PAGE_TOKENS:,} distinct tokens; "
-                  f"GPU {b['gpu_pages']} pages, DRAM {b['dram_pages']}, disk {b['disk_pages']}", flush=True)
-            w = {"params": wl.params, "footprint_pages": wl.footprint_pages, "budgets": b,
-                 "scenarios": {sc["name"]: {"variants": {}} for sc in scenarios}}
+            print(
+                f"\n[{wname}] {len(wl.requests)} requests, {wl.footprint_pages * PAGE_TOKENS:,} distinct tokens; "
+                f"GPU {b['gpu_pages']} pages, DRAM {b['dram_pages']}, disk {b['disk_pages']}",
+                flush=True,
+            )
+            w = {
+                "params": wl.params,
+                "footprint_pages": wl.footprint_pages,
+                "budgets": b,
+                "scenarios": {sc["name"]: {"variants": {}} for sc in scenarios},
+            }
             once = {}  # rate-independent replays: variant -> (summary, records)
             promoter_records = {}
             for sc in scenarios:
@@ -420,13 +518,22 @@ def main(argv=None) -> int:
                         if v == "promoter" and sc is scenarios[0]:
                             promoter_records = rep.records
                     ws["variants"][v] = res
-                    print(f"  {sc['name']} {v:18s} saved {res['saved_pct']:5.1f}%  TTFT p50 {res['ttft_p50_s']:.3f} s"
-                          f"  p99 {res['ttft_p99_s']:.3f} s  disk wr {res.get('disk_pages_written', 0):6d} rd "
-                          f"{res.get('disk_pages_read', 0):6d} pages  slower-than-no-cache "
-                          f"{res['requests_slower_than_no_cache']}  ({res['wall_s']:.1f} s)", flush=True)
-            cols = {"no cache": {str(r): (percentile([len(q.prompt) * PAGE_TOKENS / r for q in wl.requests], 50),
-                                          percentile([len(q.prompt) * PAGE_TOKENS / r for q in wl.requests], 99))
-                                 for r in SENS_RATES}}
+                    print(
+                        f"  {sc['name']} {v:18s} saved {res['saved_pct']:5.1f}%  TTFT p50 {res['ttft_p50_s']:.3f} s"
+                        f"  p99 {res['ttft_p99_s']:.3f} s  disk wr {res.get('disk_pages_written', 0):6d} rd "
+                        f"{res.get('disk_pages_read', 0):6d} pages  slower-than-no-cache "
+                        f"{res['requests_slower_than_no_cache']}  ({res['wall_s']:.1f} s)",
+                        flush=True,
+                    )
+            cols = {
+                "no cache": {
+                    str(r): (
+                        percentile([len(q.prompt) * PAGE_TOKENS / r for q in wl.requests], 50),
+                        percentile([len(q.prompt) * PAGE_TOKENS / r for q in wl.requests], 99),
+                    )
+                    for r in SENS_RATES
+                }
+            }
             for v, (_, recs) in once.items():
                 cols[v] = {}
                 for r in SENS_RATES:

@@ -36,6 +36,7 @@ Before every timed disk / engine phase (both sides alike, untimed) the bench tou
 of anonymous memory, so the page cache gets host-backed pages, as on a long-running server. --no-prefault turns
 this off; the measured first-touch rate is in the output either way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,8 +104,15 @@ def hex_key(i: int, salt: str = "") -> str:
 
 
 def make_ns(**kw) -> Namespace:
-    d = dict(model="bench/synthetic-8x128", kv_dtype="bfloat16", layout="mha", page_size=PAGE_SHAPE[1],
-             num_heads=PAGE_SHAPE[2], head_dim=PAGE_SHAPE[3], num_layers=1)
+    d = dict(
+        model="bench/synthetic-8x128",
+        kv_dtype="bfloat16",
+        layout="mha",
+        page_size=PAGE_SHAPE[1],
+        num_heads=PAGE_SHAPE[2],
+        head_dim=PAGE_SHAPE[3],
+        num_layers=1,
+    )
     d.update(kw)
     return Namespace(**d)
 
@@ -230,6 +238,7 @@ class TimedIO:
                 return f(*args, **kw)
             finally:
                 self.t[name] += time.perf_counter() - t0
+
         return timed
 
     def reset(self):
@@ -252,7 +261,7 @@ def raw_baseline(root: str, src: np.ndarray, dst: np.ndarray, rep: int, prefault
         t0 = time.perf_counter()
         off = 0
         while off < n:
-            off += os.write(fd, s[off:off + CHUNK])
+            off += os.write(fd, s[off : off + CHUNK])
         t_copy = time.perf_counter() - t0
         os.fsync(fd)
         t_write = time.perf_counter() - t0
@@ -266,7 +275,7 @@ def raw_baseline(root: str, src: np.ndarray, dst: np.ndarray, rep: int, prefault
         t0 = time.perf_counter()
         off = 0
         while off < n:
-            got = os.preadv(fd, [d[off:off + CHUNK]], off)
+            got = os.preadv(fd, [d[off : off + CHUNK]], off)
             if got <= 0:
                 raise BenchError(f"baseline read stopped at {off} of {n} bytes")
             off += got
@@ -276,14 +285,21 @@ def raw_baseline(root: str, src: np.ndarray, dst: np.ndarray, rep: int, prefault
     if not np.array_equal(src, dst):
         raise BenchError("baseline read-back differs from what was written")
     os.unlink(path)
-    return {"write_s": t_write, "write_copy_s": t_copy, "write_fsync_s": t_write - t_copy, "read_s": t_read,
-            "bytes": n, "resident_after_drop": resident}
+    return {
+        "write_s": t_write,
+        "write_copy_s": t_copy,
+        "write_fsync_s": t_write - t_copy,
+        "read_s": t_read,
+        "bytes": n,
+        "resident_after_drop": resident,
+    }
 
 
 def raw_direct_write(root: str, src: np.ndarray, rep: int, prefault: Prefault) -> dict:
     """The same bytes written with O_DIRECT in 4 MiB chunks from an aligned buffer (copied in, as the tier does)
     plus one fsync: the fastest plain way to write this disk, shown beside the tier's O_DIRECT appends."""
     import mmap
+
     path = os.path.join(root, f"baseline-direct-{rep}.bin")
     s_ = memoryview(src.reshape(-1).view(np.uint8))
     n = len(s_)
@@ -296,7 +312,7 @@ def raw_direct_write(root: str, src: np.ndarray, rep: int, prefault: Prefault) -
         off = 0
         while off < n:
             k = min(CHUNK, n - off)
-            view[:k] = s_[off:off + k]
+            view[:k] = s_[off : off + k]
             os.pwrite(fd, view[:k], off)
             off += k
         os.fsync(fd)
@@ -309,8 +325,19 @@ def raw_direct_write(root: str, src: np.ndarray, rep: int, prefault: Prefault) -
     return {"write_s": t_write, "read_s": float("nan"), "bytes": n}
 
 
-def tier_roundtrip(root: str, name: str, ns: Namespace, keys: list[str], blobs: list[bytes], src: np.ndarray,
-                   dst: np.ndarray, batch: int, io: str, prefault: Prefault, keyring: KeyRing | None = None) -> dict:
+def tier_roundtrip(
+    root: str,
+    name: str,
+    ns: Namespace,
+    keys: list[str],
+    blobs: list[bytes],
+    src: np.ndarray,
+    dst: np.ndarray,
+    batch: int,
+    io: str,
+    prefault: Prefault,
+    keyring: KeyRing | None = None,
+) -> dict:
     """put_many the blobs into a fresh store, drop its segments from the page cache, get_many into dst."""
     path = os.path.join(root, name)
     store = DiskStore(DiskStoreConfig(path=path, io=io), keyring=keyring)
@@ -322,7 +349,7 @@ def tier_roundtrip(root: str, name: str, ns: Namespace, keys: list[str], blobs: 
         prefault(src.nbytes)
         t0 = time.perf_counter()
         for b in range(0, n, batch):
-            ok = store.put_many(ns, keys[b:b + batch], blobs[b:b + batch])
+            ok = store.put_many(ns, keys[b : b + batch], blobs[b : b + batch])
             if not all(ok):
                 raise BenchError(f"{name}: put_many refused {ok.count(False)} page(s) of batch {b // batch}")
         t_write = time.perf_counter() - t0
@@ -336,7 +363,7 @@ def tier_roundtrip(root: str, name: str, ns: Namespace, keys: list[str], blobs: 
             tio.reset()
         t0 = time.perf_counter()
         for b in range(0, n, batch):
-            got = store.get_many(ns, keys[b:b + batch], outs[b:b + batch])
+            got = store.get_many(ns, keys[b : b + batch], outs[b : b + batch])
             if not all(got):
                 raise BenchError(f"{name}: get_many missed {got.count(False)} page(s) of batch {b // batch}")
         t_read = time.perf_counter() - t0
@@ -350,13 +377,23 @@ def tier_roundtrip(root: str, name: str, ns: Namespace, keys: list[str], blobs: 
         store.close()
     file_bytes = sum(os.path.getsize(p) for p in segs)
     shutil.rmtree(path)
-    return {"write_s": t_write, "read_s": t_read, "raw_bytes": src.nbytes, "stored_bytes": st.live_bytes,
-            "file_bytes": file_bytes, "segments": len(segs), "entries": st.entries, "io": io_name,
-            "resident_after_drop": resident,
-            "write_breakdown_s": {"pwritev": wio.get("pwritev"), "fdatasync": wio.get("sync"),
-                                  "other": t_write - wio["pwritev"] - wio["sync"] if wio else None},
-            "read_breakdown_s": {"preadv": rio.get("preadv"),
-                                 "other": t_read - rio["preadv"] if rio else None}}
+    return {
+        "write_s": t_write,
+        "read_s": t_read,
+        "raw_bytes": src.nbytes,
+        "stored_bytes": st.live_bytes,
+        "file_bytes": file_bytes,
+        "segments": len(segs),
+        "entries": st.entries,
+        "io": io_name,
+        "resident_after_drop": resident,
+        "write_breakdown_s": {
+            "pwritev": wio.get("pwritev"),
+            "fdatasync": wio.get("sync"),
+            "other": t_write - wio["pwritev"] - wio["sync"] if wio else None,
+        },
+        "read_breakdown_s": {"preadv": rio.get("preadv"), "other": t_read - rio["preadv"] if rio else None},
+    }
 
 
 def bench_disk(a, root: str, pages: np.ndarray, keys: list[str], prefault: Prefault) -> dict:
@@ -369,8 +406,10 @@ def bench_disk(a, root: str, pages: np.ndarray, keys: list[str], prefault: Prefa
     t0 = time.perf_counter()
     z_blobs = [encode_page(p, "bfloat16", "zstd", ROW_LEN) for p in pages]
     t_z_enc = time.perf_counter() - t0
-    log(f"  blobs encoded before timing: raw {t_raw_enc:.2f}s, zstd {t_z_enc:.2f}s "
-        f"(zstd ratio {pages.nbytes / sum(map(len, z_blobs)):.3f})")
+    log(
+        f"  blobs encoded before timing: raw {t_raw_enc:.2f}s, zstd {t_z_enc:.2f}s "
+        f"(zstd ratio {pages.nbytes / sum(map(len, z_blobs)):.3f})"
+    )
     runs = {"raw_baseline": [], "raw_direct": [], "tier_raw": [], "tier_zstd": []}
     for rep in range(a.disk_reps):  # interleaved, so drift in the (virtual) disk hits every side alike
         r = raw_baseline(root, pages, dst, rep, prefault)
@@ -380,30 +419,43 @@ def bench_disk(a, root: str, pages: np.ndarray, keys: list[str], prefault: Prefa
         runs["tier_raw"].append(t)
         z = tier_roundtrip(root, f"store-zstd-{rep}", ns, keys, z_blobs, pages, dst, a.batch, a.io, prefault)
         runs["tier_zstd"].append(z)
-        log(f"  rep {rep}: raw w {gbps(r['bytes'], r['write_s']):.2f} r {gbps(r['bytes'], r['read_s']):.2f} | "
+        log(
+            f"  rep {rep}: raw w {gbps(r['bytes'], r['write_s']):.2f} r {gbps(r['bytes'], r['read_s']):.2f} | "
             f"tier raw w {gbps(t['raw_bytes'], t['write_s']):.2f} r {gbps(t['raw_bytes'], t['read_s']):.2f} | "
-            f"tier zstd w {gbps(z['raw_bytes'], z['write_s']):.2f} r {gbps(z['raw_bytes'], z['read_s']):.2f} GB/s")
+            f"tier zstd w {gbps(z['raw_bytes'], z['write_s']):.2f} r {gbps(z['raw_bytes'], z['read_s']):.2f} GB/s"
+        )
     n = pages.nbytes
-    out = {"bytes": n, "pages": len(pages), "batch_pages": a.batch, "io": runs["tier_raw"][0]["io"],
-           "blob_encode_s": {"raw": t_raw_enc, "zstd": t_z_enc}, "runs": runs}
+    out = {
+        "bytes": n,
+        "pages": len(pages),
+        "batch_pages": a.batch,
+        "io": runs["tier_raw"][0]["io"],
+        "blob_encode_s": {"raw": t_raw_enc, "zstd": t_z_enc},
+        "runs": runs,
+    }
     for side in runs:
-        out[side] = {"write_gbps": gbps(n, med([r["write_s"] for r in runs[side]])),
-                     "read_gbps": gbps(n, med([r["read_s"] for r in runs[side]])),
-                     "write_gbps_all": [gbps(n, r["write_s"]) for r in runs[side]],
-                     "read_gbps_all": [gbps(n, r["read_s"]) for r in runs[side]]}
+        out[side] = {
+            "write_gbps": gbps(n, med([r["write_s"] for r in runs[side]])),
+            "read_gbps": gbps(n, med([r["read_s"] for r in runs[side]])),
+            "write_gbps_all": [gbps(n, r["write_s"]) for r in runs[side]],
+            "read_gbps_all": [gbps(n, r["read_s"]) for r in runs[side]],
+        }
     for side in ("tier_raw", "tier_zstd"):
         for d in ("write", "read"):
             out[side][f"{d}_vs_raw"] = out[side][f"{d}_gbps"] / out["raw_baseline"][f"{d}_gbps"]
-            out[side][f"{d}_vs_raw_paired"] = [b[f"{d}_s"] / t[f"{d}_s"]
-                                               for b, t in zip(runs["raw_baseline"], runs[side])]
+            out[side][f"{d}_vs_raw_paired"] = [
+                b[f"{d}_s"] / t[f"{d}_s"] for b, t in zip(runs["raw_baseline"], runs[side])
+            ]
         out[side]["stored_ratio"] = n / runs[side][0]["stored_bytes"]
         for d, parts in (("write", ("pwritev", "fdatasync", "other")), ("read", ("preadv", "other"))):
             vals = [r[f"{d}_breakdown_s"] for r in runs[side]]
             if all(v.get(parts[0]) is not None for v in vals):
                 out[side][f"{d}_breakdown_s_median"] = {p: med([v[p] for v in vals]) for p in parts}
     b = runs["raw_baseline"]
-    out["raw_baseline"]["write_breakdown_s_median"] = {"write": med([r["write_copy_s"] for r in b]),
-                                                       "fsync": med([r["write_fsync_s"] for r in b])}
+    out["raw_baseline"]["write_breakdown_s_median"] = {
+        "write": med([r["write_copy_s"] for r in b]),
+        "fsync": med([r["write_fsync_s"] for r in b]),
+    }
     return out
 
 
@@ -417,29 +469,41 @@ def bench_encrypt(a, root: str, pages: np.ndarray, keys: list[str], prefault: Pr
     ring = KeyRing(key_file)
     dst = np.empty_like(pages)
     dst.reshape(-1).view(np.uint8).fill(0)
-    blobs = {"raw": [encode_page(p, "bfloat16", "raw", ROW_LEN) for p in pages],
-             "zstd": [encode_page(p, "bfloat16", "zstd", ROW_LEN) for p in pages]}
+    blobs = {
+        "raw": [encode_page(p, "bfloat16", "raw", ROW_LEN) for p in pages],
+        "zstd": [encode_page(p, "bfloat16", "zstd", ROW_LEN) for p in pages],
+    }
     runs = {f"{codec}_{mode}": [] for codec in blobs for mode in ("plain", "aesgcm")}
     for rep in range(a.disk_reps):
         for codec, bl in blobs.items():
             for mode, kr in (("plain", None), ("aesgcm", ring)):
-                r = tier_roundtrip(root, f"enc-{codec}-{mode}-{rep}", ns, keys, bl, pages, dst, a.batch, a.io,
-                                   prefault, keyring=kr)
+                r = tier_roundtrip(
+                    root, f"enc-{codec}-{mode}-{rep}", ns, keys, bl, pages, dst, a.batch, a.io, prefault, keyring=kr
+                )
                 runs[f"{codec}_{mode}"].append(r)
-        log(f"  rep {rep}: " + " | ".join(
-            f"{side} w {gbps(r[-1]['raw_bytes'], r[-1]['write_s']):.2f} "
-            f"r {gbps(r[-1]['raw_bytes'], r[-1]['read_s']):.2f}" for side, r in runs.items()) + " GB/s")
+        log(
+            f"  rep {rep}: "
+            + " | ".join(
+                f"{side} w {gbps(r[-1]['raw_bytes'], r[-1]['write_s']):.2f} "
+                f"r {gbps(r[-1]['raw_bytes'], r[-1]['read_s']):.2f}"
+                for side, r in runs.items()
+            )
+            + " GB/s"
+        )
     n = pages.nbytes
     out = {"bytes": n, "pages": len(pages), "batch_pages": a.batch, "runs": runs}
     for side, rs in runs.items():
-        out[side] = {"write_gbps": gbps(n, med([r["write_s"] for r in rs])),
-                     "read_gbps": gbps(n, med([r["read_s"] for r in rs])),
-                     "stored_bytes": rs[0]["stored_bytes"]}
+        out[side] = {
+            "write_gbps": gbps(n, med([r["write_s"] for r in rs])),
+            "read_gbps": gbps(n, med([r["read_s"] for r in rs])),
+            "stored_bytes": rs[0]["stored_bytes"],
+        }
     for codec in blobs:
         plain, sealed = runs[f"{codec}_plain"], runs[f"{codec}_aesgcm"]
         for d in ("write", "read"):
-            out[f"{codec}_aesgcm"][f"{d}_vs_plain"] = out[f"{codec}_aesgcm"][f"{d}_gbps"] / out[f"{codec}_plain"][
-                f"{d}_gbps"]
+            out[f"{codec}_aesgcm"][f"{d}_vs_plain"] = (
+                out[f"{codec}_aesgcm"][f"{d}_gbps"] / out[f"{codec}_plain"][f"{d}_gbps"]
+            )
             out[f"{codec}_aesgcm"][f"{d}_vs_plain_paired"] = [p[f"{d}_s"] / e[f"{d}_s"] for p, e in zip(plain, sealed)]
     return out
 
@@ -488,9 +552,13 @@ def bench_codecs(a) -> dict:
                 for b, o in zip(blobs, outs):
                     decode_page(b, o, dtype)
                 dec.append(time.perf_counter() - t0)
-            r = {"ratio": nbytes / sum(len(b) for b in blobs),
-                 "encode_gbps": gbps(nbytes, med(enc)), "decode_gbps": gbps(nbytes, med(dec)),
-                 "encode_gbps_all": [gbps(nbytes, t) for t in enc], "decode_gbps_all": [gbps(nbytes, t) for t in dec]}
+            r = {
+                "ratio": nbytes / sum(len(b) for b in blobs),
+                "encode_gbps": gbps(nbytes, med(enc)),
+                "decode_gbps": gbps(nbytes, med(dec)),
+                "encode_gbps_all": [gbps(nbytes, t) for t in enc],
+                "decode_gbps_all": [gbps(nbytes, t) for t in dec],
+            }
             exact = all(np.array_equal(p, o) for p, o in zip(pages, outs))
             if get_codec(codec).lossless:
                 if not exact:
@@ -499,11 +567,16 @@ def bench_codecs(a) -> dict:
             else:
                 r.update(quality(pages, outs, dtype))
             res[dtype][codec] = r
-            log(f"  {dtype:8} {codec:5} ratio {r['ratio']:.3f}  enc {r['encode_gbps']:.2f}  "
+            log(
+                f"  {dtype:8} {codec:5} ratio {r['ratio']:.3f}  enc {r['encode_gbps']:.2f}  "
                 f"dec {r['decode_gbps']:.2f} GB/s"
-                + ("" if codec in ("raw", "zstd") else
-                   f"  max err/absmax {r['max_abs_err_rel_row_absmax']:.4f}  cos min {r['cos_min']:.6f} "
-                   f"mean {r['cos_mean']:.6f}"))
+                + (
+                    ""
+                    if codec in ("raw", "zstd")
+                    else f"  max err/absmax {r['max_abs_err_rel_row_absmax']:.4f}  cos min {r['cos_min']:.6f} "
+                    f"mean {r['cos_mean']:.6f}"
+                )
+            )
         res[dtype]["pages"] = len(pages)
         res[dtype]["page_bytes"] = pages[0].nbytes
     return res
@@ -522,7 +595,7 @@ def bench_lookups(a, root: str) -> dict:
         fill_batch = 8192
         t0 = time.perf_counter()
         for b in range(0, len(keys), fill_batch):
-            chunk = keys[b:b + fill_batch]
+            chunk = keys[b : b + fill_batch]
             if not all(store.put_many(ns, chunk, [tiny] * len(chunk))):
                 raise BenchError("index fill: put_many refused pages")
         t_fill = time.perf_counter() - t0
@@ -548,11 +621,21 @@ def bench_lookups(a, root: str) -> dict:
         store.close()
     shutil.rmtree(path)
     n = len(keys)
-    r = {"keys": n, "key_len": len(keys[0]), "entries": entries, "fill_batch": fill_batch,
-         "fill_keys_per_s": n / t_fill, "exists_many_keys_per_s": n / med(ex), "contains_keys_per_s": n / med(co),
-         "exists_many_keys_per_s_all": [n / t for t in ex], "contains_keys_per_s_all": [n / t for t in co]}
-    log(f"  {n} keys: fill {r['fill_keys_per_s'] / 1e3:.0f}k/s, "
-        f"exists_many {r['exists_many_keys_per_s'] / 1e3:.0f}k/s, contains {r['contains_keys_per_s'] / 1e3:.0f}k/s")
+    r = {
+        "keys": n,
+        "key_len": len(keys[0]),
+        "entries": entries,
+        "fill_batch": fill_batch,
+        "fill_keys_per_s": n / t_fill,
+        "exists_many_keys_per_s": n / med(ex),
+        "contains_keys_per_s": n / med(co),
+        "exists_many_keys_per_s_all": [n / t for t in ex],
+        "contains_keys_per_s_all": [n / t for t in co],
+    }
+    log(
+        f"  {n} keys: fill {r['fill_keys_per_s'] / 1e3:.0f}k/s, "
+        f"exists_many {r['exists_many_keys_per_s'] / 1e3:.0f}k/s, contains {r['contains_keys_per_s'] / 1e3:.0f}k/s"
+    )
     return r
 
 
@@ -570,13 +653,20 @@ def bench_engine(a, root: str, pages: np.ndarray, keys: list[str], prefault: Pre
     runs = []
     for rep in range(a.reps):
         path = os.path.join(root, f"engine-{rep}")
-        eng = TierEngine(TierConfig(path=path, host_bytes=a.engine_host_mib * MiB, codec="zstd",
-                                    write_policy="write_through", disk={"io": a.io}))
+        eng = TierEngine(
+            TierConfig(
+                path=path,
+                host_bytes=a.engine_host_mib * MiB,
+                codec="zstd",
+                write_policy="write_through",
+                disk={"io": a.io},
+            )
+        )
         try:
             prefault(raw)
             t0 = time.perf_counter()
             for b in range(0, n, a.batch):
-                ok = eng.put_many(ns, keys[b:b + a.batch], list(src[b:b + a.batch]))
+                ok = eng.put_many(ns, keys[b : b + a.batch], list(src[b : b + a.batch]))
                 if not all(ok):
                     raise BenchError(f"engine put_many refused {ok.count(False)} page(s)")
             t_put = time.perf_counter() - t0
@@ -598,15 +688,17 @@ def bench_engine(a, root: str, pages: np.ndarray, keys: list[str], prefault: Pre
                 s0 = eng.stats()
                 t0 = time.perf_counter()
                 for b in range(0, len(idx), a.batch):
-                    sel = idx[b:b + a.batch]
+                    sel = idx[b : b + a.batch]
                     got = eng.get_many(ns, [keys[i] for i in sel], [outs[i] for i in sel])
                     if not all(got):
                         raise BenchError(f"engine get_many ({label}) missed {got.count(False)} page(s)")
                 res[f"get_{label}_s"] = time.perf_counter() - t0
                 s1 = eng.stats()
-                res[f"get_{label}_where"] = {"dram": s1.hits_dram - s0.hits_dram,
-                                             "queued": s1.hits_queued - s0.hits_queued,
-                                             "disk": s1.hits_disk - s0.hits_disk}
+                res[f"get_{label}_where"] = {
+                    "dram": s1.hits_dram - s0.hits_dram,
+                    "queued": s1.hits_queued - s0.hits_queued,
+                    "disk": s1.hits_disk - s0.hits_disk,
+                }
             if not np.array_equal(src, dst):
                 raise BenchError("engine get_many returned pages that differ from what was put")
             st = eng.stats()
@@ -617,16 +709,25 @@ def bench_engine(a, root: str, pages: np.ndarray, keys: list[str], prefault: Pre
             eng.close()
         shutil.rmtree(path)
         runs.append(res)
-        log(f"  rep {rep}: put {gbps(raw, t_put):.2f} GB/s, put+flush {gbps(raw, t_put + t_flush):.2f}, "
+        log(
+            f"  rep {rep}: put {gbps(raw, t_put):.2f} GB/s, put+flush {gbps(raw, t_put + t_flush):.2f}, "
             f"hot get {gbps(len(hot) * src[0].nbytes, res['get_hot_s']):.2f} ({len(hot)} pages), "
-            f"cold get {gbps(len(cold) * src[0].nbytes, res['get_cold_s']):.2f} ({len(cold)} pages)")
+            f"cold get {gbps(len(cold) * src[0].nbytes, res['get_cold_s']):.2f} ({len(cold)} pages)"
+        )
     pb = src[0].nbytes
-    out = {"pages": n, "raw_bytes": raw, "host_budget_bytes": a.engine_host_mib * MiB, "codec": "zstd",
-           "write_policy": "write_through", "batch_pages": a.batch, "runs": runs,
-           "put_gbps": gbps(raw, med([r["put_s"] for r in runs])),
-           "put_flush_gbps": gbps(raw, med([r["put_s"] + r["flush_s"] for r in runs])),
-           "get_hot_gbps": med([gbps(r["hot_pages"] * pb, r["get_hot_s"]) for r in runs if r["hot_pages"]] or [0]),
-           "get_cold_gbps": med([gbps(r["cold_pages"] * pb, r["get_cold_s"]) for r in runs if r["cold_pages"]] or [0])}
+    out = {
+        "pages": n,
+        "raw_bytes": raw,
+        "host_budget_bytes": a.engine_host_mib * MiB,
+        "codec": "zstd",
+        "write_policy": "write_through",
+        "batch_pages": a.batch,
+        "runs": runs,
+        "put_gbps": gbps(raw, med([r["put_s"] for r in runs])),
+        "put_flush_gbps": gbps(raw, med([r["put_s"] + r["flush_s"] for r in runs])),
+        "get_hot_gbps": med([gbps(r["hot_pages"] * pb, r["get_hot_s"]) for r in runs if r["hot_pages"]] or [0]),
+        "get_cold_gbps": med([gbps(r["cold_pages"] * pb, r["get_cold_s"]) for r in runs if r["cold_pages"]] or [0]),
+    }
     return out
 
 
@@ -661,17 +762,31 @@ def machine_info(root: str) -> dict:
             vers[mod] = None
     commit = None
     try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        commit = (
+            subprocess.run(
+                ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if commit and dirty:
             commit += " (dirty tree)"
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "mem_bytes": mem, "kernel": platform.release(), "python": platform.python_version(),
-            "versions": vers, "bench_dir": os.path.realpath(root), "filesystem": fs, "git_commit": commit}
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "mem_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": vers,
+        "bench_dir": os.path.realpath(root),
+        "filesystem": fs,
+        "git_commit": commit,
+    }
 
 
 def summary_rows(res: dict) -> list[dict]:
@@ -679,8 +794,18 @@ def summary_rows(res: dict) -> list[dict]:
 
     def row(section, name, value, unit, key=None, fmt="{:.2f}"):
         target, st = status(key, value) if key else ("-", "info")
-        rows.append({"section": section, "figure": name, "value": value, "unit": unit, "text": fmt.format(value),
-                     "target": target, "status": st, "key": key})
+        rows.append(
+            {
+                "section": section,
+                "figure": name,
+                "value": value,
+                "unit": unit,
+                "text": fmt.format(value),
+                "target": target,
+                "status": st,
+                "key": key,
+            }
+        )
 
     d = res.get("disk")
     if d:
@@ -688,11 +813,19 @@ def summary_rows(res: dict) -> list[dict]:
         row("disk", f"raw baseline write ({mb}, 4 MiB chunks, 1 fsync)", d["raw_baseline"]["write_gbps"], "GB/s")
         row("disk", "raw baseline read (4 MiB preadv, cold-ish)", d["raw_baseline"]["read_gbps"], "GB/s")
         bp = d["batch_pages"]
-        row("disk", f"raw O_DIRECT write ({mb}, 4 MiB chunks via aligned buffer, 1 fsync)",
-            d["raw_direct"]["write_gbps"], "GB/s")
+        row(
+            "disk",
+            f"raw O_DIRECT write ({mb}, 4 MiB chunks via aligned buffer, 1 fsync)",
+            d["raw_direct"]["write_gbps"],
+            "GB/s",
+        )
         row("disk", f"tier raw put_many ({bp} pages/call)", d["tier_raw"]["write_gbps"], "GB/s")
-        row("disk", "tier raw put_many / raw O_DIRECT write",
-            d["tier_raw"]["write_gbps"] / d["raw_direct"]["write_gbps"], "x")
+        row(
+            "disk",
+            "tier raw put_many / raw O_DIRECT write",
+            d["tier_raw"]["write_gbps"] / d["raw_direct"]["write_gbps"],
+            "x",
+        )
         row("disk", "tier raw put_many / raw write", d["tier_raw"]["write_vs_raw"], "x", "tier_raw_write_vs_raw")
         row("disk", f"tier raw get_many ({bp} pages/call)", d["tier_raw"]["read_gbps"], "GB/s")
         row("disk", "tier raw get_many / raw read", d["tier_raw"]["read_vs_raw"], "x", "tier_raw_read_vs_raw")
@@ -705,23 +838,55 @@ def summary_rows(res: dict) -> list[dict]:
         for dtype, short in (("bfloat16", "bf16"), ("float16", "fp16")):
             for codec in CODEC_NAMES:
                 r = c[dtype][codec]
-                row("codec", f"{codec} {short} ratio", r["ratio"], "x",
-                    "zstd_ratio_bf16" if (codec, dtype) == ("zstd", "bfloat16") else None, "{:.3f}")
+                row(
+                    "codec",
+                    f"{codec} {short} ratio",
+                    r["ratio"],
+                    "x",
+                    "zstd_ratio_bf16" if (codec, dtype) == ("zstd", "bfloat16") else None,
+                    "{:.3f}",
+                )
                 row("codec", f"{codec} {short} encode (1 thread)", r["encode_gbps"], "GB/s")
-                row("codec", f"{codec} {short} decode (1 thread)", r["decode_gbps"], "GB/s",
-                    "zstd_decode_gbps_bf16" if (codec, dtype) == ("zstd", "bfloat16") else None)
+                row(
+                    "codec",
+                    f"{codec} {short} decode (1 thread)",
+                    r["decode_gbps"],
+                    "GB/s",
+                    "zstd_decode_gbps_bf16" if (codec, dtype) == ("zstd", "bfloat16") else None,
+                )
                 if "cos_min" in r:
-                    row("codec", f"{codec} {short} max |err| / row absmax", r["max_abs_err_rel_row_absmax"], "",
-                        fmt="{:.4f}")
-                    row("codec", f"{codec} {short} cosine per page min / mean", r["cos_min"], "",
-                        fmt="{:.6f} / " + f"{r['cos_mean']:.6f}")
+                    row(
+                        "codec",
+                        f"{codec} {short} max |err| / row absmax",
+                        r["max_abs_err_rel_row_absmax"],
+                        "",
+                        fmt="{:.4f}",
+                    )
+                    row(
+                        "codec",
+                        f"{codec} {short} cosine per page min / mean",
+                        r["cos_min"],
+                        "",
+                        fmt="{:.6f} / " + f"{r['cos_mean']:.6f}",
+                    )
     lk = res.get("lookups")
     if lk:
-        row("index", f"exists_many, {lk['keys']} x {lk['key_len']}-hex keys, 1 call, random order",
-            lk["exists_many_keys_per_s"], "keys/s", "exists_many_keys_per_s", "{:,.0f}")
+        row(
+            "index",
+            f"exists_many, {lk['keys']} x {lk['key_len']}-hex keys, 1 call, random order",
+            lk["exists_many_keys_per_s"],
+            "keys/s",
+            "exists_many_keys_per_s",
+            "{:,.0f}",
+        )
         row("index", "contains, same keys", lk["contains_keys_per_s"], "keys/s", fmt="{:,.0f}")
-        row("index", f"index fill (put_many of 40 B pages, {lk['fill_batch']}/call)", lk["fill_keys_per_s"],
-            "keys/s", fmt="{:,.0f}")
+        row(
+            "index",
+            f"index fill (put_many of 40 B pages, {lk['fill_batch']}/call)",
+            lk["fill_keys_per_s"],
+            "keys/s",
+            fmt="{:,.0f}",
+        )
     e = res.get("engine")
     if e:
         hot = med([r["hot_pages"] for r in e["runs"]])
@@ -739,8 +904,7 @@ def summary_rows(res: dict) -> list[dict]:
             row("encrypt", f"tier {codec} put_many, AES-256-GCM", sealed["write_gbps"], "GB/s")
             row("encrypt", f"tier {codec} put_many, AES-GCM / plain (same run)", sealed["write_vs_plain"], "x")
             row("encrypt", f"tier {codec} get_many, plain", plain["read_gbps"], "GB/s")
-            row("encrypt", f"tier {codec} get_many, AES-256-GCM (incl. decrypt + decode)", sealed["read_gbps"],
-                "GB/s")
+            row("encrypt", f"tier {codec} get_many, AES-256-GCM (incl. decrypt + decode)", sealed["read_gbps"], "GB/s")
             row("encrypt", f"tier {codec} get_many, AES-GCM / plain (same run)", sealed["read_vs_plain"], "x")
     return rows
 
@@ -771,10 +935,17 @@ def markdown(res: dict, rows: list[dict]) -> str:
         "",
         "Guest memory warm-up before each timed disk/engine phase: "
         + ("on" if res["prefault"]["on"] else "off")
-        + (f" (first touch of fresh guest memory measured at {res['prefault']['first_touch_gbps_median']:.2f} GB/s; "
-           "see the bench's module doc)" if res["prefault"]["first_touch_gbps_median"] else "")
-        + (f". Other processes on the machine used {res['other_cpu_cores']:.2f} cores on average during the run."
-           if res.get("other_cpu_cores") is not None else "."),
+        + (
+            f" (first touch of fresh guest memory measured at {res['prefault']['first_touch_gbps_median']:.2f} GB/s; "
+            "see the bench's module doc)"
+            if res["prefault"]["first_touch_gbps_median"]
+            else ""
+        )
+        + (
+            f". Other processes on the machine used {res['other_cpu_cores']:.2f} cores on average during the run."
+            if res.get("other_cpu_cores") is not None
+            else "."
+        ),
         "",
         "| section | figure | value | unit | target | status |",
         "|---|---|---:|---|---|---|",
@@ -803,8 +974,12 @@ def markdown(res: dict, rows: list[dict]) -> str:
                 bd = d[side].get(f"{kind}_breakdown_s_median")
                 if bd:
                     lines.append(f"- {side} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in bd.items()))
-    lines += ["", "Raw numbers, parameters and machine details: the JSON file next to this one "
-              f"(`{os.path.basename(res['json_path']) if res.get('json_path') else 'not written'}`).", ""]
+    lines += [
+        "",
+        "Raw numbers, parameters and machine details: the JSON file next to this one "
+        f"(`{os.path.basename(res['json_path']) if res.get('json_path') else 'not written'}`).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -812,39 +987,62 @@ def markdown(res: dict, rows: list[dict]) -> str:
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--quick", action="store_true", help="CI-sized run (a few seconds); smaller defaults")
     ap.add_argument("--dir", default=None, help="where files and stores go (default: a temp dir under $TMPDIR)")
-    ap.add_argument("--out", default=None, help="JSON results (default bench/results/tier_bench-<date>.json; "
-                                                "none with --quick)")
-    ap.add_argument("--md", default=None,
-                    help="Markdown table (default bench/results/tier_bench.md; none with --quick)")
+    ap.add_argument(
+        "--out", default=None, help="JSON results (default bench/results/tier_bench-<date>.json; none with --quick)"
+    )
+    ap.add_argument(
+        "--md", default=None, help="Markdown table (default bench/results/tier_bench.md; none with --quick)"
+    )
     ap.add_argument("--mib", type=int, default=None, help="disk working set in MiB (default 512, quick 32)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3)")
-    ap.add_argument("--disk-reps", type=int, default=None,
-                    help="repetitions of the raw-vs-tier disk section, the noisiest (default 5, quick 3)")
-    ap.add_argument("--no-prefault", dest="prefault", action="store_false",
-                    help="don't warm guest memory before timed disk/engine phases (see the module doc)")
+    ap.add_argument(
+        "--disk-reps",
+        type=int,
+        default=None,
+        help="repetitions of the raw-vs-tier disk section, the noisiest (default 5, quick 3)",
+    )
+    ap.add_argument(
+        "--no-prefault",
+        dest="prefault",
+        action="store_false",
+        help="don't warm guest memory before timed disk/engine phases (see the module doc)",
+    )
     ap.add_argument("--batch", type=int, default=64, help="pages per put_many / get_many call (default 64 = 16 MiB)")
     ap.add_argument("--codec-pages", type=int, default=None, help="synthetic pages per dtype (default 200, quick 24)")
-    ap.add_argument("--lookup-keys", type=int, default=None,
-                    help="keys for the index test (default 131072, quick 8192)")
+    ap.add_argument(
+        "--lookup-keys", type=int, default=None, help="keys for the index test (default 131072, quick 8192)"
+    )
     ap.add_argument("--engine-mib", type=int, default=None, help="engine working set MiB (default 256, quick 32)")
     ap.add_argument("--engine-host-mib", type=int, default=None, help="engine DRAM budget MiB (default 64, quick 8)")
     ap.add_argument("--io", default="auto", choices=("auto", "posix", "kvikio"), help="DiskStoreConfig.io")
     ap.add_argument("--only", default="disk,codecs,lookups,engine,encrypt", help="comma list of sections to run")
-    ap.add_argument("--encrypt-mib", type=int, default=None,
-                    help="working set of the encryption section in MiB (default 128, quick 16)")
+    ap.add_argument(
+        "--encrypt-mib",
+        type=int,
+        default=None,
+        help="working set of the encryption section in MiB (default 128, quick 16)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the bench directory (default: removed)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed (data errors always exit 2)")
     add_allow_dirty(ap)
     a = ap.parse_args(argv)
     q = a.quick
-    for name, full, quick in (("mib", 512, 32), ("reps", 3, 3), ("disk_reps", 5, 3), ("codec_pages", 200, 24),
-                              ("lookup_keys", 131072, 8192), ("engine_mib", 256, 32), ("engine_host_mib", 64, 8),
-                              ("encrypt_mib", 128, 16)):
+    for name, full, quick in (
+        ("mib", 512, 32),
+        ("reps", 3, 3),
+        ("disk_reps", 5, 3),
+        ("codec_pages", 200, 24),
+        ("lookup_keys", 131072, 8192),
+        ("engine_mib", 256, 32),
+        ("engine_host_mib", 64, 8),
+        ("encrypt_mib", 128, 16),
+    ):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
     if min(a.reps, a.disk_reps, a.mib, a.batch) < 1:
@@ -862,19 +1060,29 @@ def main(argv=None) -> int:
     a = parse(argv)
     started = time.perf_counter()
     own_dir = a.dir is None
-    root = tempfile.mkdtemp(prefix="kvdrive-tier-bench-") if own_dir else tempfile.mkdtemp(
-        prefix="kvdrive-tier-bench-", dir=a.dir)
+    root = (
+        tempfile.mkdtemp(prefix="kvdrive-tier-bench-")
+        if own_dir
+        else tempfile.mkdtemp(prefix="kvdrive-tier-bench-", dir=a.dir)
+    )
     exe = sys.executable
     if exe.startswith(os.getcwd() + os.sep):
         exe = os.path.relpath(exe)
     script = os.path.relpath(os.path.abspath(sys.argv[0])) if argv is None else "bench/tier_bench.py"
     cmd = " ".join(shlex.quote(x) for x in [exe, script, *(sys.argv[1:] if argv is None else argv)])
-    read_mode = ("Reads are buffered (no O_DIRECT), cold-ish: before each read phase the files read (baseline file, "
-                 "store segment files) are fsync'd and dropped with posix_fadvise(POSIX_FADV_DONTNEED); the share "
-                 "still resident afterwards (mincore) is in the JSON (resident_after_drop). The LMDB index stays "
-                 "cached. On a VM the host may still cache the virtual disk.")
-    res = {"command": cmd, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "params": {k: v for k, v in vars(a).items()}, "read_mode": read_mode, "machine": machine_info(root)}
+    read_mode = (
+        "Reads are buffered (no O_DIRECT), cold-ish: before each read phase the files read (baseline file, "
+        "store segment files) are fsync'd and dropped with posix_fadvise(POSIX_FADV_DONTNEED); the share "
+        "still resident afterwards (mincore) is in the JSON (resident_after_drop). The LMDB index stays "
+        "cached. On a VM the host may still cache the virtual disk."
+    )
+    res = {
+        "command": cmd,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "params": {k: v for k, v in vars(a).items()},
+        "read_mode": read_mode,
+        "machine": machine_info(root),
+    }
     log(f"tier bench in {root} ({res['machine']['cpu_model']}, {res['machine']['cores']} cores); {read_mode}")
     rc = 0
     prefault = Prefault(a.prefault)
@@ -882,9 +1090,15 @@ def main(argv=None) -> int:
     try:
         need_pages = {"disk", "engine", "encrypt"} & set(a.sections)
         if need_pages:
-            n_pages = max(a.mib if "disk" in a.sections else 0,
-                          a.engine_mib if "engine" in a.sections else 0,
-                          a.encrypt_mib if "encrypt" in a.sections else 0) * MiB // (2 * np.prod(PAGE_SHAPE))
+            n_pages = (
+                max(
+                    a.mib if "disk" in a.sections else 0,
+                    a.engine_mib if "engine" in a.sections else 0,
+                    a.encrypt_mib if "encrypt" in a.sections else 0,
+                )
+                * MiB
+                // (2 * np.prod(PAGE_SHAPE))
+            )
             t0 = time.perf_counter()
             rng = np.random.default_rng(a.seed)
             pages = np.empty((n_pages,) + PAGE_SHAPE, np.uint16)  # preallocated; filled = touched
@@ -922,17 +1136,24 @@ def main(argv=None) -> int:
     res["elapsed_s"] = time.perf_counter() - started
     res["other_cpu_cores"] = other_cpu(cpu0, cpu_sample())
     res["loadavg_end"] = os.getloadavg()
-    res["prefault"] = {"on": a.prefault, "first_touch_gbps_median": med(prefault.rates) if prefault.rates else None,
-                       "first_touch_gbps_all": prefault.rates}
-    log(f"guest memory first touch: {res['prefault']['first_touch_gbps_median'] or float('nan'):.2f} GB/s "
+    res["prefault"] = {
+        "on": a.prefault,
+        "first_touch_gbps_median": med(prefault.rates) if prefault.rates else None,
+        "first_touch_gbps_all": prefault.rates,
+    }
+    log(
+        f"guest memory first touch: {res['prefault']['first_touch_gbps_median'] or float('nan'):.2f} GB/s "
         f"(prefault {'on' if a.prefault else 'off'}); other processes used "
-        f"{res['other_cpu_cores'] if res['other_cpu_cores'] is not None else float('nan'):.2f} cores on average")
+        f"{res['other_cpu_cores'] if res['other_cpu_cores'] is not None else float('nan'):.2f} cores on average"
+    )
     rows = summary_rows(res)
     res["summary"] = rows
     print_table(rows)
     missed = [r["figure"] for r in rows if r["status"] == "MISS"]
-    log(f"\n{len(rows) - sum(r['status'] == 'info' for r in rows) - len(missed)} target(s) met, "
-        f"{len(missed)} missed{': ' + '; '.join(missed) if missed else ''}. {res['elapsed_s']:.0f} s.")
+    log(
+        f"\n{len(rows) - sum(r['status'] == 'info' for r in rows) - len(missed)} target(s) met, "
+        f"{len(missed)} missed{': ' + '; '.join(missed) if missed else ''}. {res['elapsed_s']:.0f} s."
+    )
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         res["json_path"] = a.out

@@ -15,6 +15,7 @@ Repeated (median and spread of the per-op time over the repeats); ratios against
 
     .venv/bin/python bench/tree_core_bench.py [--requests 400] [--repeats 5] [--out bench/results/tree-core.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,26 +42,49 @@ def _build(core: str, page: int, tokens: int):
 
     from kvdrive_sglang.compat import unified
 
-    kv = MHATokenToKVPool(size=tokens, page_size=page, dtype=torch.float16, head_num=1, head_dim=8, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(
+        size=tokens,
+        page_size=page,
+        dtype=torch.float16,
+        head_num=1,
+        head_dim=8,
+        layer_num=1,
+        device="cpu",
+        enable_memory_saver=False,
+    )
     if page == 1:
-        allocator = TokenToKVPoolAllocator(size=tokens, dtype=torch.float16, device="cpu", kvcache=kv,
-                                           need_sort=False)
+        allocator = TokenToKVPoolAllocator(size=tokens, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False)
     else:
         from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 
-        allocator = PagedTokenToKVPoolAllocator(size=tokens, page_size=page, dtype=torch.float16, device="cpu",
-                                                kvcache=kv, need_sort=False)
+        allocator = PagedTokenToKVPoolAllocator(
+            size=tokens, page_size=page, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False
+        )
     req_pool = ReqToTokenPool(size=8, max_context_len=4096, device="cpu", enable_memory_saver=False)
-    params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                             page_size=page, tree_core_backend=None if core == "kvdrive" else core)
+    params = CacheInitParams(
+        disable=False,
+        req_to_token_pool=req_pool,
+        token_to_kv_pool_allocator=allocator,
+        page_size=page,
+        tree_core_backend=None if core == "kvdrive" else core,
+    )
     server_args = ServerArgs(model_path="dummy", device="cpu", page_size=page)
     from sglang.srt.runtime_context import publish
 
     publish(server_args, role="scheduler")  # the config bags a scheduler process publishes before building its cache
-    ctx = TreeCacheBuildContext(server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
-                                enable_hierarchical_cache=False, disable_radix_cache=False, tp_worker=None,
-                                model_config=None, tp_size=1, tp_rank=0, tp_group=None)
+    ctx = TreeCacheBuildContext(
+        server_args=server_args,
+        params=params,
+        is_hybrid_swa=False,
+        is_hybrid_ssm=False,
+        enable_hierarchical_cache=False,
+        disable_radix_cache=False,
+        tp_worker=None,
+        model_config=None,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+    )
     cls = unified.KvdriveUnifiedRadixCache if core == "kvdrive" else None
     return registry.create_unified_radix_cache(ctx, cache_class=cls)
 
@@ -130,7 +154,7 @@ def _run_once(core: str, page: int, reqs) -> dict[str, float]:
         res = cache.insert(InsertParams(key=key, value=value))
         t_insert += time.perf_counter() - t0
         if res.prefix_len > hit:  # pages the tree already held: give back this request's duplicates
-            alloc.free(value[hit:res.prefix_len])
+            alloc.free(value[hit : res.prefix_len])
         if core == "kvdrive":
             from sglang.srt.mem_cache.utils import get_storage_hash_str
 
@@ -138,8 +162,12 @@ def _run_once(core: str, page: int, reqs) -> dict[str, float]:
     t0 = time.perf_counter()
     evicted = cache.evict(EvictParams(num_tokens=total)).num_tokens_evicted
     t_evict = time.perf_counter() - t0
-    return {"match_us": 1e6 * t_match / len(reqs), "insert_us": 1e6 * t_insert / len(reqs),
-            "evict_all_ms": 1e3 * t_evict, "evicted_tokens": evicted}
+    return {
+        "match_us": 1e6 * t_match / len(reqs),
+        "insert_us": 1e6 * t_insert / len(reqs),
+        "evict_all_ms": 1e3 * t_evict,
+        "evicted_tokens": evicted,
+    }
 
 
 def main(argv=None) -> int:
@@ -155,8 +183,10 @@ def main(argv=None) -> int:
     from kvdrive_sglang.compat import radix_adapter
 
     if radix_adapter().name != "unified":
-        print(f"tree_core_bench: SGLang's {radix_adapter().name} generation has no pluggable tree core; nothing to "
-              "measure")
+        print(
+            f"tree_core_bench: SGLang's {radix_adapter().name} generation has no pluggable tree core; nothing to "
+            "measure"
+        )
         return 0
     cpu_fallbacks.install()
     radix_backend.register()
@@ -168,8 +198,9 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='kvdrive-pg-')}", rank=0,
-                                world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tempfile.mktemp(prefix='kvdrive-pg-')}", rank=0, world_size=1
+        )
     from sglang.srt.runtime_context import get_parallel
 
     load_start = os.getloadavg()
@@ -181,8 +212,9 @@ def main(argv=None) -> int:
             for core in ("rust", "python", "kvdrive"):
                 runs = [_run_once(core, page, reqs) for _ in range(args.repeats)]
                 per_core[core] = runs
-            base = {k: statistics.median(r[k] for r in per_core["rust"]) for k in ("match_us", "insert_us",
-                                                                                  "evict_all_ms")}
+            base = {
+                k: statistics.median(r[k] for r in per_core["rust"]) for k in ("match_us", "insert_us", "evict_all_ms")
+            }
             for core, runs in per_core.items():
                 row = {"page": page, "core": core}
                 for k in ("match_us", "insert_us", "evict_all_ms"):
@@ -190,8 +222,11 @@ def main(argv=None) -> int:
                     row[k] = (statistics.median(vals), min(vals), max(vals), statistics.median(vals) / base[k])
                 row["evicted"] = runs[0]["evicted_tokens"]
                 rows.append(row)
-    lines = ["| page | core | match_prefix µs/req (min-max) | x rust | insert µs/req (min-max) | x rust | "
-             "evict all ms (min-max) | x rust | tokens evicted |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| page | core | match_prefix µs/req (min-max) | x rust | insert µs/req (min-max) | x rust | "
+        "evict all ms (min-max) | x rust | tokens evicted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cells = []
         for k in ("match_us", "insert_us", "evict_all_ms"):
@@ -207,10 +242,15 @@ def main(argv=None) -> int:
         command = " ".join(argv if argv is not None else sys.argv[1:])
         header += f"- command: `python bench/tree_core_bench.py {command}`\n"
         with open(args.out, "w") as f:
-            f.write("# Tree cores on SGLang's UnifiedRadixCache: kvdrive's vs SGLang's\n\n" + header + "\n" + table +
-                    f"\n\n{args.requests} requests (Zipf over 24 documents of 320-512 tokens + a 16-63-token suffix), "
-                    f"{args.repeats} repeats each; per request: one match_prefix and one insert; then one eviction of "
-                    "the whole tree.\n")
+            f.write(
+                "# Tree cores on SGLang's UnifiedRadixCache: kvdrive's vs SGLang's\n\n"
+                + header
+                + "\n"
+                + table
+                + f"\n\n{args.requests} requests (Zipf over 24 documents of 320-512 tokens + a 16-63-token suffix), "
+                f"{args.repeats} repeats each; per request: one match_prefix and one insert; then one eviction of "
+                "the whole tree.\n"
+            )
     return 0
 
 

@@ -21,6 +21,7 @@ Checks:
   clear       ``kvdrive clear --tenant`` on an unencrypted store: bytes of that tenant's pages left in segment files
               (0); the other tenants' pages all still read back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,10 +57,26 @@ WINDOW = 64
 
 def host_pool(pages: int):
     cpu_fallbacks.install()
-    kv = MHATokenToKVPool(size=pages * PAGE, page_size=PAGE, dtype=torch.bfloat16, head_num=2, head_dim=64,
-                          layer_num=2, device="cpu", enable_memory_saver=False)
-    return make_host_pool(MHATokenToKVPoolHost, kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
-                          layout="layer_first", pin_memory=False, device="cpu")
+    kv = MHATokenToKVPool(
+        size=pages * PAGE,
+        page_size=PAGE,
+        dtype=torch.bfloat16,
+        head_num=2,
+        head_dim=64,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+    )
+    return make_host_pool(
+        MHATokenToKVPoolHost,
+        kv,
+        host_to_device_ratio=2.0,
+        host_size=0,
+        page_size=PAGE,
+        layout="layer_first",
+        pin_memory=False,
+        device="cpu",
+    )
 
 
 class Store:
@@ -67,12 +84,23 @@ class Store:
 
     def __init__(self, path, pages, **opts):
         self.host = host_pool(pages)
-        extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(path), host_gb=0, disk_gb=1, codec="raw",
-                                                               **opts)))
+        extra = json.loads(
+            storage_extra_config(KvdriveOptions(dir=str(path), host_gb=0, disk_gb=1, codec="raw", **opts))
+        )
         extra["kvdrive"]["write_policy"] = "write_through"
-        cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                                   is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
-                                   model_name="trust-bench", extra_config=extra)
+        cfg = HiCacheStorageConfig(
+            tp_rank=0,
+            tp_size=1,
+            pp_rank=0,
+            pp_size=1,
+            attn_cp_rank=0,
+            attn_cp_size=1,
+            is_mla_model=False,
+            enable_storage_metrics=False,
+            is_page_first_layout=False,
+            model_name="trust-bench",
+            extra_config=extra,
+        )
         self.be = StorageBackendFactory.create_backend("dynamic", cfg, self.host)
         self.be.register_mem_pool_host(self.host)
         self.idx = self.host.alloc(pages * PAGE)
@@ -80,7 +108,7 @@ class Store:
     def write(self, keys, pages):
         for i, p in enumerate(pages):
             self.host.set_from_flat_data_page(int(self.idx[i * PAGE]), p)
-        ok = self.be.batch_set_v1(keys, self.idx[:len(keys) * PAGE])
+        ok = self.be.batch_set_v1(keys, self.idx[: len(keys) * PAGE])
         assert all(ok), f"{ok.count(False)} page(s) refused"
 
     def read(self, keys):
@@ -88,7 +116,7 @@ class Store:
         n = self.be.batch_exists(keys)
         if n == 0:
             return []
-        got = self.be.batch_get_v1(keys[:n], self.idx[:n * PAGE])
+        got = self.be.batch_get_v1(keys[:n], self.idx[: n * PAGE])
         k = got.index(False) if False in got else n
         return [self.host.get_data_page(int(self.idx[i * PAGE]), flat=True).clone() for i in range(k)]
 
@@ -104,7 +132,7 @@ def segment_bytes(path) -> bytes:
 def windows(page: torch.Tensor) -> list[bytes]:
     b = page.view(torch.uint8).numpy().tobytes()
     mid = (len(b) // 2) // WINDOW * WINDOW
-    return [b[:WINDOW], b[mid:mid + WINDOW]]
+    return [b[:WINDOW], b[mid : mid + WINDOW]]
 
 
 def run(a) -> dict:
@@ -123,8 +151,9 @@ def run(a) -> dict:
     def pages_of(salt, p):
         if (salt, p) not in contents:
             g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-            contents[salt, p] = [torch.randn(dummy.shape, generator=g).to(dummy.dtype)
-                                 for _ in range(a.pages_per_prompt)]
+            contents[salt, p] = [
+                torch.randn(dummy.shape, generator=g).to(dummy.dtype) for _ in range(a.pages_per_prompt)
+            ]
         return contents[salt, p]
 
     def sampled_bytes(disk: bytes, salt) -> int:
@@ -132,8 +161,12 @@ def run(a) -> dict:
         return sum(WINDOW * sum(w in disk for w in windows(pg)) for p in range(a.prompts) for pg in pages_of(salt, p))
 
     root = tempfile.mkdtemp(prefix="kvdrive-trust-")
-    out = {"tenants": len(salts) + 2, "prompts": a.prompts, "pages_per_tenant": n_pages,
-           "page_bytes": dummy.numel() * dummy.element_size()}
+    out = {
+        "tenants": len(salts) + 2,
+        "prompts": a.prompts,
+        "pages_per_tenant": n_pages,
+        "page_bytes": dummy.numel() * dummy.element_size(),
+    }
     try:
         keyfile = os.path.join(root, "keys.json")
         keys = {s: new_key() for s in salts + ["@grp"]}
@@ -154,23 +187,32 @@ def run(a) -> dict:
                 for p in range(a.prompts):
                     got = st.read(keys_of(s, p))
                     own_pages += sum(torch.equal(g, w) for g, w in zip(got, pages_of(s, p)))
-                    leak_bytes += sum(g.numel() * g.element_size() for g, w in zip(got, pages_of(s, p))
-                                      if not torch.equal(g, w))
+                    leak_bytes += sum(
+                        g.numel() * g.element_size() for g, w in zip(got, pages_of(s, p)) if not torch.equal(g, w)
+                    )
             stranger = sum(len(st.read(keys_of("never-wrote", p))) for p in range(a.prompts))
-            shared = sum(sum(torch.equal(g, w) for g, w in zip(st.read(keys_of("grp-b", p)), pages_of("grp-a", p)))
-                         for p in range(a.prompts))
+            shared = sum(
+                sum(torch.equal(g, w) for g, w in zip(st.read(keys_of("grp-b", p)), pages_of("grp-a", p)))
+                for p in range(a.prompts)
+            )
             disk = segment_bytes(path)
             plain_found = sum(any(w in disk for w in windows(pg)) for pages in contents.values() for pg in pages)
-            side = {"write_s": write_s, "own_pages_read": own_pages, "cross_tenant_bytes_served": leak_bytes,
-                    "pages_found_by_a_tenant_that_never_wrote": stranger, "share_as_pages_served": shared,
-                    "pages_with_plaintext_on_disk": plain_found, "pages_stored": len(contents) * a.pages_per_prompt}
+            side = {
+                "write_s": write_s,
+                "own_pages_read": own_pages,
+                "cross_tenant_bytes_served": leak_bytes,
+                "pages_found_by_a_tenant_that_never_wrote": stranger,
+                "share_as_pages_served": shared,
+                "pages_with_plaintext_on_disk": plain_found,
+                "pages_stored": len(contents) * a.pages_per_prompt,
+            }
             if encrypted:  # crypto-erase tenant-0 while the store is open
                 with open(keyfile, "w") as f:
                     json.dump({k: v for k, v in keys.items() if k != salts[0]}, f)
-                side["erased_tenant_pages_readable"] = sum(len(st.read(keys_of(salts[0], p)))
-                                                           for p in range(a.prompts))
-                side["other_tenants_pages_readable"] = sum(len(st.read(keys_of(s, p)))
-                                                           for s in salts[1:] for p in range(a.prompts))
+                side["erased_tenant_pages_readable"] = sum(len(st.read(keys_of(salts[0], p))) for p in range(a.prompts))
+                side["other_tenants_pages_readable"] = sum(
+                    len(st.read(keys_of(s, p))) for s in salts[1:] for p in range(a.prompts)
+                )
                 side["erased_in_memory"] = st.be.engine.stats().erased
             st.close()
             if not encrypted:  # kvdrive clear --tenant, then scan and read back
@@ -180,11 +222,14 @@ def run(a) -> dict:
                 side["clear_rc"] = rc
                 side["cleared_tenant_bytes_left_on_disk"] = sampled_bytes(disk, salts[0])
                 st = Store(path, a.pages_per_prompt, **opts)
-                side["cleared_tenant_pages_readable"] = sum(len(st.read(keys_of(salts[0], p)))
-                                                            for p in range(a.prompts))
+                side["cleared_tenant_pages_readable"] = sum(
+                    len(st.read(keys_of(salts[0], p))) for p in range(a.prompts)
+                )
                 side["other_tenants_pages_readable_after_clear"] = sum(
                     sum(torch.equal(g, w) for g, w in zip(st.read(keys_of(s, p)), pages_of(s, p)))
-                    for s in salts[1:] for p in range(a.prompts))
+                    for s in salts[1:]
+                    for p in range(a.prompts)
+                )
                 st.close()
             out["encrypted" if encrypted else "plaintext_control"] = side
     finally:
@@ -200,33 +245,69 @@ def markdown(res: dict, cmd: str) -> str:
         ("tenants (same prompts, different KV)", f"{salted} + 2 in one share_as group", "", ""),
         ("pages per tenant", per, "", ""),
         ("bytes of another tenant's pages served", e["cross_tenant_bytes_served"], c["cross_tenant_bytes_served"], "0"),
-        ("own pages read back exact", f"{e['own_pages_read']} / {salted * per}",
-         f"{c['own_pages_read']} / {salted * per}", "all"),
-        ("pages found by a tenant that never wrote", e["pages_found_by_a_tenant_that_never_wrote"],
-         c["pages_found_by_a_tenant_that_never_wrote"], "0"),
-        ("share_as group: pages of member A served to member B", f"{e['share_as_pages_served']} / {per}",
-         f"{c['share_as_pages_served']} / {per}", "all (allowed)"),
-        ("pages with plaintext found in segment files", f"{e['pages_with_plaintext_on_disk']} / {e['pages_stored']}",
-         f"{c['pages_with_plaintext_on_disk']} / {c['pages_stored']}", "0 encrypted (control: all)"),
+        (
+            "own pages read back exact",
+            f"{e['own_pages_read']} / {salted * per}",
+            f"{c['own_pages_read']} / {salted * per}",
+            "all",
+        ),
+        (
+            "pages found by a tenant that never wrote",
+            e["pages_found_by_a_tenant_that_never_wrote"],
+            c["pages_found_by_a_tenant_that_never_wrote"],
+            "0",
+        ),
+        (
+            "share_as group: pages of member A served to member B",
+            f"{e['share_as_pages_served']} / {per}",
+            f"{c['share_as_pages_served']} / {per}",
+            "all (allowed)",
+        ),
+        (
+            "pages with plaintext found in segment files",
+            f"{e['pages_with_plaintext_on_disk']} / {e['pages_stored']}",
+            f"{c['pages_with_plaintext_on_disk']} / {c['pages_stored']}",
+            "0 encrypted (control: all)",
+        ),
         ("key deleted: that tenant's pages readable", e["erased_tenant_pages_readable"], "-", "0"),
-        ("key deleted: other tenants' pages readable", f"{e['other_tenants_pages_readable']} / {(salted - 1) * per}",
-         "-", "all"),
-        ("`kvdrive clear --tenant`: that tenant's sampled bytes in segment files before / after", "-",
-         f"{c['cleared_tenant_bytes_on_disk_before']} / {c['cleared_tenant_bytes_left_on_disk']}",
-         "before > 0, after 0"),
+        (
+            "key deleted: other tenants' pages readable",
+            f"{e['other_tenants_pages_readable']} / {(salted - 1) * per}",
+            "-",
+            "all",
+        ),
+        (
+            "`kvdrive clear --tenant`: that tenant's sampled bytes in segment files before / after",
+            "-",
+            f"{c['cleared_tenant_bytes_on_disk_before']} / {c['cleared_tenant_bytes_left_on_disk']}",
+            "before > 0, after 0",
+        ),
         ("`kvdrive clear --tenant`: that tenant's pages readable", "-", c["cleared_tenant_pages_readable"], "0"),
-        ("`kvdrive clear --tenant`: other tenants' pages read back exact", "-",
-         f"{c['other_tenants_pages_readable_after_clear']} / {(salted - 1) * per}", "all"),
+        (
+            "`kvdrive clear --tenant`: other tenants' pages read back exact",
+            "-",
+            f"{c['other_tenants_pages_readable_after_clear']} / {(salted - 1) * per}",
+            "all",
+        ),
     ]
-    lines = ["# Tenants and secrets: measured", "",
-             f"Produced by `{cmd}` on {res['date']} ({res['elapsed_s']:.0f} s). Machine: {res['machine']}.", "",
-             __doc__.split("\n\n", 2)[2].strip(), "",
-             "| figure | encrypted store | unencrypted (control) | expected |", "|---|---:|---:|---|"]
+    lines = [
+        "# Tenants and secrets: measured",
+        "",
+        f"Produced by `{cmd}` on {res['date']} ({res['elapsed_s']:.0f} s). Machine: {res['machine']}.",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        "| figure | encrypted store | unencrypted (control) | expected |",
+        "|---|---:|---:|---|",
+    ]
     lines += [f"| {a} | {b} | {c_} | {d} |" for a, b, c_, d in rows]
-    lines += ["", f"Page size: {res['page_bytes']} bytes (bf16, raw codec). Encryption cost in throughput: "
-              "`bench/results/tier_bench-encrypt.md` (bench/tier_bench.py section 6). Exit status 1 if any figure "
-              "is off.",
-              ""]
+    lines += [
+        "",
+        f"Page size: {res['page_bytes']} bytes (bf16, raw codec). Encryption cost in throughput: "
+        "`bench/results/tier_bench-encrypt.md` (bench/tier_bench.py section 6). Exit status 1 if any figure "
+        "is off.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -247,22 +328,32 @@ def main(argv=None) -> int:
         a.out = a.out or os.path.join(REPO, "bench", "results", "trust-tenants.json")
         a.md = a.md or os.path.join(REPO, "bench", "results", "trust-tenants.md")
     guard_results(a.out, REPO, a.allow_dirty)
-    cmd = " ".join(shlex.quote(x) for x in ["python", "bench/trust_tenants.py", *(sys.argv[1:] if argv is None
-                                                                                  else argv)])
+    cmd = " ".join(
+        shlex.quote(x) for x in ["python", "bench/trust_tenants.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     t0 = time.perf_counter()
     res = run(a)
     res["elapsed_s"] = time.perf_counter() - t0
     res["date"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     m = machine(REPO)
-    res["machine"] = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, commit {m.get('git', '?')}" \
-        if isinstance(m, dict) else str(m)
+    res["machine"] = (
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, commit {m.get('git', '?')}"
+        if isinstance(m, dict)
+        else str(m)
+    )
     md = markdown(res, cmd)
     print(md)
     e, c = res["encrypted"], res["plaintext_control"]
-    bad = (e["cross_tenant_bytes_served"] or c["cross_tenant_bytes_served"] or e["pages_with_plaintext_on_disk"]
-           or e["erased_tenant_pages_readable"] or c["cleared_tenant_bytes_left_on_disk"]
-           or c["cleared_tenant_pages_readable"] or not c["pages_with_plaintext_on_disk"]
-           or not c["cleared_tenant_bytes_on_disk_before"])
+    bad = (
+        e["cross_tenant_bytes_served"]
+        or c["cross_tenant_bytes_served"]
+        or e["pages_with_plaintext_on_disk"]
+        or e["erased_tenant_pages_readable"]
+        or c["cleared_tenant_bytes_left_on_disk"]
+        or c["cleared_tenant_pages_readable"]
+        or not c["pages_with_plaintext_on_disk"]
+        or not c["cleared_tenant_bytes_on_disk_before"]
+    )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1, default=str)

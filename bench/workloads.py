@@ -13,6 +13,7 @@ makes a coarser trace for long runs: the same draws, every part rounded up to wh
 Both take an object with the size attributes (an argparse namespace) and a seed; the same (sizes, seed) always gives
 the same trace.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,10 +88,22 @@ def docs_workload(args, seed: int) -> Workload:
         _spread(mass, rel, 0.30)
         _spread(mass, range(n), 0.20)
         reqs.append(Request(t, prompt, out, mass))
-    return Workload("docs", reqs, next_id - 1,
-                    dict(docs=args.docs, requests=args.doc_requests, doc_tokens="8K-64K", zipf_s=args.zipf,
-                         mean_gap_s=args.doc_gap_s, question_tokens="64-192", answer_tokens="64-256",
-                         page_tokens=pt), pt)
+    return Workload(
+        "docs",
+        reqs,
+        next_id - 1,
+        dict(
+            docs=args.docs,
+            requests=args.doc_requests,
+            doc_tokens="8K-64K",
+            zipf_s=args.zipf,
+            mean_gap_s=args.doc_gap_s,
+            question_tokens="64-192",
+            answer_tokens="64-256",
+            page_tokens=pt,
+        ),
+        pt,
+    )
 
 
 def sessions_workload(args, seed: int) -> Workload:
@@ -127,11 +140,24 @@ def sessions_workload(args, seed: int) -> Workload:
             history = history + out
             t += out_tokens / args.decode_tps + float(rng.exponential(args.think_s))
     reqs.sort(key=lambda r: r.t)
-    return Workload("sessions", reqs, next_id - 1,
-                    dict(sessions=args.sessions, requests=len(reqs), turns=f"{args.turns_min}-{args.turns_max}",
-                         system_prompt_tokens=args.system_pages * PAGE_TOKENS, turn_input_tokens="128-2048",
-                         answer_tokens="128-512", mean_think_s=args.think_s, decode_tps=args.decode_tps,
-                         session_starts_s=f"0-{args.session_spread_s:g}", page_tokens=pt), pt)
+    return Workload(
+        "sessions",
+        reqs,
+        next_id - 1,
+        dict(
+            sessions=args.sessions,
+            requests=len(reqs),
+            turns=f"{args.turns_min}-{args.turns_max}",
+            system_prompt_tokens=args.system_pages * PAGE_TOKENS,
+            turn_input_tokens="128-2048",
+            answer_tokens="128-512",
+            mean_think_s=args.think_s,
+            decode_tps=args.decode_tps,
+            session_starts_s=f"0-{args.session_spread_s:g}",
+            page_tokens=pt,
+        ),
+        pt,
+    )
 
 
 GENERATORS = {"docs": docs_workload, "sessions": sessions_workload}

@@ -14,15 +14,31 @@ otherwise; ``impl="torch"`` / ``impl="triton"`` forces one. Triton is imported o
 run, and torch only when one of the names below is first used: importing this package costs nothing and works
 without either. The storage engine in ``kvdrive_sglang.tier`` does not depend on it.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "page_copy": ("gather_pages", "scatter_pages", "gather_pages_layers", "scatter_pages_layers", "page_slots",
-                  "gather_pages_ref", "scatter_pages_ref", "gather_pages_layers_ref", "scatter_pages_layers_ref"),
-    "dequant": ("dequant_rows", "dequant_body", "split_lossy_body", "dequant_rows_ref", "dequant_body_ref",
-                "quant_rows_ref"),
+    "page_copy": (
+        "gather_pages",
+        "scatter_pages",
+        "gather_pages_layers",
+        "scatter_pages_layers",
+        "page_slots",
+        "gather_pages_ref",
+        "scatter_pages_ref",
+        "gather_pages_layers_ref",
+        "scatter_pages_layers_ref",
+    ),
+    "dequant": (
+        "dequant_rows",
+        "dequant_body",
+        "split_lossy_body",
+        "dequant_rows_ref",
+        "dequant_body_ref",
+        "quant_rows_ref",
+    ),
     "attention_mass": ("page_attention_mass", "page_attention_mass_ref", "attention_lse", "attention_lse_ref"),
     "_dispatch": ("triton_available",),
 }

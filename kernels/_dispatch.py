@@ -3,6 +3,7 @@
 Triton is imported here only when a dispatcher is handed CUDA tensors (or is told ``impl="triton"``), so importing
 ``kvdrive_sglang.kernels`` never imports Triton and never fails where Triton is missing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,9 @@ def triton_available() -> bool:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as e:  # ImportError, or a broken install raising something else at import
-        log.warning("kvdrive kernels: Triton is not importable (%s: %s); the torch references run instead",
-                    type(e).__name__, e)
+        log.warning(
+            "kvdrive kernels: Triton is not importable (%s: %s); the torch references run instead", type(e).__name__, e
+        )
         return False
     return True
 

@@ -31,6 +31,7 @@ sample of layers). ``k_scale`` multiplies K (SGLang's fp8 KV cache stores K / k_
 length only. (The functions are not called ``attention_mass``: that name is
 this module's, and a package attribute cannot be both.)
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,23 @@ HEAD_REDUCE = ("sum", "mean")
 class _Args:
     """Validated arguments, shared by the reference and the Triton path."""
 
-    def __init__(self, q, k_buffer, req_to_token, seq_lens, page_size, scale, lse, req_pool_indices, num_pages,
-                 k_scale, logit_cap, head_reduce, out, accumulate):
+    def __init__(
+        self,
+        q,
+        k_buffer,
+        req_to_token,
+        seq_lens,
+        page_size,
+        scale,
+        lse,
+        req_pool_indices,
+        num_pages,
+        k_scale,
+        logit_cap,
+        head_reduce,
+        out,
+        accumulate,
+    ):
         if q.dim() != 3:
             raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
         if k_buffer.dim() != 3:
@@ -60,18 +76,24 @@ class _Args:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         if req_to_token.dim() != 2 or req_to_token.dtype.is_floating_point:
-            raise ValueError(f"req_to_token must be a 2-D integer tensor, got {tuple(req_to_token.shape)} "
-                             f"{req_to_token.dtype}")
+            raise ValueError(
+                f"req_to_token must be a 2-D integer tensor, got {tuple(req_to_token.shape)} {req_to_token.dtype}"
+            )
         if seq_lens.shape != (B,) or seq_lens.dtype.is_floating_point:
-            raise ValueError(f"seq_lens must be an integer tensor of shape ({B},), got {tuple(seq_lens.shape)} "
-                             f"{seq_lens.dtype}")
+            raise ValueError(
+                f"seq_lens must be an integer tensor of shape ({B},), got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+            )
         if req_pool_indices is not None:
             if req_pool_indices.shape != (B,) or req_pool_indices.dtype.is_floating_point:
-                raise ValueError(f"req_pool_indices must be an integer tensor of shape ({B},), got "
-                                 f"{tuple(req_pool_indices.shape)} {req_pool_indices.dtype}")
+                raise ValueError(
+                    f"req_pool_indices must be an integer tensor of shape ({B},), got "
+                    f"{tuple(req_pool_indices.shape)} {req_pool_indices.dtype}"
+                )
         elif req_to_token.shape[0] < B:
-            raise ValueError(f"req_to_token has {req_to_token.shape[0]} rows for a batch of {B}; pass "
-                             "req_pool_indices to map requests to rows")
+            raise ValueError(
+                f"req_to_token has {req_to_token.shape[0]} rows for a batch of {B}; pass "
+                "req_pool_indices to map requests to rows"
+            )
         if lse is not None and (lse.shape != (B, Hq) or not lse.dtype.is_floating_point):
             raise ValueError(f"lse must be a float tensor of shape ({B}, {Hq}), got {tuple(lse.shape)} {lse.dtype}")
         if head_reduce not in HEAD_REDUCE:
@@ -82,8 +104,10 @@ class _Args:
             raise ValueError(f"num_pages must be a non-negative int, got {num_pages!r}")
         if out is not None:
             if out.shape != (B, num_pages) or out.dtype != torch.float32 or out.device != q.device:
-                raise ValueError(f"out must be float32 ({B}, {num_pages}) on {q.device}, got {out.dtype} "
-                                 f"{tuple(out.shape)} on {out.device}")
+                raise ValueError(
+                    f"out must be float32 ({B}, {num_pages}) on {q.device}, got {out.dtype} "
+                    f"{tuple(out.shape)} on {out.device}"
+                )
         elif accumulate:
             raise ValueError("accumulate=True needs out= to accumulate into")
         self.B, self.Hq, self.Hkv, self.D, self.G = B, Hq, Hkv, D, Hq // Hkv
@@ -121,22 +145,49 @@ def _logits(a: _Args, b: int, row: int, L: int) -> torch.Tensor:
     return s
 
 
-def page_attention_mass_ref(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                            seq_lens: torch.Tensor, page_size: int, *, scale: float | None = None,
-                            lse: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
-                            num_pages: int | None = None, k_scale: float | None = None, logit_cap: float = 0.0,
-                            head_reduce: str = "sum", out: torch.Tensor | None = None,
-                            accumulate: bool = False) -> torch.Tensor:
+def page_attention_mass_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    *,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    req_pool_indices: torch.Tensor | None = None,
+    num_pages: int | None = None,
+    k_scale: float | None = None,
+    logit_cap: float = 0.0,
+    head_reduce: str = "sum",
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
     """Torch reference of ``page_attention_mass`` (float32, one request at a time over its valid length)."""
-    a = _Args(q, k_buffer, req_to_token, seq_lens, page_size, scale, lse, req_pool_indices, num_pages, k_scale,
-              logit_cap, head_reduce, out, accumulate)
+    a = _Args(
+        q,
+        k_buffer,
+        req_to_token,
+        seq_lens,
+        page_size,
+        scale,
+        lse,
+        req_pool_indices,
+        num_pages,
+        k_scale,
+        logit_cap,
+        head_reduce,
+        out,
+        accumulate,
+    )
     lens = a.seq_lens.tolist()
     rows = a.rpi.tolist() if a.rpi is not None else list(range(a.B))
     max_len = a.req_to_token.shape[1]
     for b, (L, _row) in enumerate(zip(lens, rows)):
         if L < 0 or L > max_len or cdiv(L, a.page_size) > a.num_pages:
-            raise ValueError(f"seq_lens[{b}] = {L} does not fit req_to_token's {max_len} columns and "
-                             f"{a.num_pages} output pages of {a.page_size}")
+            raise ValueError(
+                f"seq_lens[{b}] = {L} does not fit req_to_token's {max_len} columns and "
+                f"{a.num_pages} output pages of {a.page_size}"
+            )
     res = a.output()
     for b, (L, row) in enumerate(zip(lens, rows)):
         if L == 0:
@@ -151,13 +202,35 @@ def page_attention_mass_ref(q: torch.Tensor, k_buffer: torch.Tensor, req_to_toke
     return res
 
 
-def attention_lse_ref(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor, seq_lens: torch.Tensor,
-                      *, scale: float | None = None, req_pool_indices: torch.Tensor | None = None,
-                      k_scale: float | None = None, logit_cap: float = 0.0) -> torch.Tensor:
+def attention_lse_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    req_pool_indices: torch.Tensor | None = None,
+    k_scale: float | None = None,
+    logit_cap: float = 0.0,
+) -> torch.Tensor:
     """Natural-log LSE ``[batch, q_heads]`` float32 of the decode logits (what a backend's ``lse`` should equal);
     ``-inf`` for empty requests."""
-    a = _Args(q, k_buffer, req_to_token, seq_lens, 1, scale, None, req_pool_indices, None, k_scale, logit_cap,
-              "sum", None, False)
+    a = _Args(
+        q,
+        k_buffer,
+        req_to_token,
+        seq_lens,
+        1,
+        scale,
+        None,
+        req_pool_indices,
+        None,
+        k_scale,
+        logit_cap,
+        "sum",
+        None,
+        False,
+    )
     res = torch.full((a.B, a.Hq), -math.inf, dtype=torch.float32, device=q.device)
     rows = a.rpi.tolist() if a.rpi is not None else list(range(a.B))
     for b, (L, row) in enumerate(zip(a.seq_lens.tolist(), rows)):
@@ -166,39 +239,111 @@ def attention_lse_ref(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: tor
     return res
 
 
-def page_attention_mass(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                        seq_lens: torch.Tensor, page_size: int, *, scale: float | None = None,
-                        lse: torch.Tensor | None = None, req_pool_indices: torch.Tensor | None = None,
-                        num_pages: int | None = None, k_scale: float | None = None, logit_cap: float = 0.0,
-                        head_reduce: str = "sum", out: torch.Tensor | None = None, accumulate: bool = False,
-                        num_splits: int | None = None, impl: str = "auto") -> torch.Tensor:
+def page_attention_mass(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    *,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    req_pool_indices: torch.Tensor | None = None,
+    num_pages: int | None = None,
+    k_scale: float | None = None,
+    logit_cap: float = 0.0,
+    head_reduce: str = "sum",
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Per-page softmax mass ``[batch, num_pages]`` float32 (see the module docstring). ``num_splits``: how many
     programs share one request's tokens in the Triton kernels (default: enough to fill the GPU)."""
     if not use_triton(impl, q, k_buffer):
-        return page_attention_mass_ref(q, k_buffer, req_to_token, seq_lens, page_size, scale=scale, lse=lse,
-                                       req_pool_indices=req_pool_indices, num_pages=num_pages, k_scale=k_scale,
-                                       logit_cap=logit_cap, head_reduce=head_reduce, out=out,
-                                       accumulate=accumulate)
+        return page_attention_mass_ref(
+            q,
+            k_buffer,
+            req_to_token,
+            seq_lens,
+            page_size,
+            scale=scale,
+            lse=lse,
+            req_pool_indices=req_pool_indices,
+            num_pages=num_pages,
+            k_scale=k_scale,
+            logit_cap=logit_cap,
+            head_reduce=head_reduce,
+            out=out,
+            accumulate=accumulate,
+        )
     req_to_token, seq_lens, lse, req_pool_indices = _on(q.device, req_to_token, seq_lens, lse, req_pool_indices)
-    a = _Args(q, k_buffer, req_to_token, seq_lens, page_size, scale, lse, req_pool_indices, num_pages, k_scale,
-              logit_cap, head_reduce, out, accumulate)
+    a = _Args(
+        q,
+        k_buffer,
+        req_to_token,
+        seq_lens,
+        page_size,
+        scale,
+        lse,
+        req_pool_indices,
+        num_pages,
+        k_scale,
+        logit_cap,
+        head_reduce,
+        out,
+        accumulate,
+    )
     from . import triton_attention_mass
+
     res = a.output()
     triton_attention_mass.attention_mass(a, res, num_splits)
     return res
 
 
-def attention_lse(q: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor, seq_lens: torch.Tensor, *,
-                  scale: float | None = None, req_pool_indices: torch.Tensor | None = None,
-                  k_scale: float | None = None, logit_cap: float = 0.0, num_splits: int | None = None,
-                  impl: str = "auto") -> torch.Tensor:
+def attention_lse(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    req_pool_indices: torch.Tensor | None = None,
+    k_scale: float | None = None,
+    logit_cap: float = 0.0,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Natural-log LSE ``[batch, q_heads]`` float32 of the decode logits (Triton on CUDA tensors, else
     ``attention_lse_ref``): the normaliser ``page_attention_mass`` computes when it is given no ``lse``."""
     if not use_triton(impl, q, k_buffer):
-        return attention_lse_ref(q, k_buffer, req_to_token, seq_lens, scale=scale, req_pool_indices=req_pool_indices,
-                                 k_scale=k_scale, logit_cap=logit_cap)
+        return attention_lse_ref(
+            q,
+            k_buffer,
+            req_to_token,
+            seq_lens,
+            scale=scale,
+            req_pool_indices=req_pool_indices,
+            k_scale=k_scale,
+            logit_cap=logit_cap,
+        )
     req_to_token, seq_lens, req_pool_indices = _on(q.device, req_to_token, seq_lens, req_pool_indices)
-    a = _Args(q, k_buffer, req_to_token, seq_lens, 1, scale, None, req_pool_indices, None, k_scale, logit_cap,
-              "sum", None, False)
+    a = _Args(
+        q,
+        k_buffer,
+        req_to_token,
+        seq_lens,
+        1,
+        scale,
+        None,
+        req_pool_indices,
+        None,
+        k_scale,
+        logit_cap,
+        "sum",
+        None,
+        False,
+    )
     from . import triton_attention_mass
+
     return triton_attention_mass.attention_lse(a, num_splits)

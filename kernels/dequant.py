@@ -19,6 +19,7 @@ batch of pages copied host -> GPU at half the bf16 size) and reads the scales fr
 alignment. ``fmt`` is "int8" or "fp8" (also "fp8_e4m3"). Each dispatcher runs the Triton kernel
 (``triton_dequant``) on CUDA tensors and the torch reference otherwise; ``impl="torch"|"triton"`` forces one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,20 +73,26 @@ def split_lossy_body(body: torch.Tensor, row_len: int) -> tuple[torch.Tensor, to
     if body.dtype != torch.uint8 or body.dim() not in (1, 2):
         raise ValueError(f"body must be a 1-D or 2-D uint8 tensor, got {tuple(body.shape)} {body.dtype}")
     R = body_rows(body.shape[-1], row_len)
-    raw = body[..., :R * 4]
+    raw = body[..., : R * 4]
     try:
         scales = raw.view(torch.float32)
     except RuntimeError:  # unaligned: copy the (small) scale block
         scales = raw.clone(memory_format=torch.contiguous_format).view(torch.float32)
-    codes = body[..., R * 4:].unflatten(-1, (R, row_len))
+    codes = body[..., R * 4 :].unflatten(-1, (R, row_len))
     return scales, codes
 
 
 # ------------------------------------------------------------------------------------------------- references
 
 
-def dequant_rows_ref(codes: torch.Tensor, scales: torch.Tensor, fmt: str, out_dtype: torch.dtype = torch.bfloat16,
-                     *, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_rows_ref(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: str,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Torch reference: ``(float32(decode(codes)) * scales[..., None]).to(out_dtype)``."""
     fmt, out_dtype = _fmt(fmt), _out_dtype(out_dtype)
     u8 = _code_bytes(codes)
@@ -101,8 +108,14 @@ def dequant_rows_ref(codes: torch.Tensor, scales: torch.Tensor, fmt: str, out_dt
     return out
 
 
-def dequant_body_ref(body: torch.Tensor, fmt: str, row_len: int, out_dtype: torch.dtype = torch.bfloat16,
-                     *, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_body_ref(
+    body: torch.Tensor,
+    fmt: str,
+    row_len: int,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Torch reference of ``dequant_body``."""
     scales, codes = split_lossy_body(body, row_len)
     res = dequant_rows_ref(codes, scales, fmt, out_dtype)
@@ -129,8 +142,10 @@ def quant_rows_ref(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tenso
         raise TypeError(f"quant_rows_ref takes bf16/fp16/fp32, got {x.dtype}")
     xf = x.to(torch.float32)
     if not torch.isfinite(xf).all():
-        raise ValueError(f"input holds {int((~torch.isfinite(xf)).sum())} non-finite value(s); the lossy {fmt} "
-                         "codec cannot encode them")
+        raise ValueError(
+            f"input holds {int((~torch.isfinite(xf)).sum())} non-finite value(s); the lossy {fmt} "
+            "codec cannot encode them"
+        )
     qmax = QMAX[fmt]
     absmax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
     q = torch.full_like(absmax, qmax)  # tensor / tensor: a Python scalar divisor may become a reciprocal multiply
@@ -155,8 +170,15 @@ def quant_rows_ref(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tenso
 # ------------------------------------------------------------------------------------------------ dispatchers
 
 
-def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, fmt: str, out_dtype: torch.dtype = torch.bfloat16,
-                 *, out: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+def dequant_rows(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: str,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Dequantise rows: ``codes [..., R, row_len]`` (uint8/int8 bytes) with ``scales [..., R]`` float32 ->
     ``[..., R, row_len]`` of ``out_dtype`` (into ``out`` if given)."""
     fmt, out_dtype = _fmt(fmt), _out_dtype(out_dtype)
@@ -169,12 +191,20 @@ def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, fmt: str, out_dtype:
         out = torch.empty(u8.shape, dtype=out_dtype, device=u8.device)
     _check_out(out, u8.shape, out_dtype)
     from . import triton_dequant
+
     triton_dequant.dequant_rows(u8, scales, fmt, out)
     return out
 
 
-def dequant_body(body: torch.Tensor, fmt: str, row_len: int, out_dtype: torch.dtype = torch.bfloat16,
-                 *, out: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+def dequant_body(
+    body: torch.Tensor,
+    fmt: str,
+    row_len: int,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Dequantise a lossy page body (uint8 ``[nbytes]``) or N equal-sized bodies (``[N, nbytes]``) -> flat
     ``[R * row_len]`` / ``[N, R * row_len]`` of ``out_dtype``, reading scales and codes straight from the bytes."""
     fmt, out_dtype, row_len = _fmt(fmt), _out_dtype(out_dtype), _row_len(row_len)
@@ -188,5 +218,6 @@ def dequant_body(body: torch.Tensor, fmt: str, row_len: int, out_dtype: torch.dt
         out = torch.empty(shape, dtype=out_dtype, device=body.device)
     _check_out(out, shape, out_dtype)
     from . import triton_dequant
+
     triton_dequant.dequant_body(body, fmt, row_len, R, out)
     return out

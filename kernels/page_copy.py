@@ -23,6 +23,7 @@ touch memory outside the buffer: a gather writes zeros for an out-of-range page,
 Each dispatcher runs the Triton kernel (``triton_page_copy``) on CUDA tensors and the torch reference
 (``*_ref``) otherwise; ``impl="torch"|"triton"`` forces one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -72,8 +73,10 @@ def _check_range(ids: torch.Tensor, page_size: int, num_slots: int) -> None:
     lo, hi = (int(v) for v in torch.aminmax(ids.to(torch.int64)))
     if lo < 0 or (hi + 1) * page_size > num_slots:
         bad = lo if lo < 0 else hi
-        raise IndexError(f"page id {bad} is outside a buffer of {num_slots} slots "
-                         f"({num_slots // page_size} whole pages of {page_size})")
+        raise IndexError(
+            f"page id {bad} is outside a buffer of {num_slots} slots "
+            f"({num_slots // page_size} whole pages of {page_size})"
+        )
 
 
 class _LayerSet:
@@ -82,8 +85,9 @@ class _LayerSet:
     def __init__(self, layers: Layers, what: str):
         if isinstance(layers, torch.Tensor):
             if layers.dim() < 2 or layers.shape[0] == 0:
-                raise ValueError(f"{what}: a stacked tensor must be [L >= 1, num_slots, ...], got "
-                                 f"{tuple(layers.shape)}")
+                raise ValueError(
+                    f"{what}: a stacked tensor must be [L >= 1, num_slots, ...], got {tuple(layers.shape)}"
+                )
             self.stacked, self.tensors = layers, tuple(layers.unbind(0))
         else:
             self.stacked, self.tensors = None, tuple(layers)
@@ -94,8 +98,10 @@ class _LayerSet:
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"{what}: layer {i} is {type(t).__name__}, not a tensor")
                 if t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
-                    raise ValueError(f"{what}: layer {i} is {tuple(t.shape)} {t.dtype} on {t.device}, layer 0 is "
-                                     f"{tuple(t0.shape)} {t0.dtype} on {t0.device}; all layers must agree")
+                    raise ValueError(
+                        f"{what}: layer {i} is {tuple(t.shape)} {t.dtype} on {t.device}, layer 0 is "
+                        f"{tuple(t0.shape)} {t0.dtype} on {t0.device}; all layers must agree"
+                    )
             if t0.dim() < 1:
                 raise ValueError(f"{what}: a layer must be [num_slots, ...], got a 0-d tensor")
         first = self.stacked[0] if self.stacked is not None else self.tensors[0]
@@ -111,15 +117,17 @@ def _staging_shape(ls: _LayerSet, n_rows: int, layered: bool) -> tuple:
 
 def _check_staging(t: torch.Tensor, shape: tuple, ls: _LayerSet, name: str) -> None:
     if tuple(t.shape) != shape or t.dtype != ls.dtype or t.device != ls.device:
-        raise ValueError(f"{name} must be {shape} {ls.dtype} on {ls.device}, got {tuple(t.shape)} {t.dtype} "
-                         f"on {t.device}")
+        raise ValueError(
+            f"{name} must be {shape} {ls.dtype} on {ls.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- references
 
 
-def gather_pages_layers_ref(layers: Layers, page_ids, page_size: int, *, out: torch.Tensor | None = None
-                            ) -> torch.Tensor:
+def gather_pages_layers_ref(
+    layers: Layers, page_ids, page_size: int, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Torch reference of ``gather_pages_layers``: ``out[l] = layers[l][page_slots(page_ids)]``."""
     ls = _LayerSet(layers, "gather_pages_layers")
     page_size = _page_size(page_size)
@@ -147,8 +155,7 @@ def scatter_pages_layers_ref(layers: Layers, page_ids, page_size: int, data: tor
         _bits(t)[slots] = d
 
 
-def gather_pages_ref(src: torch.Tensor, page_ids, page_size: int, *, out: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+def gather_pages_ref(src: torch.Tensor, page_ids, page_size: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of ``gather_pages``."""
     res = gather_pages_layers_ref([src], page_ids, page_size, out=None if out is None else out.unsqueeze(0))
     return res[0] if out is None else out
@@ -162,8 +169,9 @@ def scatter_pages_ref(dst: torch.Tensor, page_ids, page_size: int, data: torch.T
 # ------------------------------------------------------------------------------------------------ dispatchers
 
 
-def gather_pages_layers(layers: Layers, page_ids, page_size: int, *, out: torch.Tensor | None = None,
-                        check: bool = True, impl: str = "auto") -> torch.Tensor:
+def gather_pages_layers(
+    layers: Layers, page_ids, page_size: int, *, out: torch.Tensor | None = None, check: bool = True, impl: str = "auto"
+) -> torch.Tensor:
     """Gather pages from every layer in one launch: ``[L, n * page_size, ...]`` (into ``out`` if given)."""
     ls = _LayerSet(layers, "gather_pages_layers")
     if not use_triton(impl, ls.tensors[0]):
@@ -177,12 +185,14 @@ def gather_pages_layers(layers: Layers, page_ids, page_size: int, *, out: torch.
         out = torch.empty(shape, dtype=ls.dtype, device=ls.device)
     _check_staging(out, shape, ls, "out")
     from . import triton_page_copy
+
     triton_page_copy.copy_pages(ls, ids, page_size, out, gather=True)
     return out
 
 
-def scatter_pages_layers(layers: Layers, page_ids, page_size: int, data: torch.Tensor, *, check: bool = True,
-                         impl: str = "auto") -> None:
+def scatter_pages_layers(
+    layers: Layers, page_ids, page_size: int, data: torch.Tensor, *, check: bool = True, impl: str = "auto"
+) -> None:
     """Scatter ``data [L, n * page_size, ...]`` into the pages of every layer in one launch."""
     ls = _LayerSet(layers, "scatter_pages_layers")
     if not use_triton(impl, ls.tensors[0], data):
@@ -193,19 +203,29 @@ def scatter_pages_layers(layers: Layers, page_ids, page_size: int, data: torch.T
         _check_range(ids, page_size, ls.num_slots)
     _check_staging(data, _staging_shape(ls, ids.numel() * page_size, True), ls, "data")
     from . import triton_page_copy
+
     triton_page_copy.copy_pages(ls, ids, page_size, data, gather=False)
 
 
-def gather_pages(src: torch.Tensor, page_ids, page_size: int, *, out: torch.Tensor | None = None,
-                 check: bool = True, impl: str = "auto") -> torch.Tensor:
+def gather_pages(
+    src: torch.Tensor,
+    page_ids,
+    page_size: int,
+    *,
+    out: torch.Tensor | None = None,
+    check: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
     """``src[num_slots, ...]`` -> ``[n * page_size, ...]``: the slots of ``page_ids``, page after page."""
-    res = gather_pages_layers([src], page_ids, page_size, out=None if out is None else out.unsqueeze(0),
-                              check=check, impl=impl)
+    res = gather_pages_layers(
+        [src], page_ids, page_size, out=None if out is None else out.unsqueeze(0), check=check, impl=impl
+    )
     return res[0] if out is None else out
 
 
-def scatter_pages(dst: torch.Tensor, page_ids, page_size: int, data: torch.Tensor, *, check: bool = True,
-                  impl: str = "auto") -> None:
+def scatter_pages(
+    dst: torch.Tensor, page_ids, page_size: int, data: torch.Tensor, *, check: bool = True, impl: str = "auto"
+) -> None:
     """``dst[slots of page_ids] = data`` with ``data [n * page_size, ...]`` (inverse of ``gather_pages``)."""
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"data must be a tensor, got {type(data).__name__}")

@@ -14,6 +14,7 @@ probabilities, sums them over the group's heads and adds them into the output pa
 Shares start at multiples of BLOCK_T, so tiles never straddle pages in the first two cases. Atomic float adds make
 the low bits depend on scheduling; tests compare with a tolerance.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,21 +26,45 @@ from ._dispatch import cdiv, next_pow2
 BLOCK_T = 64
 _MAX_SPLITS = 64
 
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-             if hasattr(torch, n))
+_FP8 = tuple(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
 
 
 @triton.jit
-def _tile_logits(q, k_ptr, stride_ks, stride_kh, stride_kd, r2t_ptr, kvh, t0, end, scale, k_scale, logit_cap,
-                 D, COMPUTE: tl.constexpr, IEEE: tl.constexpr, K_SCALED: tl.constexpr, HAS_CAP: tl.constexpr,
-                 D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _tile_logits(
+    q,
+    k_ptr,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    r2t_ptr,
+    kvh,
+    t0,
+    end,
+    scale,
+    k_scale,
+    logit_cap,
+    D,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    K_SCALED: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Logits [G_PAD, BLOCK] of one tile of tokens t0 .. t0+BLOCK (invalid tokens are masked by the caller)."""
     t = t0 + tl.arange(0, BLOCK)
     tmask = t < end
     slots = tl.load(r2t_ptr + t, mask=tmask, other=0).to(tl.int64)
     d = tl.arange(0, D_PAD)
-    k = tl.load(k_ptr + slots[:, None] * stride_ks + kvh * stride_kh + d[None, :] * stride_kd,
-                mask=tmask[:, None] & (d < D)[None, :], other=0.0)
+    k = tl.load(
+        k_ptr + slots[:, None] * stride_ks + kvh * stride_kh + d[None, :] * stride_kd,
+        mask=tmask[:, None] & (d < D)[None, :],
+        other=0.0,
+    )
     if K_SCALED:
         k = k.to(tl.float32) * k_scale
     k = k.to(COMPUTE)
@@ -55,14 +80,28 @@ def _tile_logits(q, k_ptr, stride_ks, stride_kh, stride_kd, r2t_ptr, kvh, t0, en
 
 
 @triton.jit
-def _load_q(q_ptr, stride_qb, stride_qh, stride_qd, b, kvh, D, G: tl.constexpr, G_PAD: tl.constexpr,
-            D_PAD: tl.constexpr, COMPUTE: tl.constexpr):
+def _load_q(
+    q_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    b,
+    kvh,
+    D,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
     j = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     heads = kvh * G + j
     hmask = j < G
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=hmask[:, None] & (d < D)[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=hmask[:, None] & (d < D)[None, :],
+        other=0.0,
+    )
     return q.to(COMPUTE), heads, hmask
 
 
@@ -85,13 +124,35 @@ def _request(seq_lens_ptr, rpi_ptr, b, max_tokens, num_splits, split, HAS_RPI: t
 # geometry (attention_capture.KernelWarmup, on small inputs) serve every batch.
 @triton.jit(do_not_specialize=["max_tokens", "num_splits"])
 def _lse_partial_kernel(
-    q_ptr, stride_qb, stride_qh, stride_qd,
-    k_ptr, stride_ks, stride_kh, stride_kd,
-    r2t_ptr, stride_r2t, seq_lens_ptr, rpi_ptr,
-    m_ptr, l_ptr,  # [B, Hq, num_splits] float32, contiguous
-    max_tokens, num_splits, D, scale, k_scale, logit_cap,
-    G: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
-    IEEE: tl.constexpr, K_SCALED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_RPI: tl.constexpr,
+    q_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    k_ptr,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    r2t_ptr,
+    stride_r2t,
+    seq_lens_ptr,
+    rpi_ptr,
+    m_ptr,
+    l_ptr,  # [B, Hq, num_splits] float32, contiguous
+    max_tokens,
+    num_splits,
+    D,
+    scale,
+    k_scale,
+    logit_cap,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    K_SCALED: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_RPI: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -101,8 +162,27 @@ def _lse_partial_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     for t0 in range(start, end, BLOCK):
-        s, _, tmask = _tile_logits(q, k_ptr, stride_ks, stride_kh, stride_kd, r2t_ptr + row * stride_r2t, kvh, t0,
-                                   end, scale, k_scale, logit_cap, D, COMPUTE, IEEE, K_SCALED, HAS_CAP, D_PAD, BLOCK)
+        s, _, tmask = _tile_logits(
+            q,
+            k_ptr,
+            stride_ks,
+            stride_kh,
+            stride_kd,
+            r2t_ptr + row * stride_r2t,
+            kvh,
+            t0,
+            end,
+            scale,
+            k_scale,
+            logit_cap,
+            D,
+            COMPUTE,
+            IEEE,
+            K_SCALED,
+            HAS_CAP,
+            D_PAD,
+            BLOCK,
+        )
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,15 +195,42 @@ def _lse_partial_kernel(
 
 @triton.jit(do_not_specialize=["stride_ob", "num_pages", "max_tokens", "num_splits"])
 def _mass_kernel(
-    q_ptr, stride_qb, stride_qh, stride_qd,
-    k_ptr, stride_ks, stride_kh, stride_kd,
-    r2t_ptr, stride_r2t, seq_lens_ptr, rpi_ptr,
-    lse_ptr, stride_lb, stride_lh,
-    out_ptr, stride_ob, num_pages,
-    max_tokens, num_splits, D, scale, k_scale, logit_cap, head_weight,
-    G: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
-    IEEE: tl.constexpr, K_SCALED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_RPI: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGE_MODE: tl.constexpr,
+    q_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    k_ptr,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    r2t_ptr,
+    stride_r2t,
+    seq_lens_ptr,
+    rpi_ptr,
+    lse_ptr,
+    stride_lb,
+    stride_lh,
+    out_ptr,
+    stride_ob,
+    num_pages,
+    max_tokens,
+    num_splits,
+    D,
+    scale,
+    k_scale,
+    logit_cap,
+    head_weight,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    K_SCALED: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_RPI: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_MODE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -134,8 +241,27 @@ def _mass_kernel(
     lse = tl.load(lse_ptr + b * stride_lb + heads * stride_lh, mask=hmask, other=float("inf")).to(tl.float32)
     out_row = out_ptr + b * stride_ob
     for t0 in range(start, end, BLOCK):
-        s, t, tmask = _tile_logits(q, k_ptr, stride_ks, stride_kh, stride_kd, r2t_ptr + row * stride_r2t, kvh, t0,
-                                   end, scale, k_scale, logit_cap, D, COMPUTE, IEEE, K_SCALED, HAS_CAP, D_PAD, BLOCK)
+        s, t, tmask = _tile_logits(
+            q,
+            k_ptr,
+            stride_ks,
+            stride_kh,
+            stride_kd,
+            r2t_ptr + row * stride_r2t,
+            kvh,
+            t0,
+            end,
+            scale,
+            k_scale,
+            logit_cap,
+            D,
+            COMPUTE,
+            IEEE,
+            K_SCALED,
+            HAS_CAP,
+            D_PAD,
+            BLOCK,
+        )
         p = tl.exp(s - lse[:, None])
         p = tl.where(tmask[None, :] & hmask[:, None], p, 0.0)
         tok = tl.sum(p, axis=0) * head_weight  # [BLOCK]
@@ -171,12 +297,32 @@ def _common(a):
     r2t = a.req_to_token if a.req_to_token.stride(1) == 1 else a.req_to_token.contiguous()
     rpi = a.rpi.contiguous() if a.rpi is not None else a.seq_lens
     d_pad = max(16, next_pow2(a.D))
-    consts = {"G": a.G, "G_PAD": max(16, next_pow2(a.G)), "D_PAD": d_pad, "BLOCK": _block_t(d_pad),
-              "COMPUTE": compute, "IEEE": ieee, "K_SCALED": k_scaled, "HAS_CAP": a.logit_cap > 0,
-              "HAS_RPI": a.rpi is not None}
+    consts = {
+        "G": a.G,
+        "G_PAD": max(16, next_pow2(a.G)),
+        "D_PAD": d_pad,
+        "BLOCK": _block_t(d_pad),
+        "COMPUTE": compute,
+        "IEEE": ieee,
+        "K_SCALED": k_scaled,
+        "HAS_CAP": a.logit_cap > 0,
+        "HAS_RPI": a.rpi is not None,
+    }
     scalars = (a.D, a.scale, 1.0 if a.k_scale is None else a.k_scale, a.logit_cap or 1.0)
-    args = (q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
-            r2t, r2t.stride(0), a.seq_lens.contiguous(), rpi)
+    args = (
+        q,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        r2t,
+        r2t.stride(0),
+        a.seq_lens.contiguous(),
+        rpi,
+    )
     return args, scalars, consts, max_tokens
 
 
@@ -222,5 +368,19 @@ def attention_mass(a, out: torch.Tensor, num_splits: int | None = None) -> None:
     else:
         mode = 2
     _mass_kernel[(a.B, a.Hkv, splits)](
-        *args, lse, lse.stride(0), lse.stride(1), out, out.stride(0), a.num_pages, max_tokens, splits, *scalars,
-        a.head_weight, **consts, PAGE_SIZE=ps, PAGE_MODE=mode, num_warps=4)
+        *args,
+        lse,
+        lse.stride(0),
+        lse.stride(1),
+        out,
+        out.stride(0),
+        a.num_pages,
+        max_tokens,
+        splits,
+        *scalars,
+        a.head_weight,
+        **consts,
+        PAGE_SIZE=ps,
+        PAGE_MODE=mode,
+        num_warps=4,
+    )

@@ -7,6 +7,7 @@ multiply (no FMA to fuse with) and the conversion to bf16 (done on the bits) / f
 the result matches ``tier.codecs.decode_page``. Scales of a raw body are assembled from their four little-endian
 bytes, so bodies need no alignment.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,12 +21,22 @@ _TILE = 4096  # elements per program
 
 @triton.jit
 def _dequant_kernel(
-    codes_ptr, codes_page_stride, codes_row_stride,
-    scale_ptr, scale_page_stride, scale_row_stride,
-    out_ptr, out_page_stride, out_row_stride,
-    n_rows, row_len,
-    IS_FP8: tl.constexpr, SCALE_BYTES: tl.constexpr, OUT_BF16: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    codes_ptr,
+    codes_page_stride,
+    codes_row_stride,
+    scale_ptr,
+    scale_page_stride,
+    scale_row_stride,
+    out_ptr,
+    out_page_stride,
+    out_row_stride,
+    n_rows,
+    row_len,
+    IS_FP8: tl.constexpr,
+    SCALE_BYTES: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -44,8 +55,9 @@ def _dequant_kernel(
         scale = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
     else:
         scale = tl.load(scale_ptr + page * scale_page_stride + rows64 * scale_row_stride, mask=rmask, other=0.0)
-    c = tl.load(codes_ptr + page * codes_page_stride + rows64[:, None] * codes_row_stride + cols[None, :],
-                mask=mask, other=0)
+    c = tl.load(
+        codes_ptr + page * codes_page_stride + rows64[:, None] * codes_row_stride + cols[None, :], mask=mask, other=0
+    )
     if IS_FP8:
         ci = c.to(tl.int32)
         sign = (ci & 0x80) << 24
@@ -75,9 +87,25 @@ def _launch(codes, cps, crs, scale, sps, srs, out, ops, ors, n_pages, n_rows, ro
     block_c = min(next_pow2(row_len), _TILE)
     block_r = max(1, min(_TILE // block_c, next_pow2(n_rows)))
     grid = (cdiv(n_rows, block_r), cdiv(row_len, block_c), n_pages)
-    _dequant_kernel[grid](codes, cps, crs, scale, sps, srs, out, ops, ors, n_rows, row_len,
-                          IS_FP8=fmt == "fp8", SCALE_BYTES=scale_bytes, OUT_BF16=out.dtype == torch.bfloat16,
-                          BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    _dequant_kernel[grid](
+        codes,
+        cps,
+        crs,
+        scale,
+        sps,
+        srs,
+        out,
+        ops,
+        ors,
+        n_rows,
+        row_len,
+        IS_FP8=fmt == "fp8",
+        SCALE_BYTES=scale_bytes,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
 
 
 def dequant_rows(u8: torch.Tensor, scales: torch.Tensor, fmt: str, out: torch.Tensor) -> None:
@@ -95,8 +123,22 @@ def dequant_rows(u8: torch.Tensor, scales: torch.Tensor, fmt: str, out: torch.Te
         return
     if codes.numel() and codes.stride(1) != 1:
         codes = codes.contiguous()
-    _launch(codes, 0, codes.stride(0), sc, 0, sc.stride(0) if sc.numel() else 1, o, 0, o.stride(0),
-            1, codes.shape[0], row_len, fmt, False)
+    _launch(
+        codes,
+        0,
+        codes.stride(0),
+        sc,
+        0,
+        sc.stride(0) if sc.numel() else 1,
+        o,
+        0,
+        o.stride(0),
+        1,
+        codes.shape[0],
+        row_len,
+        fmt,
+        False,
+    )
 
 
 def dequant_body(body: torch.Tensor, fmt: str, row_len: int, n_rows: int, out: torch.Tensor) -> None:
@@ -109,6 +151,7 @@ def dequant_body(body: torch.Tensor, fmt: str, row_len: int, n_rows: int, out: t
         dequant_body(body, fmt, row_len, n_rows, tmp)
         out.copy_(tmp)
         return
-    codes = b[:, n_rows * 4:] if b.shape[0] else b
-    _launch(codes, b.stride(0), row_len, b, b.stride(0), 4, o, o.stride(0), row_len,
-            b.shape[0], n_rows, row_len, fmt, True)
+    codes = b[:, n_rows * 4 :] if b.shape[0] else b
+    _launch(
+        codes, b.stride(0), row_len, b, b.stride(0), 4, o, o.stride(0), row_len, b.shape[0], n_rows, row_len, fmt, True
+    )

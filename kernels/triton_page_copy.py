@@ -6,6 +6,7 @@ bf16 row of 128 elements moves as 32 int64 words. Per-layer buffers given as a l
 table of their base addresses (cached: SGLang's per-layer buffers live as long as the server), a stacked tensor
 through its layer stride.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,22 @@ _TILE = 4096  # words per program
 
 @triton.jit
 def _copy_pages_kernel(
-    paged_ptr, paged_table, paged_layer_stride, paged_row_stride, num_slots,
-    stage_ptr, stage_layer_stride, stage_row_stride,
-    page_ids_ptr, n_rows, page_size, row_words,
-    GATHER: tl.constexpr, USE_TABLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    paged_ptr,
+    paged_table,
+    paged_layer_stride,
+    paged_row_stride,
+    num_slots,
+    stage_ptr,
+    stage_layer_stride,
+    stage_row_stride,
+    page_ids_ptr,
+    n_rows,
+    page_size,
+    row_words,
+    GATHER: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -73,8 +86,7 @@ def _word_size(views: list[torch.Tensor], row_bytes: int) -> int:
     for w in (8, 4, 2, 1):
         if w < views[0].element_size() or row_bytes % w:
             continue
-        if all(v.data_ptr() % w == 0 and all((s * v.element_size()) % w == 0 for s in v.stride()[:-1])
-               for v in views):
+        if all(v.data_ptr() % w == 0 and all((s * v.element_size()) % w == 0 for s in v.stride()[:-1]) for v in views):
             return w
     return views[0].element_size()
 
@@ -108,6 +120,7 @@ def copy_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor, *, ga
         ok = all(t.stride(0) == layers[0].stride(0) for t in layers)
     if not ok:
         from . import page_copy
+
         log.debug("kvdrive kernels: page copy on non-contiguous rows, using the torch reference")
         ref = page_copy.gather_pages_layers_ref if gather else page_copy.scatter_pages_layers_ref
         src = ls.stacked if ls.stacked is not None else list(ls.tensors)
@@ -134,9 +147,21 @@ def copy_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor, *, ga
     block_r = max(1, min(_TILE // block_c, next_pow2(n_rows)))
     grid = (cdiv(n_rows, block_r), cdiv(row_words, block_c), ls.num_layers)
     _copy_pages_kernel[grid](
-        p0, table, layer_stride, row_stride, ls.num_slots,
-        stage_rows, stage_rows.stride(0), stage_rows.stride(1),
-        ids.contiguous(), n_rows, page_size, row_words,
-        GATHER=gather, USE_TABLE=use_table, BLOCK_R=block_r, BLOCK_C=block_c,
+        p0,
+        table,
+        layer_stride,
+        row_stride,
+        ls.num_slots,
+        stage_rows,
+        stage_rows.stride(0),
+        stage_rows.stride(1),
+        ids.contiguous(),
+        n_rows,
+        page_size,
+        row_words,
+        GATHER=gather,
+        USE_TABLE=use_table,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
         num_warps=4,
     )

@@ -11,6 +11,7 @@ is the expansion itself: a pass-through for a server without kvdrive.
 ``KVDRIVE_CPU_FALLBACKS=1`` asks for only the CPU fallbacks SGLang's HiCache needs to run on a machine without a GPU
 (``cpu_fallbacks.py``: the HiCache baselines of the tests and benchmarks), and none of kvdrive's hooks.
 """
+
 from __future__ import annotations
 
 import os

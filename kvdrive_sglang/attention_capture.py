@@ -28,6 +28,7 @@ Config: ``KVDRIVE_ATTENTION_EVERY`` (decode steps between samples, default 8; 0 
 ``KVDRIVE_ATTENTION_LAYERS`` (comma-separated layer ids; default: layer 1 and every 8th after it),
 ``KVDRIVE_ATTENTION_EXTEND_ROWS`` (query tokens per request on extend passes, default 4; 0: decode only).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,11 @@ def _env_int(name: str, default: int) -> int:
 
 _capture_flag = None  # SGLang's get_is_capture_mode, looked up once
 _CUDA = torch.cuda.is_available()
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-             if hasattr(torch, n))
+_FP8 = tuple(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
 
 
 def _graph_capture() -> bool:
@@ -95,6 +99,7 @@ class SamplePlan:
     """The query rows of one forward pass (built once per pass from SGLang's host-side lengths, shared by its
     sampled layers): ``q_index`` picks the rows out of the pass's queries (None: all of them, decode), ``batch_index``
     their requests, ``lens`` each row's causal length, ``keep`` how many of its pages' mass to keep."""
+
     kind: PassKind
     q_index: torch.Tensor | None  # [R] on the device
     batch_index: torch.Tensor | None  # [R] on the device
@@ -109,6 +114,7 @@ class SamplePlan:
 @dataclass
 class PendingSample:
     """One sampled layer's result on its way to the host: complete when ``event`` (None on CPU) has completed."""
+
     seq: int
     event: object
     slots: torch.Tensor  # [R] int64, host
@@ -121,9 +127,16 @@ class PendingSample:
 
 
 class AttentionCapture:
-    def __init__(self, every_steps: int | None = None, layers: set[int] | None = None, max_requests: int = 4096,
-                 extend_rows: int | None = None, max_groups: int = 4096, max_pending: int = 256,
-                 warm_up: bool | None = None):
+    def __init__(
+        self,
+        every_steps: int | None = None,
+        layers: set[int] | None = None,
+        max_requests: int = 4096,
+        extend_rows: int | None = None,
+        max_groups: int = 4096,
+        max_pending: int = 256,
+        warm_up: bool | None = None,
+    ):
         self.every = _env_int("KVDRIVE_ATTENTION_EVERY", 8) if every_steps is None else every_steps
         if layers is None:
             raw = os.environ.get("KVDRIVE_ATTENTION_LAYERS", "")
@@ -214,26 +227,39 @@ class AttentionCapture:
         k_buffer = kv_pool.get_key_buffer(layer.layer_id)
         q = layer_queries(q, q_rope, hq, d)
         if k_buffer.dim() != 3 or k_buffer.shape[1:] != (hkv, d):
-            raise ValueError(f"layer {layer.layer_id}: key buffer {tuple(k_buffer.shape)} is not [slots, {hkv}, "
-                             f"{d}] (tp_k_head_num, qk_head_dim)")
+            raise ValueError(
+                f"layer {layer.layer_id}: key buffer {tuple(k_buffer.shape)} is not [slots, {hkv}, "
+                f"{d}] (tp_k_head_num, qk_head_dim)"
+            )
         rpi = forward_batch.req_pool_indices
         if plan.q_index is not None:
             q = q[plan.q_index]
         elif q.shape[0] < len(plan.keep):
             raise ValueError(f"decode pass of {len(plan.keep)} requests has {q.shape[0]} query rows")
         else:
-            q = q[:len(plan.keep)]  # rows past the batch are padding
+            q = q[: len(plan.keep)]  # rows past the batch are padding
         rows_rpi = rpi[plan.batch_index] if plan.batch_index is not None else rpi
         cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
         if str(getattr(layer, "logit_capping_method", "tanh") or "tanh") != "tanh":
             cap = 0.0
         k_scale = getattr(layer, "k_scale_float", None) if k_buffer.dtype in _FP8 else None
-        if self.warm_up and not self._warm.ready(q, k_buffer, req_to_token, plan.lens, rows_rpi, page_size, k_scale,
-                                                 cap):
+        if self.warm_up and not self._warm.ready(
+            q, k_buffer, req_to_token, plan.lens, rows_rpi, page_size, k_scale, cap
+        ):
             self.skipped += 1  # the kernel for this geometry is still compiling off the request path
             return
-        mass = _kernel(q.contiguous(), k_buffer, req_to_token, plan.lens, page_size, scale=float(layer.scaling),
-                       req_pool_indices=rows_rpi, num_pages=plan.num_pages, k_scale=k_scale, logit_cap=cap)
+        mass = _kernel(
+            q.contiguous(),
+            k_buffer,
+            req_to_token,
+            plan.lens,
+            page_size,
+            scale=float(layer.scaling),
+            req_pool_indices=rows_rpi,
+            num_pages=plan.num_pages,
+            k_scale=k_scale,
+            logit_cap=cap,
+        )
         grouped = group_pages(mass, plan)
         self._enqueue(grouped, rows_rpi, plan)
 
@@ -277,7 +303,7 @@ class AttentionCapture:
             if acc is None or len(acc) < keep:
                 grown = np.zeros(keep, dtype=np.float64)
                 if acc is not None:
-                    grown[:len(acc)] = acc
+                    grown[: len(acc)] = acc
                 acc = grown
             acc[:keep] += row
             self._mass[slot] = acc
@@ -322,8 +348,9 @@ def build_plan(kind: PassKind, forward_batch, page_size: int, extend_rows: int, 
         keep = [-(-int(n) // page_size) for n in lens_cpu.tolist()]
         if not keep or max(keep) == 0:
             return None
-        return SamplePlan(kind, None, None, forward_batch.seq_lens, keep, None, max(keep), max(keep),
-                          _group(max(keep), max_groups))
+        return SamplePlan(
+            kind, None, None, forward_batch.seq_lens, keep, None, max(keep), max(keep), _group(max(keep), max_groups)
+        )
     prefix, ext = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
     if prefix is None or ext is None:
         raise ValueError("the extend batch carries no host copy of its prefix / extend lengths")
@@ -348,9 +375,17 @@ def build_plan(kind: PassKind, forward_batch, page_size: int, extend_rows: int, 
 
     keep_t = dev(keep, torch.int32)
     keep_mask = torch.arange(keep_pages, device=device)[None, :] < keep_t[:, None]
-    return SamplePlan(kind, dev(q_index, torch.int64), dev(batch_index, torch.int64),
-                      dev(lens, forward_batch.seq_lens.dtype), keep, keep_mask,
-                      max(-(-n // page_size) for n in lens), keep_pages, _group(keep_pages, max_groups))
+    return SamplePlan(
+        kind,
+        dev(q_index, torch.int64),
+        dev(batch_index, torch.int64),
+        dev(lens, forward_batch.seq_lens.dtype),
+        keep,
+        keep_mask,
+        max(-(-n // page_size) for n in lens),
+        keep_pages,
+        _group(keep_pages, max_groups),
+    )
 
 
 def _group(pages: int, max_groups: int) -> int:
@@ -363,7 +398,7 @@ def _group(pages: int, max_groups: int) -> int:
 def group_pages(mass: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     """[rows, pages] -> [rows, groups]: the kept pages only (extend: the prefix), summed in groups of
     ``plan.group`` pages on the device, so the copy to the host stays bounded however long the sequences."""
-    mass = mass[:, :plan.keep_pages]
+    mass = mass[:, : plan.keep_pages]
     if plan.keep_mask is not None:
         mass = mass * plan.keep_mask
     if plan.group > 1:
@@ -398,17 +433,42 @@ class KernelWarmup:
         self._lock = threading.Lock()
 
     def ready(self, q, k_buffer, req_to_token, lens, rpi, page_size, k_scale, cap) -> bool:
-        key = (tuple(q.shape[1:]), q.dtype, tuple(k_buffer.shape[1:]), tuple(k_buffer.stride()), k_buffer.dtype,
-               req_to_token.dtype, req_to_token.stride(0), lens.dtype, rpi.dtype, page_size, k_scale is not None,
-               cap > 0, q.device)
+        key = (
+            tuple(q.shape[1:]),
+            q.dtype,
+            tuple(k_buffer.shape[1:]),
+            tuple(k_buffer.stride()),
+            k_buffer.dtype,
+            req_to_token.dtype,
+            req_to_token.stride(0),
+            lens.dtype,
+            rpi.dtype,
+            page_size,
+            k_scale is not None,
+            cap > 0,
+            q.device,
+        )
         with self._lock:
             state = self._state.get(key)
             if state is None:
                 self._state[key] = "warming"
-                spec = (q.shape[1:], q.dtype, k_buffer.shape[1:], k_buffer.dtype, req_to_token.dtype,
-                        req_to_token.shape[1], lens.dtype, rpi.dtype, page_size, k_scale, cap, q.device)
-                threading.Thread(target=self._compile, args=(key, spec), daemon=True,
-                                 name="kvdrive-attention-warmup").start()
+                spec = (
+                    q.shape[1:],
+                    q.dtype,
+                    k_buffer.shape[1:],
+                    k_buffer.dtype,
+                    req_to_token.dtype,
+                    req_to_token.shape[1],
+                    lens.dtype,
+                    rpi.dtype,
+                    page_size,
+                    k_scale,
+                    cap,
+                    q.device,
+                )
+                threading.Thread(
+                    target=self._compile, args=(key, spec), daemon=True, name="kvdrive-attention-warmup"
+                ).start()
         return state == "ready"
 
     def _compile(self, key, spec) -> None:
@@ -422,8 +482,18 @@ class KernelWarmup:
                 longest = min(33, width)  # a few tiles, within the table (test_samples_wait_for_the_kernels_warm_up)
                 lens = torch.tensor([min(5, width), 1, longest], dtype=ldt, device=device)
                 rpi = torch.tensor([0, 1, 1], dtype=pdt, device=device)
-                _kernel(q, k, r2t, lens, page_size, scale=1.0, req_pool_indices=rpi,
-                        num_pages=-(-longest // page_size), k_scale=k_scale, logit_cap=cap)
+                _kernel(
+                    q,
+                    k,
+                    r2t,
+                    lens,
+                    page_size,
+                    scale=1.0,
+                    req_pool_indices=rpi,
+                    num_pages=-(-longest // page_size),
+                    k_scale=k_scale,
+                    logit_cap=cap,
+                )
             if stream is not None:
                 stream.synchronize()  # this thread only
             state = "ready"
@@ -447,6 +517,7 @@ def _after_attention_forward(result, layer, q, k, v, forward_batch, *args, **kwa
     t0 = time.perf_counter()
     try:
         from sglang.srt.layers.radix_attention import get_attn_backend
+
         CAPTURE.on_forward(layer, q, forward_batch, get_attn_backend(), q_rope=kwargs.get("q_rope"))
     except Exception:  # never fail a forward pass for a statistic
         if CAPTURE._disabled_reason is None:
@@ -463,6 +534,7 @@ def install() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register("sglang.srt.layers.radix_attention.RadixAttention.forward", _after_attention_forward,
-                          HookType.AFTER)
+    HookRegistry.register(
+        "sglang.srt.layers.radix_attention.RadixAttention.forward", _after_attention_forward, HookType.AFTER
+    )
     _installed = True

@@ -12,6 +12,7 @@ flag values (``--kvdrive-codec 'lz4' is not one of ...``), ``kvdrive <key>`` for
 The launcher also checks what only it can check early: sizes given in GB, the key source (read), the store directory
 (created).
 """
+
 from __future__ import annotations
 
 import json
@@ -79,10 +80,17 @@ class KvdriveSettings:
     def tier_config(self):
         from .tier.engine import TierConfig
 
-        return TierConfig(path=self.dir, host_bytes=self.host_bytes, disk_bytes=self.disk_bytes, codec=self.codec,
-                          write_policy=self.write_policy, default_ttl_s=self.ttl_s,
-                          disk={} if self.disk is None else self.disk,
-                          tenants={} if self.tenants is None else self.tenants, encrypt=self.encrypt)
+        return TierConfig(
+            path=self.dir,
+            host_bytes=self.host_bytes,
+            disk_bytes=self.disk_bytes,
+            codec=self.codec,
+            write_policy=self.write_policy,
+            default_ttl_s=self.ttl_s,
+            disk={} if self.disk is None else self.disk,
+            tenants={} if self.tenants is None else self.tenants,
+            encrypt=self.encrypt,
+        )
 
     def remote_spec(self):
         """The checked remote tier (tier.remote.RemoteSpec), or None without --kvdrive-remote."""
@@ -117,8 +125,13 @@ class KvdriveSettings:
     def to_extra_config(self) -> dict:
         """SGLang's ``--hicache-storage-backend-extra-config`` for the ``dynamic`` backend: which class to load, and
         kvdrive's section (json.dumps it for the flag)."""
-        return {"backend_name": "kvdrive", "module_path": STORAGE_MODULE, "class_name": STORAGE_CLASS,
-                "interface_v1": 1, SECTION: self.to_section()}
+        return {
+            "backend_name": "kvdrive",
+            "module_path": STORAGE_MODULE,
+            "class_name": STORAGE_CLASS,
+            "interface_v1": 1,
+            SECTION: self.to_section(),
+        }
 
     @classmethod
     def from_extra_config(cls, extra: Any) -> KvdriveSettings:
@@ -126,8 +139,10 @@ class KvdriveSettings:
         the bad key."""
         section = extra.get(SECTION) if isinstance(extra, dict) else None
         if not isinstance(section, dict) or not section.get("dir"):
-            raise ConfigError("the kvdrive storage backend needs {'kvdrive': {'dir': ...}} in "
-                              "--hicache-storage-backend-extra-config; use --kv-tier kvdrive, which writes it")
+            raise ConfigError(
+                "the kvdrive storage backend needs {'kvdrive': {'dir': ...}} in "
+                "--hicache-storage-backend-extra-config; use --kv-tier kvdrive, which writes it"
+            )
         known = [f.name for f in fields(cls)]
         unknown = sorted(str(k) for k in section if k not in known)
         if unknown:
@@ -230,6 +245,7 @@ def _gb(zero_ok: bool) -> Callable[[Any, str], int]:
             # a cap that rounds to 0 bytes passed here and then failed in the scheduler (found by fuzzing the flags)
             raise ConfigError(f"{flag} must be at least {MIN_DISK_BYTES / GiB:.6f} GB (1 MiB), got {v!r}")
         return int(v * GiB)
+
     return parse
 
 
@@ -276,42 +292,91 @@ def _ms(value, flag: str):
         return value  # named by checked_gil_switch_ms
 
 
-DIR_FLAG = Flag("--kvdrive-dir", "dir", _as_is, None,
-                "directory of kvdrive's persistent store (default: $XDG_CACHE_HOME/kvdrive or ~/.cache/kvdrive); "
-                "survives restarts")
+DIR_FLAG = Flag(
+    "--kvdrive-dir",
+    "dir",
+    _as_is,
+    None,
+    "directory of kvdrive's persistent store (default: $XDG_CACHE_HOME/kvdrive or ~/.cache/kvdrive); survives restarts",
+)
 FLAGS = (
     DIR_FLAG,
-    Flag("--kvdrive-host-gb", "host_bytes", _gb(zero_ok=True), KvdriveSettings.host_bytes / GiB,
-         "compressed host-DRAM tier budget in GB, behind SGLang's host pool (0: none)"),
-    Flag("--kvdrive-disk-gb", "disk_bytes", _gb(zero_ok=False), KvdriveSettings.disk_bytes / GiB,
-         "disk store cap in GB"),
-    Flag("--kvdrive-codec", "codec", _as_is, KvdriveSettings.codec,
-         f"page codec: {', '.join(CODEC_NAMES)} (int8/fp8 are lossy: opt in)"),
-    Flag("--kvdrive-encrypt", "encrypt", _key_source, None,
-         "encrypt pages at rest (AES-256-GCM, a key per tenant): KEYFILE, a JSON object of tenant (cache salt, @group, "
-         "or \"\" for unsalted traffic) -> base64 key, mode 0600; or 'env' to read that JSON from $KVDRIVE_KEYS. "
-         "Deleting a tenant's key erases its stored pages"),
-    Flag("--kvdrive-tenants", "tenants", _tenants, None,
-         "per-tenant policy, a JSON object (or a JSON file) of cache salt -> {\"ttl_s\": seconds, \"share_as\": "
-         "group}; salts with the same share_as group share pages"),
-    Flag("--kvdrive-reload", "reload", _as_is, KvdriveSettings.reload,
-         "storage hits: 'auto' reloads a hit only where that beats recomputing its prefill, by the costs this server "
-         "measures; 'always' reloads every hit (benchmarks, tests)"),
-    Flag("--kvdrive-promoter", "promoter", _json, None,
-         "promoter settings, a JSON object of tier/promoter.py PromoterConfig fields, e.g. "
-         "'{\"half_life_s\": 300, \"promote_share\": 0.1}'"),
-    Flag("--kvdrive-remote", "remote", _as_is, None,
-         "a shared tier behind the local DRAM and disk tiers, for every node of a fleet: mooncake://MASTER_HOST:PORT "
-         "(Mooncake Store; pip install 'kvdrive-sglang[remote]'). Local misses are read from it, pages the promoter "
-         "admits are written to it in the background"),
-    Flag("--kvdrive-remote-config", "remote_config", _json, None,
-         "remote tier settings, a JSON object: protocol (tcp|rdma), device_name, local_hostname, metadata_server, "
-         "global_segment_size, local_buffer_size (bytes), timeout_s, put_timeout_s, retry_s, queue_bytes, batch_bytes, "
-         "prefix, write"),
-    Flag("--kvdrive-gil-switch-ms", "gil_switch_ms", _ms,
-         ", ".join(f"{ms:g} on {dev}" for dev, ms in GIL_SWITCH_MS.items()),
-         "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); short lets HiCache's I/O "
-         "threads run beside the scheduler loop"),
+    Flag(
+        "--kvdrive-host-gb",
+        "host_bytes",
+        _gb(zero_ok=True),
+        KvdriveSettings.host_bytes / GiB,
+        "compressed host-DRAM tier budget in GB, behind SGLang's host pool (0: none)",
+    ),
+    Flag(
+        "--kvdrive-disk-gb", "disk_bytes", _gb(zero_ok=False), KvdriveSettings.disk_bytes / GiB, "disk store cap in GB"
+    ),
+    Flag(
+        "--kvdrive-codec",
+        "codec",
+        _as_is,
+        KvdriveSettings.codec,
+        f"page codec: {', '.join(CODEC_NAMES)} (int8/fp8 are lossy: opt in)",
+    ),
+    Flag(
+        "--kvdrive-encrypt",
+        "encrypt",
+        _key_source,
+        None,
+        "encrypt pages at rest (AES-256-GCM, a key per tenant): KEYFILE, a JSON object of tenant (cache salt, @group, "
+        "or \"\" for unsalted traffic) -> base64 key, mode 0600; or 'env' to read that JSON from $KVDRIVE_KEYS. "
+        "Deleting a tenant's key erases its stored pages",
+    ),
+    Flag(
+        "--kvdrive-tenants",
+        "tenants",
+        _tenants,
+        None,
+        'per-tenant policy, a JSON object (or a JSON file) of cache salt -> {"ttl_s": seconds, "share_as": '
+        "group}; salts with the same share_as group share pages",
+    ),
+    Flag(
+        "--kvdrive-reload",
+        "reload",
+        _as_is,
+        KvdriveSettings.reload,
+        "storage hits: 'auto' reloads a hit only where that beats recomputing its prefill, by the costs this server "
+        "measures; 'always' reloads every hit (benchmarks, tests)",
+    ),
+    Flag(
+        "--kvdrive-promoter",
+        "promoter",
+        _json,
+        None,
+        "promoter settings, a JSON object of tier/promoter.py PromoterConfig fields, e.g. "
+        '\'{"half_life_s": 300, "promote_share": 0.1}\'',
+    ),
+    Flag(
+        "--kvdrive-remote",
+        "remote",
+        _as_is,
+        None,
+        "a shared tier behind the local DRAM and disk tiers, for every node of a fleet: mooncake://MASTER_HOST:PORT "
+        "(Mooncake Store; pip install 'kvdrive-sglang[remote]'). Local misses are read from it, pages the promoter "
+        "admits are written to it in the background",
+    ),
+    Flag(
+        "--kvdrive-remote-config",
+        "remote_config",
+        _json,
+        None,
+        "remote tier settings, a JSON object: protocol (tcp|rdma), device_name, local_hostname, metadata_server, "
+        "global_segment_size, local_buffer_size (bytes), timeout_s, put_timeout_s, retry_s, queue_bytes, batch_bytes, "
+        "prefix, write",
+    ),
+    Flag(
+        "--kvdrive-gil-switch-ms",
+        "gil_switch_ms",
+        _ms,
+        ", ".join(f"{ms:g} on {dev}" for dev, ms in GIL_SWITCH_MS.items()),
+        "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); short lets HiCache's I/O "
+        "threads run beside the scheduler loop",
+    ),
 )
 _FLAG_OF_KEY = {f.key: f.flag for f in FLAGS}
 FLAG_DESTS = frozenset(f.dest for f in FLAGS)

@@ -6,6 +6,7 @@ attention, host-pool spills and radix events to it. Any other backend (SGLang's 
 nothing but SGLang's own calls. The contract is the same for every SGLang version: the per-version adapters in
 ``kvdrive_sglang.compat`` call it, ``KvdriveStorage`` implements it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

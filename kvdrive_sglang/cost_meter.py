@@ -20,6 +20,7 @@ in both directions, so the promoter's reload-vs-recompute choice runs on measure
 Nothing here blocks or raises into SGLang: a failing measurement is dropped, the first failure logged and all of them
 counted (``PrefillMeter.failures``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,13 @@ class PrefillMeter:
     def _failed(self, where: str, e: Exception) -> None:
         self.failures += 1
         if self.failures == 1:
-            log.warning("kvdrive: prefill cost measurement failed %s (%s: %s); dropping it, and counting further "
-                        "failures in PREFILL.failures", where, type(e).__name__, e)
+            log.warning(
+                "kvdrive: prefill cost measurement failed %s (%s: %s); dropping it, and counting further "
+                "failures in PREFILL.failures",
+                where,
+                type(e).__name__,
+                e,
+            )
 
     def around_forward(self, original, runner, forward_batch, *args, **kwargs):
         try:
@@ -156,6 +162,7 @@ def install() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", _around_forward,
-                          HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.model_executor.model_runner.ModelRunner.forward", _around_forward, HookType.AROUND
+    )
     _installed = True

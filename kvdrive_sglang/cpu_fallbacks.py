@@ -9,6 +9,7 @@ These assign into SGLang's modules (they are the only places kvdrive does), only
 code would fail.
 On a GPU none of this is touched: SGLang's own kernels run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,6 +67,7 @@ def _unpinned(orig):
         bound = sig.bind(*a, **k)
         bound.arguments["pin_memory"] = False
         orig(*bound.args, **bound.kwargs)
+
     __init__._kvdrive_cpu = True
     return __init__
 

@@ -11,6 +11,7 @@ A canonical flag the user also set to something else is an error naming both; so
 ``--kv-tier kvdrive``. Bad input ends as one line: ``kvdrive: error: ...`` and exit status 2 on the CLI, a
 ConfigError (a ValueError) from Engine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,20 @@ _KWARGS = frozenset({"kv_tier"} | FLAG_DESTS)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("kvdrive", "KV tiers below SGLang's host pool (kvdrive plugin)")
-    g.add_argument("--kv-tier", choices=KV_TIERS, default=None,
-                   help="kvdrive: compressed host-DRAM tier + persistent disk store under the radix cache")
+    g.add_argument(
+        "--kv-tier",
+        choices=KV_TIERS,
+        default=None,
+        help="kvdrive: compressed host-DRAM tier + persistent disk store under the radix cache",
+    )
     for f in FLAGS:
-        g.add_argument(f.flag, dest=f.dest, type=str, default=None,
-                       help=f"{f.help} (default {f.shown_default})" if f.shown_default is not None else f.help)
+        g.add_argument(
+            f.flag,
+            dest=f.dest,
+            type=str,
+            default=None,
+            help=f"{f.help} (default {f.shown_default})" if f.shown_default is not None else f.help,
+        )
 
 
 def options_from(values: dict) -> KvdriveSettings:
@@ -51,8 +61,13 @@ def options_from(values: dict) -> KvdriveSettings:
     return KvdriveSettings.from_flags(values)
 
 
-def KvdriveOptions(*, dir: str, host_gb: float = KvdriveSettings.host_bytes / GiB,  # noqa: N802, A002
-                   disk_gb: float = KvdriveSettings.disk_bytes / GiB, **settings) -> KvdriveSettings:
+def KvdriveOptions(
+    *,
+    dir: str,
+    host_gb: float = KvdriveSettings.host_bytes / GiB,  # noqa: N802, A002
+    disk_gb: float = KvdriveSettings.disk_bytes / GiB,
+    **settings,
+) -> KvdriveSettings:
     """Settings with the sizes in GB, as the flags give them (tests and tools; not checked: see KvdriveSettings)."""
     return KvdriveSettings(dir=dir, host_bytes=int(host_gb * GiB), disk_bytes=int(disk_gb * GiB), **settings)
 
@@ -62,8 +77,14 @@ def storage_extra_config(settings: KvdriveSettings) -> str:
     return json.dumps(settings.to_extra_config())
 
 
-CANONICAL_FIELDS = ("enable_hierarchical_cache", "hicache_storage_backend", "hicache_storage_backend_extra_config",
-                    "radix_cache_backend", "hicache_io_backend", "hicache_mem_layout")
+CANONICAL_FIELDS = (
+    "enable_hierarchical_cache",
+    "hicache_storage_backend",
+    "hicache_storage_backend_extra_config",
+    "radix_cache_backend",
+    "hicache_io_backend",
+    "hicache_mem_layout",
+)
 
 
 def canonical(settings: KvdriveSettings, *, gpu: bool) -> dict:
@@ -102,9 +123,11 @@ def merge(ours: dict, given: dict) -> dict:
         elif field == "enable_hierarchical_cache" and given[field] is False:
             out[field] = value
         else:
-            raise ConfigError(f"--kv-tier kvdrive sets {flag_of(field)} itself; remove your "
-                              f"{flag_of(field)} {given[field]!r} (kvdrive's storage backend and radix cache "
-                              "replace it)")
+            raise ConfigError(
+                f"--kv-tier kvdrive sets {flag_of(field)} itself; remove your "
+                f"{flag_of(field)} {given[field]!r} (kvdrive's storage backend and radix cache "
+                "replace it)"
+            )
     if given.get("disable_radix_cache"):
         raise ConfigError("--kv-tier kvdrive needs the radix cache; remove --disable-radix-cache")
     return out
@@ -205,8 +228,9 @@ def _expand_engine_kwargs(kwargs: dict) -> dict:
         out = expand_kwargs(kwargs)
     except KvdriveError as e:
         raise type(e)(str(e)) from None  # the caller's line and ours, not the whole chain of kvdrive's checks
-    activation.mark(activation.selects_kvdrive(out.get("radix_cache_backend"),
-                                               out.get("hicache_storage_backend_extra_config")))
+    activation.mark(
+        activation.selects_kvdrive(out.get("radix_cache_backend"), out.get("hicache_storage_backend_extra_config"))
+    )
     return out
 
 
@@ -222,6 +246,11 @@ def install() -> None:
     from .compat.server_args import FlagHooks, server_args_adapter
 
     adapter = server_args_adapter()
-    adapter.install(FlagHooks(around_prepare_server_args=_around_prepare_server_args,
-                              after_add_cli_args=_after_add_cli_args, expand_kwargs=_expand_engine_kwargs))
+    adapter.install(
+        FlagHooks(
+            around_prepare_server_args=_around_prepare_server_args,
+            after_add_cli_args=_after_add_cli_args,
+            expand_kwargs=_expand_engine_kwargs,
+        )
+    )
     _installed = True  # (the plugin's one line names this step)

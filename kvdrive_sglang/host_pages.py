@@ -18,6 +18,7 @@ of the pool's buffer as [pages, *page] (:class:`PageView`), whose row ``p`` hold
 anything else (a subclass with a page copy of its own, a wrapper, DCP shards, an unknown layout) takes SGLang's own
 ``get_data_page`` / ``set_from_flat_data_page``, so a layout kvdrive does not know is slower, never wrong.
 """
+
 from __future__ import annotations
 
 import logging
@@ -113,12 +114,17 @@ class PageView:
         try:
             ok = view._matches_sglang()
         except Exception as e:  # noqa: BLE001 - a pool kvdrive cannot read is copied SGLang's way, never refused
-            log.warning("kvdrive: %s (%s): per-page copies (page view check failed: %s)", type(host).__name__,
-                        host.layout, e)
+            log.warning(
+                "kvdrive: %s (%s): per-page copies (page view check failed: %s)", type(host).__name__, host.layout, e
+            )
             return None
         if not ok:
-            log.warning("kvdrive: %s in layout %s does not keep its pages where compat.host_pools.PAGE_AXES says: "
-                        "per-page copies", type(host).__name__, host.layout)
+            log.warning(
+                "kvdrive: %s in layout %s does not keep its pages where compat.host_pools.PAGE_AXES says: "
+                "per-page copies",
+                type(host).__name__,
+                host.layout,
+            )
             return None
         return view
 
@@ -168,8 +174,10 @@ class PageView:
         slower here)."""
         rows, ids = self.rows(), self.page_ids(starts)
         per = max(1, GATHER_CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
-        return [rows[ids[a:a + per]].view(min(per, len(starts) - a), -1).view(torch.uint8)
-                for a in range(0, len(starts), per)]
+        return [
+            rows[ids[a : a + per]].view(min(per, len(starts) - a), -1).view(torch.uint8)
+            for a in range(0, len(starts), per)
+        ]
 
     def scatter(self, starts: Sequence[int], pages: torch.Tensor) -> None:
         """Row ``i`` of ``pages`` (a [n, page elements] tensor in the pool's dtype) into the page at ``starts[i]``."""
@@ -212,9 +220,11 @@ class HostPages:
         except (ValueError, NotImplementedError) as e:
             # SGLang 0.5.23's MHA pool builds a page_unified buffer but copies no flat pages out of it: refuse at
             # start-up rather than fail every backup on SGLang's I/O thread
-            raise ConfigError(f"kvdrive cannot move pages of this host pool ({type(host).__name__}, layout "
-                              f"{getattr(host, 'layout', '?')}): {e}. Use another --hicache-mem-layout "
-                              f"(layer_first, page_first, page_first_direct)") from None
+            raise ConfigError(
+                f"kvdrive cannot move pages of this host pool ({type(host).__name__}, layout "
+                f"{getattr(host, 'layout', '?')}): {e}. Use another --hicache-mem-layout "
+                f"(layer_first, page_first, page_first_direct)"
+            ) from None
         self.page_numel = int(page.numel())
         self.page_bytes = int(page.numel() * page.element_size())
         self.view = PageView.of(host)  # the batch path; None: SGLang's per-page copy
@@ -239,19 +249,27 @@ class HostPages:
                 pool or not on a page boundary.
         """
         ps = self.page_size
-        if not (isinstance(host_indices, torch.Tensor) and host_indices.dim() == 1
-                and not host_indices.is_floating_point() and not host_indices.is_complex()):
-            what = f"a {tuple(host_indices.shape)} {host_indices.dtype} tensor" \
-                if isinstance(host_indices, torch.Tensor) else type(host_indices).__name__
+        if not (
+            isinstance(host_indices, torch.Tensor)
+            and host_indices.dim() == 1
+            and not host_indices.is_floating_point()
+            and not host_indices.is_complex()
+        ):
+            what = (
+                f"a {tuple(host_indices.shape)} {host_indices.dtype} tensor"
+                if isinstance(host_indices, torch.Tensor)
+                else type(host_indices).__name__
+            )
             raise ConfigError(f"{op}: host_indices must be a 1-D integer tensor, got {what}")
         if host_indices.numel() < n * ps:
-            raise ConfigError(f"{op}: {n} keys need {n * ps} host indices ({ps} per page), "
-                              f"got {host_indices.numel()}")
-        starts = host_indices[:n * ps:ps].tolist()
+            raise ConfigError(f"{op}: {n} keys need {n * ps} host indices ({ps} per page), got {host_indices.numel()}")
+        starts = host_indices[: n * ps : ps].tolist()
         for s in starts:
             if not 0 <= s <= self.size - ps or s % ps:
-                raise ConfigError(f"{op}: host index {s} is not the start of a page in the host pool "
-                                  f"({self.size} slots, pages of {ps})")
+                raise ConfigError(
+                    f"{op}: host index {s} is not the start of a page in the host pool "
+                    f"({self.size} slots, pages of {ps})"
+                )
         return starts
 
     def tokens(self, starts: Sequence[int]) -> torch.Tensor:
@@ -307,8 +325,9 @@ class HostPages:
         """
         sc = getattr(self._scratch, "pages", None)
         if sc is None or sc.cap < n:
-            sc = self._scratch.pages = PageScratch(self.host.get_dummy_flat_data_page(),
-                                                   max(n, 2 * sc.cap if sc is not None else 16))
+            sc = self._scratch.pages = PageScratch(
+                self.host.get_dummy_flat_data_page(), max(n, 2 * sc.cap if sc is not None else 16)
+            )
         return sc
 
     def empty_page(self) -> torch.Tensor:

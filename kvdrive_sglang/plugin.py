@@ -8,6 +8,7 @@ fallbacks (only without a GPU), the page-key hooks, the attention capture and th
 did not gets none of them (the CPU fallbacks alone with ``KVDRIVE_CPU_FALLBACKS=1``). SGLang logs and swallows a
 plugin's exceptions, so each step logs what it did.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,12 @@ import logging
 log = logging.getLogger("kvdrive.sglang")
 
 ALWAYS = (("flags", "install"), ("radix_backend", "register"))
-SERVER = (("cpu_fallbacks", "install"), ("radix_backend", "register_hash_hooks"), ("attention_capture", "install"),
-          ("cost_meter", "install"))
+SERVER = (
+    ("cpu_fallbacks", "install"),
+    ("radix_backend", "register_hash_hooks"),
+    ("attention_capture", "install"),
+    ("cost_meter", "install"),
+)
 
 
 def register() -> None:
@@ -47,5 +52,8 @@ def register() -> None:
     if activation.requested():
         log.info("kvdrive: plugin registered on SGLang %s: %s", version, ", ".join(done) or "nothing")
     else:  # a server without kvdrive: SGLang's own code paths, one debug line
-        log.debug("kvdrive: plugin inert on SGLang %s (this server did not select kvdrive): %s", version,
-                  ", ".join(done) or "nothing")
+        log.debug(
+            "kvdrive: plugin inert on SGLang %s (this server did not select kvdrive): %s",
+            version,
+            ", ".join(done) or "nothing",
+        )

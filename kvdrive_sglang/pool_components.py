@@ -15,6 +15,7 @@ Beside the target model's KV pool SGLang may hand a storage backend more pools:
   SGLang's own cache (GPU and host memory) keeps serving and nothing is half-stored: a KV page reloaded without its
   state pages would be a wrong prefix.
 """
+
 from __future__ import annotations
 
 import json

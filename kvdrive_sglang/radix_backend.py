@@ -19,6 +19,7 @@ methods whose names and signatures are its own. What the mixin adds, on both:
 4. **Rank consistency**: with several TP/PP ranks the promoter's inputs are synchronised (see _kvdrive_sync) so every
    rank evicts alike.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -89,8 +90,10 @@ def ensure_hash_hooks() -> None:
     register_hash_hooks()
     HookRegistry.apply_hooks()
     if not hash_hook_active():
-        raise RuntimeError(f"kvdrive: the tenant-key hook on {_HASH_TARGET} could not be applied; kvdrive's radix "
-                           "cache cannot tag storage keys by tenant")
+        raise RuntimeError(
+            f"kvdrive: the tenant-key hook on {_HASH_TARGET} could not be applied; kvdrive's radix "
+            "cache cannot tag storage keys by tenant"
+        )
 
 
 _hooks_registered = False
@@ -223,8 +226,7 @@ class KvdriveCacheMixin:
         except Exception:  # statistics and hints must never take the scheduler down
             if what not in self._kvdrive_warned:
                 self._kvdrive_warned.add(what)
-                log.warning("kvdrive: storage backend %s failed (further failures are not logged)", what,
-                            exc_info=True)
+                log.warning("kvdrive: storage backend %s failed (further failures are not logged)", what, exc_info=True)
 
     # ------------------------------------------------------------------------------------------ ranks
 
@@ -244,14 +246,14 @@ class KvdriveCacheMixin:
         for units, mass, _ in pending:  # per tracked unit of the promoter (_kvdrive_finished), not per page
             if mass is not None:
                 n = min(len(units), len(mass))
-                payload[off:off + n] = torch.from_numpy(np.ascontiguousarray(mass[:n], dtype=np.float64))
+                payload[off : off + n] = torch.from_numpy(np.ascontiguousarray(mass[:n], dtype=np.float64))
             off += len(units)
         self._all_reduce(payload, torch.distributed.ReduceOp.SUM)
         self._kvdrive_now = float(payload[1]) / float(payload[0])
         summed = payload[2:].tolist()
         off = 0
         for units, _, leaf in pending:
-            key_mass = {k: m for k, m in zip(units, summed[off:off + len(units)]) if m > 0.0}
+            key_mass = {k: m for k, m in zip(units, summed[off : off + len(units)]) if m > 0.0}
             off += len(units)
             if key_mass:
                 self._kvdrive_attention(key_mass)

@@ -16,6 +16,7 @@ measurements from its first request), and brings the most valuable spilled pages
 DRAM tier within a share of the disk's read bandwidth. Each step runs even if another failed (logged once,
 counted in ``io.tick_errors``): background upkeep must never stop the reporter.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -56,8 +57,16 @@ class Upkeep:
     # (and the GIL) for seconds and stalled request finishes by 100s of ms (tests/sglang/test_page1_costs.py)
     SCORE_SLICE = 2048
 
-    def __init__(self, engine: TierEngine, promoter: Promoter, reload_meter: ReloadMeter, *, by_tenant: ByTenant,
-                 selective: bool, read_only: bool):
+    def __init__(
+        self,
+        engine: TierEngine,
+        promoter: Promoter,
+        reload_meter: ReloadMeter,
+        *,
+        by_tenant: ByTenant,
+        selective: bool,
+        read_only: bool,
+    ):
         self.engine = engine
         self.promoter = promoter
         self.reload_meter = reload_meter
@@ -194,8 +203,11 @@ class Upkeep:
                     self._counts["tick_errors"] += 1
                     first = self._counts["tick_errors"] == 1
                 if first:
-                    log.exception("kvdrive: %s failed on the reporter thread (further failures are counted "
-                                  "in io.tick_errors, not logged)", step.__name__)
+                    log.exception(
+                        "kvdrive: %s failed on the reporter thread (further failures are counted "
+                        "in io.tick_errors, not logged)",
+                        step.__name__,
+                    )
 
     def push_scores(self) -> int:
         """Hand the promoter's scores of recently observed pages to both tiers (lowest value leaves first), and
@@ -210,7 +222,7 @@ class Upkeep:
         if keys and self.ns is not None:
             for ns, idx in self._by_tenant(keys):
                 for at in range(0, len(idx), self.SCORE_SLICE):
-                    part = [keys[i] for i in idx[at:at + self.SCORE_SLICE]]
+                    part = [keys[i] for i in idx[at : at + self.SCORE_SLICE]]
                     self.engine.set_scores(ns, part, self.promoter.score_of(part))
                     if self.selective and not self.read_only:
                         # pages admitted since they were stored (reused, continued) go down now: not lost in a crash
@@ -224,8 +236,10 @@ class Upkeep:
         (only once enough pages were read to mean something); keep new measurements in the store."""
         s = self.engine.stats()
         tiers = {}
-        for tier, seconds, pages in (("dram", s.decode_s, s.hits_dram + s.hits_queued),
-                                     ("disk", s.disk_get_s, s.disk_get_pages)):
+        for tier, seconds, pages in (
+            ("dram", s.decode_s, s.hits_dram + s.hits_queued),
+            ("disk", s.disk_get_s, s.disk_get_pages),
+        ):
             s0, p0 = self._timing_seen.get(tier, (0.0, 0))
             if pages - p0 >= 32:  # else keep measuring over a longer span
                 if seconds > s0:
@@ -233,8 +247,11 @@ class Upkeep:
                 self._timing_seen[tier] = (seconds, pages)
         if "dram" in tiers:
             tiers["queued"] = tiers["dram"]
-        self.promoter.calibrate(prefill_s_per_token=PREFILL.seconds_per_token(), tier_s_per_byte=tiers,
-                                reload_fixed_s=self.reload_meter.fixed_seconds())
+        self.promoter.calibrate(
+            prefill_s_per_token=PREFILL.seconds_per_token(),
+            tier_s_per_byte=tiers,
+            reload_fixed_s=self.reload_meter.fixed_seconds(),
+        )
         measured = self.promoter.measured()
         nothing = measured == {"tier_s_per_byte": {}}  # never overwrite kept costs with no measurement
         if not nothing and measured != self._costs_saved and self.ns is not None and not self.read_only:
@@ -267,8 +284,9 @@ class Upkeep:
             part = [keys[i] for i in idx]
             tiers = self.engine.tiers_of(ns, part)
             gone += [k for k, t in zip(part, tiers) if t != "disk"]  # in memory already, or no longer stored
-            picked = self.promoter.prefetch([k for k, t in zip(part, tiers) if t == "disk"],
-                                            left // self.page_bytes * self.page_bytes)
+            picked = self.promoter.prefetch(
+                [k for k, t in zip(part, tiers) if t == "disk"], left // self.page_bytes * self.page_bytes
+            )
             if not picked:
                 continue
             done = self.engine.promote(ns, picked, self.promoter.score_of(picked))
@@ -300,5 +318,8 @@ class Upkeep:
             return
         self._costs_saved = self.promoter.measured()
         c = self.promoter.costs()
-        log.info("kvdrive: costs measured by an earlier run: prefill %.0f tok/s, reload round trip %.1f ms",
-                 c["prefill_tokens_per_s"][0], c["reload_fixed_s"][0] * 1000)
+        log.info(
+            "kvdrive: costs measured by an earlier run: prefill %.0f tok/s, reload round trip %.1f ms",
+            c["prefill_tokens_per_s"][0],
+            c["reload_fixed_s"][0] * 1000,
+        )

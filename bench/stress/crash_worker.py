@@ -17,6 +17,7 @@ Modes: ``disk`` (DiskStore: batches, deletes, compaction every few batches), ``c
 and full compactions, so kills land inside GC), ``engine`` (TierEngine with write-through: a small DRAM pool that
 demotes, a small write-down batch, frequent maintenance and a flush every few batches).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
 from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.synthetic import kv_page
 
-NS = Namespace(model="stress-model", kv_dtype="bfloat16", layout="mha", page_size=16, num_heads=2, head_dim=64,
-               num_layers=2)
+NS = Namespace(
+    model="stress-model", kv_dtype="bfloat16", layout="mha", page_size=16, num_heads=2, head_dim=64, num_layers=2
+)
 CODECS = ("raw", "zstd")
 MODES = ("disk", "compact", "engine")
 SEGMENT_BYTES = 128 << 10  # small segments: seals, compactions and segment deletions happen often
@@ -50,8 +52,13 @@ def page_for(key) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8192)  # checking thousands of pages after every kill would otherwise regenerate them
 def _page_of_seed(seed: int) -> np.ndarray:
-    page = kv_page(np.random.default_rng(seed), page_size=NS.page_size, num_heads=NS.num_heads,
-                   head_dim=NS.head_dim, dtype=NS.kv_dtype)
+    page = kv_page(
+        np.random.default_rng(seed),
+        page_size=NS.page_size,
+        num_heads=NS.num_heads,
+        head_dim=NS.head_dim,
+        dtype=NS.kv_dtype,
+    )
     page.setflags(write=False)
     return page
 
@@ -98,9 +105,17 @@ def _run_store(args) -> None:
 def _run_engine(args) -> None:
     from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 
-    eng = TierEngine(TierConfig(path=args.dir, host_bytes=256 << 10, disk_bytes=CAPACITY, codec="zstd",
-                                writedown_batch_bytes=64 << 10, maintain_interval_s=0.2,
-                                disk={"segment_bytes": SEGMENT_BYTES}))
+    eng = TierEngine(
+        TierConfig(
+            path=args.dir,
+            host_bytes=256 << 10,
+            disk_bytes=CAPACITY,
+            codec="zstd",
+            writedown_batch_bytes=64 << 10,
+            maintain_interval_s=0.2,
+            disk={"segment_bytes": SEGMENT_BYTES},
+        )
+    )
     every = args.compact_every or 4
     pending: list[str] = []
     b = 0

@@ -13,6 +13,7 @@ Printed (and written as JSON with --json): rounds, opens that raised (must be 0)
 checked, hits, recoveries by kind, damage by kind, the seed (a failure reruns with --seed). CI runs
 tests/tier/test_recovery.py::test_damage_rounds_at_ci_size (20 rounds, a fixed seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,15 +101,19 @@ def damage(rng: random.Random, path: str, kind: Damage | None = None, target: st
         os.unlink(fpath)
     else:
         size = os.path.getsize(fpath)
-        new = {Damage.TRUNCATE_EMPTY: 0, Damage.TRUNCATE_HALF: size // 2,
-               Damage.TRUNCATE_RANDOM: rng.randrange(size) if size else 0}[kind]
+        new = {
+            Damage.TRUNCATE_EMPTY: 0,
+            Damage.TRUNCATE_HALF: size // 2,
+            Damage.TRUNCATE_RANDOM: rng.randrange(size) if size else 0,
+        }[kind]
         os.truncate(fpath, new)
     return kind, os.path.relpath(fpath, path)
 
 
 def open_store(path: str) -> DiskStore:
-    return DiskStore(DiskStoreConfig(path=path, capacity_bytes=256 << 20, segment_bytes=SEGMENT_BYTES,
-                                     retry_after_s=0.05))
+    return DiskStore(
+        DiskStoreConfig(path=path, capacity_bytes=256 << 20, segment_bytes=SEGMENT_BYTES, retry_after_s=0.05)
+    )
 
 
 def check_pages(st: DiskStore, keys: list[str]) -> tuple[int, int, list[str]]:

@@ -18,6 +18,7 @@ Verdict (each must hold): pool <= budget, queue <= its cap, segment files <= dis
 no disk fault (the tier never turned itself off);
 after warm-up, open fds within FD_SLACK of each other and RssAnon growth below RSS_GROWTH_BOUND.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,18 @@ MiB = 1 << 20
 FD_SLACK = 24  # fds after warm-up: max - min. One read fd per segment is cached: their number moves with compaction
 RSS_GROWTH_BOUND = 48 * MiB  # RssAnon, end of warm-up -> end of run (the pool's budget is accounted separately)
 PAGE = dict(page_size=32, num_heads=4, head_dim=128, dtype="bfloat16")  # 64 KiB raw pages
-NAMESPACES = [Namespace(model=m, kv_dtype="bfloat16", layout="mha", page_size=PAGE["page_size"],
-                        num_heads=PAGE["num_heads"], head_dim=PAGE["head_dim"], num_layers=4)
-              for m in ("soak-model-a", "soak-model-b")]
+NAMESPACES = [
+    Namespace(
+        model=m,
+        kv_dtype="bfloat16",
+        layout="mha",
+        page_size=PAGE["page_size"],
+        num_heads=PAGE["num_heads"],
+        head_dim=PAGE["head_dim"],
+        num_layers=4,
+    )
+    for m in ("soak-model-a", "soak-model-b")
+]
 _BASES = [kv_page(np.random.default_rng(i), **PAGE) for i in range(32)]
 
 
@@ -98,22 +108,39 @@ class Replay:
         return ns_i, f"doc{doc}", [f"doc{doc}-p{i}" for i in range(n_pages)]
 
 
-def run(seconds: float = 1200, sample_s: float = 10, host_bytes: int = 32 * MiB, disk_bytes: int = 192 * MiB,
-        reopen_s: float = 300, ttl_s: float = 120, warmup_s: float | None = None, seed: int = 1,
-        path: str | None = None, pace_s: float = 0.002, use_tracemalloc: bool = True, log=print) -> dict:
+def run(
+    seconds: float = 1200,
+    sample_s: float = 10,
+    host_bytes: int = 32 * MiB,
+    disk_bytes: int = 192 * MiB,
+    reopen_s: float = 300,
+    ttl_s: float = 120,
+    warmup_s: float | None = None,
+    seed: int = 1,
+    path: str | None = None,
+    pace_s: float = 0.002,
+    use_tracemalloc: bool = True,
+    log=print,
+) -> dict:
     rng = random.Random(seed)
     own_dir = path is None
     path = path or tempfile.mkdtemp(prefix="kvdrive-soak-")
     warmup_s = min(120.0, seconds * 0.2) if warmup_s is None else warmup_s
     queue_bytes = 16 * MiB
-    cfg = TierConfig(path=path, host_bytes=host_bytes, disk_bytes=disk_bytes, codec="zstd",
-                     writedown_queue_bytes=queue_bytes, writedown_batch_bytes=2 * MiB, maintain_interval_s=2.0,
-                     default_ttl_s=ttl_s)
+    cfg = TierConfig(
+        path=path,
+        host_bytes=host_bytes,
+        disk_bytes=disk_bytes,
+        codec="zstd",
+        writedown_queue_bytes=queue_bytes,
+        writedown_batch_bytes=2 * MiB,
+        maintain_interval_s=2.0,
+        default_ttl_s=ttl_s,
+    )
     if use_tracemalloc:
         tracemalloc.start(1)
     replay = Replay(rng)
-    counts = dict(requests=0, pages_put=0, pages_got=0, wrong_pages=0, deletes=0, clears=0, reopens=0,
-                  score_updates=0)
+    counts = dict(requests=0, pages_put=0, pages_got=0, wrong_pages=0, deletes=0, clears=0, reopens=0, score_updates=0)
     maxes = dict(pool_bytes=0, queue_bytes=0, disk_file_bytes=0)
     samples = []
     faults = Counter()  # disk faults (the tier turns itself off for a while): none may happen here
@@ -141,14 +168,25 @@ def run(seconds: float = 1200, sample_s: float = 10, host_bytes: int = 32 * MiB,
                 st = eng.stats()
                 ps = _proc_status()
                 hits = (st.hits_dram, st.hits_queued, st.hits_disk, st.misses)
-                s = dict(t=round(now - t0, 1), rss=ps["VmRSS"], rss_anon=ps["RssAnon"], rss_file=ps["RssFile"],
-                         threads=ps["Threads"], fds=len(os.listdir("/proc/self/fd")),
-                         traced=tracemalloc.get_traced_memory()[0] if use_tracemalloc else None,
-                         pool_bytes=st.dram.used_bytes, pool_entries=st.dram.entries,
-                         queue_bytes=st.writedown_queued_bytes, disk_file_bytes=st.disk.file_bytes,
-                         disk_entries=st.disk.entries, disk_segments=st.disk.segments, dir_bytes=_dir_bytes(path),
-                         requests=counts["requests"], wrong=counts["wrong_pages"],
-                         hits=[h - l for h, l in zip(hits, last_hits)])
+                s = dict(
+                    t=round(now - t0, 1),
+                    rss=ps["VmRSS"],
+                    rss_anon=ps["RssAnon"],
+                    rss_file=ps["RssFile"],
+                    threads=ps["Threads"],
+                    fds=len(os.listdir("/proc/self/fd")),
+                    traced=tracemalloc.get_traced_memory()[0] if use_tracemalloc else None,
+                    pool_bytes=st.dram.used_bytes,
+                    pool_entries=st.dram.entries,
+                    queue_bytes=st.writedown_queued_bytes,
+                    disk_file_bytes=st.disk.file_bytes,
+                    disk_entries=st.disk.entries,
+                    disk_segments=st.disk.segments,
+                    dir_bytes=_dir_bytes(path),
+                    requests=counts["requests"],
+                    wrong=counts["wrong_pages"],
+                    hits=[h - l for h, l in zip(hits, last_hits)],
+                )
                 last_hits = hits
                 samples.append(s)
                 if log:
@@ -205,10 +243,12 @@ def run(seconds: float = 1200, sample_s: float = 10, host_bytes: int = 32 * MiB,
 def _row(s: dict) -> str:
     m = lambda v: f"{v / MiB:7.1f}"  # noqa: E731
     tr = m(s["traced"]) if s["traced"] is not None else "      -"
-    return (f"{s['t']:7.1f}s rss {m(s['rss'])} anon {m(s['rss_anon'])} traced {tr} fds {s['fds']:3d} "
-            f"thr {s['threads']:2d} pool {m(s['pool_bytes'])} queue {m(s['queue_bytes'])} "
-            f"disk {m(s['disk_file_bytes'])} dir {m(s['dir_bytes'])} segs {s['disk_segments']:3d} "
-            f"req {s['requests']:7d} hits dram/q/disk/miss {'/'.join(map(str, s['hits']))} wrong {s['wrong']}")
+    return (
+        f"{s['t']:7.1f}s rss {m(s['rss'])} anon {m(s['rss_anon'])} traced {tr} fds {s['fds']:3d} "
+        f"thr {s['threads']:2d} pool {m(s['pool_bytes'])} queue {m(s['queue_bytes'])} "
+        f"disk {m(s['disk_file_bytes'])} dir {m(s['dir_bytes'])} segs {s['disk_segments']:3d} "
+        f"req {s['requests']:7d} hits dram/q/disk/miss {'/'.join(map(str, s['hits']))} wrong {s['wrong']}"
+    )
 
 
 def _report(samples, counts, maxes, cfg, queue_bytes, warmup_s, seconds, sample_s) -> dict:
@@ -227,15 +267,29 @@ def _report(samples, counts, maxes, cfg, queue_bytes, warmup_s, seconds, sample_
         "rss_growth_bounded": rss_growth <= RSS_GROWTH_BOUND,
     }
     return dict(
-        seconds=seconds, sample_s=sample_s, warmup_s=warmup_s, samples=samples, counts=counts, maxes=maxes,
+        seconds=seconds,
+        sample_s=sample_s,
+        warmup_s=warmup_s,
+        samples=samples,
+        counts=counts,
+        maxes=maxes,
         budgets=dict(host_bytes=cfg.host_bytes, queue_bytes=queue_bytes, disk_bytes=cfg.disk_bytes),
-        after_warmup=dict(rss_anon_growth=rss_growth, rss_anon_min=min(s["rss_anon"] for s in warm),
-                          rss_anon_max=max(s["rss_anon"] for s in warm), rss_max=max(s["rss"] for s in warm),
-                          fds_min=min(fds), fds_max=max(fds),
-                          traced_min=min(traced) if traced else None, traced_max=max(traced) if traced else None,
-                          threads_max=max(s["threads"] for s in warm), threads_min=min(s["threads"] for s in warm)),
+        after_warmup=dict(
+            rss_anon_growth=rss_growth,
+            rss_anon_min=min(s["rss_anon"] for s in warm),
+            rss_anon_max=max(s["rss_anon"] for s in warm),
+            rss_max=max(s["rss"] for s in warm),
+            fds_min=min(fds),
+            fds_max=max(fds),
+            traced_min=min(traced) if traced else None,
+            traced_max=max(traced) if traced else None,
+            threads_max=max(s["threads"] for s in warm),
+            threads_min=min(s["threads"] for s in warm),
+        ),
         bounds=dict(fd_slack=FD_SLACK, rss_growth_bound=RSS_GROWTH_BOUND),
-        verdict=verdict, ok=all(verdict.values()))
+        verdict=verdict,
+        ok=all(verdict.values()),
+    )
 
 
 def main(argv=None) -> int:
@@ -254,20 +308,37 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     guard_results(a.json, _REPO, a.allow_dirty)
     started = machine(_REPO)  # load average and commit at the start of the run
-    print(f"soak: {a.minutes} min, DRAM budget {a.host_mb} MiB, disk cap {a.disk_mb} MiB, reopen every "
-          f"{a.reopen_min} min, TTL {a.ttl_s} s, seed {a.seed}")
-    r = run(a.minutes * 60, a.sample_s, a.host_mb * MiB, a.disk_mb * MiB, a.reopen_min * 60, a.ttl_s, seed=a.seed,
-            path=a.dir, use_tracemalloc=not a.no_tracemalloc)
+    print(
+        f"soak: {a.minutes} min, DRAM budget {a.host_mb} MiB, disk cap {a.disk_mb} MiB, reopen every "
+        f"{a.reopen_min} min, TTL {a.ttl_s} s, seed {a.seed}"
+    )
+    r = run(
+        a.minutes * 60,
+        a.sample_s,
+        a.host_mb * MiB,
+        a.disk_mb * MiB,
+        a.reopen_min * 60,
+        a.ttl_s,
+        seed=a.seed,
+        path=a.dir,
+        use_tracemalloc=not a.no_tracemalloc,
+    )
     c, w = r["counts"], r["after_warmup"]
-    print(f"requests {c['requests']}, pages put {c['pages_put']}, got {c['pages_got']} (wrong {c['wrong_pages']}), "
-          f"deletes {c['deletes']}, clears {c['clears']}, reopens {c['reopens']}, disk faults {c['disk_faults']}")
-    print(f"max pool {r['maxes']['pool_bytes'] / MiB:.1f} / {a.host_mb} MiB, max queue "
-          f"{r['maxes']['queue_bytes'] / MiB:.1f} / {r['budgets']['queue_bytes'] / MiB:.0f} MiB, max segment files "
-          f"{r['maxes']['disk_file_bytes'] / MiB:.1f} / {a.disk_mb} MiB")
-    print(f"after warm-up ({r['warmup_s']:.0f} s): RssAnon {w['rss_anon_min'] / MiB:.1f}.."
-          f"{w['rss_anon_max'] / MiB:.1f} MiB, growth {w['rss_anon_growth'] / MiB:+.1f} MiB "
-          f"(bound {RSS_GROWTH_BOUND / MiB:.0f}); fds "
-          f"{w['fds_min']}..{w['fds_max']} (slack {FD_SLACK}); threads {w['threads_min']}..{w['threads_max']}")
+    print(
+        f"requests {c['requests']}, pages put {c['pages_put']}, got {c['pages_got']} (wrong {c['wrong_pages']}), "
+        f"deletes {c['deletes']}, clears {c['clears']}, reopens {c['reopens']}, disk faults {c['disk_faults']}"
+    )
+    print(
+        f"max pool {r['maxes']['pool_bytes'] / MiB:.1f} / {a.host_mb} MiB, max queue "
+        f"{r['maxes']['queue_bytes'] / MiB:.1f} / {r['budgets']['queue_bytes'] / MiB:.0f} MiB, max segment files "
+        f"{r['maxes']['disk_file_bytes'] / MiB:.1f} / {a.disk_mb} MiB"
+    )
+    print(
+        f"after warm-up ({r['warmup_s']:.0f} s): RssAnon {w['rss_anon_min'] / MiB:.1f}.."
+        f"{w['rss_anon_max'] / MiB:.1f} MiB, growth {w['rss_anon_growth'] / MiB:+.1f} MiB "
+        f"(bound {RSS_GROWTH_BOUND / MiB:.0f}); fds "
+        f"{w['fds_min']}..{w['fds_max']} (slack {FD_SLACK}); threads {w['threads_min']}..{w['threads_max']}"
+    )
     for k, v in r["verdict"].items():
         print(f"  {'ok  ' if v else 'FAIL'} {k}")
     print("PASS" if r["ok"] else "FAIL")

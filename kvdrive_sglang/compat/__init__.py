@@ -15,6 +15,7 @@ The generation is chosen by feature, not by version number, so a release in betw
 has. Adding a release: install it, run the SGLang-facing tests (tests/sglang, tests/e2e) against it; if a seam moved,
 change that generation's module or add one beside it and list it in ``_GENERATIONS``; then raise ``SUPPORTED_MAX``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,9 +56,11 @@ def check_supported(version: str | None = None) -> str:
     version = version or sglang_version()
     v = _version_tuple(version)[:3]
     if len(v) < 3 or not SUPPORTED_MIN <= v <= SUPPORTED_MAX:
-        raise ConfigError(f"kvdrive supports SGLang {supported_range()}; this is SGLang {version}. kvdrive stays "
-                          "off (SGLang runs without it): install a supported SGLang, or a kvdrive release that "
-                          "supports this one")
+        raise ConfigError(
+            f"kvdrive supports SGLang {supported_range()}; this is SGLang {version}. kvdrive stays "
+            "off (SGLang runs without it): install a supported SGLang, or a kvdrive release that "
+            "supports this one"
+        )
     return version
 
 
@@ -108,8 +111,14 @@ def _sglang_salts_storage_keys() -> bool:
 
 # generation -> (module, test for "this SGLang has that generation's seams"), newest first
 _GENERATIONS = (
-    ("unified", lambda: not _module_exists("sglang.srt.mem_cache.hiradix_cache") and _unified_has_cache_class()
-     and _sglang_salts_storage_keys()),
+    (
+        "unified",
+        lambda: (
+            not _module_exists("sglang.srt.mem_cache.hiradix_cache")
+            and _unified_has_cache_class()
+            and _sglang_salts_storage_keys()
+        ),
+    ),
     ("hiradix", lambda: _module_exists("sglang.srt.mem_cache.hiradix_cache")),
 )
 
@@ -120,5 +129,7 @@ def radix_adapter() -> RadixAdapter:
     for name, present in _GENERATIONS:
         if present():
             return importlib.import_module(f"{__name__}.{name}").ADAPTER
-    raise ConfigError(f"kvdrive: SGLang {sglang_version()} has neither HiRadixCache nor a UnifiedRadixCache that "
-                      f"takes a cache class; kvdrive supports SGLang {supported_range()}")
+    raise ConfigError(
+        f"kvdrive: SGLang {sglang_version()} has neither HiRadixCache nor a UnifiedRadixCache that "
+        f"takes a cache class; kvdrive supports SGLang {supported_range()}"
+    )

@@ -15,6 +15,7 @@ them. SGLang hashes pages in several places (``compute_node_hash_values`` on ins
 Everything is done by overriding methods and calling ``super()``: no SGLang source is patched and no method body is
 copied (the factory mirrors the branch conditions of SGLang 0.5.17's default chain, see _default_builds_hiradix).
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,11 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
         result = super().cache_finished_req(req, *args, **kwargs)
         # the request's whole chain as it now sits in the tree (prompt and output pages): req.last_node marks only
         # what the last cache_unfinished_req inserted (none of a request that finished at its prefill)
-        keys, leaf = self._kvdrive_chain_keys(self._kvdrive_finished_key(req, kwargs.get("kv_len_to_handle"))) \
-            if self.enable_storage else ([], None)
+        keys, leaf = (
+            self._kvdrive_chain_keys(self._kvdrive_finished_key(req, kwargs.get("kv_len_to_handle")))
+            if self.enable_storage
+            else ([], None)
+        )
         self._kvdrive_report_hits(req)
         self._kvdrive_finished(keys, mass, leaf)
         return result
@@ -99,13 +103,12 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
             if not child.hash_value:
                 break  # not hashed (storage attached later): nothing below it is either
             self._kvdrive_fix_keys(child)
-            out.extend(child.hash_value[:n // ps])
+            out.extend(child.hash_value[: n // ps])
             leaf = child
             if n < len(child.key):
                 break
             node, key = child, key[n:]
         return out, leaf
-
 
     def pop_prefetch_loaded_tokens(self, req_id: str) -> int:
         # Called once per request whose L3 prefetch completed: the tokens it actually got from storage.
@@ -218,8 +221,11 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
                 # Guessing a salt could serve one tenant's pages to another: skip this prefetch instead.
                 if self.enable_storage and "nosalt" not in self._kvdrive_warned:
                     self._kvdrive_warned.add("nosalt")
-                    log.warning("kvdrive: no prefix match was seen for request %s, so its cache salt is unknown;"
-                                " skipping its storage prefetch (further cases are not logged)", req_id)
+                    log.warning(
+                        "kvdrive: no prefix match was seen for request %s, so its cache salt is unknown;"
+                        " skipping its storage prefetch (further cases are not logged)",
+                        req_id,
+                    )
                 return
         else:
             salt = last_host_node.key.extra_key
@@ -248,25 +254,28 @@ def _default_builds_hiradix(ctx) -> bool:
     return bool(ctx.enable_hierarchical_cache) and not ctx.is_dsa
 
 
-
 def build_tree_cache(ctx):
     """The registered factory: SGLang's default cache, as KvdriveRadixCache where that is HiRadixCache."""
     if not ctx.enable_hierarchical_cache:
         log.warning(
             "kvdrive: --radix-cache-backend kvdrive needs --enable-hierarchical-cache (use --kv-tier kvdrive); "
-            "running SGLang's default radix cache without kvdrive")
+            "running SGLang's default radix cache without kvdrive"
+        )
         return registry.default_radix_cache_factory(ctx)
     if not _default_builds_hiradix(ctx):
         cache = registry.default_radix_cache_factory(ctx)
         log.warning(
             "kvdrive: SGLang uses %s for this model/configuration; kvdrive's tenant-salted storage keys and radix "
-            "events apply to HiRadixCache only, so this cache runs as in plain SGLang", type(cache).__name__)
+            "events apply to HiRadixCache only, so this cache runs as in plain SGLang",
+            type(cache).__name__,
+        )
         return cache
     cache = KvdriveRadixCache(params=ctx.params, server_args=ctx.server_args)
     # As the default chain does for HiRadixCache: the model runner waits on this counter for per-layer load-back.
     ctx.tp_worker.register_hicache_layer_transfer_counter(cache.cache_controller.layer_done_counter)
-    log.info("kvdrive: radix cache %s (storage keys salted by extra_key and tagged with its tenant id)",
-             type(cache).__name__)
+    log.info(
+        "kvdrive: radix cache %s (storage keys salted by extra_key and tagged with its tenant id)", type(cache).__name__
+    )
     return cache
 
 

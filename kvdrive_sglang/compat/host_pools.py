@@ -6,6 +6,7 @@ Up to 0.5.20 a host pool takes the device pool itself; from 0.5.21 it takes the 
 capacity (what SGLang's own hybrid pool assembler hands it) and the layer range, and the MLA pool also its target
 layer count.
 """
+
 from __future__ import annotations
 
 import enum
@@ -27,8 +28,11 @@ def host_pool_args(host_cls, device_pool) -> tuple[tuple, dict]:
     constructor on the installed SGLang; the caller adds the rest (ratio, size, page size, layout, ...)."""
     if not _takes_buffer_info(host_cls):
         return (device_pool,), {}
-    extra = {"device_capacity_tokens": device_pool.size, "start_layer": device_pool.start_layer,
-             "end_layer": device_pool.end_layer}
+    extra = {
+        "device_capacity_tokens": device_pool.size,
+        "start_layer": device_pool.start_layer,
+        "end_layer": device_pool.end_layer,
+    }
     if "target_layer_num" in _params(host_cls):  # 0.5.21+'s MLA host pool: the device pool's own layers
         extra["target_layer_num"] = device_pool.layer_num
     return (device_pool.get_device_pool_infos()[0].buffer_info,), extra
@@ -80,10 +84,17 @@ _T, _P = AxisCounts.TOKENS, AxisCounts.PAGES
 # page_unified (0.5.23) has no flat page (refused at registration); page_first_kv_split is Ascend's (split buffers,
 # no flat page either). HostPages checks each entry against the pool's own get_data_page before it trusts it.
 PAGE_AXES: dict[PoolKind, dict[str, PageAxis]] = {
-    PoolKind.MHA: {"layer_first": PageAxis("kv_buffer", 2, _T), "page_first": PageAxis("kv_buffer", 1, _T),
-                   "page_first_direct": PageAxis("kv_buffer", 1, _P), "page_head": PageAxis("kv_buffer", 1, _P)},
-    PoolKind.MLA: {"layer_first": PageAxis("kv_buffer", 1, _T), "page_first": PageAxis("kv_buffer", 0, _T),
-                   "page_first_direct": PageAxis("kv_buffer", 0, _P)},
+    PoolKind.MHA: {
+        "layer_first": PageAxis("kv_buffer", 2, _T),
+        "page_first": PageAxis("kv_buffer", 1, _T),
+        "page_first_direct": PageAxis("kv_buffer", 1, _P),
+        "page_head": PageAxis("kv_buffer", 1, _P),
+    },
+    PoolKind.MLA: {
+        "layer_first": PageAxis("kv_buffer", 1, _T),
+        "page_first": PageAxis("kv_buffer", 0, _T),
+        "page_first_direct": PageAxis("kv_buffer", 0, _P),
+    },
 }
 
 _PAGE_COPY = ("get_data_page", "set_from_flat_data_page")
@@ -92,6 +103,7 @@ _PAGE_COPY = ("get_data_page", "set_from_flat_data_page")
 def _pool_classes() -> dict[PoolKind, type]:
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+
     return {PoolKind.MHA: MHATokenToKVPoolHost, PoolKind.MLA: MLATokenToKVPoolHost}
 
 

@@ -20,6 +20,7 @@ generation; the flag code only talks to :class:`ServerArgsAdapter`:
 The generation is chosen by feature (is ServerArgs a msgspec Struct?), not by version number. A release that moves
 one of these seams changes this file only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -130,8 +131,9 @@ def _expanding_subclass(base: type, expand: Callable[[dict], dict]) -> type:
         def __call__(cls, *args, **kwargs):
             return base(*args, **expand(kwargs))
 
-    return ExpandingMeta("ServerArgs", (base,), {"__module__": __name__, "__qualname__": "ServerArgs",
-                                                 "_kvdrive_expands": True})
+    return ExpandingMeta(
+        "ServerArgs", (base,), {"__module__": __name__, "__qualname__": "ServerArgs", "_kvdrive_expands": True}
+    )
 
 
 _ADAPTERS = {"dataclass": _DataclassGeneration(), "struct": _StructGeneration()}

@@ -19,6 +19,7 @@ value-ordered eviction (kvdrive_sglang/radix_backend.py) by overriding this gene
 - **Requests** end through ``checkpoint(req, up_to=...)`` then ``on_release(req, checkpointed=...)`` (there is no
   ``cache_finished_req``); nodes are ``NodeId`` handles into the tree core.
 """
+
 from __future__ import annotations
 
 import logging
@@ -183,17 +184,22 @@ def build_tree_cache(ctx):
     if not ctx.enable_hierarchical_cache:
         log.warning(
             "kvdrive: --radix-cache-backend kvdrive needs --enable-hierarchical-cache (use --kv-tier kvdrive); "
-            "running SGLang's default radix cache without kvdrive")
+            "running SGLang's default radix cache without kvdrive"
+        )
         return registry.default_radix_cache_factory(ctx)
     why = _kvdrive_applies(ctx)
     if why is not None:
         cache = registry.default_radix_cache_factory(ctx)
-        log.warning("kvdrive: %s, so SGLang's %s runs as in plain SGLang (no kvdrive radix cache)", why,
-                    type(cache).__name__)
+        log.warning(
+            "kvdrive: %s, so SGLang's %s runs as in plain SGLang (no kvdrive radix cache)", why, type(cache).__name__
+        )
         return cache
     cache = registry.create_unified_radix_cache(ctx, cache_class=KvdriveUnifiedRadixCache)
-    log.info("kvdrive: radix cache %s on tree core %r (storage keys tagged with their tenant id)",
-             type(cache).__name__, TREE_CORE)
+    log.info(
+        "kvdrive: radix cache %s on tree core %r (storage keys tagged with their tenant id)",
+        type(cache).__name__,
+        TREE_CORE,
+    )
     return cache
 
 

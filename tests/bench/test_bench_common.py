@@ -1,4 +1,5 @@
 """bench/bench_common.py: published results (bench/results/) are never written from a dirty tree unless told."""
+
 import subprocess
 
 import pytest
@@ -10,8 +11,11 @@ def _repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "bench" / "results").mkdir(parents=True)
     (repo / "code.py").write_text("x = 1\n")
-    for cmd in (["init", "-q"], ["add", "code.py"],
-                ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "c"]):
+    for cmd in (
+        ["init", "-q"],
+        ["add", "code.py"],
+        ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "c"],
+    ):
         subprocess.run(["git", "-C", str(repo), *cmd], check=True)
     return repo
 

@@ -6,6 +6,7 @@ TP=2 and fp8 KV, see bench/e2e_bench.py CPU_UNSUPPORTED) must be skipped with th
 must be complete (commit, command, machine, date, every step with status, time and figures), so that the GPU run,
 which nobody can rehearse, writes what its reader needs.
 """
+
 import json
 import os
 import subprocess
@@ -21,8 +22,10 @@ SCRIPT = os.path.join(REPO, "bench", "first_device.py")
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for CPU-only machines (on a GPU run "
-                                                         "bench/first_device.py itself)"),
+    pytest.mark.skipif(
+        torch.cuda.is_available(),
+        reason="the dry run is for CPU-only machines (on a GPU run bench/first_device.py itself)",
+    ),
 ]
 
 
@@ -30,11 +33,17 @@ pytestmark = [
 def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("first-device")
     out = tmp / "first-device-cpu"
-    p = subprocess.run([sys.executable, "-W", "ignore", SCRIPT, "--device", "cpu", "--out", str(out),
-                        "--workdir", str(tmp / "work")], cwd=REPO, capture_output=True, text=True, timeout=420,
-                       check=False)
-    assert os.path.exists(f"{out}.json"), f"no results file (rc {p.returncode}):\n{p.stdout[-3000:]}\n" \
-                                          f"{p.stderr[-3000:]}"
+    p = subprocess.run(
+        [sys.executable, "-W", "ignore", SCRIPT, "--device", "cpu", "--out", str(out), "--workdir", str(tmp / "work")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    assert os.path.exists(f"{out}.json"), (
+        f"no results file (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    )
     with open(f"{out}.json") as f:
         res = json.load(f)
     with open(f"{out}.md") as f:

@@ -4,6 +4,7 @@ One run of the real harness (real RadixCache, host pool, HiCacheFile, TierEngine
 the first attempt is interrupted (SIGINT) as soon as its first (workload, configuration) result is saved, the second
 attempt resumes from it; the checks then hold the results to what must be true whatever the numbers are.
 """
+
 import json
 import os
 import signal
@@ -20,8 +21,7 @@ TIERS = ("gpu", "host", "dram", "disk")
 
 
 def _cmd(out, scratch, *extra):
-    return [sys.executable, SCRIPT, "--preset", "smoke", "--out", str(out), "--dir", str(scratch), "--no-plots",
-            *extra]
+    return [sys.executable, SCRIPT, "--preset", "smoke", "--out", str(out), "--dir", str(scratch), "--no-plots", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,20 @@ def smoke(tmp_path_factory):
     # Ctrl-C as a user at a terminal sends it: with SIGINT's default action. A run started in the background by a
     # non-interactive shell (`cmd &`, as CI scripts may be) inherits SIGINT ignored, and a Python started that way
     # never turns it into KeyboardInterrupt (the first attempt then ran to its end, and this test failed).
-    proc = subprocess.Popen(_cmd(out, scratch), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        _cmd(out, scratch),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not list(partial.glob("*__*.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(partial.glob("*__*.json")), \
+    assert list(partial.glob("*__*.json")), (
         f"no result was saved: {proc.stderr.read() if proc.poll() is not None else ''}"
+    )
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     interrupted = proc.returncode != 0
@@ -62,8 +69,13 @@ def test_resume_skipped_what_was_done(smoke):
     assert smoke["report"]["resumed"] is True
     assert set(smoke["report"]["workloads"]) == {"docs", "sessions"}
     for wres in smoke["report"]["workloads"].values():
-        assert list(wres["configs"]) == ["radix_only", "hicache_host", "hicache_file", "kvdrive_lru",
-                                         "kvdrive_promoter"]
+        assert list(wres["configs"]) == [
+            "radix_only",
+            "hicache_host",
+            "hicache_file",
+            "kvdrive_lru",
+            "kvdrive_promoter",
+        ]
 
 
 def test_every_configuration_replays_the_same_trace(smoke):

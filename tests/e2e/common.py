@@ -3,6 +3,7 @@
 The session fixtures built on them (tiny model, prompts, radix-only reference outputs) live in conftest.py, so every
 e2e module shares one reference server.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from .server import SGLangServer, gpu_present
 from .tiny_model import WORDS
 
 PAGE = 16
-PROMPT_TOKENS = 24 * PAGE + 1   # 385
-N_PROMPTS = 4                   # 4 x ~393 tokens > the kvdrive server's device pool
-N_ALL_PROMPTS = 16              # the reference also covers the fault tests' prompts (one radix server per session)
+PROMPT_TOKENS = 24 * PAGE + 1  # 385
+N_PROMPTS = 4  # 4 x ~393 tokens > the kvdrive server's device pool
+N_ALL_PROMPTS = 16  # the reference also covers the fault tests' prompts (one radix server per session)
 MAX_NEW = 8
 HICACHE_CPU = [] if gpu_present() else ["--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first"]
 COMMON = ["--page-size", str(PAGE)]
@@ -51,14 +52,27 @@ def build_prompts(model_path, n=N_PROMPTS, tokens=PROMPT_TOKENS) -> list[str]:
 
 
 def server(name, model, e2e_dir, ext_dir, args, *, env=None, max_total_tokens=2048, pythonpath=()):
-    return SGLangServer(model, COMMON + list(args), env=env, log_path=str(e2e_dir / f"{name}.log"),
-                        max_total_tokens=max_total_tokens, torch_extensions_dir=ext_dir, pythonpath=pythonpath)
+    return SGLangServer(
+        model,
+        COMMON + list(args),
+        env=env,
+        log_path=str(e2e_dir / f"{name}.log"),
+        max_total_tokens=max_total_tokens,
+        torch_extensions_dir=ext_dir,
+        pythonpath=pythonpath,
+    )
 
 
 def stop(srv, name, graceful=True):
     srv.stop(graceful=graceful)
-    SERVER_TIMINGS.append({"name": name, "start_s": srv.start_seconds, "stop_s": srv.stop_seconds,
-                           "stop": "SIGTERM" if graceful else "SIGKILL"})
+    SERVER_TIMINGS.append(
+        {
+            "name": name,
+            "start_s": srv.start_seconds,
+            "stop_s": srv.stop_seconds,
+            "stop": "SIGTERM" if graceful else "SIGKILL",
+        }
+    )
 
 
 def full_hit(r):
@@ -110,15 +124,19 @@ def assert_kvdrive_wiring(srv):
     """--kv-tier kvdrive was expanded into SGLang's flags and SGLang built kvdrive's radix cache (the storage backend
     shows in every request's cached_tokens_details["storage_backend"])."""
     text = srv.log_text()
-    want = [("enable_hierarchical_cache", "True"), ("hicache_storage_backend", "'dynamic'"),
-            ("radix_cache_backend", "'kvdrive'")]
+    want = [
+        ("enable_hierarchical_cache", "True"),
+        ("hicache_storage_backend", "'dynamic'"),
+        ("radix_cache_backend", "'kvdrive'"),
+    ]
     if not gpu_present():
         want += [("hicache_io_backend", "'direct'"), ("hicache_mem_layout", "'layer_first'")]
     # SGLang logs its resolved arguments as ServerArgs(field=value, ...) up to 0.5.19, as a dict from 0.5.20
     missing = [f"{k}={v}" for k, v in want if f"{k}={v}" not in text and f"'{k}': {v}" not in text]
     assert not missing, f"server_args lack {missing}: --kv-tier kvdrive was not expanded\n{srv.log_tail(30)}"
-    assert "source=registered('kvdrive')" in text, "SGLang did not build kvdrive's radix cache:\n" + \
-        "\n".join(grep_log(srv, "Tree cache initialized"))
+    assert "source=registered('kvdrive')" in text, "SGLang did not build kvdrive's radix cache:\n" + "\n".join(
+        grep_log(srv, "Tree cache initialized")
+    )
 
 
 def metric_text(srv) -> str:
@@ -128,6 +146,9 @@ def metric_text(srv) -> str:
 
 def metric_value(srv, name: str, label: str) -> float | None:
     """Sum of a metric's samples carrying ``label`` in the server's Prometheus text, or None."""
-    vals = [float(line.rsplit(" ", 1)[1]) for line in metric_text(srv).splitlines()
-            if line.startswith(name + "{") and label in line]
+    vals = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metric_text(srv).splitlines()
+        if line.startswith(name + "{") and label in line
+    ]
     return sum(vals) if vals else None

@@ -1,6 +1,7 @@
 """e2e: real SGLang servers in subprocesses (see tests/e2e/server.py). Session fixtures shared by every e2e module
 (tiny model, prompts, the radix-only reference outputs); server start/stop times are collected in
 ``common.SERVER_TIMINGS`` and printed at the end of the run."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.write_sep("-", "e2e server timings")
     for t in SERVER_TIMINGS:
-        terminalreporter.write_line(f"{t['name']:<28} start {t['start_s']:>6} s   stop {t['stop_s']!s:>5} s "
-                                    f"({t['stop']})")
+        terminalreporter.write_line(
+            f"{t['name']:<28} start {t['start_s']:>6} s   stop {t['stop_s']!s:>5} s ({t['stop']})"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +71,12 @@ def reference(tiny_model, all_prompts, e2e_dir, ext_dir):
         # kvdrive is installed in this environment but this server did not ask for it: no kvdrive line beyond the
         # plugin's one debug line (SGLang logs at INFO) and, on CPU, the fallbacks SGLang needs to run there at all
         # (tests/e2e/server.py), i.e. no kvdrive hook (issue 17: inert unless asked)
-        ours = [ln for ln in srv.log_text().splitlines() if ("kvdrive:" in ln or "kvdrive.sglang" in ln)
-                and "CPU fallbacks for HiCache host pools and page copies installed" not in ln]
+        ours = [
+            ln
+            for ln in srv.log_text().splitlines()
+            if ("kvdrive:" in ln or "kvdrive.sglang" in ln)
+            and "CPU fallbacks for HiCache host pools and page copies installed" not in ln
+        ]
         assert ours == [], "kvdrive acted in a server without --kv-tier kvdrive:\n" + "\n".join(ours[:10])
     finally:
         stop(srv, "radix", graceful=False)

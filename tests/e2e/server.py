@@ -15,6 +15,7 @@ so each venv's test run starts its own SGLang. The CPU fallbacks SGLang's HiCach
 (kvdrive_sglang/cpu_fallbacks.py): a kvdrive server gets them with its flag, every other CPU server through
 ``KVDRIVE_CPU_FALLBACKS=1`` (those alone, none of kvdrive's hooks).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,10 +71,20 @@ class SGLangServer:
     ``sitecustomize``; SGLang's spawned schedulers inherit the environment).
     """
 
-    def __init__(self, model_path: str, extra_args: Iterable[str] = (), env: Mapping[str, str] | None = None,
-                 log_path: str | None = None, *, max_total_tokens: int = 2048, startup_timeout: float = 240.0,
-                 request_timeout: float = 120.0, python: str = sys.executable,
-                 torch_extensions_dir: str | None = None, pythonpath: Iterable[str] = ()):
+    def __init__(
+        self,
+        model_path: str,
+        extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+        *,
+        max_total_tokens: int = 2048,
+        startup_timeout: float = 240.0,
+        request_timeout: float = 120.0,
+        python: str = sys.executable,
+        torch_extensions_dir: str | None = None,
+        pythonpath: Iterable[str] = (),
+    ):
         self.model_path = os.fspath(model_path)
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
@@ -95,15 +106,34 @@ class SGLangServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [self.python, "-W", "ignore", "-m", "sglang.launch_server", "--model-path", self.model_path,
-                *([] if gpu_present() else ["--device", "cpu"]), "--host", "127.0.0.1", "--port", str(self.port),
-                "--max-total-tokens", str(self.max_total_tokens), *self.extra_args]
+        return [
+            self.python,
+            "-W",
+            "ignore",
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            self.model_path,
+            *([] if gpu_present() else ["--device", "cpu"]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-total-tokens",
+            str(self.max_total_tokens),
+            *self.extra_args,
+        ]
 
     def environment(self) -> dict[str, str]:
         # the server's launcher marks its own processes as kvdrive's (kvdrive_sglang/activation.py): never inherited
         e = {k: v for k, v in os.environ.items() if k != "KVDRIVE_SERVER"}
-        e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-                 TORCH_EXTENSIONS_DIR=self.torch_extensions_dir or private_torch_extensions_dir())
+        e.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+            TORCH_EXTENSIONS_DIR=self.torch_extensions_dir or private_torch_extensions_dir(),
+        )
         front = list(self.pythonpath)
         if not gpu_present():
             e["SGLANG_USE_CPU_ENGINE"] = "1"
@@ -124,17 +154,26 @@ class SGLangServer:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(self.command())}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.environment(), start_new_session=True,
-                                         cwd=os.path.dirname(os.path.abspath(self.log_path)))
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(),
+                start_new_session=True,
+                cwd=os.path.dirname(os.path.abspath(self.log_path)),
+            )
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise ServerError(f"server exited with rc={self.proc.returncode} before it was ready "
-                                      f"(log {self.log_path}):\n{self.log_tail()}")
+                    raise ServerError(
+                        f"server exited with rc={self.proc.returncode} before it was ready "
+                        f"(log {self.log_path}):\n{self.log_tail()}"
+                    )
                 if time.monotonic() - t0 > self.startup_timeout:
-                    raise ServerError(f"server not ready in {self.startup_timeout:.0f} s (log {self.log_path}):\n"
-                                      f"{self.log_tail()}")
+                    raise ServerError(
+                        f"server not ready in {self.startup_timeout:.0f} s (log {self.log_path}):\n{self.log_tail()}"
+                    )
                 if self._healthy():
                     break
                 time.sleep(0.25)
@@ -208,8 +247,9 @@ class SGLangServer:
 
     # ------------------------------------------------------------------ requests
     def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(f"{self.url}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.request_timeout) as r:
                 return json.load(r)
@@ -219,17 +259,26 @@ class SGLangServer:
     def generate(self, text: str, max_new_tokens: int = 8, temperature: float = 0.0) -> dict:
         """One /generate request. Returns ids (output token ids), cached (cached prompt tokens), details (cached
         tokens by tier: device/host/storage, zeros when absent), prompt_tokens, text and the raw meta_info."""
-        r = self.post("/generate", {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens,
-                                                                      "temperature": temperature}})
+        r = self.post(
+            "/generate",
+            {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": temperature}},
+        )
         m = r["meta_info"]
         raw = m.get("cached_tokens_details") or {}
         details = {"device": 0, "host": 0, "storage": 0, **raw}
-        return {"ids": r["output_ids"], "cached": m["cached_tokens"], "details": details,
-                "prompt_tokens": m.get("prompt_tokens"), "text": r.get("text"), "meta_info": m}
+        return {
+            "ids": r["output_ids"],
+            "cached": m["cached_tokens"],
+            "details": details,
+            "prompt_tokens": m.get("prompt_tokens"),
+            "text": r.get("text"),
+            "meta_info": m,
+        }
 
     def flush_cache(self) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"{self.url}/flush_cache", b"", method="POST"),
-                               timeout=self.request_timeout).read()
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.url}/flush_cache", b"", method="POST"), timeout=self.request_timeout
+        ).read()
 
     # ------------------------------------------------------------------ diagnostics
     def log_text(self) -> str:

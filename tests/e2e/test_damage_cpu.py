@@ -9,6 +9,7 @@ back from storage); then the stamp and ``segments/`` deleted. Each restart goes 
 counts ``kvdrive:store_recoveries_total{kind=...}``. At the end ``kvdrive verify`` finds the repaired store clean.
 The tier-level loop of hundreds of rounds is bench/stress/damage_stress.py (20+ in tests/tier/test_recovery.py).
 """
+
 from __future__ import annotations
 
 import importlib.util

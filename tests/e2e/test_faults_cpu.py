@@ -20,6 +20,7 @@ logs; bench/results/trust-faults.md reports them.
 Running as root, ``chmod`` does not stop writes (root ignores permission bits), so the read-only store is EROFS
 injected on every write path (open for writing, pwrite/pwritev, fdatasync, truncate) rather than a chmod.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -62,7 +63,7 @@ from .server import gpu_present
 pytestmark = pytest.mark.e2e
 
 FAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultinject")
-RETRY_S = 3.0               # the disk tier's retry_after_s in these servers
+RETRY_S = 3.0  # the disk tier's retry_after_s in these servers
 PAGES = PROMPT_TOKENS // PAGE
 FULL_STORAGE = PROMPT_TOKENS - PAGE  # storage tokens of a full reload (SGLang keeps the last page on the device)
 RESULTS: dict = {}
@@ -73,8 +74,7 @@ def kvdrive_flags(store, *, disk: dict | None = None, host_bytes: int = 0) -> li
     disk-store options in the storage extra config, which ``--kvdrive-*`` flags do not reach."""
     fields = canonical(KvdriveOptions(dir=str(store)), gpu=gpu_present())
     extra = json.loads(fields["hicache_storage_backend_extra_config"])
-    extra["kvdrive"].update(host_bytes=host_bytes, write_policy="write_through", reload="always",
-                            disk=dict(disk or {}))
+    extra["kvdrive"].update(host_bytes=host_bytes, write_policy="write_through", reload="always", disk=dict(disk or {}))
     fields["hicache_storage_backend_extra_config"] = json.dumps(extra)
     out = []
     for field, value in fields.items():
@@ -136,8 +136,9 @@ def test_storage_faults(tiny_model, all_prompts, reference, e2e_dir, ext_dir, tm
     ctl, flog = tmp_path / "fault.ctl", tmp_path / "injected.log"
     env = {"KVDRIVE_FAULT_ROOT": str(store), "KVDRIVE_FAULT_CONTROL": str(ctl), "KVDRIVE_FAULT_LOG": str(flog)}
     args = kvdrive_flags(store, disk={"retry_after_s": RETRY_S}) + ["--enable-metrics"]
-    srv = server("faults", tiny_model, e2e_dir, ext_dir, args, env=env, max_total_tokens=1024,
-                 pythonpath=[FAULT_DIR]).start()
+    srv = server(
+        "faults", tiny_model, e2e_dir, ext_dir, args, env=env, max_total_tokens=1024, pythonpath=[FAULT_DIR]
+    ).start()
     d = Driver(srv, store, reference["all_ids"], all_prompts)
 
     def injected() -> int:
@@ -177,9 +178,18 @@ def test_storage_faults(tiny_model, all_prompts, reference, e2e_dir, ext_dir, tm
             d.store_prompt(recover_prompt)
             r = d.from_storage(recover_prompt)
             assert storage_tokens(r) >= FULL_STORAGE, f"{name}: disk tier did not serve again after the fault: {r}"
-        record(name, injected=spec, faults_injected=injected() - n0, answers=d.answers - a0, right=d.right - r0,
-               log_line=lines[0].split("kvdrive: ", 1)[-1][:200], log_lines=len(lines),
-               recovered=True, recovered_after_s=round(time.monotonic() - t_clear, 1), retry_after_s=RETRY_S)
+        record(
+            name,
+            injected=spec,
+            faults_injected=injected() - n0,
+            answers=d.answers - a0,
+            right=d.right - r0,
+            log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
+            log_lines=len(lines),
+            recovered=True,
+            recovered_after_s=round(time.monotonic() - t_clear, 1),
+            retry_after_s=RETRY_S,
+        )
         assert injected() > n0, f"{name}: the injector never fired"
 
     try:
@@ -207,10 +217,17 @@ def test_storage_faults(tiny_model, all_prompts, reference, e2e_dir, ext_dir, tm
         assert len(lines) == 1, lines
         r8 = d.from_storage(8)
         assert storage_tokens(r8) >= FULL_STORAGE, r8
-        record("segment_deleted", injected=f"unlink {len(deleted)} segment file(s)", answers=d.answers - a0,
-               right=d.right - r0, log_line=lines[0].split("kvdrive: ", 1)[-1][:200], log_lines=len(lines),
-               served_from_storage_after_delete=storage_tokens(r), recovered=True,
-               recovered_after_s=round(time.monotonic() - t_clear, 1))
+        record(
+            "segment_deleted",
+            injected=f"unlink {len(deleted)} segment file(s)",
+            answers=d.answers - a0,
+            right=d.right - r0,
+            log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
+            log_lines=len(lines),
+            served_from_storage_after_delete=storage_tokens(r),
+            recovered=True,
+            recovered_after_s=round(time.monotonic() - t_clear, 1),
+        )
 
         # a segment file truncated under the running server (a torn tail): the lost pages are dropped, not served
         a0, r0 = d.answers, d.right
@@ -226,22 +243,46 @@ def test_storage_faults(tiny_model, all_prompts, reference, e2e_dir, ext_dir, tm
         d.store_prompt(10)
         r10 = d.from_storage(10)
         assert storage_tokens(r10) >= FULL_STORAGE, r10
-        record("segment_truncated", injected=f"truncate {len(sizes)} segment file(s) to half", answers=d.answers - a0,
-               right=d.right - r0, log_line=lines[0].split("kvdrive: ", 1)[-1][:200], log_lines=len(lines),
-               recovered=True, recovered_after_s=round(time.monotonic() - t_clear, 1))
+        record(
+            "segment_truncated",
+            injected=f"truncate {len(sizes)} segment file(s) to half",
+            answers=d.answers - a0,
+            right=d.right - r0,
+            log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
+            log_lines=len(lines),
+            recovered=True,
+            recovered_after_s=round(time.monotonic() - t_clear, 1),
+        )
 
         # the faults per kind reach /metrics (kvdrive's reporter feeds Prometheus every 10 s)
         want = {"eio": 2, "enospc": 1, "read_only": 1, "missing_file": 1}
 
         def counts():
             text = metric_text(srv)
-            got = {k: sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-                          if ln.startswith("kvdrive:disk_faults_total{") and f'kind="{k}"' in ln) for k in want}
-            got["corrupt_dropped"] = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-                                         if ln.startswith("kvdrive:corrupt_pages_dropped_total{"))
+            got = {
+                k: sum(
+                    float(ln.rsplit(" ", 1)[1])
+                    for ln in text.splitlines()
+                    if ln.startswith("kvdrive:disk_faults_total{") and f'kind="{k}"' in ln
+                )
+                for k in want
+            }
+            got["corrupt_dropped"] = sum(
+                float(ln.rsplit(" ", 1)[1])
+                for ln in text.splitlines()
+                if ln.startswith("kvdrive:corrupt_pages_dropped_total{")
+            )
             return got
-        got = wait_for(lambda: (lambda c: c if all(c[k] >= n for k, n in want.items()) and c["corrupt_dropped"]
-                                else None)(counts()), 30) or counts()
+
+        got = (
+            wait_for(
+                lambda: (lambda c: c if all(c[k] >= n for k, n in want.items()) and c["corrupt_dropped"] else None)(
+                    counts()
+                ),
+                30,
+            )
+            or counts()
+        )
         record("metrics", **got)
         for k, n in want.items():
             assert got[k] >= n, f"kvdrive:disk_faults_total{{kind={k!r}}} = {got[k]}, want >= {n}"
@@ -301,12 +342,18 @@ def test_lmdb_map_full(tiny_model, all_prompts, reference, e2e_dir, ext_dir):
                 evicting_from = i
             i += 1
         evictions = grep_log(srv, "above 80% of its map")
-        record("lmdb_map_too_small", map_size=MAP_SIZE, prompts=i, entries_after_each=counts,
-               storage_tokens_each=served, eviction_line=evictions[0].split("kvdrive: ", 1)[-1][:200] if evictions
-               else None, faults=grep_log(srv, "after map_full during")[:1])
+        record(
+            "lmdb_map_too_small",
+            map_size=MAP_SIZE,
+            prompts=i,
+            entries_after_each=counts,
+            storage_tokens_each=served,
+            eviction_line=evictions[0].split("kvdrive: ", 1)[-1][:200] if evictions else None,
+            faults=grep_log(srv, "after map_full during")[:1],
+        )
         assert evicting_from is not None, f"a {MAP_SIZE}-byte map never needed eviction in {i} prompts: {counts}"
         # every prompt before the map filled, and the one after the eviction, came back from disk in full
-        assert all(t >= FULL_STORAGE for t in served[:evicting_from] + served[evicting_from + 1:]), (served, counts)
+        assert all(t >= FULL_STORAGE for t in served[:evicting_from] + served[evicting_from + 1 :]), (served, counts)
         assert not grep_log(srv, "after map_full during"), "a map merely too small must not fault"
 
         # 2. full for real while a reader pins an old snapshot
@@ -335,15 +382,29 @@ def test_lmdb_map_full(tiny_model, all_prompts, reference, e2e_dir, ext_dir):
                 time.sleep(RETRY_S)
             if recovered is not None:
                 break
-        got = wait_for(lambda: int(sum(float(ln.rsplit(" ", 1)[1]) for ln in metric_text(srv).splitlines()
-                                       if ln.startswith("kvdrive:disk_faults_total{") and 'kind="map_full"' in ln)),
-                       30)
+        got = wait_for(
+            lambda: int(
+                sum(
+                    float(ln.rsplit(" ", 1)[1])
+                    for ln in metric_text(srv).splitlines()
+                    if ln.startswith("kvdrive:disk_faults_total{") and 'kind="map_full"' in ln
+                )
+            ),
+            30,
+        )
         full_lines = grep_log(srv, "is full (map_size")
-        record("lmdb_map_full", injected="a read transaction held open by another process (192 KiB map)",
-               answers=d.answers, right=d.right, full_after_prompts=full_at + 1 - len(served),
-               log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
-               eviction_line=full_lines[0].split("kvdrive: ", 1)[-1][:200] if full_lines else None,
-               metric_map_full=got, recovered=recovered is not None, recovered_after_s=recovered)
+        record(
+            "lmdb_map_full",
+            injected="a read transaction held open by another process (192 KiB map)",
+            answers=d.answers,
+            right=d.right,
+            full_after_prompts=full_at + 1 - len(served),
+            log_line=lines[0].split("kvdrive: ", 1)[-1][:200],
+            eviction_line=full_lines[0].split("kvdrive: ", 1)[-1][:200] if full_lines else None,
+            metric_map_full=got,
+            recovered=recovered is not None,
+            recovered_after_s=recovered,
+        )
         assert got and got >= 1, "kvdrive:disk_faults_total{kind='map_full'} missing"
         assert recovered is not None, "the disk tier never stored and served a page again after the reader let go"
     finally:
@@ -365,8 +426,9 @@ def test_second_server_same_dir_then_kill_9(tiny_model, all_prompts, reference, 
     env = {"KVDRIVE_FAULT_ROOT": str(store), "KVDRIVE_FAULT_CONTROL": str(ctl), "KVDRIVE_FAULT_LOG": str(flog)}
     args = kvdrive_flags(store)
     ref = reference["all_ids"]
-    a = server("shared_a", tiny_model, e2e_dir, ext_dir, args, env=env, max_total_tokens=1024,
-               pythonpath=[FAULT_DIR]).start()
+    a = server(
+        "shared_a", tiny_model, e2e_dir, ext_dir, args, env=env, max_total_tokens=1024, pythonpath=[FAULT_DIR]
+    ).start()
     b = a2 = None
     try:
         da = Driver(a, store, ref, all_prompts)
@@ -378,8 +440,13 @@ def test_second_server_same_dir_then_kill_9(tiny_model, all_prompts, reference, 
         ra = da.from_storage(1)  # written by B, read by A
         assert storage_tokens(rb) >= FULL_STORAGE, f"B did not read A's pages: {rb}"
         assert storage_tokens(ra) >= FULL_STORAGE, f"A did not read B's pages: {ra}"
-        record("second_server", answers=da.answers + db.answers, right=da.right + db.right,
-               b_storage_tokens_of_a_prompt=storage_tokens(rb), a_storage_tokens_of_b_prompt=storage_tokens(ra))
+        record(
+            "second_server",
+            answers=da.answers + db.answers,
+            right=da.right + db.right,
+            b_storage_tokens_of_a_prompt=storage_tokens(rb),
+            a_storage_tokens_of_b_prompt=storage_tokens(ra),
+        )
 
         # kill -9 of A mid write-down; B keeps serving
         def injected() -> int:
@@ -398,8 +465,9 @@ def test_second_server_same_dir_then_kill_9(tiny_model, all_prompts, reference, 
         ctl.unlink()
         after_kill = db.entries()
         assert stalled > 0, "no write of A reached the disk while the slow disk was armed"
-        assert after_kill < before + 6 * PAGES, f"{after_kill - before} of A's last 6 x {PAGES} pages were " \
-            "committed: the kill did not land mid write-down"
+        assert after_kill < before + 6 * PAGES, (
+            f"{after_kill - before} of A's last 6 x {PAGES} pages were committed: the kill did not land mid write-down"
+        )
         b_after = [db.from_storage(i) for i in (0, 1)]  # B serves on, from the disk A shared
         db.store_prompt(8)  # ... and writes
         assert all(storage_tokens(r) >= FULL_STORAGE for r in b_after), b_after
@@ -416,8 +484,16 @@ def test_second_server_same_dir_then_kill_9(tiny_model, all_prompts, reference, 
             if srv is not None and srv.proc is not None:
                 stop(srv, name)
     v = kvdrive_cli("verify", str(store))  # rc 0: nothing torn, mixed or pointing past a file's end
-    record("kill_9", writes_stalled_before_kill=stalled, pages_of_a_in_flight=6 * PAGES,
-           pages_of_a_committed_before_kill=after_kill - before, b_answers_after_kill=3, restart_answers=d2.answers,
-           restart_right=d2.right, restart_prompts_from_storage=sum(storage_tokens(r) >= FULL_STORAGE for r in replay),
-           total_answers=da.answers + db.answers + d2.answers, total_right=da.right + db.right + d2.right,
-           verify=v.stdout.strip()[-300:])
+    record(
+        "kill_9",
+        writes_stalled_before_kill=stalled,
+        pages_of_a_in_flight=6 * PAGES,
+        pages_of_a_committed_before_kill=after_kill - before,
+        b_answers_after_kill=3,
+        restart_answers=d2.answers,
+        restart_right=d2.right,
+        restart_prompts_from_storage=sum(storage_tokens(r) >= FULL_STORAGE for r in replay),
+        total_answers=da.answers + db.answers + d2.answers,
+        total_right=da.right + db.right + d2.right,
+        verify=v.stdout.strip()[-300:],
+    )

@@ -13,6 +13,7 @@ is cacheable and ``cached == prompt_tokens - 1`` on a full hit, whatever the tie
 Run: ``.venv/bin/python -m pytest tests/e2e -m e2e --durations=0`` (≈3-4 min on the 2-core CPU machine; server logs
 stay in pytest's basetemp, e.g. /tmp/pytest-of-$USER/pytest-current/e2e0/*.log). Skipped when sglang is not installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,8 +32,11 @@ def _sglang_installed() -> bool:
 
 
 if not _sglang_installed():
-    pytest.skip("sglang is not installed: the e2e server tests need the [sglang] extra (on CPU: "
-                "scripts/install.sh, pins in requirements/sglang-VERSION/)", allow_module_level=True)
+    pytest.skip(
+        "sglang is not installed: the e2e server tests need the [sglang] extra (on CPU: "
+        "scripts/install.sh, pins in requirements/sglang-VERSION/)",
+        allow_module_level=True,
+    )
 
 from .common import (
     HICACHE_CPU,
@@ -59,8 +63,8 @@ pytestmark = pytest.mark.e2e
 def test_radix_only_device_cache(reference, prompts):
     first, second = reference["first"], reference["second"]
     assert first["prompt_tokens"] == PROMPT_TOKENS, first
-    assert first["cached"] < PAGE, first                      # nothing of it was cached before
-    assert full_hit(second), second                            # all but the last prompt token from the device
+    assert first["cached"] < PAGE, first  # nothing of it was cached before
+    assert full_hit(second), second  # all but the last prompt token from the device
     assert second["details"]["device"] == second["cached"] and second["details"]["host"] == 0, second
     assert second["ids"] == first["ids"]
     assert len(set(map(tuple, reference["ids"]))) == N_PROMPTS, reference["ids"]  # outputs depend on the prompt
@@ -104,8 +108,9 @@ def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_
         runs = [srv.generate(p, MAX_NEW) for p in prompts]
         again = srv.generate(prompts[0], MAX_NEW)
         # the store is readable while the server runs; wait (bounded) until prompt 0's pages reached the disk
-        entries_live = wait_for(lambda: at_least(kvdrive_entries(store), PROMPT_TOKENS // PAGE), 30) \
-            or kvdrive_entries(store)
+        entries_live = wait_for(lambda: at_least(kvdrive_entries(store), PROMPT_TOKENS // PAGE), 30) or kvdrive_entries(
+            store
+        )
     finally:
         stop(srv, "kvdrive_1")
     # attention masses from the server's real forward passes reached the promoter (issue 17): the summary line
@@ -124,15 +129,15 @@ def test_kvdrive_tiers_and_restart(tiny_model, prompts, reference, e2e_dir, ext_
     assert entries_live >= PROMPT_TOKENS // PAGE, f"kvdrive stats showed {entries_live} entries while serving"
 
     # restart on the same directory: the disk tier serves; with --enable-metrics kvdrive's figures reach /metrics
-    srv = server("kvdrive_2", tiny_model, e2e_dir, ext_dir, args + ["--enable-metrics"],
-                 max_total_tokens=1024).start()
+    srv = server("kvdrive_2", tiny_model, e2e_dir, ext_dir, args + ["--enable-metrics"], max_total_tokens=1024).start()
     try:
         assert_plugin_ok(srv)
         replay = [srv.generate(p, MAX_NEW) for p in prompts]
         # kvdrive's reporter feeds Prometheus every 10 s: wait (bounded) for the disk hits to show
         want = N_PROMPTS * (PROMPT_TOKENS // PAGE)
-        disk_hits = wait_for(lambda: at_least(int(metric_value(srv, "kvdrive:hit_pages_total", 'tier="disk"') or 0),
-                                              want), 30) or metric_value(srv, "kvdrive:hit_pages_total", 'tier="disk"')
+        disk_hits = wait_for(
+            lambda: at_least(int(metric_value(srv, "kvdrive:hit_pages_total", 'tier="disk"') or 0), want), 30
+        ) or metric_value(srv, "kvdrive:hit_pages_total", 'tier="disk"')
     finally:
         stop(srv, "kvdrive_2")
     assert disk_hits and disk_hits >= want, f"kvdrive disk hits in /metrics: {disk_hits}"

@@ -3,6 +3,7 @@
 send the same prompt; restart; tenant A is served from the encrypted disk store, tenant B, whose key was deleted in
 between, is recomputed; every greedy output equals the radix-only reference. Two server starts (≈20 s each on the
 2-core CPU machine when it is otherwise idle)."""
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,17 @@ def kvdrive_flags(store, keys) -> list[str]:
 
 
 def generate(srv, text, salt):
-    r = srv.post("/generate", {"text": text, "extra_key": salt,
-                               "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0.0}})
+    r = srv.post(
+        "/generate",
+        {"text": text, "extra_key": salt, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0.0}},
+    )
     m = r["meta_info"]
-    return {"ids": r["output_ids"], "cached": m["cached_tokens"], "prompt_tokens": m.get("prompt_tokens"),
-            "details": {"device": 0, "host": 0, "storage": 0, **(m.get("cached_tokens_details") or {})}}
+    return {
+        "ids": r["output_ids"],
+        "cached": m["cached_tokens"],
+        "prompt_tokens": m.get("prompt_tokens"),
+        "details": {"device": 0, "host": 0, "storage": 0, **(m.get("cached_tokens_details") or {})},
+    }
 
 
 def test_encrypted_tenants_across_restart(tiny_model, prompts, reference, e2e_dir, ext_dir):

@@ -4,6 +4,7 @@ of the same Triton kernels under Triton's interpreter (``interpret_check.py``, d
 Copies and dequantisation must agree bit for bit; attention mass within a float tolerance (atomic adds, tensor-core
 dot products). Each check raises AssertionError naming the case that disagreed and returns the number of cases.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,11 @@ def check_page_copy(device: str, small: bool = False) -> int:
     """``small``: fewer cases (the interpreter runs every program in Python)."""
     g = torch.Generator().manual_seed(1)
     n = 0
-    dtypes = (torch.bfloat16, torch.float32, FP8) if small else (torch.bfloat16, torch.float16, torch.float32,
-                                                                   torch.uint8, FP8)
+    dtypes = (
+        (torch.bfloat16, torch.float32, FP8)
+        if small
+        else (torch.bfloat16, torch.float16, torch.float32, torch.uint8, FP8)
+    )
     for dtype in dtypes:
         for page_size, inner in ((1, (3, 5)), (16, (2, 64)), (64, (1, 7)), (5, (4, 24))):
             num_pages = 9
@@ -104,8 +108,9 @@ def check_dequant(device: str, small: bool = False) -> int:
                 ref = dequant_rows_ref(codes, scales, fmt, out_dtype)
                 assert same_bits(dequant_rows(codes, scales, fmt, out_dtype, impl="triton"), ref), f"rows {case}"
                 body = torch.cat([scales.view(torch.uint8), codes.reshape(-1)])
-                assert same_bits(dequant_body(body, fmt, row_len, out_dtype, impl="triton"),
-                                 ref.reshape(-1)), f"body {case}"
+                assert same_bits(dequant_body(body, fmt, row_len, out_dtype, impl="triton"), ref.reshape(-1)), (
+                    f"body {case}"
+                )
                 # three bodies in one 2-D tensor at an odd byte offset: scales read unaligned
                 blob = torch.zeros(3 * body.numel() + 1, dtype=torch.uint8, device=device)
                 bodies = blob[1:].view(3, -1)
@@ -117,21 +122,31 @@ def check_dequant(device: str, small: bool = False) -> int:
         one = torch.ones(8, device=device)
         got = dequant_rows(every, one, fmt, torch.float32, impl="triton")
         ref = dequant_rows_ref(every, one, fmt, torch.float32)
-        assert torch.equal(got.isnan(), ref.isnan()) and same_bits(got.nan_to_num(), ref.nan_to_num()), \
+        assert torch.equal(got.isnan(), ref.isnan()) and same_bits(got.nan_to_num(), ref.nan_to_num()), (
             f"every {fmt} code"
+        )
         n += 1
     return n
 
 
-def check_attention_mass(device: str, dtypes=(torch.bfloat16, torch.float16, torch.float32), tol: float = 2e-3,
-                         small: bool = False) -> int:
+def check_attention_mass(
+    device: str, dtypes=(torch.bfloat16, torch.float16, torch.float32), tol: float = 2e-3, small: bool = False
+) -> int:
     """``small``: fewer tokens (the interpreter runs every program in Python)."""
     g = torch.Generator().manual_seed(3)
     n = 0
-    configs = (((8, 2, 64), 16, 30.0), ((4, 4, 40), 1, 0.0), ((28, 4, 128), 64, 0.0), ((6, 1, 96), 3, 0.0),
-               ((8, 8, 32), 256, 0.0), ((8, 2, 64), 16, 0.0), ((16, 1, 576), 64, 0.0), ((64, 1, 128), 32, 0.0))
+    configs = (
+        ((8, 2, 64), 16, 30.0),
+        ((4, 4, 40), 1, 0.0),
+        ((28, 4, 128), 64, 0.0),
+        ((6, 1, 96), 3, 0.0),
+        ((8, 8, 32), 256, 0.0),
+        ((8, 2, 64), 16, 0.0),
+        ((16, 1, 576), 64, 0.0),
+        ((64, 1, 128), 32, 0.0),
+    )
     for i, dtype in enumerate(dtypes):
-        for (hq, hkv, d), page_size, cap in (configs[i::len(dtypes)][:2] if small else configs):
+        for (hq, hkv, d), page_size, cap in configs[i :: len(dtypes)][:2] if small else configs:
             B, slots, width = 4, 3000, (100 if small else 700)
             q = torch.randn(B, hq, d, generator=g).to(dtype).to(device)
             kb = (torch.randn(slots, hkv, d, generator=g) * 2).to(dtype).to(device)
@@ -141,7 +156,7 @@ def check_attention_mass(device: str, dtypes=(torch.bfloat16, torch.float16, tor
             case = f"{dtype} heads {hq}/{hkv} d {d} page_size {page_size} cap {cap}"
             kw = dict(req_pool_indices=rpi, logit_cap=cap)
             ref = page_attention_mass_ref(q, kb, r2t, seq_lens, page_size, **kw)
-            for splits in ((3,) if small else (None, 1, 5)):
+            for splits in (3,) if small else (None, 1, 5):
                 got = page_attention_mass(q, kb, r2t, seq_lens, page_size, num_splits=splits, impl="triton", **kw)
                 err = (got - ref).abs().max().item()
                 assert err < tol * hq, f"mass {case} splits {splits}: max error {err}"
@@ -153,8 +168,9 @@ def check_attention_mass(device: str, dtypes=(torch.bfloat16, torch.float16, tor
             got = page_attention_mass(q, kb, r2t, seq_lens, page_size, lse=lse_ref, impl="triton", **kw)
             assert (got - ref).abs().max().item() < tol * hq, f"mass with given lse {case}"
             acc = ref.clone()
-            page_attention_mass(q, kb, r2t, seq_lens, page_size, out=acc, accumulate=True, head_reduce="mean",
-                                impl="triton", **kw)
+            page_attention_mass(
+                q, kb, r2t, seq_lens, page_size, out=acc, accumulate=True, head_reduce="mean", impl="triton", **kw
+            )
             assert (acc - ref * (1 + 1 / hq)).abs().max().item() < tol * hq, f"accumulate mean {case}"
             n += 1
     return n

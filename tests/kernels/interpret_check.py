@@ -8,6 +8,7 @@ defined), so ``test_triton_interpret.py`` runs this in a subprocess. Interpreter
 attention-mass kernels are checked with fp16 and fp32 here and with bf16 only on a GPU; float32 -> bfloat16 casts
 truncate (the dequant kernel rounds on the bits itself, so that one is checked with bf16 too).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,10 +42,14 @@ def main() -> int:
 
     from tests.kernels import agreement
 
-    checks = [("page_copy", lambda: agreement.check_page_copy("cpu", small=True)),
-              ("dequant", lambda: agreement.check_dequant("cpu", small=True)),
-              ("attention_mass", lambda: agreement.check_attention_mass("cpu", dtypes=(torch.float16, torch.float32),
-                                                                        small=True))]
+    checks = [
+        ("page_copy", lambda: agreement.check_page_copy("cpu", small=True)),
+        ("dequant", lambda: agreement.check_dequant("cpu", small=True)),
+        (
+            "attention_mass",
+            lambda: agreement.check_attention_mass("cpu", dtypes=(torch.float16, torch.float32), small=True),
+        ),
+    ]
     failed = 0
     for name, fn in checks:
         t0 = time.perf_counter()

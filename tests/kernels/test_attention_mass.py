@@ -1,4 +1,5 @@
 """Per-page attention mass reference against a float64 loop over requests, heads and tokens, on CPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -70,7 +71,10 @@ def test_mass_matches_float64_loop(Hq, Hkv, page_size):
     lse64 = torch.from_numpy(lse).float()
     np.testing.assert_allclose(
         page_attention_mass(q, kb, r2t, seq_lens, page_size, req_pool_indices=rpi, lse=lse64).numpy(),
-        expect, rtol=1e-4, atol=1e-6)
+        expect,
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_given_lse_is_used_not_recomputed():
@@ -150,8 +154,7 @@ def test_bad_inputs_are_refused():
         page_attention_mass(q, kb, r2t[:1], ok, 8)
     with pytest.raises(ValueError, match="out must be"):
         page_attention_mass(q, kb, r2t, ok, 8, out=torch.zeros(2, 4, dtype=torch.float64))
-    assert torch.equal(page_attention_mass(q, kb, r2t, ok, 8, impl="torch"),
-                       page_attention_mass_ref(q, kb, r2t, ok, 8))
+    assert torch.equal(page_attention_mass(q, kb, r2t, ok, 8, impl="torch"), page_attention_mass_ref(q, kb, r2t, ok, 8))
 
 
 def test_k_scale_and_logit_cap_match_the_float64_loop_in_the_reference():
@@ -172,8 +175,8 @@ def test_mla_geometry_one_latent_head_of_576():
     q, kb, r2t = make(2, 16, 1, 576, 200, 40, 12)
     kb = kb * 0.05
     seq_lens = torch.tensor([40, 17])
-    got = page_attention_mass(q, kb, r2t, seq_lens, 16, scale=576 ** -0.5)
-    expect, _ = naive(q, kb, r2t, seq_lens, 16, 3, scale=576 ** -0.5)
+    got = page_attention_mass(q, kb, r2t, seq_lens, 16, scale=576**-0.5)
+    expect, _ = naive(q, kb, r2t, seq_lens, 16, 3, scale=576**-0.5)
     np.testing.assert_allclose(got.numpy(), expect, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.sum(1).numpy(), [16, 16], rtol=1e-5)
 
@@ -209,7 +212,14 @@ def test_triton_kernel_agrees_on_k_scale_logit_cap_and_mla_under_the_interpreter
     KV head, 576 dims: the 16-token tiles), run by Triton's interpreter on CPU (a subprocess: TRITON_INTERPRET must be
     set before Triton is imported)."""
     root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                       capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRITON_CHECK],
+        cwd=root,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     assert r.stdout.count("ok ") == 6

@@ -1,5 +1,6 @@
 """Dequantise-on-load references: bit-exact against kvdrive's own codec (``tier.codecs``) on synthetic KV pages,
 and against a plain per-element loop."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def body_of(blob: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(blob[HEADER.size:]), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(blob[HEADER.size :]), dtype=torch.uint8)
 
 
 def codec_decode(blob: bytes, like: np.ndarray, dtype: str) -> bytes:
@@ -73,7 +74,7 @@ def test_quant_rows_ref_matches_the_codec_body(dtype, codec):
     x[2, :3] = torch.tensor([65504.0, -3.0e38 if dtype != "float16" else -65504.0, 1.0]).to(x.dtype)  # extremes
     scales, codes = quant_rows_ref(x, codec)
     blob = encode_page(x.view(torch.uint8).numpy(), dtype, codec, 64)
-    assert scales.numpy().tobytes() + codes.numpy().tobytes() == blob[HEADER.size:]
+    assert scales.numpy().tobytes() + codes.numpy().tobytes() == blob[HEADER.size :]
     # and back: the reference decodes the codec's body exactly as the codec does
     back = dequant_rows_ref(codes, scales, codec, TORCH[dtype])
     assert back.view(torch.uint8).numpy().tobytes() == codec_decode(blob, x.view(torch.uint8).numpy(), dtype)

@@ -1,5 +1,6 @@
 """Triton kernels vs torch references on a CUDA GPU: copies and dequantisation bit-exact (dequantisation also
 against ``tier.codecs.decode_page``), attention mass within tolerance, bf16 included."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +34,7 @@ def test_attention_mass_agrees():
 
 def test_auto_dispatch_runs_triton_on_cuda(monkeypatch):
     from kvdrive_sglang.kernels import triton_page_copy
+
     calls = []
     real = triton_page_copy.copy_pages
     monkeypatch.setattr(triton_page_copy, "copy_pages", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -41,14 +43,15 @@ def test_auto_dispatch_runs_triton_on_cuda(monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"),
-                                               ("float32", "float32")])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")]
+)
 @pytest.mark.parametrize("codec", ["int8", "fp8"])
 def test_dequant_on_gpu_is_bit_exact_with_decode_page(dtype, torch_dtype, codec):
     rng = np.random.default_rng(1)
     pages = [kv_page(rng, page_size=64, num_heads=8, head_dim=128, dtype=dtype) for _ in range(3)]
     blobs = [encode_page(p, dtype, codec, 128) for p in pages]
-    bodies = torch.stack([torch.frombuffer(bytearray(b[HEADER.size:]), dtype=torch.uint8) for b in blobs]).cuda()
+    bodies = torch.stack([torch.frombuffer(bytearray(b[HEADER.size :]), dtype=torch.uint8) for b in blobs]).cuda()
     got = dequant_body(bodies, codec, 128, getattr(torch, torch_dtype)).cpu()
     for i, (blob, page) in enumerate(zip(blobs, pages)):
         out = np.empty_like(page)

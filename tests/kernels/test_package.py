@@ -1,4 +1,5 @@
 """Importing the kernels package is free (no torch, no Triton) and CPU use never needs Triton."""
+
 from __future__ import annotations
 
 import subprocess
@@ -51,8 +52,16 @@ def test_cpu_use_works_with_triton_unimportable():
 
 
 def test_exports():
-    assert {"gather_pages", "scatter_pages", "gather_pages_layers", "scatter_pages_layers", "dequant_body",
-            "dequant_rows", "page_attention_mass", "attention_lse"} <= set(kernels.__all__)
+    assert {
+        "gather_pages",
+        "scatter_pages",
+        "gather_pages_layers",
+        "scatter_pages_layers",
+        "dequant_body",
+        "dequant_rows",
+        "page_attention_mass",
+        "attention_lse",
+    } <= set(kernels.__all__)
     assert set(kernels.__all__) <= set(dir(kernels))
     assert callable(kernels.page_attention_mass)
     with pytest.raises(AttributeError):

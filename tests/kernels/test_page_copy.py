@@ -1,4 +1,5 @@
 """Page gather / scatter references against plain loops, on CPU (the dispatchers run the references here)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,8 +80,9 @@ def test_layers_match_per_layer_loops(stacked, page_size):
     scatter_pages_layers(dst_arg, torch.tensor(ids), page_size, data)
     for l, t in enumerate(dst):
         got = dst_arg[l] if stacked else t
-        np.testing.assert_array_equal(as_np(got), naive_scatter(as_np(torch.zeros_like(t)), ids, page_size,
-                                                                as_np(data[l])))
+        np.testing.assert_array_equal(
+            as_np(got), naive_scatter(as_np(torch.zeros_like(t)), ids, page_size, as_np(data[l]))
+        )
 
 
 def test_round_trip_touches_only_the_named_pages():

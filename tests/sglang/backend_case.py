@@ -1,4 +1,5 @@
 """Real SGLang CPU pools + KvdriveStorage, shared by the contract test and its restart subprocess."""
+
 import json
 
 import torch
@@ -16,37 +17,94 @@ PAGE = 4
 
 def make_host(layout="layer_first", dtype=torch.bfloat16, heads=2, head_dim=16, layers=2, size=64):
     cpu_fallbacks.install()
-    kv = MHATokenToKVPool(size=size, page_size=PAGE, dtype=dtype, head_num=heads, head_dim=head_dim,
-                          layer_num=layers, device="cpu", enable_memory_saver=False)
-    return make_host_pool(MHATokenToKVPoolHost, kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
-                          layout=layout, pin_memory=False, device="cpu")
+    kv = MHATokenToKVPool(
+        size=size,
+        page_size=PAGE,
+        dtype=dtype,
+        head_num=heads,
+        head_dim=head_dim,
+        layer_num=layers,
+        device="cpu",
+        enable_memory_saver=False,
+    )
+    return make_host_pool(
+        MHATokenToKVPoolHost,
+        kv,
+        host_to_device_ratio=2.0,
+        host_size=0,
+        page_size=PAGE,
+        layout=layout,
+        pin_memory=False,
+        device="cpu",
+    )
 
 
 def make_mla_host(layout="layer_first", dtype=torch.bfloat16, size=64):
     cpu_fallbacks.install()
     from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
-    kv = MLATokenToKVPool(size=size, page_size=PAGE, dtype=dtype, kv_lora_rank=32, qk_rope_head_dim=8, layer_num=2,
-                          device="cpu", enable_memory_saver=False)
+
+    kv = MLATokenToKVPool(
+        size=size,
+        page_size=PAGE,
+        dtype=dtype,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+    )
     extra = {"target_layer_num": kv.layer_num} if host_pool_args(MLATokenToKVPoolHost, kv)[1] else {}
-    return make_host_pool(MLATokenToKVPoolHost, kv, host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
-                          layout=layout, pin_memory=False, device="cpu", **extra)
+    return make_host_pool(
+        MLATokenToKVPoolHost,
+        kv,
+        host_to_device_ratio=2.0,
+        host_size=0,
+        page_size=PAGE,
+        layout=layout,
+        pin_memory=False,
+        device="cpu",
+        **extra,
+    )
 
 
-def make_backend(store_dir, host, *, tp_rank=0, tp_size=1, model="tiny-llama", mla=False, codec="zstd",
-                 host_gb=0.01, promoter=None, reload=None, config=None):
+def make_backend(
+    store_dir,
+    host,
+    *,
+    tp_rank=0,
+    tp_size=1,
+    model="tiny-llama",
+    mla=False,
+    codec="zstd",
+    host_gb=0.01,
+    promoter=None,
+    reload=None,
+    config=None,
+):
     """A KvdriveStorage as SGLang builds it (``config``: further HiCacheStorageConfig fields, e.g. 0.5.23's
     dp_rank / dcp_size / dcp_rank / logical_page_size)."""
-    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(store_dir), host_gb=host_gb, disk_gb=1,
-                                                           codec=codec)))
+    extra = json.loads(
+        storage_extra_config(KvdriveOptions(dir=str(store_dir), host_gb=host_gb, disk_gb=1, codec=codec))
+    )
     if promoter:
         extra["kvdrive"]["promoter"] = promoter
     if reload:
         extra["kvdrive"]["reload"] = reload
-    cfg = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-                               attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
-                               is_page_first_layout=host.layout == "page_first", model_name=model,
-                               extra_config=extra, **(config or {}))
+    cfg = HiCacheStorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=False,
+        is_page_first_layout=host.layout == "page_first",
+        model_name=model,
+        extra_config=extra,
+        **(config or {}),
+    )
     be = StorageBackendFactory.create_backend("dynamic", cfg, host)
     be.register_mem_pool_host(host)
     return be
@@ -74,6 +132,7 @@ def pages_of(host, host_indices, n):
 
 if __name__ == "__main__":  # restart check: a new process opens the same store and reads the pages back
     import sys
+
     store, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     host = make_host()
     be = make_backend(store, host)

@@ -1,4 +1,5 @@
 """Fixtures shared by the tests that build SGLang's HiRadixCache on CPU."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@
                                                        it starts anything)
 One JSON object per line: {"case", "ok", "fields" | "error", "exit"}
 """
+
 import contextlib
 import inspect
 import io
@@ -28,8 +29,15 @@ else:
 
 from sglang.srt.server_args import prepare_server_args  # noqa: E402
 
-FIELDS = ("enable_hierarchical_cache", "hicache_storage_backend", "hicache_storage_backend_extra_config",
-          "radix_cache_backend", "hicache_io_backend", "hicache_mem_layout", "hicache_ratio")
+FIELDS = (
+    "enable_hierarchical_cache",
+    "hicache_storage_backend",
+    "hicache_storage_backend_extra_config",
+    "radix_cache_backend",
+    "hicache_io_backend",
+    "hicache_mem_layout",
+    "hicache_ratio",
+)
 
 
 def run(case, fn):
@@ -37,8 +45,12 @@ def run(case, fn):
     try:
         with contextlib.redirect_stderr(err):
             sa = fn()
-        out = {"case": case, "ok": True, "fields": {f: getattr(sa, f) for f in FIELDS},
-               "type": f"{type(sa).__module__}.{type(sa).__qualname__}"}
+        out = {
+            "case": case,
+            "ok": True,
+            "fields": {f: getattr(sa, f) for f in FIELDS},
+            "type": f"{type(sa).__module__}.{type(sa).__qualname__}",
+        }
     except SystemExit as e:
         out = {"case": case, "ok": False, "exit": e.code, "error": err.getvalue().strip().splitlines()[-1:]}
     except Exception as e:  # noqa: BLE001
@@ -62,13 +74,25 @@ def engine_server_args(**kwargs):
 base = ["--model-path", "dummy", "--device", "cpu"]
 if sys.argv[1] == "--engine":
     d = sys.argv[2]
-    run("engine-first-call", lambda: engine_server_args(model_path="dummy", device="cpu", kv_tier="kvdrive",
-                                                        kvdrive_dir=d, kvdrive_host_gb=1, kvdrive_codec="raw"))
+    run(
+        "engine-first-call",
+        lambda: engine_server_args(
+            model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d, kvdrive_host_gb=1, kvdrive_codec="raw"
+        ),
+    )
     run("engine-plain", lambda: engine_server_args(model_path="dummy", device="cpu"))
-    run("engine-first-conflict", lambda: engine_server_args(model_path="dummy", device="cpu", kv_tier="kvdrive",
-                                                            kvdrive_dir=d, radix_cache_backend="lmcache"))
-    run("engine-bad-codec", lambda: engine_server_args(model_path="dummy", device="cpu", kv_tier="kvdrive",
-                                                       kvdrive_dir=d, kvdrive_codec="lz4"))
+    run(
+        "engine-first-conflict",
+        lambda: engine_server_args(
+            model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d, radix_cache_backend="lmcache"
+        ),
+    )
+    run(
+        "engine-bad-codec",
+        lambda: engine_server_args(
+            model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d, kvdrive_codec="lz4"
+        ),
+    )
     run("engine-option-without-tier", lambda: engine_server_args(model_path="dummy", device="cpu", kvdrive_dir=d))
     sys.exit(0)
 if sys.argv[1] == "--argv":
@@ -77,31 +101,82 @@ if sys.argv[1] == "--argv":
             run(c["case"], lambda: prepare_server_args(base + c["argv"]))
     sys.exit(0)
 d = sys.argv[1]
-run("cli", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--kvdrive-host-gb", "2",
-                                               "--kvdrive-disk-gb", "10", "--kvdrive-codec", "raw"]))
-run("cli-user-layout", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
-                                                           "--hicache-mem-layout", "page_first",
-                                                           "--enable-hierarchical-cache",
-                                                           "--radix-cache-backend", "kvdrive"]))
+run(
+    "cli",
+    lambda: prepare_server_args(
+        base
+        + [
+            "--kv-tier",
+            "kvdrive",
+            "--kvdrive-dir",
+            d,
+            "--kvdrive-host-gb",
+            "2",
+            "--kvdrive-disk-gb",
+            "10",
+            "--kvdrive-codec",
+            "raw",
+        ]
+    ),
+)
+run(
+    "cli-user-layout",
+    lambda: prepare_server_args(
+        base
+        + [
+            "--kv-tier",
+            "kvdrive",
+            "--kvdrive-dir",
+            d,
+            "--hicache-mem-layout",
+            "page_first",
+            "--enable-hierarchical-cache",
+            "--radix-cache-backend",
+            "kvdrive",
+        ]
+    ),
+)
 run("no-tier", lambda: prepare_server_args(base))
-run("conflict-backend", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
-                                                            "--hicache-storage-backend", "file"]))
-run("conflict-radix", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
-                                                          "--radix-cache-backend", "lmcache"]))
-run("conflict-disable-radix", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
-                                                                  "--disable-radix-cache"]))
+run(
+    "conflict-backend",
+    lambda: prepare_server_args(
+        base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--hicache-storage-backend", "file"]
+    ),
+)
+run(
+    "conflict-radix",
+    lambda: prepare_server_args(
+        base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--radix-cache-backend", "lmcache"]
+    ),
+)
+run(
+    "conflict-disable-radix",
+    lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--disable-radix-cache"]),
+)
 run("bad-tier", lambda: prepare_server_args(base + ["--kv-tier", "lmcache"]))
 run("option-without-tier", lambda: prepare_server_args(base + ["--kvdrive-dir", d]))
-run("bad-codec", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
-                                                     "--kvdrive-codec", "lz4"]))
-run("bad-gb", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d,
-                                                  "--kvdrive-disk-gb", "-3"]))
+run(
+    "bad-codec",
+    lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--kvdrive-codec", "lz4"]),
+)
+run(
+    "bad-gb",
+    lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", d, "--kvdrive-disk-gb", "-3"]),
+)
 run("dir-is-a-file", lambda: prepare_server_args(base + ["--kv-tier", "kvdrive", "--kvdrive-dir", sys.argv[2]]))
 # what Engine.__init__ does with its keywords once the plugins are loaded: self.server_args_class(**kwargs)
-run("engine-kwargs", lambda: Engine.server_args_class(model_path="dummy", device="cpu", kv_tier="kvdrive",
-                                                      kvdrive_dir=d, kvdrive_host_gb=1))
-run("engine-conflict", lambda: Engine.server_args_class(model_path="dummy", device="cpu", kv_tier="kvdrive",
-                                                        kvdrive_dir=d, hicache_storage_backend="file"))
+run(
+    "engine-kwargs",
+    lambda: Engine.server_args_class(
+        model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d, kvdrive_host_gb=1
+    ),
+)
+run(
+    "engine-conflict",
+    lambda: Engine.server_args_class(
+        model_path="dummy", device="cpu", kv_tier="kvdrive", kvdrive_dir=d, hicache_storage_backend="file"
+    ),
+)
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     try:

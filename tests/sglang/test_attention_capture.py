@@ -1,6 +1,7 @@
 """Per-page attention mass: the capture's sampling of decode and extend passes, its accumulation per request, and
 that the forward pass never reads a result back (samples wait for ``harvest``). Real SGLang ForwardBatch /
 ForwardMode objects on CPU, kvdrive's real kernel (its torch reference on CPU)."""
+
 import threading
 import time
 import types
@@ -25,24 +26,42 @@ def setup(bs=2, qh=4, kvh=2, d=8, page=4, lens=(10, 7), slots=64, seed=0):
     k_buffer = torch.randn(slots, kvh, d, generator=g)
     req_to_token = torch.zeros(8, 32, dtype=torch.int64)
     perm = torch.randperm(slots, generator=g)
-    req_to_token[3, :lens[0]] = perm[:lens[0]]
-    req_to_token[5, :lens[1]] = perm[20:20 + lens[1]]
+    req_to_token[3, : lens[0]] = perm[: lens[0]]
+    req_to_token[5, : lens[1]] = perm[20 : 20 + lens[1]]
     return q, k_buffer, req_to_token, torch.tensor([3, 5]), torch.tensor(lens), page
 
 
 def decode_batch(rpi, lens, mode=ForwardMode.DECODE, **kw):
-    return ForwardBatch(forward_mode=mode, batch_size=len(rpi), input_ids=torch.zeros(len(rpi), dtype=torch.int64),
-                        req_pool_indices=rpi, seq_lens=lens, out_cache_loc=torch.zeros(len(rpi), dtype=torch.int64),
-                        seq_lens_sum=int(lens.sum()), seq_lens_cpu=lens.clone(), **kw)
+    return ForwardBatch(
+        forward_mode=mode,
+        batch_size=len(rpi),
+        input_ids=torch.zeros(len(rpi), dtype=torch.int64),
+        req_pool_indices=rpi,
+        seq_lens=lens,
+        out_cache_loc=torch.zeros(len(rpi), dtype=torch.int64),
+        seq_lens_sum=int(lens.sum()),
+        seq_lens_cpu=lens.clone(),
+        **kw,
+    )
 
 
 def extend_batch(rpi, prefix, new, mode=ForwardMode.EXTEND):
     lens = torch.tensor([p + n for p, n in zip(prefix, new)])
-    return ForwardBatch(forward_mode=mode, batch_size=len(rpi), input_ids=torch.zeros(sum(new), dtype=torch.int64),
-                        req_pool_indices=rpi, seq_lens=lens, out_cache_loc=torch.zeros(sum(new), dtype=torch.int64),
-                        seq_lens_sum=int(lens.sum()), seq_lens_cpu=lens.clone(), extend_num_tokens=sum(new),
-                        extend_prefix_lens=torch.tensor(prefix), extend_seq_lens=torch.tensor(new),
-                        extend_prefix_lens_cpu=list(prefix), extend_seq_lens_cpu=list(new))
+    return ForwardBatch(
+        forward_mode=mode,
+        batch_size=len(rpi),
+        input_ids=torch.zeros(sum(new), dtype=torch.int64),
+        req_pool_indices=rpi,
+        seq_lens=lens,
+        out_cache_loc=torch.zeros(sum(new), dtype=torch.int64),
+        seq_lens_sum=int(lens.sum()),
+        seq_lens_cpu=lens.clone(),
+        extend_num_tokens=sum(new),
+        extend_prefix_lens=torch.tensor(prefix),
+        extend_seq_lens=torch.tensor(new),
+        extend_prefix_lens_cpu=list(prefix),
+        extend_seq_lens_cpu=list(new),
+    )
 
 
 class _Layer:
@@ -64,7 +83,7 @@ def direct_mass(q, kb, r2t, row, n, page, scale=0.35, group=2, cap=0.0):
     if cap:
         s = cap * torch.tanh(s / cap)
     p = torch.softmax(s, dim=-1)
-    return np.array([float(p[:, j:j + page].sum()) for j in range(0, n, page)])
+    return np.array([float(p[:, j : j + page].sum()) for j in range(0, n, page)])
 
 
 def test_decode_mass_matches_a_direct_softmax_per_request():
@@ -133,6 +152,7 @@ def test_the_forward_never_reads_a_result_back(monkeypatch):
             if not getattr(inside_kernel, "on", False) and self.untyped_storage().data_ptr() != host_lens:
                 reads.append(name)
             return orig(self, *a, **kw)
+
         return read
 
     monkeypatch.setattr(attention_capture, "_kernel", kernel_call)
@@ -159,7 +179,7 @@ def test_extend_passes_feed_the_mass_of_the_cached_prefix_pages():
     prefix, new = [12, 2, 8], [5, 3, 1]
     rows = [3, 5, 6]
     for i, row in enumerate(rows):
-        r2t[row, :prefix[i] + new[i]] = perm[i * 40:i * 40 + prefix[i] + new[i]]
+        r2t[row, : prefix[i] + new[i]] = perm[i * 40 : i * 40 + prefix[i] + new[i]]
     q = torch.randn(sum(new), 4, 8, generator=g)
     batch = extend_batch(torch.tensor(rows), prefix, new)
     cap = AttentionCapture(every_steps=8, layers={1}, extend_rows=3)
@@ -179,8 +199,12 @@ def test_extend_passes_feed_the_mass_of_the_cached_prefix_pages():
             want += direct_mass(q[tok], kb, r2t, row, prefix[i] + new[i] - j, page)[:cached]
         np.testing.assert_allclose(got, want, rtol=1e-5)
     # chunked prefill (MIXED) is an extend pass too; extend capture can be turned off
-    cap.on_forward(_Layer(1), q.reshape(sum(new), -1), extend_batch(torch.tensor(rows), prefix, new,
-                                                                      ForwardMode.MIXED), backend_for(kb, r2t, page))
+    cap.on_forward(
+        _Layer(1),
+        q.reshape(sum(new), -1),
+        extend_batch(torch.tensor(rows), prefix, new, ForwardMode.MIXED),
+        backend_for(kb, r2t, page),
+    )
     assert cap.launched == 2
     off = AttentionCapture(every_steps=8, layers={1}, extend_rows=0)
     off.on_forward(_Layer(1), q.reshape(sum(new), -1), batch, backend_for(kb, r2t, page))
@@ -222,11 +246,11 @@ def test_mla_geometry_joins_the_rope_query():
     r2t = torch.zeros(4, 64, dtype=torch.int64)
     r2t[1, :40] = torch.randperm(200, generator=g)[:40]
     q_nope, q_rope = torch.randn(1, hq, dv, generator=g), torch.randn(1, hq, d - dv, generator=g)
-    layer = _Layer(1, qh=hq, kvh=1, d=d, v_head_dim=dv, scaling=d ** -0.5)
+    layer = _Layer(1, qh=hq, kvh=1, d=d, v_head_dim=dv, scaling=d**-0.5)
     cap = AttentionCapture(every_steps=1, layers={1})
     batch = decode_batch(torch.tensor([1]), torch.tensor([40]))
     cap.on_forward(layer, q_nope.reshape(1, -1), batch, backend_for(kb, r2t, page), q_rope=q_rope)
-    want = direct_mass(torch.cat([q_nope, q_rope], -1)[0], kb, r2t, 1, 40, page, scale=d ** -0.5, group=hq)
+    want = direct_mass(torch.cat([q_nope, q_rope], -1)[0], kb, r2t, 1, 40, page, scale=d**-0.5, group=hq)
     got = cap.pop(1)
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert len(got) == 3 and abs(got.sum() - hq) < 1e-3

@@ -1,4 +1,5 @@
 """The supported SGLang range and the per-generation adapters (kvdrive_sglang/compat), on the installed SGLang."""
+
 import importlib.util
 import logging
 
@@ -38,8 +39,9 @@ def test_plugin_stays_off_on_an_unsupported_sglang(monkeypatch, caplog):
     for module in ("cpu_fallbacks", "flags", "attention_capture", "cost_meter"):
         mod = importlib.import_module(f"kvdrive_sglang.{module}")
         monkeypatch.setattr(mod, "install", lambda m=module: called.append(m))
-    monkeypatch.setattr(importlib.import_module("kvdrive_sglang.radix_backend"), "register",
-                        lambda: called.append("radix_backend"))
+    monkeypatch.setattr(
+        importlib.import_module("kvdrive_sglang.radix_backend"), "register", lambda: called.append("radix_backend")
+    )
     with caplog.at_level(logging.INFO, logger="kvdrive.sglang"):
         plugin.register()
     assert called == []

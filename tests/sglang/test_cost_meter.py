@@ -1,5 +1,6 @@
 """Measured costs reach the promoter: the prefill meter on SGLang's forward hook, the storage reload round trip, and
 per-tier read speeds, with real SGLang host pools and kvdrive's real tiers (CPU)."""
+
 import logging
 import time
 from types import SimpleNamespace
@@ -30,8 +31,7 @@ def test_prefill_meter_fits_the_marginal_cost_of_extend_passes_only():
         batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_num_tokens=n)
         assert meter.around_forward(forward, runner, batch) == "out"
     for _ in range(5):  # decode passes are not prefill: not measured
-        meter.around_forward(forward, runner, SimpleNamespace(forward_mode=ForwardMode.DECODE,
-                                                               extend_num_tokens=None))
+        meter.around_forward(forward, runner, SimpleNamespace(forward_mode=ForwardMode.DECODE, extend_num_tokens=None))
     assert len(calls) == 15 and meter.fit.observed == 10
     assert meter.seconds_per_token() == pytest.approx(20e-6, rel=0.5)
 
@@ -49,10 +49,16 @@ def test_a_broken_batch_is_passed_through_unmeasured_logged_once_and_counted(cap
 
 def _batch(mode, tokens=64):
     n = 2
-    return ForwardBatch(forward_mode=mode, batch_size=n, input_ids=torch.zeros(tokens, dtype=torch.int64),
-                        req_pool_indices=torch.arange(n), seq_lens=torch.tensor([tokens, 1]),
-                        out_cache_loc=torch.zeros(tokens, dtype=torch.int64), seq_lens_sum=tokens + 1,
-                        extend_num_tokens=tokens)
+    return ForwardBatch(
+        forward_mode=mode,
+        batch_size=n,
+        input_ids=torch.zeros(tokens, dtype=torch.int64),
+        req_pool_indices=torch.arange(n),
+        seq_lens=torch.tensor([tokens, 1]),
+        out_cache_loc=torch.zeros(tokens, dtype=torch.int64),
+        seq_lens_sum=tokens + 1,
+        extend_num_tokens=tokens,
+    )
 
 
 def test_only_the_target_models_own_extend_passes_are_timed():
@@ -69,12 +75,19 @@ def test_only_the_target_models_own_extend_passes_are_timed():
         return "out"
 
     counter = LayerDoneCounter(4)
-    target = SimpleNamespace(device="cpu", is_draft_worker=False,
-                             token_to_kv_pool=SimpleNamespace(layer_transfer_counter=counter))
+    target = SimpleNamespace(
+        device="cpu", is_draft_worker=False, token_to_kv_pool=SimpleNamespace(layer_transfer_counter=counter)
+    )
     draft = SimpleNamespace(device="cpu", is_draft_worker=True, token_to_kv_pool=SimpleNamespace())
-    not_timed = [(draft, ForwardMode.EXTEND), (target, ForwardMode.TARGET_VERIFY),
-                 (target, ForwardMode.DRAFT_EXTEND_V2), (target, ForwardMode.SPLIT_PREFILL),
-                 (target, ForwardMode.DLLM_EXTEND), (target, ForwardMode.IDLE), (target, ForwardMode.DECODE)]
+    not_timed = [
+        (draft, ForwardMode.EXTEND),
+        (target, ForwardMode.TARGET_VERIFY),
+        (target, ForwardMode.DRAFT_EXTEND_V2),
+        (target, ForwardMode.SPLIT_PREFILL),
+        (target, ForwardMode.DLLM_EXTEND),
+        (target, ForwardMode.IDLE),
+        (target, ForwardMode.DECODE),
+    ]
     for runner, mode in not_timed:
         assert meter.around_forward(forward, runner, _batch(mode)) == "out"
     assert meter.fit.observed == 0

@@ -1,4 +1,5 @@
 """kvdrive's CPU fallbacks for SGLang's GPU-only HiCache paths, exercised through SGLang's own objects."""
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,8 +17,16 @@ from kvdrive_sglang.compat.host_pools import make_host_pool  # noqa: E402 - the 
 
 
 def device_pool(page=4, size=64):
-    return MHATokenToKVPool(size=size, page_size=page, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=3,
-                            device="cpu", enable_memory_saver=False)
+    return MHATokenToKVPool(
+        size=size,
+        page_size=page,
+        dtype=torch.bfloat16,
+        head_num=2,
+        head_dim=8,
+        layer_num=3,
+        device="cpu",
+        enable_memory_saver=False,
+    )
 
 
 def test_install_is_idempotent_and_host_pools_come_unpinned():
@@ -50,8 +59,9 @@ def test_device_to_host_and_back_through_the_direct_io_backend(layout):
 def test_paged_allocator_runs_without_triton():
     cpu_fallbacks.install()
     page = 4
-    alloc = PagedTokenToKVPoolAllocator(size=64, page_size=page, dtype=torch.bfloat16, device="cpu",
-                                        kvcache=device_pool(page), need_sort=False)
+    alloc = PagedTokenToKVPoolAllocator(
+        size=64, page_size=page, dtype=torch.bfloat16, device="cpu", kvcache=device_pool(page), need_sort=False
+    )
     prefix = torch.tensor([0, 0])
     seq = torch.tensor([5, 3])
     out = alloc.alloc_extend(prefix, prefix, seq, seq, torch.tensor([-1, -1]), int(seq.sum()))

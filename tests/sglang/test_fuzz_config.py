@@ -4,6 +4,7 @@ real plugin entry point, many cases in one subprocess), and KvdriveStorage calls
 Each case must end as a clear ConfigError / exit 2 naming the input, or a miss: never another exception type, never a
 wrong page. Cases tried are counted (CASES) and printed at the end of the module (``pytest -s`` shows them).
 """
+
 import dataclasses
 import json
 import os
@@ -31,14 +32,47 @@ from tests.sglang.backend_case import PAGE, fill, make_backend, make_host, pages
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GiB = 1 << 30
 CASES = Counter()
-FUZZ = settings(max_examples=80, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=80,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                st.text(max_size=10), st.lists(st.integers(), max_size=2),
-                st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
-EDGY = st.one_of(ANY, st.sampled_from([0, 1, -1, 0.5, 1e-300, 1e300, 2**63, float("nan"), float("inf"), "1", "zstd",
-                                       "raw", "int8", "write_back", True, False, 1 << 20, 1 << 30]))
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=10),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+EDGY = st.one_of(
+    ANY,
+    st.sampled_from(
+        [
+            0,
+            1,
+            -1,
+            0.5,
+            1e-300,
+            1e300,
+            2**63,
+            float("nan"),
+            float("inf"),
+            "1",
+            "zstd",
+            "raw",
+            "int8",
+            "write_back",
+            True,
+            False,
+            1 << 20,
+            1 << 30,
+        ]
+    ),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,9 +86,19 @@ def report_cases():
 
 
 def storage_config(extra) -> HiCacheStorageConfig:
-    return HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                                is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
-                                model_name="fuzz-model", extra_config=extra)
+    return HiCacheStorageConfig(
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=False,
+        model_name="fuzz-model",
+        extra_config=extra,
+    )
 
 
 def names_input(msg: str, *inputs) -> bool:
@@ -63,8 +107,9 @@ def names_input(msg: str, *inputs) -> bool:
 
 # --- the extra config ------------------------------------------------------------------------------------------------
 SECTION_KEYS = ["dir", "host_bytes", "disk_bytes", "codec", "write_policy", "ttl_s", "promoter", "bogus", "Dir", ""]
-DIRS = st.sampled_from(["OK", "OK/nested/deeper", "FILE", "FILE/sub", "/proc/kvdrive-fuzz", "/dev/null", "a\0b", "",
-                        "relative-dir"])
+DIRS = st.sampled_from(
+    ["OK", "OK/nested/deeper", "FILE", "FILE/sub", "/proc/kvdrive-fuzz", "/dev/null", "a\0b", "", "relative-dir"]
+)
 
 
 def test_extra_config_sections(tmp_path, monkeypatch):
@@ -76,14 +121,21 @@ def test_extra_config_sections(tmp_path, monkeypatch):
         return str(tmp_path / d) if isinstance(d, str) and d.split("/")[0] in ("OK", "FILE") else d
 
     @FUZZ
-    @given(section=st.dictionaries(st.sampled_from(SECTION_KEYS), st.one_of(EDGY, DIRS), max_size=4),
-           dir_=st.one_of(DIRS, EDGY), shape=st.sampled_from(["dict", "kvdrive-not-dict", "extra-not-dict", "none"]))
+    @given(
+        section=st.dictionaries(st.sampled_from(SECTION_KEYS), st.one_of(EDGY, DIRS), max_size=4),
+        dir_=st.one_of(DIRS, EDGY),
+        shape=st.sampled_from(["dict", "kvdrive-not-dict", "extra-not-dict", "none"]),
+    )
     @example(section={}, dir_="OK", shape="extra-not-dict")  # was an AttributeError
     def check(section, dir_, shape):
         CASES["extra_config"] += 1
         section = {**section, "dir": resolve(section.get("dir", dir_))}
-        extra = {"dict": {"kvdrive": section}, "kvdrive-not-dict": {"kvdrive": [section]},
-                 "extra-not-dict": [section], "none": None}[shape]
+        extra = {
+            "dict": {"kvdrive": section},
+            "kvdrive-not-dict": {"kvdrive": [section]},
+            "extra-not-dict": [section],
+            "none": None,
+        }[shape]
         try:
             be = KvdriveStorage(storage_config(extra))
         except KvdriveError as e:
@@ -98,6 +150,7 @@ def test_extra_config_sections(tmp_path, monkeypatch):
             assert isinstance(be.tier_config, TierConfig) and isinstance(be.promoter.config, PromoterConfig)
         finally:
             be.close()
+
     check()
 
 
@@ -123,8 +176,10 @@ def test_promoter_options(opts):
 @example(extra={"kvdrive": ["x"]})
 def test_extra_config_that_is_not_an_object(extra):
     CASES["extra_not_object"] += 1
-    for fn in (lambda x: KvdriveSettings.from_extra_config(x).tier_config(),
-               lambda x: KvdriveSettings.from_extra_config(x).promoter_config()):
+    for fn in (
+        lambda x: KvdriveSettings.from_extra_config(x).tier_config(),
+        lambda x: KvdriveSettings.from_extra_config(x).promoter_config(),
+    ):
         try:
             fn(extra)
         except ConfigError as e:
@@ -132,8 +187,27 @@ def test_extra_config_that_is_not_an_object(extra):
 
 
 # --- --kvdrive-* flags, through the plugin, many cases in one process -----------------------------------------------
-GB_VALUES = ["0", "1", "-1", "-0", "0.5", "1e-12", "1e-300", "1e12", "1e400", "nan", "inf", "-inf", "abc", "",
-             " 2 ", "0x10", "1_000", "2GB", "4"]
+GB_VALUES = [
+    "0",
+    "1",
+    "-1",
+    "-0",
+    "0.5",
+    "1e-12",
+    "1e-300",
+    "1e12",
+    "1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "abc",
+    "",
+    " 2 ",
+    "0x10",
+    "1_000",
+    "2GB",
+    "4",
+]
 CODECS = ["zstd", "raw", "int8", "fp8", "fp8_e4m3", "lz4", "ZSTD", "", "raw ", "none"]
 
 
@@ -141,8 +215,17 @@ def _flag_cases(tmp, n=50, seed=7):
     rng = random.Random(seed)
     a_file = os.path.join(tmp, "a-file")
     open(a_file, "w").close()
-    dirs = [os.path.join(tmp, "ok"), os.path.join(tmp, "new", "deeper"), a_file, os.path.join(a_file, "sub"),
-            "/proc/kvdrive-fuzz", "", "x" * 5000, os.path.join(tmp, "é-dir"), "relative-store"]
+    dirs = [
+        os.path.join(tmp, "ok"),
+        os.path.join(tmp, "new", "deeper"),
+        a_file,
+        os.path.join(a_file, "sub"),
+        "/proc/kvdrive-fuzz",
+        "",
+        "x" * 5000,
+        os.path.join(tmp, "é-dir"),
+        "relative-store",
+    ]
     cases = []
     for i in range(n):
         argv = ["--kv-tier", "kvdrive"] if rng.random() < 0.9 else []
@@ -158,8 +241,9 @@ def _flag_cases(tmp, n=50, seed=7):
             argv += ["--kvdrive-codec"]  # a flag missing its value
         cases.append({"case": f"f{i}", "argv": argv})
     # found by this fuzzing: a cap that rounds to 0 bytes passed the launcher and failed in the scheduler
-    cases.append({"case": "tiny-disk", "argv": ["--kv-tier", "kvdrive", "--kvdrive-dir", dirs[0],
-                                                "--kvdrive-disk-gb", "1e-12"]})
+    cases.append(
+        {"case": "tiny-disk", "argv": ["--kv-tier", "kvdrive", "--kvdrive-dir", dirs[0], "--kvdrive-disk-gb", "1e-12"]}
+    )
     return cases
 
 
@@ -169,8 +253,14 @@ def test_flag_values_through_the_plugin(tmp_path):
     spec.write_text(json.dumps(cases))
     # run from tmp_path: the relative --kvdrive-dir cases create their store there, not in the source tree
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    p = subprocess.run([sys.executable, "-m", "tests.sglang.flag_cases", "--argv", str(spec)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.sglang.flag_cases", "--argv", str(spec)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     results = {c["case"]: c for c in map(json.loads, (ln for ln in p.stdout.splitlines() if ln.startswith("{")))}
     assert len(results) == len(cases)
@@ -195,15 +285,19 @@ def test_flag_values_through_the_plugin(tmp_path):
         assert any(f in line for f in given) or any(v in line for v in shown), (c, line)
 
 
-FLAG_VALUES = {"kvdrive_host_gb": st.one_of(st.sampled_from(GB_VALUES), EDGY),
-               "kvdrive_disk_gb": st.one_of(st.sampled_from(GB_VALUES), EDGY),
-               "kvdrive_codec": st.one_of(st.sampled_from(CODECS), EDGY),
-               "kvdrive_reload": st.one_of(st.sampled_from(["auto", "always", "never", ""]), EDGY),
-               "kvdrive_gil_switch_ms": st.one_of(st.sampled_from(["0", "0.5", "100", "101", "-1", "fast"]), EDGY),
-               "kvdrive_promoter": st.one_of(st.sampled_from(['{"half_life_s": 30}', '{"promote_share": 2}', "[1]",
-                                                              "{nope", '{"bogus": 1}', "{}"]), EDGY),
-               "kvdrive_tenants": st.one_of(st.sampled_from(['{"t": {"ttl_s": 5}}', '{"t": {"ttl_s": "soon"}}',
-                                                             '{"t": {"share_as": "g"}}', "{}"]), EDGY)}
+FLAG_VALUES = {
+    "kvdrive_host_gb": st.one_of(st.sampled_from(GB_VALUES), EDGY),
+    "kvdrive_disk_gb": st.one_of(st.sampled_from(GB_VALUES), EDGY),
+    "kvdrive_codec": st.one_of(st.sampled_from(CODECS), EDGY),
+    "kvdrive_reload": st.one_of(st.sampled_from(["auto", "always", "never", ""]), EDGY),
+    "kvdrive_gil_switch_ms": st.one_of(st.sampled_from(["0", "0.5", "100", "101", "-1", "fast"]), EDGY),
+    "kvdrive_promoter": st.one_of(
+        st.sampled_from(['{"half_life_s": 30}', '{"promote_share": 2}', "[1]", "{nope", '{"bogus": 1}', "{}"]), EDGY
+    ),
+    "kvdrive_tenants": st.one_of(
+        st.sampled_from(['{"t": {"ttl_s": 5}}', '{"t": {"ttl_s": "soon"}}', '{"t": {"share_as": "g"}}', "{}"]), EDGY
+    ),
+}
 
 
 def test_settings_from_flags_round_trip_through_the_extra_config(tmp_path):
@@ -231,6 +325,7 @@ def test_settings_from_flags_round_trip_through_the_extra_config(tmp_path):
             return
         back = KvdriveSettings.from_extra_config(json.loads(json.dumps(s.to_extra_config())))
         assert back == s and back.tier_config() == s.tier_config()
+
     check()
 
 
@@ -245,24 +340,39 @@ def test_storage_calls_with_odd_keys_and_host_indices(tmp_path):
     assert be.batch_set_v1(good_keys, good_idx) == [True] * 4
     size = host.size
 
-    index_kinds = st.sampled_from(["good", "short", "long", "negative", "past-end", "last-page", "float", "2d",
-                                   "list", "empty", "unaligned"])
-    key_lists = st.lists(st.one_of(st.sampled_from(good_keys), st.text(max_size=70), st.binary(max_size=8),
-                                   st.integers(), st.none(), st.just("")), max_size=4)
+    index_kinds = st.sampled_from(
+        ["good", "short", "long", "negative", "past-end", "last-page", "float", "2d", "list", "empty", "unaligned"]
+    )
+    key_lists = st.lists(
+        st.one_of(
+            st.sampled_from(good_keys),
+            st.text(max_size=70),
+            st.binary(max_size=8),
+            st.integers(),
+            st.none(),
+            st.just(""),
+        ),
+        max_size=4,
+    )
 
     def indices(kind, n):
         base = host.alloc(max(n, 1) * PAGE)
         assert base is not None
         pool_free = base
         if kind == "good":
-            return base[:n * PAGE], pool_free
-        return {"short": base[:max(0, n * PAGE - 1)], "long": torch.cat([base, base])[:n * PAGE + PAGE],
-                "negative": torch.full((n * PAGE,), -PAGE, dtype=torch.int64),
-                "past-end": torch.full((n * PAGE,), size, dtype=torch.int64),
-                "last-page": torch.full((n * PAGE,), size - PAGE + 1, dtype=torch.int64),
-                "float": base[:n * PAGE].float(), "2d": base[:n * PAGE].reshape(1, -1),
-                "list": base[:n * PAGE].tolist(), "empty": torch.empty(0, dtype=torch.int64),
-                "unaligned": base[:n * PAGE] + 1}[kind], pool_free
+            return base[: n * PAGE], pool_free
+        return {
+            "short": base[: max(0, n * PAGE - 1)],
+            "long": torch.cat([base, base])[: n * PAGE + PAGE],
+            "negative": torch.full((n * PAGE,), -PAGE, dtype=torch.int64),
+            "past-end": torch.full((n * PAGE,), size, dtype=torch.int64),
+            "last-page": torch.full((n * PAGE,), size - PAGE + 1, dtype=torch.int64),
+            "float": base[: n * PAGE].float(),
+            "2d": base[: n * PAGE].reshape(1, -1),
+            "list": base[: n * PAGE].tolist(),
+            "empty": torch.empty(0, dtype=torch.int64),
+            "unaligned": base[: n * PAGE] + 1,
+        }[kind], pool_free
 
     @settings(FUZZ, max_examples=120)
     @given(keys=key_lists, kind=index_kinds, op=st.sampled_from(["set", "get", "exists"]))
@@ -306,6 +416,7 @@ def test_storage_calls_with_odd_keys_and_host_indices(tmp_path):
                 assert torch.equal(a, b)
         finally:
             host.free(dst)
+
     try:
         check()
     finally:

@@ -4,6 +4,7 @@ SGLang builds. The batched gather / scatter must move the very bytes ``get_data_
 ``set_from_flat_data_page`` takes, in the same order (pages stored under the per-page path stay readable), at
 scattered, unordered page starts, and must be the path HostPages takes (issue 15: the GPU-default MLA layout,
 ``page_first_direct`` and ``page_head`` fell back to one SGLang call per page)."""
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -33,12 +34,29 @@ MLA_DIMS = {"kv_lora_rank": 12, "qk_rope_head_dim": 4, "layer_num": 3}
 def make_pool(kind, layout, page_size, dtype, **dims):
     """A real SGLang host pool of ``kind`` in ``layout`` over a CPU device pool (ValueError where SGLang has none)."""
     cpu_fallbacks.install()
-    device_cls, host_cls, defaults = ((MHATokenToKVPool, MHATokenToKVPoolHost, MHA_DIMS) if kind == "mha"
-                                      else (MLATokenToKVPool, MLATokenToKVPoolHost, MLA_DIMS))
-    device = device_cls(size=DEVICE_TOKENS, page_size=page_size, dtype=dtype, device="cpu", enable_memory_saver=False,
-                        **{**defaults, **dims})
-    return make_host_pool(host_cls, device, host_to_device_ratio=2.0, host_size=0, page_size=page_size,
-                          layout=layout, pin_memory=False, device="cpu")
+    device_cls, host_cls, defaults = (
+        (MHATokenToKVPool, MHATokenToKVPoolHost, MHA_DIMS)
+        if kind == "mha"
+        else (MLATokenToKVPool, MLATokenToKVPoolHost, MLA_DIMS)
+    )
+    device = device_cls(
+        size=DEVICE_TOKENS,
+        page_size=page_size,
+        dtype=dtype,
+        device="cpu",
+        enable_memory_saver=False,
+        **{**defaults, **dims},
+    )
+    return make_host_pool(
+        host_cls,
+        device,
+        host_to_device_ratio=2.0,
+        host_size=0,
+        page_size=page_size,
+        layout=layout,
+        pin_memory=False,
+        device="cpu",
+    )
 
 
 def build_host(kind, layout, page_size, dtype):
@@ -50,8 +68,10 @@ def build_host(kind, layout, page_size, dtype):
     try:
         host.get_data_page(0, flat=True)
     except (ValueError, NotImplementedError) as e:
-        pytest.skip(f"SGLang {sglang.__version__}'s {kind} pool has no flat-page copy in {layout} (kvdrive refuses "
-                    f"it at registration: test_a_pool_without_a_flat_page_copy_is_refused): {e}")
+        pytest.skip(
+            f"SGLang {sglang.__version__}'s {kind} pool has no flat-page copy in {layout} (kvdrive refuses "
+            f"it at registration: test_a_pool_without_a_flat_page_copy_is_refused): {e}"
+        )
     return host
 
 
@@ -67,7 +87,7 @@ def scattered_starts(host, seed):
     g = torch.Generator().manual_seed(seed)
     pages = int(host.size) // int(host.page_size)
     order = torch.randperm(pages, generator=g).tolist()
-    return [p * int(host.page_size) for p in order[:max(2, pages * 2 // 3)]]
+    return [p * int(host.page_size) for p in order[: max(2, pages * 2 // 3)]]
 
 
 def as_bytes(page) -> bytes:
@@ -92,8 +112,13 @@ class PerPageCalls:
         host.get_data_page, host.set_from_flat_data_page = counted_get, counted_put
 
 
-CASES = [pytest.param(k, lay, ps, dt, id=f"{k}-{lay}-p{ps}-{str(dt).removeprefix('torch.')}")
-         for k in KINDS for lay in LAYOUTS for ps in PAGE_SIZES for dt in DTYPES]
+CASES = [
+    pytest.param(k, lay, ps, dt, id=f"{k}-{lay}-p{ps}-{str(dt).removeprefix('torch.')}")
+    for k in KINDS
+    for lay in LAYOUTS
+    for ps in PAGE_SIZES
+    for dt in DTYPES
+]
 
 
 @pytest.mark.parametrize("kind,layout,page_size,dtype", CASES)
@@ -125,9 +150,10 @@ def test_batched_write_is_what_sglangs_per_page_write_does(kind, layout, page_si
     starts = scattered_starts(host, seed=4)
     g = torch.Generator().manual_seed(5)
     sc = pages.scratch(len(starts))
-    sc.pages.view(torch.uint8).copy_(torch.randint(0, 256, sc.pages.view(torch.uint8).shape, generator=g,
-                                                   dtype=torch.uint8))
-    new = sc.pages[:len(starts)]
+    sc.pages.view(torch.uint8).copy_(
+        torch.randint(0, 256, sc.pages.view(torch.uint8).shape, generator=g, dtype=torch.uint8)
+    )
+    new = sc.pages[: len(starts)]
     calls = PerPageCalls(host)
     pages.write(starts, new)
     assert calls.n == 0, f"{calls.n} per-page copies for one batched write"
@@ -153,6 +179,7 @@ def test_a_pool_without_a_flat_page_copy_is_refused(kind):
 def test_a_pool_that_copies_its_own_pages_keeps_its_own_copy():
     """A pool class overriding SGLang's per-page copy (as MXFP8's keeps scales beside the data) is never gathered
     from its buffer behind its back: HostPages takes its own get_data_page / set_from_flat_data_page."""
+
     class OwnCopy(MHATokenToKVPoolHost):
         def get_data_page(self, index, flat=True):
             return super().get_data_page(index, flat)
@@ -178,8 +205,9 @@ def test_a_page_axis_that_is_not_sglangs_falls_back_to_the_per_page_copy(monkeyp
     the pool's own per-page view: HostPages copies SGLang's way (slower, never wrong) rather than move the wrong
     bytes. Simulated by pointing kvdrive's table at another axis of the same pool."""
     kind_enum = host_pools.PoolKind(kind)
-    wrong = host_pools.PageAxis("kv_buffer", host_pools.PAGE_AXES[kind_enum][layout].axis + 1,
-                                host_pools.AxisCounts.TOKENS)
+    wrong = host_pools.PageAxis(
+        "kv_buffer", host_pools.PAGE_AXES[kind_enum][layout].axis + 1, host_pools.AxisCounts.TOKENS
+    )
     monkeypatch.setitem(host_pools.PAGE_AXES[kind_enum], layout, wrong)
     host = build_host(kind, layout, 1, torch.bfloat16)
     pages = HostPages(host)
@@ -189,8 +217,9 @@ def test_a_page_axis_that_is_not_sglangs_falls_back_to_the_per_page_copy(monkeyp
     assert [as_bytes(r) for r in pages.read(starts)] == [as_bytes(host.get_data_page(s, flat=True)) for s in starts]
 
 
-@pytest.mark.parametrize("kind,layout,page_size", [("mha", "page_head", 16), ("mla", "page_first", 1),
-                                                   ("mha", "layer_first", 1)])
+@pytest.mark.parametrize(
+    "kind,layout,page_size", [("mha", "page_head", 16), ("mla", "page_first", 1), ("mha", "layer_first", 1)]
+)
 def test_a_read_gathered_in_chunks_is_still_sglangs_pages_in_order(monkeypatch, kind, layout, page_size):
     """A big read is gathered in chunks of GATHER_CHUNK_BYTES (fresh buffers malloc recycles: one 256 MiB gather
     faulted in every page); chunk boundaries, a short last chunk included, keep every page and the order."""

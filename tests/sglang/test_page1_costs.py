@@ -17,6 +17,7 @@ with the timed calls and time them instead (evictions then drop leaves, as write
 used once). The attention mass a finished request carries is a per-page array as the capture
 hands it over (its GPU sampling is not run on CPU).
 """
+
 from __future__ import annotations
 
 import gc
@@ -69,16 +70,32 @@ class _Worker:
 
 def _server_args(tmp_path, model_path):
     extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path / "store"), host_gb=0.05, disk_gb=1)))
-    return ServerArgs(model_path=model_path, device="cpu", page_size=PAGE, enable_hierarchical_cache=True,
-                      hicache_ratio=1.5, hicache_io_backend="direct", hicache_mem_layout="layer_first",
-                      hicache_write_policy="write_through_selective", radix_cache_backend="kvdrive",
-                      hicache_storage_backend="dynamic",
-                      hicache_storage_backend_extra_config=json.dumps({**extra, "prefetch_threshold": 64}))
+    return ServerArgs(
+        model_path=model_path,
+        device="cpu",
+        page_size=PAGE,
+        enable_hierarchical_cache=True,
+        hicache_ratio=1.5,
+        hicache_io_backend="direct",
+        hicache_mem_layout="layer_first",
+        hicache_write_policy="write_through_selective",
+        radix_cache_backend="kvdrive",
+        hicache_storage_backend="dynamic",
+        hicache_storage_backend_extra_config=json.dumps({**extra, "prefetch_threshold": 64}),
+    )
 
 
 def _pools():
-    kv = MHATokenToKVPool(size=POOL, page_size=PAGE, dtype=torch.float16, head_num=1, head_dim=8, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(
+        size=POOL,
+        page_size=PAGE,
+        dtype=torch.float16,
+        head_num=1,
+        head_dim=8,
+        layer_num=1,
+        device="cpu",
+        enable_memory_saver=False,
+    )
     allocator = TokenToKVPoolAllocator(size=POOL, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False)
     req_pool = ReqToTokenPool(size=4, max_context_len=REQ_TOKENS + 64, device="cpu", enable_memory_saver=False)
     return allocator, req_pool
@@ -87,13 +104,23 @@ def _pools():
 def _build_hiradix(tmp_path):
     allocator, req_pool = _pools()
     server_args = _server_args(tmp_path, "dummy")
-    params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                             page_size=PAGE)
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator, page_size=PAGE
+    )
     ctx = TreeCacheBuildContext(
-        server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
-        enable_hierarchical_cache=True, disable_radix_cache=False,
-        effective_chunked_prefill_size=server_args.chunked_prefill_size, tp_worker=_Worker(), model_config=None,
-        tp_size=1, tp_rank=0, tp_group=None)
+        server_args=server_args,
+        params=params,
+        is_hybrid_swa=False,
+        is_hybrid_ssm=False,
+        enable_hierarchical_cache=True,
+        disable_radix_cache=False,
+        effective_chunked_prefill_size=server_args.chunked_prefill_size,
+        tp_worker=_Worker(),
+        model_config=None,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+    )
     return registry.get_radix_cache_factory("kvdrive")(ctx)
 
 
@@ -109,14 +136,28 @@ def _build_unified(tmp_path):
     allocator, req_pool = _pools()
     memory, schedule = get_memory(), get_schedule()
     params = CacheInitParams(
-        disable=memory.disable_radix_cache, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-        page_size=schedule.page_size, tp_cache_group=None, eviction_policy=memory.radix_eviction_policy,
+        disable=memory.disable_radix_cache,
+        req_to_token_pool=req_pool,
+        token_to_kv_pool_allocator=allocator,
+        page_size=schedule.page_size,
+        tp_cache_group=None,
+        eviction_policy=memory.radix_eviction_policy,
         eviction_policy_config=memory.radix_eviction_policy_config,
-        chunked_prefill_size=schedule.chunked_prefill_size)
+        chunked_prefill_size=schedule.chunked_prefill_size,
+    )
     ctx = TreeCacheBuildContext(
-        server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
-        enable_hierarchical_cache=memory.enable_hierarchical_cache, disable_radix_cache=memory.disable_radix_cache,
-        tp_worker=_Worker(), model_config=model_config, tp_size=1, tp_rank=0, tp_group=None)
+        server_args=server_args,
+        params=params,
+        is_hybrid_swa=False,
+        is_hybrid_ssm=False,
+        enable_hierarchical_cache=memory.enable_hierarchical_cache,
+        disable_radix_cache=memory.disable_radix_cache,
+        tp_worker=_Worker(),
+        model_config=model_config,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+    )
     cache = registry.create_tree_cache(ctx)
     cache._test_vocab = model_config.vocab_size
     return cache
@@ -154,7 +195,9 @@ def _finish_unified(cache, rid, tokens) -> float:
     cache.req_to_token_pool.alloc([req])
     new = cache.token_to_kv_pool_allocator.alloc(len(tokens) - prefix)
     cached = cache.path_device_indices(req.last_node)[:prefix].to(torch.int64)
-    cache.req_to_token_pool.write((req.kv.req_pool_idx, slice(0, len(tokens))), torch.cat([cached, new.to(torch.int64)]))
+    cache.req_to_token_pool.write(
+        (req.kv.req_pool_idx, slice(0, len(tokens))), torch.cat([cached, new.to(torch.int64)])
+    )
     req.kv.kv_allocated_len = req.kv.kv_committed_len = len(tokens)
     req.output_ids.append(5)
     req.update_finish_state()
@@ -178,8 +221,10 @@ def big_tree(tmp_path_factory):
     cache.write_through_threshold = 1 << 40  # the module docstring: no host/storage copies during the timings
     backend = cache.cache_controller.storage_backend
     assert backend is not None and backend.promoter is not None
-    assert isinstance(cache.tree_core.eviction_strategy if GEN == "unified" else cache.eviction_strategy,
-                      radix_backend.PromoterEviction)
+    assert isinstance(
+        cache.tree_core.eviction_strategy if GEN == "unified" else cache.eviction_strategy,
+        radix_backend.PromoterEviction,
+    )
     for r in range(REQUESTS):
         FINISH(cache, f"build{r}", _tokens(r))
     # the report tick's scoring of the 10^6 pages just built (the reporter's thread would do it, sharing the GIL
@@ -214,6 +259,7 @@ def _timed(cls, name: str, acc: list):
             return inner(self, *a, **k)
         finally:
             acc[0] += time.thread_time() - t
+
     return wrapper
 
 
@@ -239,7 +285,11 @@ def test_page1_finishing_a_32k_token_request_is_bounded(big_tree, monkeypatch):
         now = backend.promoter.stats()
         assert now["accesses"] - seen["accesses"] == len(tokens) and now["forgotten"] == 0
         assert now["attention_updates"] > seen["attention_updates"]
-    print(f"page-1 finish of a 32k-token request ({GEN}): ms", [round(s * 1e3, 2) for s in spent],
-          "kvdrive's part:", [round(s * 1e3, 2) for s in ours])
+    print(
+        f"page-1 finish of a 32k-token request ({GEN}): ms",
+        [round(s * 1e3, 2) for s in spent],
+        "kvdrive's part:",
+        [round(s * 1e3, 2) for s in ours],
+    )
     assert 0 < statistics.median(ours) < FINISH_BOUND_S, [round(s * 1e3, 2) for s in ours]
     assert statistics.median(spent) < 3 * FINISH_BOUND_S, [round(s * 1e3, 2) for s in spent]

@@ -1,6 +1,7 @@
 """Installed but not asked for, kvdrive is inert (issue 17): a server without ``--kv-tier kvdrive`` runs SGLang's own
 code paths. Each case loads SGLang's plugins the way every SGLang process does (``load_plugins``, through the
 package's entry point) in a fresh interpreter, then reads SGLang's HookRegistry and host pool classes."""
+
 import json
 import os
 import subprocess
@@ -49,8 +50,9 @@ def test_a_server_without_kvdrive_gets_no_hook_and_one_debug_line():
     hot = [t for t in out["hooks"] if any(t.endswith(h) for h in HOT_PATH)]
     assert hot == [], f"kvdrive hooks on SGLang's hot path of a server without kvdrive: {hot}"
     # what remains is the launcher's flag expansion (a pass-through without the flag)
-    assert out["hooks"] and all("server_args" in t or "ServerArgs" in t or "engine" in t for t in out["hooks"]), \
-        out["hooks"]
+    assert out["hooks"] and all("server_args" in t or "ServerArgs" in t or "engine" in t for t in out["hooks"]), out[
+        "hooks"
+    ]
     assert out["cpu_fallbacks"] is False
     ours = [ln for ln in log.splitlines() if ":kvdrive" in ln]
     assert len(ours) == 1 and ours[0].startswith("DEBUG") and "inert" in ours[0], ours
@@ -64,16 +66,23 @@ def test_a_kvdrive_server_process_gets_its_hooks():
 
 def test_cpu_fallbacks_alone_for_hicache_baselines():
     out, _ = probe({"KVDRIVE_CPU_FALLBACKS": "1"})
-    gpu = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                         capture_output=True, text=True).stdout.strip() == "True"
+    gpu = (
+        subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True
+        ).stdout.strip()
+        == "True"
+    )
     assert out["cpu_fallbacks"] is (not gpu)
     assert not [t for t in out["hooks"] if any(t.endswith(h) for h in HOT_PATH)]
 
 
 def test_the_launcher_tells_its_server_processes():
     """Each command line sets or clears the mark its server's processes read (one launcher, servers in turn)."""
-    cases = [(["--kv-tier", "kvdrive", "--kvdrive-dir", "/tmp/kvdrive-inert-probe"], "1"), ([], None),
-             (["--radix-cache-backend", "kvdrive", "--enable-hierarchical-cache"], "1"),
-             (["--enable-hierarchical-cache"], None)]
+    cases = [
+        (["--kv-tier", "kvdrive", "--kvdrive-dir", "/tmp/kvdrive-inert-probe"], "1"),
+        ([], None),
+        (["--radix-cache-backend", "kvdrive", "--enable-hierarchical-cache"], "1"),
+        (["--enable-hierarchical-cache"], None),
+    ]
     out, _ = probe({}, [argv for argv, _ in cases])
     assert out["launched"] == [want for _, want in cases]

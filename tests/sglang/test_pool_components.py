@@ -2,6 +2,7 @@
 speculative decoding's draft KV gets its own namespace under the right tenant (issue 15: draft pages landed in the
 default tenant's namespace with the target's geometry), and a server whose host pools include state kvdrive cannot
 store (hybrid / DSA models' HostPoolGroup) runs with kvdrive off instead of crashing at attach."""
+
 import logging
 from types import SimpleNamespace
 
@@ -18,9 +19,14 @@ CHAIN = "ab" * 32  # a 64-hex chain hash as SGLang makes them
 
 
 def _draft_args(monkeypatch, draft_path="draft-a"):
-    args = SimpleNamespace(model_path="tiny-llama", served_model_name="other", revision=None,
-                           speculative_draft_model_path=draft_path, speculative_draft_model_revision=None,
-                           speculative_algorithm="EAGLE")
+    args = SimpleNamespace(
+        model_path="tiny-llama",
+        served_model_name="other",
+        revision=None,
+        speculative_draft_model_path=draft_path,
+        speculative_draft_model_revision=None,
+        speculative_algorithm="EAGLE",
+    )
     monkeypatch.setattr(compat_args, "running_server_args", lambda: args)
 
 
@@ -113,8 +119,12 @@ def test_v2_draft_pool_round_trips_beside_the_kv_pool(tmp_path, monkeypatch):
         page.copy_(torch.randn(page.shape, generator=torch.Generator().manual_seed(50 + i)).to(page.dtype))
         draft.set_from_flat_data_page(int(didx[i * PAGE]), page)
         draft_want.append(page.clone())
-    res = be.batch_set_v2([hs.PoolTransfer(name=hs.PoolName.KV, host_indices=idx, keys=keys),
-                           hs.PoolTransfer(name=hs.PoolName.DRAFT, host_indices=didx, keys=keys[:3])])
+    res = be.batch_set_v2(
+        [
+            hs.PoolTransfer(name=hs.PoolName.KV, host_indices=idx, keys=keys),
+            hs.PoolTransfer(name=hs.PoolName.DRAFT, host_indices=didx, keys=keys[:3]),
+        ]
+    )
     assert res == {"kv": [True] * 4, "draft": [True] * 3}
 
     draft_t = hs.PoolTransfer(name=hs.PoolName.DRAFT, keys=keys, indices_from_pool=hs.PoolName.KV)
@@ -122,8 +132,12 @@ def test_v2_draft_pool_round_trips_beside_the_kv_pool(tmp_path, monkeypatch):
     assert hit.kv_hit_pages == 3 and hit.extra_pool_hit_pages == {"draft": 3}
 
     back = target.alloc(4 * PAGE)
-    got = be.batch_get_v2([hs.PoolTransfer(name=hs.PoolName.KV, host_indices=back, keys=keys),
-                           hs.PoolTransfer(name=hs.PoolName.DRAFT, host_indices=back, keys=keys)])
+    got = be.batch_get_v2(
+        [
+            hs.PoolTransfer(name=hs.PoolName.KV, host_indices=back, keys=keys),
+            hs.PoolTransfer(name=hs.PoolName.DRAFT, host_indices=back, keys=keys),
+        ]
+    )
     assert got == {"kv": [True] * 4, "draft": [True] * 3 + [False]}
     for g, w in zip(pages_of(target, back, 4), want_kv):
         assert torch.equal(g, w)
@@ -143,10 +157,12 @@ def test_host_pool_group_with_state_pools_turns_kvdrive_off_not_the_server(tmp_p
     (model / "config.json").write_text('{"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"]}')
     monkeypatch.setattr(compat_args, "running_server_args", lambda: SimpleNamespace(model_path=str(model)))
     kv, state = make_host(), make_host(layers=1)
-    entries = [group_mod.PoolEntry(name=hs.PoolName.KV, host_pool=kv, device_pool=None, layer_mapper=lambda i: i,
-                                   is_primary_index_anchor=True),
-               group_mod.PoolEntry(name=hs.PoolName.MAMBA, host_pool=state, device_pool=None,
-                                   layer_mapper=lambda i: i)]
+    entries = [
+        group_mod.PoolEntry(
+            name=hs.PoolName.KV, host_pool=kv, device_pool=None, layer_mapper=lambda i: i, is_primary_index_anchor=True
+        ),
+        group_mod.PoolEntry(name=hs.PoolName.MAMBA, host_pool=state, device_pool=None, layer_mapper=lambda i: i),
+    ]
     group = group_mod.HostPoolGroup(entries)
     with caplog.at_level(logging.WARNING, logger="kvdrive.sglang"):
         be = make_backend(tmp_path / "s", group)

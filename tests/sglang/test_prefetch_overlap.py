@@ -14,6 +14,7 @@ iteration (``check_hicache_events``, then ``check_prefetch_progress``). The disk
   served through SGLang's PrefillAdder, prepare_for_extend and release_kv_cache); prefetches keyed by the request's
   ``cache_request_handle``, handed over by ``pop_prefetch_loaded_span``.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,31 +83,66 @@ def _runtime_context():
 
 # ------------------------------------------------------------------------------- HiRadixCache generation (0.5.17)
 
+
 class _Worker:
     def register_hicache_layer_transfer_counter(self, counter):
         pass
 
 
 def build(store_dir):
-    kv = MHATokenToKVPool(size=512, page_size=PAGE, dtype=torch.float16, head_num=2, head_dim=8, layer_num=2,
-                          device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(
+        size=512,
+        page_size=PAGE,
+        dtype=torch.float16,
+        head_num=2,
+        head_dim=8,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+    )
     from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 
     allocator = TokenToKVPoolAllocator(size=512, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False)
     req_pool = ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
-    extra = {"backend_name": "kvdrive", "module_path": "kvdrive_sglang.storage_backend", "class_name": "KvdriveStorage",
-             "interface_v1": 1, "prefetch_threshold": PAGE, "kvdrive": {"dir": str(store_dir), **KVDRIVE}}
-    server_args = ServerArgs(model_path="dummy", device="cpu", page_size=PAGE, enable_hierarchical_cache=True,
-                             hicache_ratio=2.0, hicache_io_backend="direct", hicache_mem_layout="layer_first",
-                             hicache_write_policy="write_through", radix_cache_backend="kvdrive",
-                             hicache_storage_backend="dynamic", hicache_storage_prefetch_policy="wait_complete",
-                             hicache_storage_backend_extra_config=json.dumps(extra))
-    params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                             page_size=PAGE)
-    ctx = TreeCacheBuildContext(server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
-                                enable_hierarchical_cache=True, disable_radix_cache=False,
-                                effective_chunked_prefill_size=server_args.chunked_prefill_size, tp_worker=_Worker(),
-                                model_config=None, tp_size=1, tp_rank=0, tp_group=None)
+    extra = {
+        "backend_name": "kvdrive",
+        "module_path": "kvdrive_sglang.storage_backend",
+        "class_name": "KvdriveStorage",
+        "interface_v1": 1,
+        "prefetch_threshold": PAGE,
+        "kvdrive": {"dir": str(store_dir), **KVDRIVE},
+    }
+    server_args = ServerArgs(
+        model_path="dummy",
+        device="cpu",
+        page_size=PAGE,
+        enable_hierarchical_cache=True,
+        hicache_ratio=2.0,
+        hicache_io_backend="direct",
+        hicache_mem_layout="layer_first",
+        hicache_write_policy="write_through",
+        radix_cache_backend="kvdrive",
+        hicache_storage_backend="dynamic",
+        hicache_storage_prefetch_policy="wait_complete",
+        hicache_storage_backend_extra_config=json.dumps(extra),
+    )
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator, page_size=PAGE
+    )
+    ctx = TreeCacheBuildContext(
+        server_args=server_args,
+        params=params,
+        is_hybrid_swa=False,
+        is_hybrid_ssm=False,
+        enable_hierarchical_cache=True,
+        disable_radix_cache=False,
+        effective_chunked_prefill_size=server_args.chunked_prefill_size,
+        tp_worker=_Worker(),
+        model_config=None,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+    )
     cache = registry.get_radix_cache_factory("kvdrive")(ctx)
     assert isinstance(cache.cache_controller.storage_backend, KvdriveStorage)
     return cache
@@ -175,6 +211,7 @@ class _HiRadix:
 
 # -------------------------------------------------------------------------- UnifiedRadixCache generation (0.5.23)
 
+
 class _Unified:
     """The UnifiedRadixCache generation's scheduler process (tests/sglang/unified_driver.py); prefetches keyed by the
     request's cache_request_handle."""
@@ -224,6 +261,7 @@ def generation(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- test
+
 
 def test_prefetch_is_issued_at_queue_entry_and_the_loop_never_waits_on_disk(generation, monkeypatch):
     cache = generation.restarted()  # PROMPT served once, then a restart: its pages are on disk only

@@ -2,6 +2,7 @@
 back up into kvdrive's DRAM tier on the reporter's tick, most valuable first, within a share of the disk bandwidth;
 a later storage read of them is then a DRAM hit (decode only), not a disk read. Real SGLang host pools, real
 KvdriveStorage over real LMDB, segment files and zstd."""
+
 import pytest
 
 torch = pytest.importorskip("torch")

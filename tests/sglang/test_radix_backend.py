@@ -6,6 +6,7 @@ SGLang's scheduler drives them (match, storage prefetch, load-back, finish); L3 
 loading :class:`PageStore` below (a dict-backed ``HiCacheStorage``, interface_v1, like kvdrive's own). The only
 stand-in is the model worker, of which the factory uses one method.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,10 @@ from array import array
 import pytest
 
 pytest.importorskip("sglang")
-pytest.importorskip("sglang.srt.mem_cache.hiradix_cache",
-                    reason="HiRadixCache is gone from SGLang 0.5.21 on: tests/sglang/test_unified_cache.py covers that "
-                           "generation")
+pytest.importorskip(
+    "sglang.srt.mem_cache.hiradix_cache",
+    reason="HiRadixCache is gone from SGLang 0.5.21 on: tests/sglang/test_unified_cache.py covers that generation",
+)
 
 import torch  # noqa: E402
 
@@ -53,6 +55,7 @@ TAIL = [7]  # SGLang never serves the last prompt token from cache: prompts are 
 
 
 # ----------------------------------------------------------------------------------------------- L3 test backend
+
 
 class PageStore(HiCacheStorage):
     """A dict-backed SGLang storage backend (interface_v1). Instances naming the same ``store`` share their pages, as
@@ -124,6 +127,7 @@ class PageStore(HiCacheStorage):
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 
+
 class _Worker:
     """Stands in for SGLang's TpModelWorker, of which the factory calls one method (as SGLang's default does)."""
 
@@ -140,8 +144,16 @@ def _group(process_group):  # tests/sglang/conftest.py
 
 
 def _ctx(hicache=True, store=None, worker=None):
-    kv = MHATokenToKVPool(size=512, page_size=PAGE, dtype=torch.float16, head_num=2, head_dim=8, layer_num=LAYERS,
-                          device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(
+        size=512,
+        page_size=PAGE,
+        dtype=torch.float16,
+        head_num=2,
+        head_dim=8,
+        layer_num=LAYERS,
+        device="cpu",
+        enable_memory_saver=False,
+    )
     allocator = TokenToKVPoolAllocator(size=512, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False)
     req_pool = ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
     storage = {}
@@ -149,20 +161,46 @@ def _ctx(hicache=True, store=None, worker=None):
         storage = dict(
             hicache_storage_backend="dynamic",
             hicache_storage_prefetch_policy="wait_complete",
-            hicache_storage_backend_extra_config=json.dumps({
-                "backend_name": "kvdrive-test", "module_path": __name__, "class_name": "PageStore",
-                "interface_v1": 1, "prefetch_threshold": PAGE, "store": store}),
+            hicache_storage_backend_extra_config=json.dumps(
+                {
+                    "backend_name": "kvdrive-test",
+                    "module_path": __name__,
+                    "class_name": "PageStore",
+                    "interface_v1": 1,
+                    "prefetch_threshold": PAGE,
+                    "store": store,
+                }
+            ),
         )
-    server_args = ServerArgs(model_path="dummy", device="cpu", page_size=PAGE, enable_hierarchical_cache=hicache,
-                             hicache_ratio=2.0, hicache_io_backend="direct", hicache_mem_layout="layer_first",
-                             hicache_write_policy="write_through", radix_cache_backend="kvdrive", **storage)
-    params = CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                             page_size=PAGE)
+    server_args = ServerArgs(
+        model_path="dummy",
+        device="cpu",
+        page_size=PAGE,
+        enable_hierarchical_cache=hicache,
+        hicache_ratio=2.0,
+        hicache_io_backend="direct",
+        hicache_mem_layout="layer_first",
+        hicache_write_policy="write_through",
+        radix_cache_backend="kvdrive",
+        **storage,
+    )
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator, page_size=PAGE
+    )
     return TreeCacheBuildContext(
-        server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
-        enable_hierarchical_cache=hicache, disable_radix_cache=False,
-        effective_chunked_prefill_size=server_args.chunked_prefill_size, tp_worker=worker or _Worker(),
-        model_config=None, tp_size=1, tp_rank=0, tp_group=None)
+        server_args=server_args,
+        params=params,
+        is_hybrid_swa=False,
+        is_hybrid_ssm=False,
+        enable_hierarchical_cache=hicache,
+        disable_radix_cache=False,
+        effective_chunked_prefill_size=server_args.chunked_prefill_size,
+        tp_worker=worker or _Worker(),
+        model_config=None,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+    )
 
 
 def _build(**kw):
@@ -186,6 +224,7 @@ def caches():
 
 # ------------------------------------------------------------------------------------- driving a request through
 
+
 def _kv_value(token: int) -> float:
     return float(token % 997) / 4.0  # exact in fp16
 
@@ -201,6 +240,7 @@ def _wait(pred, what, timeout=10.0):
 def _settle(cache):
     """Run the scheduler's per-step HiCache bookkeeping (check_hicache_events) until the background work is done:
     device->host write-through acks, which queue host->storage backups, and the backups' acks."""
+
     def idle():
         cache.check_hicache_events()
         return not cache.ongoing_write_through and not cache.ongoing_backup
@@ -216,9 +256,8 @@ def serve(cache, rid, salt, prompt=PROMPT):
     req.init_next_round_input(cache)
     if cache.enable_storage and (cache.is_backuped(req.last_host_node) or cache.is_root(req.last_host_node)):
         matched = len(req.prefix_indices) + req.host_hit_length
-        new_tokens = req.full_untruncated_fill_ids[matched:req._compute_max_prefix_len(len(tokens))]
-        cache.prefetch_from_storage(rid, req.last_host_node, new_tokens,
-                                    cache.get_last_hash_value(req.last_host_node))
+        new_tokens = req.full_untruncated_fill_ids[matched : req._compute_max_prefix_len(len(tokens))]
+        cache.prefetch_from_storage(rid, req.last_host_node, new_tokens, cache.get_last_hash_value(req.last_host_node))
 
         def prefetch_done():
             cache.check_hicache_events()
@@ -228,8 +267,9 @@ def serve(cache, rid, salt, prompt=PROMPT):
         req.storage_hit_length = cache.pop_prefetch_loaded_tokens(rid)
         req.init_next_round_input(cache)
     if req.host_hit_length > 0:
-        new_indices, req.last_node = cache.init_load_back(InitLoadBackParams(
-            best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
+        new_indices, req.last_node = cache.init_load_back(
+            InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req)
+        )
         req.prefix_indices = torch.cat([req.prefix_indices, new_indices])
         cache.ready_to_load_host_cache()  # host -> device copies (synchronous on CPU)
         cache.check_hicache_events()
@@ -270,6 +310,7 @@ def chain(tokens, salt):
 
 
 # --------------------------------------------------------------------------------------------------------- tests
+
 
 def test_register_is_idempotent():
     radix_backend.register()
@@ -378,8 +419,14 @@ def test_events_count_hits_evictions_and_load_backs(caches):
     assert cache.cache_controller.storage_backend is None
 
     serve(cache, "r1", "t")
-    assert cache.kvdrive_stats() == {"device_hit": 0, "host_hit": 0, "storage_hit": 0, "evicted": 0,
-                                     "written_back": 16, "loaded_back": 0}  # write-through of the new prefix
+    assert cache.kvdrive_stats() == {
+        "device_hit": 0,
+        "host_hit": 0,
+        "storage_hit": 0,
+        "evicted": 0,
+        "written_back": 16,
+        "loaded_back": 0,
+    }  # write-through of the new prefix
 
     req, _ = serve(cache, "r2", "t")
     assert req.cached_tokens_device == 16

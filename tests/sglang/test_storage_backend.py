@@ -1,4 +1,5 @@
 """KvdriveStorage against SGLang's HiCacheStorage v1 semantics, with real SGLang host pools on CPU."""
+
 import glob
 import json
 import os
@@ -51,8 +52,16 @@ def test_partial_hits_count_leading_pages_only(tmp_path):
     be.close()
 
 
-@pytest.mark.parametrize("change", [dict(tp_rank=1, tp_size=2), dict(model="other-model"),
-                                    dict(dtype=torch.float16), dict(layout="page_first"), dict(head_dim=8)])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(tp_rank=1, tp_size=2),
+        dict(model="other-model"),
+        dict(dtype=torch.float16),
+        dict(layout="page_first"),
+        dict(head_dim=8),
+    ],
+)
 def test_incompatible_servers_never_share_pages(tmp_path, change):
     host = make_host()
     be = make_backend(tmp_path, host)
@@ -72,8 +81,13 @@ def test_restart_in_a_new_process_still_hits(tmp_path):
     idx, _ = written(host, 5, seed=7)
     assert all(be.batch_set_v1(keys(5), idx))
     be.close()
-    p = subprocess.run([sys.executable, "-m", "tests.sglang.backend_case", str(tmp_path), "7", "5"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.sglang.backend_case", str(tmp_path), "7", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"exists": 5, "got": 5, "identical": True}
 
@@ -161,9 +175,20 @@ def test_missing_kvdrive_config_is_a_clear_error(tmp_path):
 
     from kvdrive_sglang.storage_backend import KvdriveStorage
     from kvdrive_sglang.tier.errors import ConfigError
-    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                               is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
-                               model_name="m", extra_config={"backend_name": "kvdrive"})
+
+    cfg = HiCacheStorageConfig(
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=False,
+        model_name="m",
+        extra_config={"backend_name": "kvdrive"},
+    )
     with pytest.raises(ConfigError, match="--kv-tier kvdrive"):
         KvdriveStorage(cfg, {})
     cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "colour": "blue"}}
@@ -175,8 +200,11 @@ def test_missing_kvdrive_config_is_a_clear_error(tmp_path):
     assert be.engine.disk.config.retry_after_s == 2 and be.engine.disk.config.map_size == 1 << 20
     be.close()
     # ... and a bad one is a one-line error naming it
-    for disk, named in (({"retry_afterr_s": 2}, "retry_afterr_s"), ({"retry_after_s": -1}, "retry_after_s"),
-                        ("fast", "disk")):
+    for disk, named in (
+        ({"retry_afterr_s": 2}, "retry_afterr_s"),
+        ({"retry_after_s": -1}, "retry_after_s"),
+        ("fast", "disk"),
+    ):
         cfg.extra_config = {"kvdrive": {"dir": str(tmp_path), "disk": disk}}
         with pytest.raises(ConfigError, match=named):
             KvdriveStorage(cfg, {})
@@ -184,6 +212,7 @@ def test_missing_kvdrive_config_is_a_clear_error(tmp_path):
 
 def test_model_identity_changes_when_weights_change_in_place(tmp_path):
     from kvdrive_sglang.storage_backend import model_identity
+
     m = tmp_path / "model"
     m.mkdir()
     (m / "config.json").write_text('{"hidden_size": 64}')
@@ -228,6 +257,7 @@ def test_attention_and_accesses_become_eviction_scores(tmp_path):
 
 def test_bad_promoter_options_are_clear_errors(tmp_path):
     from kvdrive_sglang.tier.errors import ConfigError
+
     with pytest.raises(ConfigError, match="disk_gbps"):
         make_backend(tmp_path, make_host(), promoter={"disk_gbps": -1})
     with pytest.raises(ConfigError, match="colour"):
@@ -298,12 +328,12 @@ def test_batched_host_copies_are_exact_at_scattered_slots(tmp_path, layout):
     assert be.pages.layout == (layout if layout in BATCHED_LAYOUTS else None)
     idx, want = written(host, 8)
     order = [5, 0, 7, 2, 6, 1, 3, 4]
-    src = torch.cat([idx[i * PAGE:(i + 1) * PAGE] for i in order])
+    src = torch.cat([idx[i * PAGE : (i + 1) * PAGE] for i in order])
     assert all(be.batch_set_v1(keys(8), src))
     host.alloc(4 * PAGE)  # a gap
     out = host.alloc(8 * PAGE)
     perm = [3, 7, 0, 5, 1, 6, 2, 4]
-    dst = torch.cat([out[i * PAGE:(i + 1) * PAGE] for i in perm])
+    dst = torch.cat([out[i * PAGE : (i + 1) * PAGE] for i in perm])
     assert be.batch_get_v1(keys(8), dst) == [True] * 8
     for j in range(8):
         assert torch.equal(host.get_data_page(int(dst[j * PAGE]), flat=True), want[order[j]]), j
@@ -327,8 +357,9 @@ def test_host_pages_copy_exactly_what_sglangs_own_page_copy_does(layout):
     got = pages.read(starts)
     for s, row in zip(starts, got):
         want = host.get_data_page(s, flat=True)
-        assert bytes(torch.as_tensor(row).view(torch.uint8).reshape(-1).numpy()) == \
-            bytes(want.contiguous().view(torch.uint8).numpy()), s
+        assert bytes(torch.as_tensor(row).view(torch.uint8).reshape(-1).numpy()) == bytes(
+            want.contiguous().view(torch.uint8).numpy()
+        ), s
     new = torch.randn((len(starts), pages.page_numel), generator=g)
     twin = make_host(layout, **shape)
     twin.kv_buffer.copy_(host.kv_buffer)
@@ -374,8 +405,18 @@ PINNED_NAMESPACES = [
 def _storage_config(**kw):
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-    base = dict(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
-                enable_storage_metrics=False, is_page_first_layout=False, model_name="tiny-llama")
+    base = dict(
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=False,
+        model_name="tiny-llama",
+    )
     return HiCacheStorageConfig(**{**base, **kw})
 
 
@@ -384,8 +425,12 @@ def _newer_config_fields():
 
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-    return {f.name for f in dataclasses.fields(HiCacheStorageConfig)} >= {"dp_rank", "dcp_size", "dcp_rank",
-                                                                           "logical_page_size"}
+    return {f.name for f in dataclasses.fields(HiCacheStorageConfig)} >= {
+        "dp_rank",
+        "dcp_size",
+        "dcp_rank",
+        "logical_page_size",
+    }
 
 
 @pytest.mark.parametrize("host_kw,cfg,pinned", PINNED_NAMESPACES)
@@ -437,8 +482,15 @@ def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
     mla = make_mla_host()
 
     def dcp(tp_rank, dp_rank=0):
-        return dict(tp_rank=tp_rank, tp_size=4, is_mla_model=True, dcp_size=2, dcp_rank=tp_rank % 2,
-                    logical_page_size=2 * PAGE, dp_rank=dp_rank)
+        return dict(
+            tp_rank=tp_rank,
+            tp_size=4,
+            is_mla_model=True,
+            dcp_size=2,
+            dcp_rank=tp_rank % 2,
+            logical_page_size=2 * PAGE,
+            dp_rank=dp_rank,
+        )
 
     ns = {r: namespace_for(_storage_config(**dcp(r)), mla) for r in range(4)}
     assert ns[0].id == ns[2].id and ns[1].id == ns[3].id and ns[0].id != ns[1].id  # one namespace per DCP shard
@@ -447,10 +499,17 @@ def test_dp_and_dcp_ranks_get_namespaces_of_their_own(tmp_path):
     assert no_dcp.id not in (ns[0].id, ns[1].id)
     assert namespace_for(_storage_config(**dcp(0, dp_rank=1)), mla).id != ns[0].id
     # the writers are SGLang's: ranks 0 and 1 (each its shard), ranks 2 and 3 only read
-    backends = [make_backend(tmp_path, mla, mla=True, tp_rank=r, tp_size=4,
-                             config={k: v for k, v in dcp(r).items()
-                                     if k not in ("tp_rank", "tp_size", "is_mla_model")})
-                for r in range(4)]
+    backends = [
+        make_backend(
+            tmp_path,
+            mla,
+            mla=True,
+            tp_rank=r,
+            tp_size=4,
+            config={k: v for k, v in dcp(r).items() if k not in ("tp_rank", "tp_size", "is_mla_model")},
+        )
+        for r in range(4)
+    ]
     try:
         assert [b.read_only for b in backends] == [False, False, True, True]
         assert [b.ns.id for b in backends] == [ns[r].id for r in range(4)]
@@ -470,8 +529,11 @@ def test_the_writer_rule_on_every_sglang():
     property and kvdrive's own rule applies (MLA: TP rank 0 only). Without DCP both give the same answer."""
     from kvdrive_sglang.storage_backend import storage_writer
 
-    assert [storage_writer(_storage_config(is_mla_model=True, tp_rank=r, tp_size=3)) for r in range(3)] == \
-        [True, False, False]
+    assert [storage_writer(_storage_config(is_mla_model=True, tp_rank=r, tp_size=3)) for r in range(3)] == [
+        True,
+        False,
+        False,
+    ]
     assert all(storage_writer(_storage_config(tp_rank=r, tp_size=3)) for r in range(3))
 
 
@@ -525,8 +587,13 @@ def test_fp8_formats_never_share_a_namespace(tmp_path, monkeypatch):
     scales.write_text("{}")
 
     def ns(kv_cache_dtype, scales_path=None):
-        args = SimpleNamespace(model_path="tiny-llama", served_model_name="other", revision=None,
-                               kv_cache_dtype=kv_cache_dtype, quantization_param_path=scales_path)
+        args = SimpleNamespace(
+            model_path="tiny-llama",
+            served_model_name="other",
+            revision=None,
+            kv_cache_dtype=kv_cache_dtype,
+            quantization_param_path=scales_path,
+        )
         monkeypatch.setattr(compat_args, "running_server_args", lambda: args)
         return namespace_for(config, host)
 

@@ -1,6 +1,7 @@
 """Tenants end to end on real SGLang 0.5.17 objects on CPU: kvdrive's radix cache (a real HiRadixCache) over kvdrive's
 own storage backend (real tier engine, LMDB index, segment files, AES-GCM), driven the way SGLang's scheduler drives
 them (see test_radix_backend.serve). A "restart" is a fresh cache and backend on the same store directory."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ class Server:
         def spy(keys, *a, **kw):
             self.written.extend(keys)
             return real_set(keys, *a, **kw)
+
         self.backend.batch_set_v1 = spy
 
     def serve(self, rid, salt):
@@ -54,6 +56,7 @@ def servers():
         s = Server(store, **opts)
         made.append(s)
         return s
+
     yield make
     for s in made:
         s.shutdown()
@@ -122,8 +125,9 @@ def test_flags_pass_keys_and_tenant_policy_to_the_backend(tmp_path):
     keys.chmod(0o600)
     policy = tmp_path / "tenants.json"
     policy.write_text('{"x1": {"share_as": "team", "ttl_s": 60}}')
-    opts = options_from({"kvdrive_dir": str(tmp_path / "s"), "kvdrive_encrypt": str(keys),
-                         "kvdrive_tenants": str(policy)})
+    opts = options_from(
+        {"kvdrive_dir": str(tmp_path / "s"), "kvdrive_encrypt": str(keys), "kvdrive_tenants": str(policy)}
+    )
     cfg = KvdriveSettings.from_extra_config(json.loads(storage_extra_config(opts))).tier_config()
     assert cfg.encrypt == str(keys) and cfg.tenants == {"x1": {"share_as": "team", "ttl_s": 60}}
     inline = options_from({"kvdrive_dir": str(tmp_path / "s"), "kvdrive_tenants": '{"t": {"ttl_s": 5}}'})

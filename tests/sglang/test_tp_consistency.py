@@ -7,6 +7,7 @@ registry (tests/sglang/tp_rank_worker.py: HiRadixCache's request API up to SGLan
 over UnifiedRadixCache from 0.5.21) and serve the same prompts; rank 0 sees only the older prompt attended,
 rank 1 only the newer one, and rank 1 runs 0.35 s behind at every step. Alone, rank 0 would keep the older prompt and
 rank 1 the newer. Both must keep the same one: the older, whose attention summed over the ranks is the larger."""
+
 import json
 import os
 import subprocess
@@ -30,11 +31,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_two_ranks_evict_alike_on_summed_attention_and_an_agreed_clock(tmp_path):
     init = tmp_path / "pg-init"
     outs = [tmp_path / f"rank{r}.json" for r in (0, 1)]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "KVDRIVE_ATTENTION_EVERY": "8"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.sglang.tp_rank_worker", str(r), str(init),
-                               str(tmp_path / "store"), str(outs[r])], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "KVDRIVE_ATTENTION_EVERY": "8",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.sglang.tp_rank_worker",
+                str(r),
+                str(init),
+                str(tmp_path / "store"),
+                str(outs[r]),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     logs = []
     try:
         for p in procs:

@@ -6,6 +6,7 @@ host pools, the cache from SGLang's registry over kvdrive's KvdriveStorage; queu
 Scheduler._prefetch_kvcache, PrefillAdder, ScheduleBatch.prepare_for_extend, release_kv_cache). The stand-ins: the
 forward pass and the tp_worker, of which the factory calls one method.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,11 @@ try:
 except ConfigError as e:  # an SGLang with neither generation's seams
     pytest.skip(str(e), allow_module_level=True)
 if _GENERATION != "unified":
-    pytest.skip(f"SGLang {sglang_version()} is the {_GENERATION!r} radix-cache generation, not the unified one: "
-                "tests/sglang/test_radix_backend.py and test_tenant_keys.py cover it", allow_module_level=True)
+    pytest.skip(
+        f"SGLang {sglang_version()} is the {_GENERATION!r} radix-cache generation, not the unified one: "
+        "tests/sglang/test_radix_backend.py and test_tenant_keys.py cover it",
+        allow_module_level=True,
+    )
 
 import torch  # noqa: E402
 from sglang.srt.mem_cache import registry  # noqa: E402
@@ -48,6 +52,7 @@ EVENTS_ZERO = dict.fromkeys(radix_backend.EVENT_KINDS, 0)
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _group(process_group):  # tests/sglang/conftest.py: gloo group, kvdrive's backend registered, TP=1 topology
@@ -83,6 +88,7 @@ def servers(model_dir):
 
 # ------------------------------------------------------------------------------------------ expected keys
 
+
 def tenant_keys(tokens, name, *, extra_key=None, cache_salt=None) -> list[str]:
     """SGLang's own keys of a salted request, each followed by the id of the tenant ``name``."""
     return [k + tenant_id(name) for k in sglang_keys(tokens, extra_key=extra_key, cache_salt=cache_salt)]
@@ -105,6 +111,7 @@ def assert_prefix_kv(served: Served, tokens):
 
 
 # --------------------------------------------------------------------------------------------------------- tests
+
 
 def test_factory_builds_kvdrive_cache_on_its_tree_core(tmp_path, servers):
     assert registry.get_radix_cache_factory("kvdrive") is unified.build_tree_cache
@@ -299,8 +306,10 @@ def test_without_kvdrives_cache_in_the_process_salted_keys_stay_sglangs(monkeypa
     monkeypatch.setattr(unified, "_active", False)
     tokens = list(range(300, 316))
     key = RadixKey(array("q", tokens), "lora-1", cache_salt="alice")
-    assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == \
-        sglang_keys(tokens, extra_key="lora-1", cache_salt="alice")
+    assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == sglang_keys(
+        tokens, extra_key="lora-1", cache_salt="alice"
+    )
     monkeypatch.setattr(unified, "_active", True)  # the same call where kvdrive's cache runs: tagged
-    assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == \
-        tenant_keys(tokens, "alice/lora-1", extra_key="lora-1", cache_salt="alice")
+    assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == tenant_keys(
+        tokens, "alice/lora-1", extra_key="lora-1", cache_salt="alice"
+    )

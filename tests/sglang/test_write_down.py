@@ -2,6 +2,7 @@
 
 A page SGLang writes through to storage lands in kvdrive's DRAM tier; it reaches the disk only when the promoter
 admits it (reused by a later request, or a conversation's continuation), so one-off prompts cost no disk bandwidth."""
+
 import time
 
 import pytest

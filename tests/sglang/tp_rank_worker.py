@@ -14,6 +14,7 @@ The cache and the request path are the installed SGLang's generation's (kvdrive_
   and are published with this rank's placement, the cache's TP group is the gloo group, and requests go through
   SGLang's own scheduler code (Scheduler._prefetch_kvcache, PrefillAdder, prepare_for_extend, release_kv_cache).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,14 @@ def report(cache, backend, *, evict, on_device, keys_of, promoter_eviction):
     kept = {name: on_device(p) for name, p in (("older", OLDER), ("newer", NEWER))}
     promoter = backend.promoter
     keys = {name: keys_of(p) for name, p in (("older", OLDER), ("newer", NEWER))}
-    return {"evicted": evicted, "kept": kept, "clock": promoter._clock(), "promoter_eviction": promoter_eviction,
-            "mass": {n: [promoter.attention_mass(k) for k in ks] for n, ks in keys.items()},
-            "scores": {n: promoter.group_score(ks) for n, ks in keys.items()}}
+    return {
+        "evicted": evicted,
+        "kept": kept,
+        "clock": promoter._clock(),
+        "promoter_eviction": promoter_eviction,
+        "mass": {n: [promoter.attention_mass(k) for k in ks] for n, ks in keys.items()},
+        "scores": {n: promoter.group_score(ks) for n, ks in keys.items()},
+    }
 
 
 def run_hiradix(rank: int, store_dir: str, out_path: str) -> dict:
@@ -73,12 +79,15 @@ def run_hiradix(rank: int, store_dir: str, out_path: str) -> dict:
         try:
             serve_both(rank, lambda name, prompt: rb.serve(cache, name, None, prompt=prompt))
             return report(
-                cache, cache.cache_controller.storage_backend,
+                cache,
+                cache.cache_controller.storage_backend,
                 evict=lambda n: cache.evict(EvictParams(num_tokens=n)).num_tokens_evicted,
-                on_device=lambda p: len(cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", p))))
-                                        .device_indices),
+                on_device=lambda p: len(
+                    cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", p)))).device_indices
+                ),
                 keys_of=lambda p: rb.chain(p, None),
-                promoter_eviction=isinstance(cache.eviction_strategy, radix_backend.PromoterEviction))
+                promoter_eviction=isinstance(cache.eviction_strategy, radix_backend.PromoterEviction),
+            )
         finally:
             cache.shutdown()
 
@@ -98,13 +107,16 @@ def run_unified(rank: int, store_dir: str, out_path: str) -> dict:
         assert cache.tp_world_size == 2, cache.tp_world_size
         serve_both(rank, lambda name, prompt: srv.serve(name, prompt))
         return report(
-            cache, srv.backend,
+            cache,
+            srv.backend,
             evict=lambda n: cache.evict(EvictParams(num_tokens=n)).num_tokens_evicted,
             # SGLang never serves a prompt's last token from cache: match the prompt + one token
-            on_device=lambda p: cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", p + d.TAIL))))
-            .device_prefix_len,
+            on_device=lambda p: (
+                cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", p + d.TAIL)))).device_prefix_len
+            ),
             keys_of=d.sglang_keys,
-            promoter_eviction=isinstance(cache.tree_core.eviction_strategy, radix_backend.PromoterEviction))
+            promoter_eviction=isinstance(cache.tree_core.eviction_strategy, radix_backend.PromoterEviction),
+        )
     finally:
         srv.shutdown()
 

@@ -23,6 +23,7 @@ the rank's placement (SpawnRanks, as SGLang's launcher does), and the cache's TP
 (kv_cache_builder.py passes the DP-TP group's CPU group; with TP only that is every rank). Every rank must make the
 same sequence of calls; the polls that call check_hicache_events wait on state SGLang all-reduces over the ranks.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -68,9 +69,18 @@ def make_model_dir(path) -> str:
     """A model directory as SGLang reads it: config.json only (2 layers, 2 KV heads of 8). No weights: no forward."""
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
-                intermediate_size=32, vocab_size=1024, max_position_embeddings=512,
-                architectures=["LlamaForCausalLM"], torch_dtype="float16").save_pretrained(path)
+    LlamaConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        vocab_size=1024,
+        max_position_embeddings=512,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype="float16",
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -108,15 +118,31 @@ class Server:
     ``kvdrive``: settings merged into kvdrive's section of the storage extra config (e.g. host_bytes, promoter).
     ``tp_size`` / ``tp_rank`` / ``tp_group``: this process's rank of a TP group (a torch.distributed gloo group)."""
 
-    def __init__(self, store, model_dir, *, hicache=True, eviction_policy=None, tenants=None, kvdrive=None,
-                 tp_size=1, tp_rank=0, tp_group=None):
-        kw = dict(model_path=model_dir, device="cpu", page_size=PAGE, hicache_ratio=2.0,
-                  hicache_write_policy="write_through", hicache_storage_prefetch_policy="wait_complete")
+    def __init__(
+        self,
+        store,
+        model_dir,
+        *,
+        hicache=True,
+        eviction_policy=None,
+        tenants=None,
+        kvdrive=None,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+    ):
+        kw = dict(
+            model_path=model_dir,
+            device="cpu",
+            page_size=PAGE,
+            hicache_ratio=2.0,
+            hicache_write_policy="write_through",
+            hicache_storage_prefetch_policy="wait_complete",
+        )
         if tp_size > 1:
             kw["tp_size"] = tp_size
         if hicache:
-            opts = {"kv_tier": "kvdrive", "kvdrive_dir": str(store), "kvdrive_host_gb": "0.01",
-                    "kvdrive_disk_gb": "1"}
+            opts = {"kv_tier": "kvdrive", "kvdrive_dir": str(store), "kvdrive_host_gb": "0.01", "kvdrive_disk_gb": "1"}
             if tenants is not None:
                 opts["kvdrive_tenants"] = json.dumps(tenants)
             tier = expand_kwargs(opts, gpu=False)  # what sglang.Engine(kv_tier="kvdrive", ...) passes ServerArgs
@@ -134,24 +160,45 @@ class Server:
         publish(self.server_args, role="scheduler", ranks=SpawnRanks(world_rank=tp_rank) if tp_size > 1 else None)
         self.model_config = ModelConfig.from_server_args(self.server_args)
         mc = self.model_config
-        kv = MHATokenToKVPool(size=512, page_size=PAGE, dtype=torch.float16, head_num=mc.get_num_kv_heads(tp_size),
-                              head_dim=mc.head_dim, layer_num=mc.num_hidden_layers, device="cpu",
-                              enable_memory_saver=False)
-        allocator = PagedTokenToKVPoolAllocator(size=512, page_size=PAGE, dtype=torch.float16, device="cpu",
-                                                kvcache=kv, need_sort=False)
+        kv = MHATokenToKVPool(
+            size=512,
+            page_size=PAGE,
+            dtype=torch.float16,
+            head_num=mc.get_num_kv_heads(tp_size),
+            head_dim=mc.head_dim,
+            layer_num=mc.num_hidden_layers,
+            device="cpu",
+            enable_memory_saver=False,
+        )
+        allocator = PagedTokenToKVPoolAllocator(
+            size=512, page_size=PAGE, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False
+        )
         req_pool = ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
         memory, schedule = get_memory(), get_schedule()
         params = CacheInitParams(  # the TP-only subset of kv_cache_builder.py's
-            disable=memory.disable_radix_cache, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-            page_size=schedule.page_size, tp_cache_group=tp_group, eviction_policy=memory.radix_eviction_policy,
+            disable=memory.disable_radix_cache,
+            req_to_token_pool=req_pool,
+            token_to_kv_pool_allocator=allocator,
+            page_size=schedule.page_size,
+            tp_cache_group=tp_group,
+            eviction_policy=memory.radix_eviction_policy,
             eviction_policy_config=memory.radix_eviction_policy_config,
-            chunked_prefill_size=schedule.chunked_prefill_size)
+            chunked_prefill_size=schedule.chunked_prefill_size,
+        )
         self.worker = Worker()
         self.ctx = TreeCacheBuildContext(
-            server_args=self.server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
+            server_args=self.server_args,
+            params=params,
+            is_hybrid_swa=False,
+            is_hybrid_ssm=False,
             enable_hierarchical_cache=memory.enable_hierarchical_cache,
-            disable_radix_cache=memory.disable_radix_cache, tp_worker=self.worker, model_config=mc,
-            tp_size=tp_size, tp_rank=tp_rank, tp_group=tp_group)
+            disable_radix_cache=memory.disable_radix_cache,
+            tp_worker=self.worker,
+            model_config=mc,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            tp_group=tp_group,
+        )
         self.cache = create_tree_cache(self.ctx)  # -> registry.get_radix_cache_factory("kvdrive")(ctx)
         self.backend = getattr(self.cache.cache_controller, "storage_backend", None)
         self.written: list[str] = []  # page keys as SGLang's controller hands them to the backend, in order
@@ -160,8 +207,11 @@ class Server:
             spy(self.backend, "batch_set_v1", lambda keys, *a, **k: self.written.extend(keys))
             spy(self.backend, "record_request", lambda keys: self.reported.append(list(keys)))
         # what Scheduler._prefetch_kvcache reads of its scheduler (set as Scheduler.__init__ sets them)
-        self.scheduler = SimpleNamespace(enable_hicache_storage=memory.hicache_storage_backend is not None,
-                                         enable_lmcache=memory.enable_lmcache, tree_cache=self.cache)
+        self.scheduler = SimpleNamespace(
+            enable_hicache_storage=memory.hicache_storage_backend is not None,
+            enable_lmcache=memory.enable_lmcache,
+            tree_cache=self.cache,
+        )
         self._closed = False
 
     # --- the scheduler's calls, in its order -------------------------------------------------------------------
@@ -169,8 +219,15 @@ class Server:
         """A prefill-only request (max_new_tokens=1) as the tokenizer manager hands it over (token ids in)."""
         sampling = SamplingParams(max_new_tokens=1)
         sampling.normalize(None)  # the tokenizer manager's step (no tokenizer: token ids in)
-        return Req(rid, "", array("q", list(prompt) + TAIL), sampling, vocab_size=self.model_config.vocab_size,
-                   extra_key=extra_key, cache_salt=cache_salt)
+        return Req(
+            rid,
+            "",
+            array("q", list(prompt) + TAIL),
+            sampling,
+            vocab_size=self.model_config.vocab_size,
+            extra_key=extra_key,
+            cache_salt=cache_salt,
+        )
 
     def enter_queue(self, req):
         """What Scheduler._add_request_to_queue does before appending the request to the waiting queue: SGLang's
@@ -198,24 +255,39 @@ class Server:
             req.host_hit_is_storage = False
         req.init_next_round_input(cache)
         schedule = get_schedule()
-        adder = PrefillAdder(PAGE, cache, cache.token_to_kv_pool_allocator, ScheduleBatch(reqs=[], batch_is_full=False),
-                             NewTokenRatioTracker.from_config().current, schedule.max_prefill_tokens,
-                             schedule.chunked_prefill_size)
+        adder = PrefillAdder(
+            PAGE,
+            cache,
+            cache.token_to_kv_pool_allocator,
+            ScheduleBatch(reqs=[], batch_is_full=False),
+            NewTokenRatioTracker.from_config().current,
+            schedule.max_prefill_tokens,
+            schedule.chunked_prefill_size,
+        )
         assert adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None) == AddReqResult.CONTINUE
         assert adder.can_run_list == [req]
         cache.storage_prefetch_retries.cancel(req.rid)
-        batch = ScheduleBatch.init_new(adder.can_run_list, cache.req_to_token_pool, cache.token_to_kv_pool_allocator,
-                                       cache, self.model_config, False, SpeculativeAlgorithm.NONE)
+        batch = ScheduleBatch.init_new(
+            adder.can_run_list,
+            cache.req_to_token_pool,
+            cache.token_to_kv_pool_allocator,
+            cache,
+            self.model_config,
+            False,
+            SpeculativeAlgorithm.NONE,
+        )
         consumer = cache.ready_to_load_host_cache()
         batch.prepare_for_extend()
         # the forward pass (stand-in): attention waits for the host->device load-back, reads the cached prefix and
         # writes the new tokens' K/V
         wait(lambda: cache.is_load_back_event_done(consumer), f"{rid}: load-back")
         kv = cache.token_to_kv_pool_allocator.get_kvcache()
-        rows = cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :req.prefix_len].long()
-        prefix_kv = [(kv.get_key_buffer(layer)[rows].clone(), kv.get_value_buffer(layer)[rows].clone())
-                     for layer in range(kv.layer_num)]
-        new = kv_values(req.full_untruncated_fill_ids[req.prefix_len:req.extend_end]).view(-1, 1, 1)
+        rows = cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, : req.prefix_len].long()
+        prefix_kv = [
+            (kv.get_key_buffer(layer)[rows].clone(), kv.get_value_buffer(layer)[rows].clone())
+            for layer in range(kv.layer_num)
+        ]
+        new = kv_values(req.full_untruncated_fill_ids[req.prefix_len : req.extend_end]).view(-1, 1, 1)
         for layer in range(kv.layer_num):
             kv.get_key_buffer(layer)[batch.out_cache_loc] = new
             kv.get_value_buffer(layer)[batch.out_cache_loc] = -new

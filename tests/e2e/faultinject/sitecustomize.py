@@ -15,6 +15,7 @@ read: os.preadv, os.pread; write: os.pwrite, os.pwritev, os.fdatasync, os.fsync,
 os.open with a write or create flag. LMDB's own I/O happens in C and is not touched (a full map is made for real).
 The tests create and remove the control file to start and clear a fault.
 """
+
 import errno
 import os
 import time
@@ -26,8 +27,24 @@ _LOG = os.environ.get("KVDRIVE_FAULT_LOG")
 
 def _install(root: str, ctl: str, log_path: str | None) -> None:
     root = os.path.realpath(root) + os.sep
-    real = {name: getattr(os, name) for name in ("open", "close", "read", "write", "readlink", "preadv", "pread",
-                                                 "pwrite", "pwritev", "fdatasync", "fsync", "ftruncate", "truncate")}
+    real = {
+        name: getattr(os, name)
+        for name in (
+            "open",
+            "close",
+            "read",
+            "write",
+            "readlink",
+            "preadv",
+            "pread",
+            "pwrite",
+            "pwritev",
+            "fdatasync",
+            "fsync",
+            "ftruncate",
+            "truncate",
+        )
+    }
 
     def armed(op: str):
         """What to do to ``op`` right now: an errno to raise, a float (seconds to stall), or None."""
@@ -82,6 +99,7 @@ def _install(root: str, ctl: str, log_path: str | None) -> None:
             if code is not None and fd_under_root(fd):
                 fail(op, code, real["readlink"](f"/proc/self/fd/{int(fd)}"))
             return fn(fd, *args, **kwargs)
+
         wrapper.__name__ = wrapper.__qualname__ = name
         return wrapper
 
