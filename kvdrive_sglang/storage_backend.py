@@ -481,9 +481,6 @@ class KvdriveStorage(HiCacheStorage):
         if self.reload_policy == "always":
             return n
         tiers = self.engine.tiers_of(ns, keys[:n])  # all found: exists_many counted them
-        # the promoter has no cost model of the remote tier yet (tier/promoter.py TIERS): a remote page is planned as
-        # a disk read (batched loopback TCP moved 1.1-1.7 GB/s here, near the disk default of 1.5 GB/s)
-        tiers = [Tier.DISK if t == "remote" else t for t in tiers]
         plan = self.promoter.plan_prefix(tiers, self.page_size, self.page_bytes)
         if plan.reload_pages < n:
             with self._lock:
@@ -649,6 +646,9 @@ class KvdriveStorage(HiCacheStorage):
     def _tick_stats(self) -> dict:
         # The reporter's tick is also the promoter's upkeep (scores, measured costs, promotion: Upkeep.tick)
         self.upkeep.tick()
+        cost = getattr(self.engine, "remote_cost", lambda: None)()  # the shared tier's read-through, as timed
+        if cost is not None:
+            self.promoter.calibrate(tier_s_per_byte={"remote": cost.per_unit_s}, remote_fixed_s=cost.fixed_s)
         return self.tier_stats()
 
     def tier_stats(self) -> dict:

@@ -124,6 +124,7 @@ class Promoter:
         self._prefill_s_per_token: float | None = None
         self._tier_s_per_byte: dict[str, float] = {}
         self._reload_fixed_s: float | None = None
+        self._remote_fixed_s: float | None = None  # the shared tier's measured round trip (calibrate)
 
     def set_clock(self, clock: Callable[[], float]) -> None:
         """Read time from ``clock`` from now on (same scale as before: scores stay comparable). Several ranks
@@ -134,12 +135,15 @@ class Promoter:
 
     # --- measured costs -------------------------------------------------------------------------------------
     def calibrate(self, *, prefill_s_per_token: float | None = None,
-                  tier_s_per_byte: Mapping[str, float] | None = None, reload_fixed_s: float | None = None) -> None:
+                  tier_s_per_byte: Mapping[str, float] | None = None, reload_fixed_s: float | None = None,
+                  remote_fixed_s: float | None = None) -> None:
         """Replace assumptions by what the server measured (None leaves a figure as it is):
         ``prefill_s_per_token`` the marginal prefill cost (slope of forward time over extend tokens);
         ``tier_s_per_byte`` seconds per decoded byte to read a page from "dram"/"queued"/"disk" into SGLang's host
         pool (decode, checksum, disk read); ``reload_fixed_s`` the fixed cost of one storage reload of a request
-        (SGLang's prefetch round trip, whatever the page count), charged once per reloaded prefix."""
+        (SGLang's prefetch round trip, whatever the page count), charged once per reloaded prefix; "remote" in
+        ``tier_s_per_byte`` and ``remote_fixed_s``: the shared tier's read-through as the engine timed it
+        (RemoteTieredEngine.remote_cost), its round trip charged on top of the local one."""
         def check(name, v, zero_ok=False):
             if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
                     or (v == 0 and not zero_ok)):
@@ -151,12 +155,16 @@ class Promoter:
             prefill_s_per_token = check("prefill_s_per_token", prefill_s_per_token)
         measured = {}
         for tier, v in (tier_s_per_byte or {}).items():
-            if tier not in ("dram", "queued", "disk"):
-                raise ConfigError(f"promoter calibrate: tier {tier!r} is not one of dram, queued, disk")
+            if tier not in ("dram", "queued", "disk", "remote"):
+                raise ConfigError(f"promoter calibrate: tier {tier!r} is not one of dram, queued, disk, remote")
             measured[tier] = check(f"tier_s_per_byte[{tier}]", v)
         if reload_fixed_s is not None:
             reload_fixed_s = check("reload_fixed_s", reload_fixed_s, zero_ok=True)
+        if remote_fixed_s is not None:
+            remote_fixed_s = check("remote_fixed_s", remote_fixed_s, zero_ok=True)
         with self._lock:
+            if remote_fixed_s is not None:
+                self._remote_fixed_s = remote_fixed_s
             if prefill_s_per_token is not None:
                 self._prefill_s_per_token = prefill_s_per_token
             self._tier_s_per_byte.update(measured)
@@ -171,17 +179,22 @@ class Promoter:
                 out["prefill_s_per_token"] = self._prefill_s_per_token
             if self._reload_fixed_s is not None:
                 out["reload_fixed_s"] = self._reload_fixed_s
+            if self._remote_fixed_s is not None:
+                out["remote_fixed_s"] = self._remote_fixed_s
         return out
 
     def costs(self) -> dict:
         """The cost figures decisions use now, and where each comes from ("measured" or "assumed")."""
         with self._lock:
             pre, tiers, fixed = self._prefill_s_per_token, dict(self._tier_s_per_byte), self._reload_fixed_s
+            remote_fixed = self._remote_fixed_s
         cfg = self.config
         out = {"prefill_tokens_per_s": (1.0 / pre, "measured") if pre else (cfg.prefill_tokens_per_s, "assumed"),
                "reload_fixed_s": (fixed, "measured") if fixed is not None else (cfg.disk_latency_s, "assumed")}
-        for t in ("dram", "disk"):
+        for t in ("dram", "disk", "remote"):
             out[f"{t}_gbps"] = (1.0 / tiers[t] / _GB, "measured") if t in tiers else (cfg.tier_gbps(t), "assumed")
+        out["remote_fixed_s"] = (remote_fixed, "measured") if remote_fixed is not None else \
+            (cfg.remote_latency_s, "assumed")
         return out
 
     def _recompute_s_per_token(self) -> float:
@@ -450,8 +463,9 @@ class Promoter:
         best_k, best_reload, reload_s, used = 0, 0.0, 0.0, set()
         best_cost = n * recompute_page
         once = self._reload_fixed_s is not None  # a measured round trip is paid once per reload, not per tier
+        apart = ("gpu", "host", "remote")  # not the local storage round trip: a remote read is one of its own
         for i, t in enumerate(tiers):
-            if t not in used and not (once and used - {"gpu", "host"} and t not in ("gpu", "host")):
+            if t not in used and (t == "remote" or not (once and used - set(apart) and t not in apart)):
                 reload_s += self._latency(t)
             used.add(t)
             reload_s += per_page[t]
@@ -510,9 +524,12 @@ class Promoter:
 
     def _latency(self, tier: str) -> float:
         """Fixed cost of reloading from ``tier``: the measured storage round trip for kvdrive's tiers once known
-        (charged once per plan in plan_prefix), else the assumed disk latency."""
+        (charged once per plan in plan_prefix), else the assumed disk latency; the remote tier's own (measured or
+        assumed) round trip for "remote"."""
         if tier in ("gpu", "host"):
             return 0.0
+        if tier == "remote":
+            return self._remote_fixed_s if self._remote_fixed_s is not None else self.config.remote_latency_s
         if self._reload_fixed_s is not None:
             return self._reload_fixed_s
         return self.config.disk_latency_s if tier == "disk" else 0.0

@@ -12,8 +12,8 @@ from typing import NamedTuple
 from .errors import ConfigError
 
 # "queued": waiting for the disk, in memory; "staged": raw, waiting for an encoder (as TierEngine.tiers_of): both
-# cost what DRAM does
-TIERS = ("gpu", "host", "dram", "queued", "staged", "disk")
+# cost what DRAM does; "remote": the shared tier behind the disk (--kvdrive-remote, tier/remote/), its own cost
+TIERS = ("gpu", "host", "dram", "queued", "staged", "disk", "remote")
 LOSSY_CODECS = ("int8", "fp8")
 
 
@@ -24,7 +24,10 @@ class PromoterConfig:
     The bandwidth and prefill defaults are assumptions, to be replaced by what the server measures:
     dram_gbps 2.0 (one core of lossless zstd decode, docs limits.md), disk_gbps 1.5 (NVMe reads of 256 KiB pages
     plus checksum and decode on one core), pcie_gbps 25 (PCIe 4.0 x16, effective), disk_latency_s 100 us (one
-    NVMe read), prefill_tokens_per_s 10000 (an 8B-class model on one datacenter GPU, long prompts).
+    NVMe read), prefill_tokens_per_s 10000 (an 8B-class model on one datacenter GPU, long prompts);
+    remote_gbps 1.2 and remote_latency_s 1 ms (the shared tier: batched Mooncake gets over loopback TCP moved
+    1.1-1.7 GB/s of objects here, ../shared/notes/mooncake-cpu.md; RDMA moves ~10x that: set them, or let the
+    server measure its remote reads).
     """
 
     half_life_s: float = 120.0  # attention mass and recency halve over this long (bench: see promoter.py's doc)
@@ -36,6 +39,8 @@ class PromoterConfig:
     disk_gbps: float = 1.5
     pcie_gbps: float = 25.0
     disk_latency_s: float = 1e-4
+    remote_gbps: float = 1.2  # decoded page bytes per second read through from the shared remote tier
+    remote_latency_s: float = 1e-3  # one remote round trip (exists + get), paid on top of the local tiers' own
     prefill_tokens_per_s: float = 10000.0
     promote_share: float = 0.2  # share of the disk's read bandwidth spent bringing pages up ahead of demand (0: off)
     lossy_ok: bool = False  # allow a lossy codec on disk
@@ -52,9 +57,10 @@ class PromoterConfig:
                                   f"finite number, got {v!r}")
 
         for name in ("half_life_s", "attention_floor", "dram_gbps", "disk_gbps", "pcie_gbps",
-                     "prefill_tokens_per_s"):
+                     "prefill_tokens_per_s", "remote_gbps"):
             number(name)
         number("disk_latency_s", zero_ok=True)
+        number("remote_latency_s", zero_ok=True)
         number("promote_share", zero_ok=True)
         if self.promote_share > 1:
             raise ConfigError(f"promoter promote_share is a share of the disk's bandwidth (0 to 1), "
@@ -74,7 +80,7 @@ class PromoterConfig:
     def tier_gbps(self, tier: str) -> float:
         check_tier(tier)
         return {"gpu": math.inf, "host": math.inf, "dram": self.dram_gbps, "queued": self.dram_gbps,
-                "staged": self.dram_gbps, "disk": self.disk_gbps}[tier]
+                "staged": self.dram_gbps, "disk": self.disk_gbps, "remote": self.remote_gbps}[tier]
 
 
 class Decision(NamedTuple):

@@ -84,6 +84,9 @@ def _node_main(conn, path, url, remote_config, encrypt):
             elif op == "tiers":
                 tenant, keys = args
                 out = [None if t is None else str(t) for t in engine.tiers_of(ns_of(tenant), keys)]
+            elif op == "cost":
+                line = engine.remote_cost()
+                out = {"line": None if line is None else line._asdict(), "observed": engine._read_fit.observed}
             elif op == "flush":
                 out = engine.flush(30)
             elif op == "stats":
@@ -408,3 +411,23 @@ def test_kvdrive_stats_without_a_recorded_remote_tier(tmp_path, capsys):
     store.close()
     assert main(["stats", str(tmp_path / "s")]) == 0
     assert "a server without --kvdrive-remote" in capsys.readouterr().out
+
+
+def test_read_through_cost_is_measured_for_the_promoter(nodes):
+    """The engine times its remote reads (RemoteTieredEngine.remote_cost) so the promoter prices the shared tier from
+    measurements, not the assumed loopback figures (issue 19)."""
+    a, b = nodes("a"), nodes("b", config={"global_segment_size": 0})
+    keys = keys_of("c", 15)
+    assert all(a("put", "", keys))
+    assert b("cost") == {"line": None, "observed": 0}  # nothing timed yet
+    start = 0
+    for n in (1, 2, 4, 8):  # batched gets of different sizes: a line needs spread
+        pages, _ = b("get", "", keys[start:start + n])
+        assert all(p is not None for p in pages)
+        start += n
+    cost = b("cost")
+    assert cost["observed"] == 4  # one observation per batched get that brought pages
+    # whether 4 KiB pages on a busy machine give a rising line is timing (LinearFit refuses a falling one): when it
+    # does, it is a cost the promoter takes
+    if cost["line"] is not None:
+        assert cost["line"]["per_unit_s"] > 0 and cost["line"]["fixed_s"] >= 0

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..buffers import byte_view
 from ..codecs import decode_page
+from ..costfit import Line, LinearFit
 from ..engine import TierConfig, TierEngine, TierStats
 from ..errors import CodecError, ConfigError
 from ..namespace import Namespace, key_bytes
@@ -79,6 +80,9 @@ class RemoteTieredEngine(TierEngine):
         self._rt: Counter = Counter()
         self._rejects: Counter = Counter()
         self._rlock = threading.Lock()
+        # the read-through's cost as the promoter prices a tier: seconds = round trip + decoded bytes x per-byte, one
+        # observation per batched get that brought pages (get, verify, decode), for Promoter.calibrate
+        self._read_fit = LinearFit(window=256, min_samples=4)
         if self.write_behind is not None:
             disk_put = self.disk.put_many
 
@@ -100,9 +104,11 @@ class RemoteTieredEngine(TierEngine):
             return result
         promote_keys, promote_pages = [], []
         for part in self._chunks(miss, outs):
+            t0 = time.perf_counter()
             objs = self._remote_get(ns, [keys[i] for i in part])
             if objs is None:
                 break  # off now: the rest are misses
+            got_bytes = 0
             for i, obj in zip(part, objs):
                 if obj is None:
                     self._count(misses=1)
@@ -119,9 +125,12 @@ class RemoteTieredEngine(TierEngine):
                         self._rejects[opened.reject.value] += 1
                     continue
                 result[i] = True
+                got_bytes += out_u8.size
                 self._count(hits=1, bytes_read=len(obj))
                 promote_keys.append(keys[i])
                 promote_pages.append(np.array(out_u8, copy=True))  # stage_many keeps it; the caller reuses outs
+            if got_bytes:
+                self._read_fit.add(got_bytes, time.perf_counter() - t0)
         if promote_keys:
             # into the local tiers as a page of this node: the DRAM pool, and the disk if the write policy (the
             # promoter's admission) wants it there; a full staging area just leaves it remote
@@ -169,6 +178,11 @@ class RemoteTieredEngine(TierEngine):
     def stats(self) -> TierStats:
         s = super().stats()
         return s._replace(misses=s.misses - self._rc["hits"])  # a remote hit is no miss of the engine's
+
+    def remote_cost(self) -> Line | None:
+        """The measured read-through cost (fixed_s per batched get, per_unit_s per decoded byte), None until enough
+        reads of different sizes were timed."""
+        return self._read_fit.line()
 
     def remote_stats(self) -> RemoteStats:
         g, wb = self.guard, self.write_behind
