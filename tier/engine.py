@@ -105,6 +105,10 @@ class TierEngine:
         # selective write-down: (namespace, key bytes) -> worth a disk write? Set by the owner (kvdrive's SGLang
         # backend: the promoter's admission). None admits everything.
         self.admit = None
+        # on_written_down(ns, keys, blobs): called on the writer thread with each batch of encoded pages that landed
+        # on disk (the remote tier's write-behind takes them from here); must not block. None: no hook
+        self.on_written_down = None
+        self.writedown.on_written = self._written_down
         self._warned_codec: set[str] = set()
         self._closed = False
         self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvdrive-io")
@@ -407,6 +411,11 @@ class TierEngine:
         self.close()
 
     # --- internals ---------------------------------------------------------------------------------------------
+    def _written_down(self, ns: Namespace, keys: list, blobs: list) -> None:
+        hook = self.on_written_down
+        if hook is not None:
+            hook(ns, keys, blobs)
+
     def _store_blob(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires: int) -> bool:
         """An encoded page into the DRAM pool and, as the write policy says, the write-down queue. True if held."""
         held = self.pool.put(pk, blob, peek_header(blob).raw_nbytes, ns=ns, score=score, expires_ms=expires) \

@@ -51,6 +51,9 @@ class WriteDown:
         self._maintain = maintain
         self.counts = Counter()
         self.pool: DramPool | None = None  # pages written down are marked on disk there (start)
+        # (namespace, keys, blobs) of each batch that landed on disk, on the writer thread: the owner's hook
+        # (TierEngine.on_written_down; the remote tier's write-behind). It must not block; an exception is logged
+        self.on_written: Callable[[Namespace, list, list], None] | None = None
         # oldest first; readable until on disk (I9)
         self._queue: OrderedDict[PoolKey, QueuedPage] = OrderedDict()
         self._bytes = 0
@@ -186,9 +189,13 @@ class WriteDown:
             by_ns.setdefault(item.ns.id, []).append((pk, item))
         for items in by_ns.values():
             ns = items[0][1].ns
-            # self.disk.put_many looked up now, not bound at start: the remote tier wraps it (tier/remote/tiered.py)
             ok = self.disk.put_many(ns, [pk[1] for pk, _ in items], [it.blob for _, it in items],
                                     scores=[it.score for _, it in items], expires_ms=[it.expires_ms for _, it in items])
             done = [(pk, it.blob) for (pk, it), o in zip(items, ok) if o]
             self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
+            if done and self.on_written is not None:
+                try:
+                    self.on_written(ns, [pk[1] for pk, _ in done], [b for _, b in done])
+                except Exception:  # noqa: BLE001 - a hook's failure must not stop the write-down
+                    log.exception("kvdrive: the written-down hook failed")
             self.counts["writedown_dropped"] += len(items) - len(done)

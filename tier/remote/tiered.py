@@ -12,7 +12,8 @@ Remote calls are time-bounded and a fault turns the remote tier off for a retry 
 local tiers keep serving, and a page never comes from a remote object that fails its checks.
 
 Built beside tier/engine.py rather than inside it: the engine's own methods are called as they are, and the write-down
-is observed at the disk store's ``put_many`` (the only path a page takes to disk), so the engine needs no remote code.
+is observed through the engine's ``on_written_down`` hook (each batch that landed on disk), so the engine needs no
+remote code.
 """
 from __future__ import annotations
 
@@ -84,13 +85,7 @@ class RemoteTieredEngine(TierEngine):
         # observation per batched get that brought pages (get, verify, decode), for Promoter.calibrate
         self._read_fit = LinearFit(window=256, min_samples=4)
         if self.write_behind is not None:
-            disk_put = self.disk.put_many
-
-            def put_many(ns, keys, blobs, **kw):  # the write-down's one way to disk: offer what landed
-                ok = disk_put(ns, keys, blobs, **kw)
-                self.write_behind.offer(ns, [k for k, o in zip(keys, ok) if o], [b for b, o in zip(blobs, ok) if o])
-                return ok
-            self.disk.put_many = put_many
+            self.on_written_down = self.write_behind.offer  # the pages the write-down landed on disk
         if config.mirror != "read":  # a rank reading another's tier writes nothing to the store
             self.put_note(SETTINGS_NOTE, settings_note(spec, self.remote.describe()))  # for `kvdrive stats`
         log.info("kvdrive: remote tier %s behind the local tiers (%s)", spec.url,
