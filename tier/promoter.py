@@ -80,6 +80,7 @@ from .page_tracker import NEG_INF as _NEG_INF
 from .page_tracker import PageTracker, Unit, unit_span
 from .promoter_config import LOSSY_CODECS, TIERS, Decision, PrefixPlan, PromoterConfig
 from .promoter_config import check_tier as _check_tier
+from .validate import integer, number
 
 # Re-exported: importers of kvdrive_sglang.tier.promoter keep getting the config and result types from here
 __all__ = ["LOSSY_CODECS", "TIERS", "Decision", "PrefixPlan", "Promoter", "PromoterConfig"]
@@ -145,11 +146,7 @@ class Promoter:
         ``tier_s_per_byte`` and ``remote_fixed_s``: the shared tier's read-through as the engine timed it
         (RemoteTieredEngine.remote_cost), its round trip charged on top of the local one."""
         def check(name, v, zero_ok=False):
-            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
-                    or (v == 0 and not zero_ok)):
-                raise ConfigError(f"promoter calibrate {name} must be a {'non-negative' if zero_ok else 'positive'} "
-                                  f"finite number, got {v!r}")
-            return float(v)
+            return number(v, f"promoter calibrate {name}", zero_ok=zero_ok)
 
         if prefill_s_per_token is not None:
             prefill_s_per_token = check("prefill_s_per_token", prefill_s_per_token)
@@ -210,9 +207,8 @@ class Promoter:
         ``reuse=False``: recency and size only (a page being stored is not a use of it; a storage read whose
         request will be observed whole when it finishes must not count twice). Pages of fewer than
         ``unit_tokens`` tokens are tracked in units (module doc): one step per unit, not per page."""
-        for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"observe_access {name} must be a positive integer, got {v!r}")
+        integer(tokens_per_page, "observe_access tokens_per_page")
+        integer(bytes_per_page, "observe_access bytes_per_page")
         span = unit_span(tokens_per_page, self.config.unit_tokens)
         now = self._clock()
         with self._lock:
@@ -413,8 +409,7 @@ class Promoter:
         A page whose reload from ``to_tier`` would not beat recomputing it is never worth the bandwidth and is left
         out. A candidate that does not fit the remaining budget is skipped and smaller ones after it may still be
         taken. Unknown candidates rank last (at the typical page size). Ties keep the candidates' order."""
-        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 0:
-            raise ConfigError(f"prefetch budget_bytes must be a non-negative integer, got {budget_bytes!r}")
+        integer(budget_bytes, "prefetch budget_bytes", least=0)
         _check_tier(to_tier)
         per_byte, latency = self._per_byte(to_tier), self._latency(to_tier)
         with self._lock:
@@ -439,9 +434,8 @@ class Promoter:
 
         reload_s = latency(tier) + nbytes / tier GB/s + nbytes / PCIe GB/s (none for "gpu"; PCIe only for SGLang's
         uncompressed "host" pool); recompute_s = tokens / prefill_tokens_per_s. Reload only when strictly faster."""
-        for name, v in (("tokens", tokens), ("nbytes", nbytes)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"reload_or_recompute {name} must be a non-negative integer, got {v!r}")
+        integer(tokens, "reload_or_recompute tokens", least=0)
+        integer(nbytes, "reload_or_recompute nbytes", least=0)
         _check_tier(tier)
         reload_s = self._latency(tier) + nbytes * self._per_byte(tier)
         recompute_s = tokens * self._recompute_s_per_token()
@@ -452,9 +446,8 @@ class Promoter:
         ``TierEngine.tiers_of`` gives them): how many leading pages to reload. KV of a prefix can only be extended
         at its end, so recomputing page i means recomputing every page after it; this picks the cut with the least
         modelled time (0 = recompute all of them)."""
-        for name, v in (("tokens_per_page", tokens_per_page), ("bytes_per_page", bytes_per_page)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"plan_prefix {name} must be a positive integer, got {v!r}")
+        integer(tokens_per_page, "plan_prefix tokens_per_page")
+        integer(bytes_per_page, "plan_prefix bytes_per_page")
         for t in set(tiers):
             _check_tier(t)
         per_page = {t: bytes_per_page * self._per_byte(t) for t in set(tiers)}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .errors import ConfigError
+from .validate import integer, number
 
 # "queued": waiting for the disk, in memory; "staged": raw, waiting for an encoder (as TierEngine.tiers_of): both
 # cost what DRAM does; "remote": the shared tier behind the disk (--kvdrive-remote, tier/remote/), its own cost
@@ -49,28 +50,17 @@ class PromoterConfig:
     unit_tokens: int = 64  # pages under 16 tokens are tracked in runs of ceil(unit_tokens / page) (page_tracker.py)
 
     def __post_init__(self):
-        def number(name, *, zero_ok=False):
-            v = getattr(self, name)
-            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-                    or v < 0 or (v == 0 and not zero_ok)):
-                raise ConfigError(f"promoter {name} must be a {'non-negative' if zero_ok else 'positive'} "
-                                  f"finite number, got {v!r}")
-
         for name in ("half_life_s", "attention_floor", "dram_gbps", "disk_gbps", "pcie_gbps",
                      "prefill_tokens_per_s", "remote_gbps"):
-            number(name)
-        number("disk_latency_s", zero_ok=True)
-        number("remote_latency_s", zero_ok=True)
-        number("promote_share", zero_ok=True)
-        if self.promote_share > 1:
-            raise ConfigError(f"promoter promote_share is a share of the disk's bandwidth (0 to 1), "
-                              f"got {self.promote_share!r}")
+            number(getattr(self, name), f"promoter {name}")
+        for name in ("disk_latency_s", "remote_latency_s"):
+            number(getattr(self, name), f"promoter {name}", zero_ok=True)
+        # a share of the disk's read bandwidth: "must be a number from 0 to 1"
+        number(self.promote_share, "promoter promote_share", zero_ok=True, most=1)
         if self.admit_min_value is not None:
-            number("admit_min_value")
+            number(self.admit_min_value, "promoter admit_min_value")
         for name in ("admit_min_reuse", "max_tracked", "unit_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"promoter {name} must be a positive integer, got {v!r}")
+            integer(getattr(self, name), f"promoter {name}")
         for name in ("lossy_ok", "admit_continuations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"promoter {name} must be True or False, got {getattr(self, name)!r}")

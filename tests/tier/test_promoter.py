@@ -328,6 +328,8 @@ def test_tracking_is_bounded_lru():
     ("lossy_codec", "jpeg", "lossy_codec"),
     ("max_tracked", 0, "max_tracked"),
     ("max_tracked", True, "max_tracked"),
+    ("promote_share", 1.5, "promote_share must be a number from 0 to 1"),  # a share of the disk's bandwidth
+    ("remote_latency_s", float("nan"), "remote_latency_s must be a non-negative number"),
 ])
 def test_bad_config_names_the_field(field, value, expect):
     with pytest.raises(ConfigError, match=expect):
