@@ -13,14 +13,14 @@ if the entry still points where it did when the copy was made.
 This module is the public API and the read path; the parts have a module each: disk_config.py (config, stats),
 page_writer.py (put_many's steps), segment_writer.py (appends, fsync, seal), segment_fds.py + handle_cache.py (read
 descriptors), compaction.py (capacity, eviction, compaction), index.py (records and the index-room policy), crypto.py
-(sealing). The rules they keep are numbered in docs/invariants.md (I1, I2, ...).
+(sealing), store_catalog.py (listing, deleting, score hints, notes), store_upkeep.py (expiry, maintain, verify). The
+rules they keep are numbered in docs/invariants.md (I1, I2, ...).
 
 Disk faults (ENOSPC, EIO, a read-only file system, a full LMDB map) turn the tier off for ``retry_after_s`` with one
 log line and a counter per kind; the caller sees misses / refused writes and keeps running.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -33,6 +33,7 @@ import lmdb
 import numpy as np
 import xxhash
 
+from . import clock
 from .buffers import byte_view
 from .codecs import HEADER, CodecError, decode_page, get_codec, peek_header
 from .compaction import Compactor
@@ -55,18 +56,14 @@ from .recovery import Recovery, open_store
 from .segment_fds import SegmentFds
 from .segment_records import names_page, trailer_size
 from .segment_writer import SegmentWriter
+from .store_catalog import StoreCatalog, check_note
 from .store_dir import SEGMENT_DIR
+from .store_upkeep import StoreUpkeep
 
 log = logging.getLogger("kvdrive.tier")
 
 _RAW_CODEC = get_codec("raw").code
-_NOTE = b"note:"  # meta-table prefix of small values kept with the store (get_note / put_note)
-_SCORES_PER_TXN = 32  # score updates per index transaction (see set_scores)
 __all__ = ["SEALED", "DiskStats", "DiskStore", "DiskStoreConfig", "GiB", "MiB", "ReadOutcome", "VerifyReport"]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ReadOutcome(Enum):
@@ -114,6 +111,10 @@ class DiskStore:
                                    writer=self.writer, fds=self.fds, write_lock=self._write_lock, counts=self._counts,
                                    read_blob=self._read_blob, drop_bad=self._drop_bad)
         self._pages = PageWriter(self.index, self.index_room, self.writer, self._sealer)
+        self.catalog = StoreCatalog(self.index, self.index_room, self._pages, self._write_lock)
+        self.upkeep = StoreUpkeep(self.index, room=self.index_room, compactor=self.compactor, fds=self.fds,
+                                  pages=self._pages, write_lock=self._write_lock, counts=self._counts,
+                                  faults=self._faults, read_blob=self._read_blob, drop_bad=self._drop_bad)
 
     @property
     def _io(self):
@@ -140,7 +141,7 @@ class DiskStore:
             self._sealer.refuse_unkeyed(ns.tenant, len(keys))
             return [False] * len(keys)
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
-        now = _now_ms()
+        now = clock.now_ms()
         if expires_ms is None:
             ttl = ttl_s if ttl_s is not None else self.config.default_ttl_s
             expiry = [now + int(ttl * 1000) if ttl else 0] * len(keys)
@@ -187,7 +188,7 @@ class DiskStore:
         if not self.available():
             self._counts["misses"] += len(keys)
             return result
-        now = _now_ms()
+        now = clock.now_ms()
         with self.index.read() as txn:
             recs = [self._usable(txn.get(pk, db=self.index.pages), now) for pk in pkeys]
         for i, rec in enumerate(recs):
@@ -220,7 +221,7 @@ class DiskStore:
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
         if not self.available():
             return [None] * len(keys)
-        now = _now_ms()
+        now = clock.now_ms()
         with self.index.read() as txn:
             recs = [self._usable(txn.get(pk, db=self.index.pages), now) for pk in pkeys]
         out, bad = [], []
@@ -260,13 +261,13 @@ class DiskStore:
                 n += 1
             return n
         with self.index.read() as txn:  # I6: entries written the other way (sealed or not) are unusable here
-            return self.index.leading_present(txn, ns.id, keys, now_ms=_now_ms(), sealed=self._sealer is not None,
+            return self.index.leading_present(txn, ns.id, keys, now_ms=clock.now_ms(), sealed=self._sealer is not None,
                                               held=held)
 
     def contains(self, ns: Namespace, keys: Sequence) -> list[bool]:
         if self.index is None:
             return [False] * len(keys)
-        now = _now_ms()
+        now = clock.now_ms()
         if self._sealer is not None and not self._sealer.has_key(ns.tenant):
             return [False] * len(keys)
         with self.index.read() as txn:
@@ -278,142 +279,58 @@ class DiskStore:
         if not self.available():
             return
         try:
-            with self._write_lock:
-                # in small transactions: one transaction copies every leaf it touches, and a few thousand scattered
-                # updates at once need room for a copy of the whole tree; small ones reuse what the last freed.
-                # They are a hint: where the map lacks even that room they go in smaller transactions, or not at
-                # all -- never evicting pages for them
-                pairs = list(zip(keys, scores))
-                per_txn = self.index_room.commit_size(min(_SCORES_PER_TXN, len(pairs)), evict=False)
-                for i in range(0, len(pairs) if per_txn else 0, per_txn or 1):
-                    with self.index.write() as txn:
-                        for k, s in pairs[i:i + per_txn]:
-                            pk = page_key(ns.id, key_bytes(k))
-                            b = txn.get(pk, db=self.index.pages)
-                            if b is not None:
-                                txn.put(pk, Record.unpack(b)._replace(score=float(s)).pack(), db=self.index.pages)
-                    self.index_room.last_txn_records = per_txn
+            self.catalog.set_scores(ns, keys, scores)  # in small transactions, never evicting pages (I7)
         except (OSError, lmdb.Error) as e:  # e.g. a full map: a fault like any other, never the caller's exception
             self._fault(e, "scores")
             if isinstance(e, lmdb.MapFullError):
                 with self._write_lock:
                     self.index_room.free()
 
+    # --- contents and notes (tier/store_catalog.py) ---------------------------------------------------------
     def delete_many(self, ns: Namespace, keys: Sequence) -> int:
-        if self.index is None:
-            return 0
-        with self._write_lock, self.index.write() as txn:
-            return sum(self.index.delete_page(txn, page_key(ns.id, key_bytes(k))) is not None for k in keys)
+        return self.catalog.delete_many(ns, keys) if self.index is not None else 0
 
     def clear(self, namespace_id: bytes | None = None) -> int:
         """Drop every page (of one namespace, or all); space comes back at the next compaction."""
-        if self.index is None:
-            return 0
-        n = 0
-        with self._write_lock, self.index.write() as txn:
-            cur = txn.cursor(db=self.index.pages)
-            prefix = namespace_id or b""
-            doomed = []
-            if cur.set_range(prefix):
-                for k in cur.iternext(values=False):
-                    if not k.startswith(prefix):
-                        break
-                    doomed.append(bytes(k))
-            for pk in doomed:
-                self.index.delete_page(txn, pk)
-            n = len(doomed)
-            if namespace_id is not None:
-                txn.delete(namespace_id, db=self.index.ns)
-            else:
-                txn.drop(self.index.ns, delete=False)
-        self._pages.forget(namespace_id)
-        return n
+        return self.catalog.clear(namespace_id) if self.index is not None else 0
 
     def keys(self, ns: Namespace) -> list[bytes]:
         """Keys of every page held for ``ns`` (hashed for keys over 400 bytes)."""
-        if self.index is None:
-            return []
-        prefix = ns.id
-        out = []
-        with self.index.read() as txn:
-            cur = txn.cursor(db=self.index.pages)
-            if cur.set_range(prefix):
-                for k in cur.iternext(values=False):
-                    if not k.startswith(prefix):
-                        break
-                    out.append(bytes(k[len(prefix) + 1:]))
-        return out
+        return self.catalog.keys(ns) if self.index is not None else []
+
+    def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
+        """(namespace id, description, pages, encoded bytes) for each namespace holding pages."""
+        return self.catalog.namespaces() if self.index is not None else []
 
     def get_note(self, name: str) -> bytes | None:
         """A small value kept with the store under ``name`` (e.g. measured costs that should outlive a restart)."""
-        if self.index is None:
-            return None
-        with self.index.read() as txn:
-            v = txn.get(_NOTE + name.encode(), db=self.index.meta)
-        return bytes(v) if v is not None else None
+        return self.catalog.get_note(name) if self.index is not None else None
 
     def put_note(self, name: str, value: bytes) -> bool:
         """Keep ``value`` (at most 64 KiB) under ``name``; False when the disk tier is off (the note is not kept)."""
-        if len(value) > 65536:
-            raise ConfigError(f"store note {name!r} is {len(value)} bytes; at most 65536 are allowed")
+        check_note(name, value)
         if not self.available():
             return False
         try:
-            with self.index.write() as txn:
-                txn.put(_NOTE + name.encode(), value, db=self.index.meta)
+            self.catalog.put_note(name, value)
         except (OSError, lmdb.Error) as e:
             self._fault(e, "write")
             return False
         return True
 
-    def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
-        """(namespace id, description, pages, encoded bytes) for each namespace holding pages."""
-        if self.index is None:
-            return []
-        per: dict[bytes, list[int]] = {}
-        with self.index.read() as txn:
-            for k, v in txn.cursor(db=self.index.pages):
-                acc = per.setdefault(bytes(k[:16]), [0, 0])
-                acc[0] += 1
-                acc[1] += Record.unpack(v).length
-            descs = {bytes(k): json.loads(v) for k, v in txn.cursor(db=self.index.ns)}
-        return [(nid, descs.get(nid), c, b) for nid, (c, b) in sorted(per.items())]
-
+    # --- upkeep (tier/store_upkeep.py) ---------------------------------------------------------------------------
     def maintain(self) -> None:
         """Expire TTL'd pages, enforce capacity, compact sparse segments. Safe to call from any thread, any time."""
         if not self.available():
             return
         try:
-            self.index_room.clear_stale_readers()
-            with self._write_lock:
-                self.expire()
-                self.index_room.keep_headroom()  # writes keep it per commit (commit_size); this catches other writers
-                self.compactor.make_room(0)
-                self.compact()
-            with self.index.read() as txn:
-                live = set(self.index.segments(txn))
-            self.fds.close_stale(live)
+            self.upkeep.maintain()
         except (OSError, lmdb.Error) as e:
             self._fault(e, "maintenance")
 
     def expire(self) -> int:
         """Delete expired pages. A full index scan, skipped while no page in the store was ever given a TTL."""
-        if self.index is None:
-            return 0
-        if not self._pages.ttl_used:
-            with self.index.read() as txn:
-                self._pages.ttl_used = txn.get(b"ttl_used", db=self.index.meta) is not None
-            if not self._pages.ttl_used:
-                return 0
-        now = _now_ms()
-        n = 0
-        with self._write_lock, self.index.write() as txn:
-            for pk, rec in list(self.index.records(txn)):
-                if rec.expires_ms and rec.expires_ms <= now:
-                    self.index.delete_page(txn, pk)
-                    n += 1
-        self._counts["expired"] += n
-        return n
+        return self.upkeep.expire() if self.index is not None else 0
 
     def compact(self, live_ratio: float | None = None) -> int:
         """Rewrite live pages out of sparse sealed segments (live share below ``live_ratio``, default the config's
@@ -424,47 +341,17 @@ class DiskStore:
 
     def verify(self) -> VerifyReport:
         """Re-read every page, check header and checksum; drop bad entries from the index."""
-        if self.index is None:
-            return VerifyReport(0, 0, 0, 0)
-        checked = ok = nbytes = io_errors = 0
-        bad = []
-        with self.index.read() as txn:
-            items = list(self.index.records(txn))
-        for pk, rec in items:
-            checked += 1
-            nbytes += rec.length
-            try:
-                blob = self._read_blob(rec, pk)
-            except OSError as e:
-                io_errors += 1
-                self._faults[fault_kind(e)] += 1
-                continue
-            if blob is not None:
-                ok += 1
-            else:
-                bad.append((pk, rec))
-        if bad:
-            self._drop_bad(bad)
-        return VerifyReport(checked, ok, len(bad), nbytes, io_errors)
+        return self.upkeep.verify() if self.index is not None else VerifyReport(0, 0, 0, 0)
 
     def stats(self) -> DiskStats:
         recoveries = dict(Counter(r.kind.value for r in self.recoveries))
         if self.index is None:
             return DiskStats(False, 0, 0, 0, 0, self.config.capacity_bytes, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {},
                              recoveries=recoveries)
-        with self.index.read() as txn:
-            segs = self.index.segments(txn)
-        file_bytes = 0
-        for seg in segs:
-            try:
-                file_bytes += os.stat(self.fds.path(seg)).st_size
-            except OSError:
-                pass
         c = self._counts
         return DiskStats(
-            enabled=time.monotonic() >= self._disabled_until, entries=sum(s.count for s in segs.values()),
-            live_bytes=sum(s.live for s in segs.values()), raw_bytes=sum(s.raw_live for s in segs.values()),
-            file_bytes=file_bytes, capacity_bytes=self.config.capacity_bytes, segments=len(segs),
+            enabled=time.monotonic() >= self._disabled_until, **self.catalog.contents(self.fds.path)._asdict(),
+            capacity_bytes=self.config.capacity_bytes,
             hits=c["hits"], misses=c["misses"], pages_written=c["pages_written"], bytes_written=c["bytes_written"],
             bytes_read=c["bytes_read"], corrupt_dropped=c["corrupt_dropped"], expired=c["expired"],
             evicted=c["evicted"], segments_compacted=c["segments_compacted"], rejected_full=c["rejected_full"],
@@ -483,7 +370,6 @@ class DiskStore:
             log.warning("kvdrive: disk tier at %s back on after a fault; retrying", self.path)
             self.index_room.clear_stale_readers()  # a map filled by a dead process's reader comes back with it
         return not self._disabled_until
-
 
     def close(self) -> None:
         if self._closed:

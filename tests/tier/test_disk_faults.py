@@ -252,9 +252,9 @@ def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns):
     does not have (the e2e map-full server saw "map_full during scores" with nothing left to evict). In the store's
     small transactions they fit: every score recorded, nothing evicted, no fault. On a map past its high mark they
     go in smaller transactions still, or are dropped: a hint never evicts a page nor faults the tier."""
-    from kvdrive_sglang.tier.disk_store import _SCORES_PER_TXN
     from kvdrive_sglang.tier.index import Record, page_key
     from kvdrive_sglang.tier.namespace import key_bytes
+    from kvdrive_sglang.tier.store_catalog import SCORES_PER_TXN
 
     def scores(st, ks):
         with st.index.read() as txn:
@@ -263,7 +263,7 @@ def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns):
     # a tree of many more leaves than one small transaction touches: 2 MiB holds ~300 leaves (~10k pages)
     with DiskStore(DiskStoreConfig(path=str(tmp_path), map_size=2 << 20, retry_after_s=60)) as st:
         b, batch = 0, blobs(ns, range(24))
-        while st.index_room.fill(_SCORES_PER_TXN) < 0.75:
+        while st.index_room.fill(SCORES_PER_TXN) < 0.75:
             assert all(st.put_many(ns, keys(b), batch)), st.stats().faults
             b += 1
             assert b < 1000 and st.stats().evicted == 0, (b, st.stats())
@@ -273,7 +273,7 @@ def test_score_updates_on_a_nearly_full_map_fit(tmp_path, ns):
         assert st.stats().faults == {} and st.stats().evicted == 0, st.stats()
         assert scores(st, every) == [float(i + 1) for i in range(len(every))]
         # past the high mark (as another process's writes could leave it): no eviction, no fault
-        while st.index_room.fill(_SCORES_PER_TXN) <= 0.8:
+        while st.index_room.fill(SCORES_PER_TXN) <= 0.8:
             with st.index.write() as txn:  # filler in the meta tree, which the store does not evict
                 txn.put(b"filler-%d" % b, bytes(2000), db=st.index.meta)
             b += 1
