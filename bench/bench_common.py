@@ -65,8 +65,13 @@ def machine(repo: str) -> dict:
     import platform
     import subprocess
 
-    import sglang
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:  # the tier-only benches (stress, soak) run without SGLang and torch
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     try:
         rev = subprocess.run(
@@ -86,8 +91,8 @@ def machine(repo: str) -> dict:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "sglang": sglang.__version__,
-        "torch": torch.__version__,
+        "sglang": installed("sglang"),
+        "torch": installed("torch"),
         "git": rev,
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
