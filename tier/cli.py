@@ -43,6 +43,7 @@ from .store_dir import (
     inspect_store_dir,
 )
 from .tenants import id_of_label
+from .validate import fraction
 
 PROG = "kvdrive"
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -345,9 +346,8 @@ def _ratio(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return v
+    # argparse says "argument --live-ratio: " first
+    return fraction(v, "the live share", error=argparse.ArgumentTypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,10 @@ import fcntl
 import heapq
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 
+from . import clock
 from .index import (
     FRAMED,
     SEG_OPEN,
@@ -244,7 +244,7 @@ class Compactor:
     def _move(self, batch: list[tuple[bytes, Record, bytes]]) -> None:
         """Copy ``batch`` to the writer segment (format 2: each blob with its trailer, and the description of each
         namespace the segment does not hold yet, I11) and repoint the entries that did not change meanwhile."""
-        now = int(time.time() * 1000)
+        now = clock.now_ms()
         tails = [trailer(Kind.PAGE, rec.flags & ~FRAMED, rec.codec, pk, blob, rec.raw_nbytes, rec.created_ms,
                          rec.expires_ms) for pk, rec, blob in batch]
         total = sum(len(b) for _, _, b in batch) + sum(len(t) for t in tails)

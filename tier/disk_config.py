@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import errno
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import lmdb
 
 from .errors import ConfigError
+from .validate import fraction, integer, number
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -34,24 +34,17 @@ class DiskStoreConfig:
     fd_cache: int = 256
 
     def __post_init__(self):
-        def positive(name, integer=True, most=math.inf):
-            v = getattr(self, name)
-            ok = isinstance(v, int) and not isinstance(v, bool) if integer else \
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-            if not ok or not 0 < v < most:  # NaN and inf too: a NaN TTL or retry delay broke the store later
-                raise ConfigError(f"disk store {name} must be a positive {'integer' if integer else 'number'}"
-                                  f"{'' if most == math.inf else f' below {most:g}'}, got {v!r}")
         for name in ("capacity_bytes", "segment_bytes", "fd_cache"):
-            positive(name)
-        positive("staging_bytes", most=(1 << 30) + 1)  # allocated up front (two halves): a huge one is a typo
-        positive("map_size", most=1 << 46)  # address space reserved by LMDB's map: 64 TiB is ~10^11 pages
-        positive("retry_after_s", integer=False)
+            integer(getattr(self, name), f"disk store {name}")
+        # allocated up front (two halves): a huge one is a typo
+        integer(self.staging_bytes, "disk store staging_bytes", below=(1 << 30) + 1)
+        # address space reserved by LMDB's map: 64 TiB is ~10^11 pages
+        integer(self.map_size, "disk store map_size", below=1 << 46)
+        number(self.retry_after_s, "disk store retry_after_s", unit="seconds")  # NaN refused: it broke the store
         if self.default_ttl_s is not None:
-            positive("default_ttl_s", integer=False, most=MAX_TTL_S)
+            number(self.default_ttl_s, "disk store default_ttl_s", below=MAX_TTL_S, unit="seconds")
         for name in ("gc_live_ratio", "high_watermark", "low_watermark"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise ConfigError(f"disk store {name} must be in (0, 1], got {v!r}")
+            fraction(getattr(self, name), f"disk store {name}")
         if self.low_watermark >= self.high_watermark:
             raise ConfigError(f"disk store low_watermark ({self.low_watermark}) must be below high_watermark "
                               f"({self.high_watermark})")

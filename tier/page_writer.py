@@ -16,6 +16,7 @@ from .index import FRAMED, SEALED, Index, IndexRoom, Record
 from .namespace import Namespace
 from .segment_records import Kind, fill_trailer, trailer, trailer_size
 from .segment_writer import SegmentWriter
+from .validate import number
 
 
 class Batch(NamedTuple):
@@ -57,9 +58,8 @@ class PageWriter:
         for k, h in zip(keys, headers):
             if h.dtype_name != ns.kv_dtype:  # it could never be read back: a read would drop it as damaged
                 raise CodecError(f"page {k!r} is a {h.dtype_name} blob; its namespace holds {ns.kv_dtype} pages")
-        if ttl_s is not None and (not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool)
-                                  or not 0 < ttl_s < MAX_TTL_S):
-            raise ConfigError(f"put_many ttl_s must be a positive number of seconds below {MAX_TTL_S}, got {ttl_s!r}")
+        if ttl_s is not None:
+            number(ttl_s, "put_many ttl_s", below=MAX_TTL_S, unit="seconds")
         if expires_ms is not None and len(expires_ms) != len(keys):
             raise ConfigError(f"put_many got {len(keys)} keys and {len(expires_ms)} expiry times; they must match")
         return headers

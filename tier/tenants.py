@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
+from .disk_config import MAX_TTL_S
 from .errors import ConfigError
 from .validate import number
 
@@ -29,7 +30,6 @@ _GROUP_DOMAIN = b"kvdrive-group\0"
 _SALT_PRIOR_DOMAIN = b"kvdrive-salt\0"
 _GROUP_PRIOR_DOMAIN = b"kvdrive-group-prior\0"
 _POLICY_KEYS = ("ttl_s", "share_as")
-MAX_TTL_S = 100 * 365 * 86400
 
 
 def _raw(name) -> bytes:
