@@ -238,7 +238,7 @@ def test_recoveries_reach_prometheus_by_kind(tmp_path):
     reg = prometheus_client.CollectorRegistry()
     m = TierMetrics({"tp_rank": 0}, registry=reg)
     host = {"used_bytes": 0, "capacity_bytes": 0, "raw_bytes": 0}
-    st_dict = {"host": host, "disk": disk, "hits": {"dram": 0, "queued": 0, "disk": 0, "miss": 0}, "io": {},
+    st_dict = {"dram": host, "disk": disk, "hits": {"dram": 0, "queued": 0, "disk": 0, "miss": 0}, "io": {},
                "radix": {}}
     m.update(st_dict)
     m.update(st_dict)  # fed by deltas: counted once

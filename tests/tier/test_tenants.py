@@ -287,15 +287,22 @@ def test_encryption_needs_a_disk_store_and_a_readable_key_source(tmp_path):
 # ------------------------------------------------------------------------------------------------ per-tenant TTL
 
 def test_per_tenant_ttl_in_both_tiers(tmp_path):
-    tenants = {"brief": {"ttl_s": 0.4}}
+    # The presence checks before expiry are made only while well inside the TTL: on a loaded 2-core machine opening a
+    # store alone took 0.3-0.8 s, which outlived the 0.4 s TTL this test used (helper run at load 6, issue 17); the
+    # checks after expiry always hold
+    ttl = 1.5
+    tenants = {"brief": {"ttl_s": ttl}}
     nb, nl = make_ns(tenant=tenant_id("brief")), make_ns(tenant=tenant_id("lasting"))
     pages = {ns: [small_page(s, ns) for s in (0, 1)] for ns in (nb, nl)}
     # DRAM tier alone
     with TierEngine(TierConfig(host_bytes=8 << 20, tenants=tenants, default_ttl_s=3600)) as eng:
+        t0 = time.monotonic()
         for ns, ps in pages.items():
             assert all(eng.put_many(ns, ["k0", "k1"], ps))
-        assert read(eng, nb, ["k0"], [0]) == [True]
-        time.sleep(0.5)
+        t1 = time.monotonic()
+        if t1 - t0 < ttl / 2:
+            assert read(eng, nb, ["k0"], [0]) == [True]
+        time.sleep(max(0.0, t1 + ttl + 0.1 - time.monotonic()))  # every put's TTL ran out
         assert read(eng, nb, ["k0", "k1"]) == [False, False] and eng.exists_many(nb, ["k0"]) == 0
         assert read(eng, nl, ["k0", "k1"], [0, 1]) == [True, True]
         eng.maintain()
@@ -303,12 +310,15 @@ def test_per_tenant_ttl_in_both_tiers(tmp_path):
     # disk tier: the expiry travels with the page through the write-down queue
     cfg = dict(path=str(tmp_path / "s"), host_bytes=0, disk_bytes=64 << 20, tenants=tenants)
     with TierEngine(TierConfig(**cfg)) as eng:
+        t0 = time.monotonic()
         for ns, ps in pages.items():
             assert all(eng.put_many(ns, ["k0", "k1"], ps))
+        t1 = time.monotonic()
         assert eng.flush(timeout=30)
     with TierEngine(TierConfig(**cfg)) as eng:
-        assert read(eng, nb, ["k0"], [0]) == [True]
-        time.sleep(0.5)
+        if time.monotonic() - t0 < ttl / 2:
+            assert read(eng, nb, ["k0"], [0]) == [True]
+        time.sleep(max(0.0, t1 + ttl + 0.1 - time.monotonic()))  # every put's TTL ran out
         assert read(eng, nb, ["k0", "k1"]) == [False, False]
         assert read(eng, nl, ["k0", "k1"], [0, 1]) == [True, True]
         assert eng.disk.expire() == 2
