@@ -64,7 +64,6 @@ def machine(repo: str) -> dict:
     import os
     import platform
     import subprocess
-
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name: str) -> str:  # the tier-only benches (stress, soak) run without SGLang and torch

@@ -38,6 +38,7 @@ server). TTFT and throughput come from bench/cost_model.py, its tier constants m
 assumptions printed with the result. Attention mass (promoter input) is synthetic. Results:
 bench/results/<name>.json, .md and PNG plots; --jobs 2 replays two (workload, configuration) pairs at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,32 +83,76 @@ def config_for(name: str, page_tokens: int) -> Config:
         return cfg
     return dataclasses.replace(cfg, storage_min_pages=-(-PREFETCH_THRESHOLD_TOKENS // page_tokens))
 
+
 # Sizes per preset (flags override). Budgets are fractions of the workload's distinct pages.
 PRESETS = {
-    "smoke": dict(docs=8, doc_requests=30, sessions=10, turns_min=10, turns_max=16, session_spread_s=120.0,
-                  gpu_frac=0.05, host_frac=0.45, disk_frac=0.7, calib_pages=16, calib_reps=1),
+    "smoke": dict(
+        docs=8,
+        doc_requests=30,
+        sessions=10,
+        turns_min=10,
+        turns_max=16,
+        session_spread_s=120.0,
+        gpu_frac=0.05,
+        host_frac=0.45,
+        disk_frac=0.7,
+        calib_pages=16,
+        calib_reps=1,
+    ),
     "default": dict(docs=90, doc_requests=1000, sessions=64, turns_min=10, turns_max=60, session_spread_s=1800.0),
     # a day: 66.5k document requests (Poisson, 1.3 s apart) and 680 agent sessions of 10-90 turns (~34k requests)
     # starting over 22 hours; 1024-token pages (see the docstring) and the disk writer awaited every 16 requests
-    "production-day": dict(docs=5000, doc_requests=66500, doc_gap_s=1.3, sessions=680, turns_min=10, turns_max=90,
-                           session_spread_s=80000.0, think_s=120.0, page_tokens=1024, flush_every=16,
-                           calib_pages=192, calib_reps=5),
+    "production-day": dict(
+        docs=5000,
+        doc_requests=66500,
+        doc_gap_s=1.3,
+        sessions=680,
+        turns_min=10,
+        turns_max=90,
+        session_spread_s=80000.0,
+        think_s=120.0,
+        page_tokens=1024,
+        flush_every=16,
+        calib_pages=192,
+        calib_reps=5,
+    ),
 }
-DEFAULTS = dict(zipf=1.0, doc_gap_s=4.0, system_pages=64, think_s=60.0, decode_tps=40.0, gpu_frac=0.02,
-                host_frac=0.1, disk_frac=0.5, page_tokens=64, flush_every=1, calib_pages=96, calib_reps=3)
+DEFAULTS = dict(
+    zipf=1.0,
+    doc_gap_s=4.0,
+    system_pages=64,
+    think_s=60.0,
+    decode_tps=40.0,
+    gpu_frac=0.02,
+    host_frac=0.1,
+    disk_frac=0.5,
+    page_tokens=64,
+    flush_every=1,
+    calib_pages=96,
+    calib_reps=3,
+)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", default=None, help="output path without extension (default "
-                                                 "bench/results/replay_bench-<preset>)")
-    ap.add_argument("--resume", action="store_true", help="reuse the (workload, configuration) results a previous "
-                                                          "run of the same command saved")
+    ap.add_argument(
+        "--out", default=None, help="output path without extension (default bench/results/replay_bench-<preset>)"
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the (workload, configuration) results a previous run of the same command saved",
+    )
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--render", metavar="JSON", default=None,
-                    help="only rewrite the Markdown and the plots of a results JSON (next to it), replaying nothing")
+    ap.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="only rewrite the Markdown and the plots of a results JSON (next to it), replaying nothing",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workloads", default="docs,sessions")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"any of {', '.join(CONFIGS)}")
@@ -121,16 +166,26 @@ def parse_args(argv):
     b.add_argument("--gpu-frac", type=float, default=None)
     b.add_argument("--host-frac", type=float, default=None, help="host DRAM for KV, in uncompressed pages")
     b.add_argument("--disk-frac", type=float, default=None, help="disk cap, in uncompressed page bytes")
-    b.add_argument("--kvdrive-l2-gpu-ratio", type=float, default=2.0,
-                   help="kvdrive configurations keep SGLang's host pool at this many times the GPU pages (SGLang's "
-                        "default --hicache-ratio) and give the rest of the host budget to kvdrive's DRAM pool")
-    ap.add_argument("--page-tokens", type=int, default=None,
-                    help="tokens per trace page (a multiple of 64; default: the preset's): coarser pages make long "
-                         "runs feasible")
+    b.add_argument(
+        "--kvdrive-l2-gpu-ratio",
+        type=float,
+        default=2.0,
+        help="kvdrive configurations keep SGLang's host pool at this many times the GPU pages (SGLang's "
+        "default --hicache-ratio) and give the rest of the host budget to kvdrive's DRAM pool",
+    )
+    ap.add_argument(
+        "--page-tokens",
+        type=int,
+        default=None,
+        help="tokens per trace page (a multiple of 64; default: the preset's): coarser pages make long runs feasible",
+    )
     c = ap.add_argument_group("cost model assumptions (no GPU here)")
-    c.add_argument("--bytes-per-token", type=int, default=131072,
-                   help="KV bytes per token of the modelled model (Llama-3.1-8B bf16: 32 layers x 8 KV heads x 128 x "
-                        "2 x 2 B)")
+    c.add_argument(
+        "--bytes-per-token",
+        type=int,
+        default=131072,
+        help="KV bytes per token of the modelled model (Llama-3.1-8B bf16: 32 layers x 8 KV heads x 128 x 2 x 2 B)",
+    )
     c.add_argument("--prefill-tps", type=float, default=12000.0, help="prefill tokens/s")
     c.add_argument("--pcie-gbps", type=float, default=25.0)
     p = ap.add_argument_group("promoter")
@@ -140,20 +195,40 @@ def parse_args(argv):
     p.add_argument("--prefetch-window-s", type=float, default=30.0)
     p.add_argument("--prefetch-candidates", type=int, default=16384)
     p.add_argument("--disk-gc-live-ratio", type=float, default=0.9)
-    ap.add_argument("--jobs", type=int, default=1, help="replay this many (workload, configuration) pairs at once, "
-                                                         "in worker processes")
-    ap.add_argument("--flush-every", type=int, default=None,
-                    help="wait for kvdrive's disk writer every N requests (default: the preset's; 1 = deterministic)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="replay this many (workload, configuration) pairs at once, in worker processes",
+    )
+    ap.add_argument(
+        "--flush-every",
+        type=int,
+        default=None,
+        help="wait for kvdrive's disk writer every N requests (default: the preset's; 1 = deterministic)",
+    )
     ap.add_argument("--calib-pages", type=int, default=None)
     f = ap.add_argument_group("N replicas with a shared remote tier (bench/replay/fleet.py; issue 19)")
-    f.add_argument("--nodes", default=None, help="comma-separated replica counts, e.g. 2,4,8: replay the trace "
-                                                  "round-robin over that many nodes, with and without the shared tier")
+    f.add_argument(
+        "--nodes",
+        default=None,
+        help="comma-separated replica counts, e.g. 2,4,8: replay the trace "
+        "round-robin over that many nodes, with and without the shared tier",
+    )
     f.add_argument("--fleet-config", default="kvdrive_lru", help="each node's configuration (a kvdrive one)")
-    f.add_argument("--shared-frac", type=float, default=1.0,
-                   help="the shared tier's capacity, as a fraction of the workload's distinct pages (stored bytes)")
-    f.add_argument("--remote-gbps", type=float, default=1.3,
-                   help="shared tier read GB/s (default: batched Mooncake gets over loopback TCP measured on these "
-                        "machines; RDMA: ~10x)")
+    f.add_argument(
+        "--shared-frac",
+        type=float,
+        default=1.0,
+        help="the shared tier's capacity, as a fraction of the workload's distinct pages (stored bytes)",
+    )
+    f.add_argument(
+        "--remote-gbps",
+        type=float,
+        default=1.3,
+        help="shared tier read GB/s (default: batched Mooncake gets over loopback TCP measured on these "
+        "machines; RDMA: ~10x)",
+    )
     f.add_argument("--remote-latency-s", type=float, default=0.0005, help="shared tier latency per request")
     ap.add_argument("--calib-reps", type=int, default=None)
     add_allow_dirty(ap)
@@ -203,15 +278,23 @@ def budgets_for(wl, args, small_page: int, small_encoded: float) -> dict:
     host_pages = int(args.host_frac * wl.footprint_pages)
     host_bytes = host_pages * small_page
     kv_l2 = int(args.kvdrive_l2_gpu_ratio * gpu)
-    out = {"gpu_pages": gpu, "max_request_pages": max_req, "host_bytes_here": host_bytes,
-           "host_pages_uncompressed": host_pages, "hicache_l2_pages": host_pages, "kvdrive_l2_pages": kv_l2,
-           "kvdrive_dram_bytes_here": host_bytes - kv_l2 * small_page,
-           "kvdrive_dram_pages_est": int((host_bytes - kv_l2 * small_page) / small_encoded),
-           "disk_bytes_here": max(1 << 20, int(args.disk_frac * wl.footprint_pages * small_page))}
+    out = {
+        "gpu_pages": gpu,
+        "max_request_pages": max_req,
+        "host_bytes_here": host_bytes,
+        "host_pages_uncompressed": host_pages,
+        "hicache_l2_pages": host_pages,
+        "kvdrive_l2_pages": kv_l2,
+        "kvdrive_dram_bytes_here": host_bytes - kv_l2 * small_page,
+        "kvdrive_dram_pages_est": int((host_bytes - kv_l2 * small_page) / small_encoded),
+        "disk_bytes_here": max(1 << 20, int(args.disk_frac * wl.footprint_pages * small_page)),
+    }
     if host_pages <= kv_l2:
-        raise ReplayError(f"{wl.name}: the host budget ({host_pages} pages) leaves kvdrive nothing beyond SGLang's "
-                          f"host pool ({args.kvdrive_l2_gpu_ratio:g} x {gpu} GPU pages); raise --host-frac or lower "
-                          "--gpu-frac or --kvdrive-l2-gpu-ratio")
+        raise ReplayError(
+            f"{wl.name}: the host budget ({host_pages} pages) leaves kvdrive nothing beyond SGLang's "
+            f"host pool ({args.kvdrive_l2_gpu_ratio:g} x {gpu} GPU pages); raise --host-frac or lower "
+            "--gpu-frac or --kvdrive-l2-gpu-ratio"
+        )
     return out
 
 
@@ -227,6 +310,7 @@ def config_budgets(cfg: Config, b: dict) -> dict:
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
+
 
 def fingerprint(args) -> dict:
     skip = {"out", "resume", "no_plots", "dir", "configs", "workloads", "config_list", "workload_list", "jobs"}
@@ -245,8 +329,10 @@ class Checkpoints:
                 old = json.load(f)
             if old != fp:
                 diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-                raise SystemExit(f"--resume: {self.dir} was made with other settings ({', '.join(diff)}); run "
-                                 "without --resume to start over")
+                raise SystemExit(
+                    f"--resume: {self.dir} was made with other settings ({', '.join(diff)}); run "
+                    "without --resume to start over"
+                )
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir, exist_ok=True)
@@ -279,6 +365,7 @@ class Checkpoints:
 
 # --- report -------------------------------------------------------------------------------------------------------
 
+
 def gb(x) -> str:
     return f"{x / 1e9:,.1f}"
 
@@ -301,12 +388,16 @@ def target_lines(report) -> list:
         for label, base, need in (("vs radix_only", "radix_only", 1.5), ("vs hicache_file", "hicache_file", 1.0)):
             if base in c and c[base]["prefill_tokens_saved"]:
                 x = r["prefill_tokens_saved"] / c[base]["prefill_tokens_saved"]
-                out.append(f"{k}: prefill tokens saved {label} {x:.2f}x (target >= {need}x): "
-                           f"{'met' if x >= need else 'NOT met'}")
+                out.append(
+                    f"{k}: prefill tokens saved {label} {x:.2f}x (target >= {need}x): "
+                    f"{'met' if x >= need else 'NOT met'}"
+                )
     if "kvdrive_promoter" in c and "kvdrive_lru" in c:
         a, b = c["kvdrive_promoter"]["bytes"]["disk"]["read"], c["kvdrive_lru"]["bytes"]["disk"]["read"]
-        out.append(f"kvdrive_promoter reads {gb(a)} GB from disk vs kvdrive_lru {gb(b)} GB (target: fewer): "
-                   f"{'met' if a < b else 'NOT met'}")
+        out.append(
+            f"kvdrive_promoter reads {gb(a)} GB from disk vs kvdrive_lru {gb(b)} GB (target: fewer): "
+            f"{'met' if a < b else 'NOT met'}"
+        )
     return out
 
 
@@ -318,19 +409,27 @@ def recomputed_hits(r: dict) -> int:
 ROWS = [
     ("prefill tokens saved", lambda r, c: f"{r['prefill_tokens_saved']:,}"),
     ("  saved % of prompt tokens", lambda r, c: f"{r['saved_pct']:.1f}%"),
-    ("  vs radix_only", lambda r, c: ratio(r["prefill_tokens_saved"], c.get("radix_only", {}).get(
-        "prefill_tokens_saved", 0))),
-    ("  vs hicache_file", lambda r, c: ratio(r["prefill_tokens_saved"], c.get("hicache_file", {}).get(
-        "prefill_tokens_saved", 0))),
+    (
+        "  vs radix_only",
+        lambda r, c: ratio(r["prefill_tokens_saved"], c.get("radix_only", {}).get("prefill_tokens_saved", 0)),
+    ),
+    (
+        "  vs hicache_file",
+        lambda r, c: ratio(r["prefill_tokens_saved"], c.get("hicache_file", {}).get("prefill_tokens_saved", 0)),
+    ),
     ("hit tokens: GPU", lambda r, c: f"{r['hit_tokens_gpu']:,}"),
     ("hit tokens: host pool", lambda r, c: f"{r['hit_tokens_host']:,}"),
     ("hit tokens: kvdrive DRAM (compressed)", lambda r, c: f"{r['hit_tokens_dram']:,}"),
     ("hit tokens: disk", lambda r, c: f"{r['hit_tokens_disk']:,}"),
     ("storage hits found but recomputed (tokens)", lambda r, c: f"{recomputed_hits(r):,}"),
-    ("host pool GB read / written", lambda r, c: f"{gb(r['bytes']['host']['read'])} / "
-                                                 f"{gb(r['bytes']['host']['written'])}"),
-    ("kvdrive DRAM GB read / written", lambda r, c: f"{gb(r['bytes']['dram']['read'])} / "
-                                                    f"{gb(r['bytes']['dram']['written'])}"),
+    (
+        "host pool GB read / written",
+        lambda r, c: f"{gb(r['bytes']['host']['read'])} / {gb(r['bytes']['host']['written'])}",
+    ),
+    (
+        "kvdrive DRAM GB read / written",
+        lambda r, c: f"{gb(r['bytes']['dram']['read'])} / {gb(r['bytes']['dram']['written'])}",
+    ),
     ("disk GB read / written", lambda r, c: f"{gb(r['bytes']['disk']['read'])} / {gb(r['bytes']['disk']['written'])}"),
     ("disk usage at end, GB", lambda r, c: gb(r["disk_bytes_at_end"])),
     ("modelled TTFT p50 / p99 (s)", lambda r, c: f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f}"),
@@ -343,52 +442,78 @@ ROWS = [
 def markdown(report: dict) -> str:
     m, a, mach = report["measured"], report["assumptions"], report["machine"]
     pt = report["page_tokens"]
-    lines = [f"# Trace replay (CPU): radix-only vs HiCache vs kvdrive — preset `{report['preset']}`", "",
-             f"`{report['command']}` — {mach['cpu']}, {mach['cores']} cores, {mach['platform']}; sglang "
-             f"{mach['sglang']}, torch {mach['torch']}, python {mach['python']}; git {mach['git']}; {mach['date']}; "
-             f"total {report['total_wall_s']:.0f} s" + (" (resumed)" if report.get("resumed") else "") + ".", "",
-             f"GPU: SGLang's real `RadixCache` (CPU, real pools, one tree token per {pt}-token page"
-             + ("" if pt == 64 else " — coarser than SGLang's 64 to fit the run's length: every part of the trace is "
-                "rounded up to whole pages") + "). Host: a real "
-             "`MHATokenToKVPoolHost` with HiCache's write-through policy modelled page by page. L3: SGLang's "
-             "`HiCacheFile` (real files) or kvdrive's `TierEngine` (real zstd, LMDB, segment files), temp dirs. "
-             "4 KiB synthetic bf16 pages stand in for the modelled pages; bytes are scaled to the modelled page "
-             f"({a['bytes_per_token'] * pt / MiB:.0f} MiB). TTFT is modelled per request without queueing; "
-             "throughput = requests / sum of TTFTs (prefill-bound, one GPU). **Attention mass is synthetic.**"
-             + (f" kvdrive's disk writer is awaited every {report['args'].get('flush_every')} requests."
-                if report["args"].get("flush_every", 1) > 1 else ""), "",
-             "## Cost model", "", "| constant | value | source |", "|---|---:|---|",
-             f"| prefill tokens/s | {a['prefill_tokens_per_s']:,.0f} | assumption: {a['prefill_note']} |",
-             f"| PCIe GB/s | {a['pcie_gbps']:g} | assumption: {a['pcie_note']} |",
-             f"| KV bytes per token | {a['bytes_per_token']:,} | assumption: {a['model']} |",
-             f"| kvdrive DRAM read GB/s (zstd decode) | {m['dram_read_gbps']:.2f} | measured (runs "
-             f"{', '.join(f'{x:.2f}' for x in m['runs']['dram_read_gbps'])}) |",
-             f"| kvdrive disk read GB/s (cold) | {m['disk_read_gbps']:.2f} | measured (runs "
-             f"{', '.join(f'{x:.2f}' for x in m['runs']['disk_read_gbps'])}) |",
-             f"| kvdrive disk latency | {m['disk_latency_s'] * 1e6:.0f} µs | measured |",
-             f"| kvdrive disk write GB/s | {m['disk_write_gbps']:.2f} | measured (off the TTFT path) |",
-             f"| zstd ratio | {m['zstd_ratio']:.3f} | measured |",
-             f"| HiCacheFile read GB/s (cold) | {m['file_read_gbps']:.2f} | measured (runs "
-             f"{', '.join(f'{x:.2f}' for x in m['runs']['file_read_gbps'])}) |",
-             f"| HiCacheFile latency | {m['file_latency_s'] * 1e6:.0f} µs | measured |",
-             f"| HiCacheFile write GB/s | {m['file_write_gbps']:.2f} | measured (off the TTFT path) |", "",
-             "## Targets (long-document reuse, equal GPU budget; reported, not tuned for)", ""]
+    lines = [
+        f"# Trace replay (CPU): radix-only vs HiCache vs kvdrive — preset `{report['preset']}`",
+        "",
+        f"`{report['command']}` — {mach['cpu']}, {mach['cores']} cores, {mach['platform']}; sglang "
+        f"{mach['sglang']}, torch {mach['torch']}, python {mach['python']}; git {mach['git']}; {mach['date']}; "
+        f"total {report['total_wall_s']:.0f} s" + (" (resumed)" if report.get("resumed") else "") + ".",
+        "",
+        f"GPU: SGLang's real `RadixCache` (CPU, real pools, one tree token per {pt}-token page"
+        + (
+            ""
+            if pt == 64
+            else " — coarser than SGLang's 64 to fit the run's length: every part of the trace is "
+            "rounded up to whole pages"
+        )
+        + "). Host: a real "
+        "`MHATokenToKVPoolHost` with HiCache's write-through policy modelled page by page. L3: SGLang's "
+        "`HiCacheFile` (real files) or kvdrive's `TierEngine` (real zstd, LMDB, segment files), temp dirs. "
+        "4 KiB synthetic bf16 pages stand in for the modelled pages; bytes are scaled to the modelled page "
+        f"({a['bytes_per_token'] * pt / MiB:.0f} MiB). TTFT is modelled per request without queueing; "
+        "throughput = requests / sum of TTFTs (prefill-bound, one GPU). **Attention mass is synthetic.**"
+        + (
+            f" kvdrive's disk writer is awaited every {report['args'].get('flush_every')} requests."
+            if report["args"].get("flush_every", 1) > 1
+            else ""
+        ),
+        "",
+        "## Cost model",
+        "",
+        "| constant | value | source |",
+        "|---|---:|---|",
+        f"| prefill tokens/s | {a['prefill_tokens_per_s']:,.0f} | assumption: {a['prefill_note']} |",
+        f"| PCIe GB/s | {a['pcie_gbps']:g} | assumption: {a['pcie_note']} |",
+        f"| KV bytes per token | {a['bytes_per_token']:,} | assumption: {a['model']} |",
+        f"| kvdrive DRAM read GB/s (zstd decode) | {m['dram_read_gbps']:.2f} | measured (runs "
+        f"{', '.join(f'{x:.2f}' for x in m['runs']['dram_read_gbps'])}) |",
+        f"| kvdrive disk read GB/s (cold) | {m['disk_read_gbps']:.2f} | measured (runs "
+        f"{', '.join(f'{x:.2f}' for x in m['runs']['disk_read_gbps'])}) |",
+        f"| kvdrive disk latency | {m['disk_latency_s'] * 1e6:.0f} µs | measured |",
+        f"| kvdrive disk write GB/s | {m['disk_write_gbps']:.2f} | measured (off the TTFT path) |",
+        f"| zstd ratio | {m['zstd_ratio']:.3f} | measured |",
+        f"| HiCacheFile read GB/s (cold) | {m['file_read_gbps']:.2f} | measured (runs "
+        f"{', '.join(f'{x:.2f}' for x in m['runs']['file_read_gbps'])}) |",
+        f"| HiCacheFile latency | {m['file_latency_s'] * 1e6:.0f} µs | measured |",
+        f"| HiCacheFile write GB/s | {m['file_write_gbps']:.2f} | measured (off the TTFT path) |",
+        "",
+        "## Targets (long-document reuse, equal GPU budget; reported, not tuned for)",
+        "",
+    ]
     lines += [f"- {x}" for x in target_lines(report)]
     for name, w in report["workloads"].items():
         b = w["budgets"]
         scale = a["bytes_per_token"] * pt / report["small_page_bytes"]
-        lines += ["", f"## {name}", "",
-                  "workload: " + ", ".join(f"{k} {v}" for k, v in w["params"].items()) +
-                  f"; {w['footprint_pages'] * pt:,} distinct tokens "
-                  f"({w['footprint_pages'] / b['host_pages_uncompressed']:.1f}x the host budget); trace "
-                  f"{w['trace_digest']}.", "",
-                  f"budgets: GPU {b['gpu_pages'] * pt:,} tokens; host {gb(b['host_bytes_here'] * scale)} GB "
-                  f"({b['host_pages_uncompressed'] * pt:,} tokens uncompressed) — HiCache: all in its host "
-                  f"pool; kvdrive: host pool {b['kvdrive_l2_pages'] * pt:,} tokens + compressed DRAM pool "
-                  f"{gb(b['kvdrive_dram_bytes_here'] * scale)} GB (~{b['kvdrive_dram_pages_est'] * pt:,} "
-                  f"tokens); disk cap {gb(b['disk_bytes_here'] * scale)} GB for HiCacheFile and kvdrive alike.", "",
-                  f"no cache: TTFT p50 {w['nocache']['ttft_p50_s']:.3f} s, p99 {w['nocache']['ttft_p99_s']:.3f} s, "
-                  f"{w['nocache']['throughput_rps']:.3f} req/s.", ""]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            "workload: "
+            + ", ".join(f"{k} {v}" for k, v in w["params"].items())
+            + f"; {w['footprint_pages'] * pt:,} distinct tokens "
+            f"({w['footprint_pages'] / b['host_pages_uncompressed']:.1f}x the host budget); trace "
+            f"{w['trace_digest']}.",
+            "",
+            f"budgets: GPU {b['gpu_pages'] * pt:,} tokens; host {gb(b['host_bytes_here'] * scale)} GB "
+            f"({b['host_pages_uncompressed'] * pt:,} tokens uncompressed) — HiCache: all in its host "
+            f"pool; kvdrive: host pool {b['kvdrive_l2_pages'] * pt:,} tokens + compressed DRAM pool "
+            f"{gb(b['kvdrive_dram_bytes_here'] * scale)} GB (~{b['kvdrive_dram_pages_est'] * pt:,} "
+            f"tokens); disk cap {gb(b['disk_bytes_here'] * scale)} GB for HiCacheFile and kvdrive alike.",
+            "",
+            f"no cache: TTFT p50 {w['nocache']['ttft_p50_s']:.3f} s, p99 {w['nocache']['ttft_p99_s']:.3f} s, "
+            f"{w['nocache']['throughput_rps']:.3f} req/s.",
+            "",
+        ]
         cs = list(w["configs"])
         lines.append("| | " + " | ".join(cs) + " |")
         lines.append("|---|" + "---:|" * len(cs))
@@ -404,6 +529,7 @@ def plots(report: dict, out: str) -> list:
     """PNG plots next to the results; an empty list (and one line) without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -439,8 +565,7 @@ def plots(report: dict, out: str) -> list:
         for j, k in enumerate(c):
             tl = c[k]["timeline"]
             t = [x / 3600 for x in tl["t_end_s"]]
-            axes[i][j].stackplot(t, *[tl[tier] for tier in colors], labels=list(colors),
-                                 colors=list(colors.values()))
+            axes[i][j].stackplot(t, *[tl[tier] for tier in colors], labels=list(colors), colors=list(colors.values()))
             axes[i][j].set_title(f"{name}: {k}", fontsize=9)
             axes[i][j].set_ylim(0, 1)
             axes[i][j].set_xlabel("trace time (h)", fontsize=8)
@@ -458,9 +583,14 @@ def plots(report: dict, out: str) -> list:
         width = 0.13
         series = [(t, d) for t in ("host", "dram", "disk") for d in ("read", "written")]
         for s, (t, d) in enumerate(series):
-            axes[0][j].bar([i + (s - 2.5) * width for i in range(len(ks))],
-                           [c[k]["bytes"][t][d] / 1e12 for k in ks], width=width, label=f"{t} {d}",
-                           color=colors[t], alpha=1.0 if d == "read" else 0.5)
+            axes[0][j].bar(
+                [i + (s - 2.5) * width for i in range(len(ks))],
+                [c[k]["bytes"][t][d] / 1e12 for k in ks],
+                width=width,
+                label=f"{t} {d}",
+                color=colors[t],
+                alpha=1.0 if d == "read" else 0.5,
+            )
         axes[0][j].set_xticks(range(len(ks)))
         axes[0][j].set_xticklabels(ks, rotation=20, fontsize=8)
         axes[0][j].set_title(f"{name}: bytes moved per tier (TB, modelled pages)")
@@ -510,16 +640,21 @@ def run_pair(args, wname: str, cname: str, cost: CostModel, small_encoded: float
     scratch = os.path.join(tmp, wname)
     os.makedirs(scratch, exist_ok=True)
     res = Replay(cfg, wl, config_budgets(cfg, b), cost, args, scratch, synth).run(
-        Progress(f"  {wname}/{cname}", len(wl.requests)))
+        Progress(f"  {wname}/{cname}", len(wl.requests))
+    )
     Checkpoints.write(ck_dir, f"{wname}__{cname}", res)
     return res
 
 
 def print_result(wname: str, cname: str, res: dict) -> None:
-    print(f"  {wname}/{cname:17s} saved {res['saved_pct']:5.1f}%  TTFT p50 {res['ttft_p50_s']:.3f} s p99 "
-          f"{res['ttft_p99_s']:.3f} s  {res['throughput_rps']:.3f} req/s  disk rd "
-          f"{res['bytes']['disk']['read'] / 1e9:,.0f} GB wr {res['bytes']['disk']['written'] / 1e9:,.0f} GB  "
-          f"({res['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"  {wname}/{cname:17s} saved {res['saved_pct']:5.1f}%  TTFT p50 {res['ttft_p50_s']:.3f} s p99 "
+        f"{res['ttft_p99_s']:.3f} s  {res['throughput_rps']:.3f} req/s  disk rd "
+        f"{res['bytes']['disk']['read'] / 1e9:,.0f} GB wr {res['bytes']['disk']['written'] / 1e9:,.0f} GB  "
+        f"({res['wall_s']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def render(path: str, with_plots: bool) -> int:
@@ -563,35 +698,57 @@ def main(argv=None) -> int:
             ck.save("calibration", meas)
         else:
             resumed = True
-        print(f"  kvdrive DRAM read {meas['dram_read_gbps']:.2f} GB/s, disk read {meas['disk_read_gbps']:.2f} GB/s "
-              f"(+{meas['disk_latency_s'] * 1e6:.0f} us), HiCacheFile read {meas['file_read_gbps']:.2f} GB/s "
-              f"(+{meas['file_latency_s'] * 1e6:.0f} us), zstd {meas['zstd_ratio']:.3f}x (measured); prefill "
-              f"{args.prefill_tps:,.0f} tok/s, PCIe {args.pcie_gbps:g} GB/s, {args.bytes_per_token:,} KV bytes/token "
-              "(assumed)", file=sys.stderr, flush=True)
-        cost = CostModel(prefill_tokens_per_s=args.prefill_tps, pcie_gbps=args.pcie_gbps,
-                         bytes_per_token=args.bytes_per_token, dram_gbps=meas["dram_read_gbps"],
-                         disk_gbps=meas["disk_read_gbps"], disk_latency_s=meas["disk_latency_s"],
-                         file_gbps=meas["file_read_gbps"], file_latency_s=meas["file_latency_s"],
-                         zstd_ratio=meas["zstd_ratio"], page_tokens=args.page_tokens)
+        print(
+            f"  kvdrive DRAM read {meas['dram_read_gbps']:.2f} GB/s, disk read {meas['disk_read_gbps']:.2f} GB/s "
+            f"(+{meas['disk_latency_s'] * 1e6:.0f} us), HiCacheFile read {meas['file_read_gbps']:.2f} GB/s "
+            f"(+{meas['file_latency_s'] * 1e6:.0f} us), zstd {meas['zstd_ratio']:.3f}x (measured); prefill "
+            f"{args.prefill_tps:,.0f} tok/s, PCIe {args.pcie_gbps:g} GB/s, {args.bytes_per_token:,} KV bytes/token "
+            "(assumed)",
+            file=sys.stderr,
+            flush=True,
+        )
+        cost = CostModel(
+            prefill_tokens_per_s=args.prefill_tps,
+            pcie_gbps=args.pcie_gbps,
+            bytes_per_token=args.bytes_per_token,
+            dram_gbps=meas["dram_read_gbps"],
+            disk_gbps=meas["disk_read_gbps"],
+            disk_latency_s=meas["disk_latency_s"],
+            file_gbps=meas["file_read_gbps"],
+            file_latency_s=meas["file_latency_s"],
+            zstd_ratio=meas["zstd_ratio"],
+            page_tokens=args.page_tokens,
+        )
         synth = SyntheticPages(99)
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
         with TierEngine(TierConfig(path=None, host_bytes=64 * MiB)) as e:
             e.put_many(ns, [f"p{i}" for i in range(N_POOL_PAGES)], synth.numpy)
             small_encoded = e.stats().dram.used_bytes / N_POOL_PAGES
         report = {
-            "command": "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] +
-                                            (sys.argv[1:] if argv is None else list(argv))),
-            "preset": args.preset, "machine": machine(REPO), "small_page_bytes": synth.nbytes,
+            "command": "python "
+            + " ".join(
+                shlex.quote(x)
+                for x in [os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv))
+            ),
+            "preset": args.preset,
+            "machine": machine(REPO),
+            "small_page_bytes": synth.nbytes,
             "page_tokens": args.page_tokens,
             "small_page_encoded_bytes": small_encoded,
-            "assumptions": {"prefill_tokens_per_s": args.prefill_tps,
-                            "prefill_note": "8B model on one H100, long prompts; no recorded GPU run in "
-                                            "bench/results to take it from",
-                            "pcie_gbps": args.pcie_gbps, "pcie_note": "PCIe 4.0 x16, effective; no recorded GPU run",
-                            "bytes_per_token": args.bytes_per_token,
-                            "model": "Llama-3.1-8B-class, bf16 KV (32 layers x 8 KV heads x 128 dim x K,V x 2 B)"},
-            "cost_model": dataclasses.asdict(cost), "measured": meas, "args": fingerprint(args),
-            "workloads": {}, "notes": NOTES,
+            "assumptions": {
+                "prefill_tokens_per_s": args.prefill_tps,
+                "prefill_note": "8B model on one H100, long prompts; no recorded GPU run in "
+                "bench/results to take it from",
+                "pcie_gbps": args.pcie_gbps,
+                "pcie_note": "PCIe 4.0 x16, effective; no recorded GPU run",
+                "bytes_per_token": args.bytes_per_token,
+                "model": "Llama-3.1-8B-class, bf16 KV (32 layers x 8 KV heads x 128 dim x K,V x 2 B)",
+            },
+            "cost_model": dataclasses.asdict(cost),
+            "measured": meas,
+            "args": fingerprint(args),
+            "workloads": {},
+            "notes": NOTES,
         }
         pending = []
         for wname in args.workload_list:
@@ -599,15 +756,25 @@ def main(argv=None) -> int:
             b = budgets_for(wl, args, synth.nbytes, small_encoded)
             nc = [cost.prefill_s(len(r.prompt)) for r in wl.requests]
             report["workloads"][wname] = {
-                "params": wl.params, "footprint_pages": wl.footprint_pages, "budgets": b,
+                "params": wl.params,
+                "footprint_pages": wl.footprint_pages,
+                "budgets": b,
                 "trace_digest": trace_digest(wl.requests),
-                "nocache": {"ttft_p50_s": percentile(nc, 50), "ttft_p99_s": percentile(nc, 99),
-                            "throughput_rps": len(nc) / sum(nc)}, "configs": {}}
-            print(f"[{wname}] {len(wl.requests):,} requests, {wl.footprint_pages * args.page_tokens:,} distinct "
-                  f"tokens ({wl.footprint_pages / b['host_pages_uncompressed']:.1f}x the host budget); GPU "
-                  f"{b['gpu_pages']:,} pages, host {b['host_pages_uncompressed']:,} pages, disk cap "
-                  f"{b['disk_bytes_here'] / MiB:.0f} MiB here ({args.page_tokens}-token pages)", file=sys.stderr,
-                  flush=True)
+                "nocache": {
+                    "ttft_p50_s": percentile(nc, 50),
+                    "ttft_p99_s": percentile(nc, 99),
+                    "throughput_rps": len(nc) / sum(nc),
+                },
+                "configs": {},
+            }
+            print(
+                f"[{wname}] {len(wl.requests):,} requests, {wl.footprint_pages * args.page_tokens:,} distinct "
+                f"tokens ({wl.footprint_pages / b['host_pages_uncompressed']:.1f}x the host budget); GPU "
+                f"{b['gpu_pages']:,} pages, host {b['host_pages_uncompressed']:,} pages, disk cap "
+                f"{b['disk_bytes_here'] / MiB:.0f} MiB here ({args.page_tokens}-token pages)",
+                file=sys.stderr,
+                flush=True,
+            )
             for cname in args.config_list:
                 res = ck.load(f"{wname}__{cname}") if args.resume else None
                 if res is not None:
@@ -619,14 +786,21 @@ def main(argv=None) -> int:
         done = {}
         # with workers, longest first (a rough cost per request of each configuration, measured here), so that they
         # finish together
-        weight = {"radix_only": 0.1, "hicache_host": 0.3, "hicache_file": 1.0, "kvdrive_lru": 1.0,
-                  "kvdrive_promoter": 1.6}
+        weight = {
+            "radix_only": 0.1,
+            "hicache_host": 0.3,
+            "hicache_file": 1.0,
+            "kvdrive_lru": 1.0,
+            "kvdrive_promoter": 1.6,
+        }
         if args.jobs > 1 and len(pending) > 1:
             pending.sort(key=lambda p: -weight[p[1]] * len(workload(args, p[0]).requests))
             import multiprocessing as mp
+
             # workers ignore Ctrl-C: the parent catches it and terminates them (their pairs are not saved)
-            pool = mp.get_context("fork").Pool(min(args.jobs, len(pending)), initializer=signal.signal,
-                                               initargs=(signal.SIGINT, signal.SIG_IGN))
+            pool = mp.get_context("fork").Pool(
+                min(args.jobs, len(pending)), initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+            )
             try:
                 running = {p: pool.apply_async(run_pair, (args, *p, cost, small_encoded, tmp, ck.dir)) for p in pending}
                 while running:
@@ -664,8 +838,11 @@ def main(argv=None) -> int:
         print(f"replay_bench: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nreplay_bench: interrupted; finished (workload, configuration) results are kept in {ck.dir}: run "
-              "the same command with --resume to go on", file=sys.stderr)
+        print(
+            f"\nreplay_bench: interrupted; finished (workload, configuration) results are kept in {ck.dir}: run "
+            "the same command with --resume to go on",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if args.dir is None:
@@ -684,26 +861,46 @@ def fleet_main(args, argv) -> int:
     try:
         print("calibrating (TierEngine, 256 KiB bf16 pages) ...", file=sys.stderr, flush=True)
         meas = calibrate(tmp, args.calib_pages, args.calib_reps)
-        cost = FleetCost(prefill_tokens_per_s=args.prefill_tps, pcie_gbps=args.pcie_gbps,
-                         bytes_per_token=args.bytes_per_token, dram_gbps=meas["dram_read_gbps"],
-                         disk_gbps=meas["disk_read_gbps"], disk_latency_s=meas["disk_latency_s"],
-                         zstd_ratio=meas["zstd_ratio"], page_tokens=args.page_tokens,
-                         remote_gbps=args.remote_gbps, remote_latency_s=args.remote_latency_s)
+        cost = FleetCost(
+            prefill_tokens_per_s=args.prefill_tps,
+            pcie_gbps=args.pcie_gbps,
+            bytes_per_token=args.bytes_per_token,
+            dram_gbps=meas["dram_read_gbps"],
+            disk_gbps=meas["disk_read_gbps"],
+            disk_latency_s=meas["disk_latency_s"],
+            zstd_ratio=meas["zstd_ratio"],
+            page_tokens=args.page_tokens,
+            remote_gbps=args.remote_gbps,
+            remote_latency_s=args.remote_latency_s,
+        )
         synth = SyntheticPages(99)
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
         with TierEngine(TierConfig(path=None, host_bytes=64 * MiB)) as e:
             e.put_many(ns, [f"p{i}" for i in range(N_POOL_PAGES)], synth.numpy)
             small_encoded = e.stats().dram.used_bytes / N_POOL_PAGES
         cfg = config_for(args.fleet_config, args.page_tokens)
-        report = {"command": "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] +
-                                                   (sys.argv[1:] if argv is None else list(argv))),
-                  "preset": args.preset, "machine": machine(REPO), "configuration": cfg.name,
-                  "shared_frac": args.shared_frac, "measured": meas, "args": fingerprint(args),
-                  "assumptions": {"prefill_tokens_per_s": args.prefill_tps, "pcie_gbps": args.pcie_gbps,
-                                  "bytes_per_token": args.bytes_per_token, "remote_gbps": args.remote_gbps,
-                                  "remote_latency_s": args.remote_latency_s,
-                                  "remote_note": "batched Mooncake gets over loopback TCP measured here"},
-                  "workloads": {}}
+        report = {
+            "command": "python "
+            + " ".join(
+                shlex.quote(x)
+                for x in [os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv))
+            ),
+            "preset": args.preset,
+            "machine": machine(REPO),
+            "configuration": cfg.name,
+            "shared_frac": args.shared_frac,
+            "measured": meas,
+            "args": fingerprint(args),
+            "assumptions": {
+                "prefill_tokens_per_s": args.prefill_tps,
+                "pcie_gbps": args.pcie_gbps,
+                "bytes_per_token": args.bytes_per_token,
+                "remote_gbps": args.remote_gbps,
+                "remote_latency_s": args.remote_latency_s,
+                "remote_note": "batched Mooncake gets over loopback TCP measured here",
+            },
+            "workloads": {},
+        }
         for wname in args.workload_list:
             wl = workload(args, wname)
             b = budgets_for(wl, args, synth.nbytes, small_encoded)
@@ -712,14 +909,32 @@ def fleet_main(args, argv) -> int:
             for n in args.node_list:
                 for shared in (False, True):
                     label = f"  {wname} x{n} {'shared' if shared else 'local only'}"
-                    res = run_fleet(cfg, wl, config_budgets(cfg, b), cost, args, os.path.join(tmp, wname), synth,
-                                    n, shared_bytes if shared else None, Progress(label, len(wl.requests)))
+                    res = run_fleet(
+                        cfg,
+                        wl,
+                        config_budgets(cfg, b),
+                        cost,
+                        args,
+                        os.path.join(tmp, wname),
+                        synth,
+                        n,
+                        shared_bytes if shared else None,
+                        Progress(label, len(wl.requests)),
+                    )
                     runs.append(res)
-                    print(f"{label}: saved {res['saved_pct']:.1f}%, remote hit tokens {res['hit_tokens_remote']:,}, "
-                          f"TTFT p50 {res['ttft_p50_s']:.3f} s ({res['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-            report["workloads"][wname] = {"requests": len(wl.requests), "trace_digest": trace_digest(wl.requests),
-                                          "footprint_tokens": wl.footprint_pages * args.page_tokens, "budgets": b,
-                                          "runs": runs}
+                    print(
+                        f"{label}: saved {res['saved_pct']:.1f}%, remote hit tokens {res['hit_tokens_remote']:,}, "
+                        f"TTFT p50 {res['ttft_p50_s']:.3f} s ({res['wall_s']:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            report["workloads"][wname] = {
+                "requests": len(wl.requests),
+                "trace_digest": trace_digest(wl.requests),
+                "footprint_tokens": wl.footprint_pages * args.page_tokens,
+                "budgets": b,
+                "runs": runs,
+            }
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out + ".json", "w") as f:
             json.dump(report, f, indent=1, default=float)

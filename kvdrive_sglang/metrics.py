@@ -6,6 +6,7 @@ shared remote tier's hits, bytes, call latency, faults, rejected objects and wri
 by deltas, so they stay monotonic across the process's life; SGLang runs Prometheus in multiprocess mode, which
 Counters support and the Gauges below declare (``mostrecent`` per rank label).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,11 +28,16 @@ def summary_line(st: dict) -> str:
 
     def ratio(raw, stored) -> str:
         return f"x{raw / stored:.2f}" if stored else "-"
-    parts = [f"DRAM {h['entries']} pages {_size(h['used_bytes'])}/{_size(h['capacity_bytes'])} "
-             f"{ratio(h['raw_bytes'], h['used_bytes'])}"]
+
+    parts = [
+        f"DRAM {h['entries']} pages {_size(h['used_bytes'])}/{_size(h['capacity_bytes'])} "
+        f"{ratio(h['raw_bytes'], h['used_bytes'])}"
+    ]
     if d:
-        parts.append(f"disk {d['entries']} pages {_size(d['file_bytes'])}/{_size(d['capacity_bytes'])} "
-                     f"{ratio(d['raw_bytes'], d['live_bytes'])}{'' if d['enabled'] else ' OFF'}")
+        parts.append(
+            f"disk {d['entries']} pages {_size(d['file_bytes'])}/{_size(d['capacity_bytes'])} "
+            f"{ratio(d['raw_bytes'], d['live_bytes'])}{'' if d['enabled'] else ' OFF'}"
+        )
     parts.append(f"hits DRAM {hits['dram'] + hits['queued']} disk {hits['disk']} miss {hits['miss']}")
     if d:
         parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")
@@ -40,17 +46,23 @@ def summary_line(st: dict) -> str:
     if "reload_ms_per_page" in st:
         parts.append(f"reload {st['reload_ms_per_page']:.2f} ms/page")
     if io.get("recompute_pages") or io.get("attention_pages"):
-        parts.append(f"recompute-not-reload {io.get('recompute_pages', 0)} pages, "
-                     f"attention on {io.get('attention_pages', 0)} pages")
+        parts.append(
+            f"recompute-not-reload {io.get('recompute_pages', 0)} pages, "
+            f"attention on {io.get('attention_pages', 0)} pages"
+        )
     hooks = st.get("hooks")
     if hooks and hooks["forward_s"] > 0:
-        parts.append(f"attention capture {hooks['capture_s'] * 1000:.0f} ms over {hooks['forwards']} forward passes "
-                     f"= {hooks['capture_s'] / hooks['forward_s']:.1%} of their host time")
+        parts.append(
+            f"attention capture {hooks['capture_s'] * 1000:.0f} ms over {hooks['forwards']} forward passes "
+            f"= {hooks['capture_s'] / hooks['forward_s']:.1%} of their host time"
+        )
     costs = st.get("costs")
     if costs:  # what reload-vs-recompute runs on: (value, "measured" | "assumed")
         pre, fixed, disk = costs["prefill_tokens_per_s"], costs["reload_fixed_s"], costs["disk_gbps"]
-        parts.append(f"prefill {pre[0]:.0f} tok/s ({pre[1]}), reload round trip {fixed[0] * 1000:.1f} ms "
-                     f"({fixed[1]}), disk {disk[0]:.2f} GB/s ({disk[1]})")
+        parts.append(
+            f"prefill {pre[0]:.0f} tok/s ({pre[1]}), reload round trip {fixed[0] * 1000:.1f} ms "
+            f"({fixed[1]}), disk {disk[0]:.2f} GB/s ({disk[1]})"
+        )
     if d and (d["corrupt_dropped"] or d["faults"]):
         parts.append(f"corrupt dropped {d['corrupt_dropped']} faults {d['faults']}")
     if st.get("remote"):
@@ -60,8 +72,9 @@ def summary_line(st: dict) -> str:
 
 def _remote_part(r: dict) -> str:
     """The shared remote tier's part of the summary line (tier/remote/tiered.py RemoteStats)."""
-    text = (f"remote hits {r['hits']} miss {r['misses']} read {_size(r['bytes_read'])} "
-            f"written {_size(r['bytes_written'])}")
+    text = (
+        f"remote hits {r['hits']} miss {r['misses']} read {_size(r['bytes_read'])} written {_size(r['bytes_written'])}"
+    )
     if r["get_calls"]:
         text += f" get {1000 * r['get_s'] / r['get_calls']:.1f} ms/call"
     if sum(r["rejected"].values()):
@@ -101,20 +114,27 @@ class TierMetrics:
         # exported as kvdrive:store_recoveries_total{kind=stamp_rewritten|dirs_recreated|index_rebuilt|moved_aside|
         # tier_off}: the recovery ladder's steps when this rank opened a damaged store (tier/recovery.py)
         self.recoveries = counter("kvdrive:store_recoveries", "Steps taken to open a damaged kvdrive store", ["kind"])
-        self.promoted = counter("kvdrive:promoted_pages", "Pages brought up from disk into kvdrive's DRAM tier "
-                                "ahead of demand")
+        self.promoted = counter(
+            "kvdrive:promoted_pages", "Pages brought up from disk into kvdrive's DRAM tier ahead of demand"
+        )
         self.radix = counter("kvdrive:radix_tokens", "Radix-tree events reported by kvdrive's cache", ["event"])
         # the shared remote tier (--kvdrive-remote, tier/remote/): its hits are kvdrive:hit_pages{tier="remote"}
-        self.remote_bytes = counter("kvdrive:remote_bytes", "Object bytes moved to/from the shared remote tier",
-                                    ["direction"])
+        self.remote_bytes = counter(
+            "kvdrive:remote_bytes", "Object bytes moved to/from the shared remote tier", ["direction"]
+        )
         self.remote_seconds = counter("kvdrive:remote_seconds", "Seconds spent in remote tier calls", ["op"])
         self.remote_calls = counter("kvdrive:remote_calls", "Remote tier calls made", ["op"])
-        self.remote_faults = counter("kvdrive:remote_faults", "Remote tier faults that turned it off for its retry "
-                                     "window", ["kind"])
-        self.remote_rejected = counter("kvdrive:remote_rejected_pages", "Remote objects that failed their checks "
-                                       "(served as misses)", ["reason"])
-        self.remote_dropped = counter("kvdrive:remote_dropped_pages", "Pages the write-behind dropped instead of "
-                                      "writing to the remote tier", ["reason"])
+        self.remote_faults = counter(
+            "kvdrive:remote_faults", "Remote tier faults that turned it off for its retry window", ["kind"]
+        )
+        self.remote_rejected = counter(
+            "kvdrive:remote_rejected_pages", "Remote objects that failed their checks (served as misses)", ["reason"]
+        )
+        self.remote_dropped = counter(
+            "kvdrive:remote_dropped_pages",
+            "Pages the write-behind dropped instead of writing to the remote tier",
+            ["reason"],
+        )
         self.remote_up = gauge("kvdrive:remote_up", "1 while the remote tier is on, 0 inside a fault's retry window")
         self.usage = gauge("kvdrive:usage_bytes", "Bytes held per tier", ["tier"])
         self.capacity = gauge("kvdrive:capacity_bytes", "Byte budget per tier", ["tier"])

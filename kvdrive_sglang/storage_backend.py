@@ -15,26 +15,26 @@ This module stays thin: the page I/O on SGLang's host pool lives in ``host_pages
 allows it, SGLang's own per-page copy elsewhere), the promoter's inputs and the report tick's upkeep (scores,
 measured costs, promotion ahead of demand) in ``upkeep``.
 """
+
 from __future__ import annotations
 
 import glob
-import json
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
-
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from .compat import radix_adapter
-from .cost_meter import ReloadMeter
 from .config import KvdriveSettings
+from .cost_meter import ReloadMeter
 from .host_pages import HostPages
 from .metrics import Reporter, TierMetrics
 from .pool_components import DRAFT, group_entries, model_kind, pool_kind, split_component, unsupported
@@ -49,8 +49,13 @@ from .upkeep import Upkeep
 
 log = logging.getLogger("kvdrive.sglang")
 
-_TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-                 torch.uint8: "uint8", torch.int8: "int8"}
+_TORCH_DTYPES = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _name):
         _TORCH_DTYPES[getattr(torch, _name)] = _name
@@ -62,8 +67,9 @@ def kv_dtype_name(dtype: torch.dtype) -> str:
     try:
         return _TORCH_DTYPES[dtype]
     except KeyError:
-        raise ConfigError(f"kvdrive cannot store KV pages of dtype {dtype}; supported: "
-                          f"{', '.join(_TORCH_DTYPES.values())}") from None
+        raise ConfigError(
+            f"kvdrive cannot store KV pages of dtype {dtype}; supported: {', '.join(_TORCH_DTYPES.values())}"
+        ) from None
 
 
 MIRROR_ROOT = "/dev/shm"  # where replicated MLA ranks share the writer's DRAM tier (a memory-backed file system)
@@ -119,8 +125,11 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "", 
     else:
         num_heads, head_dim = int(host_pool.head_num), int(host_pool.head_dim)
         tp_rank, tp_size = int(config.tp_rank), int(config.tp_size)
-    extra = {"mem_layout": host_pool.layout, "pp": f"{config.pp_rank}/{config.pp_size}",
-             "attn_cp": f"{config.attn_cp_rank}/{config.attn_cp_size}"}
+    extra = {
+        "mem_layout": host_pool.layout,
+        "pp": f"{config.pp_rank}/{config.pp_size}",
+        "attn_cp": f"{config.attn_cp_rank}/{config.attn_cp_size}",
+    }
     if config.should_split_heads:
         extra["split_heads_lcm"] = str(config.tp_lcm_size)
     extra.update(_newer_ranks(config))
@@ -129,10 +138,19 @@ def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "", 
     extra.update(_fp8_kind(host_pool, args))
     if component:
         extra.update(component_fields(component, args))
-    return Namespace(model=server_model_identity(config, args), kv_dtype=kv_dtype_name(host_pool.dtype),
-                     layout="mla" if mla else "mha", page_size=int(host_pool.page_size), num_heads=num_heads,
-                     head_dim=head_dim, num_layers=int(host_pool.layer_num), tp_rank=tp_rank, tp_size=tp_size,
-                     tenant=tenant, extra=tuple(extra.items()))
+    return Namespace(
+        model=server_model_identity(config, args),
+        kv_dtype=kv_dtype_name(host_pool.dtype),
+        layout="mla" if mla else "mha",
+        page_size=int(host_pool.page_size),
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_layers=int(host_pool.layer_num),
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        tenant=tenant,
+        extra=tuple(extra.items()),
+    )
 
 
 def component_fields(component: str, args) -> dict[str, str]:
@@ -144,8 +162,9 @@ def component_fields(component: str, args) -> dict[str, str]:
         path = getattr(args, "speculative_draft_model_path", None)
         rev = getattr(args, "speculative_draft_model_revision", None)
         algo = getattr(args, "speculative_algorithm", None)
-        out["draft_model"] = (model_identity(path) + (f"@revision={rev}" if rev else "")) if path else \
-            f"{algo or 'unknown'}:target"
+        out["draft_model"] = (
+            (model_identity(path) + (f"@revision={rev}" if rev else "")) if path else f"{algo or 'unknown'}:target"
+        )
     return out
 
 
@@ -224,13 +243,16 @@ def apply_gil_switch(seconds: float) -> None:
     before = sys.getswitchinterval()
     if seconds and seconds < before:
         sys.setswitchinterval(seconds)
-        log.info("kvdrive: Python's GIL switch interval %.2f -> %.2f ms, so HiCache's I/O threads get the GIL back "
-                 "soon while the scheduler loop runs (set kvdrive gil_switch_ms to change)", before * 1000,
-                 seconds * 1000)
+        log.info(
+            "kvdrive: Python's GIL switch interval %.2f -> %.2f ms, so HiCache's I/O threads get the GIL back "
+            "soon while the scheduler loop runs (set kvdrive gil_switch_ms to change)",
+            before * 1000,
+            seconds * 1000,
+        )
 
 
 class KvdriveStorage(HiCacheStorage):
-    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None):
         self.storage_config = storage_config
         self.settings = KvdriveSettings.from_extra_config(storage_config.extra_config)  # checked; names a bad key
         # MLA: every rank has the same cache, and one rank writes it (see storage_writer)
@@ -239,8 +261,9 @@ class KvdriveStorage(HiCacheStorage):
         if storage_config.is_mla_model and int(storage_config.tp_size) > 1:
             # replicas: the writer's DRAM tier is shared with the other ranks of this node (tier/replica_mirror.py),
             # so every rank counts the same hits and reads them from memory, not each from disk (issue 15)
-            self.tier_config = replace(self.tier_config, mirror="read" if self.read_only else "publish",
-                                       mirror_root=MIRROR_ROOT)
+            self.tier_config = replace(
+                self.tier_config, mirror="read" if self.read_only else "publish", mirror_root=MIRROR_ROOT
+            )
         self.promoter = Promoter(self.settings.promoter_config())
         self.reload_policy = self.settings.reload
         apply_gil_switch(self.settings.gil_switch_s(server_device()))
@@ -264,15 +287,27 @@ class KvdriveStorage(HiCacheStorage):
         self._lock = threading.Lock()
         self.reload_meter = ReloadMeter()
         # the promoter's inputs and the report tick's steps (scores, costs, promotion): kvdrive_sglang/upkeep.py
-        self.upkeep = Upkeep(self.engine, self.promoter, self.reload_meter, by_tenant=self._by_tenant,
-                             selective=self.tier_config.write_policy == "selective", read_only=self.read_only)
+        self.upkeep = Upkeep(
+            self.engine,
+            self.promoter,
+            self.reload_meter,
+            by_tenant=self._by_tenant,
+            selective=self.tier_config.write_policy == "selective",
+            read_only=self.read_only,
+        )
         self._reporter: Reporter | None = None
         from . import cpu_fallbacks
 
-        log.info("kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d%s)",
-                 self.tier_config.path, self.tier_config.host_bytes / 2**30, self.tier_config.disk_bytes / 2**30,
-                 self.tier_config.codec, storage_config.tp_rank, storage_config.tp_size,
-                 ", CPU fallbacks for HiCache copies" if cpu_fallbacks.installed() else "")
+        log.info(
+            "kvdrive: storage backend on %s (DRAM tier %.1f GiB, disk cap %.1f GiB, codec %s, rank %d/%d%s)",
+            self.tier_config.path,
+            self.tier_config.host_bytes / 2**30,
+            self.tier_config.disk_bytes / 2**30,
+            self.tier_config.codec,
+            storage_config.tp_rank,
+            storage_config.tp_size,
+            ", CPU fallbacks for HiCache copies" if cpu_fallbacks.installed() else "",
+        )
 
     def _open_engine(self) -> TierEngine:
         """The tier engine; with --kvdrive-remote, one with the shared remote tier behind its local tiers."""
@@ -299,9 +334,13 @@ class KvdriveStorage(HiCacheStorage):
         self.ns = namespace_for(self.storage_config, anchor)
         self.pages = HostPages(anchor)
         self.page_size, self.page_bytes = self.pages.page_size, self.pages.page_bytes
-        log.info("kvdrive: namespace %s = %s (host pool %s, %s page copies)", self.ns.id.hex()[:16],
-                 self.ns.describe(), type(anchor).__name__,
-                 f"batched {self.pages.layout}" if self.pages.layout else "per-page")
+        log.info(
+            "kvdrive: namespace %s = %s (host pool %s, %s page copies)",
+            self.ns.id.hex()[:16],
+            self.ns.describe(),
+            type(anchor).__name__,
+            f"batched {self.pages.layout}" if self.pages.layout else "per-page",
+        )
         self.upkeep.bind(self.ns, self.page_size, self.page_bytes)
         for name, pool in (entries or [])[1:]:
             self._add_component(name, pool)
@@ -337,8 +376,14 @@ class KvdriveStorage(HiCacheStorage):
         base = self._require_ns()
         n = int(page.numel())
         extra = {**dict(base.extra), **component_fields(name, running_server_args()), "page_elements": str(n)}
-        ns = replace(base, kv_dtype=kv_dtype_name(page.dtype), num_heads=1,
-                     head_dim=base.head_dim if n % base.head_dim == 0 else n, tenant="", extra=tuple(extra.items()))
+        ns = replace(
+            base,
+            kv_dtype=kv_dtype_name(page.dtype),
+            num_heads=1,
+            head_dim=base.head_dim if n % base.head_dim == 0 else n,
+            tenant="",
+            extra=tuple(extra.items()),
+        )
         self._components[name] = (ns, None)
         log.info("kvdrive: %s pages in namespace %s = %s", name, ns.id.hex()[:16], ns.describe())
         return True
@@ -350,8 +395,11 @@ class KvdriveStorage(HiCacheStorage):
         from .compat.server_args import running_server_args
 
         self.off_reason = why
-        log.warning("kvdrive: off for %s: %s; SGLang's own cache (GPU and host memory) serves it, kvdrive's tiers "
-                    "stay empty", model_kind(running_server_args()), why)
+        log.warning(
+            "kvdrive: off for %s: %s; SGLang's own cache (GPU and host memory) serves it, kvdrive's tiers stay empty",
+            model_kind(running_server_args()),
+            why,
+        )
 
     def _page_starts(self, op: str, keys, host_indices) -> list[int]:
         """The host-pool slot of each key's page (HostPages.starts), the keys checked first: a bad key is a
@@ -378,8 +426,11 @@ class KvdriveStorage(HiCacheStorage):
             if not tid:
                 return comp
             ns = self._component_tenant_ns.get((component, tid))
-            return ns if ns is not None else self._component_tenant_ns.setdefault(
-                (component, tid), replace(comp, tenant=tid))
+            return (
+                ns
+                if ns is not None
+                else self._component_tenant_ns.setdefault((component, tid), replace(comp, tenant=tid))
+            )
         if not tid:
             return base
         ns = self._tenant_ns.get(tid)
@@ -420,8 +471,9 @@ class KvdriveStorage(HiCacheStorage):
         return ok
 
     # --- v1 batch API (interface_v1) -----------------------------------------------------------------------------
-    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_set_v1(
+        self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> list[bool]:
         if self.off_reason is not None:
             return [False] * len(keys)
         self._require_ns()
@@ -439,8 +491,9 @@ class KvdriveStorage(HiCacheStorage):
         self._count("set", len(keys), sum(ok), len(keys) * self.page_bytes, t0)
         return ok
 
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_get_v1(
+        self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> list[bool]:
         if self.off_reason is not None:
             return [False] * len(keys)
         self._require_ns()
@@ -460,7 +513,7 @@ class KvdriveStorage(HiCacheStorage):
         self.reload_meter.get_done(keys[0], n)
         return got[:n] + [False] * (len(keys) - n)
 
-    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         """Leading pages worth loading: held in a kvdrive tier *and* faster to reload than to recompute (the
         promoter's plan over the tiers they sit in), so a slow disk never makes a request slower than no cache."""
         if self.off_reason is not None:
@@ -488,27 +541,35 @@ class KvdriveStorage(HiCacheStorage):
         return plan.reload_pages
 
     # --- the older per-key API (SGLang uses it when interface_v1 is off) ----------------------------------------
-    def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None):
+    def get(self, key: str, target_location: Any | None = None, target_sizes: Any | None = None):
         return self.batch_get([key], [target_location] if target_location is not None else None)[0]
 
-    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None):
+    def batch_get(self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None):
         if self.off_reason is not None or not keys:
             return [None] * len(keys)
         self._require_ns()
-        outs = list(target_locations) if target_locations is not None else \
-            [self.pages.empty_page() for _ in keys]
+        outs = list(target_locations) if target_locations is not None else [self.pages.empty_page() for _ in keys]
         if not self._components_known(keys, outs):
             return [None] * len(keys)
         got = self._get(keys, outs)
         return [o if g else None for o, g in zip(outs, got)]
 
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
-            target_sizes: Optional[Any] = None) -> bool:
+    def set(
+        self,
+        key: str,
+        value: Any | None = None,
+        target_location: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
         return self.batch_set([key], [value])
 
-    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> bool:
+    def batch_set(
+        self,
+        keys: list[str],
+        values: Any | None = None,
+        target_locations: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
         if self.off_reason is not None:
             return False
         if self.read_only or not keys:
@@ -529,8 +590,7 @@ class KvdriveStorage(HiCacheStorage):
         return True
 
     # --- the multi-pool API (SGLang 0.5.21+: a draft KV pool beside the KV pool) ---------------------------------
-    def batch_exists_v2(self, keys: List[str], pool_transfers=None,
-                        extra_info: Optional[HiCacheStorageExtraInfo] = None):
+    def batch_exists_v2(self, keys: list[str], pool_transfers=None, extra_info: HiCacheStorageExtraInfo | None = None):
         """Leading pages held for the KV pool *and* every component pool named (SGLang's ALL_PAGES policy: a
         draft page missing ends the prefix, as SGLang's own backends count it)."""
         from sglang.srt.mem_cache.hicache_storage import PoolTransferResult
@@ -548,13 +608,13 @@ class KvdriveStorage(HiCacheStorage):
             n = min(n, extra[name])
         return PoolTransferResult(kv_hit_pages=n, extra_pool_hit_pages=extra)
 
-    def batch_get_v2(self, transfers, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> dict[str, List[bool]]:
+    def batch_get_v2(self, transfers, extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:
         return {_pool_name(t.name): self._transfer(t, extra_info, get=True) for t in transfers}
 
-    def batch_set_v2(self, transfers, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> dict[str, List[bool]]:
+    def batch_set_v2(self, transfers, extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:
         return {_pool_name(t.name): self._transfer(t, extra_info, get=False) for t in transfers}
 
-    def _transfer(self, t, extra_info, *, get: bool) -> List[bool]:
+    def _transfer(self, t, extra_info, *, get: bool) -> list[bool]:
         """One pool's part of a v2 call: the KV pool's through the v1 calls, a component's (draft) on its own pool's
         pages under ``"<key>.<pool>"`` keys; any other pool is a miss / not stored."""
         name, keys = _pool_name(t.name), list(t.keys or [])
@@ -657,21 +717,32 @@ class KvdriveStorage(HiCacheStorage):
         with self._lock:
             io, ev = dict(self._io), dict(self._events)
         io.update(self.upkeep.counts())
-        out = {Tier.DRAM.value: s.dram._asdict(), Tier.DISK.value: s.disk._asdict() if s.disk else None,
-               "hits": {Tier.DRAM.value: s.hits_dram, Tier.QUEUED.value: s.hits_queued, Tier.DISK.value: s.hits_disk,
-                        "miss": s.misses},
-               "writedown_queued_bytes": s.writedown_queued_bytes, "writedown_dropped": s.writedown_dropped,
-               "io": io, "radix": ev,
-               "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},
-               "promoter": self.promoter.stats(), "costs": self.promoter.costs()}
+        out = {
+            Tier.DRAM.value: s.dram._asdict(),
+            Tier.DISK.value: s.disk._asdict() if s.disk else None,
+            "hits": {
+                Tier.DRAM.value: s.hits_dram,
+                Tier.QUEUED.value: s.hits_queued,
+                Tier.DISK.value: s.hits_disk,
+                "miss": s.misses,
+            },
+            "writedown_queued_bytes": s.writedown_queued_bytes,
+            "writedown_dropped": s.writedown_dropped,
+            "io": io,
+            "radix": ev,
+            "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},
+            "promoter": self.promoter.stats(),
+            "costs": self.promoter.costs(),
+        }
         out["hooks"] = hook_times()
         remote_stats = getattr(self.engine, "remote_stats", None)  # with --kvdrive-remote (RemoteTieredEngine)
         if remote_stats is not None:
             out["remote"] = remote_stats()._asdict()
             out["hits"]["remote"] = out["remote"]["hits"]
         if io.get("get_pages_ok"):
-            out["reload_ms_per_page"] = 1000 * io["get_seconds"] / max(io["get_calls"], 1) / \
-                max(io["get_pages"] / max(io["get_calls"], 1), 1)
+            out["reload_ms_per_page"] = (
+                1000 * io["get_seconds"] / max(io["get_calls"], 1) / max(io["get_pages"] / max(io["get_calls"], 1), 1)
+            )
         return out
 
 
@@ -681,8 +752,12 @@ def hook_times() -> dict:
     from .attention_capture import HOOK_TIME
     from .cost_meter import FORWARDS
 
-    return {"capture_s": HOOK_TIME["seconds"], "capture_calls": HOOK_TIME["calls"],
-            "forward_s": FORWARDS["seconds"], "forwards": FORWARDS["passes"]}
+    return {
+        "capture_s": HOOK_TIME["seconds"],
+        "capture_calls": HOOK_TIME["calls"],
+        "forward_s": FORWARDS["seconds"],
+        "forwards": FORWARDS["passes"],
+    }
 
 
 def _pool_name(name) -> str:

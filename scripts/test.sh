@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command; .ci/run runs exactly this. Installs both supported SGLang ends (scripts/install.sh), lints
-# (`ruff check .`, pyproject's [tool.ruff]; a lint error fails the script before any test runs) and runs
+# (`ruff check .` and `ruff format --check .`, pyproject's [tool.ruff]; either failing stops the script before any
+# test runs) and runs
 #   1. the whole test suite on SGLang 0.5.23, the newest supported (.venv), then
 #   2. the SGLang-facing suites (tests/sglang tests/e2e) on SGLang 0.5.17, the oldest supported (.venv-sglang-0.5.17).
 # Both runs always run; the script fails if either fails. pytest's exit code 5 (no tests collected) is a failure too.
@@ -37,6 +38,8 @@ done
 lint_venv=$(venv_of "${runs[0]}")
 echo "== ruff check . ($lint_venv)"
 "$lint_venv/bin/ruff" check . || { echo "== FAILED  ruff check: fix the lint errors above (no tests were run)"; exit 1; }
+echo "== ruff format --check . ($lint_venv)"
+"$lint_venv/bin/ruff" format --check . || { echo "== FAILED  ruff format: run 'ruff format .' (no tests were run)"; exit 1; }
 
 # Did the arguments name tests (an existing path, or path::node)? Then they replace each run's default selection.
 paths=""

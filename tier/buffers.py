@@ -3,6 +3,7 @@
 Callers hand numpy arrays, bytearrays, memoryviews or (when torch is installed) CPU tensors. The tier works on
 flat uint8 numpy views of them; a buffer that cannot be viewed without a copy is an error, never a silent copy.
 """
+
 from __future__ import annotations
 
 import numpy as np

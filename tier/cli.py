@@ -18,6 +18,7 @@ DIR.damaged-<time> and start an empty one), then re-reads every page and drops t
 Exit status: 0 success; 1 ``verify`` found (and dropped) bad pages, ``repair`` repaired something, or ``clear`` was
 declined at the prompt; 2 an error (one line on stderr, ``kvdrive: error: ...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,12 +74,14 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return [line(headers).rstrip()] + [line(r).rstrip() for r in rows]
 
 
 def _version() -> str:
     try:
         from importlib.metadata import version
+
         return version("kvdrive-sglang")
     except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. run from a source tree)
         return "unknown"
@@ -118,8 +121,9 @@ def _segment_bytes_of(path: str) -> int:
 
 def _open(path: str, mode: str, live_ratio: float = 0.5) -> DiskStore:
     path = _existing_store(path)
-    cfg = DiskStoreConfig(path=path, capacity_bytes=_NO_EVICTION_CAPACITY, segment_bytes=_segment_bytes_of(path),
-                          gc_live_ratio=live_ratio)
+    cfg = DiskStoreConfig(
+        path=path, capacity_bytes=_NO_EVICTION_CAPACITY, segment_bytes=_segment_bytes_of(path), gc_live_ratio=live_ratio
+    )
     return DiskStore(cfg, lock_mode=mode, repair=False)
 
 
@@ -127,10 +131,16 @@ def _open(path: str, mode: str, live_ratio: float = 0.5) -> DiskStore:
 def _ns_row(nid: bytes, desc: dict | None, pages: int, nbytes: int) -> dict:
     d = desc or {}
     return {
-        "id": nid.hex(), "short_id": nid[:8].hex(),
-        "model": d.get("model"), "kv_dtype": d.get("kv_dtype"), "layout": d.get("layout"),
-        "tp_rank": d.get("tp_rank"), "tp_size": d.get("tp_size"), "tenant": d.get("tenant"),
-        "pages": pages, "bytes": nbytes,
+        "id": nid.hex(),
+        "short_id": nid[:8].hex(),
+        "model": d.get("model"),
+        "kv_dtype": d.get("kv_dtype"),
+        "layout": d.get("layout"),
+        "tp_rank": d.get("tp_rank"),
+        "tp_size": d.get("tp_size"),
+        "tenant": d.get("tenant"),
+        "pages": pages,
+        "bytes": nbytes,
     }
 
 
@@ -146,12 +156,17 @@ def cmd_stats(args) -> int:
         store.close()
     dead = max(0, st.file_bytes - st.live_bytes)
     out = {
-        "path": path, "format_version": version,
-        "entries": st.entries, "live_bytes": st.live_bytes, "raw_bytes": st.raw_bytes,
+        "path": path,
+        "format_version": version,
+        "entries": st.entries,
+        "live_bytes": st.live_bytes,
+        "raw_bytes": st.raw_bytes,
         "codec_ratio": round(st.raw_bytes / st.live_bytes, 4) if st.live_bytes else None,
-        "file_bytes": st.file_bytes, "dead_bytes": dead,
+        "file_bytes": st.file_bytes,
+        "dead_bytes": dead,
         "dead_share": round(dead / st.file_bytes, 4) if st.file_bytes else 0.0,
-        "segments": st.segments, "namespaces": nss,
+        "segments": st.segments,
+        "namespaces": nss,
         "remote": remote,  # the remote tier settings the last server on this store recorded (None: never)
     }
     if args.json:
@@ -163,16 +178,27 @@ def cmd_stats(args) -> int:
     print(f"entries       {st.entries}")
     print(f"live bytes    {human_bytes(st.live_bytes)} (encoded)")
     print(f"raw bytes     {human_bytes(st.raw_bytes)} (decoded; codec ratio {ratio})")
-    print(f"file bytes    {human_bytes(st.file_bytes)} in {st.segments} segment(s); "
-          f"{human_bytes(dead)} dead ({out['dead_share']:.1%})" + (", reclaimable by `kvdrive gc`" if dead else ""))
+    print(
+        f"file bytes    {human_bytes(st.file_bytes)} in {st.segments} segment(s); "
+        f"{human_bytes(dead)} dead ({out['dead_share']:.1%})" + (", reclaimable by `kvdrive gc`" if dead else "")
+    )
     for line in _remote_lines(remote):
         print(line)
     print(f"namespaces    {len(nss)}")
     if nss:
-        rows = [[n["short_id"], str(n["model"] if n["model"] is not None else "?"), str(n["kv_dtype"] or "?"),
-                 str(n["layout"] or "?"),
-                 f"{n['tp_rank']}/{n['tp_size']}" if n["tp_size"] is not None else "?",
-                 n["tenant"] if n["tenant"] else "-", str(n["pages"]), human_bytes(n["bytes"])] for n in nss]
+        rows = [
+            [
+                n["short_id"],
+                str(n["model"] if n["model"] is not None else "?"),
+                str(n["kv_dtype"] or "?"),
+                str(n["layout"] or "?"),
+                f"{n['tp_rank']}/{n['tp_size']}" if n["tp_size"] is not None else "?",
+                n["tenant"] if n["tenant"] else "-",
+                str(n["pages"]),
+                human_bytes(n["bytes"]),
+            ]
+            for n in nss
+        ]
         print()
         for line in _table(["ID", "MODEL", "KV_DTYPE", "LAYOUT", "TP", "TENANT", "PAGES", "BYTES"], rows, {6, 7}):
             print(line)
@@ -209,8 +235,10 @@ def cmd_verify(args) -> int:
     print(f"checked {rep.checked} page(s), {human_bytes(rep.bytes_checked)} in {elapsed:.2f}s{rate}")
     print(f"ok {rep.ok}, bad {rep.bad}")
     if rep.bad:
-        print(f"dropped {rep.bad} bad page(s) from the index (they will be recomputed on demand); "
-              "run `kvdrive gc` to reclaim their space")
+        print(
+            f"dropped {rep.bad} bad page(s) from the index (they will be recomputed on demand); "
+            "run `kvdrive gc` to reclaim their space"
+        )
         return EXIT_FOUND
     return EXIT_OK
 
@@ -219,9 +247,11 @@ def _compact_report(store: DiskStore, before: DiskStats, live_ratio: float | Non
     reclaimed = store.compact(live_ratio)
     after = store.stats()
     print(f"segments reclaimed {reclaimed} ({before.segments} -> {after.segments} segment(s))")
-    print(f"file bytes {human_bytes(before.file_bytes)} -> {human_bytes(after.file_bytes)} "
-          f"({human_bytes(max(0, before.file_bytes - after.file_bytes))} freed); "
-          f"{after.entries} page(s), {human_bytes(after.live_bytes)} live")
+    print(
+        f"file bytes {human_bytes(before.file_bytes)} -> {human_bytes(after.file_bytes)} "
+        f"({human_bytes(max(0, before.file_bytes - after.file_bytes))} freed); "
+        f"{after.entries} page(s), {human_bytes(after.live_bytes)} live"
+    )
 
 
 def cmd_gc(args) -> int:
@@ -242,8 +272,9 @@ def _match_namespaces(prefixes: list[str], present: list[tuple[bytes, dict | Non
         p = raw.strip().lower()
         p = p.removeprefix("0x")
         if not p or len(p) > 32 or any(c not in "0123456789abcdef" for c in p):
-            raise CliError(f"--namespace {raw!r} is not a hex prefix of a namespace id (1 to 32 hex digits; "
-                           "see `kvdrive stats`)")
+            raise CliError(
+                f"--namespace {raw!r} is not a hex prefix of a namespace id (1 to 32 hex digits; see `kvdrive stats`)"
+            )
         hits = [n for n in present if n[0].hex().startswith(p)]
         if not hits:
             have = ", ".join(n[0][:8].hex() for n in present) or "none"
@@ -267,8 +298,10 @@ def _confirm(question: str) -> bool:
 def cmd_clear(args) -> int:
     path = _existing_store(args.dir)
     if not args.namespace and not args.tenant and not args.yes and not _isatty(sys.stdin):
-        raise CliError("refusing to clear every page of the store without confirmation: stdin is not a terminal; "
-                       "pass --yes (or --namespace / --tenant to clear only some pages)")
+        raise CliError(
+            "refusing to clear every page of the store without confirmation: stdin is not a terminal; "
+            "pass --yes (or --namespace / --tenant to clear only some pages)"
+        )
     store = _open(path, "exclusive", args.live_ratio)
     live_ratio = None
     try:
@@ -324,9 +357,11 @@ def cmd_repair(args) -> int:
     finally:
         store.close()
     moved = any(r.kind is RecoveryKind.MOVED_ASIDE for r in store.recoveries)
-    print(f"kept {rep.ok} page(s), dropped {rep.bad} damaged page(s)"
-          + (f", {rep.io_errors} unreadable now (kept)" if rep.io_errors else "")
-          + ("; the old store was moved aside (see above): this one starts empty" if moved else ""))
+    print(
+        f"kept {rep.ok} page(s), dropped {rep.bad} damaged page(s)"
+        + (f", {rep.io_errors} unreadable now (kept)" if rep.io_errors else "")
+        + ("; the old store was moved aside (see above): this one starts empty" if moved else "")
+    )
     if not store.recoveries and not rep.bad:
         print("the store was intact")
         return EXIT_OK
@@ -354,67 +389,103 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect and maintain a kvdrive disk store (the persistent KV-cache tier). "
-                    "No command creates a store. stats runs alongside servers using the store; verify, gc and clear "
-                    "need it to themselves (stop the servers first).",
+        "No command creates a store. stats runs alongside servers using the store; verify, gc and clear "
+        "need it to themselves (stop the servers first).",
         epilog="exit status: 0 ok; 1 verify dropped bad pages / clear declined; 2 error",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()} (store format {FORMAT_VERSION})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     dir_help = "the store directory (as given to the server's kvdrive path)"
 
-    s = sub.add_parser("stats", help="show what the store holds (safe while servers use it)",
-                       description="Show the store's entries, live / decoded / file bytes, codec ratio, dead space "
-                                   "and a per-namespace table. Takes the store lock shared, so it runs while "
-                                   "servers have the store open.")
+    s = sub.add_parser(
+        "stats",
+        help="show what the store holds (safe while servers use it)",
+        description="Show the store's entries, live / decoded / file bytes, codec ratio, dead space "
+        "and a per-namespace table. Takes the store lock shared, so it runs while "
+        "servers have the store open.",
+    )
     s.add_argument("dir", metavar="DIR", help=dir_help)
     s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     s.set_defaults(func=cmd_stats)
 
-    v = sub.add_parser("verify", help="re-read every page; drop corrupt ones (exit 1 if any)",
-                       description="Re-read every page, check its checksum and header, and drop bad entries from the "
-                                   "index (they become misses, recomputed on demand). Exit 0 when all pages are good, "
-                                   "1 when bad pages were found and dropped. Needs the store to itself.")
+    v = sub.add_parser(
+        "verify",
+        help="re-read every page; drop corrupt ones (exit 1 if any)",
+        description="Re-read every page, check its checksum and header, and drop bad entries from the "
+        "index (they become misses, recomputed on demand). Exit 0 when all pages are good, "
+        "1 when bad pages were found and dropped. Needs the store to itself.",
+    )
     v.add_argument("dir", metavar="DIR", help=dir_help)
     v.set_defaults(func=cmd_verify)
 
-    g = sub.add_parser("gc", help="expire TTL'd pages and compact sparse segments (never evicts live pages)",
-                       description="Drop pages past their TTL, then rewrite the live pages of sparse segments and "
-                                   "delete those segments, giving their space back. Never evicts a live page. Needs "
-                                   "the store to itself.")
+    g = sub.add_parser(
+        "gc",
+        help="expire TTL'd pages and compact sparse segments (never evicts live pages)",
+        description="Drop pages past their TTL, then rewrite the live pages of sparse segments and "
+        "delete those segments, giving their space back. Never evicts a live page. Needs "
+        "the store to itself.",
+    )
     g.add_argument("dir", metavar="DIR", help=dir_help)
-    g.add_argument("--live-ratio", type=_ratio, default=0.5, metavar="R",
-                   help="compact segments whose live share is below R, in (0, 1] (default 0.5; 1 compacts every "
-                        "segment holding any dead bytes)")
+    g.add_argument(
+        "--live-ratio",
+        type=_ratio,
+        default=0.5,
+        metavar="R",
+        help="compact segments whose live share is below R, in (0, 1] (default 0.5; 1 compacts every "
+        "segment holding any dead bytes)",
+    )
     g.set_defaults(func=cmd_gc)
 
-    c = sub.add_parser("clear", help="drop all pages, or those of some namespaces, then compact",
-                       description="Drop every page of the store (asks first; --yes skips the question and is "
-                                   "required when stdin is not a terminal), or with --namespace only the pages of "
-                                   "the namespaces whose id starts with the given hex prefix (see `kvdrive stats`), "
-                                   "or with --tenant only those of a tenant. "
-                                   "Then compacts so the space comes back. Needs the store to itself.")
+    c = sub.add_parser(
+        "clear",
+        help="drop all pages, or those of some namespaces, then compact",
+        description="Drop every page of the store (asks first; --yes skips the question and is "
+        "required when stdin is not a terminal), or with --namespace only the pages of "
+        "the namespaces whose id starts with the given hex prefix (see `kvdrive stats`), "
+        "or with --tenant only those of a tenant. "
+        "Then compacts so the space comes back. Needs the store to itself.",
+    )
     c.add_argument("dir", metavar="DIR", help=dir_help)
-    c.add_argument("--namespace", action="append", metavar="HEXPREFIX",
-                   help="clear only the namespace whose id starts with HEXPREFIX (must match exactly one); repeatable")
-    c.add_argument("--tenant", action="append", metavar="NAME",
-                   help="clear only the pages of tenant NAME: a cache salt, @GROUP for a share_as group, or '' for "
-                        "unsalted traffic; then rewrite every segment holding dead bytes, so none of the tenant's "
-                        "bytes stay in segment files; repeatable")
+    c.add_argument(
+        "--namespace",
+        action="append",
+        metavar="HEXPREFIX",
+        help="clear only the namespace whose id starts with HEXPREFIX (must match exactly one); repeatable",
+    )
+    c.add_argument(
+        "--tenant",
+        action="append",
+        metavar="NAME",
+        help="clear only the pages of tenant NAME: a cache salt, @GROUP for a share_as group, or '' for "
+        "unsalted traffic; then rewrite every segment holding dead bytes, so none of the tenant's "
+        "bytes stay in segment files; repeatable",
+    )
     c.add_argument("--yes", "-y", action="store_true", help="do not ask before clearing every page")
-    c.add_argument("--live-ratio", type=_ratio, default=0.5, metavar="R",
-                   help="after clearing, compact segments whose live share is below R (default 0.5)")
+    c.add_argument(
+        "--live-ratio",
+        type=_ratio,
+        default=0.5,
+        metavar="R",
+        help="after clearing, compact segments whose live share is below R (default 0.5)",
+    )
     c.set_defaults(func=cmd_clear)
 
-    r = sub.add_parser("repair", help="repair a damaged store (exit 1 if anything was repaired or dropped)",
-                       description="Take the recovery ladder a server takes when it opens a damaged store: rewrite a "
-                                   "damaged format stamp, recreate missing directories, rebuild a damaged index from "
-                                   "the segment files; if that fails, move the store aside to DIR.damaged-<time> "
-                                   "(kept) and start an empty one. Then re-read every page and drop those that fail "
-                                   "their checks. Prints what it kept, dropped and rebuilt. Needs the store to itself.")
+    r = sub.add_parser(
+        "repair",
+        help="repair a damaged store (exit 1 if anything was repaired or dropped)",
+        description="Take the recovery ladder a server takes when it opens a damaged store: rewrite a "
+        "damaged format stamp, recreate missing directories, rebuild a damaged index from "
+        "the segment files; if that fails, move the store aside to DIR.damaged-<time> "
+        "(kept) and start an empty one. Then re-read every page and drop those that fail "
+        "their checks. Prints what it kept, dropped and rebuilt. Needs the store to itself.",
+    )
     r.add_argument("dir", metavar="DIR", help=dir_help)
-    r.add_argument("--rebuild", action="store_true",
-                   help="rebuild the index from the segment files even if it checks out (pages of segments written "
-                        "before kvdrive's segment format 2 are then lost)")
+    r.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild the index from the segment files even if it checks out (pages of segments written "
+        "before kvdrive's segment format 2 are then lost)",
+    )
     r.set_defaults(func=cmd_repair)
     return p
 

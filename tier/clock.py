@@ -3,6 +3,7 @@
 Every tier compares expiry times (``expires_ms``, 0 = never) against this one clock, so a page's TTL means the same in
 the DRAM pool, the staging area, the write-down queue and on disk (where they are stored as u64 milliseconds).
 """
+
 from __future__ import annotations
 
 import time

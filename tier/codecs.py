@@ -13,6 +13,7 @@ Codecs:
 A codec never returns data of the wrong length or dtype: every size and every decompression problem is a
 CodecError, and lossy decoders refuse blobs that would decode to NaN.
 """
+
 from __future__ import annotations
 
 import struct
@@ -83,7 +84,8 @@ def peek_header(blob) -> PageHeader:
     if row_len < 1 or raw_nbytes % (itemsize * row_len):
         raise CodecError(
             f"page blob header is inconsistent: raw_nbytes {raw_nbytes} is not a multiple of "
-            f"row_len {row_len} x itemsize {itemsize}")
+            f"row_len {row_len} x itemsize {itemsize}"
+        )
     return PageHeader(version, codec, dtype, flags, row_len, raw_nbytes)
 
 
@@ -128,8 +130,10 @@ class Codec(ABC):
         integer(row_len, "row_len", error=CodecError)
         group = info.itemsize * row_len
         if nbytes % group:
-            raise CodecError(f"page is {nbytes} bytes, not a multiple of row_len {row_len} x {dtype} itemsize "
-                             f"{info.itemsize} = {group} bytes")
+            raise CodecError(
+                f"page is {nbytes} bytes, not a multiple of row_len {row_len} x {dtype} itemsize "
+                f"{info.itemsize} = {group} bytes"
+            )
 
     @abstractmethod
     def _encode(self, data_u8: np.ndarray, dtype: str, row_len: int) -> list:
@@ -172,9 +176,18 @@ _MIN_SAVING = 0.03
 # plain level 1. target_length must stay 0: fast + target_length > 0 turns literal (Huffman) compression off.
 # window_log 17 keeps each 128 KiB plane in one block (one Huffman table); smaller blocks cost ratio and speed.
 _ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
-    compression_level=1, strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, chain_log=6,
-    search_log=1, min_match=7, target_length=0,
-    write_content_size=True, write_checksum=False, write_dict_id=False)
+    compression_level=1,
+    strategy=zstandard.STRATEGY_FAST,
+    window_log=17,
+    hash_log=6,
+    chain_log=6,
+    search_log=1,
+    min_match=7,
+    target_length=0,
+    write_content_size=True,
+    write_checksum=False,
+    write_dict_id=False,
+)
 _LE = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -202,7 +215,7 @@ class ZstdCodec(Codec):
         else:
             n = data_u8.size // k
             buf = scratch("cd.planes", np.uint8, data_u8.size)
-            planes = [buf[i * n:(i + 1) * n] for i in range(k)]
+            planes = [buf[i * n : (i + 1) * n] for i in range(k)]
             wide = data_u8.view(_LE[k])
             # Shift-and-truncate ufuncs vectorise; a strided copy (data_u8[i::k]) runs ~3x slower.
             np.copyto(planes[0], wide, casting="unsafe")
@@ -230,9 +243,8 @@ class ZstdCodec(Codec):
             mode, length = _PLANE.unpack_from(mv, pos)
             pos += _PLANE.size
             if pos + length > len(mv):
-                raise CodecError(f"zstd page body is truncated: plane {i} needs {length} bytes, "
-                                 f"{len(mv) - pos} remain")
-            stored = mv[pos:pos + length]
+                raise CodecError(f"zstd page body is truncated: plane {i} needs {length} bytes, {len(mv) - pos} remain")
+            stored = mv[pos : pos + length]
             pos += length
             if mode == _PLANE_RAW:
                 if length != n:
@@ -289,8 +301,10 @@ def _row_absmax(data_u8: np.ndarray, dtype: str, row_len: int, codec: str) -> np
     m = mag.reshape(-1, row_len).max(axis=1)
     if (m >= inf).any():
         bad = int((mag >= inf).sum())
-        raise CodecError(f"page holds {bad} non-finite value(s) (NaN/Inf); the lossy {codec} codec cannot encode "
-                         f"them - store this page with a lossless codec")
+        raise CodecError(
+            f"page holds {bad} non-finite value(s) (NaN/Inf); the lossy {codec} codec cannot encode "
+            f"them - store this page with a lossless codec"
+        )
     if dtype == "bfloat16":
         return bf16_bits_to_f32(m)
     return m.view(DTYPES[dtype].storage).astype(np.float32)
@@ -325,12 +339,13 @@ def _lossy_body(body, out_u8: np.ndarray, dtype: str, row_len: int, codec: str):
     n = out_u8.size // DTYPES[dtype].itemsize
     n_rows = n // row_len
     if len(body) != n_rows * 4 + n:
-        raise CodecError(f"{codec} page body is {len(body)} bytes, expected {n_rows * 4 + n} "
-                         f"({n_rows} row scales + {n} codes)")
-    scale = np.frombuffer(body[:n_rows * 4], _SCALE).astype(np.float32)
+        raise CodecError(
+            f"{codec} page body is {len(body)} bytes, expected {n_rows * 4 + n} ({n_rows} row scales + {n} codes)"
+        )
+    scale = np.frombuffer(body[: n_rows * 4], _SCALE).astype(np.float32)
     if not (np.isfinite(scale).all() and (scale >= 0).all()):
         raise CodecError(f"{codec} page body has a negative or non-finite row scale: damaged blob")
-    return scale, np.frombuffer(body[n_rows * 4:], np.uint8)
+    return scale, np.frombuffer(body[n_rows * 4 :], np.uint8)
 
 
 class Int8Codec(Codec):
@@ -360,7 +375,7 @@ class Int8Codec(Codec):
 def _e4m3_lut() -> np.ndarray:
     c = np.arange(256)
     e, m = (c >> 3) & 15, c & 7
-    mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (e - 7.0))
+    mag = np.where(e == 0, m / 8.0 * 2.0**-6, (1 + m / 8.0) * 2.0 ** (e - 7.0))
     lut = np.where(c >= 128, -mag, mag).astype(np.float32)
     lut[[0x7F, 0xFF]] = np.nan  # e4m3fn has no Inf; S.1111.111 is NaN
     return lut
@@ -368,7 +383,7 @@ def _e4m3_lut() -> np.ndarray:
 
 _E4M3_LUT = _e4m3_lut()
 _E4M3_MAX = 448.0
-_E4M3_MIN_NORMAL = np.float32(2.0 ** -6)
+_E4M3_MIN_NORMAL = np.float32(2.0**-6)
 
 
 def _f32_to_e4m3(y: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -474,6 +489,6 @@ def decode_page(blob, out, dtype: str) -> PageHeader:
         raise CodecError(f"page blob holds dtype {h.dtype_name!r}, caller asked for {dtype!r}")
     if h.raw_nbytes != out_u8.size:
         raise CodecError(f"page blob decodes to {h.raw_nbytes} bytes, output buffer holds {out_u8.size}")
-    body = memoryview(blob).cast("B")[HEADER.size:]
+    body = memoryview(blob).cast("B")[HEADER.size :]
     _BY_CODE[h.codec].decode_body(body, out_u8, dtype, h.row_len)
     return h

@@ -6,6 +6,7 @@ entry only if it still points where it did when the copy was made (its Location,
 once the index no longer names it, and this process's descriptor of it closes when its last read is done (I5). One
 process compacts a store at a time (the GC lock file).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -44,9 +45,20 @@ class Compactor:
     """``read_blob(rec, page_key)``: the verified blob or None (the read path's); ``drop_bad(pairs)``: drop entries
     whose bytes are missing or damaged. ``counts``: the store's counters (evicted, segments_compacted)."""
 
-    def __init__(self, config, *, store_path: str, index: Index, room: IndexRoom, writer: SegmentWriter,
-                 fds: SegmentFds, write_lock: threading.RLock, counts: Counter,
-                 read_blob: Callable[[Record, bytes], object], drop_bad: Callable[[list], None]):
+    def __init__(
+        self,
+        config,
+        *,
+        store_path: str,
+        index: Index,
+        room: IndexRoom,
+        writer: SegmentWriter,
+        fds: SegmentFds,
+        write_lock: threading.RLock,
+        counts: Counter,
+        read_blob: Callable[[Record, bytes], object],
+        drop_bad: Callable[[list], None],
+    ):
         self.config = config
         self.store_path = store_path
         self.index, self.room, self.writer, self.fds = index, room, writer, fds
@@ -113,8 +125,9 @@ class Compactor:
         """Evict every page of the sealed segment with the fewest live bytes and delete it. False if none."""
         with self.index.read() as txn:
             segs = self.index.segments(txn)
-        cands = sorted((info.live, seg) for seg, info in segs.items()
-                       if seg != self.writer.seg and info.state == SEG_SEALED)
+        cands = sorted(
+            (info.live, seg) for seg, info in segs.items() if seg != self.writer.seg and info.state == SEG_SEALED
+        )
         if not cands:
             return False
         seg = cands[0][1]
@@ -198,9 +211,13 @@ class Compactor:
         with self.index.read() as txn:
             segs = self.index.segments(txn)
         self.recover_dead_writers(segs)
-        victims = sorted((info.live, seg) for seg, info in segs.items()
-                         if seg != self.writer.seg and info.state == SEG_SEALED
-                         and (info.count == 0 or _live_share(info) < live_ratio))
+        victims = sorted(
+            (info.live, seg)
+            for seg, info in segs.items()
+            if seg != self.writer.seg
+            and info.state == SEG_SEALED
+            and (info.count == 0 or _live_share(info) < live_ratio)
+        )
         if not victims:
             return 0
         vset = {seg for _, seg in victims}
@@ -245,8 +262,10 @@ class Compactor:
         """Copy ``batch`` to the writer segment (format 2: each blob with its trailer, and the description of each
         namespace the segment does not hold yet, I11) and repoint the entries that did not change meanwhile."""
         now = clock.now_ms()
-        tails = [trailer(Kind.PAGE, rec.flags & ~FRAMED, rec.codec, pk, blob, rec.raw_nbytes, rec.created_ms,
-                         rec.expires_ms) for pk, rec, blob in batch]
+        tails = [
+            trailer(Kind.PAGE, rec.flags & ~FRAMED, rec.codec, pk, blob, rec.raw_nbytes, rec.created_ms, rec.expires_ms)
+            for pk, rec, blob in batch
+        ]
         total = sum(len(b) for _, _, b in batch) + sum(len(t) for t in tails)
         with self.index.read() as txn:
             descs = {nid: txn.get(nid, db=self.index.ns) for nid in {pk[:16] for pk, _, _ in batch}}

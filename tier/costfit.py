@@ -10,6 +10,7 @@ It answers ``None`` until the window holds ``min_samples`` observations spread o
 units (a slope from nearly equal x values is noise); a negative slope (noise again) is refused the same way, and a
 negative intercept is clamped to 0 with the slope refitted through the origin. Pure Python, thread-safe.
 """
+
 from __future__ import annotations
 
 import math

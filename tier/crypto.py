@@ -14,6 +14,7 @@ more pages than one key will ever seal (the 2^32 bound of NIST SP 800-38D).
 PageSealer applies this to a disk store's pages: a store with a key ring seals every page it writes and serves only
 sealed pages (I6 in docs/invariants.md).
 """
+
 from __future__ import annotations
 
 import base64
@@ -62,7 +63,7 @@ def fingerprint(key: bytes) -> bytes:
 
 
 def is_envelope(blob) -> bool:
-    return len(blob) >= OVERHEAD and bytes(blob[:len(MAGIC)]) == MAGIC
+    return len(blob) >= OVERHEAD and bytes(blob[: len(MAGIC)]) == MAGIC
 
 
 def _parse(text: str, where: str) -> dict[str, tuple[bytes, AESGCM]]:
@@ -99,8 +100,10 @@ def _read_key_file(path: str) -> tuple[str, tuple]:
         if st.st_uid != os.geteuid():
             raise ConfigError(f"key file {path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
         if st.st_mode & 0o077:
-            raise ConfigError(f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be readable "
-                              "or writable by group or others (chmod 600)")
+            raise ConfigError(
+                f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be readable "
+                "or writable by group or others (chmod 600)"
+            )
         with os.fdopen(os.dup(fd), "rb") as f:
             text = f.read().decode("utf-8", errors="replace")
     finally:
@@ -163,8 +166,12 @@ class KeyRing:
             log.error("kvdrive: %s; no tenant keys until it is fixed (encrypted pages are misses)", e)
             return changed
         if changed:
-            log.warning("kvdrive: %s changed: key(s) of %d tenant(s) removed or replaced; their stored pages are "
-                        "unreadable from now on", self.describe(), len(changed))
+            log.warning(
+                "kvdrive: %s changed: key(s) of %d tenant(s) removed or replaced; their stored pages are "
+                "unreadable from now on",
+                self.describe(),
+                len(changed),
+            )
         return changed
 
     def has_key(self, tid: str) -> bool:
@@ -184,9 +191,9 @@ class KeyRing:
         n = len(blob) + OVERHEAD
         mv = memoryview(out)
         nonce = os.urandom(NONCE_BYTES)
-        mv[:len(MAGIC)] = MAGIC
-        mv[len(MAGIC):len(MAGIC) + FP_BYTES] = fp
-        mv[len(MAGIC) + FP_BYTES:HEADER_BYTES] = nonce
+        mv[: len(MAGIC)] = MAGIC
+        mv[len(MAGIC) : len(MAGIC) + FP_BYTES] = fp
+        mv[len(MAGIC) + FP_BYTES : HEADER_BYTES] = nonce
         if _INTO:
             aead.encrypt_into(nonce, blob, aad, mv[HEADER_BYTES:n])
         else:  # cryptography before encrypt_into
@@ -208,9 +215,9 @@ class KeyRing:
         mv = memoryview(envelope)
         if not is_envelope(mv):
             raise SealError("bad_tag")
-        if bytes(mv[len(MAGIC):len(MAGIC) + FP_BYTES]) != fp:
+        if bytes(mv[len(MAGIC) : len(MAGIC) + FP_BYTES]) != fp:
             raise SealError("stale_key")
-        nonce = bytes(mv[len(MAGIC) + FP_BYTES:HEADER_BYTES])
+        nonce = bytes(mv[len(MAGIC) + FP_BYTES : HEADER_BYTES])
         n = len(mv) - OVERHEAD
         try:
             if _INTO:
@@ -261,7 +268,7 @@ class PageSealer:
             n = self.keyring.seal_into(tid, pkeys[i], blobs[i], mv[off:])
             if n is None:
                 return None
-            out[i] = mv[off:off + n]
+            out[i] = mv[off : off + n]
             off += n
         return out
 
@@ -288,8 +295,9 @@ class PageSealer:
         except SealError as e:
             self.counts[e.reason] += 1
             if e.reason == "bad_tag":
-                log.warning("kvdrive: a page of store %s failed authentication (altered or misplaced); dropped",
-                            self.store_path)
+                log.warning(
+                    "kvdrive: a page of store %s failed authentication (altered or misplaced); dropped", self.store_path
+                )
             return None, e.reason != "no_key"
 
     def refuse_unkeyed(self, tid: str, n: int) -> None:
@@ -297,5 +305,9 @@ class PageSealer:
         self.counts["unkeyed_refused"] += n
         if tid not in self._warned_unkeyed:
             self._warned_unkeyed.add(tid)
-            log.warning("kvdrive: %s has no key for tenant %s; its pages are not written to disk (further refusals "
-                        "are counted, not logged)", self.keyring.describe(), tid or "'' (unsalted)")
+            log.warning(
+                "kvdrive: %s has no key for tenant %s; its pages are not written to disk (further refusals "
+                "are counted, not logged)",
+                self.keyring.describe(),
+                tid or "'' (unsalted)",
+            )

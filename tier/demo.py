@@ -5,6 +5,7 @@
 Pages are synthetic bf16 KV pages shaped like a Llama layer's (K with outlier channels, V Gaussian), generated
 from seeds, so the read-back check compares against regenerated originals: bit-exact for lossless codecs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,29 +45,43 @@ def _print_stats(title: str, engine: TierEngine) -> None:
     s = engine.stats()
     h, d = s.dram, s.disk
     print(f"  {title}")
-    print(f"    DRAM tier : {h.entries:5d} pages  {_size(h.used_bytes):>10} of {_size(h.capacity_bytes)}"
-          f"  ({_ratio(h.raw_bytes, h.used_bytes)})  demoted {h.demoted}, dropped {h.dropped}")
+    print(
+        f"    DRAM tier : {h.entries:5d} pages  {_size(h.used_bytes):>10} of {_size(h.capacity_bytes)}"
+        f"  ({_ratio(h.raw_bytes, h.used_bytes)})  demoted {h.demoted}, dropped {h.dropped}"
+    )
     if d is not None:
-        print(f"    disk tier : {d.entries:5d} pages  {_size(d.file_bytes):>10} in {d.segments} segment(s)"
-              f"  ({_ratio(d.raw_bytes, d.live_bytes)})  written {_size(d.bytes_written)},"
-              f" read {_size(d.bytes_read)}, corrupt dropped {d.corrupt_dropped}")
-    print(f"    hits      : DRAM {s.hits_dram}, write-down queue {s.hits_queued}, disk {s.hits_disk};"
-          f" misses {s.misses}")
+        print(
+            f"    disk tier : {d.entries:5d} pages  {_size(d.file_bytes):>10} in {d.segments} segment(s)"
+            f"  ({_ratio(d.raw_bytes, d.live_bytes)})  written {_size(d.bytes_written)},"
+            f" read {_size(d.bytes_read)}, corrupt dropped {d.corrupt_dropped}"
+        )
+    print(
+        f"    hits      : DRAM {s.hits_dram}, write-down queue {s.hits_queued}, disk {s.hits_disk}; misses {s.misses}"
+    )
 
 
 def run(pages: int, path: str, codec: str, host_mib: int) -> int:
-    ns = Namespace(model="demo-llama-1b (synthetic)", kv_dtype="bfloat16", layout="mha", page_size=64,
-                   num_heads=8, head_dim=128, num_layers=1, tenant="demo")
+    ns = Namespace(
+        model="demo-llama-1b (synthetic)",
+        kv_dtype="bfloat16",
+        layout="mha",
+        page_size=64,
+        num_heads=8,
+        head_dim=128,
+        num_layers=1,
+        tenant="demo",
+    )
     keys = [f"{i:064x}" for i in range(pages)]  # SGLang hands 64-hex-char chained page hashes
-    cfg = TierConfig(path=path, host_bytes=host_mib * MiB, disk_bytes=4 * pages * 256 * 1024 + 64 * MiB,
-                     codec=codec)
-    print(f"kvdrive demo: {pages} KV pages of 256 KiB ({_size(pages * 256 * 1024)}), DRAM tier {host_mib} MiB, "
-          f"codec {codec}, store {path}")
+    cfg = TierConfig(path=path, host_bytes=host_mib * MiB, disk_bytes=4 * pages * 256 * 1024 + 64 * MiB, codec=codec)
+    print(
+        f"kvdrive demo: {pages} KV pages of 256 KiB ({_size(pages * 256 * 1024)}), DRAM tier {host_mib} MiB, "
+        f"codec {codec}, store {path}"
+    )
 
     t0 = time.perf_counter()
     with TierEngine(cfg) as engine:
         for i in range(0, pages, 16):
-            engine.put_many(ns, keys[i:i + 16], [_page(s) for s in range(i, min(i + 16, pages))])
+            engine.put_many(ns, keys[i : i + 16], [_page(s) for s in range(i, min(i + 16, pages))])
         engine.flush()
         print(f"1. wrote {pages} pages in {time.perf_counter() - t0:.2f}s (GPU evictions spilling down)")
         _print_stats("before restart:", engine)
@@ -80,8 +95,8 @@ def run(pages: int, path: str, codec: str, host_mib: int) -> int:
         print(f"   {n} of {pages} pages found after restart (exists_many, {time.perf_counter() - t0:.3f}s)")
         out = [np.empty((2, 64, 8, 128), dtype=np.uint16) for _ in range(16)]
         for i in range(0, pages, 16):
-            chunk = keys[i:i + 16]
-            got = engine.get_many(ns, chunk, out[:len(chunk)])
+            chunk = keys[i : i + 16]
+            got = engine.get_many(ns, chunk, out[: len(chunk)])
             for j, ok in enumerate(got):
                 want = _page(i + j)
                 if not ok:

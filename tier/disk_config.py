@@ -1,4 +1,5 @@
 """The disk store's configuration (validated: a bad value is a ConfigError naming it), its stats and fault kinds."""
+
 from __future__ import annotations
 
 import errno
@@ -46,8 +47,9 @@ class DiskStoreConfig:
         for name in ("gc_live_ratio", "high_watermark", "low_watermark"):
             fraction(getattr(self, name), f"disk store {name}")
         if self.low_watermark >= self.high_watermark:
-            raise ConfigError(f"disk store low_watermark ({self.low_watermark}) must be below high_watermark "
-                              f"({self.high_watermark})")
+            raise ConfigError(
+                f"disk store low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})"
+            )
         if self.io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk store io must be 'auto', 'posix' or 'kvikio', got {self.io!r}")
         self.segment_bytes = max(64 << 10, min(self.segment_bytes, self.capacity_bytes // 16))
@@ -90,7 +92,13 @@ def fault_kind(e: BaseException) -> str:
     if isinstance(e, lmdb.MapFullError):
         return "map_full"
     if isinstance(e, OSError):
-        return {errno.ENOSPC: "enospc", errno.EDQUOT: "enospc", errno.EIO: "eio", errno.EROFS: "read_only",
-                errno.EACCES: "read_only", errno.EPERM: "read_only",
-                errno.ENOENT: "missing_file"}.get(e.errno, "io_error")
+        return {
+            errno.ENOSPC: "enospc",
+            errno.EDQUOT: "enospc",
+            errno.EIO: "eio",
+            errno.EROFS: "read_only",
+            errno.EACCES: "read_only",
+            errno.EPERM: "read_only",
+            errno.ENOENT: "missing_file",
+        }.get(e.errno, "io_error")
     return "index_error"

@@ -19,6 +19,7 @@ rules they keep are numbered in docs/invariants.md (I1, I2, ...).
 Disk faults (ENOSPC, EIO, a read-only file system, a full LMDB map) turn the tier off for ``retry_after_s`` with one
 log line and a counter per kind; the caller sees misses / refused writes and keeps running.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,14 +69,22 @@ __all__ = ["SEALED", "DiskStats", "DiskStore", "DiskStoreConfig", "GiB", "MiB", 
 
 class ReadOutcome(Enum):
     """What reading one page into a caller's buffer came to (I8: damaged data is never served)."""
+
     OK = "ok"  # the page is in the buffer
     BAD = "bad"  # missing, short, damaged or failing authentication: drop the entry
     MISS = "miss"  # transient (an I/O fault) or no key now: keep the entry
 
 
 class DiskStore:
-    def __init__(self, config: DiskStoreConfig, *, lock_mode: str = "shared", keyring: KeyRing | None = None,
-                 repair: bool = True, rebuild: bool = False):
+    def __init__(
+        self,
+        config: DiskStoreConfig,
+        *,
+        lock_mode: str = "shared",
+        keyring: KeyRing | None = None,
+        repair: bool = True,
+        rebuild: bool = False,
+    ):
         """Open (creating, checking and if need be repairing: tier/recovery.py) the store at ``config.path``. A
         damaged store never raises: it is repaired, moved aside, or this store runs with its disk tier off
         (``off_reason``). ``repair=False`` (the read-only ``kvdrive`` commands) raises for a damaged store instead;
@@ -85,8 +94,7 @@ class DiskStore:
         self._faults = Counter()
         self._closed = False
         self._disabled_until = 0.0
-        opened = open_store(config.path, map_size=config.map_size, lock_mode=lock_mode, repair=repair,
-                            rebuild=rebuild)
+        opened = open_store(config.path, map_size=config.map_size, lock_mode=lock_mode, repair=repair, rebuild=rebuild)
         self.path = opened.path
         self.recoveries: list[Recovery] = opened.recoveries  # the ladder's steps this open took
         self.off_reason = opened.off_reason  # why the disk tier is off for good in this process (None: it is not)
@@ -97,24 +105,54 @@ class DiskStore:
         self.index = opened.index
         if self.index is None:
             return  # off: every call below answers "nothing here" without touching the directory
-        self.index_room = IndexRoom(self.index, store_path=self.path, low_watermark=config.low_watermark,
-                                    counts=self._counts, on_fault=self._fault)
+        self.index_room = IndexRoom(
+            self.index,
+            store_path=self.path,
+            low_watermark=config.low_watermark,
+            counts=self._counts,
+            on_fault=self._fault,
+        )
         self.index_room.clear_stale_readers()
         io = select_io(config.io, handles=config.fd_cache)
         seg_dir = os.path.join(self.path, SEGMENT_DIR)
         self._write_lock = threading.RLock()  # one writer segment per process; index writes serialise in LMDB
         self.fds = SegmentFds(seg_dir, io, config.fd_cache)
-        self.writer = SegmentWriter(self.index, seg_dir, io, segment_bytes=config.segment_bytes,
-                                    direct_io=config.direct_io, staging_bytes=config.staging_bytes,
-                                    faults=self._faults, store_path=self.path)
-        self.compactor = Compactor(config, store_path=self.path, index=self.index, room=self.index_room,
-                                   writer=self.writer, fds=self.fds, write_lock=self._write_lock, counts=self._counts,
-                                   read_blob=self._read_blob, drop_bad=self._drop_bad)
+        self.writer = SegmentWriter(
+            self.index,
+            seg_dir,
+            io,
+            segment_bytes=config.segment_bytes,
+            direct_io=config.direct_io,
+            staging_bytes=config.staging_bytes,
+            faults=self._faults,
+            store_path=self.path,
+        )
+        self.compactor = Compactor(
+            config,
+            store_path=self.path,
+            index=self.index,
+            room=self.index_room,
+            writer=self.writer,
+            fds=self.fds,
+            write_lock=self._write_lock,
+            counts=self._counts,
+            read_blob=self._read_blob,
+            drop_bad=self._drop_bad,
+        )
         self._pages = PageWriter(self.index, self.index_room, self.writer, self._sealer)
         self.catalog = StoreCatalog(self.index, self.index_room, self._pages, self._write_lock)
-        self.upkeep = StoreUpkeep(self.index, room=self.index_room, compactor=self.compactor, fds=self.fds,
-                                  pages=self._pages, write_lock=self._write_lock, counts=self._counts,
-                                  faults=self._faults, read_blob=self._read_blob, drop_bad=self._drop_bad)
+        self.upkeep = StoreUpkeep(
+            self.index,
+            room=self.index_room,
+            compactor=self.compactor,
+            fds=self.fds,
+            pages=self._pages,
+            write_lock=self._write_lock,
+            counts=self._counts,
+            faults=self._faults,
+            read_blob=self._read_blob,
+            drop_bad=self._drop_bad,
+        )
 
     @property
     def _io(self):
@@ -126,8 +164,16 @@ class DiskStore:
         self.fds.io = self.writer.io = io
 
     # --- public API ----------------------------------------------------------------------------------------
-    def put_many(self, ns: Namespace, keys: Sequence, blobs: Sequence[bytes], *, scores: Sequence[float] | None = None,
-                 ttl_s: float | None = None, expires_ms: Sequence[int] | None = None) -> list[bool]:
+    def put_many(
+        self,
+        ns: Namespace,
+        keys: Sequence,
+        blobs: Sequence[bytes],
+        *,
+        scores: Sequence[float] | None = None,
+        ttl_s: float | None = None,
+        expires_ms: Sequence[int] | None = None,
+    ) -> list[bool]:
         """Store encoded pages. True for each page now on disk (written here or already there).
 
         ``expires_ms``: per-page absolute expiry (ms since the epoch, 0 never), instead of ``ttl_s`` from now (pages
@@ -194,16 +240,20 @@ class DiskStore:
         for i, rec in enumerate(recs):
             # the caller's mistake, said as such: a read into it would fail the size check and drop a good page
             if rec is not None and rec.raw_nbytes != views[i].size:
-                raise CodecError(f"page {keys[i]!r} holds {rec.raw_nbytes} bytes; its output buffer holds "
-                                 f"{views[i].size}")
+                raise CodecError(
+                    f"page {keys[i]!r} holds {rec.raw_nbytes} bytes; its output buffer holds {views[i].size}"
+                )
         bad = self._read_pages([(i, r) for i, r in enumerate(recs) if r is not None], views, ns, pkeys, now, result)
         if bad:
             # another process may have compacted the segment away: look the failed entries up once more, and read
             # those that moved
             with self.index.read() as txn:
-                moved = [(i, cur) for i, rec in bad for cur in (self._usable(txn.get(pkeys[i], db=self.index.pages),
-                                                                             now),)
-                         if cur is not None and cur.location != rec.location]
+                moved = [
+                    (i, cur)
+                    for i, rec in bad
+                    for cur in (self._usable(txn.get(pkeys[i], db=self.index.pages), now),)
+                    if cur is not None and cur.location != rec.location
+                ]
             if moved:
                 retried = {i for i, _ in moved}
                 bad = [(i, rec) for i, rec in bad if i not in retried]
@@ -261,8 +311,9 @@ class DiskStore:
                 n += 1
             return n
         with self.index.read() as txn:  # I6: entries written the other way (sealed or not) are unusable here
-            return self.index.leading_present(txn, ns.id, keys, now_ms=clock.now_ms(), sealed=self._sealer is not None,
-                                              held=held)
+            return self.index.leading_present(
+                txn, ns.id, keys, now_ms=clock.now_ms(), sealed=self._sealer is not None, held=held
+            )
 
     def contains(self, ns: Namespace, keys: Sequence) -> list[bool]:
         if self.index is None:
@@ -271,8 +322,9 @@ class DiskStore:
         if self._sealer is not None and not self._sealer.has_key(ns.tenant):
             return [False] * len(keys)
         with self.index.read() as txn:
-            return [self._usable(txn.get(page_key(ns.id, key_bytes(k)), db=self.index.pages), now) is not None
-                    for k in keys]
+            return [
+                self._usable(txn.get(page_key(ns.id, key_bytes(k)), db=self.index.pages), now) is not None for k in keys
+            ]
 
     def set_scores(self, ns: Namespace, keys: Sequence, scores: Sequence[float]) -> None:
         """Record the promoter's value for pages (eviction takes the lowest first). Skipped while the tier is off."""
@@ -346,17 +398,46 @@ class DiskStore:
     def stats(self) -> DiskStats:
         recoveries = dict(Counter(r.kind.value for r in self.recoveries))
         if self.index is None:
-            return DiskStats(False, 0, 0, 0, 0, self.config.capacity_bytes, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {},
-                             recoveries=recoveries)
+            return DiskStats(
+                False,
+                0,
+                0,
+                0,
+                0,
+                self.config.capacity_bytes,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                {},
+                recoveries=recoveries,
+            )
         c = self._counts
         return DiskStats(
-            enabled=time.monotonic() >= self._disabled_until, **self.catalog.contents(self.fds.path)._asdict(),
+            enabled=time.monotonic() >= self._disabled_until,
+            **self.catalog.contents(self.fds.path)._asdict(),
             capacity_bytes=self.config.capacity_bytes,
-            hits=c["hits"], misses=c["misses"], pages_written=c["pages_written"], bytes_written=c["bytes_written"],
-            bytes_read=c["bytes_read"], corrupt_dropped=c["corrupt_dropped"], expired=c["expired"],
-            evicted=c["evicted"], segments_compacted=c["segments_compacted"], rejected_full=c["rejected_full"],
-            faults=dict(self._faults), sealed=dict(self._sealer.counts) if self._sealer is not None else {},
-            recoveries=recoveries)
+            hits=c["hits"],
+            misses=c["misses"],
+            pages_written=c["pages_written"],
+            bytes_written=c["bytes_written"],
+            bytes_read=c["bytes_read"],
+            corrupt_dropped=c["corrupt_dropped"],
+            expired=c["expired"],
+            evicted=c["evicted"],
+            segments_compacted=c["segments_compacted"],
+            rejected_full=c["rejected_full"],
+            faults=dict(self._faults),
+            sealed=dict(self._sealer.counts) if self._sealer is not None else {},
+            recoveries=recoveries,
+        )
 
     def available(self) -> bool:
         """Whether the disk tier is on: False for ``retry_after_s`` after a fault (then it tries again).
@@ -409,8 +490,15 @@ class DiskStore:
         rec = Record.unpack_live(b, now)
         return rec if rec is None or rec.sealed == (self._sealer is not None) else None
 
-    def _read_pages(self, items: list[tuple[int, Record]], views: list, ns: Namespace, pkeys: list[bytes], now: int,
-                    result: list[bool]) -> list[tuple[int, Record]]:
+    def _read_pages(
+        self,
+        items: list[tuple[int, Record]],
+        views: list,
+        ns: Namespace,
+        pkeys: list[bytes],
+        now: int,
+        result: list[bool],
+    ) -> list[tuple[int, Record]]:
         """Read each (i, record) into views[i], setting result[i] on success. Returns those to drop (BAD); stops
         early once a read fault turned the tier off (the rest are misses too, not more failing reads)."""
         bad = []
@@ -511,6 +599,12 @@ class DiskStore:
         kind = fault_kind(e)
         self._faults[kind] += 1
         if not self._disabled_until:
-            log.error("kvdrive: disk tier at %s off for %gs after %s during %s: %s (requests recompute meanwhile)",
-                      self.path, self.config.retry_after_s, kind, during, e)
+            log.error(
+                "kvdrive: disk tier at %s off for %gs after %s during %s: %s (requests recompute meanwhile)",
+                self.path,
+                self.config.retry_after_s,
+                kind,
+                during,
+                e,
+            )
         self._disabled_until = time.monotonic() + self.config.retry_after_s

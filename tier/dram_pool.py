@@ -7,6 +7,7 @@ Value is the promoter's score; until a page has one (score 0 for all), eviction 
 handed to a ``demote`` callback (the engine queues them for the disk store) *before* they leave the pool, so a page
 is never invisible in between. Thread-safe.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -61,8 +62,17 @@ class DramPool:
         self._scored = 0  # entries with a non-zero score: when none, LRU order is value order
         self._hits = self._misses = self._inserts = self._demoted = self._dropped = 0
 
-    def put(self, key: PoolKey, blob: bytes, raw_nbytes: int, *, ns=None, score: float = 0.0,
-            on_disk: bool = False, expires_ms: int = 0) -> bool:
+    def put(
+        self,
+        key: PoolKey,
+        blob: bytes,
+        raw_nbytes: int,
+        *,
+        ns=None,
+        score: float = 0.0,
+        on_disk: bool = False,
+        expires_ms: int = 0,
+    ) -> bool:
         """Insert (or refresh) a page. False when the page alone is larger than the pool. An expired page
         (``expires_ms``, wall-clock ms) is never served and leaves at the next ``expire``."""
         if len(blob) > self.capacity:
@@ -160,9 +170,17 @@ class DramPool:
 
     def stats(self) -> DramPoolStats:
         with self._lock:
-            return DramPoolStats(entries=len(self._map), used_bytes=self._used, raw_bytes=self._raw,
-                                 capacity_bytes=self.capacity, hits=self._hits, misses=self._misses,
-                                 inserts=self._inserts, demoted=self._demoted, dropped=self._dropped)
+            return DramPoolStats(
+                entries=len(self._map),
+                used_bytes=self._used,
+                raw_bytes=self._raw,
+                capacity_bytes=self.capacity,
+                hits=self._hits,
+                misses=self._misses,
+                inserts=self._inserts,
+                demoted=self._demoted,
+                dropped=self._dropped,
+            )
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _account(self, e: _Entry, sign: int) -> None:

@@ -8,6 +8,7 @@ The float16 conversions are done on the bits too: numpy's own float16 casts run 
 bit versions here).
 All conversions compute into per-thread scratch rather than page-sized temporaries (see ``scratch``).
 """
+
 from __future__ import annotations
 
 import threading
@@ -149,7 +150,7 @@ def _f16_bits_to_f32(h: np.ndarray, out: np.ndarray) -> None:
         m = np.less(o, 113 << 23, out=scratch("dt.f16.mask", np.bool_, o.size))
         t = scratch("dt.f16.tmp", np.float32, o.size)
         np.add(o, 1 << 23, out=t.view(np.uint32))
-        np.subtract(t, np.float32(2.0 ** -14), out=t)
+        np.subtract(t, np.float32(2.0**-14), out=t)
         np.copyto(o, t.view(np.uint32), where=m)
     np.left_shift(s, 16, out=s)
     np.bitwise_or(o, s, out=o)

@@ -10,6 +10,7 @@ disk in large batches (group commit). Queued pages stay readable until they are 
 write-down is dropped and counted, never blocking the caller. ``close()`` writes down everything not yet on disk, so a
 clean restart serves all of it; after a crash, only what reached the disk (its index commit) is served.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,9 +40,11 @@ __all__ = ["MIRROR_MODES", "WRITE_POLICIES", "Promotion", "QueuedPage", "TierCon
 
 log = logging.getLogger("kvdrive.tier")
 
+
 class TierStats(NamedTuple):
     """Figures of every tier the engine holds pages in (``Tier.STAGED``, ``DRAM``, ``QUEUED``, ``DISK``). Built by
     keyword (``TierEngine.stats``)."""
+
     dram: DramPoolStats  # kvdrive's compressed DRAM pool (Tier.DRAM), not SGLang's host pool
     disk: DiskStats | None
     writedown_queued_bytes: int
@@ -68,6 +71,7 @@ class TierStats(NamedTuple):
 
 class Promotion(NamedTuple):
     """What one ``TierEngine.promote`` call did with its candidates."""
+
     promoted: int  # brought up into the DRAM pool
     below_floor: int  # left on disk: worth less than what the full pool would evict for them
     not_on_disk: int  # already in memory, or not (no longer) on disk
@@ -86,20 +90,38 @@ class TierEngine:
         self._warned_unkeyed: set[str] = set()
         self.disk: DiskStore | None = None
         if config.path is not None:
-            self.disk = DiskStore(DiskStoreConfig(path=config.path, capacity_bytes=config.disk_bytes,
-                                                  default_ttl_s=config.default_ttl_s, **config.disk),
-                                  keyring=self.keyring)
+            self.disk = DiskStore(
+                DiskStoreConfig(
+                    path=config.path,
+                    capacity_bytes=config.disk_bytes,
+                    default_ttl_s=config.default_ttl_s,
+                    **config.disk,
+                ),
+                keyring=self.keyring,
+            )
         # the write-down queue and its writer thread (tier/writedown.py): pages on their way to the disk, readable
         # until their batch commits (I9)
-        self.writedown = WriteDown(self.disk, queue_bytes=config.writedown_queue_bytes,
-                                   batch_bytes=config.writedown_batch_bytes,
-                                   maintain_interval_s=config.maintain_interval_s,
-                                   selective=config.write_policy == "selective", admitted=self._admitted,
-                                   maintain=self.maintain)
+        self.writedown = WriteDown(
+            self.disk,
+            queue_bytes=config.writedown_queue_bytes,
+            batch_bytes=config.writedown_batch_bytes,
+            maintain_interval_s=config.maintain_interval_s,
+            selective=config.write_policy == "selective",
+            admitted=self._admitted,
+            maintain=self.maintain,
+        )
         self.pool = DramPool(config.host_bytes, self.writedown.demote)
-        self.mirror = None if config.mirror == "off" else ReplicaMirror.open(
-            config.path, config.host_bytes, self.keyring, publisher=config.mirror == "publish",
-            root=config.mirror_root)
+        self.mirror = (
+            None
+            if config.mirror == "off"
+            else ReplicaMirror.open(
+                config.path,
+                config.host_bytes,
+                self.keyring,
+                publisher=config.mirror == "publish",
+                root=config.mirror_root,
+            )
+        )
         self._counts = Counter()
         self._times = Counter()
         # selective write-down: (namespace, key bytes) -> worth a disk write? Set by the owner (kvdrive's SGLang
@@ -112,13 +134,18 @@ class TierEngine:
         self._warned_codec: set[str] = set()
         self._closed = False
         self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvdrive-io")
-        self._staging = StagingArea(config.staging_bytes, config.encode_threads if config.staging_bytes else 0,
-                                    self._encode_staged, self._land_staged)
+        self._staging = StagingArea(
+            config.staging_bytes,
+            config.encode_threads if config.staging_bytes else 0,
+            self._encode_staged,
+            self._land_staged,
+        )
         self.writedown.start(self.pool)
 
     # --- page API --------------------------------------------------------------------------------------------
-    def put_many(self, ns: Namespace, keys: Sequence, pages: Sequence, *,
-                 scores: Sequence[float] | None = None) -> list[bool]:
+    def put_many(
+        self, ns: Namespace, keys: Sequence, pages: Sequence, *, scores: Sequence[float] | None = None
+    ) -> list[bool]:
         """Store pages (caller buffers are copied/encoded before this returns). True for each page now held."""
         if len(keys) != len(pages) or (scores is not None and len(scores) != len(keys)):
             raise ConfigError(f"put_many got {len(keys)} keys and {len(pages)} pages; they must match")
@@ -136,8 +163,9 @@ class TierEngine:
         self._times["encode_s"] += time.perf_counter() - t0
         return ok
 
-    def stage_many(self, ns: Namespace, keys: Sequence, pages: Sequence, *,
-                   scores: Sequence[float] | None = None) -> list[bool]:
+    def stage_many(
+        self, ns: Namespace, keys: Sequence, pages: Sequence, *, scores: Sequence[float] | None = None
+    ) -> list[bool]:
         """put_many acknowledged after a cheap copy (kvdrive issue 15): takes ownership of ``pages``, which must be
         copies the caller never changes or reuses, and returns at once; encoder threads encode them into the tiers
         exactly as put_many does (admission, TTL from now, tenant keys, scores). A staged page is already served by
@@ -225,8 +253,12 @@ class TierEngine:
 
         def held(k) -> bool:
             pk = (nid, key_bytes(k))
-            return (self._staging.get(pk) is not None or self.pool.contains(pk)
-                    or self.writedown.queued_blob(pk) is not None)
+            return (
+                self._staging.get(pk) is not None
+                or self.pool.contains(pk)
+                or self.writedown.queued_blob(pk) is not None
+            )
+
         n = 0
         for k in keys:  # the DRAM tiers first: no index lookups for a prefix held in memory
             if not held(k):
@@ -238,6 +270,7 @@ class TierEngine:
 
             def held(k) -> bool:  # noqa: F811 - the memory tiers, the mirror included
                 return in_memory(k) or key_bytes(k) in mirrored
+
             while n < len(keys) and held(keys[n]):
                 n += 1
         if n == len(keys) or self.disk is None:
@@ -252,8 +285,15 @@ class TierEngine:
         out: list[Tier | None] = []
         for k in keys:
             pk = (nid, key_bytes(k))
-            out.append(Tier.STAGED if self._staging.get(pk) is not None else Tier.DRAM if self.pool.contains(pk)
-                       else Tier.QUEUED if self.writedown.queued_blob(pk) is not None else None)
+            out.append(
+                Tier.STAGED
+                if self._staging.get(pk) is not None
+                else Tier.DRAM
+                if self.pool.contains(pk)
+                else Tier.QUEUED
+                if self.writedown.queued_blob(pk) is not None
+                else None
+            )
         missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.mirror is not None:  # shared memory: read like the DRAM tier
             mirrored = self.mirror.held(ns, [keys[i] for i in missing])
@@ -299,8 +339,11 @@ class TierEngine:
             return Promotion(0, 0, len(keys))
         self._refresh_keys()
         pks = [(ns.id, key_bytes(k)) for k in keys]
-        todo = [i for i, pk in enumerate(pks) if not self.pool.contains(pk) and self.writedown.queued_blob(pk) is None
-                and self._staging.get(pk) is None]
+        todo = [
+            i
+            for i, pk in enumerate(pks)
+            if not self.pool.contains(pk) and self.writedown.queued_blob(pk) is None and self._staging.get(pk) is None
+        ]
         below = 0
         if scores is not None and todo:
             floor = self.pool.eviction_floor()
@@ -313,8 +356,9 @@ class TierEngine:
                 continue
             blob, expires_ms = bytes(got[0]), got[1]
             score = float(scores[i]) if scores is not None else 0.0
-            n += self.pool.put(pks[i], blob, peek_header(blob).raw_nbytes, ns=ns, score=score, on_disk=True,
-                               expires_ms=expires_ms)
+            n += self.pool.put(
+                pks[i], blob, peek_header(blob).raw_nbytes, ns=ns, score=score, on_disk=True, expires_ms=expires_ms
+            )
         self._counts["promoted"] += n
         self._counts["promote_below_floor"] += below
         return Promotion(n, below, len(keys) - n - below)
@@ -369,15 +413,29 @@ class TierEngine:
         c, t, w = self._counts, self._times, self.writedown.counts
         st = self._staging.stats()
         return TierStats(
-            dram=self.pool.stats(), disk=self.disk.stats() if self.disk else None,
-            writedown_queued_bytes=self.writedown.queued_bytes, writedown_dropped=w["writedown_dropped"],
-            hits_dram=c["hits_dram"], hits_queued=c["hits_queued"], hits_disk=c["hits_disk"], misses=c["misses"],
-            encode_s=t["encode_s"] + st.encode_s, decode_s=t["decode_s"], disk_get_s=t["disk_get_s"],
-            disk_get_pages=c["disk_get_pages"], not_admitted=c["not_admitted"],
-            not_admitted_dropped=w["not_admitted_dropped"], unkeyed_refused=c["unkeyed_refused"], erased=c["erased"],
-            promoted=c["promoted"], promote_below_floor=c["promote_below_floor"], hits_staged=c["hits_staged"],
-            staged_bytes=st.bytes, staging_refused=st.refused,
-            mirror=self.mirror.stats() if self.mirror is not None else None)
+            dram=self.pool.stats(),
+            disk=self.disk.stats() if self.disk else None,
+            writedown_queued_bytes=self.writedown.queued_bytes,
+            writedown_dropped=w["writedown_dropped"],
+            hits_dram=c["hits_dram"],
+            hits_queued=c["hits_queued"],
+            hits_disk=c["hits_disk"],
+            misses=c["misses"],
+            encode_s=t["encode_s"] + st.encode_s,
+            decode_s=t["decode_s"],
+            disk_get_s=t["disk_get_s"],
+            disk_get_pages=c["disk_get_pages"],
+            not_admitted=c["not_admitted"],
+            not_admitted_dropped=w["not_admitted_dropped"],
+            unkeyed_refused=c["unkeyed_refused"],
+            erased=c["erased"],
+            promoted=c["promoted"],
+            promote_below_floor=c["promote_below_floor"],
+            hits_staged=c["hits_staged"],
+            staged_bytes=st.bytes,
+            staging_refused=st.refused,
+            mirror=self.mirror.stats() if self.mirror is not None else None,
+        )
 
     def close(self, timeout: float = 120.0) -> None:
         """Encode what is staged (waiting at most ``timeout`` seconds), then write down what is queued (as long
@@ -389,8 +447,9 @@ class TierEngine:
         if dropped:
             log.warning("kvdrive: %d staged page(s) could not be encoded before close; dropped", dropped)
         if self.disk is not None and not self.flush(timeout=timeout):
-            log.warning("kvdrive: %d bytes of pages could not be written down before close",
-                        self.writedown.queued_bytes)
+            log.warning(
+                "kvdrive: %d bytes of pages could not be written down before close", self.writedown.queued_bytes
+            )
         self._closed = True
         self.writedown.stop(timeout=30)
         self._executor.shutdown(wait=True)
@@ -418,8 +477,11 @@ class TierEngine:
 
     def _store_blob(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires: int) -> bool:
         """An encoded page into the DRAM pool and, as the write policy says, the write-down queue. True if held."""
-        held = self.pool.put(pk, blob, peek_header(blob).raw_nbytes, ns=ns, score=score, expires_ms=expires) \
-            if self.config.host_bytes else False
+        held = (
+            self.pool.put(pk, blob, peek_header(blob).raw_nbytes, ns=ns, score=score, expires_ms=expires)
+            if self.config.host_bytes
+            else False
+        )
         if held and self.mirror is not None and self.mirror.publisher:
             self.mirror.publish(ns, pk[1], blob, score, expires)  # for the ranks that hold the same KV
         if self.disk is not None and self._write_now(pk, ns, held):
@@ -445,8 +507,11 @@ class TierEngine:
             return self.codec
         if ns.kv_dtype not in self._warned_codec:
             self._warned_codec.add(ns.kv_dtype)
-            log.warning("kvdrive: codec %s does not apply to %s pages; storing them with lossless zstd",
-                        self.codec.name, ns.kv_dtype)
+            log.warning(
+                "kvdrive: codec %s does not apply to %s pages; storing them with lossless zstd",
+                self.codec.name,
+                ns.kv_dtype,
+            )
         return get_codec("zstd")
 
     def _write_now(self, pk: PoolKey, ns: Namespace, held: bool) -> bool:
@@ -479,9 +544,12 @@ class TierEngine:
         self._counts["unkeyed_refused"] += n
         if ns.tenant not in self._warned_unkeyed:
             self._warned_unkeyed.add(ns.tenant)
-            log.warning("kvdrive: %s has no key for tenant %s; its pages are not cached (encryption at rest is on; "
-                        "further refusals are counted, not logged)", self.keyring.describe(),
-                        ns.tenant or "'' (unsalted)")
+            log.warning(
+                "kvdrive: %s has no key for tenant %s; its pages are not cached (encryption at rest is on; "
+                "further refusals are counted, not logged)",
+                self.keyring.describe(),
+                ns.tenant or "'' (unsalted)",
+            )
         return False
 
     def _refresh_keys(self) -> None:

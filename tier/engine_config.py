@@ -1,6 +1,7 @@
 """TierEngine's settings: ``TierConfig`` and its checks, made when it is built (no I/O), so a bad setting is a
 ``ConfigError`` naming it before any store opens. Split from engine.py (issue 16); ``tier.engine`` re-exports it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -46,8 +47,15 @@ class TierConfig:
 
     def __post_init__(self):
         zero_ok = ("host_bytes", "staging_bytes")
-        for name in ("host_bytes", "disk_bytes", "writedown_queue_bytes", "writedown_batch_bytes", "io_threads",
-                     "staging_bytes", "encode_threads"):
+        for name in (
+            "host_bytes",
+            "disk_bytes",
+            "writedown_queue_bytes",
+            "writedown_batch_bytes",
+            "io_threads",
+            "staging_bytes",
+            "encode_threads",
+        ):
             integer(getattr(self, name), f"tier {name}", least=0 if name in zero_ok else 1)
         if self.mirror not in MIRROR_MODES:
             raise ConfigError(f"tier mirror {self.mirror!r} is not one of {', '.join(MIRROR_MODES)}")
@@ -73,5 +81,6 @@ class TierConfig:
             if self.path is None:
                 raise ConfigError("tier encrypt is encryption at rest: it needs a disk store path")
         # the disk store's own checks, now rather than when the engine opens it (no I/O happens here)
-        DiskStoreConfig(path=self.path or ".", capacity_bytes=self.disk_bytes, default_ttl_s=self.default_ttl_s,
-                        **self.disk)
+        DiskStoreConfig(
+            path=self.path or ".", capacity_bytes=self.disk_bytes, default_ttl_s=self.default_ttl_s, **self.disk
+        )

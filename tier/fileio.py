@@ -4,6 +4,7 @@ Both read straight into the caller's buffers (scatter reads): a raw page goes fr
 buffer with no intermediate copy. POSIX is the default (issue 15): kvikio was not measured faster for page-sized reads
 into host memory, and its default thread pool of one serialised every read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,7 @@ class Staging:
     def __init__(self, nbytes: int):
         self.half = max(ALIGN, -(-(nbytes // 2) // ALIGN) * ALIGN)
         self.buf = mmap.mmap(-1, 2 * self.half)
-        self.views = [memoryview(self.buf)[:self.half], memoryview(self.buf)[self.half:]]
+        self.views = [memoryview(self.buf)[: self.half], memoryview(self.buf)[self.half :]]
 
     def close(self) -> None:
         try:
@@ -82,7 +83,7 @@ def direct_append(fd: int, staging: Staging, bufs: list, offset: int, submit, ea
         while len(src):
             view = staging.views[cur]
             n = min(len(src), cap - fill)
-            view[fill:fill + n] = src[:n]
+            view[fill : fill + n] = src[:n]
             fill += n
             src = src[n:]
             if fill == cap:

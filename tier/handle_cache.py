@@ -7,6 +7,7 @@ bench/stress/soak.py). Generic over the handle: the disk store caches POSIX desc
 (tier/segment_fds.py) and KvikioIO caches kvikio CuFile handles per path with the same code (issue 15: kvikio's
 handles used to be closed mid-read by compaction). Guarded by tests/tier/test_fileio.py's handle-cache tests.
 """
+
 from __future__ import annotations
 
 import threading
@@ -20,6 +21,7 @@ H = TypeVar("H")
 
 class Pinned(Generic[H]):
     """One cached handle and the reads using it right now."""
+
     __slots__ = ("closed", "handle", "key", "retired", "users")
 
     def __init__(self, key: Hashable, handle: H):

@@ -11,6 +11,7 @@ docs/invariants.md). The record layout is this module's: other modules use Recor
 Also here: the index-room policy (IndexRoom), which keeps the LMDB map from filling: commit sizing, headroom
 eviction, stale readers of dead processes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ SEG_SEALED = 1
 class Location(NamedTuple):
     """Where a record's bytes are. Segments are append-only and their ids never reused (I3), so two records at one
     location name the same bytes: an entry is "still the one we read" exactly when its location is unchanged."""
+
     seg: int
     off: int
     length: int
@@ -121,6 +123,7 @@ class IndexShape(NamedTuple):
     """The LMDB map against its trees, for sizing commits. LMDB copies every page a commit changes before freeing
     the old ones, and the pages one commit freed cannot be reused by the next (a reader may still hold that
     snapshot): beyond its trees a map needs room for two commits' copies, which in a tiny map is most of it."""
+
     map_pages: int
     used: int  # pages the trees use, LMDB's two meta pages included
     depth: int  # of the page-record tree
@@ -132,8 +135,12 @@ class IndexShape(NamedTuple):
         """Pages a commit changing ``records`` page records may need: a copy of each leaf and branch it touches, the
         new leaves the tree grows by, and the other trees' changed pages."""
         per_leaf = max(8, self.entries // max(1, self.leaves))
-        return (min(records, self.leaves) + min(records * max(0, self.depth - 1), self.branches)
-                + -(-records // per_leaf) + COMMIT_FIXED_PAGES)
+        return (
+            min(records, self.leaves)
+            + min(records * max(0, self.depth - 1), self.branches)
+            + -(-records // per_leaf)
+            + COMMIT_FIXED_PAGES
+        )
 
     def commit_cap(self, records: int, share: float) -> int:
         """The most of ``records`` one commit may change with its room within ``share`` of the map (halving)."""
@@ -175,11 +182,24 @@ class Index:
         with _ENVS_LOCK:
             ent = _ENVS.get(self.path)
             if ent is None:
-                env = lmdb.open(self.path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
-                                lock=True, sync=True, metasync=False, readahead=False, max_readers=1024,
-                                mode=FILE_MODE)
-                dbs = {name: env.open_db(name.encode(), create=not readonly)
-                       for name in ("meta", "ns", "pages", "segs")} if not readonly else None
+                env = lmdb.open(
+                    self.path,
+                    map_size=map_size,
+                    max_dbs=8,
+                    subdir=True,
+                    readonly=readonly,
+                    lock=True,
+                    sync=True,
+                    metasync=False,
+                    readahead=False,
+                    max_readers=1024,
+                    mode=FILE_MODE,
+                )
+                dbs = (
+                    {name: env.open_db(name.encode(), create=not readonly) for name in ("meta", "ns", "pages", "segs")}
+                    if not readonly
+                    else None
+                )
                 if readonly:
                     with env.begin() as txn:
                         dbs = {}
@@ -231,9 +251,14 @@ class Index:
         with self.read() as txn:
             trees = [txn.stat(db) for db in (self.meta, self.ns, self.pages, self.segs)] + [self.env.stat()]
         pages = trees[2]
-        return IndexShape(max(1, info["map_size"] // psize),  # the map in force: LMDB keeps the largest any opener gave
-                          2 + sum(st[k] for st in trees for k in ("branch_pages", "leaf_pages", "overflow_pages")),
-                          pages["depth"], pages["leaf_pages"], pages["branch_pages"], pages["entries"])
+        return IndexShape(
+            max(1, info["map_size"] // psize),  # the map in force: LMDB keeps the largest any opener gave
+            2 + sum(st[k] for st in trees for k in ("branch_pages", "leaf_pages", "overflow_pages")),
+            pages["depth"],
+            pages["leaf_pages"],
+            pages["branch_pages"],
+            pages["entries"],
+        )
 
     # --- helpers used inside a caller's write transaction ---------------------------------------------------
     def alloc_segment(self, txn) -> int:
@@ -262,15 +287,21 @@ class Index:
                     self.remove_from_seg(txn, old_rec)
             txn.put(pk, rec.pack(), db=self.pages)
             live, raw_live, count = live + rec.length, raw_live + rec.raw_nbytes, count + 1
-        txn.put(seg_key(seg), info._replace(live=live, raw_live=raw_live, count=count,
-                                            end=max(info.end, end)).pack(), db=self.segs)
+        txn.put(
+            seg_key(seg),
+            info._replace(live=live, raw_live=raw_live, count=count, end=max(info.end, end)).pack(),
+            db=self.segs,
+        )
 
     def remove_from_seg(self, txn, rec: Record) -> None:
         info = self.seg_info(txn, rec.seg)
         if info is None:
             return
-        info = info._replace(live=max(0, info.live - rec.length), raw_live=max(0, info.raw_live - rec.raw_nbytes),
-                             count=max(0, info.count - 1))
+        info = info._replace(
+            live=max(0, info.live - rec.length),
+            raw_live=max(0, info.raw_live - rec.raw_nbytes),
+            count=max(0, info.count - 1),
+        )
         txn.put(seg_key(rec.seg), info.pack(), db=self.segs)
 
     def delete_page(self, txn, pkey: bytes) -> Record | None:
@@ -305,8 +336,11 @@ class Index:
                 b = get(short + k.encode(), None, pages)
             else:
                 b = get(page_key(ns_id, key_bytes(k)), None, pages)
-            if (b is None or (b[EXPIRES_AT] != _NEVER and Record.unpack(b).expires_ms <= now_ms)
-                    or b[_FLAGS_AT] & SEALED != want) and (held is None or not held(k)):
+            if (
+                b is None
+                or (b[EXPIRES_AT] != _NEVER and Record.unpack(b).expires_ms <= now_ms)
+                or b[_FLAGS_AT] & SEALED != want
+            ) and (held is None or not held(k)):
                 break
             n += 1
         return n
@@ -328,8 +362,15 @@ class IndexRoom:
     ``last_txn_records``: page records the last index commit changed (its freed pages cannot be reused by the next
     commit: see IndexShape). Whoever commits page records sets it."""
 
-    def __init__(self, index: Index, *, store_path: str, low_watermark: float, counts: Counter,
-                 on_fault: Callable[[BaseException, str], None]):
+    def __init__(
+        self,
+        index: Index,
+        *,
+        store_path: str,
+        low_watermark: float,
+        counts: Counter,
+        on_fault: Callable[[BaseException, str], None],
+    ):
         self.index = index
         self.store_path = store_path
         self.low_watermark = low_watermark
@@ -367,9 +408,13 @@ class IndexRoom:
                 share = min(1.0, (fill - INDEX_LOW) * shape.map_pages / max(1, shrinks))
                 if share >= 1.0 and not self._warned_tiny_map:
                     self._warned_tiny_map = True
-                    log.warning("kvdrive: the index map of store %s (map_size %d bytes) is too small to keep pages "
-                                "and still commit: it is emptied to make room each time; give the disk a larger "
-                                "map_size", self.store_path, self.index.env.info()["map_size"])
+                    log.warning(
+                        "kvdrive: the index map of store %s (map_size %d bytes) is too small to keep pages "
+                        "and still commit: it is emptied to make room each time; give the disk a larger "
+                        "map_size",
+                        self.store_path,
+                        self.index.env.info()["map_size"],
+                    )
                 self.free(share, full=False)
                 shape = self.index.shape()
             return shape
@@ -384,9 +429,12 @@ class IndexRoom:
             log.warning("kvdrive: could not check the index readers of store %s: %s", self.store_path, e)
             return
         if n:
-            log.warning("kvdrive: cleared %d reader slot(s) of store %s left by dead processes (their old snapshot "
-                        "kept every index page freed since from reuse: the map would fill for good)", n,
-                        self.store_path)
+            log.warning(
+                "kvdrive: cleared %d reader slot(s) of store %s left by dead processes (their old snapshot "
+                "kept every index page freed since from reuse: the map would fill for good)",
+                n,
+                self.store_path,
+            )
 
     def free(self, share: float | None = None, *, full: bool = True) -> None:
         """Drop ``share`` of the pages (lowest value first; default 1 - low_watermark, as capacity eviction would),
@@ -406,7 +454,7 @@ class IndexRoom:
         while i < len(victims):
             try:
                 with self.index.write() as txn:
-                    done = sum(self.index.delete_page(txn, pk) is not None for pk in victims[i:i + batch])
+                    done = sum(self.index.delete_page(txn, pk) is not None for pk in victims[i : i + batch])
             except lmdb.MapFullError:
                 if batch == 1:
                     break  # as much as fitted; the next map-full fault frees more
@@ -417,10 +465,21 @@ class IndexRoom:
             self.last_txn_records = batch
         self.counts["evicted"] += n
         if full:
-            log.warning("kvdrive: index of store %s is full (map_size %d bytes, %d pages): evicted the %d lowest-value "
-                        "pages to make room; a larger disk map_size keeps more", self.store_path,
-                        self.index.env.info()["map_size"], len(cands), n)
+            log.warning(
+                "kvdrive: index of store %s is full (map_size %d bytes, %d pages): evicted the %d lowest-value "
+                "pages to make room; a larger disk map_size keeps more",
+                self.store_path,
+                self.index.env.info()["map_size"],
+                len(cands),
+                n,
+            )
         else:
-            log.info("kvdrive: index of store %s above %.0f%% of its map (map_size %d bytes): evicted the %d "
-                     "lowest-value pages of %d", self.store_path, 100 * INDEX_HIGH,
-                     self.index.env.info()["map_size"], n, len(cands))
+            log.info(
+                "kvdrive: index of store %s above %.0f%% of its map (map_size %d bytes): evicted the %d "
+                "lowest-value pages of %d",
+                self.store_path,
+                100 * INDEX_HIGH,
+                self.index.env.info()["map_size"],
+                n,
+                len(cands),
+            )

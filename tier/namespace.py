@@ -3,6 +3,7 @@
 A page is addressed by (namespace, key). Two pages whose namespaces differ in any field never satisfy each other's
 lookups: peers have served wrong output when dtype, salt or rank was left out of their keys.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,9 @@ def key_bytes(key) -> bytes:
         try:
             b = key.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates (e.g. from os.fsdecode of non-UTF-8 bytes)
-            raise ConfigError(f"page key {key[:40]!r} is not valid Unicode text ({e.reason} at {e.start}); "
-                              "pass bytes instead") from None
+            raise ConfigError(
+                f"page key {key[:40]!r} is not valid Unicode text ({e.reason} at {e.start}); pass bytes instead"
+            ) from None
     elif isinstance(key, (bytes, bytearray, memoryview)):
         b = bytes(key)
     else:

@@ -17,6 +17,7 @@ and the bound; the ``Promoter`` owns one and calls it under its own lock (the tr
 (scores, admission) is the promoter's business; the tracker only finds, creates, groups and forgets units. Split from
 promoter.py (issue 16).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -36,8 +37,20 @@ def unit_span(tokens_per_page: int, unit_tokens: int) -> int:
 class Unit:
     """A tracked unit: one page, or a run of consecutive pages of a chain (``members``; see the module doc)."""
 
-    __slots__ = ("extends", "mass_log", "members", "name", "nbytes", "reuse", "score", "seq", "span", "t_access",
-                 "tails", "tokens")
+    __slots__ = (
+        "extends",
+        "mass_log",
+        "members",
+        "name",
+        "nbytes",
+        "reuse",
+        "score",
+        "seq",
+        "span",
+        "t_access",
+        "tails",
+        "tokens",
+    )
 
     def __init__(self, name: str, members: list[str] | None = None, span: int = 1):
         self.name = name  # its key in PageTracker.pages: the (first) page's key

@@ -1,6 +1,7 @@
 """The write path of the disk store, step by step: check a batch, plan it (what is not stored yet, sealed when
 encryption is on), write it durably to the writer segment (I1), index it in commits the map has room for (I2, I7).
 Also the access times reads leave behind, written with the next index commit."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from .validate import number
 class Batch(NamedTuple):
     """A put_many batch planned for the disk: ``todo`` indexes the pages to write, ``blobs`` holds what goes to
     disk (envelopes at ``todo`` when sealed), ``flags`` their Record flags."""
+
     todo: list[int]
     blobs: Sequence
     flags: int
@@ -51,8 +53,10 @@ class PageWriter:
     def check(ns: Namespace, keys: Sequence, blobs: Sequence, scores, ttl_s, expires_ms) -> list:
         """The blobs' headers; ConfigError / CodecError for arguments that do not fit together."""
         if len(keys) != len(blobs) or (scores is not None and len(scores) != len(keys)):
-            raise ConfigError(f"put_many got {len(keys)} keys, {len(blobs)} blobs"
-                              f"{'' if scores is None else f', {len(scores)} scores'}; they must match")
+            raise ConfigError(
+                f"put_many got {len(keys)} keys, {len(blobs)} blobs"
+                f"{'' if scores is None else f', {len(scores)} scores'}; they must match"
+            )
         # refuse anything that is not a well-formed page blob before it reaches the disk
         headers = [peek_header(b) for b in blobs]
         for k, h in zip(keys, headers):
@@ -64,8 +68,9 @@ class PageWriter:
             raise ConfigError(f"put_many got {len(keys)} keys and {len(expires_ms)} expiry times; they must match")
         return headers
 
-    def plan(self, ns: Namespace, pkeys: list[bytes], blobs: Sequence, have: list[bool], expiry: list[int],
-               now: int) -> Batch | None:
+    def plan(
+        self, ns: Namespace, pkeys: list[bytes], blobs: Sequence, have: list[bool], expiry: list[int], now: int
+    ) -> Batch | None:
         """What to write: pages not stored yet, each once, not yet expired; sealed when encryption is on. None when
         the tenant's key went away since put_many checked it (refused: nothing of it reaches the disk)."""
         todo, seen = [], set()
@@ -82,8 +87,9 @@ class PageWriter:
             return None
         return Batch(todo, sealed, SEALED)
 
-    def write_durably(self, ns: Namespace, pkeys: list[bytes], headers: list, batch: Batch, expiry: list[int],
-                       scores, now: int) -> tuple[int, list[tuple[bytes, Record]], int]:
+    def write_durably(
+        self, ns: Namespace, pkeys: list[bytes], headers: list, batch: Batch, expiry: list[int], scores, now: int
+    ) -> tuple[int, list[tuple[bytes, Record]], int]:
         """Append the batch to the writer segment and wait until it is durable (I1: before the index may point at
         it). Each blob is followed by its trailer (I11: the segment alone names its pages), and the first page of a
         namespace in a segment by the namespace's description. Returns (segment, the records to index, the
@@ -106,14 +112,32 @@ class PageWriter:
                 j = n // 2
                 i, h = todo[j], headers[todo[j]]
                 sums.append(xxhash.xxh3_64_intdigest(b))
-                fill_trailer(tails[j], Kind.PAGE, batch.flags, h.codec, pkeys[i], len(b), h.raw_nbytes, sums[j],
-                             now, expiry[i])
+                fill_trailer(
+                    tails[j], Kind.PAGE, batch.flags, h.codec, pkeys[i], len(b), h.raw_nbytes, sums[j], now, expiry[i]
+                )
+
         end, synced = self.writer.append(bufs, off0, each)
         recs, off = [], off0
         for j, i in enumerate(todo):
             b, h = blobs[i], headers[i]
-            recs.append((pkeys[i], Record(seg, off, len(b), h.codec, batch.flags | FRAMED, sums[j], h.raw_nbytes, now,
-                                          now, expiry[i], float(scores[i]) if scores is not None else 0.0)))
+            recs.append(
+                (
+                    pkeys[i],
+                    Record(
+                        seg,
+                        off,
+                        len(b),
+                        h.codec,
+                        batch.flags | FRAMED,
+                        sums[j],
+                        h.raw_nbytes,
+                        now,
+                        now,
+                        expiry[i],
+                        float(scores[i]) if scores is not None else 0.0,
+                    ),
+                )
+            )
             off += len(b) + len(tails[j])
         synced.result()  # durable before the index can point at it
         self.writer.end = end
@@ -133,7 +157,7 @@ class PageWriter:
                     self.touched = {}  # access times are a hint: dropped rather than the pages
                     continue
                 break
-            chunk = recs[done:done + n]
+            chunk = recs[done : done + n]
             last = done + n == len(recs)
             with self.index.write() as txn:  # I2: records and their segment's accounting in one commit
                 if ns.id not in self.known_ns:

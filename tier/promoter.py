@@ -68,6 +68,7 @@ across TP ranks, feed every rank the same (all-reduced) attention and a clock re
 
 Thread-safe: one lock. observe_access is O(1) per unit (plus C-level list work per key); orderings are O(n log n).
 """
+
 from __future__ import annotations
 
 import math
@@ -135,9 +136,14 @@ class Promoter:
         self._clock = clock
 
     # --- measured costs -------------------------------------------------------------------------------------
-    def calibrate(self, *, prefill_s_per_token: float | None = None,
-                  tier_s_per_byte: Mapping[str, float] | None = None, reload_fixed_s: float | None = None,
-                  remote_fixed_s: float | None = None) -> None:
+    def calibrate(
+        self,
+        *,
+        prefill_s_per_token: float | None = None,
+        tier_s_per_byte: Mapping[str, float] | None = None,
+        reload_fixed_s: float | None = None,
+        remote_fixed_s: float | None = None,
+    ) -> None:
         """Replace assumptions by what the server measured (None leaves a figure as it is):
         ``prefill_s_per_token`` the marginal prefill cost (slope of forward time over extend tokens);
         ``tier_s_per_byte`` seconds per decoded byte to read a page from "dram"/"queued"/"disk" into SGLang's host
@@ -145,6 +151,7 @@ class Promoter:
         (SGLang's prefetch round trip, whatever the page count), charged once per reloaded prefix; "remote" in
         ``tier_s_per_byte`` and ``remote_fixed_s``: the shared tier's read-through as the engine timed it
         (RemoteTieredEngine.remote_cost), its round trip charged on top of the local one."""
+
         def check(name, v, zero_ok=False):
             return number(v, f"promoter calibrate {name}", zero_ok=zero_ok)
 
@@ -186,12 +193,15 @@ class Promoter:
             pre, tiers, fixed = self._prefill_s_per_token, dict(self._tier_s_per_byte), self._reload_fixed_s
             remote_fixed = self._remote_fixed_s
         cfg = self.config
-        out = {"prefill_tokens_per_s": (1.0 / pre, "measured") if pre else (cfg.prefill_tokens_per_s, "assumed"),
-               "reload_fixed_s": (fixed, "measured") if fixed is not None else (cfg.disk_latency_s, "assumed")}
+        out = {
+            "prefill_tokens_per_s": (1.0 / pre, "measured") if pre else (cfg.prefill_tokens_per_s, "assumed"),
+            "reload_fixed_s": (fixed, "measured") if fixed is not None else (cfg.disk_latency_s, "assumed"),
+        }
         for t in ("dram", "disk", "remote"):
             out[f"{t}_gbps"] = (1.0 / tiers[t] / _GB, "measured") if t in tiers else (cfg.tier_gbps(t), "assumed")
-        out["remote_fixed_s"] = (remote_fixed, "measured") if remote_fixed is not None else \
-            (cfg.remote_latency_s, "assumed")
+        out["remote_fixed_s"] = (
+            (remote_fixed, "measured") if remote_fixed is not None else (cfg.remote_latency_s, "assumed")
+        )
         return out
 
     def _recompute_s_per_token(self) -> float:
@@ -199,8 +209,15 @@ class Promoter:
         return pre if pre is not None else 1.0 / self.config.prefill_tokens_per_s
 
     # --- observations -----------------------------------------------------------------------------------------
-    def observe_access(self, keys: Sequence[str], tokens_per_page: int, bytes_per_page: int, *,
-                       whole_request: bool = True, reuse: bool = True) -> None:
+    def observe_access(
+        self,
+        keys: Sequence[str],
+        tokens_per_page: int,
+        bytes_per_page: int,
+        *,
+        whole_request: bool = True,
+        reuse: bool = True,
+    ) -> None:
         """These pages were hit or inserted now: one request's whole chain (prompt and output pages) in prefix
         order. ``whole_request=False`` for partial observations (a storage read or write of some of a request's
         pages): they count reuse and recency but neither mark the end of a chain nor detect a continuation.
@@ -394,7 +411,7 @@ class Promoter:
         pos = 0
         for p, _, take in self._locked_runs(keys):
             if p is not None and self.admit(keys[pos]):
-                out += keys[pos:pos + take]
+                out += keys[pos : pos + take]
             pos += take
         return out
 
@@ -480,9 +497,14 @@ class Promoter:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"tracked": len(self.tracker), "max_tracked": self.config.max_tracked,
-                    "forgotten": self.tracker.forgotten, "accesses": self._accesses,
-                    "continuations": self._continuations, "attention_updates": self._attention}
+            return {
+                "tracked": len(self.tracker),
+                "max_tracked": self.config.max_tracked,
+                "forgotten": self.tracker.forgotten,
+                "accesses": self._accesses,
+                "continuations": self._continuations,
+                "attention_updates": self._attention,
+            }
 
     # --- internals --------------------------------------------------------------------------------------------
     def _log_score(self, p: Unit | None) -> float:

@@ -3,6 +3,7 @@
 Split from promoter.py (issue 16) so the decisions module holds decisions; ``kvdrive_sglang.tier.promoter`` re-exports
 every name here, so importers of ``promoter.PromoterConfig`` and ``promoter.TIERS`` keep working.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,15 @@ class PromoterConfig:
     unit_tokens: int = 64  # pages under 16 tokens are tracked in runs of ceil(unit_tokens / page) (page_tracker.py)
 
     def __post_init__(self):
-        for name in ("half_life_s", "attention_floor", "dram_gbps", "disk_gbps", "pcie_gbps",
-                     "prefill_tokens_per_s", "remote_gbps"):
+        for name in (
+            "half_life_s",
+            "attention_floor",
+            "dram_gbps",
+            "disk_gbps",
+            "pcie_gbps",
+            "prefill_tokens_per_s",
+            "remote_gbps",
+        ):
             number(getattr(self, name), f"promoter {name}")
         for name in ("disk_latency_s", "remote_latency_s"):
             number(getattr(self, name), f"promoter {name}", zero_ok=True)
@@ -69,8 +77,15 @@ class PromoterConfig:
 
     def tier_gbps(self, tier: str) -> float:
         check_tier(tier)
-        return {"gpu": math.inf, "host": math.inf, "dram": self.dram_gbps, "queued": self.dram_gbps,
-                "staged": self.dram_gbps, "disk": self.disk_gbps, "remote": self.remote_gbps}[tier]
+        return {
+            "gpu": math.inf,
+            "host": math.inf,
+            "dram": self.dram_gbps,
+            "queued": self.dram_gbps,
+            "staged": self.dram_gbps,
+            "disk": self.disk_gbps,
+            "remote": self.remote_gbps,
+        }[tier]
 
 
 class Decision(NamedTuple):

@@ -24,6 +24,7 @@ has the store open (its exclusive lock): a store other processes are using passe
 
 A directory that is not a kvdrive store is still refused (store_dir.inspect_store_dir): nothing here writes into it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -103,6 +104,7 @@ class RebuildReport(NamedTuple):
 class OpenedStore(NamedTuple):
     """What ``open_store`` came to: the store's ``lock`` and ``index`` (both None when ``off_reason`` says why the
     disk tier is off) and the ``recoveries`` it took."""
+
     path: str
     lock: StoreLock | None
     index: Index | None
@@ -223,8 +225,9 @@ def check_index(path: str, *, timeout_s: float | None = None) -> IndexHealth:
         return health
     with_bytes = [seg for seg, _, sz in files if sz]
     if with_bytes and max(with_bytes) >= health.next_seg:
-        return IndexHealth(False, f"segment file {max(with_bytes)} holds bytes the index never allocated (an older "
-                                  "or replaced index)")
+        return IndexHealth(
+            False, f"segment file {max(with_bytes)} holds bytes the index never allocated (an older or replaced index)"
+        )
     return health
 
 
@@ -254,8 +257,12 @@ def rebuild_index(path: str, *, map_size: int, now_ms: int | None = None) -> Reb
             with open(fpath, "rb") as f:
                 data = f.read()
         except OSError as e:
-            log.warning("kvdrive: rebuilding the index of store %s: cannot read %s (%s); its pages are lost",
-                        path, fpath, e.strerror)
+            log.warning(
+                "kvdrive: rebuilding the index of store %s: cannot read %s (%s); its pages are lost",
+                path,
+                fpath,
+                e.strerror,
+            )
             unreadable += 1
             continue
         scanned += len(data)
@@ -264,7 +271,7 @@ def rebuild_index(path: str, *, map_size: int, now_ms: int | None = None) -> Reb
         for rec in scan(data):
             found += 1
             t = rec.trailer
-            blob = memoryview(data)[rec.blob_off:rec.blob_off + t.length]
+            blob = memoryview(data)[rec.blob_off : rec.blob_off + t.length]
             if t.kind == Kind.NAMESPACE:
                 if rec.intact:
                     try:
@@ -289,8 +296,24 @@ def rebuild_index(path: str, *, map_size: int, now_ms: int | None = None) -> Reb
     per_seg: dict[int, list[int]] = {seg: [0, 0, 0] for seg in ends}
     recs = []
     for pk, (seg, off, t) in best.items():
-        recs.append((pk, Record(seg, off, t.length, t.codec, t.flags | FRAMED, t.checksum, t.raw_nbytes,
-                                t.created_ms, t.created_ms, t.expires_ms, 0.0)))
+        recs.append(
+            (
+                pk,
+                Record(
+                    seg,
+                    off,
+                    t.length,
+                    t.codec,
+                    t.flags | FRAMED,
+                    t.checksum,
+                    t.raw_nbytes,
+                    t.created_ms,
+                    t.created_ms,
+                    t.expires_ms,
+                    0.0,
+                ),
+            )
+        )
         acc = per_seg[seg]
         acc[0] += t.length
         acc[1] += t.raw_nbytes
@@ -308,14 +331,15 @@ def rebuild_index(path: str, *, map_size: int, now_ms: int | None = None) -> Reb
         recs.sort()
         for i in range(0, len(recs), _TXN_PAGES):
             with idx.write() as txn:
-                for pk, r in recs[i:i + _TXN_PAGES]:
+                for pk, r in recs[i : i + _TXN_PAGES]:
                     txn.put(pk, r.pack(), db=idx.pages)
         idx.env.sync(True)
     finally:
         idx.close()
     _swap_in(path, tmp)
-    return RebuildReport(len(files), len(recs), dropped, expired, intact - len(recs), unframed, unreadable,
-                         len(descs), scanned)
+    return RebuildReport(
+        len(files), len(recs), dropped, expired, intact - len(recs), unframed, unreadable, len(descs), scanned
+    )
 
 
 def _swap_in(path: str, new_index: str) -> None:
@@ -368,8 +392,9 @@ def _lock(path: str, mode: str, *, wait_s: float) -> StoreLock:
             time.sleep(0.2)
 
 
-def open_store(path: str, *, map_size: int, lock_mode: str = "shared", repair: bool = True,
-               rebuild: bool = False) -> OpenedStore:
+def open_store(
+    path: str, *, map_size: int, lock_mode: str = "shared", repair: bool = True, rebuild: bool = False
+) -> OpenedStore:
     """Check the store at ``path`` and open its index, taking the ladder's steps (module docstring) where it is
     damaged. ``repair=False`` (the read-only ``kvdrive`` commands): a damaged store raises StoreFormatError naming
     ``kvdrive repair`` instead, and a locked one StoreLockedError. ``rebuild``: rebuild the index even if it checks
@@ -380,7 +405,8 @@ def open_store(path: str, *, map_size: int, lock_mode: str = "shared", repair: b
     def note(kind: RecoveryKind, detail: str) -> None:
         recoveries.append(Recovery(kind, detail))
         (log.error if kind in (RecoveryKind.MOVED_ASIDE, RecoveryKind.TIER_OFF) else log.warning)(
-            "kvdrive: store %s: %s", path, detail)
+            "kvdrive: store %s: %s", path, detail
+        )
 
     def off(detail: str) -> OpenedStore:
         note(RecoveryKind.TIER_OFF, f"{detail}; the disk tier is off in this process (requests recompute)")
@@ -397,8 +423,10 @@ def open_store(path: str, *, map_size: int, lock_mode: str = "shared", repair: b
         if check.state is DirState.OTHER_VERSION:
             if not repair:
                 raise StoreFormatError(check.problem)
-            return off(f"it holds a store of format version {check.version!r} (this kvdrive reads version "
-                       f"{FORMAT_VERSION}); left as it is")
+            return off(
+                f"it holds a store of format version {check.version!r} (this kvdrive reads version "
+                f"{FORMAT_VERSION}); left as it is"
+            )
         try:
             alone = StoreLock(path, "exclusive")
         except StoreLockedError:
@@ -417,16 +445,17 @@ def open_store(path: str, *, map_size: int, lock_mode: str = "shared", repair: b
                 aside = move_aside(path)
             except (OSError, StoreDirError) as e2:
                 return off(f"repairing it failed ({e}) and so did moving it aside ({e2})")
-            note(RecoveryKind.MOVED_ASIDE, f"repairing it failed ({e}); moved it to {aside} and started an empty "
-                                           "store")
+            note(RecoveryKind.MOVED_ASIDE, f"repairing it failed ({e}); moved it to {aside} and started an empty store")
         finally:
             if alone is not None:
                 alone.release()
-        if check.state is DirState.DAMAGED and alone is None and not any(
-                r.kind is RecoveryKind.MOVED_ASIDE for r in recoveries):
+        if (
+            check.state is DirState.DAMAGED
+            and alone is None
+            and not any(r.kind is RecoveryKind.MOVED_ASIDE for r in recoveries)
+        ):
             if not repair:
-                raise StoreFormatError(f"store {path} is damaged ({check.problem}); `kvdrive repair {path}` "
-                                       "repairs it")
+                raise StoreFormatError(f"store {path} is damaged ({check.problem}); `kvdrive repair {path}` repairs it")
             rewrite_stamp(path)  # atomic: safe while others use the store
             note(RecoveryKind.STAMP_REWRITTEN, f"{check.problem}; rewrote it")
         try:
@@ -450,6 +479,7 @@ def open_store(path: str, *, map_size: int, lock_mode: str = "shared", repair: b
 def _repair(path: str, check, map_size: int, repair: bool, rebuild: bool, note) -> None:
     """Steps 1 of the ladder, alone with the store: stamp, directories, index. Raises OSError / lmdb.Error when a
     repair fails (the caller moves the store aside)."""
+
     def refuse(problem: str) -> None:
         raise StoreFormatError(f"store {path} is damaged ({problem}); `kvdrive repair {path}` repairs it")
 
@@ -478,9 +508,15 @@ def _repair(path: str, check, map_size: int, repair: bool, rebuild: bool, note) 
     if not after.ok:
         raise OSError(f"the rebuilt index fails its check too: {after.problem}")
     why = "rebuilt on request" if health.ok else health.problem
-    note(RecoveryKind.INDEX_REBUILT,
-         f"index: {why}; rebuilt it from {rep.segments} segment file(s) in {time.monotonic() - t0:.1f}s: kept "
-         f"{rep.kept} page(s), dropped {rep.dropped} damaged, {rep.expired} expired, {rep.superseded} older copies"
-         + (f"; {rep.unframed_segments} segment file(s) held no whole record (written before segment format 2, "
-            "or cut short)" if rep.unframed_segments else "")
-         + (f"; {rep.unreadable_segments} unreadable segment file(s)" if rep.unreadable_segments else ""))
+    note(
+        RecoveryKind.INDEX_REBUILT,
+        f"index: {why}; rebuilt it from {rep.segments} segment file(s) in {time.monotonic() - t0:.1f}s: kept "
+        f"{rep.kept} page(s), dropped {rep.dropped} damaged, {rep.expired} expired, {rep.superseded} older copies"
+        + (
+            f"; {rep.unframed_segments} segment file(s) held no whole record (written before segment format 2, "
+            "or cut short)"
+            if rep.unframed_segments
+            else ""
+        )
+        + (f"; {rep.unreadable_segments} unreadable segment file(s)" if rep.unreadable_segments else ""),
+    )

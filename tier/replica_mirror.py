@@ -13,6 +13,7 @@ and sealing as on disk. Publishing runs on the mirror's own thread from a bounde
 mirrored, counted); readers see a page once its batch commits (milliseconds). Nothing here is needed for
 correctness: a page missing from the mirror is read from disk, or is a miss.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,16 +53,18 @@ def mirror_capacity(want_bytes: int, root: str = SHM_ROOT) -> int:
 
 class ReplicaMirror:
     """Args:
-        path: the mirror's directory (``mirror_path``).
-        capacity_bytes: its cap (``mirror_capacity``).
-        keyring: the engine's key ring (sealed tenants' pages stay sealed in shared memory too).
-        publisher: whether this process publishes (the writing rank) or only reads.
+    path: the mirror's directory (``mirror_path``).
+    capacity_bytes: its cap (``mirror_capacity``).
+    keyring: the engine's key ring (sealed tenants' pages stay sealed in shared memory too).
+    publisher: whether this process publishes (the writing rank) or only reads.
     """
 
     def __init__(self, path: str, capacity_bytes: int, keyring=None, *, publisher: bool):
         seg = max(1 << 20, min(64 << 20, capacity_bytes // 16))
-        self.store = DiskStore(DiskStoreConfig(path=path, capacity_bytes=capacity_bytes, segment_bytes=seg,
-                                               direct_io=False), keyring=keyring)
+        self.store = DiskStore(
+            DiskStoreConfig(path=path, capacity_bytes=capacity_bytes, segment_bytes=seg, direct_io=False),
+            keyring=keyring,
+        )
         self.publisher = publisher
         self.counts = Counter()
         self._queue: deque = deque()
@@ -73,23 +76,30 @@ class ReplicaMirror:
             self._thread.start()
 
     @classmethod
-    def open(cls, store_dir: str, want_bytes: int, keyring=None, *, publisher: bool,
-             root: str = SHM_ROOT) -> ReplicaMirror | None:
+    def open(
+        cls, store_dir: str, want_bytes: int, keyring=None, *, publisher: bool, root: str = SHM_ROOT
+    ) -> ReplicaMirror | None:
         """The mirror of ``store_dir``, or None (logged) where shared memory is too small or the store won't open."""
         cap = mirror_capacity(want_bytes, root)
         path = mirror_path(store_dir, root)
         if not cap:
-            log.warning("kvdrive: no room for a replica mirror in %s; ranks that only read see the disk tier only",
-                        root)
+            log.warning(
+                "kvdrive: no room for a replica mirror in %s; ranks that only read see the disk tier only", root
+            )
             return None
         try:
             m = cls(path, cap, keyring, publisher=publisher)
         except Exception as e:  # noqa: BLE001 - an optional tier: never the reason a server does not start
-            log.warning("kvdrive: replica mirror %s unusable (%s); ranks that only read see the disk tier only",
-                        path, e)
+            log.warning(
+                "kvdrive: replica mirror %s unusable (%s); ranks that only read see the disk tier only", path, e
+            )
             return None
-        log.info("kvdrive: replica mirror %s (%.0f MiB, %s)", path, cap / 2**20,
-                 "publishing this rank's DRAM tier" if publisher else "read by this rank")
+        log.info(
+            "kvdrive: replica mirror %s (%.0f MiB, %s)",
+            path,
+            cap / 2**20,
+            "publishing this rank's DRAM tier" if publisher else "read by this rank",
+        )
         return m
 
     # --- the writer's side ---------------------------------------------------------------------------------------
@@ -115,8 +125,13 @@ class ReplicaMirror:
                 by_ns.setdefault(item[0].id, []).append(item)
             for items in by_ns.values():
                 try:
-                    ok = self.store.put_many(items[0][0], [it[1] for it in items], [it[2] for it in items],
-                                             scores=[it[3] for it in items], expires_ms=[it[4] for it in items])
+                    ok = self.store.put_many(
+                        items[0][0],
+                        [it[1] for it in items],
+                        [it[2] for it in items],
+                        scores=[it[3] for it in items],
+                        expires_ms=[it[4] for it in items],
+                    )
                     self.counts["published"] += sum(ok)
                     self.counts["dropped"] += len(ok) - sum(ok)
                 except Exception:  # noqa: BLE001 - the publisher must survive anything; the store counts faults

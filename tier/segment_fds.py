@@ -1,4 +1,5 @@
 """Segment files on the read side: their paths and a cache of read descriptors, pinned across each read (I5)."""
+
 from __future__ import annotations
 
 import os

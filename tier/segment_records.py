@@ -17,6 +17,7 @@ entry (a flipped key byte) can never serve another page's bytes (I8).
 Format-1 segments (blobs back to back, no trailers) stay readable: their records lack the FRAMED flag. A rebuild
 cannot recover their pages (nothing in the file names them); compaction rewrites them in format 2.
 """
+
 from __future__ import annotations
 
 import struct
@@ -60,21 +61,47 @@ def trailer_size(key: bytes) -> int:
     return FIXED.size + len(key)
 
 
-def fill_trailer(out, kind: Kind, flags: int, codec: int, key: bytes, length: int, raw_nbytes: int, checksum: int,
-                 created_ms: int, expires_ms: int) -> None:
+def fill_trailer(
+    out,
+    kind: Kind,
+    flags: int,
+    codec: int,
+    key: bytes,
+    length: int,
+    raw_nbytes: int,
+    checksum: int,
+    created_ms: int,
+    expires_ms: int,
+) -> None:
     """Write a trailer into ``out`` (a bytearray of trailer_size(key) bytes), in place: the write path allocates the
     buffers before the blobs' checksums are known and fills each as its blob is staged."""
-    FIXED.pack_into(out, 0, MAGIC, VERSION, int(kind), flags, codec, len(key), length, raw_nbytes, checksum,
-                    created_ms, expires_ms, 0)
-    out[FIXED.size:] = key
+    FIXED.pack_into(
+        out,
+        0,
+        MAGIC,
+        VERSION,
+        int(kind),
+        flags,
+        codec,
+        len(key),
+        length,
+        raw_nbytes,
+        checksum,
+        created_ms,
+        expires_ms,
+        0,
+    )
+    out[FIXED.size :] = key
     struct.pack_into("<I", out, _CHECK_AT, xxhash.xxh32_intdigest(bytes(out[:_CHECK_AT]) + key))
 
 
-def trailer(kind: Kind, flags: int, codec: int, key: bytes, blob, raw_nbytes: int, created_ms: int,
-            expires_ms: int) -> bytearray:
+def trailer(
+    kind: Kind, flags: int, codec: int, key: bytes, blob, raw_nbytes: int, created_ms: int, expires_ms: int
+) -> bytearray:
     out = bytearray(trailer_size(key))
-    fill_trailer(out, kind, flags, codec, key, len(blob), raw_nbytes, xxhash.xxh3_64_intdigest(blob), created_ms,
-                 expires_ms)
+    fill_trailer(
+        out, kind, flags, codec, key, len(blob), raw_nbytes, xxhash.xxh3_64_intdigest(blob), created_ms, expires_ms
+    )
     return out
 
 
@@ -89,8 +116,8 @@ def parse_trailer(buf, at: int = 0) -> Trailer | None:
     end = at + FIXED.size + key_len
     if end > len(mv):
         return None
-    key = bytes(mv[at + FIXED.size:end])
-    if xxhash.xxh32_intdigest(bytes(mv[at:at + _CHECK_AT]) + key) != check:
+    key = bytes(mv[at + FIXED.size : end])
+    if xxhash.xxh32_intdigest(bytes(mv[at : at + _CHECK_AT]) + key) != check:
         return None
     return Trailer(kind, flags, codec, key, length, raw, csum, created, expires)
 
@@ -98,6 +125,7 @@ def parse_trailer(buf, at: int = 0) -> Trailer | None:
 class Found(NamedTuple):
     """A record found by ``scan``: ``blob_off`` where its blob starts in the file; ``intact``: the blob's checksum
     holds (a record whose trailer is whole but whose blob is damaged is reported, not served)."""
+
     blob_off: int
     trailer: Trailer
     intact: bool
@@ -128,5 +156,12 @@ def names_page(tail, key: bytes, length: int, checksum: int, flags: int, codec: 
     """Whether the trailer bytes ``tail`` (read right after a blob) are whole and name this page: its key, length,
     checksum, codec and sealing (I8: a damaged index entry that points at another page's bytes is a miss)."""
     t = parse_trailer(tail)
-    return (t is not None and t.kind == Kind.PAGE and t.key == key and t.length == length and t.checksum == checksum
-            and t.codec == codec and (t.flags ^ flags) & SEALED == 0)
+    return (
+        t is not None
+        and t.kind == Kind.PAGE
+        and t.key == key
+        and t.length == length
+        and t.checksum == checksum
+        and t.codec == codec
+        and (t.flags ^ flags) & SEALED == 0
+    )

@@ -5,6 +5,7 @@ Each process appends to a segment of its own, so no two writers ever touch the s
 segment ids come from the index and are never reused (I3). A payload is durable before any index entry points at it
 (I1): ``append`` returns a future the caller waits on before it commits.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,8 +28,18 @@ class SegmentWriter:
     """``seg``: the open segment (0: none); ``end``: the offset the next append goes to. ``io_thread``: the single
     thread that runs every write and sync, in order."""
 
-    def __init__(self, index: Index, seg_dir: str, io, *, segment_bytes: int, direct_io: bool, staging_bytes: int,
-                 faults: Counter, store_path: str):
+    def __init__(
+        self,
+        index: Index,
+        seg_dir: str,
+        io,
+        *,
+        segment_bytes: int,
+        direct_io: bool,
+        staging_bytes: int,
+        faults: Counter,
+        store_path: str,
+    ):
         self.index = index
         self.seg_dir = seg_dir
         self.io = io
@@ -55,8 +66,12 @@ class SegmentWriter:
             # our segment file was deleted under us (by hand, or a cleanup job): appending to the orphaned inode
             # would index pages no reader can ever open. Its indexed pages read as misses (dropped); start afresh.
             self.faults["missing_file"] += 1
-            log.error("kvdrive: segment file %s of store %s was deleted while in use; its pages are lost (served as "
-                      "misses) and writes go to a new segment", segment_path(self.seg_dir, self.seg), self.store_path)
+            log.error(
+                "kvdrive: segment file %s of store %s was deleted while in use; its pages are lost (served as "
+                "misses) and writes go to a new segment",
+                segment_path(self.seg_dir, self.seg),
+                self.store_path,
+            )
             self.seal()
         if not self.seg:
             self._allocate()

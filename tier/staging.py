@@ -10,6 +10,7 @@ for (the caller is SGLang's backup thread, and the scheduler waits on it).
 Landing happens under one lock that ``drop_where`` also takes, so a page dropped here (its namespace cleared, its
 tenant's key deleted, the engine closed) never reaches the tiers afterwards.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,6 +33,7 @@ log = logging.getLogger("kvdrive.tier")
 class StagedPage:
     """One raw page waiting for an encoder. Identity matters: a page replaced or dropped while it was being encoded
     is recognised by ``is`` and never lands."""
+
     __slots__ = ("data", "expires_ms", "ns", "owner", "score")
 
     def __init__(self, ns: Namespace, data: np.ndarray, owner: object, score: float, expires_ms: int):
@@ -55,8 +57,13 @@ class StagingStats(NamedTuple):
 
 
 class StagingArea:
-    def __init__(self, capacity_bytes: int, threads: int, encode: Callable[[StagedPage], bytes],
-                 land: Callable[[PoolKey, StagedPage, bytes], None]):
+    def __init__(
+        self,
+        capacity_bytes: int,
+        threads: int,
+        encode: Callable[[StagedPage], bytes],
+        land: Callable[[PoolKey, StagedPage, bytes], None],
+    ):
         self.capacity = capacity_bytes
         self._encode = encode
         self._land = land
@@ -68,8 +75,9 @@ class StagingArea:
         self._cv = threading.Condition()
         self._landing = threading.Lock()  # held while a blob enters the tiers (see the module doc)
         self._stop = False
-        self._threads = [threading.Thread(target=self._work, name=f"kvdrive-encode-{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"kvdrive-encode-{i}", daemon=True) for i in range(threads)
+        ]
         for t in self._threads:
             t.start()
 
@@ -137,8 +145,9 @@ class StagingArea:
 
     def stats(self) -> StagingStats:
         with self._cv:
-            return StagingStats(len(self._items), self._bytes, self._refused, self._landed, self._failed,
-                                self._encode_s)
+            return StagingStats(
+                len(self._items), self._bytes, self._refused, self._landed, self._failed, self._encode_s
+            )
 
     def _work(self) -> None:
         _lower_priority()
@@ -186,7 +195,8 @@ def _lower_priority() -> None:
     while the scheduler's forward passes and the backup thread's copies are what requests wait on. Linux only
     (per-thread niceness); elsewhere, or where refused, nothing changes."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)
-                       + ENCODER_NICENESS)
+        os.setpriority(
+            os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + ENCODER_NICENESS
+        )
     except (AttributeError, OSError):
         pass

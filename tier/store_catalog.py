@@ -7,6 +7,7 @@ the tier is off and turn a disk fault into its fault handling (tier off for ``re
 delete goes through ``Index.delete_page``, which changes the segment's accounting in the same transaction (I2).
 Split from disk_store.py (issue 16).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ SCORES_PER_TXN = 32  # score updates per index transaction (see set_scores)
 
 class Contents(NamedTuple):
     """What the store holds now, from the segments' accounting (I2: it equals the sum over their records)."""
+
     entries: int
     live_bytes: int  # encoded bytes the index points at
     raw_bytes: int  # decoded size of those pages
@@ -55,7 +57,7 @@ class StoreCatalog:
                 for k in cur.iternext(values=False):
                     if not k.startswith(prefix):
                         break
-                    out.append(bytes(k[len(prefix) + 1:]))
+                    out.append(bytes(k[len(prefix) + 1 :]))
         return out
 
     def namespaces(self) -> list[tuple[bytes, dict | None, int, int]]:
@@ -77,8 +79,13 @@ class StoreCatalog:
                 file_bytes += os.stat(seg_path(seg)).st_size
             except OSError:  # deleted by another process's compaction meanwhile
                 pass
-        return Contents(entries=sum(s.count for s in segs.values()), live_bytes=sum(s.live for s in segs.values()),
-                        raw_bytes=sum(s.raw_live for s in segs.values()), file_bytes=file_bytes, segments=len(segs))
+        return Contents(
+            entries=sum(s.count for s in segs.values()),
+            live_bytes=sum(s.live for s in segs.values()),
+            raw_bytes=sum(s.raw_live for s in segs.values()),
+            file_bytes=file_bytes,
+            segments=len(segs),
+        )
 
     def delete_many(self, ns: Namespace, keys: Sequence) -> int:
         with self.write_lock, self.index.write() as txn:  # I2: delete_page keeps the accounting in this commit
@@ -114,7 +121,7 @@ class StoreCatalog:
             per_txn = self.room.commit_size(min(SCORES_PER_TXN, len(pairs)), evict=False)
             for i in range(0, len(pairs) if per_txn else 0, per_txn or 1):
                 with self.index.write() as txn:
-                    for k, s in pairs[i:i + per_txn]:
+                    for k, s in pairs[i : i + per_txn]:
                         pk = page_key(ns.id, key_bytes(k))
                         b = txn.get(pk, db=self.index.pages)
                         if b is not None:

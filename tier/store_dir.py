@@ -13,6 +13,7 @@ Directories are created 0700 and files 0600: KV pages are users' prompts in anot
 only kvdrive's entries whose stamp is missing or damaged is a DAMAGED store (tier/recovery.py repairs it); one
 holding anything else without a good stamp is refused, as is a stamp alone that is not kvdrive's.
 """
+
 from __future__ import annotations
 
 import errno
@@ -59,8 +60,9 @@ def _read_stamp(path: str) -> dict:
         if not isinstance(stamp, dict):
             raise ValueError("not a JSON object")  # noqa: TRY004 - reported with json's own ValueErrors
     except (OSError, ValueError) as e:
-        raise StoreFormatError(f"{stamp_path} is unreadable or damaged ({e}); this is not a usable kvdrive "
-                               "store") from None
+        raise StoreFormatError(
+            f"{stamp_path} is unreadable or damaged ({e}); this is not a usable kvdrive store"
+        ) from None
     if stamp.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{path} is not a kvdrive store ({FORMAT_FILE} names format {stamp.get('format')!r})")
     if stamp.get("version") != FORMAT_VERSION:
@@ -69,8 +71,10 @@ def _read_stamp(path: str) -> dict:
 
 
 def _other_version(path: str, version) -> str:
-    return (f"store {path} has format version {version!r}; this kvdrive reads version {FORMAT_VERSION}. "
-            f"Point kvdrive at a new directory, or remove this one (rm -r {path}) to start afresh")
+    return (
+        f"store {path} has format version {version!r}; this kvdrive reads version {FORMAT_VERSION}. "
+        f"Point kvdrive at a new directory, or remove this one (rm -r {path}) to start afresh"
+    )
 
 
 class DirState(Enum):
@@ -98,8 +102,10 @@ def _checked_path(path) -> str:
     if os.path.exists(path):
         st = os.stat(path)
         if st.st_uid != os.geteuid():
-            raise StoreDirError(f"store directory {path} is owned by uid {st.st_uid}, not by this user "
-                                f"({os.geteuid()}); refusing to share a KV store across users")
+            raise StoreDirError(
+                f"store directory {path} is owned by uid {st.st_uid}, not by this user "
+                f"({os.geteuid()}); refusing to share a KV store across users"
+            )
     return path
 
 
@@ -121,7 +127,8 @@ def inspect_store_dir(path) -> DirCheck:
         if foreign:
             raise StoreFormatError(
                 f"{path} is not empty and is not a kvdrive store (it holds {', '.join(foreign[:3])}...); "
-                "refusing to write into it. Use an empty or new directory")
+                "refusing to write into it. Use an empty or new directory"
+            )
         if names & {INDEX_DIR, SEGMENT_DIR}:
             return DirCheck(path, DirState.DAMAGED, f"{FORMAT_FILE} is missing")
         return DirCheck(path, DirState.NEW, "")
@@ -135,8 +142,12 @@ def inspect_store_dir(path) -> DirCheck:
                 got = json.loads(f.read())
         except (OSError, ValueError):
             got = None
-        if isinstance(got, dict) and got.get("format") == FORMAT_NAME and type(got.get("version")) is int \
-                and set(got) == {"format", "version"}:
+        if (
+            isinstance(got, dict)
+            and got.get("format") == FORMAT_NAME
+            and type(got.get("version")) is int
+            and set(got) == {"format", "version"}
+        ):
             return DirCheck(path, DirState.OTHER_VERSION, str(e), got["version"])
         return DirCheck(path, DirState.DAMAGED, str(e).split("; this is not a usable")[0])
     if set(stamp) != {"format", "version"} and ours:
@@ -172,8 +183,11 @@ def check_store_dir(path: str, *, create: bool) -> str:
     path = check.path
     if not create:
         if check.state is DirState.NEW:
-            raise (StoreDirError(f"store directory {path} does not exist") if not os.path.exists(path) else
-                   StoreFormatError(f"{path} is not a kvdrive store (no {FORMAT_FILE})"))
+            raise (
+                StoreDirError(f"store directory {path} does not exist")
+                if not os.path.exists(path)
+                else StoreFormatError(f"{path} is not a kvdrive store (no {FORMAT_FILE})")
+            )
         if check.state is DirState.OTHER_VERSION:
             raise StoreFormatError(_other_version(path, check.version))
         if check.state is DirState.DAMAGED:
@@ -240,10 +254,14 @@ class StoreLock:
             holders = _lock_holders(lock_path)
             who = f" (pid {', '.join(map(str, holders))})" if holders else ""
             if mode == "shared":
-                raise StoreLockedError(f"store {path} is locked by a maintenance command (kvdrive gc/verify/clear)"
-                                       f"{who}; wait for it to finish") from None
-            raise StoreLockedError(f"store {path} is in use by another process{who}; stop the server(s) using it "
-                                   "before running this command") from None
+                raise StoreLockedError(
+                    f"store {path} is locked by a maintenance command (kvdrive gc/verify/clear)"
+                    f"{who}; wait for it to finish"
+                ) from None
+            raise StoreLockedError(
+                f"store {path} is in use by another process{who}; stop the server(s) using it "
+                "before running this command"
+            ) from None
         self.mode = mode
 
     def release(self) -> None:

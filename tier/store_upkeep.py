@@ -6,6 +6,7 @@ off and turn a disk fault into its fault handling (I8). Expired and damaged entr
 ``Index.delete_page`` (I2); a damaged entry is dropped only while it still names the bytes that were read (I3,
 ``DiskStore._drop_bad``). Split from disk_store.py (issue 16).
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,9 +22,20 @@ from .segment_fds import SegmentFds
 
 
 class StoreUpkeep:
-    def __init__(self, index: Index, *, room: IndexRoom, compactor: Compactor, fds: SegmentFds, pages: PageWriter,
-                 write_lock: threading.RLock, counts: Counter, faults: Counter, read_blob: Callable,
-                 drop_bad: Callable):
+    def __init__(
+        self,
+        index: Index,
+        *,
+        room: IndexRoom,
+        compactor: Compactor,
+        fds: SegmentFds,
+        pages: PageWriter,
+        write_lock: threading.RLock,
+        counts: Counter,
+        faults: Counter,
+        read_blob: Callable,
+        drop_bad: Callable,
+    ):
         self.index = index
         self.room = room
         self.compactor = compactor

@@ -5,6 +5,7 @@ token of a head, ~10-20x larger), which is what makes per-row quantisation and e
 way they do on real pages. V caches are closer to plain Gaussian. Random bytes would flatter no codec and
 constant pages would flatter every codec, so neither is used here.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ Operator config (``{"kvdrive": {"tenants": {...}}}``)::
 
     {"<salt>": {"ttl_s": 3600, "share_as": "<group>"}, "": {"ttl_s": 600}}
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,7 @@ def id_of_label(label: str) -> str:
     if label == "":
         return ""
     if label.startswith(GROUP_MARK):
-        return group_id(label[len(GROUP_MARK):])
+        return group_id(label[len(GROUP_MARK) :])
     return tenant_id(label)
 
 
@@ -74,8 +75,10 @@ class Tenants:
             if not isinstance(name, str):
                 raise ConfigError(f"{where}: tenant names are cache salts (strings)")
             if name.startswith(GROUP_MARK):
-                raise ConfigError(f"{where}: names starting with {GROUP_MARK!r} denote share_as groups; "
-                                  "configure the member salts instead")
+                raise ConfigError(
+                    f"{where}: names starting with {GROUP_MARK!r} denote share_as groups; "
+                    "configure the member salts instead"
+                )
             if not isinstance(policy, Mapping):
                 raise ConfigError(f"{where} must be an object with {' and/or '.join(_POLICY_KEYS)}, got {policy!r}")
             unknown = sorted(str(k) for k in policy if k not in _POLICY_KEYS)
@@ -84,8 +87,9 @@ class Tenants:
             share = policy.get("share_as")
             if share is not None:
                 if name == "":
-                    raise ConfigError(f"{where}.share_as: unsalted traffic keeps SGLang's own keys and cannot join "
-                                      "a group")
+                    raise ConfigError(
+                        f"{where}.share_as: unsalted traffic keeps SGLang's own keys and cannot join a group"
+                    )
                 if not isinstance(share, str) or not share:
                     raise ConfigError(f"{where}.share_as must be a non-empty group name, got {share!r}")
                 self._group[name] = share
@@ -94,9 +98,11 @@ class Tenants:
             if ttl is not None:
                 number(ttl, f"{where}.ttl_s", below=MAX_TTL_S, unit="seconds")
                 if tid in self._ttl and self._ttl[tid] != float(ttl):
-                    raise ConfigError(f"{where}.ttl_s={ttl} conflicts with {ttl_from[tid]}.ttl_s="
-                                      f"{self._ttl[tid]:g}: members of share_as group "
-                                      f"{self._group.get(name)!r} share pages, so they need one TTL")
+                    raise ConfigError(
+                        f"{where}.ttl_s={ttl} conflicts with {ttl_from[tid]}.ttl_s="
+                        f"{self._ttl[tid]:g}: members of share_as group "
+                        f"{self._group.get(name)!r} share pages, so they need one TTL"
+                    )
                 self._ttl[tid] = float(ttl)
                 ttl_from[tid] = where
 

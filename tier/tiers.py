@@ -12,6 +12,7 @@
 its string, hashes like it and prints as it, so code and stats that compare, key or log by the plain strings keep
 working (the promoter's cost tables are keyed by them).
 """
+
 from __future__ import annotations
 
 from enum import Enum

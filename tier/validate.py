@@ -10,6 +10,7 @@ What every check refuses, and why:
   broke the store later (found by fuzzing the settings); an infinite byte count or interval is never meant.
 - anything not an int (integers) or not an int or float (numbers): strings from JSON are refused, not coerced.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,26 +18,48 @@ import math
 from .errors import ConfigError
 
 
-def integer(v, what: str, *, least: int = 1, most: int | None = None, below: int | None = None,
-            error: type[Exception] = ConfigError) -> int:
+def integer(
+    v,
+    what: str,
+    *,
+    least: int = 1,
+    most: int | None = None,
+    below: int | None = None,
+    error: type[Exception] = ConfigError,
+) -> int:
     """An int (not a bool) with ``least <= v`` (default 1: positive) and, if given, ``v <= most`` or ``v < below``."""
     hi, hi_in = (most, True) if most is not None else (below, False)
-    ok = isinstance(v, int) and not isinstance(v, bool) and v >= least \
-        and (hi is None or (v <= hi if hi_in else v < hi))
+    ok = (
+        isinstance(v, int) and not isinstance(v, bool) and v >= least and (hi is None or (v <= hi if hi_in else v < hi))
+    )
     if not ok:
         raise error(f"{what} must be {_describe('integer', least, True, hi, hi_in, '')}, got {v!r}")
     return v
 
 
-def number(v, what: str, *, zero_ok: bool = False, least: float | None = None, most: float | None = None,
-           below: float | None = None, unit: str = "", error: type[Exception] = ConfigError) -> float:
+def number(
+    v,
+    what: str,
+    *,
+    zero_ok: bool = False,
+    least: float | None = None,
+    most: float | None = None,
+    below: float | None = None,
+    unit: str = "",
+    error: type[Exception] = ConfigError,
+) -> float:
     """A finite int or float (not a bool): positive (> 0), or ``>= 0`` with ``zero_ok``, or ``>= least``; and, if
     given, ``<= most`` or ``< below``. ``unit`` names what it counts in the message ("seconds": "a positive number
     of seconds")."""
     lo, lo_in = (least, True) if least is not None else (0, zero_ok)
     hi, hi_in = (most, True) if most is not None else (below, False)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-        and (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
+    ok = (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and (v >= lo if lo_in else v > lo)
+        and (hi is None or (v <= hi if hi_in else v < hi))
+    )
     if not ok:
         raise error(f"{what} must be {_describe('number', lo, lo_in, hi, hi_in, unit)}, got {v!r}")
     return float(v)

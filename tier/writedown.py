@@ -10,6 +10,7 @@ flush and close wait for room instead). The writer thread also runs the engine's
 ``TierEngine`` owns one and keeps the page API and the tier order; this module only moves pages down. Split from
 engine.py (issue 16).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,7 @@ log = logging.getLogger("kvdrive.tier")
 
 class QueuedPage(NamedTuple):
     """One page in the write-down queue: readable (``TierEngine.get_many``) until it is on disk."""
+
     ns: Namespace
     blob: bytes  # the encoded page, as the DRAM pool holds it
     score: float  # the promoter's value: the disk store evicts the lowest first
@@ -40,8 +42,17 @@ class WriteDown:
     ``writedown_dropped`` (a full queue, or the disk refused the page) and ``not_admitted_dropped`` (selective: a page
     left the DRAM pool still not worth a disk write)."""
 
-    def __init__(self, disk: DiskStore | None, *, queue_bytes: int, batch_bytes: int, maintain_interval_s: float,
-                 selective: bool, admitted: Callable[[Namespace, bytes], bool], maintain: Callable[[], None]):
+    def __init__(
+        self,
+        disk: DiskStore | None,
+        *,
+        queue_bytes: int,
+        batch_bytes: int,
+        maintain_interval_s: float,
+        selective: bool,
+        admitted: Callable[[Namespace, bytes], bool],
+        maintain: Callable[[], None],
+    ):
         self.disk = disk
         self.queue_bytes = queue_bytes
         self.batch_bytes = batch_bytes
@@ -76,8 +87,9 @@ class WriteDown:
             self._writer = threading.Thread(target=self._writer_loop, name="kvdrive-writedown", daemon=True)
             self._writer.start()
 
-    def enqueue(self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires_ms: int = 0,
-                block: bool = False) -> bool:
+    def enqueue(
+        self, pk: PoolKey, ns: Namespace, blob: bytes, score: float, expires_ms: int = 0, block: bool = False
+    ) -> bool:
         """Queue a page for the disk. False: dropped (the queue is full and ``block`` is off, the page is larger than
         the whole queue, the disk tier is off, or the writer is stopping)."""
         with self._cv:
@@ -189,8 +201,13 @@ class WriteDown:
             by_ns.setdefault(item.ns.id, []).append((pk, item))
         for items in by_ns.values():
             ns = items[0][1].ns
-            ok = self.disk.put_many(ns, [pk[1] for pk, _ in items], [it.blob for _, it in items],
-                                    scores=[it.score for _, it in items], expires_ms=[it.expires_ms for _, it in items])
+            ok = self.disk.put_many(
+                ns,
+                [pk[1] for pk, _ in items],
+                [it.blob for _, it in items],
+                scores=[it.score for _, it in items],
+                expires_ms=[it.expires_ms for _, it in items],
+            )
             done = [(pk, it.blob) for (pk, it), o in zip(items, ok) if o]
             self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
             if done and self.on_written is not None:

@@ -12,6 +12,7 @@ buffers; the request's modelled TTFT (cost_model.CostModel); then the finished r
 write-through of its new pages down the tiers. Pages are small synthetic bf16 pages standing in for real ones
 (replay.tiers.SyntheticPages); bytes are reported both as moved here and scaled to the modelled page size.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,17 @@ class Replay:
     prefetch_window_s, prefetch_candidates), disk_gc_live_ratio, and optionally flush_every (default 1: wait for the
     disk writer after every request)."""
 
-    def __init__(self, cfg: Config, wl: Workload, budgets: dict, cost: CostModel, knobs, tmp: str,
-                 synth: SyntheticPages, make_engine=TierEngine):
+    def __init__(
+        self,
+        cfg: Config,
+        wl: Workload,
+        budgets: dict,
+        cost: CostModel,
+        knobs,
+        tmp: str,
+        synth: SyntheticPages,
+        make_engine=TierEngine,
+    ):
         if cfg.promoter and cfg.l3 != "kvdrive":
             raise ReplayError(f"configuration {cfg.name}: the promoter needs kvdrive as L3")
         if cost.page_tokens != wl.page_tokens:
@@ -71,9 +81,15 @@ class Replay:
         self.cfg, self.wl, self.budgets, self.cost, self.knobs = cfg, wl, budgets, cost, knobs
         self.pt = wl.page_tokens
         self.clock = Clock()
-        pcfg = dict(half_life_s=knobs.half_life_s, dram_gbps=cost.dram_gbps, disk_gbps=cost.disk_gbps,
-                    disk_latency_s=cost.disk_latency_s, pcie_gbps=cost.pcie_gbps,
-                    prefill_tokens_per_s=cost.prefill_tokens_per_s, max_tracked=1 << 22)
+        pcfg = dict(
+            half_life_s=knobs.half_life_s,
+            dram_gbps=cost.dram_gbps,
+            disk_gbps=cost.disk_gbps,
+            disk_latency_s=cost.disk_latency_s,
+            pcie_gbps=cost.pcie_gbps,
+            prefill_tokens_per_s=cost.prefill_tokens_per_s,
+            max_tracked=1 << 22,
+        )
         if cfg.admit_min_reuse is not None:
             pcfg["admit_min_reuse"] = cfg.admit_min_reuse
         self.promoter = Promoter(PromoterConfig(**pcfg), clock=self.clock) if cfg.promoter else None
@@ -93,9 +109,15 @@ class Replay:
             self.file = FileTier(self.dir, budgets["disk_bytes"], self.host)
         elif cfg.l3 == "kvdrive":
             # make_engine: TierEngine, or (bench/replay/fleet.py) a node's engine with a shared remote tier behind it
-            self.engine = make_engine(TierConfig(path=self.dir, host_bytes=budgets["host_bytes"],
-                                                disk_bytes=budgets["disk_bytes"], codec="zstd",
-                                                disk={"gc_live_ratio": knobs.disk_gc_live_ratio}))
+            self.engine = make_engine(
+                TierConfig(
+                    path=self.dir,
+                    host_bytes=budgets["host_bytes"],
+                    disk_bytes=budgets["disk_bytes"],
+                    codec="zstd",
+                    disk={"gc_live_ratio": knobs.disk_gc_live_ratio},
+                )
+            )
         elif cfg.l3 is not None:
             raise ReplayError(f"configuration {cfg.name}: unknown L3 {cfg.l3!r}")
         self.outs = [np.empty_like(synth.numpy[0]) for _ in range(budgets["max_request_pages"])]
@@ -151,7 +173,7 @@ class Replay:
         if self.host is not None:
             h = self.host.leading_hits(P, g)
             if h:
-                self.host.load_back(P[g:g + h])
+                self.host.load_back(P[g : g + h])
         s = g + h
         tiers, k = [], 0  # L3 tiers of the leading hits after s; k of them reloaded
         if cfg.l3 is not None and len(P) - s > 0 and len(P) - s >= cfg.storage_min_pages:
@@ -161,13 +183,17 @@ class Replay:
             else:
                 n_t = self.engine.exists_many(self.ns, keys[s:])
                 if n_t:
-                    tiers = self.engine.tiers_of(self.ns, keys[s:s + n_t])
+                    tiers = self.engine.tiers_of(self.ns, keys[s : s + n_t])
                     if None in tiers:  # evicted between the two calls (the writer thread): a shorter hit
-                        tiers = tiers[:tiers.index(None)]
+                        tiers = tiers[: tiers.index(None)]
                 # the promoter plans a remote page as a disk read, as KvdriveStorage does until it has a remote cost
-                k = (self.promoter.plan_prefix(["disk" if t == "remote" else t for t in tiers], self.pt,
-                                               self.page_bytes).reload_pages
-                     if self.promoter is not None else len(tiers))
+                k = (
+                    self.promoter.plan_prefix(
+                        ["disk" if t == "remote" else t for t in tiers], self.pt, self.page_bytes
+                    ).reload_pages
+                    if self.promoter is not None
+                    else len(tiers)
+                )
             if k:
                 k = self._fetch(P, keys, s, k)
         used = tiers[:k]
@@ -193,7 +219,7 @@ class Replay:
         c["used_remote"] += n_remote
         c["used_disk"] += k - n_dram - n_remote
         if self.prefetched:
-            for key, t in zip(keys[s:s + k], used):
+            for key, t in zip(keys[s : s + k], used):
                 if t not in ("disk", "remote") and key in self.prefetched:
                     self.prefetched.discard(key)
                     c["prefetch_used"] += 1
@@ -235,30 +261,30 @@ class Replay:
     def _fetch(self, P, keys, s: int, k: int) -> int:
         """Read the k L3 pages after s (into host slots with L2, else into buffers); returns how many arrived."""
         if self.host is not None:
-            slots = self.host.alloc(P[s:s + k], keep=self.gpu_set, also=set(P[:s]))
+            slots = self.host.alloc(P[s : s + k], keep=self.gpu_set, also=set(P[:s]))
             if len(slots) < k:
                 self.c["storage_hits_dropped_no_host_room"] += k - len(slots)
             if self.file is not None:
-                got = self.file.fetch(P[s:s + len(slots)], slots)
+                got = self.file.fetch(P[s : s + len(slots)], slots)
             else:
                 n = len(slots)
-                ok = self.engine.get_many(self.ns, keys[s:s + n], self.outs[:n]) if n else []
+                ok = self.engine.get_many(self.ns, keys[s : s + n], self.outs[:n]) if n else []
                 got = ok.index(False) if False in ok else n
                 if got < n:
                     self.c["vanished"] += 1
                 for i in range(got):  # as KvdriveStorage does: decoded into a host buffer, then into the slot
                     self.host.set_page(slots[i], self.outs[i])
-            self.host.release(P[s + got:s + len(slots)])  # slots of pages that did not arrive go back
+            self.host.release(P[s + got : s + len(slots)])  # slots of pages that did not arrive go back
             if got and self.engine is not None:
-                self._unspill(keys[s:s + got])
+                self._unspill(keys[s : s + got])
             if got:
-                self.host.load_back(P[s:s + got], counted=False)  # on to the GPU; counted as L3 reads, not host hits
+                self.host.load_back(P[s : s + got], counted=False)  # on to the GPU; counted as L3 reads, not host hits
             return got
-        got = self.engine.get_many(self.ns, keys[s:s + k], self.outs[:k])
+        got = self.engine.get_many(self.ns, keys[s : s + k], self.outs[:k])
         if not all(got):
             k = got.index(False)
             self.c["vanished"] += 1
-        self._unspill(keys[s:s + k])
+        self._unspill(keys[s : s + k])
         if k and not np.array_equal(self.outs[0], self.synth.np_page(P[s])):
             raise ReplayError(f"page {P[s]} read back wrong")
         return k
@@ -298,8 +324,8 @@ class Replay:
             wb = [str(x) for x in evicted]
             where = self.engine.tiers_of(self.ns, fkeys + wb)
             held = [key for key, t in zip(fkeys, where) if t is not None]
-            new = [key for key, t in zip(fkeys[g:], where[g:len(fkeys)]) if t is None]
-            new += [key for key, t in zip(wb, where[len(fkeys):]) if t is None]  # write-back on tree eviction
+            new = [key for key, t in zip(fkeys[g:], where[g : len(fkeys)]) if t is None]
+            new += [key for key, t in zip(wb, where[len(fkeys) :]) if t is None]  # write-back on tree eviction
             new = list(dict.fromkeys(new))
             admitted = [key for key in new if self.promoter.admit(key)]
             c["not_admitted"] += len(new) - len(admitted)
@@ -308,9 +334,10 @@ class Replay:
                 self.engine.set_scores(self.ns, held, [scores[key] for key in held])
             self._put(admitted, with_scores=self.cfg.tier_scores)
         else:
-            rest = fkeys[g + found:]
-            self._put([key for key, t in zip(rest, self.engine.tiers_of(self.ns, rest)) if t is None],
-                      with_scores=False)
+            rest = fkeys[g + found :]
+            self._put(
+                [key for key, t in zip(rest, self.engine.tiers_of(self.ns, rest)) if t is None], with_scores=False
+            )
 
     def _spill(self, pids) -> None:
         """Pages that left the tier above kvdrive: promotion candidates (as KvdriveStorage.record_host_evicted)."""
@@ -346,8 +373,9 @@ class Replay:
             return
         tiers = self.engine.tiers_of(self.ns, cands)
         self._unspill([k for k, t in zip(cands, tiers) if t != "disk"])  # in memory already, or no longer stored
-        picked = self.promoter.prefetch([k for k, t in zip(cands, tiers) if t == "disk"],
-                                        budget // self.page_bytes * self.page_bytes)
+        picked = self.promoter.prefetch(
+            [k for k, t in zip(cands, tiers) if t == "disk"], budget // self.page_bytes * self.page_bytes
+        )
         if not picked:
             return
         scores = self.promoter.score_of(picked) if self.cfg.tier_scores else None
@@ -422,18 +450,31 @@ class Replay:
             l3 = c["used_dram"] + c["used_disk"] + c["used_remote"]  # L3 pages pass through
             b["host"]["read"] = (hs.read + l3) * self.page_bytes
             b["host"]["written"] = (hs.written + l3) * self.page_bytes
-            out.update({"host_pool_pages": hs.capacity, "host_pages_written": hs.written,
-                        "host_pages_evicted": hs.evicted, "host_writes_refused_full": hs.refused,
-                        "storage_hits_dropped_no_host_room": c["storage_hits_dropped_no_host_room"]})
+            out.update(
+                {
+                    "host_pool_pages": hs.capacity,
+                    "host_pages_written": hs.written,
+                    "host_pages_evicted": hs.evicted,
+                    "host_writes_refused_full": hs.refused,
+                    "storage_hits_dropped_no_host_room": c["storage_hits_dropped_no_host_room"],
+                }
+            )
         if self.file is not None:
             f = self.file
             b["disk"]["read"] = f.pages_read * self.page_bytes
             b["disk"]["written"] = f.files_written * self.page_bytes
             here = f.disk_bytes()
-            out.update({"disk_pages_written": f.files_written, "disk_pages_read": f.pages_read,
-                        "disk_evicted_pages": f.files_evicted, "disk_pages_read_never_written": f.read_unwritten,
-                        "disk_bytes_at_end_here": here, "disk_bytes_at_end": here * self.scale,
-                        "disk_set_failures": c["file_set_failed"]})
+            out.update(
+                {
+                    "disk_pages_written": f.files_written,
+                    "disk_pages_read": f.pages_read,
+                    "disk_evicted_pages": f.files_evicted,
+                    "disk_pages_read_never_written": f.read_unwritten,
+                    "disk_bytes_at_end_here": here,
+                    "disk_bytes_at_end": here * self.scale,
+                    "disk_set_failures": c["file_set_failed"],
+                }
+            )
         if self.engine is not None:
             s = self.engine.stats()
             d = s.disk
@@ -443,26 +484,28 @@ class Replay:
             b["dram"]["written"] = c["pages_put"] * mean_enc * self.scale  # encoded bytes into the pool
             b["disk"]["read"] = d.bytes_read * self.scale
             b["disk"]["written"] = d.bytes_written * self.scale
-            out.update({
-                "pages_written_down": c["pages_put"],
-                "pages_not_admitted": c["not_admitted"],
-                "disk_pages_written": d.pages_written,
-                "disk_pages_read": d.hits,
-                "prefetched_pages": c["prefetched_pages"],
-                "prefetched_pages_used": c["prefetch_used"],
-                "disk_evicted_pages": d.evicted,
-                "disk_writes_refused_full": d.rejected_full,
-                "disk_segments_compacted": d.segments_compacted,
-                "disk_entries_at_end": d.entries,
-                "disk_live_pct_of_cap_at_end": 100.0 * d.live_bytes / max(1, d.capacity_bytes),
-                "disk_bytes_at_end_here": d.live_bytes,
-                "disk_bytes_at_end": d.live_bytes * self.scale,
-                "dram_dropped_pages": s.dram.dropped,
-                "writedown_dropped": s.writedown_dropped,
-                "vanished_between_lookup_and_read": c["vanished"],
-                "engine_small_bytes_written": d.bytes_written,
-                "engine_small_bytes_read": d.bytes_read,
-            })
+            out.update(
+                {
+                    "pages_written_down": c["pages_put"],
+                    "pages_not_admitted": c["not_admitted"],
+                    "disk_pages_written": d.pages_written,
+                    "disk_pages_read": d.hits,
+                    "prefetched_pages": c["prefetched_pages"],
+                    "prefetched_pages_used": c["prefetch_used"],
+                    "disk_evicted_pages": d.evicted,
+                    "disk_writes_refused_full": d.rejected_full,
+                    "disk_segments_compacted": d.segments_compacted,
+                    "disk_entries_at_end": d.entries,
+                    "disk_live_pct_of_cap_at_end": 100.0 * d.live_bytes / max(1, d.capacity_bytes),
+                    "disk_bytes_at_end_here": d.live_bytes,
+                    "disk_bytes_at_end": d.live_bytes * self.scale,
+                    "dram_dropped_pages": s.dram.dropped,
+                    "writedown_dropped": s.writedown_dropped,
+                    "vanished_between_lookup_and_read": c["vanished"],
+                    "engine_small_bytes_written": d.bytes_written,
+                    "engine_small_bytes_read": d.bytes_read,
+                }
+            )
             if enc_page is not None:  # promoter_bench's figures: pages x modelled page bytes / zstd ratio
                 out["disk_gb_written_model"] = d.pages_written * enc_page / 1e9
                 out["disk_gb_read_model"] = d.hits * enc_page / 1e9

@@ -11,6 +11,7 @@ are costed as ``FleetCost`` says: a fixed latency per request plus the objects' 
 decode at the DRAM tier's measured speed, then PCIe. The network figures are flags (default: batched Mooncake gets
 over loopback TCP on these machines, ../shared/notes/mooncake-cpu.md); RDMA moves ~10x the bytes per second.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,16 +95,30 @@ class FleetCost(CostModel):
         if pages <= 0:
             return 0.0
         nbytes = pages * self.page_bytes
-        return (self.remote_latency_s + nbytes / self.zstd_ratio / (self.remote_gbps * GB)
-                + nbytes / (self.dram_gbps * GB) + nbytes / (self.pcie_gbps * GB))
+        return (
+            self.remote_latency_s
+            + nbytes / self.zstd_ratio / (self.remote_gbps * GB)
+            + nbytes / (self.dram_gbps * GB)
+            + nbytes / (self.pcie_gbps * GB)
+        )
 
 
 def _node_workload(wl: Workload, node: int, nodes: int) -> Workload:
     return wl._replace(requests=wl.requests[node::nodes])
 
 
-def run_fleet(cfg: Config, wl: Workload, budgets: dict, cost: FleetCost, knobs, tmp: str, synth: SyntheticPages,
-              nodes: int, shared_bytes: int | None, progress=None) -> dict:
+def run_fleet(
+    cfg: Config,
+    wl: Workload,
+    budgets: dict,
+    cost: FleetCost,
+    knobs,
+    tmp: str,
+    synth: SyntheticPages,
+    nodes: int,
+    shared_bytes: int | None,
+    progress=None,
+) -> dict:
     """Replay ``wl`` over ``nodes`` replicas (round-robin); ``shared_bytes``: the shared tier's capacity in stored
     bytes here (None: no shared tier). Returns the fleet's totals and each node's summary."""
     store = SharedStore(shared_bytes) if shared_bytes is not None else None
@@ -114,6 +129,7 @@ def run_fleet(cfg: Config, wl: Workload, budgets: dict, cost: FleetCost, knobs, 
 
         def make_engine(tc):
             return RemoteTieredEngine(tc, spec, remote=store)
+
     replays = []
     t0 = time.perf_counter()
     try:
@@ -141,49 +157,70 @@ def run_fleet(cfg: Config, wl: Workload, budgets: dict, cost: FleetCost, knobs, 
 
 
 def fleet_summary(cfg: Config, nodes: int, replays: list, per_node: list, remote: list, store, wall: float) -> dict:
-    tot = {k: sum(s[k] for s in per_node) for k in ("requests", "prompt_tokens", "prefill_tokens",
-                                                   "prefill_tokens_saved")}
+    tot = {
+        k: sum(s[k] for s in per_node) for k in ("requests", "prompt_tokens", "prefill_tokens", "prefill_tokens_saved")
+    }
     ttft = np.concatenate([np.frombuffer(r.ttft, dtype=np.float64) for r in replays if len(r.ttft)])
     scale = replays[0].scale
     out = {
-        "configuration": cfg.name, "nodes": nodes, "shared_tier": store is not None, **tot,
+        "configuration": cfg.name,
+        "nodes": nodes,
+        "shared_tier": store is not None,
+        **tot,
         "saved_pct": 100.0 * tot["prefill_tokens_saved"] / max(1, tot["prompt_tokens"]),
         **{f"hit_tokens_{t}": sum(s[f"hit_tokens_{t}"] for s in per_node) for t in TIERS},
-        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
         "ttft_mean_s": float(ttft.mean()) if len(ttft) else 0.0,
         # each node serves its share at once: the fleet's rate is the sum of the nodes' (serial per node)
         "throughput_rps": sum(s["throughput_rps"] for s in per_node),
-        "bytes": {t: {d: sum(s["bytes"][t][d] for s in per_node) for d in ("read", "written")}
-                  for t in ("host", "dram", "disk")},
+        "bytes": {
+            t: {d: sum(s["bytes"][t][d] for s in per_node) for d in ("read", "written")}
+            for t in ("host", "dram", "disk")
+        },
         "wall_s": wall,
         "per_node_saved_pct": [round(s["saved_pct"], 2) for s in per_node],
     }
     if store is not None:
-        out["bytes"]["remote"] = {"read": sum(r["bytes_read"] for r in remote) * scale,
-                                  "written": sum(r["bytes_written"] for r in remote) * scale}
-        out["remote"] = {"hits": sum(r["hits"] for r in remote), "misses": sum(r["misses"] for r in remote),
-                         "rejected": sum(sum(r["rejected"].values()) for r in remote),
-                         "faults": sum(sum(r["faults"].values()) for r in remote),
-                         "write_behind_dropped": sum(sum(r["dropped"].values()) for r in remote),
-                         "objects_written": store.counts["put"], "objects_evicted": store.counts["evicted"],
-                         "bytes_at_end": store.bytes * scale}
+        out["bytes"]["remote"] = {
+            "read": sum(r["bytes_read"] for r in remote) * scale,
+            "written": sum(r["bytes_written"] for r in remote) * scale,
+        }
+        out["remote"] = {
+            "hits": sum(r["hits"] for r in remote),
+            "misses": sum(r["misses"] for r in remote),
+            "rejected": sum(sum(r["rejected"].values()) for r in remote),
+            "faults": sum(sum(r["faults"].values()) for r in remote),
+            "write_behind_dropped": sum(sum(r["dropped"].values()) for r in remote),
+            "objects_written": store.counts["put"],
+            "objects_evicted": store.counts["evicted"],
+            "bytes_at_end": store.bytes * scale,
+        }
     return out
 
 
 def fleet_markdown(report: dict) -> str:
     a = report["assumptions"]
-    lines = [f"# Trace replay: N replicas, round-robin, with and without the shared tier — preset `{report['preset']}`",
-             "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
-             f"Per node: configuration `{report['configuration']}` at the single-node budgets; shared tier: "
-             f"{report['shared_frac']:g} x the workload's distinct pages (stored bytes). Remote reads: "
-             f"{a['remote_latency_s'] * 1e3:g} ms + compressed bytes at {a['remote_gbps']:g} GB/s "
-             f"({a['remote_note']}); prefill {a['prefill_tokens_per_s']:,.0f} tok/s, PCIe {a['pcie_gbps']:g} GB/s "
-             "(assumed, as the single-node replay). TTFT is modelled (bench/cost_model.py), not measured.", ""]
+    lines = [
+        f"# Trace replay: N replicas, round-robin, with and without the shared tier — preset `{report['preset']}`",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Per node: configuration `{report['configuration']}` at the single-node budgets; shared tier: "
+        f"{report['shared_frac']:g} x the workload's distinct pages (stored bytes). Remote reads: "
+        f"{a['remote_latency_s'] * 1e3:g} ms + compressed bytes at {a['remote_gbps']:g} GB/s "
+        f"({a['remote_note']}); prefill {a['prefill_tokens_per_s']:,.0f} tok/s, PCIe {a['pcie_gbps']:g} GB/s "
+        "(assumed, as the single-node replay). TTFT is modelled (bench/cost_model.py), not measured.",
+        "",
+    ]
     for wname, w in report["workloads"].items():
-        lines += [f"## {wname}: {w['requests']:,} requests, {w['footprint_tokens']:,} distinct tokens", "",
-                  "| nodes | shared tier | prefill tokens | saved | remote hit tokens | TTFT p50 | TTFT p99 | "
-                  "remote GB read / written | disk GB read |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {wname}: {w['requests']:,} requests, {w['footprint_tokens']:,} distinct tokens",
+            "",
+            "| nodes | shared tier | prefill tokens | saved | remote hit tokens | TTFT p50 | TTFT p99 | "
+            "remote GB read / written | disk GB read |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in w["runs"]:
             rb = r["bytes"].get("remote")
             lines.append(
@@ -191,8 +228,12 @@ def fleet_markdown(report: dict) -> str:
                 f"{r['saved_pct']:.1f}% | {r['hit_tokens_remote']:,} | {r['ttft_p50_s']:.3f} s | "
                 f"{r['ttft_p99_s']:.3f} s | "
                 + (f"{rb['read'] / 1e9:,.1f} / {rb['written'] / 1e9:,.1f}" if rb else "-")
-                + f" | {r['bytes']['disk']['read'] / 1e9:,.1f} |")
+                + f" | {r['bytes']['disk']['read'] / 1e9:,.1f} |"
+            )
         lines.append("")
-    lines += ["Bytes are modelled (scaled from the 4 KiB pages moved here to the modelled page); remote bytes are "
-              "the verified objects (compressed pages in their envelopes).", ""]
+    lines += [
+        "Bytes are modelled (scaled from the 4 KiB pages moved here to the modelled page); remote bytes are "
+        "the verified objects (compressed pages in their envelopes).",
+        "",
+    ]
     return "\n".join(lines)

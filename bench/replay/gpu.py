@@ -5,6 +5,7 @@ The tree is driven as the scheduler drives it: match_prefix + inc_lock_ref, then
 dec_lock_ref when the request finishes. Every trace boundary is page-aligned, so a page-id tree has the shape and the
 evictions of a token-level tree with page_size 64 (see bench/workloads.py).
 """
+
 from __future__ import annotations
 
 from array import array
@@ -34,14 +35,27 @@ class Gpu:
                 super()._delete_leaf(node)
 
         self.torch = torch
-        kv = MHATokenToKVPool(size=pages, page_size=1, dtype=torch.float16, head_num=1, head_dim=1, layer_num=1,
-                              device="cpu", enable_memory_saver=False)
-        self.alloc = TokenToKVPoolAllocator(size=pages, dtype=torch.float16, device="cpu", kvcache=kv,
-                                            need_sort=False)
+        kv = MHATokenToKVPool(
+            size=pages,
+            page_size=1,
+            dtype=torch.float16,
+            head_num=1,
+            head_dim=1,
+            layer_num=1,
+            device="cpu",
+            enable_memory_saver=False,
+        )
+        self.alloc = TokenToKVPoolAllocator(size=pages, dtype=torch.float16, device="cpu", kvcache=kv, need_sort=False)
         req_pool = ReqToTokenPool(size=4, max_context_len=8, device="cpu", enable_memory_saver=False)
-        self.tree = BenchRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
-                                                    token_to_kv_pool_allocator=self.alloc, page_size=1,
-                                                    eviction_policy="lru"))
+        self.tree = BenchRadixCache(
+            CacheInitParams(
+                disable=False,
+                req_to_token_pool=req_pool,
+                token_to_kv_pool_allocator=self.alloc,
+                page_size=1,
+                eviction_policy="lru",
+            )
+        )
         self.tree.removed = []
         if strategy is not None:
             self.tree.eviction_strategy = strategy
@@ -52,11 +66,12 @@ class Gpu:
         its length and the node, whose path holds them)."""
         if hasattr(m, "device_indices"):
             return m.device_indices
-        return self.tree.path_device_indices(m.last_device_node)[:m.device_prefix_len]
+        return self.tree.path_device_indices(m.last_device_node)[: m.device_prefix_len]
 
     def match(self, ids):
         from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
+
         m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", ids))))
         self.tree.inc_lock_ref(m.last_device_node)
         return m
@@ -65,6 +80,7 @@ class Gpu:
         """Insert the finished request (prompt + answer); returns the page ids the tree evicted to make room."""
         from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
+
         prefix = self.hit(m)
         g = len(prefix)
         need = len(ids) - g
@@ -77,7 +93,7 @@ class Gpu:
         value = self.torch.cat([prefix.to(new.dtype), new])
         res = self.tree.insert(InsertParams(key=RadixKey(array("q", ids)), value=value))
         if res.prefix_len > g:
-            self.alloc.free(value[g:res.prefix_len])
+            self.alloc.free(value[g : res.prefix_len])
         self.tree.dec_lock_ref(m.last_device_node)
         removed, self.tree.removed = self.tree.removed, []
         return removed

@@ -18,6 +18,7 @@ issued when the storage part of the prompt is at least ``prefetch_threshold`` to
 Not modelled: the asynchrony (writes complete before the next request; prefetch completes as with
 ``wait_complete``), host-pool fragmentation, and node splits (a page is its own node here).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,11 +67,27 @@ class HostTier:
         if pages < 1:
             raise ReplayError(f"host tier of {pages} pages")
         head_dim = synth.nbytes // (2 * 2)  # K and V, bf16: one token of head_dim elements is one synthetic page
-        dev = MHATokenToKVPool(size=1, page_size=1, dtype=torch.bfloat16, head_num=1, head_dim=head_dim, layer_num=1,
-                               device="cpu", enable_memory_saver=False)
+        dev = MHATokenToKVPool(
+            size=1,
+            page_size=1,
+            dtype=torch.bfloat16,
+            head_num=1,
+            head_dim=head_dim,
+            layer_num=1,
+            device="cpu",
+            enable_memory_saver=False,
+        )
         # SGLang sizes the host pool as device size x ratio (then one page more); ratio = pages makes it ``pages``
-        self.pool = make_host_pool(MHATokenToKVPoolHost, dev, host_to_device_ratio=pages + 0.5, host_size=0,
-                                   page_size=1, layout="layer_first", pin_memory=False, device="cpu")
+        self.pool = make_host_pool(
+            MHATokenToKVPoolHost,
+            dev,
+            host_to_device_ratio=pages + 0.5,
+            host_size=0,
+            page_size=1,
+            layout="layer_first",
+            pin_memory=False,
+            device="cpu",
+        )
         self.capacity = self.pool.available_size()
         self.synth = synth
         self.slot: OrderedDict[int, int] = OrderedDict()  # page id -> host index; front = least recently used
@@ -89,6 +106,7 @@ class HostTier:
         """Host -> GPU copy of ``pids`` (all host-resident): reads the slots, checks the first and last page;
         ``counted``: a host hit (not a storage page passing through)."""
         import torch
+
         for pid in (pids[0], pids[-1]):
             got = self.pool.get_data_page(self.slot[pid], flat=True)
             if not torch.equal(got, self.synth.torch_page(pid)):
@@ -117,6 +135,7 @@ class HostTier:
                     break
         if victims:
             import torch
+
             idx = torch.tensor([self.slot.pop(p) for p in victims], dtype=torch.int64)
             self.pool.free(idx)
             self.evicted += len(victims)
@@ -146,7 +165,7 @@ class HostTier:
         for pid, s in zip(pids, slots):
             self.pool.set_from_flat_data_page(s, self.synth.torch_page(pid))
         self.written += len(slots)
-        return list(pids[:len(slots)])
+        return list(pids[: len(slots)])
 
     def page(self, pid: int):
         return self.pool.get_data_page(self.slot[pid], flat=True)
@@ -154,12 +173,14 @@ class HostTier:
     def set_page(self, slot: int, page: np.ndarray) -> None:
         """Write a decoded page (numpy bf16 bits) into a host slot."""
         import torch
+
         self.pool.set_from_flat_data_page(slot, torch.from_numpy(page.view(np.int16)).view(torch.bfloat16).flatten())
 
     def release(self, pids) -> None:
         """Give back the slots of ``pids`` (allocated for pages that then did not arrive)."""
         if len(pids):
             import torch
+
             self.pool.free(torch.tensor([self.slot.pop(p) for p in pids], dtype=torch.int64))
 
 
@@ -167,9 +188,19 @@ def file_storage_config(max_bytes: int):
     """The HiCacheStorageConfig SGLang builds for a single-rank MHA server, with HiCacheFile's LRU byte cap."""
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-    return HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                                is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
-                                model_name="bench-8b", extra_config={"max_size": int(max_bytes)} if max_bytes else {})
+    return HiCacheStorageConfig(
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=False,
+        model_name="bench-8b",
+        extra_config={"max_size": int(max_bytes)} if max_bytes else {},
+    )
 
 
 class FileTier:
@@ -181,8 +212,10 @@ class FileTier:
         from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
         if os.environ.get("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"):
-            raise ReplayError("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR is set: HiCacheFile would ignore the replay's "
-                              "directory; unset it")
+            raise ReplayError(
+                "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR is set: HiCacheFile would ignore the replay's "
+                "directory; unset it"
+            )
         self.path = path
         self.store = HiCacheFile(file_storage_config(max_bytes), file_path=path)
         self.host = host

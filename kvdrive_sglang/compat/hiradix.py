@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 from sglang.srt.disaggregation.kv_events import StorageMedium
 from sglang.srt.mem_cache import registry
@@ -56,7 +56,7 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
             self.eviction_strategy = PromoterEviction(self, access_is_monotonic_time=True)
         self._kvdrive_started()
 
-    def _kvdrive_root_prior(self, salt) -> Optional[str]:
+    def _kvdrive_root_prior(self, salt) -> str | None:
         """Where a chain of ``salt``'s pages starts (tagged with its tenant id); None when unsalted. The operator's
         share_as groups come from kvdrive's storage backend, looked up each time (it can be attached at runtime)."""
         policy = self._kvdrive_tenants()
@@ -198,7 +198,7 @@ class KvdriveRadixCache(KvdriveCacheMixin, HiRadixCache):
                     self._kvdrive_salt_by_rid.popitem(last=False)
         return result
 
-    def _kvdrive_chain_start(self, last_host_node, salt) -> Optional[str]:
+    def _kvdrive_chain_start(self, last_host_node, salt) -> str | None:
         """The prior hash for storage keys of tokens that follow last_host_node."""
         if last_host_node is self.root_node:
             return self._kvdrive_root_prior(salt)  # None when unsalted: SGLang's own chain

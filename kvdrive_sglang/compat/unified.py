@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any
 
 from sglang.srt.mem_cache import registry
 from sglang.srt.mem_cache.unified_cache import tree_core_registry
@@ -47,7 +47,7 @@ _policy: Tenants = _NO_POLICY  # the operator's tenant policy, from kvdrive's st
 _active = False
 
 
-def tenant_salt(extra_key: Optional[str], cache_salt: Optional[str]) -> Optional[str]:
+def tenant_salt(extra_key: str | None, cache_salt: str | None) -> str | None:
     """The tenant name of a request's namespace (see the module docstring); None when it has none."""
     extra_key = extra_key or None
     cache_salt = cache_salt or None
@@ -56,7 +56,7 @@ def tenant_salt(extra_key: Optional[str], cache_salt: Optional[str]) -> Optional
     return cache_salt if extra_key is None else f"{cache_salt}/{extra_key}"
 
 
-def tagged_root_prior(key: Any) -> Optional[str]:
+def tagged_root_prior(key: Any) -> str | None:
     """Where the storage chain of ``key`` (a RadixKey) starts: SGLang's namespace seed + the tenant id, or the
     share_as group's prior; None for unsalted keys (SGLang's own chain, unchanged)."""
     from sglang.srt.mem_cache.utils import storage_namespace_seed
@@ -162,7 +162,7 @@ class KvdriveUnifiedRadixCache(KvdriveCacheMixin, UnifiedRadixCache):
         return result
 
 
-def _kvdrive_applies(ctx) -> Optional[str]:
+def _kvdrive_applies(ctx) -> str | None:
     """Why SGLang's default chain would not build a plain hierarchical UnifiedRadixCache for ``ctx`` (mirrors
     registry.default_radix_cache_factory), or None when it would."""
     from sglang.srt.runtime_context import get_memory

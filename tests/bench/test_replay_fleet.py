@@ -1,6 +1,7 @@
 """bench/replay_bench.py --nodes (bench/replay/fleet.py): N replicas round-robin, with and without the shared remote
 tier (issue 19), on the smoke preset's docs trace. Checks the accounting, not the numbers: every prompt token is a
 hit in one tier or prefilled, the shared tier is read only where it exists, and its objects pass their checks."""
+
 import json
 import os
 import subprocess
@@ -12,9 +13,28 @@ TIERS = ("gpu", "host", "dram", "disk", "remote")
 
 def test_fleet_replay_accounting(tmp_path):
     out = tmp_path / "fleet"
-    res = subprocess.run([sys.executable, os.path.join(REPO, "bench", "replay_bench.py"), "--preset", "smoke",
-                          "--workloads", "docs", "--nodes", "2", "--calib-pages", "8", "--out", str(out),
-                          "--dir", str(tmp_path / "scratch")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "bench", "replay_bench.py"),
+            "--preset",
+            "smoke",
+            "--workloads",
+            "docs",
+            "--nodes",
+            "2",
+            "--calib-pages",
+            "8",
+            "--out",
+            str(out),
+            "--dir",
+            str(tmp_path / "scratch"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "fleet.json").read_text())
     runs = report["workloads"]["docs"]["runs"]

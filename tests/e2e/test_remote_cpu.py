@@ -6,6 +6,7 @@ tokens > 0 and greedy output equal to the radix-only reference. Then A is killed
 process group): B keeps answering every prompt with the reference output -- the objects held in A's segment stay
 listed for a while but cannot be read, which B must take as misses (and recompute), never as pages.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,20 +32,31 @@ REMOTE_CONFIG = {"global_segment_size": 64 << 20, "local_buffer_size": 32 << 20,
 def node_args(store, url, **remote) -> list[str]:
     # --kvdrive-reload always: a 2-layer model's prefill is rightly cheaper than a reload (test_server_cpu.py says
     # why); admit_min_reuse 1: a page seen once is admitted to the disk, hence to the shared tier, at once
-    return ["--kv-tier", "kvdrive", "--kvdrive-dir", str(store), "--kvdrive-reload", "always",
-            "--kvdrive-promoter", json.dumps({"admit_min_reuse": 1}),
-            "--kvdrive-remote", url, "--kvdrive-remote-config", json.dumps({**REMOTE_CONFIG, **remote})]
+    return [
+        "--kv-tier",
+        "kvdrive",
+        "--kvdrive-dir",
+        str(store),
+        "--kvdrive-reload",
+        "always",
+        "--kvdrive-promoter",
+        json.dumps({"admit_min_reuse": 1}),
+        "--kvdrive-remote",
+        url,
+        "--kvdrive-remote-config",
+        json.dumps({**REMOTE_CONFIG, **remote}),
+    ]
 
 
-def test_two_nodes_share_a_remote_tier_and_survive_a_node_killed(tiny_model, all_prompts, reference, e2e_dir,
-                                                                 ext_dir):
+def test_two_nodes_share_a_remote_tier_and_survive_a_node_killed(tiny_model, all_prompts, reference, e2e_dir, ext_dir):
     mooncake_or_skip()
     master = Master(str(e2e_dir / "mooncake_master.log")).start()
     a = b = None
     try:
         store_a, store_b = e2e_dir / "remote_a", e2e_dir / "remote_b"
-        a = server("remote_a", tiny_model, e2e_dir, ext_dir, node_args(store_a, master.url),
-                   max_total_tokens=1024).start()
+        a = server(
+            "remote_a", tiny_model, e2e_dir, ext_dir, node_args(store_a, master.url), max_total_tokens=1024
+        ).start()
         assert_plugin_ok(a)
         doc = all_prompts[0]
         first = a.generate(doc, MAX_NEW)
@@ -52,8 +64,14 @@ def test_two_nodes_share_a_remote_tier_and_survive_a_node_killed(tiny_model, all
         # A's pages reach its disk (admitted), and from its write-down the shared tier
         assert wait_for(lambda: at_least(kvdrive_entries(store_a), PAGES), 60), kvdrive_entries(store_a)
         # B lends the store no memory: every shared object lives in A's segment, so A's death takes them all
-        b = server("remote_b", tiny_model, e2e_dir, ext_dir, node_args(store_b, master.url, global_segment_size=0),
-                   max_total_tokens=1024).start()
+        b = server(
+            "remote_b",
+            tiny_model,
+            e2e_dir,
+            ext_dir,
+            node_args(store_b, master.url, global_segment_size=0),
+            max_total_tokens=1024,
+        ).start()
         assert_plugin_ok(b)
         on_b = b.generate(doc, MAX_NEW)
         assert on_b["details"]["storage"] > 0, (on_b, b.log_tail(30))  # B's own tiers were empty: remote pages

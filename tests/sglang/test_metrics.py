@@ -1,4 +1,5 @@
 """kvdrive's metrics: Prometheus counters/gauges fed from real tier stats, and the periodic log line."""
+
 import logging
 
 import pytest

@@ -1,6 +1,7 @@
 """The shared remote tier seen from SGLang's side (issue 19): a real KvdriveStorage with --kvdrive-remote on a real
 Mooncake master (tests/tier/mooncake_master.py), its per-tier metrics and summary line, and the remote settings it
 records for `kvdrive stats`."""
+
 import json
 
 import pytest
@@ -19,17 +20,34 @@ from tests.sglang.backend_case import PAGE, fill, make_host  # noqa: E402
 from tests.tier.mooncake_master import Master, mooncake_or_skip  # noqa: E402
 
 MiB = 1 << 20
-REMOTE_CONFIG = {"timeout_s": 2.0, "retry_s": 60.0, "global_segment_size": 16 * MiB, "local_buffer_size": 16 * MiB,
-                 "batch_bytes": 4 * MiB}
+REMOTE_CONFIG = {
+    "timeout_s": 2.0,
+    "retry_s": 60.0,
+    "global_segment_size": 16 * MiB,
+    "local_buffer_size": 16 * MiB,
+    "batch_bytes": 4 * MiB,
+}
 
 
 def backend(store_dir, host, **settings):
-    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(store_dir), host_gb=0.01, disk_gb=1,
-                                                           write_policy="write_through", **settings)))
-    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                               is_mla_model=False, enable_storage_metrics=False,
-                               is_page_first_layout=host.layout == "page_first", model_name="tiny-llama",
-                               extra_config=extra)
+    extra = json.loads(
+        storage_extra_config(
+            KvdriveOptions(dir=str(store_dir), host_gb=0.01, disk_gb=1, write_policy="write_through", **settings)
+        )
+    )
+    cfg = HiCacheStorageConfig(
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=host.layout == "page_first",
+        model_name="tiny-llama",
+        extra_config=extra,
+    )
     be = StorageBackendFactory.create_backend("dynamic", cfg, host)
     be.register_mem_pool_host(host)
     return be

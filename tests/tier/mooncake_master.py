@@ -4,6 +4,7 @@ remote tests: each test gets its own master on free ports, killed at the end.
 Mooncake comes from kvdrive's ``[remote]`` extra; where libibverbs is missing, scripts/mooncake_env.sh fetches it
 without root (run here once if needed). Tests skip, saying why, only where neither can be had.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,13 +30,18 @@ def mooncake_or_skip() -> None:
         return
     except ConfigError:
         pass
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "mooncake_env.sh"), "--python", sys.executable],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "mooncake_env.sh"), "--python", sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         import_store_class()
     except ConfigError as e:
-        pytest.skip(f"Mooncake Store cannot be installed here ({e}); scripts/mooncake_env.sh said: "
-                    f"{r.stderr.strip()[-300:]}")
+        pytest.skip(
+            f"Mooncake Store cannot be installed here ({e}); scripts/mooncake_env.sh said: {r.stderr.strip()[-300:]}"
+        )
 
 
 def free_port() -> int:
@@ -54,8 +60,10 @@ class Master:
         self.log_path = log_path
         libs = libs_dir()
         ld = f"{libs}/usr/lib/x86_64-linux-gnu:{libs}/lib/x86_64-linux-gnu"
-        self.env = dict(os.environ, LD_LIBRARY_PATH=ld + (":" + os.environ["LD_LIBRARY_PATH"]
-                                                           if os.environ.get("LD_LIBRARY_PATH") else ""))
+        self.env = dict(
+            os.environ,
+            LD_LIBRARY_PATH=ld + (":" + os.environ["LD_LIBRARY_PATH"] if os.environ.get("LD_LIBRARY_PATH") else ""),
+        )
         self.proc = None
 
     @property
@@ -64,10 +72,20 @@ class Master:
 
     def start(self) -> Master:
         self.proc = subprocess.Popen(
-            [self.binary, "--rpc_address=127.0.0.1", f"--rpc_port={self.port}", "--metrics_host=127.0.0.1",
-             f"--metrics_port={self.metrics_port}", "--rpc_thread_num=2", "--client_ttl=2",
-             "--enable_http_metadata_server=false"],
-            env=self.env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+            [
+                self.binary,
+                "--rpc_address=127.0.0.1",
+                f"--rpc_port={self.port}",
+                "--metrics_host=127.0.0.1",
+                f"--metrics_port={self.metrics_port}",
+                "--rpc_thread_num=2",
+                "--client_ttl=2",
+                "--enable_http_metadata_server=false",
+            ],
+            env=self.env,
+            stdout=open(self.log_path, "ab"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, open(self.log_path, errors="replace").read()[-2000:]

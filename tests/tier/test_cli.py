@@ -1,4 +1,5 @@
 """The ``kvdrive`` console command, on real stores (real LMDB index, real segment files) in temp dirs."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,16 @@ RAW_PAGE_BYTES = 2 * 16 * 4 * 64 * 2  # bf16
 
 
 def make_ns(tenant: str = "", model: str = "tiny-llama", tp_rank: int = 0, tp_size: int = 1) -> Namespace:
-    return Namespace(model=model, kv_dtype="bfloat16", layout="mha", num_layers=2, tp_rank=tp_rank, tp_size=tp_size,
-                     tenant=tenant, **SHAPE)
+    return Namespace(
+        model=model,
+        kv_dtype="bfloat16",
+        layout="mha",
+        num_layers=2,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        tenant=tenant,
+        **SHAPE,
+    )
 
 
 def page(seed: int) -> np.ndarray:
@@ -38,8 +47,16 @@ def populate(d: Path, spec: dict[Namespace, int], *, seed0: int = 0, ttl_s: floa
     """Write ``n`` pages per namespace through the real engine into small (64 KiB) segments, one group commit per
     page, so a store of a few dozen pages spans several segments. Returns {(ns, key): page}."""
     pages = {}
-    eng = TierEngine(TierConfig(path=str(d), host_bytes=0, disk_bytes=64 << 20, writedown_batch_bytes=1,
-                                default_ttl_s=ttl_s, disk={"segment_bytes": 64 << 10}))
+    eng = TierEngine(
+        TierConfig(
+            path=str(d),
+            host_bytes=0,
+            disk_bytes=64 << 20,
+            writedown_batch_bytes=1,
+            default_ttl_s=ttl_s,
+            disk={"segment_bytes": 64 << 10},
+        )
+    )
     try:
         for j, (ns, n) in enumerate(spec.items()):
             keys = [f"{ns.tenant or 'ns'}-{i}" for i in range(n)]
@@ -135,8 +152,14 @@ def test_stats_text_and_json_two_namespaces(tmp_path, capsys):
     na, nb = nss[a.id.hex()], nss[b.id.hex()]
     assert (na["pages"], nb["pages"]) == (12, 5)
     assert na["short_id"] == a.id[:8].hex()
-    assert (nb["model"], nb["tp_rank"], nb["tp_size"], nb["tenant"], nb["layout"], nb["kv_dtype"]) == \
-        ("other-model", 1, 2, "bob", "mha", "bfloat16")
+    assert (nb["model"], nb["tp_rank"], nb["tp_size"], nb["tenant"], nb["layout"], nb["kv_dtype"]) == (
+        "other-model",
+        1,
+        2,
+        "bob",
+        "mha",
+        "bfloat16",
+    )
     assert na["bytes"] + nb["bytes"] == j["live_bytes"]
     assert j["file_bytes"] >= j["live_bytes"] > 0
     assert j["dead_bytes"] == j["file_bytes"] - j["live_bytes"]

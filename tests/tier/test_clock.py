@@ -1,4 +1,5 @@
 """tier/clock.py: the one wall clock (ms) every tier's expiry times are kept on."""
+
 import time
 
 from kvdrive_sglang.tier import clock

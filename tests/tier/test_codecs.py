@@ -1,5 +1,6 @@
 """Page codecs: lossless codecs are bit-exact for any bytes, lossy ones stay within measured error bounds, and
 every malformed input is a CodecError that names the problem."""
+
 from __future__ import annotations
 
 import struct
@@ -69,7 +70,7 @@ def byte_pages(draw):
     elif kind == "constant":
         data[:] = draw(st.integers(0, 255))
     elif kind == "half-zero":  # a partly filled page: data, then zero padding
-        data[nbytes // 2:] = 0
+        data[nbytes // 2 :] = 0
     elif kind == "special" and k == 2 and nbytes:
         u16 = data.view(np.uint16)
         pats = np.array(SPECIALS.get(dtype, SPECIALS["bfloat16"]), np.uint16)
@@ -89,7 +90,7 @@ def test_lossless_round_trip_is_bit_exact_for_any_bytes(page, codec):
     assert decode_page(blob, out, dtype) == h
     assert bytes(out) == data
     if codec == "raw":  # the disk store reads raw bodies straight into caller buffers
-        assert blob[HEADER.size:] == data
+        assert blob[HEADER.size :] == data
 
 
 @settings(max_examples=60, deadline=None)
@@ -162,7 +163,7 @@ def lossy_errors(codec: str, dtype: str, pages: int = 8):
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
         cos_min = min(cos_min, cos.min())
         err_max = max(err_max, (np.abs(x - y).max(1) / np.abs(x).max(1)).max())
-        rms_max = max(rms_max, np.sqrt(((x - y) ** 2).mean() / (x ** 2).mean()))
+        rms_max = max(rms_max, np.sqrt(((x - y) ** 2).mean() / (x**2).mean()))
     return cos_min, err_max, rms_max
 
 
@@ -173,7 +174,7 @@ def lossy_errors(codec: str, dtype: str, pages: int = 8):
 # (int8: 0.5/127 of absmax; fp8: 16/448, half a step in the top binade) plus rounding the decoded value back to
 # the page dtype (half an ulp: 2^-8 relative for bf16, 2^-11 for fp16, 2^-24 for fp32).
 LOSSY_BOUNDS = {"int8": (0.9995, 0.5 / 127, 0.02), "fp8": (0.9992, 16 / 448, 0.02)}  # cosine, step error, RMS
-OUTPUT_ROUNDING = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24}
+OUTPUT_ROUNDING = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -216,7 +217,7 @@ def test_lossy_tiny_and_huge_rows_stay_finite(codec, dtype):
     out = decoded(encode_page(page, dtype, codec, 64), page, dtype)
     y = to_float32(out, dtype).reshape(2, 64)
     assert np.isfinite(y).all()
-    assert y[1, 0] == pytest.approx(huge, rel=2 ** -7) and y[1, 1] == pytest.approx(-huge, rel=2 ** -7)
+    assert y[1, 0] == pytest.approx(huge, rel=2**-7) and y[1, 1] == pytest.approx(-huge, rel=2**-7)
 
 
 def test_fp8_encoder_matches_brute_force_nearest_even():
@@ -224,9 +225,20 @@ def test_fp8_encoder_matches_brute_force_nearest_even():
     assert (np.diff(pos) > 0).all() and pos[-1] == 448
     rng = np.random.default_rng(6)
     mids = (pos[:-1] + pos[1:]) / 2
-    vals = np.concatenate([rng.uniform(-448, 448, 20000), rng.standard_normal(20000) * 0.01,
-                           rng.uniform(-2 ** -5, 2 ** -5, 20000), pos, -pos, mids, -mids,
-                           np.nextafter(mids, 0), np.nextafter(mids, 1000), [0.0, -0.0]]).astype(np.float32)
+    vals = np.concatenate(
+        [
+            rng.uniform(-448, 448, 20000),
+            rng.standard_normal(20000) * 0.01,
+            rng.uniform(-(2**-5), 2**-5, 20000),
+            pos,
+            -pos,
+            mids,
+            -mids,
+            np.nextafter(mids, 0),
+            np.nextafter(mids, 1000),
+            [0.0, -0.0],
+        ]
+    ).astype(np.float32)
     got = f32_to_e4m3(vals)
     a = np.abs(vals.astype(np.float64))
     i = np.clip(np.searchsorted(pos, a), 1, 126)
@@ -266,9 +278,15 @@ def test_float16_conversions_match_numpy():
     rng = np.random.default_rng(8)
     fin = np.unique(ref[np.isfinite(ref)].astype(np.float64))
     mids = ((fin[:-1] + fin[1:]) / 2).astype(np.float32)  # exact ties between neighbouring float16 values
-    x = np.concatenate([rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
-                        mids, -mids, rng.standard_normal(50_000).astype(np.float32) * np.float32(1e-5),
-                        np.array([65504, 65519.99, 65520, 1e30, np.inf, -np.inf, np.nan], np.float32)])
+    x = np.concatenate(
+        [
+            rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+            mids,
+            -mids,
+            rng.standard_normal(50_000).astype(np.float32) * np.float32(1e-5),
+            np.array([65504, 65519.99, 65520, 1e30, np.inf, -np.inf, np.nan], np.float32),
+        ]
+    )
     out = np.empty(x.size * 2, np.uint8)
     from_float32(x, "float16", out)
     with np.errstate(over="ignore"):
@@ -301,7 +319,7 @@ def test_wrong_dtype(bf16_page):
 def test_truncated_or_extended_blob(bf16_page, codec):
     blob = encode_page(bf16_page, "bfloat16", codec, 16)
     out = np.empty_like(bf16_page)
-    for bad in (blob[:-1], blob[:len(blob) // 2], blob[:HEADER.size], blob + b"\0"):
+    for bad in (blob[:-1], blob[: len(blob) // 2], blob[: HEADER.size], blob + b"\0"):
         with pytest.raises(CodecError, match=codec):
             decode_page(bad, out, "bfloat16")
     with pytest.raises(CodecError, match=r"\b7\b.*header"):
@@ -311,8 +329,13 @@ def test_truncated_or_extended_blob(bf16_page, codec):
 def test_damaged_header_fields(bf16_page):
     blob = bytearray(encode_page(bf16_page, "bfloat16", "zstd", 16))
     out = np.empty_like(bf16_page)
-    cases = {0: (ord("X"), r"magic"), 4: (2, r"version 2"), 5: (9, r"codec code 9"), 6: (99, r"dtype code 99"),
-             7: (1, r"flags")}
+    cases = {
+        0: (ord("X"), r"magic"),
+        4: (2, r"version 2"),
+        5: (9, r"codec code 9"),
+        6: (99, r"dtype code 99"),
+        7: (1, r"flags"),
+    }
     for offset, (value, msg) in cases.items():
         bad = bytearray(blob)
         bad[offset] = value
@@ -332,7 +355,7 @@ def test_damaged_bodies(bf16_page):
     with pytest.raises(CodecError, match=r"storage mode 7"):
         decode_page(bytes(bad), out, "bfloat16")
     i8 = bytearray(encode_page(bf16_page, "bfloat16", "int8", 16))
-    i8[HEADER.size:HEADER.size + 4] = struct.pack("<f", float("nan"))
+    i8[HEADER.size : HEADER.size + 4] = struct.pack("<f", float("nan"))
     with pytest.raises(CodecError, match=r"scale"):
         decode_page(bytes(i8), out, "bfloat16")
     f8 = bytearray(encode_page(bf16_page, "bfloat16", "fp8", 16))
@@ -353,7 +376,7 @@ def test_corrupt_zstd_frame_is_a_codec_error_or_writes_only_its_buffer():
         bad = bytearray(blob)
         bad[i] ^= 0x5A
         buf = np.full(page.size + 64, 0xEE, np.uint8)  # guard bytes on both sides of the output
-        out = buf[32:32 + page.size]
+        out = buf[32 : 32 + page.size]
         try:
             decode_page(bytes(bad), out, "uint8")
             outcomes["decoded"] += 1

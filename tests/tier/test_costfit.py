@@ -1,4 +1,5 @@
 """LinearFit: measured costs as lines (seconds = fixed + per_unit * units) over a sliding window."""
+
 import random
 
 import pytest

@@ -1,4 +1,5 @@
 """Page sealing (tier/crypto.py) with real keys and real AES-GCM: the envelope, PageSealer's reasons and counts (I6)."""
+
 import json
 import logging
 import os

@@ -1,6 +1,7 @@
 """DiskStore under faults found by the server-level fault tests (tests/e2e/test_faults_cpu.py), at tier level:
 a full LMDB map (for real: a tiny map), the writer's segment file deleted under it, a read fault in a batch, and
 (where a tmpfs can be mounted) a file system that really fills up."""
+
 import errno
 import logging
 import os
@@ -31,6 +32,7 @@ def pinned_reader():
     def pin(st):
         readers.append(PinnedReader(os.path.join(st.path, INDEX_DIR), st.config.map_size))
         return readers[-1]
+
     yield pin
     for r in readers:
         r.release()
@@ -120,6 +122,7 @@ def test_failed_segment_allocation_leaves_no_lock_behind(tmp_path, ns, monkeypat
             if failures:
                 raise failures.pop()
             return real(fd, n)
+
         monkeypatch.setattr(os, "ftruncate", ftruncate_once)
         assert st.put_many(ns, ["a"], blobs(ns, [1])) == [False]
         time.sleep(0.06)
@@ -154,6 +157,7 @@ def test_read_fault_stops_the_batch(tmp_path, ns):
         def eio(*a, **k):
             calls.append(a)
             raise OSError(errno.EIO, "Input/output error")
+
         st._io.preadv = eio
         outs = [np.empty_like(small_page(0, ns)) for _ in ks]
         assert st.get_many(ns, ks, outs) == [False] * 8
@@ -178,8 +182,13 @@ def small_fs(tmp_path):
     """A real 2 MiB tmpfs (needs root with CAP_SYS_ADMIN, as in this project's CI container; skipped elsewhere)."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                                           check=False, capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=False, capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
         yield mnt

@@ -1,4 +1,5 @@
 """DiskStore on real LMDB and real segment files: persistence, isolation, corruption, capacity, GC, TTL, faults."""
+
 import errno
 import glob
 import logging
@@ -43,9 +44,20 @@ def test_restart_serves_everything_bit_exact(tmp_path, ns, codec, direct_io):
         assert st.stats().entries == 40
 
 
-@pytest.mark.parametrize("field,value", [("kv_dtype", "float16"), ("tenant", "other"), ("tp_rank", 1),
-                                         ("page_size", 32), ("model", "other-model"), ("layout", "mla"),
-                                         ("num_layers", 3), ("head_dim", 32), ("extra", (("pp_rank", "1"),))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("kv_dtype", "float16"),
+        ("tenant", "other"),
+        ("tp_rank", 1),
+        ("page_size", 32),
+        ("model", "other-model"),
+        ("layout", "mla"),
+        ("num_layers", 3),
+        ("head_dim", 32),
+        ("extra", (("pp_rank", "1"),)),
+    ],
+)
 def test_namespaces_never_satisfy_each_other(tmp_path, field, value):
     a = make_ns(tp_size=2)
     b = make_ns(tp_size=2, **{field: value})
@@ -210,8 +222,10 @@ def test_files_and_dirs_are_private(tmp_path, ns):
 @pytest.mark.parametrize("direct_io", [True, False])
 def test_write_fault_turns_tier_off_then_back_on(tmp_path, ns, caplog, monkeypatch, direct_io):
     with open_store(tmp_path, retry_after_s=0.3, direct_io=direct_io) as st:
+
         def enospc(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(os, "pwrite", enospc)  # inject the fault at the system-call boundary
         monkeypatch.setattr(os, "pwritev", enospc)
         with caplog.at_level(logging.ERROR, logger="kvdrive.tier"):
@@ -234,6 +248,7 @@ def test_read_fault_is_a_miss_not_a_crash(tmp_path, ns):
 
         def eio(*a, **k):
             raise OSError(errno.EIO, "Input/output error")
+
         st._io.preadv = eio
         out = np.empty_like(small_page(0, ns))
         assert st.get_many(ns, ["a"], [out]) == [False]
@@ -252,6 +267,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 def test_put_refuses_non_page_blobs(tmp_path, ns):
     from kvdrive_sglang.tier.errors import CodecError
+
     with open_store(tmp_path) as st, pytest.raises(CodecError):
         st.put_many(ns, ["a"], [b"not a page"])
 
@@ -262,6 +278,7 @@ def test_read_fault_on_compressed_page_keeps_the_entry(tmp_path, ns):
 
         def eio(*a, **k):
             raise OSError(errno.EIO, "Input/output error")
+
         real, st._io.preadv = st._io.preadv, eio
         out = np.empty_like(small_page(0, ns))
         assert st.get_many(ns, ["a"], [out]) == [False]
@@ -308,10 +325,11 @@ def test_reads_racing_fd_eviction_and_compaction_never_fault(tmp_path, ns):  # I
     # eviction, or compaction forgetting a segment): EBADF turned the whole disk tier off, and a reused fd number
     # could have read another segment's bytes. fd_cache=2 over ~10 segments makes every read churn the cache.
     import threading
+
     seeds = list(range(120))
     with open_store(tmp_path, segment_bytes=64 << 10, fd_cache=2) as st:
         for i in range(0, len(seeds), 6):
-            assert all(st.put_many(ns, [f"k{s}" for s in seeds[i:i + 6]], blobs_for(ns, seeds[i:i + 6], "zstd")))
+            assert all(st.put_many(ns, [f"k{s}" for s in seeds[i : i + 6]], blobs_for(ns, seeds[i : i + 6], "zstd")))
         assert st.stats().segments >= 8
         stop, wrong, errors = threading.Event(), [], []
 
@@ -319,8 +337,9 @@ def test_reads_racing_fd_eviction_and_compaction_never_fault(tmp_path, ns):  # I
             try:
                 while not stop.is_set():
                     got, outs = read_back(st, ns, part)
-                    wrong.extend(s for s, g, o in zip(part, got, outs)
-                                 if g and not np.array_equal(o, small_page(s, ns)))
+                    wrong.extend(
+                        s for s, g, o in zip(part, got, outs) if g and not np.array_equal(o, small_page(s, ns))
+                    )
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 

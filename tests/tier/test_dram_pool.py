@@ -1,5 +1,6 @@
 """DramPool (kvdrive's compressed DRAM tier): byte bound, LRU until scores exist, value order after, demotion
 before removal."""
+
 import threading
 
 import pytest
@@ -52,6 +53,7 @@ def test_victim_stays_visible_until_demote_returns():
     def demote(victims):
         seen.extend(pool.get(key) is not None for key, _ in victims)  # still readable during hand-over
         return len(victims)
+
     pool = DramPool(200, demote)
     for i in range(4):
         pool.put(k(i), bytes(100), 100)
@@ -72,6 +74,7 @@ def test_threads_keep_the_bound():
         for i in range(500):
             pool.put((b"n" * 16, f"{t}-{i}".encode()), bytes(100), 100)
             pool.get((b"n" * 16, f"{t}-{i // 2}".encode()))
+
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()

@@ -1,4 +1,5 @@
 """TierEngine: DRAM pool over the disk store, write-down queue, restart, lossy codecs opt-in, async API."""
+
 import os
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def test_selective_write_down_spends_disk_only_on_admitted_pages(tmp_path, ns):
 def test_broken_admission_keeps_pages(tmp_path, ns, caplog):
     def broken(ns_, key):
         raise RuntimeError("policy bug")
+
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, write_policy="selective")) as e:
         e.admit = broken
         e.put_many(ns, keys(range(3)), pages(range(3)))
@@ -172,7 +174,7 @@ def test_async_api_overlaps(tmp_path, ns):
         e.submit_put_many(ns, keys(range(20)), pages(range(20))).result()
         e.flush()
         outs = [np.empty_like(small_page(0)) for _ in range(20)]
-        futs = [e.submit_get_many(ns, keys(range(i, i + 5)), outs[i:i + 5]) for i in range(0, 20, 5)]
+        futs = [e.submit_get_many(ns, keys(range(i, i + 5)), outs[i : i + 5]) for i in range(0, 20, 5)]
         assert all(all(f.result()) for f in futs)
         assert_exact(outs, range(20))
 
@@ -222,6 +224,7 @@ def test_close_frees_the_dram_tier_at_once(tmp_path, ns):
 def test_close_with_a_queue_smaller_than_a_page_does_not_hang(tmp_path, ns):
     # found by tests/tier/test_fuzz.py: flush() waited forever for queue room a page larger than the queue never gets
     import threading
+
     e = TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, writedown_queue_bytes=PAGE_BYTES // 2))
     assert e.put_many(ns, keys(range(3)), pages(range(3))) == [True] * 3  # held in DRAM; the write-downs dropped
     assert e.stats().writedown_dropped == 3
@@ -420,8 +423,14 @@ os._exit(0)  # dies like kill -9 with pages staged
 def test_crash_with_staged_pages_leaves_no_half_written_page(tmp_path, ns):
     """Staged pages reach the disk only as whole encoded blobs through the write-down queue's group commit: a process
     killed with pages staged leaves the committed ones whole and exact, and the staged ones missing."""
-    p = subprocess.run([sys.executable, "-c", CRASH_CHILD, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 0 and p.stdout.split() == ["staged", "8"], (p.stdout, p.stderr)
     with TierEngine(staged_cfg(tmp_path)) as e:
         assert e.disk.verify().bad == 0

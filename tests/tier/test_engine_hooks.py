@@ -1,5 +1,6 @@
 """TierEngine's hooks for the remote tier (issue 19): on_written_down sees each batch of encoded pages that landed on
 the disk (the write-behind used to wrap the disk store's put_many to see them)."""
+
 import numpy as np
 
 from kvdrive_sglang.tier.codecs import decode_page
@@ -14,8 +15,9 @@ NS = Namespace(model="tiny", kv_dtype="bfloat16", layout="mha", num_layers=2, **
 def test_on_written_down_gets_each_page_that_landed_on_disk(tmp_path):
     pages = [kv_page(np.random.default_rng(i), **SHAPE) for i in range(6)]
     seen = []
-    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20, disk_bytes=64 << 20,
-                               write_policy="write_through")) as engine:
+    with TierEngine(
+        TierConfig(path=str(tmp_path), host_bytes=1 << 20, disk_bytes=64 << 20, write_policy="write_through")
+    ) as engine:
         engine.on_written_down = lambda ns, keys, blobs: seen.append((ns, list(keys), list(blobs)))
         assert all(engine.put_many(NS, [f"k{i}" for i in range(6)], pages))
         assert engine.flush(30)

@@ -1,4 +1,5 @@
 """Segment file I/O: short-I/O loops, IOV_MAX batching, O_DIRECT double-buffered appends, backend selection."""
+
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,7 @@ def test_direct_append_stages_pads_and_keeps_bytes(tmp_path, stage_kib):
     data = np.fromfile(path, dtype=np.uint8)
     np.testing.assert_array_equal(data[:total], np.concatenate(bufs))
     assert not data[total:end].any()  # padding is zeros
-    np.testing.assert_array_equal(data[end:end + 5123], np.concatenate(bufs[:2]))
+    np.testing.assert_array_equal(data[end : end + 5123], np.concatenate(bufs[:2]))
     with pytest.raises(ValueError, match="unaligned"):
         direct_append(dfd, staging, bufs, 100, None)
     staging.close()
@@ -74,6 +75,7 @@ def test_direct_append_stages_pads_and_keeps_bytes(tmp_path, stage_kib):
 def test_select_io_is_posix_without_a_gpu():
     try:
         import torch
+
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
     except ImportError:
@@ -112,6 +114,7 @@ def _file_cache(tmp_path, capacity, closed_log=None):
         f.close()
         if closed_log is not None:
             closed_log.append((key, replaced))
+
     return HandleCache(lambda key: open(tmp_path / key, "rb", buffering=0), close, capacity)
 
 
@@ -172,6 +175,7 @@ def test_handle_cache_under_concurrent_reads_and_forgets(tmp_path):
         while not stop.is_set():
             for name in "abcd":
                 cache.forget(name)
+
     threads = [threading.Thread(target=reader, args=(n,)) for n in "abcd"]
     f = threading.Thread(target=forgetter)
     interval = sys.getswitchinterval()
@@ -201,6 +205,7 @@ def test_segment_fds_read_a_segment_forgotten_mid_read(tmp_path):
     class Io(PosixIO):
         def forget(self, path):
             forgotten.append(os.path.basename(path))
+
     fds = SegmentFds(str(tmp_path), Io(), 1)
     for seg in (1, 2):
         with open(fds.path(seg), "wb") as f:

@@ -4,6 +4,7 @@ type, never a wrong page, never a valid page dropped because of the caller's mis
 
 The number of cases tried is counted (CASES) and printed at the end of the module (``pytest -s`` shows it).
 """
+
 import dataclasses
 import json
 import math
@@ -26,15 +27,49 @@ from kvdrive_sglang.tier.store_dir import FORMAT_FILE
 from tests.helpers import make_ns, small_page
 
 CASES = Counter()
-FUZZ = settings(max_examples=60, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                st.text(max_size=12), st.binary(max_size=6), st.lists(st.integers(), max_size=2),
-                st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.binary(max_size=6),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 # values near the edges of what each field accepts, mixed with anything at all
-EDGY = st.one_of(ANY, st.sampled_from([0, 1, -1, 0.5, 1.0, 1e-300, 1e300, 2**63, 2**64, float("nan"), float("inf"),
-                                       "1", "zstd", "raw", "posix", "kvikio", True, False]))
+EDGY = st.one_of(
+    ANY,
+    st.sampled_from(
+        [
+            0,
+            1,
+            -1,
+            0.5,
+            1.0,
+            1e-300,
+            1e300,
+            2**63,
+            2**64,
+            float("nan"),
+            float("inf"),
+            "1",
+            "zstd",
+            "raw",
+            "posix",
+            "kvikio",
+            True,
+            False,
+        ]
+    ),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,8 +99,10 @@ DISK_FIELDS = [f.name for f in dataclasses.fields(DiskStoreConfig) if f.name != 
 
 
 @FUZZ
-@given(fields=st.dictionaries(st.sampled_from(TIER_FIELDS), EDGY, min_size=1, max_size=3),
-       disk=st.one_of(st.none(), st.dictionaries(st.sampled_from(DISK_FIELDS + ["bogus"]), EDGY, max_size=2)))
+@given(
+    fields=st.dictionaries(st.sampled_from(TIER_FIELDS), EDGY, min_size=1, max_size=3),
+    disk=st.one_of(st.none(), st.dictionaries(st.sampled_from(DISK_FIELDS + ["bogus"]), EDGY, max_size=2)),
+)
 # cases fuzzing found (each was a TypeError / ValueError deep inside, or a store that broke later)
 @example(fields={"disk": None}, disk=None)
 @example(fields={"writedown_queue_bytes": 1}, disk=None)  # close() waited forever for queue room
@@ -134,9 +171,25 @@ def test_put_ttl_values(ttl):
         assert s.get_many(ns, ["a"], [out]) in ([True], [False])
 
 
-PATHS = st.one_of(st.text(max_size=20), st.binary(max_size=10), st.integers(), st.none(),
-                  st.sampled_from(["", "\0", "a\0b", "/proc/kvdrive-nope", "/proc/self/status", "/dev/null/x",
-                                   "FILE", "FILE/sub", "MISSING/deeper/store"]))
+PATHS = st.one_of(
+    st.text(max_size=20),
+    st.binary(max_size=10),
+    st.integers(),
+    st.none(),
+    st.sampled_from(
+        [
+            "",
+            "\0",
+            "a\0b",
+            "/proc/kvdrive-nope",
+            "/proc/self/status",
+            "/dev/null/x",
+            "FILE",
+            "FILE/sub",
+            "MISSING/deeper/store",
+        ]
+    ),
+)
 
 
 @FUZZ
@@ -150,8 +203,11 @@ def test_store_paths(path):
         open(a_file, "w").close()
         if isinstance(path, str) and path.split("/")[0] in ("FILE", "MISSING"):
             path = os.path.join(d, path)
-        elif isinstance(path, (str, bytes)) and path and not os.path.isabs(path if isinstance(path, str) else
-                                                                            path.decode("latin-1")):
+        elif (
+            isinstance(path, (str, bytes))
+            and path
+            and not os.path.isabs(path if isinstance(path, str) else path.decode("latin-1"))
+        ):
             path = os.path.join(d, path) if isinstance(path, str) else os.path.join(d.encode(), path)
         try:
             with DiskStore(DiskStoreConfig(path=path)) as s:
@@ -166,10 +222,19 @@ def test_store_paths(path):
 
 
 # --- keys ------------------------------------------------------------------------------------------------------------
-KEYS = st.one_of(st.text(max_size=40), st.text(min_size=90, max_size=300), st.binary(max_size=40),
-                 st.binary(min_size=395, max_size=1100), st.integers(), st.none(), st.floats(), st.tuples(st.text()),
-                 st.builds(bytearray, st.binary(max_size=20)), st.builds(memoryview, st.binary(max_size=20)),
-                 st.sampled_from(["\ud800", "a\udfffb", "\0", "é" * 600, "x" * 1025, b"x" * 1025, "", b""]))
+KEYS = st.one_of(
+    st.text(max_size=40),
+    st.text(min_size=90, max_size=300),
+    st.binary(max_size=40),
+    st.binary(min_size=395, max_size=1100),
+    st.integers(),
+    st.none(),
+    st.floats(),
+    st.tuples(st.text()),
+    st.builds(bytearray, st.binary(max_size=20)),
+    st.builds(memoryview, st.binary(max_size=20)),
+    st.sampled_from(["\ud800", "a\udfffb", "\0", "é" * 600, "x" * 1025, b"x" * 1025, "", b""]),
+)
 
 
 def _valid_key(k) -> bool:
@@ -184,8 +249,10 @@ def test_odd_keys_round_trip_or_fail_clearly(tmp_path):
     ns = make_ns()
     page = small_page(3, ns)
     blob = encode_page(page, ns.kv_dtype, "raw", ns.head_dim)
-    with DiskStore(DiskStoreConfig(path=str(tmp_path / "d"))) as s, \
-            TierEngine(TierConfig(path=str(tmp_path / "e"), host_bytes=1 << 20)) as eng:
+    with (
+        DiskStore(DiskStoreConfig(path=str(tmp_path / "d"))) as s,
+        TierEngine(TierConfig(path=str(tmp_path / "e"), host_bytes=1 << 20)) as eng,
+    ):
 
         @FUZZ
         @given(key=KEYS, other=KEYS)
@@ -196,12 +263,17 @@ def test_odd_keys_round_trip_or_fail_clearly(tmp_path):
             out = np.empty_like(page)
             s.clear()  # each example starts from empty stores: earlier examples' keys must not answer for `other`
             eng.clear()
-            for target, put in ((s, lambda: s.put_many(ns, [key], [blob])),
-                                (eng, lambda: eng.put_many(ns, [key], [page]))):
+            for target, put in (
+                (s, lambda: s.put_many(ns, [key], [blob])),
+                (eng, lambda: eng.put_many(ns, [key], [page])),
+            ):
                 ops = [put, lambda: target.get_many(ns, [key], [out]), lambda: target.exists_many(ns, [key])]
                 if target is s:
-                    ops += [lambda: s.contains(ns, [key]), lambda: s.delete_many(ns, [key]),
-                            lambda: s.set_scores(ns, [key], [1.0])]
+                    ops += [
+                        lambda: s.contains(ns, [key]),
+                        lambda: s.delete_many(ns, [key]),
+                        lambda: s.set_scores(ns, [key], [1.0]),
+                    ]
                 else:
                     ops += [lambda: eng.tiers_of(ns, [key]), lambda: eng.set_scores(ns, [key], [1.0])]
                 if not _valid_key(key):
@@ -217,6 +289,7 @@ def test_odd_keys_round_trip_or_fail_clearly(tmp_path):
                 if _valid_key(other) and key_bytes(other) != key_bytes(key):
                     assert target.get_many(ns, [other], [out]) == [False]
                     assert target.exists_many(ns, [other]) == 0
+
         check()
 
 
@@ -248,15 +321,20 @@ def test_wrong_page_buffers_are_errors_and_never_drop_the_stored_page(tmp_path):
     ns = make_ns()
     page = small_page(5, ns)
     bufs = _buffers(ns)
-    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as eng, \
-            TierEngine(TierConfig(path=str(tmp_path / "nodram"), host_bytes=0)) as disk_only:
+    with (
+        TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as eng,
+        TierEngine(TierConfig(path=str(tmp_path / "nodram"), host_bytes=0)) as disk_only,
+    ):
         for e in (eng, disk_only):
             assert all(e.put_many(ns, ["p"], [page]))
             assert e.flush(timeout=30)
 
         @FUZZ
-        @given(name=st.sampled_from(sorted(bufs)), which=st.sampled_from(["dram", "disk"]),
-               op=st.sampled_from(["get", "put"]))
+        @given(
+            name=st.sampled_from(sorted(bufs)),
+            which=st.sampled_from(["dram", "disk"]),
+            op=st.sampled_from(["get", "put"]),
+        )
         @example(name="float64", which="disk", op="get")  # was a miss that dropped the stored page as corrupt
         @example(name="half", which="disk", op="get")
         def check(name, which, op):
@@ -278,6 +356,7 @@ def test_wrong_page_buffers_are_errors_and_never_drop_the_stored_page(tmp_path):
             out = np.empty_like(page)
             assert e.get_many(ns, ["p"], [out]) == [True], (name, which, op)
             assert np.array_equal(out, page)
+
         check()
         assert disk_only.stats().disk.corrupt_dropped == 0
 
@@ -289,8 +368,10 @@ def test_torch_buffers_of_the_wrong_kind_are_errors(tmp_path):
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=0)) as e:
         e.put_many(ns, ["p"], [page])
         assert e.flush(timeout=30)
-        for buf in (torch.zeros(page.size, dtype=torch.bfloat16).view(2, -1).t(),  # non-contiguous
-                    torch.zeros(page.size - 8, dtype=torch.bfloat16)):
+        for buf in (
+            torch.zeros(page.size, dtype=torch.bfloat16).view(2, -1).t(),  # non-contiguous
+            torch.zeros(page.size - 8, dtype=torch.bfloat16),
+        ):
             CASES["torch_buffers"] += 1
             with pytest.raises(CodecError):
                 e.get_many(ns, ["p"], [buf])
@@ -311,9 +392,12 @@ def test_put_of_a_blob_with_another_dtype_is_refused(tmp_path):
 
 # --- blobs ------------------------------------------------------------------------------------------------------------
 @FUZZ
-@given(codec=st.sampled_from(CODEC_NAMES), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
-                                                           min_size=1, max_size=4),
-       cut=st.one_of(st.none(), st.integers(0, 10**6)), extra=st.binary(max_size=8))
+@given(
+    codec=st.sampled_from(CODEC_NAMES),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10**6)),
+    extra=st.binary(max_size=8),
+)
 def test_damaged_blobs_decode_or_fail_with_a_codec_error(codec, edits, cut, extra):
     CASES["blobs"] += 1
     ns = make_ns()
@@ -322,7 +406,7 @@ def test_damaged_blobs_decode_or_fail_with_a_codec_error(codec, edits, cut, extr
     for pos, val in edits:
         blob[pos % len(blob)] = val
     if cut is not None:
-        blob = blob[:cut % (len(blob) + 1)]
+        blob = blob[: cut % (len(blob) + 1)]
     blob += extra
     out = np.full_like(page, 0x5A5A)
     try:
@@ -338,8 +422,10 @@ def test_damaged_segment_bytes_are_misses_never_wrong_pages(tmp_path):
     seeds = list(range(16))
 
     @settings(FUZZ, max_examples=25)
-    @given(codec=st.sampled_from(["raw", "zstd", "int8"]),
-           flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6))
+    @given(
+        codec=st.sampled_from(["raw", "zstd", "int8"]),
+        flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6),
+    )
     def check(codec, flips):
         CASES["segment_bytes"] += 1
         with tempfile.TemporaryDirectory(dir=tmp_path) as d:
@@ -364,16 +450,29 @@ def test_damaged_segment_bytes_are_misses_never_wrong_pages(tmp_path):
                     out = np.empty_like(want)
                     got = s.get_many(ns, [k], [out])
                     assert got == [False] or np.array_equal(out, want), k
+
     check()
 
 
 # --- store directories and namespaces ----------------------------------------------------------------------------
-JSONABLE = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                     st.text(max_size=12), st.lists(st.integers(), max_size=2), st.sampled_from([0, 1, 2, 1.0, "1"]))
-STAMPS = st.one_of(st.binary(max_size=40),
-                   st.builds(lambda f, v: json.dumps({"format": f, "version": v}).encode(),
-                             st.sampled_from(["kvdrive-store", "other", None, 1]), JSONABLE),
-                   st.builds(lambda v: json.dumps(v).encode(), JSONABLE))
+JSONABLE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=2),
+    st.sampled_from([0, 1, 2, 1.0, "1"]),
+)
+STAMPS = st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        lambda f, v: json.dumps({"format": f, "version": v}).encode(),
+        st.sampled_from(["kvdrive-store", "other", None, 1]),
+        JSONABLE,
+    ),
+    st.builds(lambda v: json.dumps(v).encode(), JSONABLE),
+)
 
 
 def test_store_dir_with_a_strange_stamp_is_refused_clearly(tmp_path, capsys):
@@ -398,11 +497,23 @@ def test_store_dir_with_a_strange_stamp_is_refused_clearly(tmp_path, capsys):
             err = capsys.readouterr().err.strip().splitlines()
             if not stamp_ok:
                 assert rc == 2 and len(err) == 1 and err[0].startswith("kvdrive: error:") and d in err[0], err
+
     check()
 
 
-NS_FIELDS = ["model", "kv_dtype", "layout", "page_size", "num_heads", "head_dim", "num_layers", "tp_rank", "tp_size",
-             "tenant", "extra"]
+NS_FIELDS = [
+    "model",
+    "kv_dtype",
+    "layout",
+    "page_size",
+    "num_heads",
+    "head_dim",
+    "num_layers",
+    "tp_rank",
+    "tp_size",
+    "tenant",
+    "extra",
+]
 
 
 @FUZZ
@@ -433,9 +544,12 @@ def test_another_models_pages_are_misses(tmp_path):
         st.builds(lambda p: {"page_size": p}, st.sampled_from([1, 8, 32, 64])),
         st.builds(lambda d: {"kv_dtype": d}, st.sampled_from(["float16", "float32", "int8", "uint8"])),
         st.builds(lambda x: {"extra": (("pp", x),)}, st.text(max_size=4)),
-        st.just({"layout": "mla", "num_heads": 1}), st.just({"num_layers": 3}))
+        st.just({"layout": "mla", "num_heads": 1}),
+        st.just({"num_layers": 3}),
+    )
 
     with TierEngine(TierConfig(path=str(tmp_path), host_bytes=1 << 20)) as e:
+
         @FUZZ
         @given(over=variants)
         def check(over):
@@ -446,6 +560,7 @@ def test_another_models_pages_are_misses(tmp_path):
             assert e.get_many(other, ["a", "b"], [out, out.copy()]) == [False, False]
             assert e.exists_many(other, ["a", "b"]) == 0
             assert e.tiers_of(other, ["a"]) == [None]
+
         check()
         out = np.empty_like(small_page(1, ns))
         assert e.get_many(ns, ["a"], [out]) == [True] and np.array_equal(out, small_page(1, ns))

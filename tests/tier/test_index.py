@@ -1,4 +1,5 @@
 """The LMDB index (tier/index.py) on real LMDB: the record layout, locations, prefix lookups, the index-room policy."""
+
 import logging
 from collections import Counter
 
@@ -61,12 +62,22 @@ def test_live_records_and_long_keys():
 def test_leading_present_counts_up_to_the_first_miss(index):
     ns = make_ns()
     with index.write() as txn:
-        index.put_pages(txn, 1, [(page_key(ns.id, key_bytes(k)), rec(off=i * 100, expires_ms=e, flags=f))
-                                 for i, (k, e, f) in enumerate([("a", 0, 0), ("b", 0, 0), ("old", 5, 0),
-                                                                ("s", 0, SEALED), ("L" * 450, 0, 0)])], end=500)
+        index.put_pages(
+            txn,
+            1,
+            [
+                (page_key(ns.id, key_bytes(k)), rec(off=i * 100, expires_ms=e, flags=f))
+                for i, (k, e, f) in enumerate(
+                    [("a", 0, 0), ("b", 0, 0), ("old", 5, 0), ("s", 0, SEALED), ("L" * 450, 0, 0)]
+                )
+            ],
+            end=500,
+        )
     with index.read() as txn:
+
         def count(keys, sealed=False, held=None):
             return index.leading_present(txn, ns.id, keys, now_ms=10, sealed=sealed, held=held)
+
         assert count(["a", "b", "c"]) == 2
         assert count(["a", "old", "b"]) == 1  # expired: a miss
         assert count(["a", "s"]) == 1 and count(["s"], sealed=True) == 1  # I6: only entries written this way
@@ -94,14 +105,19 @@ def test_index_room_evicts_lowest_value_pages_above_its_high_mark(tmp_path, capl
     ix = Index(str(tmp_path / "index"), map_size=1 << 20)
     counts = Counter()
     faults = []
-    room = IndexRoom(ix, store_path=str(tmp_path), low_watermark=0.8, counts=counts,
-                     on_fault=lambda e, during: faults.append(during))
+    room = IndexRoom(
+        ix, store_path=str(tmp_path), low_watermark=0.8, counts=counts, on_fault=lambda e, during: faults.append(during)
+    )
     try:
         n = 0
         while room.fill() < 0.85:  # fill past the high mark by hand (as other processes' writes could)
             with ix.write() as txn:
-                ix.put_pages(txn, 1, [(b"k%08d" % (n + i), rec(off=(n + i) * 100, score=float(n + i)))
-                                      for i in range(64)], end=(n + 64) * 100)
+                ix.put_pages(
+                    txn,
+                    1,
+                    [(b"k%08d" % (n + i), rec(off=(n + i) * 100, score=float(n + i))) for i in range(64)],
+                    end=(n + 64) * 100,
+                )
             n += 64
         with caplog.at_level(logging.INFO, logger="kvdrive.tier"):
             shape = room.keep_headroom()

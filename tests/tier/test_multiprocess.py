@@ -3,6 +3,7 @@
 The writer process and the after-crash check live in bench/stress/crash_worker.py, shared with the kill -9 stress
 benchmark (bench/stress/kill_stress.py); the last test here is that benchmark at CI size.
 """
+
 import os
 import subprocess
 import sys
@@ -17,9 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_four_writer_processes_share_a_store(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.stress.crash_worker", str(tmp_path), "--wid", str(w),
-                               "--batches", "25"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for w in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.stress.crash_worker", str(tmp_path), "--wid", str(w), "--batches", "25"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(4)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
@@ -57,8 +65,14 @@ def test_dead_writer_recovery_cuts_at_the_committed_end_not_a_stale_one(tmp_path
     # Found by bench/stress/kill_stress.py (two writers, one killed while the other compacted): recovery truncated a
     # dead writer's segment at the end it had read *before* the writer's last commit, cutting committed pages
     # (verify then found their entries pointing past the end of the file).
-    p = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout.readline().startswith("committed 0"), p.stderr.read()
     with DiskStore(DiskStoreConfig(path=str(tmp_path), capacity_bytes=1 << 30)) as st:
         with st.index.read() as txn:

@@ -2,6 +2,7 @@
 
 Everything runs on a fake clock, so every number below is exact and reproducible.
 """
+
 import math
 import random
 import threading
@@ -38,6 +39,7 @@ def lru_replay(trace):
 
 
 # --- eviction order -----------------------------------------------------------------------------------------------
+
 
 def test_eviction_order_is_lru_without_attention():
     p, clock = make()
@@ -146,6 +148,7 @@ def test_group_score_is_the_mean_value_on_the_score_scale():
 
 # --- admission --------------------------------------------------------------------------------------------------
 
+
 def test_admission_rejects_one_off_pages_and_admits_reused_ones():
     p, clock = make()
     doc = [f"doc{i}" for i in range(4)]
@@ -206,6 +209,7 @@ def test_admission_by_value_threshold():
 
 # --- prefetch ---------------------------------------------------------------------------------------------------
 
+
 def test_prefetch_respects_budget_and_picks_by_value():
     p, clock = make()
     keys = [f"s{i}" for i in range(10)]
@@ -246,6 +250,7 @@ def test_prefetch_of_a_session_history_prefers_recent_sessions():
 
 
 # --- reload vs recompute ----------------------------------------------------------------------------------------
+
 
 def test_reload_or_recompute_picks_recompute_when_the_tier_is_slower_than_prefill():
     p, _ = make(disk_gbps=0.5, dram_gbps=4.0, pcie_gbps=25.0, disk_latency_s=1e-3, prefill_tokens_per_s=10000.0)
@@ -288,6 +293,7 @@ def test_plan_prefix_cuts_where_the_slow_tier_begins():
 
 # --- codecs, bounds, config, determinism, threads ---------------------------------------------------------------
 
+
 def test_codec_choice_is_lossless_unless_opted_in():
     p, _ = make()
     assert [p.codec_for(t) for t in ("gpu", "host", "dram", "queued", "disk")] == ["raw", "raw", "zstd", "zstd", "zstd"]
@@ -311,26 +317,29 @@ def test_tracking_is_bounded_lru():
     assert p.reuse("k51") == 1 and p.reuse("k149") == 1
 
 
-@pytest.mark.parametrize("field,value,expect", [
-    ("half_life_s", 0, "half_life_s"),
-    ("half_life_s", float("nan"), "half_life_s"),
-    ("attention_floor", -1.0, "attention_floor"),
-    ("admit_min_reuse", 0, "admit_min_reuse"),
-    ("admit_min_reuse", 2.5, "admit_min_reuse"),
-    ("admit_min_value", -3.0, "admit_min_value"),
-    ("dram_gbps", 0.0, "dram_gbps"),
-    ("disk_gbps", "fast", "disk_gbps"),
-    ("pcie_gbps", float("inf"), "pcie_gbps"),
-    ("disk_latency_s", -1e-3, "disk_latency_s"),
-    ("prefill_tokens_per_s", 0, "prefill_tokens_per_s"),
-    ("lossy_ok", "yes", "lossy_ok"),
-    ("admit_continuations", 1, "admit_continuations"),
-    ("lossy_codec", "jpeg", "lossy_codec"),
-    ("max_tracked", 0, "max_tracked"),
-    ("max_tracked", True, "max_tracked"),
-    ("promote_share", 1.5, "promote_share must be a number from 0 to 1"),  # a share of the disk's bandwidth
-    ("remote_latency_s", float("nan"), "remote_latency_s must be a non-negative number"),
-])
+@pytest.mark.parametrize(
+    "field,value,expect",
+    [
+        ("half_life_s", 0, "half_life_s"),
+        ("half_life_s", float("nan"), "half_life_s"),
+        ("attention_floor", -1.0, "attention_floor"),
+        ("admit_min_reuse", 0, "admit_min_reuse"),
+        ("admit_min_reuse", 2.5, "admit_min_reuse"),
+        ("admit_min_value", -3.0, "admit_min_value"),
+        ("dram_gbps", 0.0, "dram_gbps"),
+        ("disk_gbps", "fast", "disk_gbps"),
+        ("pcie_gbps", float("inf"), "pcie_gbps"),
+        ("disk_latency_s", -1e-3, "disk_latency_s"),
+        ("prefill_tokens_per_s", 0, "prefill_tokens_per_s"),
+        ("lossy_ok", "yes", "lossy_ok"),
+        ("admit_continuations", 1, "admit_continuations"),
+        ("lossy_codec", "jpeg", "lossy_codec"),
+        ("max_tracked", 0, "max_tracked"),
+        ("max_tracked", True, "max_tracked"),
+        ("promote_share", 1.5, "promote_share must be a number from 0 to 1"),  # a share of the disk's bandwidth
+        ("remote_latency_s", float("nan"), "remote_latency_s must be a non-negative number"),
+    ],
+)
 def test_bad_config_names_the_field(field, value, expect):
     with pytest.raises(ConfigError, match=expect):
         PromoterConfig(**{field: value})
@@ -394,6 +403,7 @@ def test_concurrent_observers_lose_nothing():
         for i in range(500):
             p.observe_access([f"shared{i % 50}"], TOK, PAGE)
             p.observe_attention({f"t{tid}-{i}": 0.01})
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -436,9 +446,17 @@ def test_measured_tier_speed_replaces_the_assumed_one():
     assert p.costs()["disk_gbps"][1] == "assumed"
 
 
-@pytest.mark.parametrize("kw", [{"prefill_s_per_token": 0}, {"prefill_s_per_token": float("nan")},
-                                {"tier_s_per_byte": {"gpu": 1e-9}}, {"tier_s_per_byte": {"disk": -1.0}},
-                                {"reload_fixed_s": -0.1}, {"prefill_s_per_token": True}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"prefill_s_per_token": 0},
+        {"prefill_s_per_token": float("nan")},
+        {"tier_s_per_byte": {"gpu": 1e-9}},
+        {"tier_s_per_byte": {"disk": -1.0}},
+        {"reload_fixed_s": -0.1},
+        {"prefill_s_per_token": True},
+    ],
+)
 def test_calibrate_rejects_bad_figures(kw):
     p, _ = make()
     with pytest.raises(ConfigError):

@@ -1,5 +1,6 @@
 """The promoter's cost of the shared remote tier (issue 19): its own bandwidth and round trip, assumed or measured,
 in reload_or_recompute and plan_prefix (remote pages used to be planned as disk reads by the caller)."""
+
 import pytest
 
 from kvdrive_sglang.tier.errors import ConfigError

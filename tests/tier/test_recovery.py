@@ -1,5 +1,6 @@
 """A damaged store never takes its user down (issue 17; tier/recovery.py, I8, I11): real stores, real LMDB files and
 segment files, damaged between opens. Every open succeeds; only pages proven intact are served."""
+
 import json
 import os
 import random
@@ -48,12 +49,17 @@ def test_damage_rounds_at_ci_size(tmp_path):  # I8, I11: the bench's loop, 20+ r
     assert {"index_rebuilt", "stamp_rewritten", "dirs_recreated"} <= set(r.recoveries), r.recoveries
 
 
-TARGETS = {"stamp": FORMAT_FILE, "data.mdb": "index/data.mdb", "lock.mdb": "index/lock.mdb",
-           "segment": "segments/seg-00000001.kvs"}
+TARGETS = {
+    "stamp": FORMAT_FILE,
+    "data.mdb": "index/data.mdb",
+    "lock.mdb": "index/lock.mdb",
+    "segment": "segments/seg-00000001.kvs",
+}
 
 
-@pytest.mark.parametrize("kind", [Damage.FLIP, Damage.TRUNCATE_EMPTY, Damage.TRUNCATE_HALF, Damage.TRUNCATE_RANDOM,
-                                  Damage.DELETE_FILE])
+@pytest.mark.parametrize(
+    "kind", [Damage.FLIP, Damage.TRUNCATE_EMPTY, Damage.TRUNCATE_HALF, Damage.TRUNCATE_RANDOM, Damage.DELETE_FILE]
+)
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_every_file_and_every_damage_opens_and_serves_only_good_pages(tmp_path, kind, target):
     fill(tmp_path)
@@ -82,8 +88,9 @@ def test_missing_directories_are_recreated(tmp_path, what):
         assert wrong == [] and RecoveryKind.DIRS_RECREATED.value in kinds(st)
         # the segment files alone rebuild the index (I11): every page comes back
         assert hits == (len(KEYS) if what == "index" else 0)
-        assert st.put_many(NS, ["page-999"], [encode_page(page_for("page-999"), NS.kv_dtype, "raw",
-                                                          NS.head_dim)]) == [True]
+        assert st.put_many(NS, ["page-999"], [encode_page(page_for("page-999"), NS.kv_dtype, "raw", NS.head_dim)]) == [
+            True
+        ]
 
 
 def test_rebuild_from_segments_alone_keeps_pages_namespaces_and_expiry(tmp_path):  # I11
@@ -133,15 +140,31 @@ def write_format1_store(path: Path, keys) -> None:
         for k in keys:
             blob = encode_page(page_for(k), NS.kv_dtype, "zstd", NS.head_dim)
             h = peek_header(blob)
-            recs.append((page_key(NS.id, key_bytes(k)), Record(seg, len(data), len(blob), h.codec, 0,
-                                                             xxhash.xxh3_64_intdigest(blob), h.raw_nbytes, 1, 1, 0,
-                                                             0.0)))
+            recs.append(
+                (
+                    page_key(NS.id, key_bytes(k)),
+                    Record(
+                        seg,
+                        len(data),
+                        len(blob),
+                        h.codec,
+                        0,
+                        xxhash.xxh3_64_intdigest(blob),
+                        h.raw_nbytes,
+                        1,
+                        1,
+                        0,
+                        0.0,
+                    ),
+                )
+            )
             data += blob
         (path / "segments" / f"seg-{seg:08x}.kvs").write_bytes(data)
         with idx.write() as txn:
             idx.put_pages(txn, seg, recs, end=len(data))
-            txn.put(seg_key(seg), SegInfo.unpack(txn.get(seg_key(seg), db=idx.segs))._replace(state=1).pack(),
-                    db=idx.segs)
+            txn.put(
+                seg_key(seg), SegInfo.unpack(txn.get(seg_key(seg), db=idx.segs))._replace(state=1).pack(), db=idx.segs
+            )
             txn.put(NS.id, NS.canonical, db=idx.ns)
 
 
@@ -166,7 +189,8 @@ def test_segment_trailers_name_every_page(tmp_path):  # I11
     found = list(scan(data))
     assert all(f.intact for f in found)
     assert sorted(f.trailer.key for f in found if f.trailer.kind == 1) == sorted(
-        page_key(NS.id, key_bytes(k)) for k in KEYS[:5])
+        page_key(NS.id, key_bytes(k)) for k in KEYS[:5]
+    )
     assert [f.trailer.key for f in found if f.trailer.kind == 2] == [NS.id]
 
 
@@ -178,8 +202,9 @@ def test_failed_repair_moves_the_store_aside_and_starts_empty(tmp_path):
     with open_store(d) as st:
         assert RecoveryKind.MOVED_ASIDE.value in kinds(st) and st.off_reason is None
         assert check_pages(st, KEYS)[1] == 0
-        assert st.put_many(NS, ["page-999"], [encode_page(page_for("page-999"), NS.kv_dtype, "raw",
-                                                          NS.head_dim)]) == [True]
+        assert st.put_many(NS, ["page-999"], [encode_page(page_for("page-999"), NS.kv_dtype, "raw", NS.head_dim)]) == [
+            True
+        ]
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("s.damaged-")]
     assert (aside / "segments" / "seg-00000001.kvs").exists()  # kept for a look, never deleted
 
@@ -231,15 +256,20 @@ def test_recoveries_reach_prometheus_by_kind(tmp_path):
     from kvdrive_sglang.metrics import TierMetrics
 
     fill(tmp_path)
-    (tmp_path / FORMAT_FILE).write_bytes(b"{\"format\": \"kvdrive-st\xffre\"")
+    (tmp_path / FORMAT_FILE).write_bytes(b'{"format": "kvdrive-st\xffre"')
     shutil.rmtree(tmp_path / "index")
     with open_store(tmp_path) as st:
         disk = st.stats()._asdict()
     reg = prometheus_client.CollectorRegistry()
     m = TierMetrics({"tp_rank": 0}, registry=reg)
     host = {"used_bytes": 0, "capacity_bytes": 0, "raw_bytes": 0}
-    st_dict = {"dram": host, "disk": disk, "hits": {"dram": 0, "queued": 0, "disk": 0, "miss": 0}, "io": {},
-               "radix": {}}
+    st_dict = {
+        "dram": host,
+        "disk": disk,
+        "hits": {"dram": 0, "queued": 0, "disk": 0, "miss": 0},
+        "io": {},
+        "radix": {},
+    }
     m.update(st_dict)
     m.update(st_dict)  # fed by deltas: counted once
     for kind in ("stamp_rewritten", "dirs_recreated", "index_rebuilt"):

@@ -4,6 +4,7 @@ separate local stores ("nodes"), talking over loopback TCP.
 Mooncake comes from kvdrive's ``[remote]`` extra; where libibverbs is missing, scripts/mooncake_env.sh fetches it
 without root (run here once if needed). The tests skip, saying why, only where neither can be had.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,16 @@ ALICE, BOB = tenant_id("alice"), tenant_id("bob")
 
 
 def ns_of(tenant: str = "") -> Namespace:
-    return Namespace(model="tiny", kv_dtype="bfloat16", layout="mha", page_size=4, num_heads=2, head_dim=64,
-                     num_layers=4, tenant=tenant)
+    return Namespace(
+        model="tiny",
+        kv_dtype="bfloat16",
+        layout="mha",
+        page_size=4,
+        num_heads=2,
+        head_dim=64,
+        num_layers=4,
+        tenant=tenant,
+    )
 
 
 def page_of(tenant: str, key: str) -> np.ndarray:
@@ -60,9 +69,10 @@ def _node_main(conn, path, url, remote_config, encrypt):
     from kvdrive_sglang.tier.remote.tiered import RemoteTieredEngine
 
     logging.basicConfig(level=logging.WARNING)
-    engine = RemoteTieredEngine(TierConfig(path=path, host_bytes=8 * MiB, disk_bytes=64 * MiB,
-                                           write_policy="write_through", encrypt=encrypt),
-                                parse_remote(url, remote_config))
+    engine = RemoteTieredEngine(
+        TierConfig(path=path, host_bytes=8 * MiB, disk_bytes=64 * MiB, write_policy="write_through", encrypt=encrypt),
+        parse_remote(url, remote_config),
+    )
     conn.send("ready")
     while True:
         op, args = conn.recv()
@@ -107,8 +117,9 @@ class Node:
     def __init__(self, path, url, remote_config=None, encrypt=None):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_node_main, args=(child, str(path), url, remote_config or {}, encrypt),
-                                daemon=True)
+        self.proc = ctx.Process(
+            target=_node_main, args=(child, str(path), url, remote_config or {}, encrypt), daemon=True
+        )
         self.proc.start()
         assert self.conn.poll(60), "node did not start"
         assert self.conn.recv() == "ready"
@@ -130,8 +141,13 @@ class Node:
             self.proc.join(30)
 
 
-FAST = {"timeout_s": 2.0, "retry_s": 1.0, "global_segment_size": 16 * MiB, "local_buffer_size": 16 * MiB,
-        "batch_bytes": 4 * MiB}
+FAST = {
+    "timeout_s": 2.0,
+    "retry_s": 1.0,
+    "global_segment_size": 16 * MiB,
+    "local_buffer_size": 16 * MiB,
+    "batch_bytes": 4 * MiB,
+}
 
 
 @pytest.fixture
@@ -143,6 +159,7 @@ def nodes(tmp_path, master):
         n = Node(tmp_path / name, master.url, cfg, **kw)
         made.append(n)
         return n
+
     yield make
     for n in made:
         try:
@@ -255,6 +272,7 @@ def test_tenants_isolated_across_nodes_and_crypto_erase_covers_remote_copies(nod
         p.write_text(json.dumps(entries))
         p.chmod(0o600)
         return str(p)
+
     kb = keyfile("b.json", {"alice": keys_a["alice"]})
     a = nodes("a", encrypt=keyfile("a.json", keys_a))
     b = nodes("b", encrypt=kb, config={"global_segment_size": 0})
@@ -326,7 +344,8 @@ def test_holder_killed_then_master_restarted_clean_misses_then_recovery(nodes, m
     assert got == [page_of("", k).tobytes() for k in keys_of("d", 2)]
     # the faults were counted: the dead holder's objects (listed, unreadable), the master gone
     assert {"transfer", "unreachable"} <= set(b("stats")["faults"]) or {"transfer", "timeout"} <= set(
-        b("stats")["faults"])
+        b("stats")["faults"]
+    )
 
 
 def test_remote_settings_are_checked_without_connecting():
@@ -350,16 +369,23 @@ def test_remote_flags_are_checked_in_the_launcher_and_travel_to_the_backend(tmp_
     from kvdrive_sglang.config import KvdriveSettings
 
     mooncake_or_skip()  # from_flags also checks that the client library loads
-    flags = {"kvdrive_dir": str(tmp_path), "kvdrive_remote": "mooncake://127.0.0.1:50051",
-             "kvdrive_remote_config": '{"protocol": "tcp", "global_segment_size": 33554432}'}
+    flags = {
+        "kvdrive_dir": str(tmp_path),
+        "kvdrive_remote": "mooncake://127.0.0.1:50051",
+        "kvdrive_remote_config": '{"protocol": "tcp", "global_segment_size": 33554432}',
+    }
     s = KvdriveSettings.from_flags(flags)
     assert s.remote_spec().backend_config.global_segment_size == 32 * MiB
     assert KvdriveSettings.from_extra_config(json.loads(json.dumps(s.to_extra_config()))) == s
-    for extra, words in [({"kvdrive_remote": "mooncake://nohost"}, "--kvdrive-remote: .*HOST:PORT"),
-                         ({"kvdrive_remote_config": '{"retry_s": 1}'}, "--kvdrive-remote-config is given without"),
-                         ({"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": '{"bogus": 1}'},
-                          "unknown kvdrive remote option"),
-                         ({"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": "{"}, "not valid JSON")]:
+    for extra, words in [
+        ({"kvdrive_remote": "mooncake://nohost"}, "--kvdrive-remote: .*HOST:PORT"),
+        ({"kvdrive_remote_config": '{"retry_s": 1}'}, "--kvdrive-remote-config is given without"),
+        (
+            {"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": '{"bogus": 1}'},
+            "unknown kvdrive remote option",
+        ),
+        ({"kvdrive_remote": "mooncake://h:1", "kvdrive_remote_config": "{"}, "not valid JSON"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             KvdriveSettings.from_flags({"kvdrive_dir": str(tmp_path), **extra})
 
@@ -422,7 +448,7 @@ def test_read_through_cost_is_measured_for_the_promoter(nodes):
     assert b("cost") == {"line": None, "observed": 0}  # nothing timed yet
     start = 0
     for n in (1, 2, 4, 8):  # batched gets of different sizes: a line needs spread
-        pages, _ = b("get", "", keys[start:start + n])
+        pages, _ = b("get", "", keys[start : start + n])
         assert all(p is not None for p in pages)
         start += n
     cost = b("cost")

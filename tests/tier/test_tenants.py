@@ -1,5 +1,6 @@
 """Tenants and secrets in the tier: tenant ids and policy, the key ring, encryption at rest (real AES-GCM via
 ``cryptography``, real LMDB, real segment files), crypto-erase, per-tenant TTL, and ``kvdrive clear --tenant``."""
+
 from __future__ import annotations
 
 import base64
@@ -58,6 +59,7 @@ def body(ns, seed) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ ids and policy
 
+
 def test_tenant_ids_are_pinned_and_groups_have_their_own_domain():
     assert tenant_id("alice") == hashlib.blake2b(b"kvdrive-tenant\0alice", digest_size=8).hexdigest()
     assert len(A) == 16 and A != B
@@ -69,8 +71,14 @@ def test_tenant_ids_are_pinned_and_groups_have_their_own_domain():
 
 
 def test_policy_ttl_share_as_and_root_priors():
-    t = Tenants({"x1": {"share_as": "team", "ttl_s": 60}, "x2": {"share_as": "team", "ttl_s": 60},
-                 "solo": {"ttl_s": 5}, "": {"ttl_s": 9}})
+    t = Tenants(
+        {
+            "x1": {"share_as": "team", "ttl_s": 60},
+            "x2": {"share_as": "team", "ttl_s": 60},
+            "solo": {"ttl_s": 5},
+            "": {"ttl_s": 9},
+        }
+    )
     assert t.id_of("x1") == t.id_of("x2") == group_id("team") and t.id_of("solo") == tenant_id("solo")
     assert t.id_of(None) == t.id_of("") == ""
     assert t.ttl_s(group_id("team")) == 60 and t.ttl_s(tenant_id("solo")) == 5 and t.ttl_s("") == 9
@@ -83,17 +91,20 @@ def test_policy_ttl_share_as_and_root_priors():
     assert len(t.root_prior("x1")) == 80
 
 
-@pytest.mark.parametrize("config, words", [
-    ([1], "must be an object"),
-    ({"a": {"ttl": 5}}, "tenants['a']: unknown option(s) ttl"),
-    ({"a": {"ttl_s": -1}}, "tenants['a'].ttl_s must be a positive number"),
-    ({"a": {"ttl_s": float("nan")}}, "tenants['a'].ttl_s"),
-    ({"a": {"share_as": ""}}, "tenants['a'].share_as must be a non-empty group name"),
-    ({"": {"share_as": "g"}}, "unsalted traffic keeps SGLang's own keys"),
-    ({"@g": {}}, "denote share_as groups"),
-    ({"a": 5}, "tenants['a'] must be an object"),
-    ({"a": {"share_as": "g", "ttl_s": 1}, "b": {"share_as": "g", "ttl_s": 2}}, "conflicts with"),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ([1], "must be an object"),
+        ({"a": {"ttl": 5}}, "tenants['a']: unknown option(s) ttl"),
+        ({"a": {"ttl_s": -1}}, "tenants['a'].ttl_s must be a positive number"),
+        ({"a": {"ttl_s": float("nan")}}, "tenants['a'].ttl_s"),
+        ({"a": {"share_as": ""}}, "tenants['a'].share_as must be a non-empty group name"),
+        ({"": {"share_as": "g"}}, "unsalted traffic keeps SGLang's own keys"),
+        ({"@g": {}}, "denote share_as groups"),
+        ({"a": 5}, "tenants['a'] must be an object"),
+        ({"a": {"share_as": "g", "ttl_s": 1}, "b": {"share_as": "g", "ttl_s": 2}}, "conflicts with"),
+    ],
+)
 def test_policy_errors_name_the_entry(config, words):
     with pytest.raises(ConfigError) as e:
         Tenants(config)
@@ -101,6 +112,7 @@ def test_policy_errors_name_the_entry(config, words):
 
 
 # ------------------------------------------------------------------------------------------------------ key ring
+
 
 def test_keyring_refuses_unsafe_or_malformed_key_files(tmp_path):
     good = {"alice": new_key()}
@@ -163,6 +175,7 @@ def test_keyring_rotation_deletion_and_fail_closed(tmp_path, caplog):
 
 # --------------------------------------------------------------------------------------------- encryption at rest
 
+
 def sealed_store(path, ring, **kw):
     return DiskStore(DiskStoreConfig(path=str(path), capacity_bytes=64 << 20, **kw), keyring=ring)
 
@@ -175,8 +188,10 @@ def test_encrypted_round_trip_leaves_no_plaintext_on_disk(tmp_path):
         assert st.put_many(ns, ["z"], blobs(ns, [2], codec="zstd")) == [True]
         assert read(st, ns, ["p0", "p1", "z"], [0, 1, 2]) == [True] * 3
         assert st.exists_many(ns, ["p0", "p1", "z"]) == 3
-        assert st.stats().live_bytes == sum(len(b) for b in blobs(ns, [0, 1])) + len(blobs(ns, [2], "zstd")[0]) \
-            + 3 * OVERHEAD
+        assert (
+            st.stats().live_bytes
+            == sum(len(b) for b in blobs(ns, [0, 1])) + len(blobs(ns, [2], "zstd")[0]) + 3 * OVERHEAD
+        )
     disk = segment_bytes(tmp_path / "s")
     for s in (0, 1, 2):
         page = body(ns, s)
@@ -199,7 +214,8 @@ def test_tampered_ciphertext_is_a_counted_miss_and_dropped(tmp_path):
         data[rec.off + rec.length - 40] ^= 0x01
         seg.write_bytes(bytes(data))
         import xxhash
-        new_sum = xxhash.xxh3_64_intdigest(bytes(data[rec.off:rec.off + rec.length]))
+
+        new_sum = xxhash.xxh3_64_intdigest(bytes(data[rec.off : rec.off + rec.length]))
         with st.index.write() as txn:
             txn.put(pk, rec._replace(checksum=new_sum).pack(), db=st.index.pages)
         assert read(st, ns, ["p0", "p1"], [0, 1]) == [False, True]
@@ -218,8 +234,9 @@ def test_another_tenants_key_cannot_open_a_page(tmp_path):
         with st.index.read() as txn:
             rec = Record.unpack(txn.get(page_key(na.id, key_bytes("p")), db=st.index.pages))
         with st.index.write() as txn:  # alice's entry planted under bob's and carol's names
-            st.index.put_pages(txn, rec.seg, [(page_key(ns.id, key_bytes("p")), rec) for ns in (nb, nc)],
-                                end=rec.off + rec.length)
+            st.index.put_pages(
+                txn, rec.seg, [(page_key(ns.id, key_bytes("p")), rec) for ns in (nb, nc)], end=rec.off + rec.length
+            )
         assert read(st, nb, ["p"]) == [False]  # bob's key is another key: the fingerprint says so
         assert read(st, nc, ["p"]) == [False]  # carol has the same key bytes, but the page is bound to alice's name
         assert st.stats().sealed == {"stale_key": 1, "bad_tag": 1}
@@ -253,6 +270,7 @@ def test_tenant_without_key_is_not_written(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------ engine: crypto-erase
 
+
 def test_deleting_a_key_erases_the_tenant_at_once_in_every_tier(tmp_path):
     ka, kb = new_key(), new_key()
     f = write_keys(tmp_path / "keys", {"alice": ka, "bob": kb})
@@ -285,6 +303,7 @@ def test_encryption_needs_a_disk_store_and_a_readable_key_source(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ per-tenant TTL
+
 
 def test_per_tenant_ttl_in_both_tiers(tmp_path):
     # The presence checks before expiry are made only while well inside the TTL: on a loaded 2-core machine opening a
@@ -326,12 +345,25 @@ def test_per_tenant_ttl_in_both_tiers(tmp_path):
 
 # ----------------------------------------------------------------------------------- kvdrive clear --tenant, owner
 
+
 def test_clear_tenant_removes_only_that_tenants_pages_and_bytes(tmp_path, capsys):
     d = tmp_path / "s"
-    spaces = {"alice": make_ns(tenant=A), "bob": make_ns(tenant=B), "team": make_ns(tenant=group_id("team")),
-              "": make_ns()}
-    with TierEngine(TierConfig(path=str(d), host_bytes=0, disk_bytes=64 << 20, codec="raw",
-                               disk={"segment_bytes": 64 << 10}, writedown_batch_bytes=1)) as eng:
+    spaces = {
+        "alice": make_ns(tenant=A),
+        "bob": make_ns(tenant=B),
+        "team": make_ns(tenant=group_id("team")),
+        "": make_ns(),
+    }
+    with TierEngine(
+        TierConfig(
+            path=str(d),
+            host_bytes=0,
+            disk_bytes=64 << 20,
+            codec="raw",
+            disk={"segment_bytes": 64 << 10},
+            writedown_batch_bytes=1,
+        )
+    ) as eng:
         for j, ns in enumerate(spaces.values()):
             assert all(eng.put_many(ns, [f"k{i}" for i in range(3)], [small_page(10 * j + i, ns) for i in range(3)]))
     assert body(spaces["alice"], 0) in segment_bytes(d)

@@ -1,4 +1,5 @@
 """Tier: one name per tier, equal to the strings kvdrive's stats, metrics and promoter have always used."""
+
 import json
 import logging
 

@@ -1,4 +1,5 @@
 """tier/validate.py: the one setting check (positive, finite, not bool) and its variants, with the setting named."""
+
 import math
 
 import pytest

@@ -14,6 +14,7 @@ An engine is one more module with a class named in ``BACKENDS`` (Mooncake Store 
 an LMCache server later). Its module is imported only when its scheme is used, and its client library only when it
 connects. No SGLang import here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,12 +40,14 @@ BACKENDS = {"mooncake": ("mooncake", "MooncakeRemote")}
 
 class ObjectId(NamedTuple):
     """A remote object's name: the namespace id (16 bytes, tier/namespace.py) and the page key (bytes)."""
+
     ns_id: bytes
     key: bytes
 
 
 class RemoteFault(str, enum.Enum):
     """Why a remote call failed; each turns the remote tier off for the retry window (counted per kind)."""
+
     SETUP = "setup"  # the client could not connect / mount (master down at start, bad address)
     UNREACHABLE = "unreachable"  # the master (or metadata service) did not answer: an RPC error
     TIMEOUT = "timeout"  # the call did not return within its time bound (a hung master or peer)
@@ -113,6 +116,7 @@ class RemoteOptions:
 
 class RemoteSpec(NamedTuple):
     """A checked ``--kvdrive-remote URL`` with its ``--kvdrive-remote-config``: the engine, where, and settings."""
+
     url: str
     scheme: str
     address: str  # "host:port"
@@ -125,8 +129,10 @@ class RemoteSpec(NamedTuple):
 
 def backend_class(scheme: str):
     if scheme not in BACKENDS:
-        raise ConfigError(f"kvdrive remote: unknown engine {scheme!r} in the URL; known: "
-                          f"{', '.join(s + '://HOST:PORT' for s in BACKENDS)}")
+        raise ConfigError(
+            f"kvdrive remote: unknown engine {scheme!r} in the URL; known: "
+            f"{', '.join(s + '://HOST:PORT' for s in BACKENDS)}"
+        )
     module, cls = BACKENDS[scheme]
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
@@ -151,8 +157,9 @@ def parse_remote(url: str, config: Mapping | None = None) -> RemoteSpec:
     own = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(str(k) for k in config if k not in common | own)
     if unknown:
-        raise ConfigError(f"unknown kvdrive remote option(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(common | own))}")
+        raise ConfigError(
+            f"unknown kvdrive remote option(s) {', '.join(unknown)}; known: {', '.join(sorted(common | own))}"
+        )
     options = RemoteOptions(**{k: v for k, v in config.items() if k in common})
     backend_config = cls.Config(**{k: v for k, v in config.items() if k in own})
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname

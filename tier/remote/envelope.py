@@ -17,6 +17,7 @@ The checksum catches damage, not forgery: without encryption, any writer of the 
 computed; the namespace id and key bound into the object keep a page from serving another name. With encryption the
 tag authenticates the page against anyone without the tenant's key.
 """
+
 from __future__ import annotations
 
 import enum
@@ -39,6 +40,7 @@ SUM_BYTES = 16
 
 class Reject(str, enum.Enum):
     """Why a remote object was not served (counted per reason)."""
+
     MALFORMED = "malformed"  # too short, wrong magic / version / flags, lengths that do not add up
     WRONG_NAME = "wrong_name"  # holds another namespace's or another key's page
     CHECKSUM = "checksum"  # bytes changed
@@ -87,14 +89,14 @@ def open_object(obj, ns: Namespace, key: bytes, page_nbytes: int | None, keyring
     if magic != MAGIC or version != VERSION or flags & ~SEALED or len(mv) != HEAD.size + SUM_BYTES + klen + plen:
         return Opened(None, Reject.MALFORMED)
     body = HEAD.size + SUM_BYTES
-    if oid != ns_id or mv[body:body + klen] != key:
+    if oid != ns_id or mv[body : body + klen] != key:
         return Opened(None, Reject.WRONG_NAME)
     h = xxhash.xxh3_128()
-    h.update(mv[:HEAD.size])
+    h.update(mv[: HEAD.size])
     h.update(mv[body:])
-    if h.digest() != mv[HEAD.size:body]:
+    if h.digest() != mv[HEAD.size : body]:
         return Opened(None, Reject.CHECKSUM)
-    payload = mv[body + klen:]
+    payload = mv[body + klen :]
     if bool(flags & SEALED) != (keyring is not None):
         return Opened(None, Reject.PLAINTEXT)
     if keyring is not None:
@@ -108,7 +110,10 @@ def open_object(obj, ns: Namespace, key: bytes, page_nbytes: int | None, keyring
         header = peek_header(blob)
     except CodecError:
         return Opened(None, Reject.BAD_PAGE)
-    if header.dtype_name != ns.kv_dtype or header.row_len != ns.head_dim or \
-            (page_nbytes is not None and header.raw_nbytes != page_nbytes):
+    if (
+        header.dtype_name != ns.kv_dtype
+        or header.row_len != ns.head_dim
+        or (page_nbytes is not None and header.raw_nbytes != page_nbytes)
+    ):
         return Opened(None, Reject.BAD_PAGE)
     return Opened(blob, None)

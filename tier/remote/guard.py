@@ -7,6 +7,7 @@ up (a hung Mooncake master blocks a call ~30 s; the library releases the GIL mea
 go on). While every worker is held so, the tier stays unavailable (``busy`` counts those calls), so stuck calls never
 pile up. Found by tests/tier/test_remote.py::test_hung_master_calls_are_time_bounded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,13 @@ class CallGuard:
             was_on = time.monotonic() >= self._off_until
             self._off_until = time.monotonic() + self.retry_s
         if was_on:
-            log.warning("kvdrive: remote tier %s off for %g s after a fault (%s: %s); local tiers keep serving",
-                        self.name, self.retry_s, kind.value, detail)
+            log.warning(
+                "kvdrive: remote tier %s off for %g s after a fault (%s: %s); local tiers keep serving",
+                self.name,
+                self.retry_s,
+                kind.value,
+                detail,
+            )
 
     def _release(self, _fut) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ client first connects. It links ``libibverbs.so.1`` even for TCP: where the syst
 before the import, so no LD_LIBRARY_PATH is needed in the server. Failure modes of the store are in
 ../shared/notes/mooncake-cpu.md; the guard (tier/remote/guard.py) bounds every call made here.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,8 +29,10 @@ from ..errors import ConfigError
 from . import MiB, ObjectId, RemoteError, RemoteFault, _positive
 
 PROTOCOLS = ("tcp", "rdma")
-INSTALL_HINT = ("pip install 'kvdrive-sglang[remote]' (or: pip install mooncake-transfer-engine-non-cuda), then "
-                "bash scripts/mooncake_env.sh where libibverbs.so.1 is missing (no root needed)")
+INSTALL_HINT = (
+    "pip install 'kvdrive-sglang[remote]' (or: pip install mooncake-transfer-engine-non-cuda), then "
+    "bash scripts/mooncake_env.sh where libibverbs.so.1 is missing (no root needed)"
+)
 LIBS_ENV = "KVDRIVE_MOONCAKE_LIBS"
 # libibverbs and what it links, in load order (dependencies first): Debian's libibverbs1, libnl-3-200, libnl-route-3-200
 _SYSTEM_LIBS = ("libnl-3.so.200", "libnl-route-3.so.200", "libibverbs.so.1")
@@ -56,16 +59,21 @@ def import_store_class():
     with _import_lock:
         try:
             from mooncake.store import MooncakeDistributedStore
+
             return MooncakeDistributedStore
         except ImportError as first:
             try:
                 _load_local_libs()
                 from mooncake.store import MooncakeDistributedStore
+
                 return MooncakeDistributedStore
             except (ImportError, OSError):
                 pass
-            missing = "the mooncake package is not installed" if "No module named 'mooncake" in str(first) else \
-                f"mooncake.store does not load ({first})"
+            missing = (
+                "the mooncake package is not installed"
+                if "No module named 'mooncake" in str(first)
+                else f"mooncake.store does not load ({first})"
+            )
             raise ConfigError(f"kvdrive remote mooncake://: {missing}; install it with: {INSTALL_HINT}") from None
 
 
@@ -126,9 +134,16 @@ class MooncakeRemote:
 
     def describe(self) -> dict:
         c = self.config
-        return {"engine": "mooncake", "master": self.address, "protocol": c.protocol, "device_name": c.device_name,
-                "local_hostname": c.local_hostname or "(route to master)", "metadata_server": c.metadata_server,
-                "global_segment_size": c.global_segment_size, "local_buffer_size": c.local_buffer_size}
+        return {
+            "engine": "mooncake",
+            "master": self.address,
+            "protocol": c.protocol,
+            "device_name": c.device_name,
+            "local_hostname": c.local_hostname or "(route to master)",
+            "metadata_server": c.metadata_server,
+            "global_segment_size": c.global_segment_size,
+            "local_buffer_size": c.local_buffer_size,
+        }
 
     def _client(self):
         with self._lock:
@@ -139,8 +154,15 @@ class MooncakeRemote:
             c = self.config
             local = c.local_hostname or route_address(host.strip("[]"), int(port))
             store = cls()
-            rc = store.setup(local, c.metadata_server, c.global_segment_size, c.local_buffer_size, c.protocol,
-                             c.device_name, self.address)
+            rc = store.setup(
+                local,
+                c.metadata_server,
+                c.global_segment_size,
+                c.local_buffer_size,
+                c.protocol,
+                c.device_name,
+                self.address,
+            )
             if rc != 0:
                 raise RemoteError(RemoteFault.SETUP, f"setup with master {self.address} returned {rc}")
             self._store = store
@@ -162,8 +184,11 @@ class MooncakeRemote:
         if empty:
             codes = store.batch_is_exist([names[i] for i in empty])
             if any(c != 0 for c in codes):
-                raise RemoteError(RemoteFault.TRANSFER, f"{sum(c == 1 for c in codes)} listed object(s) could not "
-                                  "be read", partial=got)
+                raise RemoteError(
+                    RemoteFault.TRANSFER,
+                    f"{sum(c == 1 for c in codes)} listed object(s) could not be read",
+                    partial=got,
+                )
         return got
 
     def put(self, ids: Sequence[ObjectId], objects: Sequence[bytes]) -> None:

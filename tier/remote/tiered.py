@@ -15,6 +15,7 @@ Built beside tier/engine.py rather than inside it: the engine's own methods are 
 is observed through the engine's ``on_written_down`` hook (each batch that landed on disk), so the engine needs no
 remote code.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,9 @@ class RemoteStats(NamedTuple):
 class RemoteTieredEngine(TierEngine):
     def __init__(self, config: TierConfig, spec: RemoteSpec, remote: RemoteTier | None = None):
         if config.path is None:
-            raise ConfigError("kvdrive remote tier: pages reach it behind the disk tier's write-down; it needs a disk "
-                              "store path")
+            raise ConfigError(
+                "kvdrive remote tier: pages reach it behind the disk tier's write-down; it needs a disk store path"
+            )
         self.remote = open_remote(spec) if remote is None else remote  # ConfigError: client library missing
         self.spec = spec
         super().__init__(config)
@@ -88,8 +90,11 @@ class RemoteTieredEngine(TierEngine):
             self.on_written_down = self.write_behind.offer  # the pages the write-down landed on disk
         if config.mirror != "read":  # a rank reading another's tier writes nothing to the store
             self.put_note(SETTINGS_NOTE, settings_note(spec, self.remote.describe()))  # for `kvdrive stats`
-        log.info("kvdrive: remote tier %s behind the local tiers (%s)", spec.url,
-                 ", ".join(f"{k}={v}" for k, v in self.remote.describe().items()))
+        log.info(
+            "kvdrive: remote tier %s behind the local tiers (%s)",
+            spec.url,
+            ", ".join(f"{k}={v}" for k, v in self.remote.describe().items()),
+        )
 
     # --- read-through -----------------------------------------------------------------------------------------
     def get_many(self, ns: Namespace, keys: Sequence, outs: Sequence) -> list[bool]:
@@ -186,16 +191,29 @@ class RemoteTieredEngine(TierEngine):
         with self._rlock:
             c, t, rej = dict(self._rc), dict(self._rt), dict(self._rejects)
         return RemoteStats(
-            url=self.spec.url, on=g.available(), off_for_s=round(g.off_for_s(), 3), last_fault=g.last_fault(),
-            hits=c.get("hits", 0), misses=c.get("misses", 0), rejected=rej, bytes_read=c.get("bytes_read", 0),
-            bytes_written=wc["bytes_written"], written=wc["written"], present=wc["present"],
+            url=self.spec.url,
+            on=g.available(),
+            off_for_s=round(g.off_for_s(), 3),
+            last_fault=g.last_fault(),
+            hits=c.get("hits", 0),
+            misses=c.get("misses", 0),
+            rejected=rej,
+            bytes_read=c.get("bytes_read", 0),
+            bytes_written=wc["bytes_written"],
+            written=wc["written"],
+            present=wc["present"],
             queued_bytes=wb.queued_bytes() if wb is not None else 0,
             dropped={"full": wc["dropped_full"], "off": wc["dropped_off"], "unkeyed": wc["unkeyed"]},
-            get_calls=c.get("get_calls", 0), get_s=t.get("get_s", 0.0),
+            get_calls=c.get("get_calls", 0),
+            get_s=t.get("get_s", 0.0),
             exists_calls=c.get("exists_calls", 0) + wc["exists_calls"],
             exists_s=t.get("exists_s", 0.0) + wt["exists_s"],
-            put_calls=wc["put_calls"], put_s=wt["put_s"], faults=dict(g.faults),
-            refused={"off": g.off, "busy": g.busy}, settings=self.spec.describe() | {"client": self.remote.describe()})
+            put_calls=wc["put_calls"],
+            put_s=wt["put_s"],
+            faults=dict(g.faults),
+            refused={"off": g.off, "busy": g.busy},
+            settings=self.spec.describe() | {"client": self.remote.describe()},
+        )
 
     def close(self, timeout: float = 120.0) -> None:
         if getattr(self, "_remote_closed", False):

@@ -6,6 +6,7 @@ tier is off after a fault, a page is dropped and counted (the shared tier is a c
 disk). One batch (``batch_bytes``) is one ``exists`` call, then one ``put`` of the objects not there yet (another
 node, or this one before a restart, may have written them), each time-bounded by the guard.
 """
+
 from __future__ import annotations
 
 import threading
@@ -90,8 +91,9 @@ class WriteBehind:
             if not self._queue:
                 return None
             batch, size = [], 0
-            while self._queue and (not batch or size + len(next(iter(self._queue.values()))[1])
-                                   <= self.options.batch_bytes):
+            while self._queue and (
+                not batch or size + len(next(iter(self._queue.values()))[1]) <= self.options.batch_bytes
+            ):
                 oid, (ns, blob) = self._queue.popitem(last=False)
                 self._bytes -= len(blob)
                 batch.append((oid, ns, blob))
