@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import lmdb
 
+from . import clock
 from .codecs import CodecError, peek_header
 from .crypto import is_envelope
 from .errors import StoreDirError, StoreFormatError, StoreLockedError
@@ -245,7 +246,7 @@ def _usable_blob(t, blob) -> bool:
 def rebuild_index(path: str, *, map_size: int, now_ms: int | None = None) -> RebuildReport:
     """Write a new index for store ``path`` from its segment files alone, then put it in place of the old one (which
     is removed). The caller holds the store's exclusive lock. Raises OSError / lmdb.Error if it cannot."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    now_ms = clock.now_ms() if now_ms is None else now_ms
     seg_dir = os.path.join(path, SEGMENT_DIR)
     files = _segment_files(seg_dir)
     best: dict[bytes, tuple[int, int, object]] = {}

@@ -21,7 +21,6 @@ import dataclasses
 import enum
 import importlib
 import json
-import math
 import os
 import socket
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
+from .. import validate
 from ..errors import ConfigError, KvdriveError
 
 MiB = 1 << 20
@@ -86,9 +86,7 @@ class RemoteTier(Protocol):
 
 
 def _positive(name: str, v, *, integer: bool = False) -> None:
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if not ok or isinstance(v, bool) or not (0 < v < math.inf):
-        raise ConfigError(f"kvdrive remote {name} must be a positive {'integer' if integer else 'number'}, got {v!r}")
+    (validate.integer if integer else validate.number)(v, f"kvdrive remote {name}")
 
 
 @dataclass(frozen=True)
