@@ -251,6 +251,22 @@ def test_index_check_catches_a_broken_accounting(tmp_path):  # I2
         assert check_pages(st, KEYS[:4])[1:] == (4, [])
 
 
+def test_a_commit_split_by_index_room_covers_its_trailers(tmp_path, monkeypatch):  # I2, I11
+    """When the index-room policy lets a batch commit only part of its records (a map nearly full) and the rest never
+    commits, the segment's recorded end must still cover the last committed record's trailer: it ended at the blob,
+    so verify called the store damaged and dead-writer recovery could truncate into the trailer (found by
+    tests/e2e/test_faults_cpu.py::test_lmdb_map_full)."""
+    with open_store(tmp_path) as st:
+        sizes = iter([2, 0])  # two records fit, then none: the rest of the batch is left uncommitted
+        monkeypatch.setattr(st.index_room, "commit_size", lambda n, **kw: next(sizes, 0))
+        blobs = [encode_page(page_for(k), NS.kv_dtype, "zstd", NS.head_dim) for k in KEYS[:4]]
+        assert st.put_many(NS, KEYS[:4], blobs) == [True, True, False, False]
+    health = check_index(str(tmp_path))
+    assert health.ok, health.problem
+    with open_store(tmp_path) as st:
+        assert check_pages(st, KEYS[:2])[1:] == (2, [])
+
+
 def test_recoveries_reach_prometheus_by_kind(tmp_path):
     prometheus_client = pytest.importorskip("prometheus_client")
     from kvdrive_sglang.metrics import TierMetrics
