@@ -200,8 +200,7 @@ class DiskStore:
                 return have
             if not batch.todo:
                 return [h or not 0 < e <= now for h, e in zip(have, expiry)]
-            incoming = sum(len(batch.blobs[i]) for i in batch.todo)
-            if not self.compactor.make_room(incoming):
+            if not self.compactor.make_room(self._pages.append_bytes(ns, pkeys, batch)):
                 self._counts["rejected_full"] += len(batch.todo)
                 return have
             try:
