@@ -61,9 +61,7 @@ def test_loaded_pages_are_where_sglangs_own_load_puts_them(kind, codec):
     dtype = str(host.dtype).removeprefix("torch.")
     row_len = host.get_data_page(0, flat=False).shape[-1]
     with bplane_registered():
-        blobs = [
-            encode_page(host.get_data_page(s, flat=True).contiguous(), dtype, codec, row_len) for s in host_starts
-        ]
+        blobs = [encode_page(host.get_data_page(s, flat=True).contiguous(), dtype, codec, row_len) for s in host_starts]
         for t in layers:
             t.zero_()
         if codec in ("bplane", "zstd", "raw"):  # lossless: SGLang's own load of the host pages is the answer
