@@ -171,6 +171,8 @@ class CompressedLoader:
         body = mv[HEADER.size :]
         name = h.codec_name
         if name == bplane.NAME:
+            if h.dtype_name not in bplane.DTYPES:  # no encoder writes this: a crafted or damaged header
+                return MissReason.HEADER, None
             try:
                 bplane.check_body(body, geo.elems)
             except CodecError:

@@ -120,6 +120,23 @@ def test_damaged_and_mismatched_blobs_are_misses_and_leave_their_pages_alone(bpl
         assert np.array_equal(pool_page(layers, pid), decoded(blobs[pid]).view(np.int16))
 
 
+def test_a_bplane_header_naming_a_32_bit_dtype_is_a_miss(bplane_codec):
+    """bplane only codes 16-bit values; a header that says float32 over a well-formed body of as many 16-bit values
+    (no encoder writes one) must be a miss. Before the dtype check it passed the descriptor check and the load raised
+    from inside (a 16-bit decode into a float32 staging buffer)."""
+    from kvdrive_sglang.tier import bplane
+
+    page = flat_pages(1, "float32")[0]
+    raw = encode_page(page, "float32", "raw", DIM)
+    body = bplane.encode_body(
+        np.ascontiguousarray(page.view(np.uint16)[..., ::2]).reshape(-1).view(np.uint8), "bfloat16"
+    )
+    h = bytearray(raw[: HEADER.size])
+    h[5] = 4  # codec code (HEADER: magic, version, codec, dtype, ...): bplane
+    res = load_compressed([bytes(h) + body], pool(torch.float32), [3], PAGE, checksums=None)
+    assert res.ok == (False,) and res.misses == {MissReason.HEADER: 1}
+
+
 def test_small_chunks_give_the_same_pool(bplane_codec):
     pages = flat_pages(7)
     names = ["bplane", "zstd", "raw", "int8", "bplane", "fp8", "bplane"]
