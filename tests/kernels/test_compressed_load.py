@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvdrive_sglang.kernels.compressed_load import CompressedLoader, MissReason, load_compressed
 from kvdrive_sglang.tier.codecs import HEADER, decode_page, encode_page
 from kvdrive_sglang.tier.synthetic import kv_page
+
+from .bplane_codec import bplane_registered
 
 LAYERS, PAGE, HEADS, DIM, SLOTS = 3, 4, 2, 64, 12 * 4
 
@@ -164,3 +168,27 @@ def test_bad_calls_are_refused_with_clear_errors(bplane_codec):
     with pytest.raises(ValueError, match="chunk_bytes"):
         CompressedLoader("cpu", chunk_bytes=0)
     assert load_compressed([], layers, [], PAGE, checksums=None).ok == ()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    codec=st.sampled_from(["bplane", "zstd", "raw", "int8", "fp8"]),
+    cuts=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=4),
+    truncate=st.integers(0, 40),
+)
+def test_fuzz_damaged_blobs_never_raise_and_touch_only_their_page(codec, cuts, truncate):
+    """No checksum recorded (a DRAM-tier blob): whatever the bytes, the load returns; a page is either loaded or a
+    miss, and the pages not named stay as they were."""
+    with bplane_registered():
+        page = flat_pages(1, seed=3)[0]
+        blob = bytearray(encode_page(page, "bfloat16", codec, DIM))
+        for at, value in cuts:
+            blob[at % len(blob)] = value
+        blob = bytes(blob[: len(blob) - truncate])
+        layers = pool()
+        before = [t.clone() for t in layers]
+        res = load_compressed([blob], layers, [5], PAGE, checksums=None)
+    assert len(res.ok) == 1 and (res.ok[0] or sum(res.misses.values()) == 1)
+    rest = torch.ones(SLOTS, dtype=torch.bool)
+    rest[5 * PAGE : 6 * PAGE] = False
+    assert all(torch.equal(t[rest], b[rest]) for t, b in zip(layers, before))
