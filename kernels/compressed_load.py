@@ -2,6 +2,7 @@
 device decodes them (docs/architecture.md, "Compressed to the GPU").
 
     load_compressed(blobs, layers, page_ids, page_size, *, checksums) -> LoadResult
+    check_blob(blob, layers, page_size, *, checksum) -> MissReason | None    (the host checks alone)
 
 ``blobs`` are kvdrive page blobs (``tier/codecs.py``: header + body), as the tiers hand them out; ``layers`` the
 device KV pool's per-layer buffers (``[num_slots, *inner]`` each: SGLang's ``k_buffer + v_buffer`` for MHA,
@@ -321,6 +322,16 @@ def _geometry(ls, page_size: int) -> _Geometry:
     seg = page_size * inner
     name = str(ls.dtype).removeprefix("torch.")
     return _Geometry(ls.num_layers, page_size, seg, ls.dtype, name, ls.num_layers * seg * ls.dtype.itemsize)
+
+
+def check_blob(blob, layers, page_size: int, *, checksum: int | None) -> MissReason | None:
+    """The host-side checks ``load_compressed`` makes on one blob for this pool (checksum, header, dtype and size,
+    codec layout): None when it would load, else why not. For a caller that must decide a hit before the load (the
+    prefetch into a lazy host slot: docs/architecture.md, "Compressed to the GPU"). A zstd page is decoded only at
+    load time, so its body is checked only then."""
+    ls = page_copy._LayerSet(layers, "check_blob")
+    reason, _ = CompressedLoader._triage_one(0, blob, checksum, _geometry(ls, page_copy._page_size(page_size)))
+    return reason
 
 
 class _Loaders(threading.local):

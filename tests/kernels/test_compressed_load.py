@@ -11,7 +11,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvdrive_sglang.kernels.compressed_load import CompressedLoader, MissReason, load_compressed
+from kvdrive_sglang.kernels.compressed_load import CompressedLoader, MissReason, check_blob, load_compressed
 from kvdrive_sglang.tier.codecs import HEADER, decode_page, encode_page
 from kvdrive_sglang.tier.synthetic import kv_page
 
@@ -117,6 +117,10 @@ def test_damaged_and_mismatched_blobs_are_misses_and_leave_their_pages_alone(bpl
     res = load_compressed(bad, layers, list(range(8)), PAGE, checksums=sums_for)
     assert res.ok == (True, False, False, False, True, False, False, False)
     assert res.misses == {MissReason.CHECKSUM: 1, MissReason.HEADER: 1, MissReason.SHAPE: 1, MissReason.BODY: 3}
+    # the same checks alone, as a prefetch would make them (a zstd body only fails when decoded, at load time)
+    alone = [check_blob(b, layers, PAGE, checksum=c) for b, c in zip(bad, sums_for)]
+    body, ck, hd, sh = MissReason.BODY, MissReason.CHECKSUM, MissReason.HEADER, MissReason.SHAPE
+    assert alone == [None, ck, hd, sh, None, body, None, body]
     for pid in (1, 2, 3, 5, 6, 7):
         rows = slice(pid * PAGE, (pid + 1) * PAGE)
         assert all(torch.equal(t[rows], b[rows]) for t, b in zip(layers, before)), pid
