@@ -68,7 +68,7 @@ class Preset:
     context: int = 4096
     extra_args: tuple = ()
     est_start_s: float = 25.0  # estimate inputs (2 idle cores): server start, bench_serving's own start-up
-    est_client_s: float = 6.0
+    est_client_s: float = 2.0  # per bench_serving run in the warm worker (its own 1 s pause included)
     est_prefill_tok_s: float = 2500.0
 
 
@@ -108,14 +108,14 @@ PRESETS = {
         est_start_s=20.0,
     ),
     # the full matrix on CPU: a 16 MiB host budget (8192 tokens x 2 KiB) over a 2048-token device pool. fit's gsp
-    # working set is ~5.4K tokens (0.66x the budget), large's ~20K (2.4x)
+    # working set is ~5.2K tokens (0.63x the budget), large's ~17K (2.1x); estimate ~25 min on 2 idle cores
     "cpu": Preset(
         model=CPU_MODEL,
         configs=e2e_bench.CONFIGS,
         workloads={
             "fit": Workload(
                 groups=6,
-                per_group=4,
+                per_group=3,
                 system_tokens=768,
                 question_tokens=32,
                 output_tokens=8,
@@ -132,17 +132,17 @@ PRESETS = {
             "large": Workload(
                 groups=16,
                 per_group=2,
-                system_tokens=1152,
+                system_tokens=1024,
                 question_tokens=32,
                 output_tokens=8,
                 zipf_alpha=0.8,
-                rate=2.0,
-                mt_groups=4,
+                rate=2.5,
+                mt_groups=3,
                 mt_per_group=1,
                 mt_turns=3,
-                agent_conversations=8,
+                agent_conversations=6,
                 agent_rounds=3,
-                agent_first_tokens=1536,
+                agent_first_tokens=1280,
                 agent_turn_tokens=96,
             ),
         },
@@ -158,18 +158,23 @@ CLIENT_SEED = {Client.GSP: 0, Client.GSP_SATURATION: 1000, Client.GSP_MULTITURN:
 
 
 def estimate_s(p: Preset, configs: tuple) -> float:
-    """Rough wall time on 2 idle cores: server starts, each client's start-up, arrivals (open loop) or prefill."""
+    """Rough wall time on 2 idle cores, pessimistic (every prompt token computed, as radix-only after a flush):
+    the model and the hash extension once, server starts (+ warm-up), then per client its start-up, the larger of its
+    arrivals (open loop) and its prefill, the agent's think times before its flushes."""
     starts = len(p.workloads) * (len(configs) + (sum(c in PERSISTENT for c in configs) if p.restart else 0))
-    total = starts * p.est_start_s
+    total = 30.0 + starts * (p.est_start_s + 3.0)
     for w in p.workloads.values():
         for c in p.clients:
-            tokens = w.requests(c) * (w.system_tokens + w.question_tokens)
             if c is Client.AGENT:
-                tokens = w.agent_conversations * w.agent_rounds * (w.agent_first_tokens + w.agent_turn_tokens)
-            work = tokens / p.est_prefill_tok_s
-            arrivals = w.requests(c) / w.rate if c is Client.GSP else 0.0
-            per = max(work, arrivals) + (p.est_client_s if c in sc.BENCH_SERVING_CLIENTS else 1.0)
-            total += per * p.reps * len(configs)
+                rounds = w.agent_conversations * sum(
+                    w.agent_first_tokens + r * (w.agent_turn_tokens + w.output_tokens) for r in range(w.agent_rounds)
+                )
+                per = rounds / p.est_prefill_tok_s + (w.agent_rounds - 1) * (p.agent_settle_s + 0.5) + 1.0
+            else:
+                tokens = w.requests(c) * (w.system_tokens + w.question_tokens)
+                arrivals = w.requests(c) / w.rate if c is not Client.GSP_SATURATION else 0.0
+                per = max(tokens / p.est_prefill_tok_s, arrivals) + p.est_client_s
+            total += (per + 0.5) * p.reps * len(configs)
         if p.restart:
             total += sum(c in PERSISTENT for c in configs) * (w.requests(Client.GSP) / w.rate + p.est_client_s)
     return total
@@ -189,6 +194,9 @@ def prebuild_hicache_hash(ext_dir: str) -> str:
     stop HiCache storage threads cleanly" and the server dies (SGLang 0.5.23 cache_controller.reset; found by this
     runner's first hicache_file run). Built once here, every server loads the finished module. Returns a one-line
     outcome; a SGLang without that module (another version) only gets a line, not a failure."""
+    built = os.path.join(ext_dir, "hicache_hash_cpp", "hicache_hash_cpp.so")
+    if os.path.exists(built):
+        return f"hicache_hash_cpp already built in {ext_dir}"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": ext_dir}
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-W", "ignore", "-c", PREBUILD_HASH], env=env, capture_output=True,
@@ -203,6 +211,9 @@ class Runner:
         self.p, self.model, self.budget, self.workdir, self.timeout = p, model, budget, workdir, timeout
         self.ext_dir = ext_dir
         self.tok = e2e_bench.Tokenizer(model)
+        os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+        # one bench_serving process for every run of every server (its imports paid once; see sglang_client.Worker)
+        self.worker = sc.Worker(os.path.join(workdir, "clients"), os.path.join(workdir, "logs", "bench_serving.log"))
 
     def texts(self, rng, tokens: int, head: str) -> str:
         return e2e_bench.text_of(rng, self.tok, tokens, head)
@@ -244,10 +255,9 @@ class Runner:
                 settle_s=self.p.agent_settle_s,
             )
             return {"seed": seed, "summary": r["summary"], "turns": r["turns"]}
-        scratch = os.path.join(self.workdir, "clients")
-        out_file = os.path.join(scratch, f"{tag}-{client.value}-{seed}.jsonl")
+        out_file = os.path.join(self.worker.scratch, f"{tag}-{client.value}-{seed}.jsonl")
         cmd = sc.command(srv.url, self.model, w, client, seed, out_file)
-        raw = sc.run(cmd, scratch, os.path.join(self.workdir, "logs", f"{tag}-bench_serving.log"), self.timeout * 4)
+        raw = self.worker.run(cmd, self.timeout * 4)
         return {"seed": seed, "summary": sc.summarise(raw), "command": " ".join(shlex.quote(x) for x in cmd)}
 
     def run_config(self, wname: str, w: Workload, config: str, seeds: list[int]) -> dict:
@@ -316,10 +326,12 @@ def workload_note(name: str, w: Workload, budget: HostBudget, clients: tuple) ->
 
 CLIENTS_NOTE = (
     "SGLang {sglang}'s `python -m sglang.bench_serving` (generated-shared-prefix with --gsp-group-distribution zipf, "
-    "--gsp-num-turns on sglang-oai-chat, --cache-report, --output-file/--output-details; Hugging Face datasets "
-    "{datasets}) and bench/serving/agent.py (bench_multiturn-style, /flush_cache between rounds). Not in this "
-    "bench_serving: a flush between multi-turn rounds, multi-turn on the native /generate backend, token-id prompts "
-    "for multi-turn."
+    "--gsp-num-turns on sglang-oai-chat, --cache-report, --output-file/--output-details; its cli_main run per job "
+    "in one worker process, bench/serving/bs_worker.py; Hugging Face datasets {datasets}) and bench/serving/agent.py "
+    "(bench_multiturn-style, /flush_cache between rounds after a 1 s think time). Not in this bench_serving: a flush "
+    "between multi-turn rounds, multi-turn on the native /generate backend, token-id prompts for multi-turn, and an "
+    "input throughput for multi-turn runs (it reports 0: the runner divides the server-reported prompt tokens by the "
+    "run's duration instead)."
 )
 
 
@@ -390,10 +402,13 @@ def main(argv=None) -> int:
         runner = Runner(p, model, budget, workdir, a.timeout, ext_dir)
         seeds = [a.seed + i for i in range(reps)]
         results: dict = {}
-        for wname in wnames:
-            results[wname] = {}
-            for c in configs:
-                results[wname][c] = runner.run_config(wname, p.workloads[wname], c, seeds)
+        try:
+            for wname in wnames:
+                results[wname] = {}
+                for c in configs:
+                    results[wname][c] = runner.run_config(wname, p.workloads[wname], c, seeds)
+        finally:
+            runner.worker.stop()
         nb = neighbour.stop() if neighbour else None
         run = {
             "preset": a.preset,

@@ -4,7 +4,9 @@ Its ``generated-shared-prefix`` dataset (SGLang 0.5.23: ``--gsp-*``) makes G sys
 ``--gsp-group-distribution zipf`` draws each request's group with Zipf popularity, ``--gsp-num-turns`` turns every
 prompt into a conversation that the chat backend replays round by round (each round's prompt is the whole history),
 and ``--cache-report`` reads each response's cached tokens by tier (device / host / storage). We read its JSON result
-(``--output-file`` with ``--output-details``), not its printout.
+(``--output-file`` with ``--output-details``), not its printout. The runs for one server go through one worker
+process (bench/serving/bs_worker.py) that calls bench_serving's own ``cli_main`` with each run's arguments, exactly
+as ``python -m sglang.bench_serving ARGS`` does, paying its imports once.
 
 What 0.5.23's client lacks, and how the runner covers it: multi-turn runs only on a chat backend (sglang-oai-chat),
 whose per-round cached tokens come from the ``sglext`` block; there is no flush between rounds (our agent client,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -151,37 +154,85 @@ def command(url: str, model: str, w: Workload, client: Client, seed: int, out_fi
     return [sys.executable, "-W", "ignore", "-m", "sglang.bench_serving", *specific, *common]
 
 
-def run(cmd: list[str], scratch: str, log_path: str, timeout: float) -> dict:
-    """Run one bench_serving command; its last JSON line, or ClientError with the log's tail."""
-    out_file = cmd[cmd.index("--output-file") + 1]
-    env = dict(os.environ)
-    env["HOME"] = scratch  # its generated-prompt cache (~/.cache/sglang/benchmark) stays in this run's scratch
-    env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
-    if not hf_datasets_installed():
-        env["PYTHONPATH"] = os.pathsep.join([SHIM] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    os.makedirs(scratch, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(("$ " + " ".join(cmd) + "\n").encode())
-        log.flush()
-        try:
-            p = subprocess.run(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+PREFIX = ["-W", "ignore", "-m", "sglang.bench_serving"]  # what command() puts between the interpreter and ARGS
+
+
+class Worker:
+    """One bench_serving process for a server's runs (bench/serving/bs_worker.py: SGLang's own ``cli_main`` per
+    job, imported once). ``run`` takes a ``command()`` line, runs its ARGS there and returns bench_serving's last
+    JSON line from ``--output-file``; a failure, or no answer in ``timeout`` s, is a ClientError with the log's
+    tail (and the worker is ended)."""
+
+    def __init__(self, scratch: str, log_path: str):
+        self.scratch, self.log_path = scratch, log_path
+        self.proc: subprocess.Popen | None = None
+        self.jobs = 0
+
+    def start(self) -> Worker:
+        env = dict(os.environ)
+        env["HOME"] = self.scratch  # its generated-prompt cache (~/.cache/sglang/benchmark) stays in the scratch
+        env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        if not hf_datasets_installed():
+            env["PYTHONPATH"] = os.pathsep.join([SHIM] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        os.makedirs(self.scratch, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-W", "ignore", os.path.join(HERE, "bs_worker.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
                 env=env,
-                timeout=timeout,
-                cwd=scratch,
+                cwd=self.scratch,
+                text=True,
             )
-        except subprocess.TimeoutExpired:
-            raise ClientError(f"bench_serving ran past {timeout:.0f} s (log {log_path})\n{_tail(log_path)}") from None
-    if p.returncode != 0 or not os.path.exists(out_file):
-        raise ClientError(f"bench_serving exited rc={p.returncode} (log {log_path})\n{_tail(log_path)}")
-    with open(out_file) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    if not lines:
-        raise ClientError(f"bench_serving wrote nothing to {out_file} (log {log_path})\n{_tail(log_path)}")
-    return json.loads(lines[-1])
+        return self
+
+    def run(self, cmd: list[str], timeout: float) -> dict:
+        if cmd[1 : 1 + len(PREFIX)] != PREFIX:
+            raise ValueError(f"not a command() line: {cmd[:6]}")
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        out_file = cmd[cmd.index("--output-file") + 1]
+        self.jobs += 1
+        with open(self.log_path, "a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+        self.proc.stdin.write(json.dumps({"id": self.jobs, "argv": cmd[1 + len(PREFIX) :]}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        reply = self.proc.stdout.readline() if ready else ""
+        if not reply:
+            self.stop()
+            why = f"no answer in {timeout:.0f} s" if not ready else "its process ended"
+            raise ClientError(f"bench_serving: {why} (log {self.log_path})\n{_tail(self.log_path)}")
+        rc = json.loads(reply)["rc"]
+        if rc != 0 or not os.path.exists(out_file):
+            raise ClientError(f"bench_serving exited rc={rc} (log {self.log_path})\n{_tail(self.log_path)}")
+        with open(out_file) as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        if not lines:
+            raise ClientError(
+                f"bench_serving wrote nothing to {out_file} (log {self.log_path})\n{_tail(self.log_path)}"
+            )
+        return json.loads(lines[-1])
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is None:
+            return
+        if p.poll() is None:
+            p.stdin.close()  # its loop ends at EOF
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()  # only this worker, by its own handle
+                p.wait(15)
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def summarise(r: dict) -> dict:
@@ -204,7 +255,9 @@ def summarise(r: dict) -> dict:
         "e2e_p50_s": r["median_e2e_latency_ms"] / 1000,
         "e2e_p99_s": r["p99_e2e_latency_ms"] / 1000,
         "req_per_s": r["request_throughput"],
-        "input_tok_per_s": r["input_throughput"],
+        # multi-turn runs pass bench_serving's metrics no dataset rows (input_requests=None), so its
+        # input_throughput is 0 there: the server-reported prompt tokens over the same duration instead
+        "input_tok_per_s": r["input_throughput"] or (prompt / r["duration"] if r["duration"] else 0.0),
         "output_tok_per_s": r["output_throughput"],
         "prompt_tokens": prompt,
         "cached_tokens": cached,

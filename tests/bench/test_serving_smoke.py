@@ -161,3 +161,16 @@ def test_equal_host_budget_as_allocated(smoke):
     tiers = rows["kvdrive"]["kvdrive_tiers"]
     assert tiers and "DRAM" in tiers["line"], "kvdrive's summary line (its DRAM and disk tiers) was read"
     assert "compressed DRAM tier" in md
+
+
+def test_multi_turn_input_throughput_from_server_prompt_tokens():
+    """bench_serving's multi-turn mode reports input_throughput 0 (its metrics get no dataset rows): the runner's
+    figure is the server-reported prompt tokens over the run (found by the first gsp_multiturn run: 0 tok/s)."""
+    raw = {
+        "completed": 4, "duration": 2.0, "median_ttft_ms": 100.0, "p99_ttft_ms": 300.0,
+        "median_e2e_latency_ms": 200.0, "p99_e2e_latency_ms": 500.0, "request_throughput": 2.0,
+        "input_throughput": 0.0, "output_throughput": 8.0, "errors": ["", "", "", ""],
+        "cache_report": {"total_prompt_tokens": 1462, "total_cached_tokens": 976},
+        "cached_tokens_details": [{"device": 976}],
+    }  # fmt: skip
+    assert summarise(raw)["input_tok_per_s"] == 1462 / 2.0
