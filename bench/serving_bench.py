@@ -344,6 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", help="comma-separated subset of the preset's workloads (fit, large)")
     ap.add_argument("--clients", help=f"comma-separated subset of {','.join(c.value for c in Client)}")
     ap.add_argument("--restart", action="store_true", help="add the restart rows even where the preset has none")
+    ap.add_argument("--agent-settle-s", type=float, help="agent client: think time before each flush, s")
     ap.add_argument("--reps", type=int, help="repetitions per (configuration, workload) (default: the preset's)")
     ap.add_argument("--seed", type=int, default=1, help="first repetition's prompt seed (then +1 per repetition)")
     ap.add_argument("--neighbour", action="store_true", help="run a CPU-busy neighbour process on every core")
@@ -374,8 +375,14 @@ def main(argv=None) -> int:
         clients = tuple(Client(c) for c in a.clients.split(",")) if a.clients else p.clients
     except ValueError as e:
         ap.error(f"{e}; known clients: {', '.join(c.value for c in Client)}")
+    settle = p.agent_settle_s if a.agent_settle_s is None else a.agent_settle_s
     p = replace(
-        p, workloads={w: p.workloads[w] for w in wnames}, reps=reps, clients=clients, restart=p.restart or a.restart
+        p,
+        workloads={w: p.workloads[w] for w in wnames},
+        reps=reps,
+        clients=clients,
+        restart=p.restart or a.restart,
+        agent_settle_s=settle,
     )
     est = estimate_s(p, configs)
     print(
