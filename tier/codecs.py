@@ -12,6 +12,10 @@ Codecs:
 
 A codec never returns data of the wrong length or dtype: every size and every decompression problem is a
 CodecError, and lossy decoders refuse blobs that would decode to NaN.
+
+A page decodes into a flat buffer or straight into a page spread over rows (``buffers.byte_view``'s [rows, row
+bytes] form: a layer-first SGLang host pool's slots, kvdrive_sglang/host_pages.py): each codec's last step writes
+the rows in place, so a reload needs no page-sized scratch and no second copy.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import zstandard
 
-from .buffers import byte_view
+from .buffers import byte_view, fill, flat_view, is_rows
 from .dtypes import (
     DTYPE_BY_CODE,
     DTYPES,
@@ -107,14 +111,20 @@ class Codec(ABC):
         """The body as a list of bytes-like pieces, to be joined once (with the header, by encode_page): saves a
         copy of the whole page. Pieces may point into per-thread scratch: join them before the next encode on
         the same thread."""
-        data_u8 = byte_view(data_u8)
+        data_u8 = flat_view(data_u8)
         self._check(data_u8.size, dtype, row_len)
         return self._encode(data_u8, dtype, row_len)
 
     def decode_body(self, body, out_u8, dtype: str, row_len: int) -> None:
-        """Decode ``body`` into ``out_u8``, exactly ``len(out_u8)`` bytes, or raise CodecError."""
+        """Decode ``body`` into ``out_u8`` (flat or in rows, see ``byte_view``), exactly ``out_u8.size`` bytes, or
+        raise CodecError."""
         out_u8 = byte_view(out_u8, writable=True)
         self._check(out_u8.size, dtype, row_len)
+        if is_rows(out_u8) and out_u8.shape[1] % DTYPES[dtype].itemsize:
+            raise CodecError(
+                f"output rows of {out_u8.shape[1]} bytes do not hold whole {dtype} elements "
+                f"({DTYPES[dtype].itemsize} bytes each)"
+            )
         try:
             self._decode(memoryview(body).cast("B"), out_u8, dtype, row_len)
         except CodecError:
@@ -141,7 +151,8 @@ class Codec(ABC):
 
     @abstractmethod
     def _decode(self, body: memoryview, out_u8: np.ndarray, dtype: str, row_len: int) -> None:
-        """Fill the checked flat uint8 ``out_u8`` from ``body``, or raise CodecError."""
+        """Fill the checked uint8 ``out_u8`` (flat, or [rows, row bytes] of whole elements) from ``body``, or raise
+        CodecError."""
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
@@ -161,7 +172,7 @@ class RawCodec(Codec):
     def _decode(self, body, out_u8, dtype, row_len):
         if len(body) != out_u8.size:
             raise CodecError(f"raw page body is {len(body)} bytes, expected {out_u8.size}")
-        out_u8[:] = np.frombuffer(body, dtype=np.uint8)
+        fill(out_u8, np.frombuffer(body, dtype=np.uint8))
 
 
 # -------------------------------------------------------------------------------------------------------- zstd
@@ -236,6 +247,8 @@ class ZstdCodec(Codec):
         k = DTYPES[dtype].itemsize
         n = out_u8.size // k
         mv, pos = body, 0
+        # each plane's n bytes: the body's own where stored raw, else decompressed into per-thread scratch (reused:
+        # no page-sized allocation per decode), or straight into the caller's buffer where the one plane is the page
         planes = []
         for i in range(k):
             if pos + _PLANE.size > len(mv):
@@ -255,29 +268,70 @@ class ZstdCodec(Codec):
                     size = zstandard.frame_content_size(stored)
                     if size != n:  # checked before decompressing: a damaged size must not allocate or overrun
                         raise CodecError(f"zstd page plane {i} decodes to {size} bytes, expected {n}")
-                    plain = _zstd.dctx.decompress(stored, allow_extra_data=False)
+                    plane = out_u8 if k == 1 else scratch(f"cd.plane{i}", np.uint8, n)
+                    _decompress_into(stored, plane, i)
                 except zstandard.ZstdError as e:
                     raise CodecError(f"zstd page plane {i} cannot be decompressed: {e}") from None
-                if len(plain) != n:
-                    raise CodecError(f"zstd page plane {i} decompressed to {len(plain)} bytes, expected {n}")
-                planes.append(np.frombuffer(plain, np.uint8))
+                planes.append(None if k == 1 else plane)
             else:
                 raise CodecError(f"zstd page plane {i} has unknown storage mode {mode}")
         if pos != len(mv):
             raise CodecError(f"zstd page body has {len(mv) - pos} bytes after its last plane")
         if k == 1:
-            out_u8[:] = planes[0]
+            if planes[0] is not None:  # stored raw
+                fill(out_u8, planes[0])
             return
         # Interleave with widening shifts and ORs straight into the caller's buffer (vectorised, ~3x a strided
-        # copy); 32-bit elements need one scratch for the shifted middle planes.
+        # copy), row by row in place where the page lies in rows (a plane's element j is the page's element j, so
+        # a plane cut to the rows' shape lines up); 32-bit elements need one scratch for the shifted middle planes.
         wide = out_u8.view(_LE[k])
-        np.left_shift(planes[k - 1], 8 * (k - 1), out=wide, dtype=wide.dtype)
+        shape = wide.shape
+        np.left_shift(planes[k - 1].reshape(shape), 8 * (k - 1), out=wide, dtype=wide.dtype)
         if k == 4:
-            tmp = scratch("cd.wide", np.uint32, n)
+            tmp = scratch("cd.wide", np.uint32, n).reshape(shape)
             for i in range(1, k - 1):
-                np.left_shift(planes[i], 8 * i, out=tmp, dtype=np.uint32)
+                np.left_shift(planes[i].reshape(shape), 8 * i, out=tmp, dtype=np.uint32)
                 np.bitwise_or(wide, tmp, out=wide)
-        np.bitwise_or(wide, planes[0], out=wide, dtype=wide.dtype)
+        np.bitwise_or(wide, planes[0].reshape(shape), out=wide, dtype=wide.dtype)
+
+
+def _decompress_into(stored, out_u8: np.ndarray, plane: int) -> None:
+    """Decompress the zstd frame ``stored`` into all of ``out_u8`` (flat, or row by row), no temporary: CodecError
+    if it holds more or fewer bytes, or bytes follow the frame (its content size was checked already; this is a
+    damaged frame)."""
+    end = _frame_end(stored)
+    if end != len(stored):  # what decompress(allow_extra_data=False) refused; a stream reader stops at the frame
+        raise CodecError(f"zstd page plane {plane} has {len(stored) - end} bytes after its frame")
+    reader = _zstd.dctx.stream_reader(stored, read_across_frames=False)
+    done = 0
+    for row in out_u8 if is_rows(out_u8) else (out_u8,):
+        mv, pos = memoryview(row), 0
+        while pos < len(mv):
+            got = reader.readinto(mv[pos:])
+            if not got:
+                raise CodecError(f"zstd page plane {plane} decompressed to {done + pos} bytes, expected {out_u8.size}")
+            pos += got
+        done += pos
+    if reader.read(1):
+        raise CodecError(f"zstd page plane {plane} decompresses to more than {out_u8.size} bytes")
+
+
+_BLOCK = 3  # a zstd block header: 3 bytes little-endian, bit 0 last block, bits 1-2 type, the rest its size
+_RLE_BLOCK = 1  # an RLE block's content is one byte, whatever its size says
+
+
+def _frame_end(stored) -> int:
+    """Where the zstd frame at the start of ``stored`` ends (header, blocks, checksum): the frame format's own block
+    headers walked, as python-zstandard exposes no compressed-size query. Past the end: CodecError."""
+    pos = zstandard.frame_header_size(stored)
+    last = False
+    while not last:
+        if pos + _BLOCK > len(stored):
+            raise CodecError("zstd page plane ends inside a block header")
+        head = int.from_bytes(stored[pos : pos + _BLOCK], "little")
+        last, kind, size = bool(head & 1), (head >> 1) & 3, head >> 3
+        pos += _BLOCK + (1 if kind == _RLE_BLOCK else size)
+    return pos + (4 if zstandard.get_frame_parameters(stored).has_checksum else 0)
 
 
 # ------------------------------------------------------------------------------------------------------- lossy
@@ -348,6 +402,18 @@ def _lossy_body(body, out_u8: np.ndarray, dtype: str, row_len: int, codec: str):
     return scale, np.frombuffer(body[n_rows * 4 :], np.uint8)
 
 
+def _from_float32_into(vals: np.ndarray, dtype: str, out_u8: np.ndarray) -> None:
+    """A lossy decode's last step: float32 values into ``out_u8`` as ``dtype``. ``dtypes.from_float32`` rounds into a
+    flat buffer only, so a page in rows is rounded into per-thread scratch (reused, not a fresh page) and copied
+    into the rows once: the lossy codecs' one extra copy there."""
+    if not is_rows(out_u8):
+        from_float32(vals, dtype, out_u8)
+        return
+    flat = scratch("cd.rows", np.uint8, out_u8.size)
+    from_float32(vals, dtype, flat)
+    fill(out_u8, flat)
+
+
 class Int8Codec(Codec):
     """Body: float32 scale per row, then int8 q per element; x ~= q * scale, scale = row absmax / 127."""
 
@@ -369,7 +435,7 @@ class Int8Codec(Codec):
         np.copyto(vals, codes.view(np.int8))  # cast first: a mixed int8 * float32 ufunc runs ~3x slower
         vals = vals.reshape(-1, row_len)
         np.multiply(vals, scale[:, None], out=vals)
-        from_float32(vals, dtype, out_u8)
+        _from_float32_into(vals, dtype, out_u8)
 
 
 def _e4m3_lut() -> np.ndarray:
@@ -444,7 +510,7 @@ class Fp8Codec(Codec):
             raise CodecError(f"{self.name} page body holds the e4m3 NaN code: damaged blob")
         vals2 = vals.reshape(-1, row_len)
         np.multiply(vals2, scale[:, None], out=vals2)
-        from_float32(vals2, dtype, out_u8)
+        _from_float32_into(vals2, dtype, out_u8)
 
 
 # ----------------------------------------------------------------------------------------------------- lookup
@@ -473,16 +539,17 @@ def get_codec(name_or_code) -> Codec:
 
 
 def encode_page(data, dtype: str, codec, row_len: int) -> bytes:
-    """Encode one page (anything ``byte_view`` accepts) into a self-describing blob (header + body)."""
+    """Encode one contiguous page (anything ``byte_view`` views flat) into a self-describing blob (header + body)."""
     c = get_codec(codec)
-    data_u8 = byte_view(data)
+    data_u8 = flat_view(data)
     parts = c.encode_parts(data_u8, dtype, row_len)  # checks dtype, row_len and length
     header = HEADER.pack(MAGIC, FORMAT_VERSION, c.code, DTYPES[dtype].code, 0, row_len, data_u8.size)
     return b"".join([header, *parts])
 
 
 def decode_page(blob, out, dtype: str) -> PageHeader:
-    """Decode ``blob`` into the writable buffer ``out`` (all of it), after checking its dtype and size."""
+    """Decode ``blob`` into the writable buffer ``out`` (all of it: flat, or a page in rows, see ``byte_view``),
+    after checking its dtype and size."""
     h = peek_header(blob)
     out_u8 = byte_view(out, writable=True)
     if h.dtype_name != dtype:

@@ -478,3 +478,139 @@ def test_synthetic_page_shape_and_outliers():
     assert np.median(k_std) < 1.2
     with pytest.raises(ValueError, match="dtype"):
         kv_page(rng, dtype="int8")
+
+
+# ------------------------------------------------------------- pages in rows (a host pool's slots, issue 18)
+# A layer-first SGLang host pool keeps a page as one contiguous run per layer and K/V: the storage backend decodes
+# straight into those slots, a [rows, row bytes] view whose rows are contiguous but not adjacent.
+
+GUARD = 0xEE
+
+
+def rows_out(nbytes: int, rows: int, gap: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """(the whole buffer, guard bytes included; a [rows, nbytes / rows] view of it with ``gap`` bytes between
+    rows)."""
+    width = nbytes // rows
+    buf = np.full((rows, width + gap), GUARD, np.uint8)
+    return buf, buf[:, :width]
+
+
+def pages_for(dtype: str, seed: int) -> list[np.ndarray]:
+    """KV-like pages (zstd compresses a plane), random bytes (raw planes), zeros (every plane compressed)."""
+    rng = np.random.default_rng(seed)
+    kv = (
+        kv_page(rng, page_size=8, num_heads=2, head_dim=32, dtype=dtype)
+        if dtype in FLOATS
+        else (rng.standard_normal(1024) * 3).astype(np.int8)
+    )
+    size = kv.nbytes
+    return [kv.reshape(-1).view(np.uint8), rng.integers(0, 256, size, dtype=np.uint8), np.zeros(size, np.uint8)]
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, "uint8"])
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+@pytest.mark.parametrize("rows", [2, 8, 64])
+def test_decode_into_rows_is_the_flat_decode_in_place(codec, dtype, rows):
+    if not get_codec(codec).supports(dtype):
+        pytest.skip(f"{codec} does not take {dtype}")
+    for i, page in enumerate(pages_for(dtype, seed=rows)):
+        if codec in LOSSY and i == 1:
+            continue  # random bits hold NaN patterns a lossy codec refuses
+        blob = encode_page(page, dtype, codec, 32 if dtype in FLOATS else 16)
+        flat = np.empty(page.size, np.uint8)
+        decode_page(blob, flat, dtype)
+        buf, out = rows_out(page.size, rows)
+        assert decode_page(blob, out, dtype) == peek_header(blob)
+        assert out.tobytes() == flat.tobytes(), (codec, dtype, i)
+        assert (buf[:, out.shape[1] :] == GUARD).all(), "wrote between the rows"
+        tbuf = torch_rows(page.size, rows)
+        if tbuf is not None:  # a torch view of a pool's slots, as SGLang's buffer is one
+            decode_page(blob, tbuf[1], dtype)
+            assert tbuf[1].numpy().tobytes() == flat.tobytes()
+            assert (tbuf[0].numpy()[:, tbuf[1].shape[1] :] == GUARD).all()
+
+
+def torch_rows(nbytes: int, rows: int):
+    """(a guard-filled uint8 tensor, a [rows, nbytes / rows] strided view of it), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    whole = torch.full((rows, nbytes // rows + 16), GUARD, dtype=torch.uint8)
+    return whole, whole[:, : nbytes // rows]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(byte_pages(), st.sampled_from(LOSSLESS), st.integers(1, 9), st.integers(0, 40))
+def test_lossless_decode_into_rows_is_bit_exact_for_any_bytes(page, codec, rows, gap):
+    dtype, row_len, data = page
+    k = DTYPES[dtype].itemsize
+    n = len(data) // k
+    rows = next(r for r in range(min(rows, max(n, 1)), 0, -1) if n % r == 0)  # rows of whole elements
+    blob = encode_page(data, dtype, codec, row_len)
+    buf, out = rows_out(len(data), rows, gap)
+    decode_page(blob, out, dtype)
+    assert out.tobytes() == data
+    assert (buf[:, out.shape[1] :] == GUARD).all()
+
+
+def test_rows_that_split_an_element_or_overlap_are_refused(bf16_page):
+    blob = encode_page(bf16_page, "bfloat16", "zstd", 16)
+    nbytes = bf16_page.nbytes
+    _, split = rows_out(nbytes, nbytes // 2)  # rows of 2 bytes hold whole bf16 elements: fine
+    decode_page(blob, split, "bfloat16")
+    _, bytes_rows = rows_out(nbytes, nbytes)  # rows of 1 byte cut every element in two
+    with pytest.raises(CodecError, match=r"rows of 1 bytes do not hold whole bfloat16"):
+        decode_page(blob, bytes_rows, "bfloat16")
+    base = np.zeros(nbytes, np.uint8)
+    overlapping = np.lib.stride_tricks.as_strided(base, shape=(4, nbytes // 4), strides=(nbytes // 8, 1))
+    with pytest.raises(CodecError, match=r"overlap"):
+        decode_page(blob, overlapping, "bfloat16")
+    _, short = rows_out(nbytes - 64, 2)
+    with pytest.raises(CodecError, match=rf"{nbytes}.*{nbytes - 64}"):
+        decode_page(blob, short, "bfloat16")
+    _, read_only = rows_out(nbytes, 4)
+    read_only.flags.writeable = False
+    with pytest.raises(CodecError, match=r"read-only"):
+        decode_page(blob, read_only, "bfloat16")
+    _, page_in_rows = rows_out(nbytes, 4)
+    with pytest.raises(CodecError, match=r"separate rows"):
+        encode_page(page_in_rows, "bfloat16", "zstd", 16)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "bfloat16"])
+def test_a_zstd_plane_with_bytes_after_its_frame_is_refused(dtype):
+    """decompress(allow_extra_data=False) refused a frame followed by more bytes; decoding into the caller's buffer
+    (a stream reader stops at the frame's end) must refuse it too, flat or in rows."""
+    page = np.zeros(4096, np.uint8)
+    blob = encode_page(page, dtype, "zstd", 16)
+    body = bytearray(blob[HEADER.size :])
+    mode, length = struct.unpack_from("<BI", body, 0)
+    assert mode == 1
+    frame = bytes(body[5 : 5 + length])
+    for junk in (b"\0", b"junk", frame[:5], frame):
+        bad = bytearray(blob[: HEADER.size]) + struct.pack("<BI", 1, length + len(junk)) + frame + junk
+        bad += body[5 + length :]
+        for out in (np.empty(page.size, np.uint8), rows_out(page.size, 4)[1]):
+            with pytest.raises(CodecError, match=r"after its frame|plane 0"):
+                decode_page(bytes(bad), out, dtype)
+
+
+def test_a_corrupt_zstd_frame_decoded_into_rows_writes_only_the_rows():
+    page = np.zeros(4096, np.uint8)
+    blob = bytearray(encode_page(page, "uint8", "zstd", 16))
+    _, out = rows_out(page.size, 8, gap=32)
+    decode_page(bytes(blob), out, "uint8")  # intact: the single plane decompressed straight into the rows
+    assert out.tobytes() == page.tobytes()
+    outcomes = {"error": 0, "decoded": 0}
+    for i in range(HEADER.size + 5, len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x5A
+        buf, out = rows_out(page.size, 8, gap=32)
+        try:
+            decode_page(bytes(bad), out, "uint8")
+            outcomes["decoded"] += 1
+        except CodecError:
+            outcomes["error"] += 1
+        assert (buf[:, out.shape[1] :] == GUARD).all(), f"flip at {i} wrote between the rows"
+    assert outcomes["error"] > 0, outcomes
