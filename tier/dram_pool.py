@@ -6,12 +6,26 @@ here encoded, and leave for the disk store.
 Value is the promoter's score; until a page has one (score 0 for all), eviction is least-recently-used. Victims are
 handed to a ``demote`` callback (the engine queues them for the disk store) *before* they leave the pool, so a page
 is never invisible in between. Thread-safe.
+
+Pages waiting for their score
+    Score 0.0 means "no score yet", not "worth nothing": kvdrive's SGLang backend stores a request's prompt pages
+    while the request still runs (SGLang backs them up as soon as they reach its host pool), and the promoter learns
+    of them, and scores them, only when the request finishes. Ranked as the lowest value, each such page was the first
+    victim of its own insertion into a pool holding scored pages and, not yet admitted for the disk, was dropped: the
+    agent's rounds of issue 18's serving smoke found none of their history after a flush. So an unscored page in a
+    scored pool waits up to ``unscored_grace_s`` for its score, evicted before that only if nothing else is left
+    (oldest first, so the byte bound always holds); once scored it ranks by value like any page, and one still
+    unscored after the grace (its request was aborted, or is very long) ranks as unscored again, first out: a page
+    is never protected indefinitely. 0.0 also never replaces a score the pool holds (set_score, a refreshing put):
+    it carries no information. (tests/tier/test_dram_pool_unscored.py,
+    tests/tier/test_dram_pool_stored_before_scored.py)
 """
 
 from __future__ import annotations
 
-import heapq
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -20,6 +34,10 @@ from . import clock
 from .validate import integer
 
 PoolKey = tuple[bytes, bytes]  # (namespace id, key bytes)
+
+# How long an unscored page in a scored pool waits for its score (module doc): three of kvdrive's report ticks
+# (10 s each), the ticks that hand the promoter's scores to the tiers once the page's request has finished
+UNSCORED_GRACE_S = 30.0
 
 
 class DramPoolStats(NamedTuple):
@@ -35,12 +53,15 @@ class DramPoolStats(NamedTuple):
 
 
 class _Entry:
-    __slots__ = ("blob", "raw_nbytes", "score", "on_disk", "ns", "retiring", "expires_ms")
+    __slots__ = ("blob", "raw_nbytes", "score", "on_disk", "ns", "retiring", "expires_ms", "stored")
 
-    def __init__(self, blob: bytes, raw_nbytes: int, score: float, on_disk: bool, ns, expires_ms: int = 0):
+    def __init__(
+        self, blob: bytes, raw_nbytes: int, score: float, on_disk: bool, ns, expires_ms: int = 0, stored: float = 0.0
+    ):
         self.blob, self.raw_nbytes, self.score, self.on_disk, self.ns = blob, raw_nbytes, score, on_disk, ns
         self.retiring = False  # picked as a victim; another thread is handing it to the disk tier
         self.expires_ms = expires_ms  # wall-clock ms (the disk store's clock); 0: never
+        self.stored = stored  # time.monotonic() when put: an unscored page waits for its score from here
 
     def expired(self, now: int | None = None) -> bool:
         return clock.expired(self.expires_ms, now)
@@ -60,6 +81,7 @@ class DramPool:
         self._used = self._raw = 0
         self._retiring = 0  # bytes of victims being handed over (still visible, no longer counted as excess)
         self._scored = 0  # entries with a non-zero score: when none, LRU order is value order
+        self.unscored_grace_s = UNSCORED_GRACE_S  # see the module doc: pages waiting for their score
         self._hits = self._misses = self._inserts = self._demoted = self._dropped = 0
 
     def put(
@@ -74,15 +96,18 @@ class DramPool:
         expires_ms: int = 0,
     ) -> bool:
         """Insert (or refresh) a page. False when the page alone is larger than the pool. An expired page
-        (``expires_ms``, wall-clock ms) is never served and leaves at the next ``expire``."""
+        (``expires_ms``, wall-clock ms) is never served and leaves at the next ``expire``. ``score`` 0.0: not
+        scored yet (module doc: it waits for its score; a refreshed page keeps the score it had)."""
         if len(blob) > self.capacity:
             return False
+        now = time.monotonic()
         with self._lock:
             old = self._map.pop(key, None)
             if old is not None:
                 self._account(old, -1)
                 on_disk = on_disk or (old.on_disk and old.blob == blob)
-            e = _Entry(blob, raw_nbytes, float(score), on_disk, ns, int(expires_ms))
+                score = score or old.score  # "no score" carries no information: keep what was known
+            e = _Entry(blob, raw_nbytes, float(score), on_disk, ns, int(expires_ms), now)
             self._map[key] = e
             self._account(e, +1)
             self._inserts += 1
@@ -117,11 +142,16 @@ class DramPool:
 
     def eviction_floor(self, incoming_bytes: int = 0) -> float | None:
         """The score a page must beat to be worth adding now: None while ``incoming_bytes`` more still fit under
-        the low watermark (no eviction would follow), else the lowest score held (the first victim)."""
+        the low watermark (no eviction would follow), else the lowest score held (the first victim). Pages waiting
+        for their score are not victims while others are left: with only those left, nothing beats them (inf)."""
         with self._lock:
             if self._used + incoming_bytes <= self._low:
                 return None
-            return min((e.score for e in self._map.values() if not e.retiring), default=None)
+            waiting = self._waiting()
+            scores = [e.score for e in self._map.values() if not e.retiring and not waiting(e)]
+            if scores:
+                return min(scores)
+            return math.inf if self._map else None
 
     def expire(self) -> int:
         """Drop pages past their expiry. Returns how many."""
@@ -145,6 +175,10 @@ class DramPool:
                     e.on_disk = True
 
     def set_score(self, key: PoolKey, score: float) -> None:
+        """The page's value (the promoter's score). 0.0 ("no score", as the promoter answers for a page it does not
+        know) never replaces a score held: it carries no information."""
+        if not score:
+            return
         with self._lock:
             e = self._map.get(key)
             if e is not None:
@@ -188,15 +222,25 @@ class DramPool:
         self._raw += sign * e.raw_nbytes
         self._scored += sign * (e.score != 0)
 
+    def _waiting(self) -> Callable[[_Entry], bool]:
+        """Whether an entry is an unscored page still waiting for its score (module doc); with no scored page in the
+        pool, none is (plain LRU). Called with the lock held."""
+        if self._scored == 0:
+            return lambda e: False
+        since = time.monotonic() - self.unscored_grace_s
+        return lambda e: e.score == 0 and e.stored > since
+
     def _pick_victims(self) -> list[tuple[PoolKey, _Entry]]:
-        """Lowest value first until usage is at the low watermark. Called with the lock held."""
+        """Lowest value first until usage is at the low watermark; pages waiting for their score last, oldest first.
+        Called with the lock held."""
         excess = self._used - self._retiring - self._low
         victims, freed = [], 0
         if self._scored == 0:
             it = iter(self._map.items())  # LRU order
         else:
             order = {k: i for i, k in enumerate(self._map)}
-            it = iter(heapq.nsmallest(len(self._map), self._map.items(), key=lambda kv: (kv[1].score, order[kv[0]])))
+            waiting = self._waiting()
+            it = iter(sorted(self._map.items(), key=lambda kv: (waiting(kv[1]), kv[1].score, order[kv[0]])))
         for k, e in it:
             if freed >= excess:
                 break
