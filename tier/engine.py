@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
-from . import clock
+from . import clock, codec_choice
 from .buffers import byte_view
 from .codecs import decode_page, encode_page, get_codec, peek_header
 from .crypto import KeyRing
@@ -80,7 +80,10 @@ class Promotion(NamedTuple):
 class TierEngine:
     def __init__(self, config: TierConfig):
         self.config = config
-        self.codec = get_codec(config.codec)
+        # raw or zstd per tier, chosen by measuring this machine unless pinned (tier/codec_choice.py, issue 18): the
+        # DRAM tier's codec here, the disk's in the write-down (which re-encodes lossless pages to it)
+        self.codec_choice = codec_choice.for_config(config)
+        self.codec = get_codec(self.codec_choice.dram)
         self.tenants = Tenants(config.tenants)
         # With encryption at rest, a tenant's pages are cached (in any tier) only while its key is held.
         try:
@@ -109,6 +112,7 @@ class TierEngine:
             selective=config.write_policy == "selective",
             admitted=self._admitted,
             maintain=self.maintain,
+            disk_codec=self.codec_choice.writedown_codec,
         )
         self.pool = DramPool(config.host_bytes, self.writedown.demote)
         self.mirror = (

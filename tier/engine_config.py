@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .codecs import CODEC_NAMES
+from .codec_choice import AUTO, DISK_CODECS
+from .codecs import CODEC_NAMES, get_codec
 from .disk_config import DiskStoreConfig, GiB, MiB
 from .errors import ConfigError
 from .replica_mirror import SHM_ROOT
 from .tenants import Tenants
 from .validate import integer, number
 
+TIER_CODECS = (AUTO, *CODEC_NAMES)  # TierConfig.codec: "auto" chooses per tier by measurement (tier/codec_choice.py)
+MAX_DECODE_THREADS = 1024
 WRITE_POLICIES = ("write_through", "write_back", "selective")
 MIRROR_MODES = ("off", "publish", "read")
 
@@ -22,7 +25,15 @@ class TierConfig:
     path: str | None = None  # disk store directory; None: DRAM tier only
     host_bytes: int = 4 * GiB  # compressed DRAM tier budget (encoded bytes)
     disk_bytes: int = 64 * GiB  # disk store cap (segment file bytes)
-    codec: str = "zstd"  # raw | zstd (lossless) | int8 | fp8 (lossy: opt in)
+    # auto: chosen per tier by measuring this machine (tier/codec_choice.py: raw in DRAM where zstd decode is slower
+    # than a reload must be and DRAM is not the constraint, zstd on disk); raw | zstd (lossless) | int8 | fp8 (lossy:
+    # opt in): that codec in both tiers
+    codec: str = AUTO
+    disk_codec: str | None = None  # raw | zstd: the disk's own codec (lossless pages re-encoded); None: as codec/auto
+    # the KV bandwidth of recomputing, GB/s (prefill tokens/s x KV bytes per token): a reload slower than this loses to
+    # recompute. auto compares zstd decode with it; None: codec_choice.DEFAULT_RECOMPUTE_GBPS (an 8B model on a GPU)
+    recompute_gbps: float | None = None
+    decode_threads: int = 0  # threads decoding a batch of pages (zstd releases the GIL); 0: every usable core
     # write_through: every page also goes to disk at once (survives a crash); write_back: a page goes to disk when it
     # leaves the DRAM pool; selective: only pages the engine's ``admit`` callback calls worth keeping go to disk -- at
     # once if admitted when stored, else when they leave the pool if admitted by then (others are dropped there)
@@ -57,12 +68,26 @@ class TierConfig:
             "encode_threads",
         ):
             integer(getattr(self, name), f"tier {name}", least=0 if name in zero_ok else 1)
+        integer(self.decode_threads, "tier decode_threads", least=0, most=MAX_DECODE_THREADS)
         if self.mirror not in MIRROR_MODES:
             raise ConfigError(f"tier mirror {self.mirror!r} is not one of {', '.join(MIRROR_MODES)}")
         if self.mirror != "off" and self.path is None:
             raise ConfigError("tier mirror is named after the disk store: it needs a disk store path")
-        if self.codec not in CODEC_NAMES:
-            raise ConfigError(f"tier codec {self.codec!r} is not one of {', '.join(CODEC_NAMES)}")
+        if self.codec not in TIER_CODECS:
+            raise ConfigError(f"tier codec {self.codec!r} is not one of {', '.join(TIER_CODECS)}")
+        if self.disk_codec is not None:
+            if self.disk_codec not in DISK_CODECS:
+                raise ConfigError(
+                    f"tier disk_codec {self.disk_codec!r} is not one of {', '.join(DISK_CODECS)} (lossless: the "
+                    "write-down re-encodes pages to it); a lossy codec is set with codec, for both tiers"
+                )
+            if self.codec != AUTO and not get_codec(self.codec).lossless:
+                raise ConfigError(
+                    f"tier disk_codec {self.disk_codec!r} cannot apply: codec {self.codec} is lossy, and lossy pages "
+                    "are never re-encoded; leave disk_codec unset"
+                )
+        if self.recompute_gbps is not None:
+            number(self.recompute_gbps, "tier recompute_gbps", unit="GB/s")
         if self.write_policy not in WRITE_POLICIES:
             raise ConfigError(f"tier write_policy {self.write_policy!r} is not one of {', '.join(WRITE_POLICIES)}")
         if self.path is None and self.host_bytes == 0:

@@ -7,6 +7,10 @@ its batch has committed, and leaves the queue only then (I9 in docs/invariants.m
 the tiers). When the queue is full a write-down is dropped and counted, never blocking the caller (``block=True``:
 flush and close wait for room instead). The writer thread also runs the engine's periodic upkeep (``maintain``).
 
+When the disk's codec (``disk_codec``: tier/codec_choice.py, e.g. raw in DRAM and zstd on disk) differs from a queued
+page's, the writer thread re-encodes the page for the disk -- lossless pages only (raw <-> zstd); a lossy page is
+written as it is, never re-encoded. The queue keeps the page as the DRAM tier holds it until its batch commits (I9).
+
 ``TierEngine`` owns one and keeps the page API and the tier order; this module only moves pages down. Split from
 engine.py (issue 16).
 """
@@ -20,9 +24,13 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import clock
+from .codecs import HEADER, decode_page, encode_page, get_codec, peek_header
 from .disk_store import DiskStore
 from .dram_pool import DramPool, PoolKey
+from .errors import CodecError, ConfigError
 from .namespace import Namespace
 
 log = logging.getLogger("kvdrive.tier")
@@ -39,8 +47,9 @@ class QueuedPage(NamedTuple):
 
 class WriteDown:
     """The queue of pages waiting for ``disk`` and its writer thread (``start``). Counts, in ``counts``:
-    ``writedown_dropped`` (a full queue, or the disk refused the page) and ``not_admitted_dropped`` (selective: a page
-    left the DRAM pool still not worth a disk write)."""
+    ``writedown_dropped`` (a full queue, or the disk refused the page), ``not_admitted_dropped`` (selective: a page
+    left the DRAM pool still not worth a disk write) and ``writedown_reencoded`` (pages re-encoded to ``disk_codec``).
+    """
 
     def __init__(
         self,
@@ -52,8 +61,13 @@ class WriteDown:
         selective: bool,
         admitted: Callable[[Namespace, bytes], bool],
         maintain: Callable[[], None],
+        disk_codec: str | None = None,
     ):
         self.disk = disk
+        # lossless pages are written to disk in this codec (None: as queued); tier/codec_choice.py chooses it
+        self.disk_codec = None if disk_codec is None else get_codec(disk_codec)
+        if self.disk_codec is not None and not self.disk_codec.lossless:
+            raise ConfigError(f"the write-down re-encodes lossless pages only; disk codec {disk_codec!r} is lossy")
         self.queue_bytes = queue_bytes
         self.batch_bytes = batch_bytes
         self.maintain_interval_s = maintain_interval_s
@@ -201,18 +215,45 @@ class WriteDown:
             by_ns.setdefault(item.ns.id, []).append((pk, item))
         for items in by_ns.values():
             ns = items[0][1].ns
+            blobs = [self._for_disk(it.blob) for _, it in items]
             ok = self.disk.put_many(
                 ns,
                 [pk[1] for pk, _ in items],
-                [it.blob for _, it in items],
+                blobs,
                 scores=[it.score for _, it in items],
                 expires_ms=[it.expires_ms for _, it in items],
             )
-            done = [(pk, it.blob) for (pk, it), o in zip(items, ok) if o]
-            self.pool.mark_on_disk([pk for pk, _ in done], [b for _, b in done])
+            done = [(pk, it.blob, b) for (pk, it), b, o in zip(items, blobs, ok) if o]
+            # the pool marks its entry by identity with the blob it holds (the queued one), not the disk's copy
+            self.pool.mark_on_disk([pk for pk, _, _ in done], [q for _, q, _ in done])
             if done and self.on_written is not None:
                 try:
-                    self.on_written(ns, [pk[1] for pk, _ in done], [b for _, b in done])
+                    self.on_written(ns, [pk[1] for pk, _, _ in done], [b for _, _, b in done])
                 except Exception:  # noqa: BLE001 - a hook's failure must not stop the write-down
                     log.exception("kvdrive: the written-down hook failed")
             self.counts["writedown_dropped"] += len(items) - len(done)
+
+    def _for_disk(self, blob: bytes) -> bytes:
+        """``blob`` as the disk stores it: re-encoded to ``disk_codec`` when it is lossless and in another codec, else
+        as it is. A blob that cannot be decoded is written as it is: reading it back fails its decode, a miss."""
+        target = self.disk_codec
+        if target is None:
+            return blob
+        try:
+            h = peek_header(blob)
+            source = get_codec(h.codec)
+            if source.code == target.code or not source.lossless:  # lossy pages are never re-encoded
+                return blob
+            if source.name == "raw":  # the body is the page's bytes: encode from them, no decode (RawCodec's note)
+                page = memoryview(blob).cast("B")[HEADER.size :]
+                if len(page) != h.raw_nbytes:
+                    raise CodecError(f"raw page body is {len(page)} bytes, its header says {h.raw_nbytes}")
+            else:
+                page = np.empty(h.raw_nbytes, np.uint8)
+                decode_page(blob, page, h.dtype_name)
+            out = encode_page(page, h.dtype_name, target, h.row_len)
+        except CodecError:
+            log.warning("kvdrive: a queued page could not be re-encoded to %s; writing it as it is", target.name)
+            return blob
+        self.counts["writedown_reencoded"] += 1
+        return out
