@@ -18,8 +18,6 @@ measured costs, promotion ahead of demand) in ``upkeep``.
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +35,7 @@ from .config import KvdriveSettings
 from .cost_meter import ReloadMeter
 from .host_pages import HostPages
 from .metrics import Reporter, TierMetrics
+from .model_identity import model_identity, server_model_identity
 from .pool_components import DRAFT, group_entries, model_kind, pool_kind, split_component, unsupported
 from .tier.engine import TierEngine
 from .tier.errors import ConfigError
@@ -73,40 +72,6 @@ def kv_dtype_name(dtype: torch.dtype) -> str:
 
 
 MIRROR_ROOT = "/dev/shm"  # where replicated MLA ranks share the writer's DRAM tier (a memory-backed file system)
-_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "*.json")
-
-
-def model_identity(model: str | None) -> str:
-    """The model part of the namespace: its name or path, plus (for a local directory) a fingerprint of its config and
-    weight files (names, sizes, modification times). Weights replaced in place give a new namespace, never old pages;
-    the same weights copied elsewhere miss the store (safe) rather than risk a wrong match."""
-    if not model:
-        return "unknown-model"
-    if not os.path.isdir(model):
-        return model
-    h = hashlib.blake2b(digest_size=12)
-    for pattern in _WEIGHT_GLOBS:
-        for f in sorted(glob.glob(os.path.join(model, pattern))):
-            st = os.stat(f)
-            h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    cfg = os.path.join(model, "config.json")
-    if os.path.exists(cfg):
-        with open(cfg, "rb") as fh:
-            h.update(fh.read())
-    return f"{os.path.abspath(model)}@{h.hexdigest()}"
-
-
-def server_model_identity(config: HiCacheStorageConfig, args) -> str:
-    """The model part of this server's namespace. SGLang names the model to the storage backend by
-    ``served_model_name``, which the operator may set to anything (two checkpoints or revisions served under one name
-    would share pages), so the model path and revision of the server this process runs win where SGLang published
-    them for it (``args``: those ServerArgs, or None; ``served_model_name`` defaults to the path, so such a server's
-    namespace is what it always was)."""
-    path = getattr(args, "model_path", None)
-    if not path or getattr(args, "served_model_name", None) != config.model_name:
-        return model_identity(config.model_name)  # not this storage config's server (or none published)
-    revision = getattr(args, "revision", None)
-    return model_identity(path) + (f"@revision={revision}" if revision else "")
 
 
 def namespace_for(config: HiCacheStorageConfig, host_pool, *, tenant: str = "", component: str = "") -> Namespace:

@@ -29,7 +29,7 @@ REMOTE_CONFIG = {
 }
 
 
-def backend(store_dir, host, **settings):
+def backend(store_dir, host, model_name="tiny-llama", **settings):
     extra = json.loads(
         storage_extra_config(
             KvdriveOptions(dir=str(store_dir), host_gb=0.01, disk_gb=1, write_policy="write_through", **settings)
@@ -45,7 +45,7 @@ def backend(store_dir, host, **settings):
         is_mla_model=False,
         enable_storage_metrics=False,
         is_page_first_layout=host.layout == "page_first",
-        model_name="tiny-llama",
+        model_name=model_name,
         extra_config=extra,
     )
     be = StorageBackendFactory.create_backend("dynamic", cfg, host)
@@ -116,3 +116,30 @@ def test_summary_line_without_a_remote_tier_is_unchanged(tmp_path):
     TierMetrics({"tp_rank": 0}, registry=reg).update(st)
     assert reg.get_sample_value("kvdrive:hit_pages_total", {"tp_rank": "0", "tier": "remote"}) is None
     be.close()
+
+
+def test_copies_of_one_model_on_two_machines_get_one_remote_namespace(tmp_path):
+    # the wiring from SGLang's side: KvdriveStorage's namespace (storage_backend.namespace_for) records the model's
+    # cross-machine identity, and the engine addresses remote objects under it; local namespaces stay path-bound
+    from kvdrive_sglang import model_identity as mi
+    from kvdrive_sglang.tier.remote import model_ids
+    from tests.sglang.test_model_identity import copy_elsewhere, make_model
+
+    model_ids.forget_models()
+    mi._done.clear()
+    a = make_model(tmp_path / "host_a" / "model")
+    b = copy_elsewhere(a, tmp_path / "host_b" / "model")
+    other = make_model(tmp_path / "host_c" / "model", seed=1)  # other weights, same names and sizes
+    url = "mooncake://127.0.0.1:1"  # never called here: no connection is made
+    nodes = [backend(tmp_path / f"s{i}", make_host(), model_name=m, remote=url) for i, m in enumerate((a, b, other))]
+    try:
+        local = [n.ns for n in nodes]
+        remote = [n.engine.remote_ns(ns) for n, ns in zip(nodes, local)]
+        assert len({ns.id for ns in local}) == 3
+        assert remote[0].id == remote[1].id != remote[2].id
+        assert remote[0].model.startswith("sha256:") and remote[0].tenant == local[0].tenant
+    finally:
+        for n in nodes:
+            n.close()
+        model_ids.forget_models()
+        mi._done.clear()

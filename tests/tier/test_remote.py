@@ -30,9 +30,9 @@ MiB = 1 << 20
 ALICE, BOB = tenant_id("alice"), tenant_id("bob")
 
 
-def ns_of(tenant: str = "") -> Namespace:
+def ns_of(tenant: str = "", model: str = "tiny") -> Namespace:
     return Namespace(
-        model="tiny",
+        model=model,
         kv_dtype="bfloat16",
         layout="mha",
         page_size=4,
@@ -61,39 +61,56 @@ def master(tmp_path):
 
 
 # --- nodes: engines in their own processes ---------------------------------------------------------------------
-def _node_main(conn, path, url, remote_config, encrypt):
+def _node_main(conn, path, url, remote_config, encrypt, model, codec):
     import logging
 
+    from kvdrive_sglang.tier.codecs import peek_header
     from kvdrive_sglang.tier.engine import TierConfig
     from kvdrive_sglang.tier.remote import parse_remote
     from kvdrive_sglang.tier.remote.tiered import RemoteTieredEngine
 
     logging.basicConfig(level=logging.WARNING)
     engine = RemoteTieredEngine(
-        TierConfig(path=path, host_bytes=8 * MiB, disk_bytes=64 * MiB, write_policy="write_through", encrypt=encrypt),
+        TierConfig(
+            path=path,
+            host_bytes=8 * MiB,
+            disk_bytes=64 * MiB,
+            write_policy="write_through",
+            encrypt=encrypt,
+            codec=codec,
+        ),
         parse_remote(url, remote_config),
     )
+
+    def node_ns(tenant):  # this node's namespaces: its own model identity (a path on its machine)
+        return ns_of(tenant, model)
+
     conn.send("ready")
     while True:
         op, args = conn.recv()
         try:
             if op == "put":
                 tenant, keys = args
-                out = engine.put_many(ns_of(tenant), keys, [page_of(tenant, k) for k in keys])
+                out = engine.put_many(node_ns(tenant), keys, [page_of(tenant, k) for k in keys])
                 engine.flush(30)
             elif op == "get":
                 tenant, keys = args
                 outs = [np.zeros(PAGE_BYTES, np.uint8) for _ in keys]
                 t0 = time.monotonic()
-                got = engine.get_many(ns_of(tenant), keys, outs)
+                got = engine.get_many(node_ns(tenant), keys, outs)
                 out = ([o.tobytes() if g else None for o, g in zip(outs, got)], time.monotonic() - t0)
             elif op == "exists":
                 tenant, keys = args
                 t0 = time.monotonic()
-                out = (engine.exists_many(ns_of(tenant), keys), time.monotonic() - t0)
+                out = (engine.exists_many(node_ns(tenant), keys), time.monotonic() - t0)
+            elif op == "codecs":  # the codec of each page's blob in this node's DRAM pool (None: not there)
+                tenant, keys = args
+                ns = node_ns(tenant)
+                blobs = [engine.pool.get((ns.id, k.encode())) for k in keys]
+                out = [None if b is None else peek_header(b).codec_name for b in blobs]
             elif op == "tiers":
                 tenant, keys = args
-                out = [None if t is None else str(t) for t in engine.tiers_of(ns_of(tenant), keys)]
+                out = [None if t is None else str(t) for t in engine.tiers_of(node_ns(tenant), keys)]
             elif op == "cost":
                 line = engine.remote_cost()
                 out = {"line": None if line is None else line._asdict(), "observed": engine._read_fit.observed}
@@ -114,11 +131,11 @@ def _node_main(conn, path, url, remote_config, encrypt):
 
 
 class Node:
-    def __init__(self, path, url, remote_config=None, encrypt=None):
+    def __init__(self, path, url, remote_config=None, encrypt=None, model="tiny", codec="zstd"):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_node_main, args=(child, str(path), url, remote_config or {}, encrypt), daemon=True
+            target=_node_main, args=(child, str(path), url, remote_config or {}, encrypt, model, codec), daemon=True
         )
         self.proc.start()
         assert self.conn.poll(60), "node did not start"
@@ -190,6 +207,35 @@ def test_a_writes_b_reads_byte_exact_and_promotes(nodes):
     assert set(b("tiers", "", keys)) <= {"dram", "staged", "queued", "disk"}  # promoted into B's own tiers
     a_st = a("stats")
     assert a_st["written"] == 40 and a_st["dropped"] == {"full": 0, "off": 0, "unkeyed": 0}
+
+
+def test_remote_hits_enter_the_local_tiers_as_their_verified_blob(nodes):
+    # A compresses with zstd, B would store raw: B's DRAM pool holds A's zstd blob, so B did not re-encode the page
+    # it had just decoded (before the fix, stage_many encoded it again with B's codec: "raw")
+    a, b = nodes("a"), nodes("b", codec="raw", config={"global_segment_size": 0})
+    keys = keys_of("blob", 12)
+    assert all(a("put", "", keys))
+    pages, _ = b("get", "", keys)
+    assert pages == [page_of("", k).tobytes() for k in keys]
+    assert b("codecs", "", keys) == ["zstd"] * 12
+    st = b("stats")
+    assert st["hits"] == 12 and st["promoted"] == 12 and st["not_promoted"] == 0
+    assert b("get", "", keys)[0] == pages  # served again, now from B's own DRAM pool
+    assert b("stats")["hits"] == 12
+
+
+def test_nodes_with_their_own_model_copies_share_only_under_a_cross_machine_identity(nodes):
+    # two machines' copies of one model have different local identities (path + mtimes): with model_id (the
+    # operator's assertion) they share remote pages; a node without it keeps its local identity and misses them
+    cfg = {"model_id": "org/tiny@v1"}
+    a = nodes("a", model="/host-a/tiny@111", config=cfg)
+    b = nodes("b", model="/host-b/tiny@222", config={**cfg, "global_segment_size": 0})
+    c = nodes("c", model="/host-b/tiny@222", config={"global_segment_size": 0})
+    keys = keys_of("copy", 8)
+    assert all(a("put", "", keys))
+    assert c("exists", "", keys)[0] == 0 and c("get", "", keys)[0] == [None] * 8
+    assert b("exists", "", keys)[0] == 8
+    assert b("get", "", keys)[0] == [page_of("", k).tobytes() for k in keys]
 
 
 def test_exists_counts_a_prefix_across_local_and_remote(nodes):

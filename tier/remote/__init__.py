@@ -9,6 +9,8 @@ and is the same for every engine:
     guard.py     every call time-bounded on a worker thread; a fault turns the tier off for a retry window
     tiered.py    RemoteTieredEngine: read-through on a local miss (promoted into the local tiers), write-behind of
                  the pages the engine writes down, longest-prefix exists across local and remote tiers
+    model_ids.py the model part of a remote namespace: an identity that holds across machines (two nodes with their
+                 own copy of one model share pages; two models never do)
 
 An engine is one more module with a class named in ``BACKENDS`` (Mooncake Store today: ``mooncake.py``; 3FS, NIXL or
 an LMCache server later). Its module is imported only when its scheme is used, and its client library only when it
@@ -100,6 +102,10 @@ class RemoteOptions:
     batch_bytes: int = 8 * MiB  # one batched put (must fit the client's transfer buffer)
     prefix: str = "kvdrive"  # object names start with it: one cluster store can hold several fleets apart
     write: bool = True  # False: read the shared tier, never write it
+    # the model's identity across machines (tier/remote/model_ids.py, kvdrive_sglang/model_identity.py): the operator
+    # asserts that every node giving this id serves identical weights; None: derived (hub commit, content hash)
+    model_id: str | None = None
+    model_hash_max_bytes: int = 2 << 30  # hash a model's files whole up to this size at startup (0: never)
 
     def __post_init__(self):
         for name in ("timeout_s", "put_timeout_s", "retry_s"):
@@ -110,6 +116,11 @@ class RemoteOptions:
             raise ConfigError(f"kvdrive remote prefix must be a non-empty printable word, got {self.prefix!r}")
         if not isinstance(self.write, bool):
             raise ConfigError(f"kvdrive remote write must be true or false, got {self.write!r}")
+        if self.model_id is not None and (
+            not isinstance(self.model_id, str) or not self.model_id.strip() or not self.model_id.isprintable()
+        ):
+            raise ConfigError(f"kvdrive remote model_id must be a non-empty printable string, got {self.model_id!r}")
+        validate.integer(self.model_hash_max_bytes, "kvdrive remote model_hash_max_bytes", least=0)
 
 
 class RemoteSpec(NamedTuple):

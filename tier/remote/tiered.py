@@ -2,7 +2,8 @@
 
     get_many     local tiers first; the misses are read from the remote tier in batches, each object verified
                  (tier/remote/envelope.py) and decoded into the caller's buffer, then promoted into the local tiers
-                 through stage_many (the DRAM pool, and the disk where the write policy / promoter admits it)
+                 as the verified blob itself, not re-encoded (the DRAM pool, and the disk where the write policy /
+                 promoter admits it)
     exists_many  the leading run of pages held locally *or* remotely (SGLang's longest-prefix count)
     tiers_of     "remote" for pages only the remote tier holds
     write-behind every page the engine writes down to its disk is offered to the remote tier's queue
@@ -10,6 +11,10 @@
 
 Remote calls are time-bounded and a fault turns the remote tier off for a retry window (tier/remote/guard.py): the
 local tiers keep serving, and a page never comes from a remote object that fails its checks.
+
+Remote objects live in the *remote namespace* of a page's local namespace: the same fields, with the model named by
+an identity that holds across machines (tier/remote/model_ids.py), so two nodes with their own copy of one model
+share pages, and two different models never do.
 
 Built beside tier/engine.py rather than inside it: the engine's own methods are called as they are, and the write-down
 is observed through the engine's ``on_written_down`` hook (each batch that landed on disk), so the engine needs no
@@ -25,8 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
-
+from .. import clock
 from ..buffers import byte_view
 from ..codecs import decode_page
 from ..costfit import Line, LinearFit
@@ -36,6 +40,7 @@ from ..namespace import Namespace, key_bytes
 from . import SETTINGS_NOTE, ObjectId, RemoteSpec, RemoteTier, open_remote, settings_note
 from .envelope import Reject, open_object
 from .guard import CallGuard, Unavailable
+from .model_ids import remote_namespace
 from .write_behind import WriteBehind
 
 log = logging.getLogger("kvdrive.tier")
@@ -48,6 +53,8 @@ class RemoteStats(NamedTuple):
     off_for_s: float  # left of the current retry window
     last_fault: str | None
     hits: int  # pages served from the remote tier (verified)
+    promoted: int  # of those, put into the local tiers as the verified blob (no re-encode)
+    not_promoted: int  # of those, not held locally: no room in the DRAM pool and not admitted to the disk, or unkeyed
     misses: int  # pages asked of it and not there
     rejected: dict  # Reject reason -> pages whose remote object failed its checks (served as misses)
     bytes_read: int  # remote object bytes read for hits
@@ -83,11 +90,12 @@ class RemoteTieredEngine(TierEngine):
         self._rt: Counter = Counter()
         self._rejects: Counter = Counter()
         self._rlock = threading.Lock()
+        self._remote_ns: dict[bytes, Namespace] = {}  # local namespace id -> its remote namespace
         # the read-through's cost as the promoter prices a tier: seconds = round trip + decoded bytes x per-byte, one
         # observation per batched get that brought pages (get, verify, decode), for Promoter.calibrate
         self._read_fit = LinearFit(window=256, min_samples=4)
         if self.write_behind is not None:
-            self.on_written_down = self.write_behind.offer  # the pages the write-down landed on disk
+            self.on_written_down = self._offer_remote  # the pages the write-down landed on disk
         if config.mirror != "read":  # a rank reading another's tier writes nothing to the store
             self.put_note(SETTINGS_NOTE, settings_note(spec, self.remote.describe()))  # for `kvdrive stats`
         log.info(
@@ -102,10 +110,11 @@ class RemoteTieredEngine(TierEngine):
         miss = [i for i, g in enumerate(result) if not g]
         if not miss or not self.guard.available(count=True):
             return result
-        promote_keys, promote_pages = [], []
+        rns = self.remote_ns(ns)
+        promote: list[tuple[bytes, bytes]] = []  # (key, verified blob)
         for part in self._chunks(miss, outs):
             t0 = time.perf_counter()
-            objs = self._remote_get(ns, [keys[i] for i in part])
+            objs = self._remote_get(rns, [keys[i] for i in part])
             if objs is None:
                 break  # off now: the rest are misses
             got_bytes = 0
@@ -114,7 +123,8 @@ class RemoteTieredEngine(TierEngine):
                     self._count(misses=1)
                     continue
                 out_u8 = byte_view(outs[i], writable=True)
-                opened = open_object(obj, ns, key_bytes(keys[i]), out_u8.size, self.keyring)
+                key = key_bytes(keys[i])
+                opened = open_object(obj, rns, key, out_u8.size, self.keyring)
                 if opened.blob is not None:
                     try:
                         decode_page(opened.blob, outs[i], ns.kv_dtype)
@@ -127,21 +137,26 @@ class RemoteTieredEngine(TierEngine):
                 result[i] = True
                 got_bytes += out_u8.size
                 self._count(hits=1, bytes_read=len(obj))
-                promote_keys.append(keys[i])
-                promote_pages.append(np.array(out_u8, copy=True))  # stage_many keeps it; the caller reuses outs
+                promote.append((key, opened.blob))
             if got_bytes:
                 self._read_fit.add(got_bytes, time.perf_counter() - t0)
-        if promote_keys:
-            # into the local tiers as a page of this node: the DRAM pool, and the disk if the write policy (the
-            # promoter's admission) wants it there; a full staging area just leaves it remote
-            self.stage_many(ns, promote_keys, promote_pages)
+        if promote:
+            self._promote(ns, promote)
         return result
+
+    def remote_ns(self, ns: Namespace) -> Namespace:
+        """The remote namespace of local namespace ``ns``: its fields with the cross-machine model identity
+        (tier/remote/model_ids.py; ``model_id`` from the remote config where the server recorded none)."""
+        r = self._remote_ns.get(ns.id)
+        if r is None:
+            r = self._remote_ns.setdefault(ns.id, remote_namespace(ns, self.spec.options.model_id))
+        return r
 
     def exists_many(self, ns: Namespace, keys: Sequence) -> int:
         n = super().exists_many(ns, keys)
         if n == len(keys) or not self.guard.available(count=True):
             return n
-        there = self._remote_exists(ns, keys[n:])
+        there = self._remote_exists(self.remote_ns(ns), keys[n:])
         if there is None:
             return n
         base = n
@@ -156,7 +171,7 @@ class RemoteTieredEngine(TierEngine):
         out = super().tiers_of(ns, keys)
         missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.guard.available(count=True):
-            there = self._remote_exists(ns, [keys[i] for i in missing])
+            there = self._remote_exists(self.remote_ns(ns), [keys[i] for i in missing])
             for i, t in zip(missing, there or ()):
                 if t:
                     out[i] = REMOTE
@@ -166,7 +181,7 @@ class RemoteTieredEngine(TierEngine):
     def clear(self, ns: Namespace | None = None) -> None:
         """Local tiers and this node's write-behind queue. The shared tier's copies stay: other nodes use them."""
         if self.write_behind is not None:
-            self.write_behind.drop(ns.id if ns is not None else None)
+            self.write_behind.drop(self.remote_ns(ns).id if ns is not None else None)
         super().clear(ns)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -196,6 +211,8 @@ class RemoteTieredEngine(TierEngine):
             off_for_s=round(g.off_for_s(), 3),
             last_fault=g.last_fault(),
             hits=c.get("hits", 0),
+            promoted=c.get("promoted", 0),
+            not_promoted=c.get("not_promoted", 0),
             misses=c.get("misses", 0),
             rejected=rej,
             bytes_read=c.get("bytes_read", 0),
@@ -225,6 +242,22 @@ class RemoteTieredEngine(TierEngine):
         self.guard.close("close", self.remote.close, min(timeout, 10.0))
 
     # --- internals -------------------------------------------------------------------------------------------
+    def _promote(self, ns: Namespace, pages: list[tuple[bytes, bytes]]) -> None:
+        """Remote hits into the local tiers as pages of this node: each verified blob as it is (it decoded into the
+        caller's buffer; re-encoding it would cost a codec pass for the same page), into the DRAM pool, and the disk
+        if the write policy (the promoter's admission) wants it there -- what stage_many's encoder threads do with an
+        encoded page (TierEngine._store_blob), TTL from now as put_many gives. Guarded by
+        tests/tier/test_remote.py::test_remote_hits_enter_the_local_tiers_as_their_verified_blob."""
+        if not self._keyed(ns, len(pages)):
+            self._count(not_promoted=len(pages))
+            return
+        expires = clock.expires_at_ms(self.tenants.ttl_s(ns.tenant, self.config.default_ttl_s))
+        held = sum(self._store_blob((ns.id, key), ns, blob, 0.0, expires) for key, blob in pages)
+        self._count(promoted=held, not_promoted=len(pages) - held)
+
+    def _offer_remote(self, ns: Namespace, keys: list, blobs: list) -> None:
+        self.write_behind.offer(self.remote_ns(ns), keys, blobs)
+
     def _chunks(self, idx: list[int], outs) -> list[list[int]]:
         """Batches of at most ``batch_bytes`` of decoded pages (objects are smaller: compressed)."""
         limit, parts, cur, size = self.spec.options.batch_bytes, [], [], 0
