@@ -3,6 +3,8 @@
     python bench/replay_bench.py --preset smoke              # seconds (the test runs it)
     python bench/replay_bench.py --preset default            # a few minutes; writes results/replay_bench-default.*
     python bench/replay_bench.py --preset production-day     # >= 100k requests, < 30 min on 2 cores
+    ... --decode-cores 32 --measured-from X.json             # kvdrive's decode scaled to a 32-core host, on the
+                                                             # constants another run measured (issue 18)
     python bench/replay_bench.py --nodes 2,4,8               # N replicas (round-robin), with and without the
                                                              # shared remote tier (bench/replay/fleet.py); writes
                                                              # results/remote-replay-<preset>.*
@@ -35,7 +37,13 @@ trace up to whole pages (a question or an answer becomes 1024 tokens, a session 
 its unique tokens and session histories are inflated; document reuse keeps its shape. production-day also waits for
 kvdrive's disk writer every 16 requests instead of after each (pages still queued are read from the queue, as in a
 server). TTFT and throughput come from bench/cost_model.py, its tier constants measured in this run, the rest stated
-assumptions printed with the result. Attention mass (promoter input) is synthetic. Results:
+assumptions printed with the result: kvdrive's decode, measured on one core, is scaled over --decode-cores (default:
+this machine's usable cores) by --decode-speedup-2t per added core (2 = linear: assumed), the disk tier's within the
+disk device's measured read GB/s, and the promoter plans with the same scaled figures. Each request has two TTFTs
+(bench/replay/queueing.py): without queueing (the earlier results' figure, kept for continuity) and queued (one GPU
+serving the trace's arrivals first come first served, its disk reads sharing the device with the write-down's
+writes and the prefetch's reads); throughput is requests / service time both ways (the queued one with the
+contention the reads met), i.e. at saturation. Attention mass (promoter input) is synthetic. Results:
 bench/results/<name>.json, .md and PNG plots; --jobs 2 replays two (workload, configuration) pairs at once.
 """
 
@@ -57,7 +65,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench_common import Progress, add_allow_dirty, guard_results, machine  # noqa: E402
-from cost_model import CostModel, calibrate, calibrate_file, percentile  # noqa: E402
+from cost_model import CostModel, calibrate, calibrate_device, calibrate_file, percentile  # noqa: E402
 from replay import Config, Replay, ReplayError, SyntheticPages  # noqa: E402
 from replay.tiers import N_POOL_PAGES, SMALL_SHAPE  # noqa: E402
 from workloads import GENERATORS, trace_digest  # noqa: E402
@@ -188,6 +196,26 @@ def parse_args(argv):
     )
     c.add_argument("--prefill-tps", type=float, default=12000.0, help="prefill tokens/s")
     c.add_argument("--pcie-gbps", type=float, default=25.0)
+    c.add_argument(
+        "--decode-cores",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="cores kvdrive's decode may use for one reload (default: this machine's usable cores); the one-core "
+        "DRAM and disk tier read GB/s measured here are scaled by min(this, 64-token pages in flight)",
+    )
+    c.add_argument(
+        "--decode-speedup-2t",
+        type=float,
+        default=2.0,
+        help="two decode threads' speedup over one (default 2.0: linear scaling, assumed); pass the one "
+        "bench/reload_bench.py measures to extrapolate from it instead",
+    )
+    c.add_argument(
+        "--disk-write-share",
+        type=float,
+        default=0.5,
+        help="the disk device's share that background writes and prefetch reads keep while a request reads",
+    )
     p = ap.add_argument_group("promoter")
     p.add_argument("--half-life-s", type=float, default=PromoterConfig().half_life_s)
     p.add_argument("--prefetch-share", type=float, default=PromoterConfig().promote_share)
@@ -208,6 +236,13 @@ def parse_args(argv):
         help="wait for kvdrive's disk writer every N requests (default: the preset's; 1 = deterministic)",
     )
     ap.add_argument("--calib-pages", type=int, default=None)
+    ap.add_argument(
+        "--measured-from",
+        metavar="JSON",
+        default=None,
+        help="take the measured constants from this earlier results JSON instead of calibrating (e.g. a 32-core "
+        "replay on the same constants as the 2-core one, so that only the decode scaling differs)",
+    )
     f = ap.add_argument_group("N replicas with a shared remote tier (bench/replay/fleet.py; issue 19)")
     f.add_argument(
         "--nodes",
@@ -241,6 +276,12 @@ def parse_args(argv):
             ap.error(f"--{k.replace('_', '-')} must be in (0, 1], got {getattr(args, k)}")
     if not args.kvdrive_l2_gpu_ratio > 1:
         ap.error(f"--kvdrive-l2-gpu-ratio must be > 1 (the host pool mirrors the GPU), got {args.kvdrive_l2_gpu_ratio}")
+    if args.decode_cores < 1:
+        ap.error(f"--decode-cores must be >= 1, got {args.decode_cores}")
+    if not 1.0 <= args.decode_speedup_2t <= 2.0:
+        ap.error(f"--decode-speedup-2t must be in [1, 2], got {args.decode_speedup_2t}")
+    if not 0 <= args.disk_write_share < 1:
+        ap.error(f"--disk-write-share must be in [0, 1), got {args.disk_write_share}")
     if args.page_tokens < 64 or args.page_tokens % 64:
         ap.error(f"--page-tokens must be a multiple of 64, got {args.page_tokens}")
     if args.turns_min < 1 or args.turns_max < args.turns_min:
@@ -374,11 +415,35 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def throughput_lines(report) -> list:
+    """Issue 18's target, per workload: kvdrive_promoter's throughput at saturation (queued model, disk contention
+    included) >= 1.2x hicache_host's, at this run's decode cores."""
+    out = []
+    cores = report["assumptions"].get("decode_cores", 1)
+    for name, w in report["workloads"].items():
+        c = w["configs"]
+        if (
+            "kvdrive_promoter" not in c
+            or "hicache_host" not in c
+            or "throughput_saturation_rps" not in c["hicache_host"]
+        ):
+            continue
+        a, b = c["kvdrive_promoter"], c["hicache_host"]
+        x = a["throughput_saturation_rps"] / b["throughput_saturation_rps"] if b["throughput_saturation_rps"] else 0.0
+        old = a["throughput_rps"] / b["throughput_rps"] if b["throughput_rps"] else 0.0
+        out.append(
+            f"{name}: kvdrive_promoter throughput at saturation {a['throughput_saturation_rps']:.3f} vs hicache_host "
+            f"{b['throughput_saturation_rps']:.3f} req/s = {x:.2f}x with decode on {cores} core(s) (target >= 1.2x): "
+            f"{'met' if x >= 1.2 else 'NOT met'} (no-queue model: {old:.2f}x)"
+        )
+    return out
+
+
 def target_lines(report) -> list:
     """The issue's targets on long-document reuse, checked against this run (not tuned for)."""
     w = report["workloads"].get("docs")
     if not w:
-        return ["(no docs workload in this run)"]
+        return ["(no docs workload in this run)"] + throughput_lines(report)
     c = w["configs"]
     out = []
     for k in ("kvdrive_lru", "kvdrive_promoter"):
@@ -398,12 +463,20 @@ def target_lines(report) -> list:
             f"kvdrive_promoter reads {gb(a)} GB from disk vs kvdrive_lru {gb(b)} GB (target: fewer): "
             f"{'met' if a < b else 'NOT met'}"
         )
-    return out
+    return out + throughput_lines(report)
 
 
 def recomputed_hits(r: dict) -> int:
     """Storage hits the promoter chose to recompute (reloading them would have been slower)."""
     return r["hit_tokens_dram_found"] + r["hit_tokens_disk_found"] - r["hit_tokens_dram"] - r["hit_tokens_disk"]
+
+
+def queued(r: dict, fmt: str) -> str:
+    """A queued figure (issue 18), or "-" in results from before the queueing model (--render of an old JSON)."""
+    try:
+        return fmt.format(**r)
+    except KeyError:
+        return "-"
 
 
 ROWS = [
@@ -432,8 +505,19 @@ ROWS = [
     ),
     ("disk GB read / written", lambda r, c: f"{gb(r['bytes']['disk']['read'])} / {gb(r['bytes']['disk']['written'])}"),
     ("disk usage at end, GB", lambda r, c: gb(r["disk_bytes_at_end"])),
-    ("modelled TTFT p50 / p99 (s)", lambda r, c: f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f}"),
-    ("modelled throughput (req/s)", lambda r, c: f"{r['throughput_rps']:.3f}"),
+    ("TTFT p50 / p99, queued (s)", lambda r, c: queued(r, "{queued_ttft_p50_s:.3f} / {queued_ttft_p99_s:.3f}")),
+    ("  of which waiting for the GPU, p50 / p99 (s)", lambda r, c: queued(r, "{wait_p50_s:.3f} / {wait_p99_s:.3f}")),
+    ("  GPU busy at the trace's arrivals", lambda r, c: queued(r, "{gpu_busy_pct:.0f}%")),
+    (
+        "  disk reads slowed by writes: requests / seconds added",
+        lambda r, c: queued(r, "{disk_reads_slowed:,} / {disk_contention_s:,.1f}"),
+    ),
+    (
+        "throughput at saturation, with disk contention (req/s)",
+        lambda r, c: queued(r, "{throughput_saturation_rps:.3f}"),
+    ),
+    ("TTFT p50 / p99, no queue — earlier model (s)", lambda r, c: f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f}"),
+    ("throughput, no queue or contention — earlier model (req/s)", lambda r, c: f"{r['throughput_rps']:.3f}"),
     ("requests slower than no cache", lambda r, c: f"{r['requests_slower_than_no_cache']:,}"),
     ("replay wall time (s)", lambda r, c: f"{r['wall_s']:.1f}"),
 ]
@@ -460,13 +544,28 @@ def markdown(report: dict) -> str:
         "`MHATokenToKVPoolHost` with HiCache's write-through policy modelled page by page. L3: SGLang's "
         "`HiCacheFile` (real files) or kvdrive's `TierEngine` (real zstd, LMDB, segment files), temp dirs. "
         "4 KiB synthetic bf16 pages stand in for the modelled pages; bytes are scaled to the modelled page "
-        f"({a['bytes_per_token'] * pt / MiB:.0f} MiB). TTFT is modelled per request without queueing; "
-        "throughput = requests / sum of TTFTs (prefill-bound, one GPU). **Attention mass is synthetic.**"
+        f"({a['bytes_per_token'] * pt / MiB:.0f} MiB). **Attention mass is synthetic.**"
         + (
             f" kvdrive's disk writer is awaited every {report['args'].get('flush_every')} requests."
             if report["args"].get("flush_every", 1) > 1
             else ""
         ),
+        "",
+        "Method (bench/cost_model.py, bench/replay/queueing.py): a request's service time is its reloads (per tier "
+        "used: latency + bytes / tier GB/s + bytes / PCIe GB/s) plus the prefill of the rest. **Queued** figures: "
+        "requests arrive at their trace times at one GPU that serves them first come first served (TTFT = wait + "
+        "reload + prefill; reloads occupy the GPU's turn, decode is not modelled), and a request's disk read shares "
+        "the disk device with the tier's background work — the bytes the write-down wrote and the prefetch read, "
+        "queued as device time when issued and draining at the device's measured rate; while any is pending a read "
+        f"gets at most {1 - a.get('disk_write_share', 0.5):.0%} of the device's read bandwidth. Throughput at "
+        "saturation = requests / sum of service times (with the contention met at the trace's pacing). **No "
+        "queue** figures are the earlier results' model, kept for continuity: TTFT = service time without the "
+        "wait or the contention, throughput = requests / sum of those. Decode: kvdrive's DRAM and disk tier read "
+        f"GB/s are measured on one core and scaled to **{a.get('decode_cores', 1)} core(s)** "
+        f"({a.get('decode_note', 'not scaled')}; this machine has {a.get('usable_cores_here', '?')}): x "
+        "(1 + (k - 1) x (two-thread speedup - 1)), k = min(cores, 64-token pages in flight), the disk tier within "
+        "the device's read GB/s; the promoter's reload-vs-recompute choice and prefetch budget use the same "
+        "scaled figures. Not modelled: CPU contention between encode, decode and the server, the page cache.",
         "",
         "## Cost model",
         "",
@@ -486,6 +585,26 @@ def markdown(report: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['runs']['file_read_gbps'])}) |",
         f"| HiCacheFile latency | {m['file_latency_s'] * 1e6:.0f} µs | measured |",
         f"| HiCacheFile write GB/s | {m['file_write_gbps']:.2f} | measured (off the TTFT path) |",
+    ]
+    if "device_read_gbps" in m:
+        cm = report["cost_model"]
+        cost = CostModel(**cm)
+        lines += [
+            f"| disk device read / write GB/s | {m['device_read_gbps']:.2f} / {m['device_write_gbps']:.2f} | "
+            f"measured (raw file, page cache dropped; runs read "
+            f"{', '.join(f'{x:.2f}' for x in m['runs']['device_read_gbps'])}) |",
+            f"| decode cores | {cm['decode_cores']} | assumption ({a['decode_note']}; two-thread speedup "
+            f"{cm['decode_speedup_2t']:g}) |",
+            f"| kvdrive DRAM / disk read GB/s on {cm['decode_cores']} core(s) | {cost.dram_rate_gbps():.2f} / "
+            f"{cost.disk_rate_gbps():.2f} | scaled (what the promoter plans with) |",
+        ]
+    if m.get("taken_from"):
+        lines += [
+            "",
+            f"The measured constants are those of `{m['taken_from']}` (--measured-from), not measured again in "
+            "this run: runs compared with each other use the same constants.",
+        ]
+    lines += [
         "",
         "## Targets (long-document reuse, equal GPU budget; reported, not tuned for)",
         "",
@@ -544,10 +663,18 @@ def plots(report: dict, out: str) -> list:
         c = report["workloads"][name]["configs"]
         ks = list(c)
         x = range(len(ks))
-        axes[0][j].bar(x, [c[k]["throughput_rps"] for k in ks], color="#4c72b0")
+        axes[0][j].bar([i - 0.2 for i in x], [c[k]["throughput_saturation_rps"] for k in ks], width=0.4, label="sat.")
+        axes[0][j].bar([i + 0.2 for i in x], [c[k]["throughput_rps"] for k in ks], width=0.4, label="no queue")
         axes[0][j].set_title(f"{name}: modelled throughput (req/s)")
-        axes[1][j].bar([i - 0.2 for i in x], [c[k]["ttft_p50_s"] for k in ks], width=0.4, label="p50")
-        axes[1][j].bar([i + 0.2 for i in x], [c[k]["ttft_p99_s"] for k in ks], width=0.4, label="p99")
+        axes[0][j].legend(fontsize=7)
+        for off, key, label in (
+            (-0.3, "queued_ttft_p50_s", "p50 queued"),
+            (-0.1, "queued_ttft_p99_s", "p99 queued"),
+            (0.1, "ttft_p50_s", "p50 no queue"),
+            (0.3, "ttft_p99_s", "p99 no queue"),
+        ):
+            axes[1][j].bar([i + off for i in x], [c[k][key] for k in ks], width=0.2, label=label)
+        axes[1][j].set_yscale("log")
         axes[1][j].set_title(f"{name}: modelled TTFT (s)")
         axes[1][j].legend()
         for ax in (axes[0][j], axes[1][j]):
@@ -606,12 +733,14 @@ NOTES = [
     "HiCache is modelled page by page, not run: SGLang's HiRadixCache needs a scheduler, a torch.distributed group "
     "and its transfer threads. The policy is its default write_through (bench/replay/tiers.py says exactly what is "
     "modelled); the host pool and the file backend are SGLang's own objects and calls.",
-    "Writes and storage prefetches complete before the next request (no queueing, no prefetch timeout): the "
-    "replay counts what each hierarchy can hit, the cost model what the hits cost.",
+    "What each hierarchy hits does not depend on the modelled times: writes and storage prefetches complete before "
+    "the next request (no prefetch timeout); the queued figures then place the requests and the disk's writes on "
+    "one timeline (bench/replay/queueing.py), so contention slows reads but never turns a hit into a miss.",
     "kvdrive configurations sit behind SGLang's host pool as the real deployment does (--kv-tier kvdrive): L3 pages "
     "land in the host pool, then go to the GPU. Their host pool evicts LRU here; the real kvdrive radix cache orders "
     "host-pool victims by the promoter's value too (every rank alike).",
-    "The promoter's reload-vs-recompute plan and its prefetch use the same measured constants as the TTFT model.",
+    "The promoter's reload-vs-recompute plan and its prefetch use the same constants as the TTFT model, scaled over "
+    "the decode cores as it is.",
     "kvdrive_promoter promotes ahead of demand as the server does (KvdriveStorage.promote_tick): of the pages that "
     "left the host pool and sit only on disk, the most valuable come back up into kvdrive's DRAM tier "
     "(TierEngine.promote), within --prefetch-share of the measured disk bandwidth over the replay time since the "
@@ -648,13 +777,30 @@ def run_pair(args, wname: str, cname: str, cost: CostModel, small_encoded: float
 
 def print_result(wname: str, cname: str, res: dict) -> None:
     print(
-        f"  {wname}/{cname:17s} saved {res['saved_pct']:5.1f}%  TTFT p50 {res['ttft_p50_s']:.3f} s p99 "
-        f"{res['ttft_p99_s']:.3f} s  {res['throughput_rps']:.3f} req/s  disk rd "
+        f"  {wname}/{cname:17s} saved {res['saved_pct']:5.1f}%  TTFT queued p50 {res['queued_ttft_p50_s']:.3f} s "
+        f"p99 {res['queued_ttft_p99_s']:.3f} s (no queue {res['ttft_p50_s']:.3f} / {res['ttft_p99_s']:.3f})  "
+        f"{res['throughput_saturation_rps']:.3f} req/s  disk rd "
         f"{res['bytes']['disk']['read'] / 1e9:,.0f} GB wr {res['bytes']['disk']['written'] / 1e9:,.0f} GB  "
         f"({res['wall_s']:.0f} s)",
         file=sys.stderr,
         flush=True,
     )
+
+
+MEASURED_KEYS = ("dram_read_gbps", "disk_read_gbps", "disk_latency_s", "file_read_gbps", "file_latency_s")
+
+
+def measured_from(path: str) -> dict:
+    """The measured constants of an earlier results JSON (--measured-from), with the file they came from."""
+    try:
+        with open(path) as f:
+            meas = json.load(f)["measured"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReplayError(f"--measured-from {path!r}: no measured constants there ({e})") from None
+    missing = [k for k in (*MEASURED_KEYS, "zstd_ratio", "device_read_gbps", "device_write_gbps") if k not in meas]
+    if missing:
+        raise ReplayError(f"--measured-from {path!r}: lacks {', '.join(missing)} (made before issue 18?)")
+    return {**meas, "taken_from": os.path.relpath(os.path.abspath(path), REPO)}
 
 
 def render(path: str, with_plots: bool) -> int:
@@ -689,19 +835,26 @@ def main(argv=None) -> int:
     resumed = False
     try:
         meas = ck.load("calibration")
-        if meas is None:
+        if meas is not None:
+            resumed = True
+        elif args.measured_from:
+            meas = measured_from(args.measured_from)
+            ck.save("calibration", meas)
+        else:
             print("calibrating (TierEngine and HiCacheFile, 256 KiB bf16 pages) ...", file=sys.stderr, flush=True)
             meas = calibrate(tmp, args.calib_pages, args.calib_reps)
             f = calibrate_file(tmp, args.calib_pages, args.calib_reps)
             meas.update({k: v for k, v in f.items() if k != "runs"})
             meas["runs"].update(f["runs"])
+            d = calibrate_device(tmp, max(8 * MiB, 2 * args.calib_pages * meas["page_bytes"]), args.calib_reps)
+            meas.update({k: v for k, v in d.items() if k != "runs"})
+            meas["runs"].update(d["runs"])
             ck.save("calibration", meas)
-        else:
-            resumed = True
         print(
             f"  kvdrive DRAM read {meas['dram_read_gbps']:.2f} GB/s, disk read {meas['disk_read_gbps']:.2f} GB/s "
             f"(+{meas['disk_latency_s'] * 1e6:.0f} us), HiCacheFile read {meas['file_read_gbps']:.2f} GB/s "
-            f"(+{meas['file_latency_s'] * 1e6:.0f} us), zstd {meas['zstd_ratio']:.3f}x (measured); prefill "
+            f"(+{meas['file_latency_s'] * 1e6:.0f} us), zstd {meas['zstd_ratio']:.3f}x, device read "
+            f"{meas['device_read_gbps']:.2f} GB/s write {meas['device_write_gbps']:.2f} GB/s (measured); prefill "
             f"{args.prefill_tps:,.0f} tok/s, PCIe {args.pcie_gbps:g} GB/s, {args.bytes_per_token:,} KV bytes/token "
             "(assumed)",
             file=sys.stderr,
@@ -718,6 +871,10 @@ def main(argv=None) -> int:
             file_latency_s=meas["file_latency_s"],
             zstd_ratio=meas["zstd_ratio"],
             page_tokens=args.page_tokens,
+            decode_cores=args.decode_cores,
+            decode_speedup_2t=args.decode_speedup_2t,
+            device_read_gbps=meas["device_read_gbps"],
+            device_write_gbps=meas["device_write_gbps"],
         )
         synth = SyntheticPages(99)
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)
@@ -743,6 +900,13 @@ def main(argv=None) -> int:
                 "pcie_note": "PCIe 4.0 x16, effective; no recorded GPU run",
                 "bytes_per_token": args.bytes_per_token,
                 "model": "Llama-3.1-8B-class, bf16 KV (32 layers x 8 KV heads x 128 dim x K,V x 2 B)",
+                "decode_cores": args.decode_cores,
+                "usable_cores_here": len(os.sched_getaffinity(0)),
+                "decode_speedup_2t": args.decode_speedup_2t,
+                "decode_note": "linear scaling (assumed)"
+                if args.decode_speedup_2t == 2.0
+                else "extrapolated from the two-thread speedup given",
+                "disk_write_share": args.disk_write_share,
             },
             "cost_model": dataclasses.asdict(cost),
             "measured": meas,
@@ -872,6 +1036,8 @@ def fleet_main(args, argv) -> int:
             page_tokens=args.page_tokens,
             remote_gbps=args.remote_gbps,
             remote_latency_s=args.remote_latency_s,
+            decode_cores=args.decode_cores,
+            decode_speedup_2t=args.decode_speedup_2t,
         )
         synth = SyntheticPages(99)
         ns = Namespace(model="probe", kv_dtype="bfloat16", layout="mha", num_layers=1, **SMALL_SHAPE)

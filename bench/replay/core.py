@@ -11,6 +11,15 @@ leading hits in L2, then (if at least ``storage_min_pages`` remain) leading hits
 buffers; the request's modelled TTFT (cost_model.CostModel); then the finished request goes into the tree and the
 write-through of its new pages down the tiers. Pages are small synthetic bf16 pages standing in for real ones
 (replay.tiers.SyntheticPages); bytes are reported both as moved here and scaled to the modelled page size.
+
+Two TTFTs per request (issue 18). No queue: the service time alone (reloads + prefill), as every earlier result
+reports it. Queued: the request arrives at its trace time at one GPU serving requests first come first served
+(replay.queueing.FifoGpu), so its TTFT is its wait plus its service time, and its reads of the disk share the device
+with the write-down's writes and the promoter's prefetch reads (replay.queueing.SharedDisk): the bytes the disk tier
+wrote (kvdrive: what its disk store reports written, compaction included, read at each flush of the writer; file
+backend: its files) go onto the disk's timeline when the request that wrote them finishes and slow the reads
+issued while they drain. The replay's own order of events is unchanged: what each hierarchy hits does not depend on
+the modelled times (the writer is still awaited every ``flush_every`` requests).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from kvdrive_sglang.tier.namespace import Namespace
 from kvdrive_sglang.tier.promoter import Promoter, PromoterConfig
 
 from .gpu import Gpu, PromoterStrategy, ReplayError
+from .queueing import FifoGpu, SharedDisk
 from .tiers import SMALL_SHAPE, FileTier, HostTier, SyntheticPages
 
 TIMELINE_WINDOWS = 60
@@ -83,8 +93,9 @@ class Replay:
         self.clock = Clock()
         pcfg = dict(
             half_life_s=knobs.half_life_s,
-            dram_gbps=cost.dram_gbps,
-            disk_gbps=cost.disk_gbps,
+            # the same decode scaling as the TTFT model (CostModel.decode_factor), at as many pages as cores
+            dram_gbps=cost.dram_rate_gbps(),
+            disk_gbps=cost.disk_rate_gbps(),
             disk_latency_s=cost.disk_latency_s,
             pcie_gbps=cost.pcie_gbps,
             prefill_tokens_per_s=cost.prefill_tokens_per_s,
@@ -129,11 +140,21 @@ class Replay:
         if self.host is not None and cfg.l3 == "kvdrive":
             self.host.on_evict = self._spill
         self.flush_every = max(1, getattr(knobs, "flush_every", 1))
+        self.fifo = FifoGpu()
+        self.disk = None  # the disk device's timeline: with an L3 and the device's bandwidth measured
+        if cfg.l3 is not None and cost.device_read_gbps > 0 and cost.device_write_gbps > 0:
+            self.disk = SharedDisk(
+                cost.device_read_gbps, cost.device_write_gbps, getattr(knobs, "disk_write_share", 0.5)
+            )
+        self.disk_written_seen = 0  # the L3's bytes written (here) already on the disk's timeline
         self.last_tick = None
         self.c = Counter()
         # per request, for TTFT, the timeline and post-hoc re-scoring
         self.ttft = array("d")
         self.nocache = array("d")
+        self.queued_ttft = array("d")  # wait + service
+        self.wait = array("d")
+        self.service = array("d")  # the no-queue TTFT plus what write contention added to its disk read
         self.per_req = {k: array("i") for k in ("prompt", "gpu", "host", "dram", "disk", "remote", "recomputed")}
         self.records = []  # promoter_bench: (prompt pages, gpu hit pages, L3 tiers found "m"/"d" string, reloaded)
 
@@ -203,6 +224,14 @@ class Replay:
         recompute = len(P) - s - k
         ttft = self.cost.ttft_s(reloads, recompute)
         nocache = self.cost.prefill_s(len(P))
+        start = self.fifo.start(req.t)
+        contention = self._disk_read(start, reloads) if self.disk is not None else 0.0
+        if contention > 0:
+            c["disk_reads_slowed"] += 1
+        served = self.fifo.finish(req.t, start, ttft + contention)
+        self.queued_ttft.append(served.ttft_s)
+        self.wait.append(served.wait_s)
+        self.service.append(served.service_s)
         self.ttft.append(ttft)
         self.nocache.append(nocache)
         if ttft > nocache * (1 + 1e-9):
@@ -257,6 +286,26 @@ class Replay:
             # flush every few requests (pages still queued are read from the queue meanwhile, as in a server)
             if c["requests"] % self.flush_every == 0:
                 self.engine.flush(timeout=120)
+                if self.disk is not None:
+                    self._disk_written(served.finish_s, self.engine.stats().disk.bytes_written)
+        elif self.file is not None and self.disk is not None:
+            self._disk_written(served.finish_s, self.file.files_written * self.synth.nbytes)
+
+    def _disk_read(self, start: float, reloads: Counter) -> float:
+        """The request's read of the disk tier from ``start`` on the shared disk: seconds added by contention."""
+        if reloads.get("file"):
+            return self.disk.read(start, reloads["file"] * self.page_bytes, self.cost.file_gbps).contention_s
+        n = reloads.get("disk", 0)
+        if not n:
+            return 0.0
+        r = self.cost.zstd_ratio  # the device moves stored bytes
+        return self.disk.read(start, n * self.page_bytes / r, self.cost.disk_rate_gbps(n) / r).contention_s
+
+    def _disk_written(self, t: float, total_here: int) -> None:
+        """The L3 has written ``total_here`` bytes (here) in all: the new ones go onto the disk's timeline at t."""
+        new = total_here - self.disk_written_seen
+        self.disk_written_seen = total_here
+        self.disk.write(t, new * self.scale)
 
     def _fetch(self, P, keys, s: int, k: int) -> int:
         """Read the k L3 pages after s (into host slots with L2, else into buffers); returns how many arrived."""
@@ -367,7 +416,7 @@ class Replay:
         if window < self.knobs.prefetch_tick_s:
             return
         self.last_tick = now
-        budget = int(self.knobs.prefetch_share * self.cost.disk_gbps * 1e9 * window)
+        budget = int(self.knobs.prefetch_share * self.cost.disk_rate_gbps() * 1e9 * window)
         cands = list(reversed(self.spilled))
         if not cands or budget < self.page_bytes:
             return
@@ -382,6 +431,8 @@ class Replay:
         done = self.engine.promote(self.ns, picked, scores)
         self.c["prefetch_skipped_low"] += done.below_floor
         self.c["prefetched_pages"] += done.promoted
+        if self.disk is not None and done.promoted:  # background reads on the disk's timeline
+            self.disk.prefetch(now, done.promoted * self.page_bytes / self.cost.zstd_ratio)
         if done.promoted:  # which pages came up: those now in the DRAM pool
             up = [k for k, t in zip(picked, self.engine.tiers_of(self.ns, picked)) if t == "dram"]
             self.prefetched.update(up)
@@ -403,6 +454,34 @@ class Replay:
             out["requests_end"].append(int(b))
             for t in ("gpu", "host", "dram", "disk"):
                 out[t].append(float(pr[t][a:b].sum()) / tot)
+        return out
+
+    def queue_summary(self) -> dict:
+        """The queued figures (FIFO GPU at the trace's arrival times, disk shared with the writes)."""
+        c, q, f = self.c, self.queued_ttft, self.fifo
+        service = float(sum(self.service))
+        out = {
+            "queued_ttft_p50_s": percentile(q, 50),
+            "queued_ttft_p90_s": percentile(q, 90),
+            "queued_ttft_p99_s": percentile(q, 99),
+            "queued_ttft_mean_s": float(sum(q)) / len(q) if len(q) else 0.0,
+            "wait_p50_s": percentile(self.wait, 50),
+            "wait_p99_s": percentile(self.wait, 99),
+            # at saturation the GPU is never idle: requests / service time (with the disk contention they met)
+            "throughput_saturation_rps": c["requests"] / service if service > 0 else 0.0,
+            "served_rps": c["requests"] / f.span_s if f.span_s > 0 else 0.0,  # at the trace's arrival rate
+            "gpu_busy_pct": 100.0 * f.busy_s / f.span_s if f.span_s > 0 else 0.0,
+            "disk_contention_s": 0.0,
+            "disk_reads_slowed": c["disk_reads_slowed"],
+        }
+        d = self.disk
+        if d is not None:
+            out.update(
+                disk_contention_s=d.contention_s,
+                disk_backlog_max_s=d.max_backlog_s,
+                disk_device_gb_written=d.bytes_written / 1e9,
+                disk_device_gb_prefetched=d.bytes_prefetched / 1e9,
+            )
         return out
 
     def summary(self, wall: float) -> dict:
@@ -436,6 +515,7 @@ class Replay:
             "nocache_ttft_p99_s": percentile(self.nocache, 99),
             "nocache_throughput_rps": c["requests"] / max(1e-12, float(sum(self.nocache))),
             "requests_slower_than_no_cache": c["slower_than_no_cache"],
+            **self.queue_summary(),
             "gpu_evicted_tokens": c["gpu_evicted_pages"] * tok,
             "wall_s": wall,
             # bytes, modelled (at the model's page bytes; kvdrive's from the bytes it really stored, scaled)

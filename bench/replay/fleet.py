@@ -84,7 +84,8 @@ class SharedStore:
 @dataclass(frozen=True)
 class FleetCost(CostModel):
     """CostModel with the shared tier: ``remote_latency_s`` once per request that reads it, the objects' bytes
-    (``zstd_ratio`` smaller than the pages) at ``remote_gbps``, decode at ``dram_gbps``, then PCIe."""
+    (``zstd_ratio`` smaller than the pages) at ``remote_gbps``, decode at the DRAM tier's rate (``dram_rate_gbps``:
+    scaled over the decode cores), then PCIe."""
 
     remote_gbps: float = 1.3
     remote_latency_s: float = 0.0005
@@ -98,7 +99,7 @@ class FleetCost(CostModel):
         return (
             self.remote_latency_s
             + nbytes / self.zstd_ratio / (self.remote_gbps * GB)
-            + nbytes / (self.dram_gbps * GB)
+            + nbytes / (self.dram_rate_gbps(pages) * GB)
             + nbytes / (self.pcie_gbps * GB)
         )
 
@@ -172,6 +173,9 @@ def fleet_summary(cfg: Config, nodes: int, replays: list, per_node: list, remote
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p99_s": percentile(ttft, 99),
         "ttft_mean_s": float(ttft.mean()) if len(ttft) else 0.0,
+        # each node queues its own requests (replay.queueing): the fleet's queued TTFTs are all of them together
+        "queued_ttft_p50_s": percentile(np.concatenate([np.frombuffer(r.queued_ttft) for r in replays]), 50),
+        "queued_ttft_p99_s": percentile(np.concatenate([np.frombuffer(r.queued_ttft) for r in replays]), 99),
         # each node serves its share at once: the fleet's rate is the sum of the nodes' (serial per node)
         "throughput_rps": sum(s["throughput_rps"] for s in per_node),
         "bytes": {

@@ -139,6 +139,10 @@ class SharedDisk:
             return DiskRead(alone, 0.0)
         shared = min(free, self.read_Bps * (1.0 - self.write_share))
         drain = 1.0 - shared / self.read_Bps  # device-seconds of background work per second while the read runs
+        if shared >= free:  # the read takes no more than the share it is left (decode-bound): not slowed
+            self.backlog_s = max(0.0, self.backlog_s - drain * alone)
+            self.t = start + alone
+            return DiskRead(alone, 0.0)
         until_drained = self.backlog_s / drain
         if nbytes <= shared * until_drained:
             seconds = nbytes / shared

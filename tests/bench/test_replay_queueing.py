@@ -92,3 +92,89 @@ def test_prefetch_reads_are_background_work_too():
 def test_bad_disk_settings_are_refused(kw):
     with pytest.raises(QueueingError):
         SharedDisk(**kw)
+
+
+# --- through the replay (bench/replay/core.py): real RadixCache, real TierEngine on a temp dir ---------------------
+
+
+def _replay(tmp_path, cfg, requests, budgets, **cost_kw):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from cost_model import CostModel
+    from replay import Replay, SyntheticPages
+    from workloads import Request, Workload
+
+    reqs = [Request(t, list(p), list(o), np.full(len(p), 1.0 / len(p))) for t, p, o in requests]
+    pages = {x for _, p, o in requests for x in list(p) + list(o)}
+    wl = Workload("unit", reqs, len(pages), {}, page_tokens=64)
+    cost = CostModel(
+        **{
+            **dict(
+                prefill_tokens_per_s=6400.0,  # 0.01 s per 64-token page
+                pcie_gbps=25.0,
+                bytes_per_token=4096,
+                dram_gbps=1.0,
+                disk_gbps=1.0,
+                disk_latency_s=0.0,
+                zstd_ratio=1.0,
+            ),
+            **cost_kw,
+        }
+    )
+    knobs = SimpleNamespace(
+        half_life_s=600.0,
+        prefetch_share=0.0,
+        prefetch_tick_s=1.0,
+        prefetch_window_s=30.0,
+        prefetch_candidates=16,
+        disk_gc_live_ratio=0.9,
+    )
+    r = Replay(cfg, wl, budgets, cost, knobs, str(tmp_path), SyntheticPages(99))
+    return r, r.run()
+
+
+def test_replay_second_of_two_simultaneous_requests_waits_the_first_ttft(tmp_path):
+    from replay import Config
+
+    r, res = _replay(
+        tmp_path,
+        Config("radix_only"),
+        [(0.0, range(0, 10), [10]), (0.0, range(20, 25), [25])],  # nothing shared: 10 and 5 pages prefilled
+        {"gpu_pages": 64, "max_request_pages": 11},
+    )
+    assert list(r.ttft) == pytest.approx([0.10, 0.05])  # no queue: the prefill alone
+    assert list(r.wait) == pytest.approx([0.0, 0.10])
+    assert list(r.queued_ttft) == pytest.approx([0.10, 0.15])
+    assert res["queued_ttft_p99_s"] > res["ttft_p99_s"]
+    assert res["throughput_saturation_rps"] == pytest.approx(2 / 0.15)
+    assert res["gpu_busy_pct"] == pytest.approx(100.0)
+
+
+def _disk_replay(tmp_path, write_gbps):
+    """Request A writes pages 0-9 down to a disk-only kvdrive, C (other pages) evicts them from the small GPU tree,
+    and B, arriving with them, reads 0-9 back from the disk right after C's pages were written."""
+    from replay import Config
+
+    return _replay(
+        tmp_path,
+        Config("kvdrive_disk", l3="kvdrive"),
+        [(0.0, range(0, 10), [10]), (0.0, range(100, 110), [110]), (0.0, range(0, 10), [11])],
+        {"gpu_pages": 13, "max_request_pages": 11, "host_bytes": 0, "disk_bytes": 64 << 20},
+        device_read_gbps=1.0,
+        device_write_gbps=write_gbps,
+    )
+
+
+def test_replay_disk_read_is_slowed_by_the_writes_before_it(tmp_path):
+    r, res = _disk_replay(tmp_path / "slow", write_gbps=0.5)
+    assert res["hit_tokens_disk"] == 10 * 64  # B read its prompt from the disk tier
+    assert res["disk_reads_slowed"] == 1 and res["disk_contention_s"] > 0
+    assert r.service[2] == pytest.approx(r.ttft[2] + res["disk_contention_s"])
+    assert res["throughput_saturation_rps"] < res["throughput_rps"]
+    assert res["disk_device_gb_written"] > 0
+    # the same trace on a disk that writes 1000x faster: the writes have drained before B reads
+    fast, res_fast = _disk_replay(tmp_path / "fast", write_gbps=500.0)
+    assert res_fast["hit_tokens_disk"] == 10 * 64
+    assert list(fast.ttft) == pytest.approx(list(r.ttft))  # the no-queue model ignores the disk's writes
+    assert res_fast["disk_contention_s"] < res["disk_contention_s"] / 100

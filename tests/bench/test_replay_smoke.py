@@ -161,3 +161,21 @@ def test_report_states_constants_and_targets(smoke):
     assert rep["assumptions"]["prefill_tokens_per_s"] > 0 and rep["assumptions"]["pcie_gbps"] > 0
     assert any("vs radix_only" in t for t in rep["targets"]) and any("vs hicache_file" in t for t in rep["targets"])
     assert "prefill tokens/s" in md and "HiCacheFile read GB/s" in md and "## Targets" in md
+
+
+def test_queued_figures_never_beat_the_no_queue_ones(smoke):
+    """Issue 18: waiting and disk contention only add time; the earlier (no-queue) figures stay beside them."""
+    for w, _, name, r in configs(smoke):
+        for q in ("p50", "p99", "mean"):
+            assert r[f"queued_ttft_{q}_s"] >= r[f"ttft_{q}_s"] - 1e-9, (w, name, q)
+        assert 0 <= r["wait_p50_s"] <= r["wait_p99_s"], (w, name)
+        assert 0 < r["throughput_saturation_rps"] <= r["throughput_rps"] * (1 + 1e-9), (w, name)
+        assert 0 < r["gpu_busy_pct"] <= 100 + 1e-9, (w, name)
+        assert r["disk_contention_s"] >= 0, (w, name)
+        if name in ("radix_only", "hicache_host"):  # no disk: nothing contends
+            assert r["throughput_saturation_rps"] == pytest.approx(r["throughput_rps"]), (w, name)
+    rep, md = smoke["report"], smoke["md"]
+    assert rep["measured"]["device_read_gbps"] > 0 and rep["measured"]["device_write_gbps"] > 0
+    assert rep["assumptions"]["decode_cores"] >= 1
+    assert "TTFT p50 / p99, queued" in md and "no queue — earlier model" in md and "**Queued**" in md
+    assert any("throughput at saturation" in t for t in rep["targets"])
