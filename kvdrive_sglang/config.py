@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .tier.codecs import CODEC_NAMES
+from .tier.engine_config import TIER_CODECS
 from .tier.errors import ConfigError
 from .tier.validate import number
 
@@ -64,7 +64,7 @@ class KvdriveSettings:
     dir: str  # the persistent store's directory (absolute when it came from the flags)
     host_bytes: int = 4 * GiB  # kvdrive's compressed DRAM tier (SGLang's own host pool: --hicache-ratio/size)
     disk_bytes: int = 64 * GiB  # disk store cap
-    codec: str = "zstd"
+    codec: str = "auto"  # auto: raw or zstd per tier, by measurement (tier/codec_choice.py); else both tiers'
     write_policy: str = "selective"  # only pages the promoter admits reach the disk (TierConfig.write_policy)
     ttl_s: float | None = None  # default page TTL on disk (TierConfig.default_ttl_s)
     disk: dict | None = None  # further disk store options (retry_after_s, map_size, ...), checked by TierConfig
@@ -177,8 +177,8 @@ def _checked(section: Mapping[str, Any], name: Callable[[str], str]) -> KvdriveS
     """The one check of kvdrive's settings (``section``: extra-config keys -> values; ``name(key)``: what a message
     calls that setting). JSON null leaves an optional setting unset."""
     codec = section.get("codec", KvdriveSettings.codec)
-    if codec not in CODEC_NAMES:
-        raise ConfigError(f"{name('codec')} {codec!r} is not one of {', '.join(CODEC_NAMES)}")
+    if codec not in TIER_CODECS:
+        raise ConfigError(f"{name('codec')} {codec!r} is not one of {', '.join(TIER_CODECS)}")
     reload = section.get("reload", KvdriveSettings.reload)
     if reload not in RELOAD_POLICIES:
         raise ConfigError(f"{name('reload')} {reload!r} is not one of {', '.join(RELOAD_POLICIES)}")
@@ -316,7 +316,9 @@ FLAGS = (
         "codec",
         _as_is,
         KvdriveSettings.codec,
-        f"page codec: {', '.join(CODEC_NAMES)} (int8/fp8 are lossy: opt in)",
+        f"page codec: {', '.join(TIER_CODECS)}. auto: raw or zstd per tier, chosen at startup by measuring this "
+        "machine's zstd decode against what a reload must beat (the choice and its reason are logged); any other: "
+        "that codec in DRAM and on disk (int8/fp8 are lossy: opt in)",
     ),
     Flag(
         "--kvdrive-encrypt",

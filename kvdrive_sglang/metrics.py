@@ -1,10 +1,11 @@
 """kvdrive's per-tier figures: Prometheus metrics when SGLang runs with --enable-metrics, a periodic log line always.
 
 Figures come from ``KvdriveStorage.tier_stats()``: hits per tier, bytes written/read, reload latency, codec ratio,
-disk and DRAM usage, corrupt pages dropped, faults by kind, and the radix-tree events; with --kvdrive-remote, the
-shared remote tier's hits, bytes, call latency, faults, rejected objects and write-behind drops. Counters are fed
-by deltas, so they stay monotonic across the process's life; SGLang runs Prometheus in multiprocess mode, which
-Counters support and the Gauges below declare (``mostrecent`` per rank label).
+the codec per tier and why (tier/codec_choice.py), disk and DRAM usage, corrupt pages dropped, faults by kind, and
+the radix-tree events; with --kvdrive-remote, the shared remote tier's hits, bytes, call latency, faults, rejected
+objects and write-behind drops. Counters are fed by deltas, so they stay monotonic across the process's life; SGLang
+runs Prometheus in multiprocess mode, which Counters support and the Gauges below declare (``mostrecent`` per rank
+label).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def summary_line(st: dict) -> str:
             f"disk {d['entries']} pages {_size(d['file_bytes'])}/{_size(d['capacity_bytes'])} "
             f"{ratio(d['raw_bytes'], d['live_bytes'])}{'' if d['enabled'] else ' OFF'}"
         )
+    codec = st.get("codec")  # CodecChoice._asdict(): the codec per tier, chosen by measurement or pinned
+    if codec:
+        shown = f"codec dram={codec['dram']} disk={codec['disk']}" if d else f"codec dram={codec['dram']}"
+        parts.append(f"{shown} ({codec['reason']})")
     parts.append(f"hits DRAM {hits['dram'] + hits['queued']} disk {hits['disk']} miss {hits['miss']}")
     if d:
         parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")

@@ -48,7 +48,7 @@ def test_cli_expands_to_canonical_hicache_flags(cases):
 def test_user_choices_that_do_not_conflict_are_kept(cases):
     f = cases[1]["cli-user-layout"]["fields"]
     assert f["hicache_mem_layout"] == "page_first" and f["radix_cache_backend"] == "kvdrive"
-    assert json.loads(f["hicache_storage_backend_extra_config"])["kvdrive"]["codec"] == "zstd"  # default
+    assert json.loads(f["hicache_storage_backend_extra_config"])["kvdrive"]["codec"] == "auto"  # default (issue 18)
 
 
 def test_without_the_flag_sglang_is_untouched(cases):

@@ -47,3 +47,28 @@ def test_reporter_logs_a_summary_line(tmp_path, caplog):
         r.close()  # a closing line is always logged
     assert any(rec.message.startswith("kvdrive: DRAM") for rec in caplog.records)
     be.close()
+
+
+def test_the_summary_line_shows_the_codec_per_tier_and_why(tmp_path, monkeypatch):
+    """Issue 18: the codec each tier uses and the reason (measured, or pinned) appear in the summary line."""
+    from dataclasses import replace
+
+    from kvdrive_sglang.tier import parallel
+    from kvdrive_sglang.tier.codec_choice import DecodeSpeed, choose
+
+    host = make_host()
+    be = make_backend(tmp_path, host, codec="auto")  # 10 MiB DRAM tier over a 1 GiB disk
+    choice = be.engine.codec_choice  # measured on this machine when the engine opened
+    line = summary_line({**be.tier_stats(), "codec": choice._asdict()})
+    assert f"| codec dram={choice.dram} disk={choice.disk} (zstd decode " in line and " GB/s needed) |" in line
+    # the same tiers on a machine of two cores decoding 0.5 GB/s each: raw in DRAM, zstd on disk
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    slow = choose(replace(be.engine.config, decode_threads=2), speed=DecodeSpeed(gbps_per_core=0.5, ratio=1.49))
+    line = summary_line({**be.tier_stats(), "codec": slow._asdict()})
+    assert "| codec dram=raw disk=zstd (zstd decode 0.5 GB/s x 2 threads < 1.6 GB/s needed) |" in line
+    be.close()
+    pinned = make_backend(tmp_path / "pinned", make_host(), codec="raw")
+    line = summary_line({**pinned.tier_stats(), "codec": pinned.engine.codec_choice._asdict()})
+    assert "| codec dram=raw disk=raw (pinned: codec raw) |" in line
+    assert "codec" not in summary_line({**pinned.tier_stats(), "codec": None})  # a tier_stats without it
+    pinned.close()
