@@ -2,12 +2,13 @@
 
     python bench/kernels_bench.py [--reps 20]
 
-On a CUDA GPU: for each kernel (page gather/scatter over all layers, int8/fp8 dequantise-on-load, per-page
+On a CUDA GPU: for each kernel (page scatter over all layers, int8/fp8 dequantise-on-load, bplane decode, per-page
 attention mass with and without a backend LSE) the median time of the Triton kernel and of the torch reference on
-the same inputs, the bandwidth, and whether they agree (bit-exact for copies and dequantisation, max abs difference
-for attention mass). As a yardstick for the capture overhead, SGLang's own Triton decode attention on the same batch
-is timed too when it imports. On CPU: the references only, on smaller inputs, and a line saying GPU timings were
-not measured.
+the same inputs, the bandwidth, and whether they agree (bit-exact for copies, dequantisation and decode, max abs
+difference for attention mass); then the whole compressed load (``load_compressed``: host checks, one pinned copy,
+decode, scatter) of bplane pages against raw pages, in decoded GB/s placed in the pool. As a yardstick for the
+capture overhead, SGLang's own Triton decode attention on the same batch is timed too when it imports. On CPU: the
+references only, on smaller inputs, and a line saying GPU timings were not measured.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from kvdrive_sglang.kernels import (
     attention_lse,
+    bplane_decode,
     dequant_body,
-    gather_pages_layers,
+    load_compressed,
     page_attention_mass,
     scatter_pages_layers,
 )
+from kvdrive_sglang.tier import bplane
 from kvdrive_sglang.tier.codecs import HEADER, decode_page, encode_page
 from kvdrive_sglang.tier.synthetic import kv_page
 
@@ -63,27 +68,77 @@ def row(name: str, nbytes: int, t_triton: float | None, t_ref: float, agree: str
     print(f"{name:<46} triton {fmt(t_triton)}   torch {fmt(t_ref)}{speed}   {agree}")
 
 
-def bench_copy(dev: str, cuda: bool, reps: int) -> None:
+def bench_scatter(dev: str, cuda: bool, reps: int) -> None:
     L, pages, page_size, heads, dim = (8, 1024, 64, 8, 128) if cuda else (4, 64, 16, 8, 128)
     n = pages // 4
-    layers = [torch.randn(pages * page_size, heads, dim, device=dev).to(torch.bfloat16) for _ in range(L)]
+    layers = [torch.zeros(pages * page_size, heads, dim, device=dev, dtype=torch.bfloat16) for _ in range(L)]
     ids = torch.randperm(pages, device=dev)[:n]
+    data = torch.randn(L, n * page_size, heads, dim, device=dev).to(torch.bfloat16)
     nbytes = L * n * page_size * heads * dim * 2
-    ref = gather_pages_layers(layers, ids, page_size, impl="torch")
-    t_ref = timed(lambda: gather_pages_layers(layers, ids, page_size, check=False, impl="torch"), reps, cuda)
-    t_tri, agree = None, "reference only"
-    if cuda:
-        t_tri = timed(lambda: gather_pages_layers(layers, ids, page_size, check=False), reps, cuda)
-        agree = "bit-exact" if same_bits(gather_pages_layers(layers, ids, page_size), ref) else "DIFFERENT"
-    row(f"gather {n} pages x {L} layers (bf16 {page_size}x{heads}x{dim})", nbytes, t_tri, t_ref, agree)
     dst_ref = [torch.zeros_like(t) for t in layers]
-    t_ref = timed(lambda: scatter_pages_layers(dst_ref, ids, page_size, ref, check=False, impl="torch"), reps, cuda)
+    t_ref = timed(lambda: scatter_pages_layers(dst_ref, ids, page_size, data, check=False, impl="torch"), reps, cuda)
     t_tri, agree = None, "reference only"
     if cuda:
-        dst = [torch.zeros_like(t) for t in layers]
-        t_tri = timed(lambda: scatter_pages_layers(dst, ids, page_size, ref, check=False), reps, cuda)
-        agree = "bit-exact" if all(same_bits(a, b) for a, b in zip(dst, dst_ref)) else "DIFFERENT"
-    row(f"scatter {n} pages x {L} layers", nbytes, t_tri, t_ref, agree)
+        t_tri = timed(lambda: scatter_pages_layers(layers, ids, page_size, data, check=False), reps, cuda)
+        agree = "bit-exact" if all(same_bits(a, b) for a, b in zip(layers, dst_ref)) else "DIFFERENT"
+    row(f"scatter {n} pages x {L} layers (bf16 {page_size}x{heads}x{dim})", nbytes, t_tri, t_ref, agree)
+
+
+def bench_bplane(dev: str, cuda: bool, reps: int) -> None:
+    n = 256 if cuda else 8
+    rng = np.random.default_rng(0)
+    pages = [kv_page(rng, page_size=64, num_heads=8, head_dim=128).reshape(-1).view(np.uint8) for _ in range(16)]
+    bodies = [bplane.encode_body(p, "bfloat16") for p in pages]
+    buf, offsets = bytearray(), []
+    for i in range(n):
+        offsets.append(len(buf))
+        buf += bodies[i % len(bodies)]
+    buf_t = torch.frombuffer(buf, dtype=torch.uint8).to(dev)
+    offs = torch.tensor(offsets, device=dev)
+    values = pages[0].size // 2
+    nbytes = n * pages[0].size  # decoded bytes
+    want = torch.from_numpy(np.stack([pages[i % len(pages)] for i in range(n)]).view(np.int16).copy())
+    ref = bplane_decode(buf_t, offs, values, impl="torch")
+    exact = torch.equal(ref.cpu().view(n, values), want)
+    t_ref = timed(lambda: bplane_decode(buf_t, offs, values, impl="torch"), max(1, reps // 4), cuda)
+    t_tri, agree = None, "reference only"
+    if cuda:
+        t_tri = timed(lambda: bplane_decode(buf_t, offs, values), reps, cuda)
+        agree = "bit-exact" if torch.equal(bplane_decode(buf_t, offs, values), ref) else "DIFFERENT"
+    agree += ", reference = numpy codec" if exact else ", reference != numpy codec"
+    ratio = nbytes / len(buf)
+    row(f"bplane decode, {n} pages of 64x8x128 bf16 (x{ratio:.2f})", nbytes, t_tri, t_ref, agree)
+
+
+def bench_load(dev: str, cuda: bool, reps: int) -> None:
+    """load_compressed end to end: bplane blobs (PCIe carries ~1/1.39 of the page) against raw blobs of the same
+    pages, into a 2 x 16-layer pool; the time includes the host checks and packing, the copy, decode and scatter."""
+    # the codec's test registration, until tier/codecs.py registers it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.kernels.bplane_codec import bplane_registered
+
+    layers, page_size, heads, dim = 16, 64, 8, 128
+    n = 64 if cuda else 4
+    slots = 4 * n * page_size
+    pool = [torch.zeros(slots, heads, dim, device=dev, dtype=torch.bfloat16) for _ in range(2 * layers)]
+    rng = np.random.default_rng(1)
+    per_page = [
+        np.stack([kv_page(rng, page_size=page_size, num_heads=heads, head_dim=dim) for _ in range(layers)], 1)
+        for _ in range(min(n, 8))
+    ]
+    ids = list(range(0, 4 * n, 4))
+    with bplane_registered():
+        for codec in ("raw", "bplane"):
+            flat = [np.ascontiguousarray(per_page[i % len(per_page)]) for i in range(n)]
+            blobs = [encode_page(p, "bfloat16", codec, dim) for p in flat]
+            res = load_compressed(blobs, pool, ids, page_size, checksums=None)
+            t = timed(lambda: load_compressed(blobs, pool, ids, page_size, checksums=None), reps, cuda)
+            path = "Triton" if cuda else "torch references"
+            print(
+                f"load_compressed {codec:<6} {n} pages of {res.raw_bytes // n >> 10} KiB ({path}): {t * 1e3:8.3f} ms, "
+                f"{res.raw_bytes / t / 1e9:6.2f} GB/s placed, PCIe {res.wire_bytes / t / 1e9:6.2f} GB/s "
+                f"(wire {res.wire_bytes / res.raw_bytes:.3f} of the page bytes), {sum(res.ok)}/{n} loaded"
+            )
 
 
 def bench_dequant(dev: str, cuda: bool, reps: int) -> None:
@@ -184,8 +239,10 @@ def main() -> None:
             f"device: CPU (torch {torch.__version__}). GPU timings were not measured: no CUDA device, so only the "
             "torch references run, on smaller inputs."
         )
-    bench_copy(dev, cuda, args.reps)
+    bench_scatter(dev, cuda, args.reps)
     bench_dequant(dev, cuda, args.reps)
+    bench_bplane(dev, cuda, args.reps)
+    bench_load(dev, cuda, args.reps)
     bench_mass(dev, cuda, args.reps)
 
 

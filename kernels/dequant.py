@@ -9,15 +9,15 @@ computed in float32 and rounded to the output dtype (nearest even). For an outpu
 this is bit for bit what ``tier.codecs.decode_page`` produces. The kernels do not validate: an e4m3 NaN code (0x7F,
 0xFF) decodes to NaN, where ``decode_page`` raises (blobs are checksummed before they get here).
 
-    dequant_rows(codes [..., R, row_len], scales [..., R], fmt, out_dtype)  -> [..., R, row_len]
     dequant_body(body u8 [nbytes] or [N, nbytes], fmt, row_len, out_dtype)  -> [R * row_len] or [N, R * row_len]
     split_lossy_body(body, row_len)                                         -> (scales, codes)
-    quant_rows_ref(x [..., row_len], fmt)                                    -> (scales, codes), as the codec encodes
+    dequant_rows_ref(codes [..., R, row_len], scales [..., R], fmt, out_dtype)  (the reference's row step)
 
-``dequant_body`` takes the raw body bytes (or N equal-sized bodies, one per row of a 2-D uint8 tensor, e.g. a
-batch of pages copied host -> GPU at half the bf16 size) and reads the scales from them directly, whatever their
-alignment. ``fmt`` is "int8" or "fp8" (also "fp8_e4m3"). Each dispatcher runs the Triton kernel
-(``triton_dequant``) on CUDA tensors and the torch reference otherwise; ``impl="torch"|"triton"`` forces one.
+``dequant_body`` takes the raw body bytes (or N equal-sized bodies, one per row of a 2-D uint8 tensor: the lossy
+pages of a batch copied host -> GPU at half the bf16 size by ``compressed_load``, which is what calls it) and reads
+the scales from them directly, whatever their alignment. ``fmt`` is "int8" or "fp8" (also "fp8_e4m3"). It runs the
+Triton kernel (``triton_dequant``) on CUDA tensors and the torch reference otherwise; ``impl="torch"|"triton"``
+forces one. (A row-level dispatcher and a torch quantiser existed until issue 18's audit: nothing served them.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 from ._dispatch import use_triton
 
 FORMATS = ("int8", "fp8")
-QMAX = {"int8": 127.0, "fp8": 448.0}
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -132,68 +131,7 @@ def _check_out(out: torch.Tensor, shape, dtype) -> None:
         raise ValueError(f"out must be {tuple(shape)} {dtype}, got {tuple(out.shape)} {out.dtype}")
 
 
-def quant_rows_ref(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``x [..., row_len]`` (bf16/fp16/fp32) as kvdrive's codec encodes: (scales float32 ``[...]``, codes
-    uint8 ``[..., row_len]``), bit-identical to the codec's body. Row scale = absmax / qmax (float32, rounded down
-    if qmax * scale would exceed absmax); codes = round(x * (qmax / absmax)) to nearest even, int8 or e4m3fn
-    (saturating at 448). Raises ValueError on NaN/Inf, which the lossy codecs cannot hold."""
-    fmt = _fmt(fmt)
-    if x.dtype not in OUT_DTYPES:
-        raise TypeError(f"quant_rows_ref takes bf16/fp16/fp32, got {x.dtype}")
-    xf = x.to(torch.float32)
-    if not torch.isfinite(xf).all():
-        raise ValueError(
-            f"input holds {int((~torch.isfinite(xf)).sum())} non-finite value(s); the lossy {fmt} "
-            "codec cannot encode them"
-        )
-    qmax = QMAX[fmt]
-    absmax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
-    q = torch.full_like(absmax, qmax)  # tensor / tensor: a Python scalar divisor may become a reciprocal multiply
-    scale = absmax / q
-    up = scale.double() * qmax > absmax.double()
-    scale = torch.where(up, torch.nextafter(scale, torch.zeros_like(scale)), scale)
-    inv = torch.where(absmax > 0, q / absmax, torch.zeros_like(absmax))
-    tiny = torch.isinf(inv)  # subnormal absmax: qmax / absmax overflows float32, so do those rows in float64
-    inv = torch.where(tiny, torch.zeros_like(inv), inv)
-    y = xf * inv[..., None]
-    if tiny.any():
-        a64 = absmax.double().clamp_min(1e-300)
-        y64 = (xf.double() * (torch.full_like(a64, qmax) / a64)[..., None]).float()
-        y = torch.where(tiny[..., None], y64, y)
-    if fmt == "int8":
-        codes = torch.round(y).to(torch.int8).view(torch.uint8)
-    else:
-        codes = y.clamp(-qmax, qmax).to(torch.float8_e4m3fn).view(torch.uint8)
-    return scale, codes
-
-
 # ------------------------------------------------------------------------------------------------ dispatchers
-
-
-def dequant_rows(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    fmt: str,
-    out_dtype: torch.dtype = torch.bfloat16,
-    *,
-    out: torch.Tensor | None = None,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """Dequantise rows: ``codes [..., R, row_len]`` (uint8/int8 bytes) with ``scales [..., R]`` float32 ->
-    ``[..., R, row_len]`` of ``out_dtype`` (into ``out`` if given)."""
-    fmt, out_dtype = _fmt(fmt), _out_dtype(out_dtype)
-    if not use_triton(impl, codes, scales):
-        return dequant_rows_ref(codes, scales, fmt, out_dtype, out=out)
-    u8 = _code_bytes(codes)
-    if scales.shape != u8.shape[:-1] or scales.dtype != torch.float32:
-        raise ValueError(f"scales must be float32 {tuple(u8.shape[:-1])}, got {scales.dtype} {tuple(scales.shape)}")
-    if out is None:
-        out = torch.empty(u8.shape, dtype=out_dtype, device=u8.device)
-    _check_out(out, u8.shape, out_dtype)
-    from . import triton_dequant
-
-    triton_dequant.dequant_rows(u8, scales, fmt, out)
-    return out
 
 
 def dequant_body(

@@ -1,27 +1,25 @@
-"""Page gather / scatter between a paged KV buffer and a contiguous staging buffer.
+"""Page scatter from a contiguous staging buffer into a paged KV buffer: the last step of a compressed load
+(``compressed_load``), after the pages are decoded on the device.
 
 A paged buffer is SGLang's per-layer layout: ``[num_slots, ...]`` (MHA: ``[size, head_num, head_dim]``), where token
 slot ``s`` belongs to page ``s // page_size``. Page ``p`` is the ``page_size`` consecutive slots
-``p * page_size ... p * page_size + page_size - 1``. A staging buffer holds ``n`` pages back to back:
-``[n * page_size, ...]``, page ``i`` of ``page_ids`` at rows ``i * page_size ...``.
+``p * page_size ... p * page_size + page_size - 1``. A staging buffer holds ``n`` pages of every layer back to back:
+``[L, n * page_size, ...]``, page ``i`` of ``page_ids`` at rows ``i * page_size ...`` of each layer.
 
-    gather_pages(src, page_ids, page_size)            -> out [n * page_size, ...]    (paged -> staging)
-    scatter_pages(dst, page_ids, page_size, data)     dst[slots of page_ids] = data  (staging -> paged)
-    gather_pages_layers(layers, page_ids, page_size)  -> out [L, n * page_size, ...]
-    scatter_pages_layers(layers, page_ids, page_size, data [L, n * page_size, ...])
+    scatter_pages_layers(layers, page_ids, page_size, data [L, n * page_size, ...])   layers[l][slots] = data[l]
 
-``layers`` is a list/tuple of per-layer buffers (SGLang's ``k_buffer`` / ``v_buffer``), all the same shape, dtype
-and device, or one stacked tensor ``[L, num_slots, ...]``. For a layer-by-layer load, call ``scatter_pages`` on one
-layer's buffer per step; the ``_layers`` variants move every layer in one launch.
+``layers`` is a list/tuple of per-layer buffers (SGLang's ``k_buffer + v_buffer``), all the same shape, dtype and
+device, or one stacked tensor ``[L, num_slots, ...]``; every layer moves in one launch.
 
 Copies are bit-exact for every dtype (elements are moved as same-sized integers; fp8 included). ``page_ids`` must
-be distinct for a scatter (with repeats, which copy lands is unspecified). ``check=True`` (default) verifies that
-every page lies inside the buffer and raises IndexError otherwise; on a GPU this reads one value back (a sync), so
-hot paths whose page ids come from the allocator pass ``check=False``. Unchecked, the Triton kernels still never
-touch memory outside the buffer: a gather writes zeros for an out-of-range page, a scatter skips it.
+be distinct (with repeats, which copy lands is unspecified). ``check=True`` (default) verifies that every page lies
+inside the buffer and raises IndexError otherwise; on a GPU this reads one value back (a sync), so callers that
+checked the ids on the host (``compressed_load``) pass ``check=False``. Unchecked, the Triton kernel still never
+touches memory outside the buffer: a page out of range is skipped.
 
-Each dispatcher runs the Triton kernel (``triton_page_copy``) on CUDA tensors and the torch reference
-(``*_ref``) otherwise; ``impl="torch"|"triton"`` forces one.
+The dispatcher runs the Triton kernel (``triton_page_copy``) on CUDA tensors and the torch reference (``*_ref``)
+otherwise; ``impl="torch"|"triton"`` forces one. (A gather, paged -> staging, and per-layer wrappers existed until
+issue 18's audit: nothing served them. Git has them, for the day a GPU-side encode on write-back needs a gather.)
 """
 
 from __future__ import annotations
@@ -111,8 +109,8 @@ class _LayerSet:
         self.dtype, self.device = first.dtype, first.device
 
 
-def _staging_shape(ls: _LayerSet, n_rows: int, layered: bool) -> tuple:
-    return ((ls.num_layers,) if layered else ()) + (n_rows,) + ls.inner
+def _staging_shape(ls: _LayerSet, n_rows: int) -> tuple:
+    return (ls.num_layers, n_rows) + ls.inner
 
 
 def _check_staging(t: torch.Tensor, shape: tuple, ls: _LayerSet, name: str) -> None:
@@ -125,24 +123,6 @@ def _check_staging(t: torch.Tensor, shape: tuple, ls: _LayerSet, name: str) -> N
 # ------------------------------------------------------------------------------------------------- references
 
 
-def gather_pages_layers_ref(
-    layers: Layers, page_ids, page_size: int, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Torch reference of ``gather_pages_layers``: ``out[l] = layers[l][page_slots(page_ids)]``."""
-    ls = _LayerSet(layers, "gather_pages_layers")
-    page_size = _page_size(page_size)
-    ids = _page_ids(page_ids, ls.device)
-    _check_range(ids, page_size, ls.num_slots)
-    slots = page_slots(ids, page_size)
-    shape = _staging_shape(ls, slots.numel(), True)
-    if out is None:
-        out = torch.empty(shape, dtype=ls.dtype, device=ls.device)
-    _check_staging(out, shape, ls, "out")
-    for o, t in zip(_bits(out).unbind(0), ls.tensors):
-        o.copy_(_bits(t).index_select(0, slots))
-    return out
-
-
 def scatter_pages_layers_ref(layers: Layers, page_ids, page_size: int, data: torch.Tensor) -> None:
     """Torch reference of ``scatter_pages_layers``: ``layers[l][page_slots(page_ids)] = data[l]``."""
     ls = _LayerSet(layers, "scatter_pages_layers")
@@ -150,44 +130,12 @@ def scatter_pages_layers_ref(layers: Layers, page_ids, page_size: int, data: tor
     ids = _page_ids(page_ids, ls.device)
     _check_range(ids, page_size, ls.num_slots)
     slots = page_slots(ids, page_size)
-    _check_staging(data, _staging_shape(ls, slots.numel(), True), ls, "data")
+    _check_staging(data, _staging_shape(ls, slots.numel()), ls, "data")
     for d, t in zip(_bits(data).unbind(0), ls.tensors):
         _bits(t)[slots] = d
 
 
-def gather_pages_ref(src: torch.Tensor, page_ids, page_size: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch reference of ``gather_pages``."""
-    res = gather_pages_layers_ref([src], page_ids, page_size, out=None if out is None else out.unsqueeze(0))
-    return res[0] if out is None else out
-
-
-def scatter_pages_ref(dst: torch.Tensor, page_ids, page_size: int, data: torch.Tensor) -> None:
-    """Torch reference of ``scatter_pages``."""
-    scatter_pages_layers_ref([dst], page_ids, page_size, data.unsqueeze(0))
-
-
 # ------------------------------------------------------------------------------------------------ dispatchers
-
-
-def gather_pages_layers(
-    layers: Layers, page_ids, page_size: int, *, out: torch.Tensor | None = None, check: bool = True, impl: str = "auto"
-) -> torch.Tensor:
-    """Gather pages from every layer in one launch: ``[L, n * page_size, ...]`` (into ``out`` if given)."""
-    ls = _LayerSet(layers, "gather_pages_layers")
-    if not use_triton(impl, ls.tensors[0]):
-        return gather_pages_layers_ref(layers, page_ids, page_size, out=out)
-    page_size = _page_size(page_size)
-    ids = _page_ids(page_ids, ls.device)
-    if check:
-        _check_range(ids, page_size, ls.num_slots)
-    shape = _staging_shape(ls, ids.numel() * page_size, True)
-    if out is None:
-        out = torch.empty(shape, dtype=ls.dtype, device=ls.device)
-    _check_staging(out, shape, ls, "out")
-    from . import triton_page_copy
-
-    triton_page_copy.copy_pages(ls, ids, page_size, out, gather=True)
-    return out
 
 
 def scatter_pages_layers(
@@ -201,32 +149,7 @@ def scatter_pages_layers(
     ids = _page_ids(page_ids, ls.device)
     if check:
         _check_range(ids, page_size, ls.num_slots)
-    _check_staging(data, _staging_shape(ls, ids.numel() * page_size, True), ls, "data")
+    _check_staging(data, _staging_shape(ls, ids.numel() * page_size), ls, "data")
     from . import triton_page_copy
 
-    triton_page_copy.copy_pages(ls, ids, page_size, data, gather=False)
-
-
-def gather_pages(
-    src: torch.Tensor,
-    page_ids,
-    page_size: int,
-    *,
-    out: torch.Tensor | None = None,
-    check: bool = True,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """``src[num_slots, ...]`` -> ``[n * page_size, ...]``: the slots of ``page_ids``, page after page."""
-    res = gather_pages_layers(
-        [src], page_ids, page_size, out=None if out is None else out.unsqueeze(0), check=check, impl=impl
-    )
-    return res[0] if out is None else out
-
-
-def scatter_pages(
-    dst: torch.Tensor, page_ids, page_size: int, data: torch.Tensor, *, check: bool = True, impl: str = "auto"
-) -> None:
-    """``dst[slots of page_ids] = data`` with ``data [n * page_size, ...]`` (inverse of ``gather_pages``)."""
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a tensor, got {type(data).__name__}")
-    scatter_pages_layers([dst], page_ids, page_size, data.unsqueeze(0), check=check, impl=impl)
+    triton_page_copy.scatter_pages(ls, ids, page_size, data)

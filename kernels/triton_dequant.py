@@ -26,14 +26,12 @@ def _dequant_kernel(
     codes_row_stride,
     scale_ptr,
     scale_page_stride,
-    scale_row_stride,
     out_ptr,
     out_page_stride,
     out_row_stride,
     n_rows,
     row_len,
     IS_FP8: tl.constexpr,
-    SCALE_BYTES: tl.constexpr,
     OUT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -46,15 +44,13 @@ def _dequant_kernel(
     rmask = rows < n_rows
     mask = rmask[:, None] & (cols < row_len)[None, :]
     rows64 = rows.to(tl.int64)
-    if SCALE_BYTES:  # float32 little-endian at byte offset page * stride + row * 4
-        sp = scale_ptr + page * scale_page_stride + rows64 * 4
-        b0 = tl.load(sp, mask=rmask, other=0).to(tl.int32)
-        b1 = tl.load(sp + 1, mask=rmask, other=0).to(tl.int32)
-        b2 = tl.load(sp + 2, mask=rmask, other=0).to(tl.int32)
-        b3 = tl.load(sp + 3, mask=rmask, other=0).to(tl.int32)
-        scale = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
-    else:
-        scale = tl.load(scale_ptr + page * scale_page_stride + rows64 * scale_row_stride, mask=rmask, other=0.0)
+    # scales: float32 little-endian at byte offset page * stride + row * 4 of the body, assembled from bytes
+    sp = scale_ptr + page * scale_page_stride + rows64 * 4
+    b0 = tl.load(sp, mask=rmask, other=0).to(tl.int32)
+    b1 = tl.load(sp + 1, mask=rmask, other=0).to(tl.int32)
+    b2 = tl.load(sp + 2, mask=rmask, other=0).to(tl.int32)
+    b3 = tl.load(sp + 3, mask=rmask, other=0).to(tl.int32)
+    scale = (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
     c = tl.load(
         codes_ptr + page * codes_page_stride + rows64[:, None] * codes_row_stride + cols[None, :], mask=mask, other=0
     )
@@ -81,7 +77,7 @@ def _dequant_kernel(
     tl.store(out_ptr + page * out_page_stride + rows64[:, None] * out_row_stride + cols[None, :], o, mask=mask)
 
 
-def _launch(codes, cps, crs, scale, sps, srs, out, ops, ors, n_pages, n_rows, row_len, fmt, scale_bytes):
+def _launch(codes, cps, crs, scale, sps, out, ops, ors, n_pages, n_rows, row_len, fmt):
     if n_pages == 0 or n_rows == 0 or row_len == 0:
         return
     block_c = min(next_pow2(row_len), _TILE)
@@ -93,51 +89,16 @@ def _launch(codes, cps, crs, scale, sps, srs, out, ops, ors, n_pages, n_rows, ro
         crs,
         scale,
         sps,
-        srs,
         out,
         ops,
         ors,
         n_rows,
         row_len,
         IS_FP8=fmt == "fp8",
-        SCALE_BYTES=scale_bytes,
         OUT_BF16=out.dtype == torch.bfloat16,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=4,
-    )
-
-
-def dequant_rows(u8: torch.Tensor, scales: torch.Tensor, fmt: str, out: torch.Tensor) -> None:
-    row_len = u8.shape[-1]
-    codes = u8.reshape(-1, row_len)  # a copy only for inputs that cannot be viewed so
-    sc = scales.reshape(-1)
-    try:
-        o = out.view(-1, row_len)
-    except RuntimeError:
-        o = None
-    if o is None or (o.numel() and o.stride(1) != 1):
-        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        dequant_rows(u8, scales, fmt, tmp)
-        out.copy_(tmp)
-        return
-    if codes.numel() and codes.stride(1) != 1:
-        codes = codes.contiguous()
-    _launch(
-        codes,
-        0,
-        codes.stride(0),
-        sc,
-        0,
-        sc.stride(0) if sc.numel() else 1,
-        o,
-        0,
-        o.stride(0),
-        1,
-        codes.shape[0],
-        row_len,
-        fmt,
-        False,
     )
 
 
@@ -152,6 +113,4 @@ def dequant_body(body: torch.Tensor, fmt: str, row_len: int, n_rows: int, out: t
         out.copy_(tmp)
         return
     codes = b[:, n_rows * 4 :] if b.shape[0] else b
-    _launch(
-        codes, b.stride(0), row_len, b, b.stride(0), 4, o, o.stride(0), row_len, b.shape[0], n_rows, row_len, fmt, True
-    )
+    _launch(codes, b.stride(0), row_len, b, b.stride(0), o, o.stride(0), row_len, b.shape[0], n_rows, row_len, fmt)

@@ -1,4 +1,4 @@
-"""Triton kernels behind ``page_copy``: one launch moves pages of every layer between paged buffers and staging.
+"""Triton kernel behind ``page_copy``: one launch scatters the pages of every layer from staging into paged buffers.
 
 Imported only when a dispatcher gets CUDA tensors (or ``impl="triton"``). Rows are moved as the widest integer
 word (8/4/2/1 bytes) that divides the row, the strides and the addresses, so any dtype copies bit-exactly and a
@@ -24,7 +24,7 @@ _TILE = 4096  # words per program
 
 
 @triton.jit
-def _copy_pages_kernel(
+def _scatter_pages_kernel(
     paged_ptr,
     paged_table,
     paged_layer_stride,
@@ -37,7 +37,6 @@ def _copy_pages_kernel(
     n_rows,
     page_size,
     row_words,
-    GATHER: tl.constexpr,
     USE_TABLE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -59,12 +58,8 @@ def _copy_pages_kernel(
     paged_offs = slot[:, None] * paged_row_stride + cols[None, :]
     stage = stage_ptr + layer * stage_layer_stride
     stage_offs = rows.to(tl.int64)[:, None] * stage_row_stride + cols[None, :]
-    if GATHER:
-        v = tl.load(paged + paged_offs, mask=inside[:, None] & cmask[None, :], other=0)
-        tl.store(stage + stage_offs, v, mask=rmask[:, None] & cmask[None, :])
-    else:
-        v = tl.load(stage + stage_offs, mask=inside[:, None] & cmask[None, :])
-        tl.store(paged + paged_offs, v, mask=inside[:, None] & cmask[None, :])
+    v = tl.load(stage + stage_offs, mask=inside[:, None] & cmask[None, :])
+    tl.store(paged + paged_offs, v, mask=inside[:, None] & cmask[None, :])
 
 
 def _inner_contiguous(t: torch.Tensor, lead: int) -> bool:
@@ -104,8 +99,8 @@ def _table(tensors, device) -> torch.Tensor:
     return tab
 
 
-def copy_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor, *, gather: bool) -> None:
-    """Move pages between the layers ``ls`` (a page_copy._LayerSet) and ``stage [L, n * page_size, ...]``."""
+def scatter_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor) -> None:
+    """Scatter ``stage [L, n * page_size, ...]`` into the pages ``ids`` of the layers ``ls`` (a page_copy._LayerSet)."""
     row_elems = 1
     for d in ls.inner:
         row_elems *= d
@@ -121,13 +116,9 @@ def copy_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor, *, ga
     if not ok:
         from . import page_copy
 
-        log.debug("kvdrive kernels: page copy on non-contiguous rows, using the torch reference")
-        ref = page_copy.gather_pages_layers_ref if gather else page_copy.scatter_pages_layers_ref
-        src = ls.stacked if ls.stacked is not None else list(ls.tensors)
-        if gather:
-            ref(src, ids, page_size, out=stage)
-        else:
-            ref(src, ids, page_size, stage)
+        log.debug("kvdrive kernels: page scatter on non-contiguous rows, using the torch reference")
+        dst = ls.stacked if ls.stacked is not None else list(ls.tensors)
+        page_copy.scatter_pages_layers_ref(dst, ids, page_size, stage)
         return
     paged_rows = [_rows(t, lead, row_elems) for t in layers]
     stage_rows = _rows(stage, 2, row_elems)
@@ -146,7 +137,7 @@ def copy_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor, *, ga
     block_c = min(next_pow2(row_words), _TILE)
     block_r = max(1, min(_TILE // block_c, next_pow2(n_rows)))
     grid = (cdiv(n_rows, block_r), cdiv(row_words, block_c), ls.num_layers)
-    _copy_pages_kernel[grid](
+    _scatter_pages_kernel[grid](
         p0,
         table,
         layer_stride,
@@ -159,7 +150,6 @@ def copy_pages(ls, ids: torch.Tensor, page_size: int, stage: torch.Tensor, *, ga
         n_rows,
         page_size,
         row_words,
-        GATHER=gather,
         USE_TABLE=use_table,
         BLOCK_R=block_r,
         BLOCK_C=block_c,

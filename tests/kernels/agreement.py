@@ -14,19 +14,10 @@ from kvdrive_sglang.kernels import (
     attention_lse_ref,
     dequant_body,
     dequant_body_ref,
-    dequant_rows,
-    dequant_rows_ref,
-    gather_pages,
-    gather_pages_layers,
-    gather_pages_layers_ref,
-    gather_pages_ref,
     page_attention_mass,
     page_attention_mass_ref,
-    quant_rows_ref,
-    scatter_pages,
     scatter_pages_layers,
     scatter_pages_layers_ref,
-    scatter_pages_ref,
 )
 
 FP8 = torch.float8_e4m3fn
@@ -57,71 +48,71 @@ def check_page_copy(device: str, small: bool = False) -> int:
         if small
         else (torch.bfloat16, torch.float16, torch.float32, torch.uint8, FP8)
     )
+    ids = torch.tensor([7, 0, 3, 8, 1], device=device)
     for dtype in dtypes:
         for page_size, inner in ((1, (3, 5)), (16, (2, 64)), (64, (1, 7)), (5, (4, 24))):
-            num_pages = 9
-            src = _rand((num_pages * page_size + 1,) + inner, torch.float32, g, device).to(dtype)
-            ids = torch.tensor([7, 0, 3, 8, 1], device=device)
+            shape = (9 * page_size + 1,) + inner
             case = f"{dtype} page_size {page_size} inner {inner}"
-            out = gather_pages(src, ids, page_size, impl="triton")
-            assert same_bits(out, gather_pages_ref(src, ids, page_size)), f"gather {case}"
-            a, b = torch.zeros_like(src), torch.zeros_like(src)
-            scatter_pages(a, ids, page_size, out, impl="triton")
-            scatter_pages_ref(b, ids, page_size, out)
-            assert same_bits(a, b), f"scatter {case}"
-            layers = [_rand(src.shape, torch.float32, g, device).to(dtype) for _ in range(3)]
+            data = _rand((3, 5 * page_size) + inner, torch.float32, g, device).to(dtype)
+            layers = [_rand(shape, torch.float32, g, device).to(dtype) for _ in range(3)]
             stacked = torch.stack(layers)
-            ref = gather_pages_layers_ref(layers, ids, page_size)
-            assert same_bits(gather_pages_layers(layers, ids, page_size, impl="triton"), ref), f"layers list {case}"
-            assert same_bits(gather_pages_layers(stacked, ids, page_size, impl="triton"), ref), f"layers stack {case}"
-            dl, ds, dr = [torch.zeros_like(t) for t in layers], torch.zeros_like(stacked), torch.zeros_like(stacked)
-            scatter_pages_layers(dl, ids, page_size, ref, impl="triton")
-            scatter_pages_layers(ds, ids, page_size, ref, impl="triton")
-            scatter_pages_layers_ref(dr, ids, page_size, ref)
-            assert same_bits(torch.stack(dl), dr) and same_bits(ds, dr), f"scatter layers {case}"
+            dl, ds, dr = [t.clone() for t in layers], stacked.clone(), stacked.clone()
+            scatter_pages_layers(dl, ids, page_size, data, impl="triton")
+            scatter_pages_layers(ds, ids, page_size, data, impl="triton")
+            scatter_pages_layers_ref(dr, ids, page_size, data)
+            assert same_bits(torch.stack(dl), dr), f"scatter layers list {case}"
+            assert same_bits(ds, dr), f"scatter layers stacked {case}"
             n += 1
-    # strided paged buffer (a K half of a fused KV buffer) and an unaligned staging buffer
+    # strided paged buffer (the K half of a fused KV buffer) and an unaligned staging buffer
     kv = _rand((33, 2, 4, 8), torch.float32, g, device).to(torch.bfloat16)
-    k = kv[:, 0]
-    ids = torch.tensor([3, 1], device=device, dtype=torch.int32)
-    assert same_bits(gather_pages(k, ids, 8, impl="triton"), gather_pages_ref(k, ids, 8)), "strided gather"
-    big = torch.zeros(1 + 16 * 4 * 8, dtype=torch.bfloat16, device=device)
-    out = big[1:].view(16, 4, 8)
-    gather_pages(k, ids, 8, out=out, impl="triton")
-    assert same_bits(out, gather_pages_ref(k, ids, 8)), "unaligned out"
-    return n + 2
+    ref = kv.clone()
+    ids2 = torch.tensor([3, 1], device=device, dtype=torch.int32)
+    big = _rand((1 + 16 * 4 * 8,), torch.float32, g, device).to(torch.bfloat16)
+    data = big[1:].view(1, 16, 4, 8)
+    scatter_pages_layers([kv[:, 0]], ids2, 8, data, impl="triton")
+    scatter_pages_layers_ref([ref[:, 0]], ids2, 8, data)
+    assert same_bits(kv, ref), "strided layer, unaligned data"
+    return n + 1
 
 
 def check_dequant(device: str, small: bool = False) -> int:
-    """``small``: fewer cases (the interpreter runs every program in Python)."""
+    """Lossy bodies made by kvdrive's codec (tier.codecs), dequantised by the Triton kernel: bit-exact with the torch
+    reference and with the codec's own decode. ``small``: fewer cases (the interpreter runs every program in
+    Python)."""
+    import numpy as np
+
+    from kvdrive_sglang.tier.codecs import HEADER, decode_page, encode_page
+
     g = torch.Generator().manual_seed(2)
     n = 0
     shapes = ((128, 37), (24, 5)) if small else ((128, 37), (64, 8), (24, 5), (576, 3))
+    torch_of = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     for fmt in ("int8", "fp8"):
         for row_len, rows in shapes:
             x = torch.randn(rows, row_len, generator=g) * torch.rand(rows, 1, generator=g) * 30
             x[0] = 0  # an all-zero row: scale 0
-            scales, codes = quant_rows_ref(x, fmt)
-            scales, codes = scales.to(device), codes.to(device)
-            for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
-                case = f"{fmt} row_len {row_len} -> {out_dtype}"
-                ref = dequant_rows_ref(codes, scales, fmt, out_dtype)
-                assert same_bits(dequant_rows(codes, scales, fmt, out_dtype, impl="triton"), ref), f"rows {case}"
-                body = torch.cat([scales.view(torch.uint8), codes.reshape(-1)])
-                assert same_bits(dequant_body(body, fmt, row_len, out_dtype, impl="triton"), ref.reshape(-1)), (
-                    f"body {case}"
-                )
+            for dtype, out_dtype in torch_of.items():
+                case = f"{fmt} row_len {row_len} {dtype}"
+                page = x.to(out_dtype)
+                blob = encode_page(page.view(torch.uint8).numpy(), dtype, fmt, row_len)
+                body = torch.frombuffer(bytearray(blob[HEADER.size :]), dtype=torch.uint8).to(device)
+                ref = dequant_body_ref(body, fmt, row_len, out_dtype)
+                got = dequant_body(body, fmt, row_len, out_dtype, impl="triton")
+                assert same_bits(got, ref), f"body {case}"
+                want = np.empty(page.numel() * page.element_size(), np.uint8)
+                decode_page(blob, want, dtype)
+                assert got.view(torch.uint8).cpu().numpy().tobytes() == want.tobytes(), f"codec {case}"
                 # three bodies in one 2-D tensor at an odd byte offset: scales read unaligned
-                blob = torch.zeros(3 * body.numel() + 1, dtype=torch.uint8, device=device)
-                bodies = blob[1:].view(3, -1)
+                raw = torch.zeros(3 * body.numel() + 1, dtype=torch.uint8, device=device)
+                bodies = raw[1:].view(3, -1)
                 bodies.copy_(body.expand(3, -1))
                 got = dequant_body(bodies, fmt, row_len, out_dtype, impl="triton")
                 assert same_bits(got, dequant_body_ref(bodies, fmt, row_len, out_dtype)), f"bodies {case}"
                 n += 1
-        every = torch.arange(256, dtype=torch.uint8, device=device).view(8, 32)  # every code, NaN codes included
-        one = torch.ones(8, device=device)
-        got = dequant_rows(every, one, fmt, torch.float32, impl="triton")
-        ref = dequant_rows_ref(every, one, fmt, torch.float32)
+        # every code, NaN codes included: a body of 8 rows of 32 codes, scale 1
+        every = torch.cat([torch.ones(8).view(torch.uint8), torch.arange(256, dtype=torch.uint8)]).to(device)
+        got = dequant_body(every, fmt, 32, torch.float32, impl="triton")
+        ref = dequant_body_ref(every, fmt, 32, torch.float32)
         assert torch.equal(got.isnan(), ref.isnan()) and same_bits(got.nan_to_num(), ref.nan_to_num()), (
             f"every {fmt} code"
         )

@@ -40,7 +40,7 @@ def main() -> int:
     _patch_interpreter_index()
     import torch
 
-    from tests.kernels import agreement
+    from tests.kernels import agreement, agreement_bplane
 
     checks = [
         ("page_copy", lambda: agreement.check_page_copy("cpu", small=True)),
@@ -49,6 +49,8 @@ def main() -> int:
             "attention_mass",
             lambda: agreement.check_attention_mass("cpu", dtypes=(torch.float16, torch.float32), small=True),
         ),
+        ("bplane_decode", lambda: agreement_bplane.check_bplane("cpu", small=True)),
+        ("compressed_load", lambda: agreement_bplane.check_compressed_load("cpu", small=True)),
     ]
     failed = 0
     for name, fn in checks:

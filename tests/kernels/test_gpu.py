@@ -8,11 +8,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvdrive_sglang.kernels import dequant_body, gather_pages, page_attention_mass, page_attention_mass_ref  # noqa
+from kvdrive_sglang.kernels import (  # noqa: E402
+    dequant_body,
+    load_compressed,
+    page_attention_mass,
+    page_attention_mass_ref,
+    scatter_pages_layers,
+)
 from kvdrive_sglang.tier.codecs import HEADER, decode_page, encode_page  # noqa: E402
 from kvdrive_sglang.tier.synthetic import kv_page  # noqa: E402
 
-from . import agreement  # noqa: E402
+from . import agreement, agreement_bplane  # noqa: E402
+from .bplane_codec import bplane_registered  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,15 +39,32 @@ def test_attention_mass_agrees():
     assert agreement.check_attention_mass("cuda") > 0
 
 
+def test_bplane_decode_agrees():
+    assert agreement_bplane.check_bplane("cuda") > 0
+
+
+def test_compressed_load_agrees():
+    assert agreement_bplane.check_compressed_load("cuda") > 0
+
+
 def test_auto_dispatch_runs_triton_on_cuda(monkeypatch):
-    from kvdrive_sglang.kernels import triton_page_copy
+    from kvdrive_sglang.kernels import triton_bplane, triton_dequant, triton_page_copy
 
     calls = []
-    real = triton_page_copy.copy_pages
-    monkeypatch.setattr(triton_page_copy, "copy_pages", lambda *a, **k: calls.append(1) or real(*a, **k))
-    src = torch.randn(64, 8, 128, device="cuda", dtype=torch.bfloat16)
-    gather_pages(src, torch.tensor([1, 3], device="cuda"), 16)
-    assert calls
+    kernels = ((triton_page_copy, "scatter_pages"), (triton_bplane, "bplane_decode"), (triton_dequant, "dequant_body"))
+    for mod, name in kernels:
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    k, v = (torch.zeros(64, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ones = torch.ones(1, 32, 8, 128, device="cuda", dtype=torch.bfloat16)
+    scatter_pages_layers([k], torch.tensor([1, 3], device="cuda"), 16, ones)
+    assert calls == ["scatter_pages"]
+    rng = np.random.default_rng(2)
+    pages = [kv_page(rng, page_size=16, num_heads=8, head_dim=128) for _ in range(2)]  # [K/V, 16, 8, 128]
+    with bplane_registered():
+        blobs = [encode_page(pages[0], "bfloat16", "bplane", 128), encode_page(pages[1], "bfloat16", "int8", 128)]
+        res = load_compressed(blobs, [k, v], [0, 2], 16, checksums=None)
+    assert all(res.ok) and set(calls) == {"scatter_pages", "bplane_decode", "dequant_body"}, calls
 
 
 @pytest.mark.parametrize(

@@ -31,17 +31,17 @@ def test_cpu_use_works_with_triton_unimportable():
         import sys
         sys.modules["triton"] = None  # any `import triton` now raises ImportError
         import torch
-        from kvdrive_sglang.kernels import (dequant_rows, gather_pages, page_attention_mass, scatter_pages,
+        from kvdrive_sglang.kernels import (bplane_decode, dequant_body, page_attention_mass, scatter_pages_layers,
                                             triton_available)
         src = torch.randn(32, 2, 4)
-        out = gather_pages(src, [1, 3], 8)
-        scatter_pages(torch.zeros_like(src), [0, 2], 8, out)
-        dequant_rows(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2), "fp8")
+        scatter_pages_layers([src], [0, 2], 8, torch.zeros(1, 16, 2, 4))
+        dequant_body(torch.zeros(2 * (4 + 8), dtype=torch.uint8), "fp8", 8)
+        bplane_decode(torch.zeros(8, dtype=torch.uint8), torch.tensor([0]), 0)
         m = page_attention_mass(torch.randn(1, 2, 4), src, torch.arange(32)[None], torch.tensor([32]), 8)
         assert abs(m.sum().item() - 2) < 1e-4
         assert not triton_available()
         try:
-            gather_pages(src, [1], 8, impl="triton")
+            scatter_pages_layers([src], [1], 8, torch.zeros(1, 8, 2, 4), impl="triton")
         except RuntimeError as e:
             assert "Triton does not import" in str(e)
         else:
@@ -53,12 +53,10 @@ def test_cpu_use_works_with_triton_unimportable():
 
 def test_exports():
     assert {
-        "gather_pages",
-        "scatter_pages",
-        "gather_pages_layers",
+        "load_compressed",
+        "bplane_decode",
         "scatter_pages_layers",
         "dequant_body",
-        "dequant_rows",
         "page_attention_mass",
         "attention_lse",
     } <= set(kernels.__all__)

@@ -1,9 +1,9 @@
 """The Triton kernels themselves, run on CPU by Triton's interpreter, agree with the torch references.
 
 Without a GPU this is the only run the Triton code gets: the same agreement checks as ``test_gpu.py`` (bit-exact
-copies and dequantisation, attention mass within tolerance), in a subprocess because ``TRITON_INTERPRET=1`` must be
-set before Triton is imported. It cannot show speed, and bf16 ``tl.dot`` is left to the GPU (see
-``interpret_check.py``)."""
+scatter, dequantisation, bplane decode and the whole compressed load; attention mass within tolerance), in a
+subprocess because ``TRITON_INTERPRET=1`` must be set before Triton is imported. It cannot show speed, and bf16
+``tl.dot`` is left to the GPU (see ``interpret_check.py``)."""
 
 from __future__ import annotations
 
@@ -31,4 +31,4 @@ def test_triton_kernels_agree_under_the_interpreter():
     )
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert r.stdout.count("ok ") == 3
+    assert r.stdout.count("ok ") == 5
