@@ -28,17 +28,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from enum import Enum
 
 import lmdb
 import numpy as np
-import xxhash
 
 from . import clock
-from .buffers import byte_view
-from .codecs import HEADER, CodecError, decode_page, get_codec, peek_header
+from .codecs import HEADER, CodecError, decode_page
 from .compaction import Compactor
-from .crypto import KeyRing, PageSealer, is_envelope
+from .crypto import KeyRing, PageSealer
 from .disk_config import (
     DiskStats,
     DiskStoreConfig,
@@ -47,15 +44,15 @@ from .disk_config import (
     VerifyReport,
     fault_kind,
 )
-from .dtypes import dtype_info
 from .errors import ConfigError, StoreDirError
 from .fileio import select_io
 from .index import SEALED, IndexRoom, Record, page_key
 from .namespace import Namespace, key_bytes
 from .page_writer import PageWriter
+from .read_runs import Dest, ReadOutcome, Want, blob_ok, dest_of, raw_page_ok, read_runs, zero_copy
 from .recovery import Recovery, open_store
 from .segment_fds import SegmentFds
-from .segment_records import names_page, trailer_size
+from .segment_records import trailer_size
 from .segment_writer import SegmentWriter
 from .store_catalog import StoreCatalog, check_note
 from .store_dir import SEGMENT_DIR
@@ -63,16 +60,7 @@ from .store_upkeep import StoreUpkeep
 
 log = logging.getLogger("kvdrive.tier")
 
-_RAW_CODEC = get_codec("raw").code
 __all__ = ["SEALED", "DiskStats", "DiskStore", "DiskStoreConfig", "GiB", "MiB", "ReadOutcome", "VerifyReport"]
-
-
-class ReadOutcome(Enum):
-    """What reading one page into a caller's buffer came to (I8: damaged data is never served)."""
-
-    OK = "ok"  # the page is in the buffer
-    BAD = "bad"  # missing, short, damaged or failing authentication: drop the entry
-    MISS = "miss"  # transient (an I/O fault) or no key now: keep the entry
 
 
 class DiskStore:
@@ -94,6 +82,9 @@ class DiskStore:
         self._faults = Counter()
         self._closed = False
         self._disabled_until = 0.0
+        # threads a batch's reads and decodes may use (tier/parallel.py; the engine sets TierConfig.decode_threads):
+        # None, every usable core
+        self.decode_threads: int | None = None
         opened = open_store(config.path, map_size=config.map_size, lock_mode=lock_mode, repair=repair, rebuild=rebuild)
         self.path = opened.path
         self.recoveries: list[Recovery] = opened.recoveries  # the ladder's steps this open took
@@ -227,7 +218,7 @@ class DiskStore:
         undefined."""
         if len(keys) != len(outs):
             raise ConfigError(f"get_many got {len(keys)} keys and {len(outs)} buffers; they must match")
-        views = [byte_view(o, writable=True) for o in outs]
+        dests = [dest_of(o) for o in outs]
         pkeys = [page_key(ns.id, key_bytes(k)) for k in keys]
         result = [False] * len(keys)
         if not self.available():
@@ -238,11 +229,11 @@ class DiskStore:
             recs = [self._usable(txn.get(pk, db=self.index.pages), now) for pk in pkeys]
         for i, rec in enumerate(recs):
             # the caller's mistake, said as such: a read into it would fail the size check and drop a good page
-            if rec is not None and rec.raw_nbytes != views[i].size:
+            if rec is not None and rec.raw_nbytes != dests[i].nbytes:
                 raise CodecError(
-                    f"page {keys[i]!r} holds {rec.raw_nbytes} bytes; its output buffer holds {views[i].size}"
+                    f"page {keys[i]!r} holds {rec.raw_nbytes} bytes; its output buffer holds {dests[i].nbytes}"
                 )
-        bad = self._read_pages([(i, r) for i, r in enumerate(recs) if r is not None], views, ns, pkeys, now, result)
+        bad = self._read_pages([(i, r) for i, r in enumerate(recs) if r is not None], dests, ns, pkeys, now, result)
         if bad:
             # another process may have compacted the segment away: look the failed entries up once more, and read
             # those that moved
@@ -256,7 +247,7 @@ class DiskStore:
             if moved:
                 retried = {i for i, _ in moved}
                 bad = [(i, rec) for i, rec in bad if i not in retried]
-                bad += self._read_pages(moved, views, ns, pkeys, now, result)
+                bad += self._read_pages(moved, dests, ns, pkeys, now, result)
         if bad:
             self._drop_bad([(pkeys[i], rec) for i, rec in bad])
         n_hit = sum(result)
@@ -273,23 +264,27 @@ class DiskStore:
         now = clock.now_ms()
         with self.index.read() as txn:
             recs = [self._usable(txn.get(pk, db=self.index.pages), now) for pk in pkeys]
-        out, bad = [], []
-        for pk, rec in zip(pkeys, recs):
-            try:
-                blob = self._read_blob(rec, pk) if rec is not None else None
-            except OSError as e:
-                self._fault(e, "read")
-                out.append(None)
-                continue
-            if blob is not None and rec.sealed:
-                blob, drop = self._sealer.unseal(ns.tenant, pk, blob)
-                if drop:
-                    bad.append((pk, rec))
-            elif rec is not None and blob is None:
-                bad.append((pk, rec))
+        items = [(i, rec) for i, rec in enumerate(recs) if rec is not None]
+        out: list = [None] * len(keys)
+
+        def finish(k: int, blob) -> ReadOutcome:  # on the worker pool: a verified blob, opened if sealed
+            i, rec = items[k]
+            outcome, blob = self._opened(rec, blob, ns, pkeys[i])
             if blob is not None:
-                self._pages.touched[pk] = now
-            out.append((blob, rec.expires_ms) if blob is not None else None)
+                out[i] = (blob, rec.expires_ms)
+            return outcome
+
+        outcomes = self._read_runs([Want(rec, pkeys[i], None) for i, rec in items], ns, finish)
+        bad = []
+        for (i, rec), outcome in zip(items, outcomes):
+            if outcome is None:  # the runs could not serve it: read it alone, as before runs
+                outcome, blob = self._read_blob_alone(rec, ns, pkeys[i])
+                if blob is not None:
+                    out[i] = (blob, rec.expires_ms)
+            if outcome is ReadOutcome.OK:
+                self._pages.touched[pkeys[i]] = now
+            elif outcome is ReadOutcome.BAD:
+                bad.append((pkeys[i], rec))
         if bad:
             self._drop_bad(bad)
         n_hit = sum(b is not None for b in out)
@@ -492,65 +487,99 @@ class DiskStore:
     def _read_pages(
         self,
         items: list[tuple[int, Record]],
-        views: list,
+        dests: list[Dest],
         ns: Namespace,
         pkeys: list[bytes],
         now: int,
         result: list[bool],
     ) -> list[tuple[int, Record]]:
-        """Read each (i, record) into views[i], setting result[i] on success. Returns those to drop (BAD); stops
-        early once a read fault turned the tier off (the rest are misses too, not more failing reads)."""
+        """Read each (i, record) into dests[i], setting result[i] on success: in coalesced runs, verified and decoded on
+        the worker pool (tier/read_runs.py); a record the runs could not serve is read again alone (that verdict
+        stands). Returns those to drop (BAD); once a read fault turned the tier off, the rest are misses too, not
+        more failing reads."""
+
+        def finish(k: int, got) -> ReadOutcome:  # on the worker pool
+            if got is True:  # a raw page, read and verified in place
+                return ReadOutcome.OK
+            i, rec = items[k]
+            return self._decode_into(rec, got, dests[i], ns, pkeys[i])
+
+        outcomes = self._read_runs([Want(rec, pkeys[i], dests[i]) for i, rec in items], ns, finish)
         bad = []
-        for i, rec in items:
-            outcome = self._read_into(rec, views[i], ns, pkeys[i])
+        for (i, rec), outcome in zip(items, outcomes):
+            if outcome is None and not self._disabled_until:
+                outcome = self._read_into(rec, dests[i], ns, pkeys[i])
             if outcome is ReadOutcome.OK:
                 result[i] = True
                 self._pages.touched[pkeys[i]] = now
             elif outcome is ReadOutcome.BAD:
                 bad.append((i, rec))
-            elif self._disabled_until:
-                break
         return bad
 
-    def _read_into(self, rec: Record, out, ns: Namespace, pk: bytes) -> ReadOutcome:
-        dtype = ns.kv_dtype
+    def _read_runs(self, wants: list[Want], ns: Namespace, finish) -> list[ReadOutcome | None]:
+        """tier/read_runs.py's coalesced read of ``wants``; counts and faults are taken here, on the caller's thread
+        (the counters are not thread-safe). None: read it alone."""
+        if not wants:
+            return []
+        runs = read_runs(self.fds, wants, ns.kv_dtype, finish, max_threads=self.decode_threads)
+        self._counts["bytes_read"] += runs.bytes_read
+        if runs.error is not None:
+            self._fault(runs.error, "read")
+        return runs.outcomes
+
+    def _read_into(self, rec: Record, dest: Dest, ns: Namespace, pk: bytes) -> ReadOutcome:
+        """One page read alone (no run): the path records take when their run could not serve them."""
         try:
-            if rec.sealed:
-                blob = self._read_blob(rec, pk, self._sealer.read_buffer(rec.length))
-                if blob is None:
-                    return ReadOutcome.BAD
-                plain, drop = self._sealer.unseal(ns.tenant, pk, blob, scratch=True)
-                if plain is None:
-                    return ReadOutcome.BAD if drop else ReadOutcome.MISS
-                decode_page(plain, out, dtype)
-            elif rec.codec == _RAW_CODEC and rec.length - HEADER.size == len(out):
-                # zero copy: header into a small buffer, body straight into the caller's buffer
+            if zero_copy(rec, dest):
+                # zero copy: header into a small buffer, body straight into the caller's buffer (row by row for a
+                # strided one)
                 hdr = bytearray(HEADER.size)
                 tail = bytearray(trailer_size(pk) if rec.framed else 0)
-                n = self.fds.pread(rec.seg, rec.off, [hdr, out, tail] if rec.framed else [hdr, out])
+                n = self.fds.pread(rec.seg, rec.off, [hdr, *dest.parts, tail] if rec.framed else [hdr, *dest.parts])
                 if n is None or n != rec.length + len(tail):
                     return ReadOutcome.BAD
-                h = xxhash.xxh3_64(hdr)
-                h.update(out)
-                if h.intdigest() != rec.checksum:
-                    return ReadOutcome.BAD
-                if rec.framed and not names_page(tail, pk, rec.length, rec.checksum, rec.flags, rec.codec):
-                    return ReadOutcome.BAD
-                hh = peek_header(hdr)
-                if hh.codec != _RAW_CODEC or hh.raw_nbytes != len(out) or hh.dtype != dtype_info(dtype).code:
+                if not raw_page_ok(hdr, dest.parts, tail, rec, pk, ns.kv_dtype):
                     return ReadOutcome.BAD
                 self._counts["bytes_read"] += rec.length
-            else:
-                blob = self._read_blob(rec, pk)
-                if blob is None:
-                    return ReadOutcome.BAD
-                decode_page(blob, out, dtype)
+                return ReadOutcome.OK
+            buf = self._sealer.read_buffer(rec.length) if rec.sealed else None
+            blob = self._read_blob(rec, pk, buf)
+            if blob is None:
+                return ReadOutcome.BAD
+            return self._decode_into(rec, blob, dest, ns, pk)
         except CodecError:
             return ReadOutcome.BAD
         except OSError as e:
             self._fault(e, "read")
             return ReadOutcome.MISS
-        return ReadOutcome.OK
+
+    def _decode_into(self, rec: Record, blob, dest: Dest, ns: Namespace, pk: bytes) -> ReadOutcome:
+        """A verified blob (an envelope if sealed) decoded into the caller's buffer. CodecError: a damaged page.
+        Runs on the worker pool (a sealer's failure counts are bumped there: rare, and at worst one is lost)."""
+        outcome, plain = self._opened(rec, blob, ns, pk, scratch=True)
+        if plain is not None:
+            decode_page(plain, dest.target, ns.kv_dtype)
+        return outcome
+
+    def _opened(self, rec: Record, blob, ns: Namespace, pk: bytes, scratch: bool = False):
+        """(outcome, the page blob or None): a sealed record's envelope opened under its tenant's key."""
+        if not rec.sealed:
+            return ReadOutcome.OK, blob
+        plain, drop = self._sealer.unseal(ns.tenant, pk, blob, scratch=scratch)
+        if plain is None:
+            return (ReadOutcome.BAD if drop else ReadOutcome.MISS), None
+        return ReadOutcome.OK, plain
+
+    def _read_blob_alone(self, rec: Record, ns: Namespace, pk: bytes):
+        """(outcome, the page blob or None) of one record read alone, opened if sealed (read_blobs' per-page path)."""
+        try:
+            blob = self._read_blob(rec, pk)
+        except OSError as e:
+            self._fault(e, "read")
+            return ReadOutcome.MISS, None
+        if blob is None:
+            return ReadOutcome.BAD, None
+        return self._opened(rec, blob, ns, pk)
 
     def _read_blob(self, rec: Record, pk: bytes, buf: np.ndarray | None = None) -> np.ndarray | None:
         """I8: the verified blob of page ``pk`` (read into ``buf`` if given: exactly rec.length bytes), or None if
@@ -559,22 +588,12 @@ class DiskStore:
         if buf is None:
             buf = np.empty(rec.length, dtype=np.uint8)  # not zero-filled: every byte is read or the blob is rejected
         # a sealed page's envelope is bound to its namespace and key (AES-GCM associated data): its trailer adds
-        # nothing, and its tag is the stronger check
+        # nothing, and its tag is the stronger check (read_runs.blob_ok)
         named = rec.framed and not rec.sealed
         tail = bytearray(trailer_size(pk) if named else 0)
         n = self.fds.pread(rec.seg, rec.off, [buf, tail] if named else [buf])
-        if n != rec.length + len(tail) or xxhash.xxh3_64_intdigest(buf) != rec.checksum:
+        if n != rec.length + len(tail) or not blob_ok(buf, tail, rec, pk):
             return None
-        if named and not names_page(tail, pk, rec.length, rec.checksum, rec.flags, rec.codec):
-            return None
-        if rec.sealed:
-            if not is_envelope(buf):  # its contents are checked when a key opens it
-                return None
-        else:
-            try:
-                peek_header(buf)
-            except CodecError:
-                return None
         self._counts["bytes_read"] += rec.length
         return buf
 

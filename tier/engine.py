@@ -2,7 +2,8 @@
 
     put_many   encode (codec per page, recorded in its header) -> DRAM pool; with write_through also queued for disk
     stage_many put_many acknowledged after a cheap copy: raw pages staged, encoded by encoder threads (tier/staging.py)
-    get_many   DRAM pool (decode into the caller's buffer) -> disk store (checksum-verified, decoded in place)
+    get_many   DRAM pool (decode into the caller's buffer) -> disk store (checksum-verified, decoded in place); a
+               batch's decodes (and put_many's encodes) are split across the cores (tier/parallel.py)
     exists_many  leading hits across both tiers, the way SGLang's storage API counts them
 
 Pages leaving the pool, and write-through copies, go to a bounded write-down queue that one writer thread drains to
@@ -29,6 +30,8 @@ from .dram_pool import DramPool, DramPoolStats, PoolKey
 from .engine_config import MIRROR_MODES, WRITE_POLICIES, TierConfig
 from .errors import CodecError, ConfigError
 from .namespace import Namespace, key_bytes
+from .parallel import parallel_for, threads_for
+from .read_runs import dest_of
 from .replica_mirror import ReplicaMirror
 from .staging import StagedPage, StagingArea
 from .tenants import Tenants
@@ -91,6 +94,8 @@ class TierEngine:
         except ConfigError as e:  # say which setting the key file came from (fuzzing found "key file ./0: ...")
             raise ConfigError(f"tier encrypt: {e}") from None
         self._warned_unkeyed: set[str] = set()
+        # threads a batch's decodes and encodes may use, the caller's included (issue 18; 0: every usable core)
+        self.decode_threads = threads_for(config.decode_threads)
         self.disk: DiskStore | None = None
         if config.path is not None:
             self.disk = DiskStore(
@@ -102,6 +107,7 @@ class TierEngine:
                 ),
                 keyring=self.keyring,
             )
+            self.disk.decode_threads = self.decode_threads
         # the write-down queue and its writer thread (tier/writedown.py): pages on their way to the disk, readable
         # until their batch commits (I9)
         self.writedown = WriteDown(
@@ -158,13 +164,18 @@ class TierEngine:
         codec = self._codec_for(ns)
         ttl = self.tenants.ttl_s(ns.tenant, self.config.default_ttl_s)
         expires = clock.expires_at_ms(ttl)
-        ok = []
         t0 = time.perf_counter()
-        for i, (k, page) in enumerate(zip(keys, pages)):
-            blob = encode_page(page, ns.kv_dtype, codec, ns.head_dim)
+        blobs: list = [None] * len(pages)
+
+        def encode(i: int) -> None:  # on the worker pool
+            blobs[i] = encode_page(pages[i], ns.kv_dtype, codec, ns.head_dim)
+
+        parallel_for(encode, len(pages), weights=[_nbytes(p) for p in pages], max_threads=self.decode_threads)
+        self._times["encode_s"] += time.perf_counter() - t0
+        ok = []
+        for i, (k, blob) in enumerate(zip(keys, blobs)):
             score = float(scores[i]) if scores is not None else 0.0
             ok.append(self._store_blob((ns.id, key_bytes(k)), ns, blob, score, expires))
-        self._times["encode_s"] += time.perf_counter() - t0
         return ok
 
     def stage_many(
@@ -203,19 +214,17 @@ class TierEngine:
         self._refresh_keys()
         result = [False] * len(keys)
         rest = []
+        staged: list[tuple[int, StagedPage]] = []
+        blobs: list[tuple[int, bytes]] = []
+        hits = Counter()
         t0 = time.perf_counter()
-        staged_s = 0.0
         for i, k in enumerate(keys):
             pk = (ns.id, key_bytes(k))
             # staged first: a page moves staged -> pool -> queue -> disk, so looking in that order never misses one
             # that moves meanwhile
             item = self._staging.get(pk)
             if item is not None:
-                t1 = time.perf_counter()
-                self._copy_staged(item, outs[i], k)
-                staged_s += time.perf_counter() - t1  # a copy, not a decode: kept out of decode_s (the dram cost)
-                result[i] = True
-                self._counts["hits_staged"] += 1
+                staged.append((i, item))
                 continue
             blob = self.pool.get(pk)
             where = "hits_dram"
@@ -225,13 +234,36 @@ class TierEngine:
             if blob is None:
                 rest.append(i)
                 continue
-            try:
-                decode_page(blob, outs[i], ns.kv_dtype)
-            except CodecError as e:
-                # wrong-size buffer etc.: the caller's mistake, reported as such rather than as a miss
-                raise CodecError(f"page {k!r}: {e}") from None
+            blobs.append((i, blob))
+            hits[where] += 1
+        staged_s = 0.0
+        if staged:  # a copy, not a decode: timed apart from decode_s (the dram cost the promoter calibrates on)
+            t1 = time.perf_counter()
+            parallel_for(
+                lambda j: self._copy_staged(staged[j][1], outs[staged[j][0]], keys[staged[j][0]]),
+                len(staged),
+                weights=[item.data.nbytes for _, item in staged],
+                max_threads=self.decode_threads,
+            )
+            staged_s = time.perf_counter() - t1
+        if blobs:
+
+            def decode(j: int) -> None:  # on the worker pool
+                i, blob = blobs[j]
+                try:
+                    decode_page(blob, outs[i], ns.kv_dtype)
+                except CodecError as e:
+                    # wrong-size buffer etc.: the caller's mistake, reported as such rather than as a miss
+                    raise CodecError(f"page {keys[i]!r}: {e}") from None
+
+            weights = [_decoded_nbytes(b) for _, b in blobs]  # the work is in the decoded bytes
+            parallel_for(decode, len(blobs), weights=weights, max_threads=self.decode_threads)
+        for i, _ in staged:
             result[i] = True
-            self._counts[where] += 1
+        for i, _ in blobs:
+            result[i] = True
+        self._counts["hits_staged"] += len(staged)
+        self._counts.update(hits)
         self._times["decode_s"] += time.perf_counter() - t0 - staged_s
         if rest and self.mirror is not None:  # the writing rank's DRAM tier, for a rank holding the same KV
             got = self.mirror.get_many(ns, [keys[i] for i in rest], [outs[i] for i in rest])
@@ -501,10 +533,13 @@ class TierEngine:
 
     @staticmethod
     def _copy_staged(item: StagedPage, out, key) -> None:
-        out_u8 = byte_view(out, writable=True)
-        if out_u8.size != item.data.size:  # the caller's mistake, as decode_page reports it for DRAM pages
-            raise CodecError(f"page {key!r}: page holds {item.data.size} bytes, output buffer holds {out_u8.size}")
-        out_u8[:] = item.data
+        dest = dest_of(out)  # a strided host-pool slot too (rows of a layer-first layout)
+        if dest.nbytes != item.data.size:  # the caller's mistake, as decode_page reports it for DRAM pages
+            raise CodecError(f"page {key!r}: page holds {item.data.size} bytes, output buffer holds {dest.nbytes}")
+        at = 0
+        for part in dest.parts:
+            part[:] = item.data[at : at + part.size]
+            at += part.size
 
     def _codec_for(self, ns: Namespace):
         if self.codec.supports(ns.kv_dtype):
@@ -573,3 +608,23 @@ class TierEngine:
         self._warned_unkeyed -= gone
         if n:
             log.warning("kvdrive: dropped %d in-memory page(s) of %d tenant(s) whose key was removed", n, len(gone))
+
+
+def _nbytes(page) -> int:
+    """A page's size in bytes (numpy arrays and torch tensors have nbytes; other buffers their byte length); 0 for
+    what is no buffer at all (encode_page then says so, naming the page)."""
+    n = getattr(page, "nbytes", None)
+    if isinstance(n, int):
+        return n
+    try:
+        return memoryview(page).nbytes
+    except TypeError:
+        return 0
+
+
+def _decoded_nbytes(blob) -> int:
+    """What a blob decodes to (its header says); its own length if the header is damaged (decode_page says how)."""
+    try:
+        return peek_header(blob).raw_nbytes
+    except CodecError:
+        return len(blob)

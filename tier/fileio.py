@@ -15,7 +15,7 @@ from .handle_cache import HandleCache
 
 log = logging.getLogger("kvdrive.tier")
 
-_IOV_MAX = 1024
+IOV_MAX = 1024  # Linux's UIO_MAXIOV: iovecs one preadv/pwritev takes (tier/read_runs.py sizes its runs by it)
 ALIGN = 4096  # O_DIRECT offset/length/address alignment (the logical block size of any current SSD is <= 4 KiB)
 
 
@@ -109,7 +109,7 @@ class PosixIO:
         total = 0
         views = [memoryview(b).cast("B") for b in bufs]
         while views:
-            batch = views[:_IOV_MAX]
+            batch = views[:IOV_MAX]
             n = os.pwritev(fd, batch, offset + total)
             total += n
             # drop fully written buffers; trim a partly written one
@@ -127,7 +127,7 @@ class PosixIO:
         want = sum(len(memoryview(b).cast("B")) for b in bufs)
         views = [memoryview(b).cast("B") for b in bufs]
         while views and total < want:
-            n = os.preadv(fd, views[:_IOV_MAX], offset + total)
+            n = os.preadv(fd, views[:IOV_MAX], offset + total)
             if n == 0:
                 break
             total += n

@@ -162,3 +162,105 @@ def test_the_process_pool_is_one_and_sized_to_the_machine():
     out = [0] * 8
     parallel.parallel_for(lambda i: out.__setitem__(i, 1), 8)
     assert out == [1] * 8
+
+
+# ---------------------------------------------------------------------------------------------- the engine on the pool
+
+
+def _big_ns():
+    from tests.helpers import make_ns
+
+    return make_ns(page_size=16, num_heads=8, head_dim=128)  # 64 KiB pages: a batch of 8 is past INLINE_BELOW_BYTES
+
+
+def _pages(ns, seeds):
+    from tests.helpers import small_page
+
+    return [small_page(s, ns) for s in seeds]
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="needs two usable cores")
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_engine_decodes_a_batch_of_dram_hits_on_two_threads_at_once(monkeypatch, codec):
+    from kvdrive_sglang.tier import engine as engine_mod
+    from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+
+    ns = _big_ns()
+    seeds = list(range(8))
+    pages = _pages(ns, [0, 0, 1, 2, 3, 4, 0, 0])  # the four read under the barrier encode to blobs of one size
+    with TierEngine(TierConfig(host_bytes=64 << 20, codec=codec, staging_bytes=0)) as eng:
+        assert eng.decode_threads == usable_cores()
+        eng.put_many(ns, [f"k{s}" for s in seeds], pages)
+        barrier = threading.Barrier(2, timeout=10)
+        real = engine_mod.decode_page
+        names = set()
+
+        def spy(blob, out, dtype):  # only gets past the barrier with a second decode running at the same time
+            names.add(threading.current_thread().name)
+            barrier.wait()
+            return real(blob, out, dtype)
+
+        monkeypatch.setattr(engine_mod, "decode_page", spy)
+        outs = [np.empty_like(p) for p in pages]
+        # chunks of equal weight: two pages per thread
+        got = eng.get_many(ns, [f"k{s}" for s in seeds[:2] + seeds[6:]], outs[:2] + outs[6:])
+        assert got == [True] * 4 and len(names) == 2
+        monkeypatch.setattr(engine_mod, "decode_page", real)
+        assert eng.get_many(ns, [f"k{s}" for s in seeds], outs) == [True] * 8
+        assert all(np.array_equal(o, p) for o, p in zip(outs, pages))
+        st = eng.stats()
+        assert st.hits_dram == 12 and st.misses == 0 and st.decode_s > 0
+
+
+def test_engine_parallel_decode_reports_the_callers_mistake():
+    from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+    from kvdrive_sglang.tier.errors import CodecError
+
+    ns = _big_ns()
+    pages = _pages(ns, range(8))
+    with TierEngine(TierConfig(host_bytes=64 << 20, staging_bytes=0)) as eng:
+        eng.put_many(ns, [f"k{s}" for s in range(8)], pages)
+        outs = [np.empty_like(p) for p in pages]
+        outs[5] = np.empty(100, dtype=np.uint8)
+        with pytest.raises(CodecError, match="page 'k5'"):
+            eng.get_many(ns, [f"k{s}" for s in range(8)], outs)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "int8"])
+def test_engine_put_many_encodes_on_the_pool_exactly_as_one_thread_does(codec):
+    from kvdrive_sglang.tier.codecs import encode_page
+    from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+
+    ns = _big_ns()
+    pages = _pages(ns, range(12))
+    with TierEngine(TierConfig(host_bytes=64 << 20, codec=codec, staging_bytes=0)) as eng:
+        assert eng.put_many(ns, [f"k{s}" for s in range(12)], pages) == [True] * 12
+        for s, p in enumerate(pages):
+            blob = eng.pool.get((ns.id, f"k{s}".encode()))
+            assert bytes(blob) == encode_page(p, ns.kv_dtype, codec, ns.head_dim)
+        assert eng.stats().encode_s > 0
+
+
+def test_staged_pages_are_copied_into_strided_outputs_row_by_row():
+    from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+
+    ns = _big_ns()
+    pages = _pages(ns, range(4))
+    nbytes = pages[0].nbytes
+    rows = 16
+    host = np.zeros((rows, 8 * nbytes // rows), dtype=np.uint8)  # 4 slots with a slot-wide gap after each
+    w = nbytes // rows
+    outs = [host[:, 2 * p * w : (2 * p + 1) * w] for p in range(4)]
+    cfg = TierConfig(host_bytes=64 << 20, staging_bytes=64 << 20, encode_threads=1)
+    with TierEngine(cfg) as eng:
+        gate = threading.Event()
+        real = eng._staging._encode
+        eng._staging._encode = lambda item: (gate.wait(10), real(item))[1]  # hold the encoder: pages stay staged
+        assert eng.stage_many(ns, [f"k{s}" for s in range(4)], [p.copy() for p in pages]) == [True] * 4
+        assert eng.get_many(ns, [f"k{s}" for s in range(4)], outs) == [True] * 4
+        assert eng.stats().hits_staged == 4
+        gate.set()
+    for p, o in zip(pages, outs):
+        assert o.tobytes() == p.tobytes()
+    for p in range(4):
+        assert not host[:, (2 * p + 1) * w : (2 * p + 2) * w].any()
