@@ -210,18 +210,22 @@ def test_a_writes_b_reads_byte_exact_and_promotes(nodes):
 
 
 def test_remote_hits_enter_the_local_tiers_as_their_verified_blob(nodes):
-    # A compresses with zstd, B would store raw: B's DRAM pool holds A's zstd blob, so B did not re-encode the page
-    # it had just decoded (before the fix, stage_many encoded it again with B's codec: "raw")
-    a, b = nodes("a"), nodes("b", codec="raw", config={"global_segment_size": 0})
+    # A stores int8 (lossy) blobs; B, whose own codec is zstd, keeps A's int8 blob as it came (before the fix,
+    # stage_many encoded the decoded page again with B's codec: "zstd", a codec pass and a bigger page); C keeps its
+    # DRAM tier raw (tier/codec_choice.py chose it so that DRAM hits need no decode): the decoded page, raw
+    a = nodes("a", codec="int8")
+    b = nodes("b", codec="zstd", config={"global_segment_size": 0})
+    c = nodes("c", codec="raw", config={"global_segment_size": 0})
     keys = keys_of("blob", 12)
     assert all(a("put", "", keys))
-    pages, _ = b("get", "", keys)
-    assert pages == [page_of("", k).tobytes() for k in keys]
-    assert b("codecs", "", keys) == ["zstd"] * 12
-    st = b("stats")
-    assert st["hits"] == 12 and st["promoted"] == 12 and st["not_promoted"] == 0
-    assert b("get", "", keys)[0] == pages  # served again, now from B's own DRAM pool
-    assert b("stats")["hits"] == 12
+    pages, _ = a("get", "", keys)  # A's own pages: int8-decoded
+    for node, codec in ((b, "int8"), (c, "raw")):
+        assert node("get", "", keys)[0] == pages
+        assert node("codecs", "", keys) == [codec] * 12
+        st = node("stats")
+        assert st["hits"] == 12 and st["promoted"] == 12 and st["not_promoted"] == 0
+        assert node("get", "", keys)[0] == pages  # served again, now from the node's own DRAM pool
+        assert node("stats")["hits"] == 12
 
 
 def test_nodes_with_their_own_model_copies_share_only_under_a_cross_machine_identity(nodes):

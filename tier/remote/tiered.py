@@ -2,8 +2,8 @@
 
     get_many     local tiers first; the misses are read from the remote tier in batches, each object verified
                  (tier/remote/envelope.py) and decoded into the caller's buffer, then promoted into the local tiers
-                 as the verified blob itself, not re-encoded (the DRAM pool, and the disk where the write policy /
-                 promoter admits it)
+                 as the verified blob itself, not re-encoded (a raw DRAM tier keeps the decoded page: a copy), into
+                 the DRAM pool, and the disk where the write policy / promoter admits it
     exists_many  the leading run of pages held locally *or* remotely (SGLang's longest-prefix count)
     tiers_of     "remote" for pages only the remote tier holds
     write-behind every page the engine writes down to its disk is offered to the remote tier's queue
@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from .. import clock
 from ..buffers import byte_view
-from ..codecs import decode_page
+from ..codecs import decode_page, encode_page, peek_header
 from ..costfit import Line, LinearFit
 from ..engine import TierConfig, TierEngine, TierStats
 from ..errors import CodecError, ConfigError
@@ -137,7 +137,7 @@ class RemoteTieredEngine(TierEngine):
                 result[i] = True
                 got_bytes += out_u8.size
                 self._count(hits=1, bytes_read=len(obj))
-                promote.append((key, opened.blob))
+                promote.append((key, self._local_blob(ns, opened.blob, out_u8)))
             if got_bytes:
                 self._read_fit.add(got_bytes, time.perf_counter() - t0)
         if promote:
@@ -242,11 +242,21 @@ class RemoteTieredEngine(TierEngine):
         self.guard.close("close", self.remote.close, min(timeout, 10.0))
 
     # --- internals -------------------------------------------------------------------------------------------
+    def _local_blob(self, ns: Namespace, blob: bytes, page) -> bytes:
+        """The blob a remote hit is kept as locally: the verified blob itself (it decoded into the caller's buffer;
+        encoding that page again would cost a codec pass for the same page, and for a lossy blob, bloat it), except
+        where this node keeps its DRAM tier raw (tier/codec_choice.py: zstd decode slower than the reload must be)
+        and the blob is compressed: then the decoded page, as a raw blob (a copy, no codec pass), so DRAM hits on it
+        cost what the tier was chosen for."""
+        codec = self._codec_for(ns)
+        if codec.name == "raw" and peek_header(blob).codec_name != "raw":
+            return encode_page(page, ns.kv_dtype, codec, ns.head_dim)
+        return blob
+
     def _promote(self, ns: Namespace, pages: list[tuple[bytes, bytes]]) -> None:
-        """Remote hits into the local tiers as pages of this node: each verified blob as it is (it decoded into the
-        caller's buffer; re-encoding it would cost a codec pass for the same page), into the DRAM pool, and the disk
-        if the write policy (the promoter's admission) wants it there -- what stage_many's encoder threads do with an
-        encoded page (TierEngine._store_blob), TTL from now as put_many gives. Guarded by
+        """Remote hits into the local tiers as pages of this node (blobs from _local_blob): into the DRAM pool, and
+        the disk if the write policy (the promoter's admission) wants it there -- what stage_many's encoder threads
+        do with an encoded page (TierEngine._store_blob), TTL from now as put_many gives. Guarded by
         tests/tier/test_remote.py::test_remote_hits_enter_the_local_tiers_as_their_verified_blob."""
         if not self._keyed(ns, len(pages)):
             self._count(not_promoted=len(pages))
