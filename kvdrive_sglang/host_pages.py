@@ -17,13 +17,17 @@ of the pool's buffer as [pages, *page] (:class:`PageView`), whose row ``p`` hold
 ``page_head``). It is built from the pool's kind and layout, then checked against the pool's own per-page view;
 anything else (a subclass with a page copy of its own, a wrapper, DCP shards, an unknown layout) takes SGLang's own
 ``get_data_page`` / ``set_from_flat_data_page``, so a layout kvdrive does not know is slower, never wrong.
+
+Reloads land in place (issue 18): on the batched path each page's slot bytes in the pool's buffer are handed to the
+tiers as a writable numpy view (:meth:`PageView.slots`), flat where a layout keeps a page in one run of bytes, else
+[chunks, chunk bytes] rows (layer_first: one row per layer and K/V) in the flat page's byte order, and the tiers
+decode straight into them: no scratch tensor, no second copy (:class:`Landing`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,21 +39,6 @@ from .tier.errors import ConfigError
 BATCHED_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
 
 log = logging.getLogger(__name__)
-
-
-class PageScratch:
-    """Reusable decode buffers for ``cap`` pages: one [cap, page elements] tensor and its numpy byte view, whose
-    rows the tiers decode into without a torch call per page.
-
-    Args:
-        like: a flat page of the host pool (its element count and dtype are copied).
-        cap: pages the buffers hold.
-    """
-
-    def __init__(self, like: torch.Tensor, cap: int):
-        self.cap = cap
-        self.pages = torch.empty((cap, like.numel()), dtype=like.dtype)
-        self.rows = self.pages.view(torch.uint8).numpy()
 
 
 def strided_form(t: torch.Tensor) -> tuple:
@@ -102,6 +91,7 @@ class PageView:
         self.host, self.axis, self.page_size = host, axis, int(host.page_size)
         self._buffer: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
+        self._slots: tuple[torch.Tensor, np.ndarray | None] | None = None  # (the buffer they view, slots)
 
     @classmethod
     def of(cls, host) -> PageView | None:
@@ -138,6 +128,29 @@ class PageView:
                 wide = wide.narrow(ax, 0, pages * ps).unflatten(ax, (pages, ps))
             self._rows, self._buffer = wide.movedim(ax, 0), buffer
         return self._rows
+
+    def slots(self) -> np.ndarray | None:
+        """Every page's slot bytes in the pool's buffer as one writable numpy uint8 view, [pages, page bytes] where
+        a layout keeps a page in one run of bytes, else [pages, chunks, chunk bytes] (each chunk contiguous, chunks
+        in the flat page's byte order: exactly the bytes and order of :meth:`rows`, which ``of`` checked against
+        SGLang's own per-page view). None where a page's bytes do not form such rows (no known layout)."""
+        rows = self.rows()
+        cached = self._slots
+        if cached is not None and cached[0] is self._buffer:
+            return cached[1]
+        offset, dims = strided_form(rows[0])
+        view = None
+        if 1 <= len(dims) <= 2 and dims[-1][1] == 1 and rows.dim() > 1:
+            shape = (rows.shape[0], *(size for size, _ in dims))
+            strides = (rows.stride(0) * rows.element_size(), *(stride for _, stride in dims))
+            try:
+                raw = self._buffer.view(torch.uint8)
+            except RuntimeError:  # a buffer whose last dimension is strided: no byte view of it
+                raw = None
+            if raw is not None:
+                view = torch.as_strided(raw, shape, strides, offset).numpy()
+        self._slots = (self._buffer, view)
+        return view
 
     def _matches_sglang(self) -> bool:
         """Whether rows hold what SGLang's own per-page view holds: same storage, elements and order, at the first,
@@ -186,6 +199,31 @@ class PageView:
         rows.index_put_((self.page_ids(starts),), src.view(len(starts), *rows.shape[1:]))
 
 
+class Landing:
+    """Where one batch of reloaded pages is decoded: ``outs[i]`` for the page at ``starts[i]``, then :meth:`land`
+    with how many leading pages hit.
+
+    On the batched path the outs are the pool's own slots (:meth:`PageView.slots`), written in place as they
+    decode, and landing is a no-op. Pages after the first miss may be written too, and a damaged page may be left
+    half-written: SGLang counts only the leading hits kvdrive reports and frees the other slots of the prefetch
+    unread (HiCacheController's page transfer, both SGLang versions), so it never reads them. Elsewhere (SGLang's
+    per-page copy) the outs are fresh page buffers, copied in with SGLang's own ``set_from_flat_data_page``.
+
+    Attributes:
+        outs: one writable page buffer per start, for the tiers' ``get_many``.
+        direct: whether ``outs`` are the pool's own slots.
+    """
+
+    def __init__(self, outs: list, land: Callable[[int], None] | None):
+        self.outs, self._land = outs, land
+        self.direct = land is None
+
+    def land(self, n: int) -> None:
+        """The first ``n`` pages hit: make them SGLang's (copy them in where they are not in place)."""
+        if n and self._land is not None:
+            self._land(n)
+
+
 def batched_layout(host) -> str | None:
     """The layout whose pages :class:`HostPages` gathers and scatters in one call each, or None for the per-page
     path (see :meth:`PageView.of`).
@@ -229,7 +267,6 @@ class HostPages:
         self.page_bytes = int(page.numel() * page.element_size())
         self.view = PageView.of(host)  # the batch path; None: SGLang's per-page copy
         self.layout = host.layout if self.view is not None else None  # the layout batched (None: per page)
-        self._scratch = threading.local()
 
     def starts(self, op: str, n: int, host_indices) -> list[int]:
         """The host-pool slot each of ``n`` pages starts at, checked (found by tests/sglang/test_fuzz_config.py: a
@@ -301,11 +338,11 @@ class HostPages:
         return [row for chunk in self.view.gather(starts) for row in chunk.numpy()]
 
     def write(self, starts: Sequence[int], pages: torch.Tensor) -> None:
-        """Copy decoded flat pages into the host pool: row ``i`` of ``pages`` to the page at ``starts[i]``.
+        """Copy flat pages into the host pool: row ``i`` of ``pages`` to the page at ``starts[i]``.
 
         Args:
             starts: page starts (checked by :meth:`starts`).
-            pages: a [len(starts), page elements] tensor in the pool's dtype (rows of :meth:`scratch`).
+            pages: a [len(starts), page elements] tensor in the pool's dtype.
         """
         if self.view is None or len(starts) == 1:
             for s, p in zip(starts, pages):
@@ -313,22 +350,18 @@ class HostPages:
             return
         self.view.scatter(starts, pages)
 
-    def scratch(self, n: int) -> PageScratch:
-        """This thread's reusable page buffers for at least ``n`` pages (SGLang calls get from its prefetch I/O
-        thread, and set from its backup thread).
+    def landing(self, starts: Sequence[int]) -> Landing:
+        """Where to decode the pages reloaded into the slots at ``starts``: the slots themselves where the pool's
+        buffer allows (see :class:`Landing`), else new page buffers that SGLang's per-page copy takes in.
 
         Args:
-            n: pages the caller decodes at once.
-
-        Returns:
-            A :class:`PageScratch` with ``cap >= n``, reused by later calls on this thread.
+            starts: page starts (checked by :meth:`starts`).
         """
-        sc = getattr(self._scratch, "pages", None)
-        if sc is None or sc.cap < n:
-            sc = self._scratch.pages = PageScratch(
-                self.host.get_dummy_flat_data_page(), max(n, 2 * sc.cap if sc is not None else 16)
-            )
-        return sc
+        slots = self.view.slots() if self.view is not None else None
+        if slots is not None:
+            return Landing([slots[s // self.page_size] for s in starts], None)
+        pages = torch.empty((len(starts), self.page_numel), dtype=self.host.dtype)
+        return Landing(list(pages), lambda n: self.write(starts[:n], pages[:n]))
 
     def empty_page(self) -> torch.Tensor:
         """A new flat page buffer on the CPU (the older per-key API's output when the caller gives none)."""

@@ -422,6 +422,16 @@ class KvdriveStorage(HiCacheStorage):
                 got[i] = g
         return got
 
+    def _get_into(self, pages: HostPages, keys, starts) -> tuple[int, list[bool]]:
+        """Reload ``keys`` into the host-pool pages at ``starts``, decoded straight into SGLang's slots where the
+        pool allows (HostPages.landing). SGLang uses the leading run of hits: (its length n, the results with only
+        those n pages reported loaded; a hit after a miss is reported a miss, its slot left for SGLang to free)."""
+        landing = pages.landing(starts)
+        got = self._get(keys, landing.outs)
+        n = got.index(False) if False in got else len(got)
+        landing.land(n)
+        return n, [True] * n + [False] * (len(keys) - n)
+
     def _put(self, keys, pages, *, staged: bool = False) -> list[bool]:
         """Store pages (a chain in prefix order) with the promoter's scores as of now: stored unscored (0.0, the
         lowest value) they were the first evicted until the next report tick scored them. ``staged``: ``pages`` are
@@ -466,17 +476,12 @@ class KvdriveStorage(HiCacheStorage):
             return []
         t0 = time.perf_counter()
         starts = self._page_starts("batch_get_v1", keys, host_indices)
-        scratch = self.pages.scratch(len(keys))
-        got = self._get(keys, [scratch.rows[i] for i in range(len(keys))])
-        # SGLang uses the leading run of hits: stop copying into the host pool at the first miss
-        n = got.index(False) if False in got else len(got)
-        if n:
-            self.pages.write(starts[:n], scratch.pages[:n])
+        n, got = self._get_into(self.pages, keys, starts)
         self._count("get", len(keys), n, n * self.page_bytes, t0)
         self.upkeep.loaded(keys[:n])  # back in SGLang's host pool: no longer promotion candidates
         self.upkeep.observe(keys[:n], use=True)
         self.reload_meter.get_done(keys[0], n)
-        return got[:n] + [False] * (len(keys) - n)
+        return got
 
     def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         """Leading pages worth loading: held in a kvdrive tier *and* faster to reload than to recompute (the
@@ -595,12 +600,7 @@ class KvdriveStorage(HiCacheStorage):
         ckeys = [f"{k}.{name}" for k in keys]
         if not get:
             return self._put(ckeys, pages.read(starts))
-        scratch = pages.scratch(len(keys))
-        got = self._get(ckeys, [scratch.rows[i] for i in range(len(keys))])
-        n = got.index(False) if False in got else len(got)
-        if n:
-            pages.write(starts[:n], scratch.pages[:n])
-        return got[:n] + [False] * (len(keys) - n)
+        return self._get_into(pages, ckeys, starts)[1]
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1

@@ -45,14 +45,6 @@ def byte_view(buf, *, writable: bool = False) -> np.ndarray:
     return arr
 
 
-def flat_view(data) -> np.ndarray:
-    """:func:`byte_view` of a page to encode, which must be flat: the encoders read it as one run of elements."""
-    data_u8 = byte_view(data)
-    if is_rows(data_u8):
-        raise CodecError(f"page to encode lies in {data_u8.shape[0]} separate rows; encode a contiguous copy")
-    return data_u8
-
-
 def _rows(arr: np.ndarray) -> np.ndarray:
     # rows that overlap would make a decode's result depend on write order: refused
     if arr.shape[0] > 1 and abs(arr.strides[0]) < arr.shape[1]:

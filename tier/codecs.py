@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import zstandard
 
-from .buffers import byte_view, fill, flat_view, is_rows
+from .buffers import byte_view, fill, is_rows
 from .dtypes import (
     DTYPE_BY_CODE,
     DTYPES,
@@ -111,7 +111,7 @@ class Codec(ABC):
         """The body as a list of bytes-like pieces, to be joined once (with the header, by encode_page): saves a
         copy of the whole page. Pieces may point into per-thread scratch: join them before the next encode on
         the same thread."""
-        data_u8 = flat_view(data_u8)
+        data_u8 = flat_page(data_u8)
         self._check(data_u8.size, dtype, row_len)
         return self._encode(data_u8, dtype, row_len)
 
@@ -538,10 +538,22 @@ def get_codec(name_or_code) -> Codec:
     raise CodecError(f"unknown codec {name_or_code!r}; valid names: {', '.join(_BY_NAME)}")
 
 
+def flat_page(data) -> np.ndarray:
+    """A page to encode as one flat run of bytes (what the encoders read): ``byte_view``'s, or for a page in rows (a
+    host pool's slots, as the remote tier keeps a hit it decoded into them) the rows gathered into this thread's
+    scratch (one copy; read it before this thread's next encode)."""
+    data_u8 = byte_view(data)
+    if not is_rows(data_u8):
+        return data_u8
+    flat = scratch("cd.gather", np.uint8, data_u8.size)
+    flat.reshape(data_u8.shape)[...] = data_u8
+    return flat
+
+
 def encode_page(data, dtype: str, codec, row_len: int) -> bytes:
-    """Encode one contiguous page (anything ``byte_view`` views flat) into a self-describing blob (header + body)."""
+    """Encode one page (anything ``byte_view`` views, flat or in rows) into a self-describing blob (header + body)."""
     c = get_codec(codec)
-    data_u8 = flat_view(data)
+    data_u8 = flat_page(data)
     parts = c.encode_parts(data_u8, dtype, row_len)  # checks dtype, row_len and length
     header = HEADER.pack(MAGIC, FORMAT_VERSION, c.code, DTYPES[dtype].code, 0, row_len, data_u8.size)
     return b"".join([header, *parts])

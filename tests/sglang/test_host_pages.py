@@ -149,11 +149,8 @@ def test_batched_write_is_what_sglangs_per_page_write_does(kind, layout, page_si
     twin.kv_buffer.copy_(host.kv_buffer)
     starts = scattered_starts(host, seed=4)
     g = torch.Generator().manual_seed(5)
-    sc = pages.scratch(len(starts))
-    sc.pages.view(torch.uint8).copy_(
-        torch.randint(0, 256, sc.pages.view(torch.uint8).shape, generator=g, dtype=torch.uint8)
-    )
-    new = sc.pages[: len(starts)]
+    new = torch.empty((len(starts), pages.page_numel), dtype=dtype)
+    new.view(torch.uint8).copy_(torch.randint(0, 256, new.view(torch.uint8).shape, generator=g, dtype=torch.uint8))
     calls = PerPageCalls(host)
     pages.write(starts, new)
     assert calls.n == 0, f"{calls.n} per-page copies for one batched write"
