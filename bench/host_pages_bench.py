@@ -88,7 +88,7 @@ def measure(kind: str, layout: str, page_size: int, pages: int, repeats: int) ->
     per_page.view, per_page.layout = None, None
     g = torch.Generator().manual_seed(0)
     starts = [p * page_size for p in torch.randperm(int(host.size) // page_size, generator=g)[:pages].tolist()]
-    src = batched.scratch(pages).pages[:pages]
+    src = torch.empty((pages, batched.page_numel), dtype=host.dtype)
     row = {
         "kind": kind,
         "layout": layout,

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import zstandard
 
+from . import bplane
 from .buffers import byte_view, fill, is_rows
 from .dtypes import (
     DTYPE_BY_CODE,
@@ -515,7 +516,32 @@ class Fp8Codec(Codec):
 
 # ----------------------------------------------------------------------------------------------------- lookup
 
-_CODECS = (RawCodec(), ZstdCodec(), Int8Codec(), Fp8Codec())
+# ------------------------------------------------------------------------------------------------------ bplane
+
+
+class BplaneCodec(Codec):
+    """Byte planes of a bf16 / fp16 page, the high bytes coded per 4 KiB block so a GPU decodes one block per program
+    (tier/bplane.py; kernels/bplane_decode.py and kernels/triton_bplane.py decode it on the device). Lossless; its
+    host encode is ~20x slower than zstd's, so it is for pages meant to travel compressed to the GPU."""
+
+    name, code, lossless = bplane.NAME, bplane.CODE, True
+
+    def supports(self, dtype):
+        return dtype in bplane.DTYPES
+
+    def _encode(self, data_u8, dtype, row_len):
+        return bplane.encode_parts(data_u8, dtype)
+
+    def _decode(self, body, out_u8, dtype, row_len):
+        if is_rows(out_u8):  # the plane decode writes a flat page: through per-thread scratch into the rows
+            flat = scratch("cd.bplane", np.uint8, out_u8.size)
+            bplane.decode_into(body, flat, dtype)
+            fill(out_u8, flat)
+        else:
+            bplane.decode_into(body, out_u8, dtype)
+
+
+_CODECS = (RawCodec(), ZstdCodec(), Int8Codec(), Fp8Codec(), BplaneCodec())
 _BY_CODE = {c.code: c for c in _CODECS}
 _BY_NAME = {c.name: c for c in _CODECS} | {"fp8_e4m3": _BY_CODE[3]}
 CODEC_NAMES = tuple(c.name for c in _CODECS)

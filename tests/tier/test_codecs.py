@@ -409,10 +409,10 @@ def test_length_not_a_multiple_of_row():
 
 
 def test_codec_lookup():
-    assert CODEC_NAMES == ("raw", "zstd", "int8", "fp8")
+    assert CODEC_NAMES == ("raw", "zstd", "int8", "fp8", "bplane")
     assert get_codec("fp8_e4m3") is get_codec("fp8") is get_codec(3)
-    assert [get_codec(n).code for n in CODEC_NAMES] == [0, 1, 2, 3]
-    assert [get_codec(n).lossless for n in CODEC_NAMES] == [True, True, False, False]
+    assert [get_codec(n).code for n in CODEC_NAMES] == [0, 1, 2, 3, 4]
+    assert [get_codec(n).lossless for n in CODEC_NAMES] == [True, True, False, False, True]
     with pytest.raises(CodecError, match=r"'lz4'.*raw, zstd, int8, fp8"):
         get_codec("lz4")
     with pytest.raises(CodecError, match=r"code 12"):
