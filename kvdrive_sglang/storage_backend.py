@@ -698,6 +698,7 @@ class KvdriveStorage(HiCacheStorage):
             "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},
             "promoter": self.promoter.stats(),
             "costs": self.promoter.costs(),
+            "codec": self.engine.codec_choice._asdict(),  # per tier, with its reason (tier/codec_choice.py)
         }
         out["hooks"] = hook_times()
         remote_stats = getattr(self.engine, "remote_stats", None)  # with --kvdrive-remote (RemoteTieredEngine)
