@@ -226,11 +226,19 @@ def server_model_identity(config, args) -> str:
 
     With the remote tier on, also records its cross-machine identity for the remote tier (tier/remote/model_ids.py)."""
     path = getattr(args, "model_path", None)
-    if not path or getattr(args, "served_model_name", None) != config.model_name:
+    served = getattr(args, "served_model_name", None)
+    if not path or served != config.model_name:
         local = model_identity(config.model_name)  # not this storage config's server (or none published)
-        # a backend built without published args is named by its model_name alone, and trusted as the local identity
-        # trusts it; a served name that differs from the server's model path names nothing to fingerprint
-        share_across_machines(config, args, config.model_name if args is None else None, None, local)
+        # for the remote tier: a backend built without published args is named by its model_name alone, trusted as
+        # the local identity trusts it; SGLang 0.5.23 leaves ServerArgs.served_model_name None and resolves it later
+        # to the model path (arg_groups/serving_hook.py), so None with model_name == model_path is this server's
+        # model; a served name that differs from the model path names nothing to fingerprint
+        if args is None:
+            share_across_machines(config, args, config.model_name, None, local)
+        elif path and (served or path) == config.model_name:
+            share_across_machines(config, args, path, getattr(args, "revision", None), local)
+        else:
+            share_across_machines(config, args, None, None, local)
         return local
     revision = getattr(args, "revision", None)
     local = model_identity(path) + (f"@revision={revision}" if revision else "")

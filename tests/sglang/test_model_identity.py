@@ -152,9 +152,10 @@ def storage_config(store_dir, model_name, **remote_config):
     )
 
 
-def server_args(path, **kw):
+def server_args(path, served="same", **kw):
     # the ServerArgs fields server_model_identity reads (a real ServerArgs needs a loadable model to build)
-    return SimpleNamespace(model_path=path, served_model_name=path, revision=None, download_dir=None, **kw)
+    served = path if served == "same" else served
+    return SimpleNamespace(model_path=path, served_model_name=served, revision=None, download_dir=None, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -173,6 +174,19 @@ def test_server_records_the_cross_machine_identity_and_keeps_its_local_one(tmp_p
     lb = mi.server_model_identity(storage_config(tmp_path / "sb", b), server_args(b))
     assert la == model_identity(a) and lb == model_identity(b)  # local stores keep today's namespace
     assert model_ids.shared_model(la) == model_ids.shared_model(lb) == ident(a).model
+
+
+def test_sglang_0_5_23_args_without_a_served_name_are_this_servers_model(tmp_path):
+    # 0.5.23's ServerArgs keeps served_model_name None (SGLang resolves it to the model path later): found by
+    # bench/remote_bench.py, whose B served its own copy and got no remote hits ("the server's model path is not known")
+    a = make_model(tmp_path / "host_a" / "m")
+    b = copy_elsewhere(a, tmp_path / "host_b" / "m")
+    la = mi.server_model_identity(storage_config(tmp_path / "sa", a), server_args(a, served=None))
+    lb = mi.server_model_identity(storage_config(tmp_path / "sb", b), server_args(b, served=None))
+    assert la == model_identity(a) and model_ids.shared_model(la) == model_ids.shared_model(lb) == ident(a).model
+    # a served name other than the path: nothing to fingerprint, the local identity stays
+    lc = mi.server_model_identity(storage_config(tmp_path / "sc", "my-model"), server_args(b, served=None))
+    assert model_ids.shared_model(lc) == lc == "my-model"
 
 
 def test_without_a_remote_tier_nothing_is_hashed_or_recorded(tmp_path):
