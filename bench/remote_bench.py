@@ -175,7 +175,8 @@ def run_seed(seed: int, a_model: str, b_model: str, tok: Tokenizer, opts, workdi
     b_prompts = [f"{d}\n{q}" for d, _, q in docs]
     out: dict = {"seed": seed, "docs": len(docs), "doc_tokens": [tok.count(d) for d, _, _ in docs], "b": {}}
     base = os.path.join(workdir, f"seed{seed}")
-    os.makedirs(base, exist_ok=True)
+    shutil.rmtree(base, ignore_errors=True)  # every B starts with empty local tiers, even in a reused --workdir
+    os.makedirs(base)
     master = Master(os.path.join(workdir, "logs", f"master-{seed}.log")).start()
     holder = None
     try:
