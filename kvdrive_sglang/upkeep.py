@@ -223,7 +223,12 @@ class Upkeep:
             for ns, idx in self._by_tenant(keys):
                 for at in range(0, len(idx), self.SCORE_SLICE):
                     part = [keys[i] for i in idx[at : at + self.SCORE_SLICE]]
-                    self.engine.set_scores(ns, part, self.promoter.score_of(part))
+                    # 0.0: a page the promoter does not know (yet: its request has not finished, or a restart), no
+                    # information; handed down it erased the score the tiers held, on disk the one kept across a
+                    # restart (tests/tier/test_dram_pool_stored_before_scored.py)
+                    scored = [(k, s) for k, s in zip(part, self.promoter.score_of(part)) if s]
+                    if scored:
+                        self.engine.set_scores(ns, *map(list, zip(*scored)))
                     if self.selective and not self.read_only:
                         # pages admitted since they were stored (reused, continued) go down now: not lost in a crash
                         self.engine.write_down(ns, self.promoter.admitted(part))

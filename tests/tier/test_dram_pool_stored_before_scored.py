@@ -16,6 +16,8 @@ import numpy as np
 
 from kvdrive_sglang.cost_meter import ReloadMeter
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
+from kvdrive_sglang.tier.index import Record, page_key
+from kvdrive_sglang.tier.namespace import key_bytes
 from kvdrive_sglang.tier.promoter import Promoter
 from kvdrive_sglang.upkeep import Upkeep
 from tests.helpers import small_page
@@ -111,4 +113,35 @@ def test_a_conversation_stored_before_its_request_finished_survives_reused_older
     for doc in docs:
         assert srv.engine.exists_many(ns, doc) == len(doc)
     assert srv.engine.stats().not_admitted_dropped == 0
+    srv.engine.close()
+
+
+def _disk_score(engine, ns, key):
+    with engine.disk.index.read() as txn:
+        return Record.unpack(txn.get(page_key(ns.id, key_bytes(key)), db=engine.disk.index.pages)).score
+
+
+def test_a_report_tick_never_erases_the_score_a_page_kept_on_disk(tmp_path, ns):
+    """After a restart the promoter knows nothing yet; a page served from disk is marked for scoring, and a tick before
+    its request finishes asks the promoter for a score it does not have (0.0). That must not replace the score the
+    disk kept for it (the lowest would make it the disk's first victim): 0.0 is no information."""
+    now = [1_000_000.0]
+    srv = Server(tmp_path, ns, lambda: now[0])
+    doc = chain("doc", 4)
+    srv.finish(doc)
+    srv.store(doc)
+    srv.finish(doc)
+    srv.upkeep.push_scores()
+    assert srv.written_down(4) == 4
+    srv.engine.close()
+
+    srv = Server(tmp_path, ns, lambda: now[0])  # the restart: a new promoter, the same store
+    kept = _disk_score(srv.engine, ns, doc[0])
+    assert kept > 0
+    srv.upkeep.expect_whole_requests()  # kvdrive's radix cache reports whole requests
+    outs = [np.empty_like(small_page(0)) for _ in doc]
+    assert all(srv.engine.get_many(ns, doc, outs))
+    srv.upkeep.observe(doc, use=True)  # KvdriveStorage.batch_get_v1: a storage hit, scored at the next tick
+    srv.upkeep.push_scores()  # the tick, before the request finishes
+    assert _disk_score(srv.engine, ns, doc[0]) == kept
     srv.engine.close()
