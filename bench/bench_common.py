@@ -26,6 +26,18 @@ def add_allow_dirty(ap) -> None:
     )
 
 
+def code_changes(repo: str, extra: list[str] | None = None) -> str:
+    """``git status --porcelain`` of ``repo`` less bench/results/: results written by an earlier run of the same
+    commit (e.g. the demo before the cpu preset) change no code, so they neither make a tree dirty nor a commit
+    "+uncommitted"."""
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "-C", repo, "status", "--porcelain", *(extra or [])], capture_output=True, text=True, timeout=10
+    ).stdout
+    return "\n".join(ln for ln in out.splitlines() if not ln[3:].startswith(RESULTS_DIR.rstrip("/") + "/")).strip()
+
+
 def guard_results(path: str | None, repo: str, allow_dirty: bool = False) -> None:
     """Refuse (exit 2, one line) to write published results -- anything under ``bench/results/`` -- from a working
     tree with uncommitted changes, unless ``allow_dirty``: a results file names the commit it measured, and a dirty
@@ -40,12 +52,7 @@ def guard_results(path: str | None, repo: str, allow_dirty: bool = False) -> Non
     if not os.path.realpath(path).startswith(results + os.sep):
         return
     try:
-        dirty = subprocess.run(
-            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        dirty = code_changes(repo, ["--untracked-files=no"])
     except (OSError, subprocess.SubprocessError):
         return
     if dirty:
@@ -76,10 +83,7 @@ def machine(repo: str) -> dict:
         rev = subprocess.run(
             ["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        rev = rev + ("+uncommitted" if dirty else "")
+        rev = rev + ("+uncommitted" if code_changes(repo) else "")
     except (OSError, subprocess.SubprocessError):
         rev = "?"
     import shlex
