@@ -75,6 +75,7 @@ class KvdriveSettings:
     gil_switch_ms: float | None = None  # Python's GIL switch interval in the server (None: GIL_SWITCH_MS[device])
     remote: str | None = None  # a shared remote tier behind the local ones: mooncake://MASTER:PORT (tier/remote/)
     remote_config: dict | None = None  # its settings (tier/remote RemoteOptions and the engine's Config fields)
+    gpu_decompress: bool = False  # bplane/int8/fp8 pages decoded on the GPU next to the copy (gpu_decompress.py)
 
     # --- what the storage backend builds from it ------------------------------------------------------------------
     def tier_config(self):
@@ -203,6 +204,8 @@ def _checked(section: Mapping[str, Any], name: Callable[[str], str]) -> KvdriveS
             raise ConfigError(f"{name('remote')}: {e}") from None
     elif section.get("remote_config"):
         raise ConfigError(f"{name('remote_config')} is given without {name('remote')}")
+    if section.get("gpu_decompress") is not None:
+        _check_gpu_decompress(section["gpu_decompress"], name("gpu_decompress"))
     # an empty object is the default: one spelling, so settings read back from the extra config compare equal
     settings = KvdriveSettings(**{k: v for k, v in section.items() if not (k in _OBJECTS and v == {})})
     settings.tier_config()  # TierConfig's checks: sizes, write policy, TTL, disk options, tenant policy, encryption
@@ -283,6 +286,28 @@ def _json(value, flag: str):
         return json.loads(str(value))
     except ValueError as e:
         raise ConfigError(f"{flag} is not valid JSON ({e})") from None
+
+
+def _on_off(value, flag: str):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{flag} must be on or off, got {value!r}")
+
+
+def _check_gpu_decompress(value, what: str) -> None:
+    """A bool, and (when on) a CUDA device here: the launcher refuses the flag on a CPU machine in one line (tests
+    run the path on CPU through gpu_decompress.cpu_test_hook)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+    if value:
+        from .gpu_decompress import check_device
+
+        check_device(what)
 
 
 def _ms(value, flag: str):
@@ -379,6 +404,16 @@ FLAGS = (
         "Python's GIL switch interval in the server process, ms (0: Python's own 5 ms); short lets HiCache's I/O "
         "threads run beside the scheduler loop",
     ),
+    Flag(
+        "--kvdrive-gpu-decompress",
+        "gpu_decompress",
+        _on_off,
+        "off",
+        "on|off. CUDA only: bplane, int8 and fp8 pages (--kvdrive-codec bplane|int8|fp8) stay compressed in SGLang's "
+        "host pool until the GPU decodes them in the host-to-device copy: PCIe carries compressed bytes and no core "
+        "decodes them at prefetch",
+    ),
 )
 _FLAG_OF_KEY = {f.key: f.flag for f in FLAGS}
+
 FLAG_DESTS = frozenset(f.dest for f in FLAGS)

@@ -247,6 +247,9 @@ class KvdriveStorage(HiCacheStorage):
         self.tenants = self.engine.tenants  # the operator's tenant policy (the radix cache reads share_as here)
         self.mem_pool_host = None
         self.pages: HostPages | None = None  # page I/O on SGLang's host pool (set on register)
+        # --kvdrive-gpu-decompress: the KV pool's slots held as checked blobs until the GPU decodes them (set on
+        # register where the flag is on and the pool allows it; kvdrive_sglang/gpu_decompress.py)
+        self.lazy = None
         self._events = Counter()
         self._io = Counter()
         self._lock = threading.Lock()
@@ -307,6 +310,10 @@ class KvdriveStorage(HiCacheStorage):
             f"batched {self.pages.layout}" if self.pages.layout else "per-page",
         )
         self.upkeep.bind(self.ns, self.page_size, self.page_bytes)
+        from . import gpu_decompress
+
+        codec = getattr(getattr(self.engine, "codec_choice", None), "dram", None)
+        self.lazy = gpu_decompress.setup(anchor, self.pages, self.settings.gpu_decompress, codec=codec)
         for name, pool in (entries or [])[1:]:
             self._add_component(name, pool)
         if self._reporter is None:
@@ -427,9 +434,15 @@ class KvdriveStorage(HiCacheStorage):
         pool allows (HostPages.landing). SGLang uses the leading run of hits: (its length n, the results with only
         those n pages reported loaded; a hit after a miss is reported a miss, its slot left for SGLang to free)."""
         landing = pages.landing(starts)
-        got = self._get(keys, landing.outs)
+        lazy = self.lazy if pages is self.pages else None  # the target KV pool's only (gpu_decompress)
+        if lazy is None:
+            got = self._get(keys, landing.outs)
+        else:  # bplane / int8 / fp8 hits recorded for the device to decode, checked now: the rest decoded here
+            got, recordable = lazy.get(self.engine, self._by_tenant(keys), keys, landing.outs, self._get)
         n = got.index(False) if False in got else len(got)
         landing.land(n)
+        if lazy is not None:
+            lazy.settle(starts, n, recordable)
         return n, [True] * n + [False] * (len(keys) - n)
 
     def _put(self, keys, pages, *, staged: bool = False) -> list[bool]:
@@ -456,6 +469,8 @@ class KvdriveStorage(HiCacheStorage):
             return [True] * len(keys)
         t0 = time.perf_counter()
         starts = self._page_starts("batch_set_v1", keys, host_indices)
+        if self.lazy is not None:  # a slot whose page the GPU was to decode is read here: decode it first
+            self.lazy.materialize(starts)
         # SGLang keeps these host-pool nodes locked until this returns, and encoding (zstd: ~0.6 GB/s a core) is far
         # slower than the KV a model writes through (kvdrive issue 15): the tiers take copies of the pages and encode
         # them on their own threads. The batched read is one gathered copy already (numpy rows); SGLang's per-page
@@ -701,6 +716,8 @@ class KvdriveStorage(HiCacheStorage):
             "codec": self.engine.codec_choice._asdict(),  # per tier, with its reason (tier/codec_choice.py)
         }
         out["hooks"] = hook_times()
+        if self.lazy is not None:
+            out["gpu_decompress"] = self.lazy.stats()
         remote_stats = getattr(self.engine, "remote_stats", None)  # with --kvdrive-remote (RemoteTieredEngine)
         if remote_stats is not None:
             out["remote"] = remote_stats()._asdict()

@@ -279,11 +279,36 @@ def build_tree_cache(ctx):
     return cache
 
 
+def wrap_host_transfers(host, lazy) -> None:
+    """``--kvdrive-gpu-decompress`` on this generation's host pool (kvdrive_sglang/gpu_decompress.py): its per-layer
+    load (``HiCacheController.start_loading`` calls ``load_to_device_per_layer`` for layers 0..n on the load stream)
+    loads recorded pages compressed and copies only the others; a backup from the device into slots drops their
+    records. Wrapped on the instance: SGLang's class and every other pool stay as they are."""
+    load, backup = host.load_to_device_per_layer, host.backup_from_device_all_layer
+
+    def load_to_device_per_layer(device_pool, host_indices, device_indices, layer_id, io_backend):
+        try:
+            host_indices, device_indices = lazy.before_load(host_indices, device_indices, layer_id)
+        except Exception:  # a bug here must not break SGLang's load: every recorded page is decoded on the host
+            log.exception("kvdrive: gpu-decompress load hook failed; decoding the transfer's pages on the host")
+            lazy.materialize_indices(host_indices)
+        if host_indices.numel():
+            load(device_pool, host_indices, device_indices, layer_id, io_backend)
+
+    def backup_from_device_all_layer(device_pool, host_indices, device_indices, io_backend):
+        lazy.forget(host_indices)
+        return backup(device_pool, host_indices, device_indices, io_backend)
+
+    host.load_to_device_per_layer = load_to_device_per_layer
+    host.backup_from_device_all_layer = backup_from_device_all_layer
+
+
 class _HiRadixAdapter:
     name = "hiradix"
     key_scheme = "kvdrive-salt-v1"  # unsalted: SGLang's chain; salted: kvdrive's salt prior + tenant tag
 
     build_tree_cache = staticmethod(build_tree_cache)
+    wrap_host_transfers = staticmethod(wrap_host_transfers)
 
     def register_key_hooks(self) -> None:
         """Nothing beyond the tagged-prior hook: this cache computes salted root priors itself."""

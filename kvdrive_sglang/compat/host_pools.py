@@ -123,3 +123,31 @@ def page_axis(host) -> PageAxis | None:
     """Where ``host`` keeps a page, from its kind and layout, or None where kvdrive does not know it."""
     kind = pool_kind(host)
     return None if kind is None else PAGE_AXES[kind].get(getattr(host, "layout", None))
+
+
+def device_layers(host) -> list | None:
+    """The device KV pool's per-layer buffers that ``host``'s layer_first flat page spans, in its order (MHA: the K
+    layers then the V layers, ``kv_buffer[2, layers, ...]``; MLA: the layers), for a decode that writes whole pages
+    into them (``--kvdrive-gpu-decompress``). From 0.5.21 the host pool holds them itself (``device_k_buffers`` /
+    ``device_v_buffers``, ``device_kv_buffers``: target layers, then any draft layers folded into it, as its own
+    load copies them); up to 0.5.20 its ``device_pool`` does. None where the pool kind is unknown or the buffers
+    are not one per layer of the page."""
+    kind = pool_kind(host)
+    if kind is None:
+        return None
+    dev = getattr(host, "device_pool", None)
+    if kind is PoolKind.MHA:
+        k, v = getattr(host, "device_k_buffers", None), getattr(host, "device_v_buffers", None)
+        if k is None or v is None:
+            k, v = getattr(dev, "k_buffer", None), getattr(dev, "v_buffer", None)
+        layers = None if k is None or v is None else [*k, *v]
+        want = 2 * int(host.layer_num)
+    else:
+        kv = getattr(host, "device_kv_buffers", None)
+        if kv is None:
+            kv = getattr(dev, "kv_buffer", None)
+        layers = None if kv is None else list(kv)
+        want = int(host.layer_num)
+    if not layers or len(layers) != want or not all(hasattr(t, "dim") and t.dim() >= 1 for t in layers):
+        return None
+    return layers

@@ -203,11 +203,46 @@ def build_tree_cache(ctx):
     return cache
 
 
+def wrap_host_transfers(host, lazy) -> None:
+    """``--kvdrive-gpu-decompress`` on this generation's host pool (kvdrive_sglang/gpu_decompress.py): the
+    L2TransferEngine's per-layer load (``load_to_device_per_layer_physical``, layers 0..n on the host-to-device
+    stream, a draft folded into the pool with ``is_draft``) loads recorded pages compressed and copies only the
+    others; a backup from the device into slots drops their records. Wrapped on the instance: SGLang's class and
+    every other pool stay as they are."""
+    load = host.load_to_device_per_layer_physical
+    backups = {
+        name: getattr(host, name) for name in ("backup_from_device_all_layer_physical", "backup_from_device_all_layer")
+    }
+
+    def load_to_device_per_layer_physical(device_pool, host_indices, device_indices, layer_id, io_backend, **kw):
+        try:
+            host_indices, device_indices = lazy.before_load(
+                host_indices, device_indices, layer_id, bool(kw.get("is_draft", False))
+            )
+        except Exception:  # a bug here must not break SGLang's load: every recorded page is decoded on the host
+            log.exception("kvdrive: gpu-decompress load hook failed; decoding the transfer's pages on the host")
+            lazy.materialize_indices(host_indices)
+        if host_indices.numel():
+            load(device_pool, host_indices, device_indices, layer_id, io_backend, **kw)
+
+    def backup_wrapper(original):
+        def backup(device_pool, host_indices, device_indices, io_backend, **kw):
+            lazy.forget(host_indices)
+            return original(device_pool, host_indices, device_indices, io_backend, **kw)
+
+        return backup
+
+    host.load_to_device_per_layer_physical = load_to_device_per_layer_physical
+    for name, original in backups.items():
+        setattr(host, name, backup_wrapper(original))
+
+
 class _UnifiedAdapter:
     name = "unified"
     key_scheme = "sglang-ns-v1"  # SGLang's namespace-seeded chains (storage_namespace_seed) + kvdrive's tenant tag
 
     build_tree_cache = staticmethod(build_tree_cache)
+    wrap_host_transfers = staticmethod(wrap_host_transfers)
 
     def register_key_hooks(self) -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
