@@ -411,7 +411,7 @@ FLAGS = (
         "off",
         "on|off. CUDA only: bplane, int8 and fp8 pages (--kvdrive-codec bplane|int8|fp8) stay compressed in SGLang's "
         "host pool until the GPU decodes them in the host-to-device copy: PCIe carries compressed bytes and no core "
-        "decodes them at prefetch",
+        "decodes them at prefetch. Needs --hicache-mem-layout layer_first (other layouts decode on the host)",
     ),
 )
 _FLAG_OF_KEY = {f.key: f.flag for f in FLAGS}

@@ -208,8 +208,15 @@ def wrap_host_transfers(host, lazy) -> None:
     L2TransferEngine's per-layer load (``load_to_device_per_layer_physical``, layers 0..n on the host-to-device
     stream, a draft folded into the pool with ``is_draft``) loads recorded pages compressed and copies only the
     others; a backup from the device into slots drops their records. Wrapped on the instance: SGLang's class and
-    every other pool stay as they are."""
-    load = host.load_to_device_per_layer_physical
+    every other pool stay as they are.
+
+    The plain ``load_to_device_per_layer`` (what the physical one calls; HiSparse's coordinator calls it directly) is
+    wrapped too: called from anywhere but the physical wrapper, it decodes recorded slots among its indices on the
+    host first, so no path copies a recorded slot's stale bytes (slower there, never wrong)."""
+    import threading
+
+    load, plain = host.load_to_device_per_layer_physical, host.load_to_device_per_layer
+    inside = threading.local()  # set while the physical wrapper runs SGLang's load (which calls the plain one)
     backups = {
         name: getattr(host, name) for name in ("backup_from_device_all_layer_physical", "backup_from_device_all_layer")
     }
@@ -223,7 +230,16 @@ def wrap_host_transfers(host, lazy) -> None:
             log.exception("kvdrive: gpu-decompress load hook failed; decoding the transfer's pages on the host")
             lazy.materialize_indices(host_indices)
         if host_indices.numel():
-            load(device_pool, host_indices, device_indices, layer_id, io_backend, **kw)
+            inside.on = True
+            try:
+                load(device_pool, host_indices, device_indices, layer_id, io_backend, **kw)
+            finally:
+                inside.on = False
+
+    def load_to_device_per_layer(device_pool, host_indices, device_indices, layer_id, io_backend, **kw):
+        if not getattr(inside, "on", False):
+            lazy.materialize_indices(host_indices)
+        return plain(device_pool, host_indices, device_indices, layer_id, io_backend, **kw)
 
     def backup_wrapper(original):
         def backup(device_pool, host_indices, device_indices, io_backend, **kw):
@@ -233,6 +249,7 @@ def wrap_host_transfers(host, lazy) -> None:
         return backup
 
     host.load_to_device_per_layer_physical = load_to_device_per_layer_physical
+    host.load_to_device_per_layer = load_to_device_per_layer
     for name, original in backups.items():
         setattr(host, name, backup_wrapper(original))
 

@@ -168,6 +168,23 @@ def test_a_second_load_of_the_same_slots_loads_them_again(sides, kind):
     assert same_device(off, on)
 
 
+def test_pages_read_from_the_disk_tier_are_recorded_too(sides):
+    """A page only on disk comes as its verified blob (DiskStore.read_blobs: checksum, trailer, header)."""
+    off, on = sides("mha", "bplane", on=False), sides("mha", "bplane", on=True)
+    for side in (off, on):
+        eng = side.be.engine
+        eng.write_down(side.be.ns, keys())  # those the selective write-down has not written yet
+        assert eng.flush(30) and all(eng.disk.contains(side.be.ns, keys()))
+        eng.pool.drop_where(lambda e: True)  # DRAM tier empty: the disk serves them
+        starts, got = side.prefetch()
+        assert got == [True] * N
+        sglang_load(side.kv, side.host, starts, DEVICE_PAGES)
+    assert off.be.engine.stats().hits_disk == N  # the flag-off side decoded them from disk on the host
+    assert on.be.engine.stats().hits_disk == 0  # read as blobs, not through get_many: no host decode of them
+    assert on.be.lazy.counts["recorded"] == N and on.be.lazy.counts["loaded_compressed"] == N
+    assert same_device(off, on)
+
+
 def damaged(be, key, at: int, value: int) -> None:
     """The DRAM tier's blob of ``key`` with body byte ``at`` set to ``value`` (a pool put refreshes the entry)."""
     pk = (be.ns.id, key_bytes(key))
@@ -287,3 +304,17 @@ def test_the_flag_is_refused_on_cpu_in_one_line_and_checked(tmp_path):
         KvdriveSettings.from_flags({**values, "kvdrive_gpu_decompress": "maybe"})
     with pytest.raises(ConfigError, match="kvdrive gpu_decompress must be true or false"):
         KvdriveSettings.from_extra_config({"kvdrive": {"dir": str(tmp_path), "gpu_decompress": "yes"}})
+
+
+def test_the_plain_per_layer_load_called_directly_never_copies_a_stale_slot(sides):
+    """HiSparse's coordinator calls a pool's load_to_device_per_layer itself (0.5.23), not through the physical one
+    the transfer engine calls: recorded slots are decoded on the host first there (on 0.5.17 that call is the
+    wrapped load itself, which loads them compressed)."""
+    off, on = sides("mha", "bplane", on=False), sides("mha", "bplane", on=True)
+    for side in (off, on):
+        starts, _ = side.prefetch()
+        hi, di = tokens(starts), tokens([p * PAGE for p in DEVICE_PAGES])
+        for layer in range(side.host.layer_num):
+            side.host.load_to_device_per_layer(side.kv, hi, di, layer, "direct")
+    assert on.be.lazy.counts["materialized"] + on.be.lazy.counts["loaded_compressed"] == N
+    assert same_device(off, on)
