@@ -166,6 +166,7 @@ class TierMetrics:
         self.capacity.labels(**self.labels, tier="dram").set(h["capacity_bytes"])
         if h["used_bytes"]:
             self.codec_ratio.labels(**self.labels, tier="dram").set(h["raw_bytes"] / h["used_bytes"])
+        self._inc(self.corrupt, "corrupt_dram", st.get("dram_corrupt_dropped", 0))
         if d:
             self._inc(self.bytes, "written", d["bytes_written"], direction="written")
             self._inc(self.bytes, "read", d["bytes_read"], direction="read")

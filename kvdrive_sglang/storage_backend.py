@@ -714,6 +714,7 @@ class KvdriveStorage(HiCacheStorage):
             "promoter": self.promoter.stats(),
             "costs": self.promoter.costs(),
             "codec": self.engine.codec_choice._asdict(),  # per tier, with its reason (tier/codec_choice.py)
+            "dram_corrupt_dropped": s.dram_corrupt_dropped,  # in-memory pages that failed to decode (misses)
         }
         out["hooks"] = hook_times()
         if self.lazy is not None:

@@ -70,6 +70,7 @@ class TierStats(NamedTuple):
     staged_bytes: int = 0  # raw bytes staged now (stage_many), waiting for the encoder threads
     staging_refused: int = 0  # pages stage_many refused: the staging area was full
     mirror: dict | None = None  # the replica mirror's counts (published, dropped, hits, queued); None: no mirror
+    dram_corrupt_dropped: int = 0  # in-memory pages that failed to decode: dropped and served as misses (I8)
 
 
 class Promotion(NamedTuple):
@@ -247,17 +248,25 @@ class TierEngine:
             )
             staged_s = time.perf_counter() - t1
         if blobs:
+            damaged: list[int] = []  # list.append is atomic: the workers share it
 
             def decode(j: int) -> None:  # on the worker pool
                 i, blob = blobs[j]
                 try:
                     decode_page(blob, outs[i], ns.kv_dtype)
                 except CodecError as e:
+                    if _fits(blob, outs[i]):
+                        damaged.append(j)  # the page's own bytes are bad: a miss, dropped (I8), never a raise
+                        return
                     # wrong-size buffer etc.: the caller's mistake, reported as such rather than as a miss
                     raise CodecError(f"page {keys[i]!r}: {e}") from None
 
             weights = [_decoded_nbytes(b) for _, b in blobs]  # the work is in the decoded bytes
             parallel_for(decode, len(blobs), weights=weights, max_threads=self.decode_threads)
+            if damaged:
+                self._drop_damaged(ns, [keys[blobs[j][0]] for j in damaged])
+                bad = set(damaged)
+                blobs = [b for j, b in enumerate(blobs) if j not in bad]
         for i, _ in staged:
             result[i] = True
         for i, _ in blobs:
@@ -471,6 +480,7 @@ class TierEngine:
             staged_bytes=st.bytes,
             staging_refused=st.refused,
             mirror=self.mirror.stats() if self.mirror is not None else None,
+            dram_corrupt_dropped=c["dram_corrupt_dropped"],
         )
 
     def close(self, timeout: float = 120.0) -> None:
@@ -506,6 +516,19 @@ class TierEngine:
         self.close()
 
     # --- internals ---------------------------------------------------------------------------------------------
+    def _drop_damaged(self, ns: Namespace, keys: list) -> None:
+        """Pages whose in-memory blob failed to decode: out of the DRAM pool (a later lookup is a clean miss), counted,
+        logged once. A queued copy leaves the queue when its batch commits; the disk verifies its own copy."""
+        for k in keys:
+            self.pool.discard((ns.id, key_bytes(k)))
+        self._counts["dram_corrupt_dropped"] += len(keys)
+        if self._counts["dram_corrupt_dropped"] == len(keys):
+            log.warning(
+                "kvdrive: %d page(s) in the DRAM tier failed to decode (memory damage?): dropped, served as misses; "
+                "further ones are counted in dram_corrupt_dropped",
+                len(keys),
+            )
+
     def _written_down(self, ns: Namespace, keys: list, blobs: list) -> None:
         hook = self.on_written_down
         if hook is not None:
@@ -620,6 +643,15 @@ def _nbytes(page) -> int:
         return memoryview(page).nbytes
     except TypeError:
         return 0
+
+
+def _fits(blob, out) -> bool:
+    """Whether ``blob``'s header names a page of ``out``'s size: then a failed decode is the page's fault (damaged),
+    not the caller's (a wrong buffer)."""
+    try:
+        return peek_header(blob).raw_nbytes == byte_view(out, writable=True).size
+    except (CodecError, TypeError, ValueError):
+        return False
 
 
 def _decoded_nbytes(blob) -> int:
