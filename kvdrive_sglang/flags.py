@@ -100,6 +100,11 @@ def canonical(settings: KvdriveSettings, *, gpu: bool) -> dict:
         # fallback is the per-layer torch copy of the 'direct' backend over the layer_first layout
         fields["hicache_io_backend"] = "direct"
         fields["hicache_mem_layout"] = "layer_first"
+    elif settings.gpu_decompress:
+        # the device-side decode writes a page layer by layer (kernels/compressed_load.py): it needs the host pool's
+        # layer_first layout, not SGLang's GPU default page_first (a user's own --hicache-mem-layout still wins, and
+        # then gpu_decompress.py decodes on the host with one warning)
+        fields["hicache_mem_layout"] = "layer_first"
     return fields
 
 

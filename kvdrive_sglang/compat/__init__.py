@@ -85,6 +85,10 @@ class RadixAdapter(Protocol):
     def request_slot(self, req: Any) -> Any:
         """The request's row in SGLang's req-to-token pool (the attention capture's key)."""
 
+    def wrap_host_transfers(self, host: Any, lazy: Any) -> None:
+        """With --kvdrive-gpu-decompress: route ``host``'s host->device loads (and backups, direct reads) of slots
+        ``lazy`` recorded through kvdrive_sglang/gpu_decompress.py (this generation's method names)."""
+
 
 def _module_exists(name: str) -> bool:
     try:

@@ -250,3 +250,15 @@ def test_promoter_and_gil_flags(tmp_path):
     for bad in ("fast", "-1", "500"):
         with pytest.raises(ConfigError, match="--kvdrive-gil-switch-ms"):
             options_from({"kvdrive_dir": str(tmp_path), "kvdrive_gil_switch_ms": bad})
+
+
+def test_gpu_decompress_on_a_gpu_asks_for_the_layer_first_host_layout():
+    """--kvdrive-gpu-decompress decodes pages layer by layer on the device: on a GPU (whose SGLang default host
+    layout is page_first) --kv-tier kvdrive asks for layer_first, unless the user chose a layout."""
+    from kvdrive_sglang.config import KvdriveSettings
+    from kvdrive_sglang.flags import canonical, merge
+
+    on = canonical(KvdriveSettings(dir="/tmp/kvd", gpu_decompress=True), gpu=True)
+    assert on["hicache_mem_layout"] == "layer_first"
+    assert "hicache_mem_layout" not in canonical(KvdriveSettings(dir="/tmp/kvd"), gpu=True)
+    assert merge(on, {"hicache_mem_layout": "page_first"})["hicache_mem_layout"] == "page_first"
