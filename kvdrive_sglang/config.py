@@ -394,7 +394,8 @@ FLAGS = (
         None,
         "remote tier settings, a JSON object: protocol (tcp|rdma), device_name, local_hostname, metadata_server, "
         "global_segment_size, local_buffer_size (bytes), timeout_s, put_timeout_s, retry_s, queue_bytes, batch_bytes, "
-        "prefix, write",
+        "prefix, write, model_id (names the model across machines: the operator asserts identical weights), "
+        "model_hash_max_bytes (hash the model files up to this size when no model_id or hub commit names them)",
     ),
     Flag(
         "--kvdrive-gil-switch-ms",
