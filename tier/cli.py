@@ -341,8 +341,15 @@ def cmd_clear(args) -> int:
 def cmd_repair(args) -> int:
     check = inspect_store_dir(args.dir)  # refuses what is not a kvdrive store, like every command
     path = check.path
+    recreated = False
     if check.state is DirState.NEW:
-        check_store_dir(path, create=False)  # raises: missing, or empty
+        if not (os.path.isdir(path) and os.listdir(path)):
+            check_store_dir(path, create=False)  # raises: missing, or empty
+        # only kvdrive's lock files are left (stamp, index and segments gone): a store with nothing to keep, made
+        # whole again as a server would (bench/stress/damage_stress.py found repair calling it "not a store")
+        check_store_dir(path, create=True)
+        recreated = True
+        print("store_recreated: only its lock files were left; it starts empty")
     if check.state is DirState.OTHER_VERSION:
         raise StoreFormatError(check.problem)  # another kvdrive's store: not ours to rewrite
     StoreLock(path, "exclusive").release()  # refuse, with who holds it, while a server or command uses the store
@@ -362,7 +369,7 @@ def cmd_repair(args) -> int:
         + (f", {rep.io_errors} unreadable now (kept)" if rep.io_errors else "")
         + ("; the old store was moved aside (see above): this one starts empty" if moved else "")
     )
-    if not store.recoveries and not rep.bad:
+    if not store.recoveries and not rep.bad and not recreated:
         print("the store was intact")
         return EXIT_OK
     return EXIT_FOUND

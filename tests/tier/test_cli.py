@@ -479,3 +479,23 @@ def test_repair_refuses_while_a_server_has_the_store_and_refuses_foreign_dirs(tm
     rc, out, err = run(capsys, "repair", tmp_path / "photos")
     assert_one_line_error(rc, err, "not a kvdrive store")
     assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
+
+
+def test_repair_of_a_store_with_only_its_lock_files_left_recreates_it(tmp_path, capsys):
+    """Stamp, index/ and segments/ all deleted, kvdrive's lock files left: recognisably a store with nothing left to
+    keep; repair recreates it empty instead of calling it "not a kvdrive store" (found by
+    bench/stress/damage_stress.py seed 143991470, round 14). An empty directory is still not a store."""
+    d = tmp_path / "store"
+    populate(d, {make_ns("a"): 2})
+    for name in os.listdir(d):
+        if name not in ("store.lock", "gc.lock", "open.lock"):
+            p = d / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert os.listdir(d)  # lock files only
+    rc, out, err = run(capsys, "repair", d)
+    assert rc == 1 and "recreated" in out and "kept 0 page(s)" in out, (rc, out, err)
+    rc, out, err = run(capsys, "verify", d)
+    assert rc == 0, (out, err)
+    (tmp_path / "empty").mkdir()
+    rc, out, err = run(capsys, "repair", tmp_path / "empty")
+    assert_one_line_error(rc, err, "not a kvdrive store")
