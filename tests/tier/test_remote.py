@@ -159,7 +159,10 @@ class Node:
 
 
 FAST = {
-    "timeout_s": 2.0,
+    # the bound of one remote call: generous, a loaded 2-core machine (a full suite beside two benchmarks) once took
+    # more than 2 s for a first get and the tier went off mid-test (test_forged_and_flipped_remote_objects_...);
+    # the tests of the bound itself set their own
+    "timeout_s": 6.0,
     "retry_s": 1.0,
     "global_segment_size": 16 * MiB,
     "local_buffer_size": 16 * MiB,
