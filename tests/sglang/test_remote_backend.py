@@ -118,10 +118,15 @@ def test_summary_line_without_a_remote_tier_is_unchanged(tmp_path):
     be.close()
 
 
-def test_copies_of_one_model_on_two_machines_get_one_remote_namespace(tmp_path):
+def test_copies_of_one_model_on_two_machines_get_one_remote_namespace(tmp_path, monkeypatch):
     # the wiring from SGLang's side: KvdriveStorage's namespace (storage_backend.namespace_for) records the model's
     # cross-machine identity, and the engine addresses remote objects under it; local namespaces stay path-bound
     from kvdrive_sglang import model_identity as mi
+    from kvdrive_sglang.compat import server_args
+
+    # backends built by hand, as no server publishes args for them: an earlier test of the suite may have left SGLang's
+    # process-wide server args set (another model path), which made these fall back to local identities
+    monkeypatch.setattr(server_args, "running_server_args", lambda: None)
     from kvdrive_sglang.tier.remote import model_ids
     from tests.sglang.test_model_identity import copy_elsewhere, make_model
 
