@@ -135,3 +135,27 @@ class Progress:
         line = f"{self.label} [{bar}] {done}/{self.total} {pct:3d}% {el:6.0f} s elapsed, eta {eta:5.0f} s"
         self.stream.write(("\r" + line + ("\n" if done >= self.total else "")) if self.tty else line + "\n")
         self.stream.flush()
+
+
+def read_generate_stream(req, timeout: float) -> tuple[dict | None, float | None, float]:
+    """Send ``req`` (a streamed SGLang ``/generate``) and read its server-sent events: (the last chunk, or None when
+    none came; seconds to the first chunk; seconds to the end). One reader for every client here (e2e_bench,
+    bench/serving/agent.py)."""
+    import json
+    import time
+    import urllib.request
+
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            last = json.loads(data)
+    return last, ttft, time.perf_counter() - t0

@@ -61,7 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.bench_common import add_allow_dirty, cpu_model, guard_results
+from bench.bench_common import add_allow_dirty, cpu_model, guard_results, read_generate_stream
 from bench.bench_common import machine as common_machine
 from tests.e2e.server import ServerError, SGLangServer, gpu_present
 from tests.e2e.tiny_mla_model import make_tiny_mla
@@ -304,26 +304,14 @@ def stream_generate(url: str, prompt: str, max_new: int, timeout: float) -> dict
         {"text": prompt, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
     ).encode()
     req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    ttft, last = None, None
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            last = json.loads(data)
+    last, ttft, latency = read_generate_stream(req, timeout)
     if last is None:
         raise ServerError(f"no streamed chunk from {url}/generate")
     m = last["meta_info"]
     d = m.get("cached_tokens_details") or {}
     return {
         "ttft": ttft,
-        "latency": time.perf_counter() - t0,
+        "latency": latency,
         "text": last.get("text", ""),
         "prompt_tokens": m.get("prompt_tokens", 0),
         "completion_tokens": m.get("completion_tokens", 0),

@@ -23,6 +23,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from bench.bench_common import read_generate_stream
+
 
 @dataclass
 class Turn:
@@ -46,22 +48,10 @@ def generate(url: str, text: str, max_new: int, timeout: float) -> tuple[str, di
         "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True},
     }
     req = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    ttft, last = None, None
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            last = json.loads(data)
+    last, ttft, latency = read_generate_stream(req, timeout)
     if last is None:
         raise RuntimeError(f"no streamed chunk from {url}/generate")
-    return last.get("text", ""), last.get("meta_info") or {}, ttft, time.perf_counter() - t0
+    return last.get("text", ""), last.get("meta_info") or {}, ttft, latency
 
 
 def flush(url: str, timeout: float = 60.0) -> None:
