@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
 from .cost_meter import PREFILL, ReloadMeter
+from .tier.codec_choice import recompute_gbps
 from .tier.engine import TierEngine
 from .tier.errors import ConfigError
 from .tier.namespace import Namespace
@@ -257,12 +258,25 @@ class Upkeep:
             tier_s_per_byte=tiers,
             reload_fixed_s=self.reload_meter.fixed_seconds(),
         )
+        self.recheck_codec()
         measured = self.promoter.measured()
         nothing = measured == {"tier_s_per_byte": {}}  # never overwrite kept costs with no measurement
         if not nothing and measured != self._costs_saved and self.ns is not None and not self.read_only:
             blob = json.dumps(measured, sort_keys=True).encode()
             if self.engine.put_note(self.costs_note(), blob):
                 self._costs_saved = measured
+
+    def recheck_codec(self) -> None:
+        """The DRAM tier's codec chosen again on this server's measured prefill (tier/codec_choice.py ``rechoose``):
+        the bandwidth a reload must beat is that prefill x this model's KV bytes per token, not the 8B assumption
+        the engine started with. Nothing until the prefill is measured (here, or kept from an earlier run)."""
+        tok_s, source = self.promoter.costs()["prefill_tokens_per_s"]
+        if source != "measured" or not self.page_size:
+            return
+        per_token = self.page_bytes / self.page_size
+        self.engine.recheck_codec(
+            recompute_gbps(tok_s, per_token), f"measured prefill {tok_s:.0f} tok/s x {per_token:.0f} B/token"
+        )
 
     def promote_tick(self) -> int:
         """Promotion ahead of demand: bring the most valuable pages that left SGLang's host pool and now sit only

@@ -12,15 +12,17 @@ cache. The disk tier is about capacity: zstd there (~1.49x more pages), unless t
 with ``.dram`` and the write-down re-encodes lossless pages to ``.disk`` (tier/writedown.py). Its ``reason`` goes to the
 startup log and the summary log line (kvdrive_sglang/metrics.py).
 
-The bandwidth to beat is an input (``TierConfig.recompute_gbps``): the promoter's measured prefill cost where the
-caller has one (kvdrive_sglang/cost_meter.py measures it while a server runs; ``recompute_gbps`` turns it into GB/s),
-else ``DEFAULT_RECOMPUTE_GBPS``, a GPU server's figure. A CPU server's own figure (cost_meter's measurement: a few
-hundred tokens/s of a small model) is far lower, so there the GPU default can only err towards raw, and only on a
-machine whose decode on every core is below 1.6 GB/s: pages that reload correctly, in less DRAM.
+The bandwidth to beat is an input (``TierConfig.recompute_gbps``), else ``DEFAULT_RECOMPUTE_GBPS``, a GPU server's
+figure, at start. Once the server has measured its own prefill (kvdrive_sglang/cost_meter.py, the promoter's
+calibration on each report tick), ``rechoose`` decides again against that figure x the model's KV bytes per token
+(``TierEngine.recheck_codec``, called by kvdrive_sglang/upkeep.py): from then on the choice rests on this server's
+model and hardware, not on the 8B assumption, and the reason in the log and summary line says so. Pages already
+stored keep their codec (blobs describe themselves); new ones take the new one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -52,6 +54,7 @@ DEFAULT_RECOMPUTE_GBPS = DEFAULT_PREFILL_TOKENS_PER_S * DEFAULT_KV_BYTES_PER_TOK
 MEASURE_BUDGET_S = 0.05
 _MEASURE_PAGES = 4
 _MIN_ROUNDS = 3
+HYSTERESIS = 0.10  # rechoose: a measured bound within 10% of the decode bandwidth keeps the codec in use
 
 
 class DecodeSpeed(NamedTuple):
@@ -121,9 +124,10 @@ def _measure(budget_s: float) -> DecodeSpeed:
     return DecodeSpeed(raw / max(best, 1e-9) / _GB, raw / sum(len(b) for b in blobs))
 
 
-def choose(config, *, speed: DecodeSpeed | None = None) -> CodecChoice:
+def choose(config, *, speed: DecodeSpeed | None = None, needed_source: str | None = None) -> CodecChoice:
     """The codec per tier for ``config`` (a checked TierConfig). ``speed``: zstd's figures (None: measure them here,
-    once per process); only ``codec="auto"`` with a DRAM tier needs them.
+    once per process); only ``codec="auto"`` with a DRAM tier needs them. ``needed_source``: where
+    ``config.recompute_gbps`` came from, for the reason (default "given").
 
     With ``auto``, the DRAM tier stays raw when zstd decode x decode threads is below the bandwidth a reload must
     beat (``config.recompute_gbps``, else ``DEFAULT_RECOMPUTE_GBPS``) AND DRAM is not the constraint; it is zstd
@@ -142,14 +146,14 @@ def choose(config, *, speed: DecodeSpeed | None = None) -> CodecChoice:
     speed = speed if speed is not None else measure_zstd()
     threads = threads_for(config.decode_threads)  # as many as the engine's parallel decode uses (tier/parallel.py)
     needed = config.recompute_gbps
-    source = "given" if needed is not None else "assumed: 8B model, 12k tok/s x 128 KiB/token"
+    source = (needed_source or "given") if needed is not None else "assumed: 8B model, 12k tok/s x 128 KiB/token"
     needed = needed if needed is not None else DEFAULT_RECOMPUTE_GBPS
     decode = speed.gbps_per_core * threads
     fast = decode >= needed
     reason = (
         f"zstd decode {speed.gbps_per_core:.1f} GB/s x {threads} thread{'s' if threads != 1 else ''} "
-        f"{'>=' if fast else '<'} {needed:.1f} GB/s needed"
-    )
+        f"{'>=' if fast else '<'} {_gbps(needed)} GB/s needed"
+    ) + (f" ({needed_source})" if needed_source else "")
     measured = {
         "zstd_decode_gbps_per_core": speed.gbps_per_core,
         "zstd_ratio": speed.ratio,
@@ -174,6 +178,29 @@ def choose(config, *, speed: DecodeSpeed | None = None) -> CodecChoice:
     if config.path is None:
         disk = dram  # no disk tier: nothing is written down
     return CodecChoice(dram, disk, reason, measured)
+
+
+def _gbps(x: float) -> str:
+    """A bandwidth for the reason: one decimal, more where that would print 0.0 (a CPU server's prefill needs MB/s)."""
+    return f"{x:.1f}" if x >= 0.95 else f"{x:.2g}"
+
+
+def rechoose(config, current: CodecChoice, needed_gbps: float, source: str) -> CodecChoice:
+    """``current`` chosen again against a *measured* bandwidth to beat (``needed_gbps``, from ``source``: e.g. the
+    server's measured prefill x its KV bytes per token), on the zstd speed measured at start. Only ``auto`` with a
+    DRAM tier changes; the DRAM codec flips only when the decode is more than ``HYSTERESIS`` away from the new bound on
+    the other side (a measured prefill wanders; pages of both codecs decode alike, but the log should not flap). The
+    reason always names the new figure."""
+    m = current.measured
+    if config.codec != AUTO or not m:
+        return current
+    speed = DecodeSpeed(m["zstd_decode_gbps_per_core"], m["zstd_ratio"])
+    new = choose(dataclasses.replace(config, recompute_gbps=needed_gbps), speed=speed, needed_source=source)
+    decode = speed.gbps_per_core * m["decode_threads"]
+    near = abs(decode - needed_gbps) <= HYSTERESIS * needed_gbps
+    if new.dram != current.dram and near:
+        return current._replace(reason=new.reason + f"; kept {current.dram}: within {HYSTERESIS:.0%} of the bound")
+    return new
 
 
 def for_config(config, *, speed: DecodeSpeed | None = None) -> CodecChoice:

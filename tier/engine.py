@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from . import clock, codec_choice
 from .buffers import byte_view
+from .codec_choice import CodecChoice
 from .codecs import decode_page, encode_page, get_codec, peek_header
 from .crypto import KeyRing
 from .disk_store import DiskStats, DiskStore, DiskStoreConfig
@@ -563,6 +564,30 @@ class TierEngine:
         for part in dest.parts:
             part[:] = item.data[at : at + part.size]
             at += part.size
+
+    def recheck_codec(self, needed_gbps: float, source: str) -> CodecChoice:
+        """Choose the DRAM tier's codec again against a measured bandwidth to beat (tier/codec_choice.py
+        ``rechoose``: ``auto`` only; pages already stored keep theirs). A change of codec is logged.
+
+        Args:
+            needed_gbps: the KV bandwidth of recomputing here, GB/s (measured prefill x KV bytes per token).
+            source: where that figure comes from, for the reason.
+
+        Returns:
+            The choice now in force.
+        """
+        old = self.codec_choice
+        new = codec_choice.rechoose(self.config, old, needed_gbps, source)
+        if new is old:
+            return old
+        if new.dram != old.dram:
+            log.info("kvdrive: codec dram=%s -> %s (%s)", old.dram, new.dram, new.reason)
+        # the write-down's target first, and the disk's codec even where DRAM now uses it too: pages queued in the
+        # old DRAM codec are still re-encoded on their way down (a page already in the target codec passes as it is)
+        self.writedown.disk_codec = get_codec(new.disk)
+        self.codec = get_codec(new.dram)
+        self.codec_choice = new
+        return new
 
     def _codec_for(self, ns: Namespace):
         if self.codec.supports(ns.kv_dtype):

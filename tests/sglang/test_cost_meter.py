@@ -14,7 +14,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMo
 
 from kvdrive_sglang import cost_meter
 from kvdrive_sglang.cost_meter import PrefillMeter
-from tests.sglang.backend_case import PAGE, make_backend, make_host, written
+from tests.sglang.backend_case import PAGE, make_backend, make_host, pages_of, written
 
 
 def test_prefill_meter_fits_the_marginal_cost_of_extend_passes_only():
@@ -182,3 +182,33 @@ def test_reload_always_claims_hits_the_promoter_would_recompute(tmp_path):
     always.close()
     with pytest.raises(Exception, match="sometimes"):
         make_backend(tmp_path, make_host(), reload="sometimes")
+
+
+def test_the_dram_codec_is_chosen_again_on_the_measured_prefill(tmp_path, caplog):
+    """Issue 18: with --kvdrive-codec auto the engine starts on an assumed bound (an 8B model at 12k tok/s); once
+    this server's prefill is measured, the upkeep's calibration decides again on it x this model's KV bytes per
+    token, and the choice and its source reach the log and the backend's stats."""
+    host = make_host()
+    be = make_backend(tmp_path, host, codec="auto")
+    assert "assumed" in be.engine.codec_choice.measured["needed_source"]
+    per_token = be.upkeep.page_bytes / be.upkeep.page_size
+    # a prefill so fast that no decode keeps up (1e12 tok/s): the DRAM tier goes raw, the disk stays zstd
+    be.promoter.calibrate(prefill_s_per_token=1e-12)
+    with caplog.at_level(logging.INFO, logger="kvdrive.tier"):
+        be.upkeep.calibrate()
+    codec = be.tier_stats()["codec"]
+    assert (codec["dram"], codec["disk"]) == ("raw", "zstd")
+    assert f"measured prefill 1000000000000 tok/s x {per_token:.0f} B/token" in codec["reason"]
+    assert any("codec dram=zstd -> raw" in r.getMessage() for r in caplog.records)
+    idx, pages = written(host, 8, seed=5)
+    assert all(be.batch_set_v1(_keys(8), idx))  # stored raw now, and still read back right
+    assert be.engine.flush(timeout=30)
+    out = host.alloc(8 * PAGE)
+    assert all(be.batch_get_v1(_keys(8), out))
+    assert all(torch.equal(a, b) for a, b in zip(pages_of(host, out, 8), pages))
+    host.free(out)
+    # this CPU's own prefill (a few thousand tok/s of a tiny model): far below any decode: zstd again
+    be.promoter.calibrate(prefill_s_per_token=1 / 3000)
+    be.upkeep.calibrate()
+    assert be.tier_stats()["codec"]["dram"] == "zstd"
+    be.close()

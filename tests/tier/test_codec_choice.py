@@ -9,6 +9,7 @@ from kvdrive_sglang.tier.codec_choice import DEFAULT_RECOMPUTE_GBPS, CodecChoice
 from kvdrive_sglang.tier.codecs import encode_page, peek_header
 from kvdrive_sglang.tier.engine import TierConfig, TierEngine
 from kvdrive_sglang.tier.errors import ConfigError
+from kvdrive_sglang.tier.namespace import key_bytes
 from kvdrive_sglang.tier.writedown import WriteDown
 from tests.helpers import make_ns, small_page
 
@@ -102,6 +103,64 @@ def test_this_machine_is_measured_once_per_process():
     assert speed.gbps_per_core > 0.05 and 1.2 < speed.ratio < 2.0
 
 
+# --- chosen again on a measured prefill (the upkeep's calibration) ---------------------------------------------------
+def test_a_measured_bound_decides_again_and_says_where_it_came_from(tmp_path):
+    config = cfg(tmp_path)
+    start = choose(config, speed=FAST)  # 6.2 GB/s of decode against the 8B assumption (1.57 GB/s): zstd
+    assert start.dram == "zstd" and "assumed" in start.measured["needed_source"]
+    big = codec_choice.rechoose(config, start, 20.0, "measured prefill 160000 tok/s x 131072 B/token")
+    assert (big.dram, big.disk, big.writedown_codec) == ("raw", "zstd", "zstd")
+    assert big.reason == (
+        "zstd decode 3.1 GB/s x 2 threads < 20.0 GB/s needed (measured prefill 160000 tok/s x 131072 B/token)"
+    )
+    assert big.measured["needed_source"].startswith("measured prefill")
+    cpu = codec_choice.rechoose(config, big, 0.006, "measured prefill 3000 tok/s x 2048 B/token")
+    assert cpu.dram == "zstd" and "< " not in cpu.reason and ">= 0.006 GB/s needed (measured prefill" in cpu.reason
+
+
+def test_a_bound_near_the_decode_speed_keeps_the_codec_in_use(tmp_path):
+    """A measured prefill wanders from tick to tick: within 10% of the decode bandwidth the codec stays put."""
+    config = cfg(tmp_path)
+    start = choose(config, speed=FAST)  # decode 6.2 GB/s
+    near = codec_choice.rechoose(config, start, 6.5, "measured")  # above, but within 10%: stays zstd
+    assert near.dram == "zstd" and "kept zstd: within 10% of the bound" in near.reason
+    assert codec_choice.rechoose(config, start, 7.0, "measured").dram == "raw"  # 13% above: raw
+    raw = codec_choice.rechoose(config, start, 7.0, "measured")
+    assert codec_choice.rechoose(config, raw, 5.8, "measured").dram == "raw"  # 6% below: kept raw
+    assert codec_choice.rechoose(config, raw, 5.0, "measured").dram == "zstd"
+
+
+def test_pinned_codecs_and_no_dram_tier_are_never_chosen_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(codec_choice, "measure_zstd", _no_measuring)
+    for over in (dict(codec="zstd"), dict(codec="raw"), dict(host_bytes=0)):
+        config = cfg(tmp_path, **over)
+        c = choose(config)
+        assert codec_choice.rechoose(config, c, 1000.0, "measured") is c
+
+
+def test_the_engine_switches_codec_at_runtime_and_every_page_reads_back(tmp_path):
+    """Pages stored before and after a switch (raw -> zstd and back) read back bit-exact from DRAM and from disk,
+    and the disk holds zstd throughout: raw pages queued before a switch are still re-encoded on their way down."""
+    ns = make_ns()
+    config = TierConfig(path=str(tmp_path), host_bytes=8 << 20, disk_bytes=64 << 20, recompute_gbps=1000.0)
+    with TierEngine(config) as e:
+        assert e.codec_choice.dram == "raw"
+        assert all(e.put_many(ns, _keys(range(0, 8)), [small_page(s) for s in range(0, 8)]))
+        assert e.recheck_codec(0.001, "measured prefill 500 tok/s x 2048 B/token").dram == "zstd"
+        assert e.codec.name == "zstd" and "measured prefill" in e.codec_choice.reason
+        assert all(e.put_many(ns, _keys(range(8, 16)), [small_page(s) for s in range(8, 16)]))
+        assert e.recheck_codec(1000.0, "measured").dram == "raw"
+        assert all(e.put_many(ns, _keys(range(16, 24)), [small_page(s) for s in range(16, 24)]))
+        in_dram = {s: peek_header(bytes(e.pool.peek((ns.id, key_bytes(k))).blob)).codec_name for s, k in _seeded()}
+        assert in_dram == {s: "zstd" if 8 <= s < 16 else "raw" for s in range(24)}
+        assert e.flush(timeout=30)
+        _assert_exact(e, ns, range(24))
+        on_disk = e.disk.read_blobs(ns, _keys(range(24)))
+        assert {peek_header(bytes(b[0])).codec_name for b in on_disk} == {"zstd"}
+        e.pool.clear()
+        _assert_exact(e, ns, range(24))  # from disk
+
+
 # --- the settings ----------------------------------------------------------------------------------------------------
 def test_auto_is_the_default_and_bad_settings_name_themselves(tmp_path):
     assert TierConfig().codec == "auto" and TierConfig().disk_codec is None and TierConfig().decode_threads == 0
@@ -179,6 +238,10 @@ def _write_down(disk_codec):
         maintain=lambda: None,
         disk_codec=disk_codec,
     )
+
+
+def _seeded():
+    return [(s, f"p{s}") for s in range(24)]
 
 
 def _keys(seeds):
