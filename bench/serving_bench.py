@@ -207,9 +207,19 @@ def prebuild_hicache_hash(ext_dir: str) -> str:
 
 
 class Runner:
-    def __init__(self, p: Preset, model: str, budget: HostBudget, workdir: str, timeout: float, ext_dir: str):
+    def __init__(
+        self,
+        p: Preset,
+        model: str,
+        budget: HostBudget,
+        workdir: str,
+        timeout: float,
+        ext_dir: str,
+        kvdrive_flags: tuple = (),
+    ):
         self.p, self.model, self.budget, self.workdir, self.timeout = p, model, budget, workdir, timeout
         self.ext_dir = ext_dir
+        self.kvdrive_flags = tuple(kvdrive_flags)  # --kvdrive-flags: more flags for the kvdrive server only
         self.tok = e2e_bench.Tokenizer(model)
         os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
         # one bench_serving process for every run of every server (its imports paid once; see sglang_client.Worker)
@@ -224,7 +234,7 @@ class Runner:
         os.makedirs(logs, exist_ok=True)
         srv = SGLangServer(
             self.model,
-            args + self.budget.args(config),
+            args + self.budget.args(config) + list(self.kvdrive_flags if config == "kvdrive" else ()),
             env=env,
             log_path=os.path.join(logs, f"{os.path.basename(wdir)}-{config}-{tag}.log"),
             max_total_tokens=self.p.max_total_tokens,
@@ -353,9 +363,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write <out>.json/.md (+ plots) (default for cpu: bench/results/serving-<preset>)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
+    ap.add_argument(
+        "--kvdrive-flags",
+        default="",
+        help="more server flags for the kvdrive configuration only, as one string of --kvdrive-* flags (a "
+        "diagnostic run, e.g. another promoter setting); recorded in the command and in each row's args",
+    )
     add_allow_dirty(ap)
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
+    try:
+        kvdrive_flags = tuple(shlex.split(a.kvdrive_flags))
+    except ValueError as e:
+        ap.error(f"--kvdrive-flags: {e}")
+    if kvdrive_flags and not all(f.startswith("--kvdrive-") for f in kvdrive_flags if f.startswith("--")):
+        ap.error("--kvdrive-flags takes --kvdrive-* server flags only (the other configurations must stay comparable)")
     configs = tuple(a.configs.split(",")) if a.configs else p.configs
     for c in configs:
         if c not in e2e_bench.CONFIGS:
@@ -406,7 +428,7 @@ def main(argv=None) -> int:
         # the test suite's own folder when it runs us (tests/conftest.py), so the extension is built once per machine
         ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(workdir, "torch_ext")
         print(prebuild_hicache_hash(ext_dir), file=sys.stderr, flush=True)
-        runner = Runner(p, model, budget, workdir, a.timeout, ext_dir)
+        runner = Runner(p, model, budget, workdir, a.timeout, ext_dir, kvdrive_flags)
         seeds = [a.seed + i for i in range(reps)]
         results: dict = {}
         try:

@@ -7,6 +7,7 @@ helpers get their own server-free tests below.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,21 @@ def test_bench_serving_result_parsed_and_tiers_summed():
     assert (s["ttft_p50_s"], s["ttft_p99_s"], s["e2e_p99_s"]) == (0.1, 0.3, 0.5)
     assert (s["device_tokens"], s["host_tokens"], s["storage_tokens"]) == (512, 64, 128)
     assert s["computed_tokens"] == 1200 - 704 and s["failed"] == 0
+
+
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        ("--hicache-ratio 3", "--kvdrive-flags takes --kvdrive-\\* server flags only"),
+        ("--kvdrive-promoter '{", "--kvdrive-flags: No closing quotation"),
+    ],
+)
+def test_kvdrive_flags_are_checked_before_any_server_starts(flags, msg):
+    """A diagnostic run's extra flags go to the kvdrive server only, and only kvdrive's own: a flag that would change
+    what SGLang does would make the rows incomparable. Refused in the argument parsing, before a model is built."""
+    p = subprocess.run([sys.executable, SCRIPT, "--kvdrive-flags", flags], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert re.search(msg, p.stderr), p.stderr
 
 
 def test_ratio_verdicts_met_missed_and_missing():
