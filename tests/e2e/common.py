@@ -51,10 +51,14 @@ def build_prompts(model_path, n=N_PROMPTS, tokens=PROMPT_TOKENS) -> list[str]:
     return out
 
 
-def server(name, model, e2e_dir, ext_dir, args, *, env=None, max_total_tokens=2048, pythonpath=()):
+def server(name, model, e2e_dir, ext_dir, args, *, env=None, max_total_tokens=2048, pythonpath=(), sleep_on_idle=False):
+    """``sleep_on_idle``: SGLang's ``--sleep-on-idle`` (its scheduler waits on its sockets, up to 1 s at a time, while
+    it has nothing to run). Without it an idle scheduler loops without pause and holds one core: for a server that
+    stays up while another starts beside it (test_second_server_same_dir_then_kill_9), which on 2 cores then started
+    2-4x slower than alone (83-100 s instead of 17-27 s)."""
     return SGLangServer(
         model,
-        COMMON + list(args),
+        COMMON + list(args) + (["--sleep-on-idle"] if sleep_on_idle else []),
         env=env,
         log_path=str(e2e_dir / f"{name}.log"),
         max_total_tokens=max_total_tokens,
@@ -93,6 +97,27 @@ def kvdrive_entries(d) -> int:
     if p.returncode != 0:
         return -1
     return json.loads(p.stdout)["entries"]
+
+
+def index_entries(d) -> int:
+    """The store's entries as ``kvdrive stats`` counts them (the same read-only, shared-lock open of the store, its
+    ``stats().entries``), read in this process: -1 where ``kvdrive stats`` would fail. For tests that poll the count
+    dozens of times while a server writes (test_faults_cpu.py): each ``kvdrive stats`` run costs ~0.5-1 s of
+    interpreter start on 2 cores. Tests about the command itself use ``kvdrive_entries``."""
+    import lmdb
+
+    from kvdrive_sglang.tier.disk_store import DiskStore, DiskStoreConfig
+    from kvdrive_sglang.tier.errors import KvdriveError
+    from kvdrive_sglang.tier.store_dir import check_store_dir
+
+    try:
+        store = DiskStore(DiskStoreConfig(path=check_store_dir(str(d), create=False)), lock_mode="shared", repair=False)
+    except (KvdriveError, OSError, lmdb.Error):
+        return -1
+    try:
+        return store.stats().entries
+    finally:
+        store.close()
 
 
 def wait_for(pred, timeout, interval=0.5):

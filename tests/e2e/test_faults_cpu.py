@@ -51,8 +51,8 @@ from .common import (
     PROMPT_TOKENS,
     at_least,
     grep_log,
+    index_entries,
     kvdrive_cli,
-    kvdrive_entries,
     metric_text,
     server,
     stop,
@@ -109,7 +109,9 @@ class Driver:
         return r
 
     def entries(self) -> int:
-        return kvdrive_entries(self.store)
+        # read in this process: polled dozens of times per test, where a `kvdrive stats` run cost ~0.5-1 s each
+        # (common.index_entries; the command itself still reads these stores in `kvdrive verify` below)
+        return index_entries(self.store)
 
     def store_prompt(self, i: int, timeout: float = 30) -> int:
         """Serve prompt i (new to the server) and wait until its pages are on disk; returns the store's entries."""
@@ -426,14 +428,25 @@ def test_second_server_same_dir_then_kill_9(tiny_model, all_prompts, reference, 
     env = {"KVDRIVE_FAULT_ROOT": str(store), "KVDRIVE_FAULT_CONTROL": str(ctl), "KVDRIVE_FAULT_LOG": str(flog)}
     args = kvdrive_flags(store)
     ref = reference["all_ids"]
+    # A and B stay up while another server starts beside them (B beside A, A2 beside B): --sleep-on-idle, or each
+    # idles at 100% of one of CI's 2 cores and the start beside it took 2-4x as long (common.server). A2, which
+    # nothing starts beside, keeps SGLang's default idle loop.
     a = server(
-        "shared_a", tiny_model, e2e_dir, ext_dir, args, env=env, max_total_tokens=1024, pythonpath=[FAULT_DIR]
+        "shared_a",
+        tiny_model,
+        e2e_dir,
+        ext_dir,
+        args,
+        env=env,
+        max_total_tokens=1024,
+        pythonpath=[FAULT_DIR],
+        sleep_on_idle=True,
     ).start()
     b = a2 = None
     try:
         da = Driver(a, store, ref, all_prompts)
         da.store_prompt(0)
-        b = server("shared_b", tiny_model, e2e_dir, ext_dir, args, max_total_tokens=1024).start()
+        b = server("shared_b", tiny_model, e2e_dir, ext_dir, args, max_total_tokens=1024, sleep_on_idle=True).start()
         db = Driver(b, store, ref, all_prompts)
         rb = db.ask(0)  # written by A, never seen by B: from the shared disk
         db.store_prompt(1)
