@@ -230,6 +230,7 @@ class Runner:
 
     def start(self, config: str, wdir: str, tag: str) -> SGLangServer:
         args, env = e2e_bench.server_args(config, self.p, wdir)
+        env = {**env, **SERVER_ENV}
         logs = os.path.join(self.workdir, "logs")
         os.makedirs(logs, exist_ok=True)
         srv = SGLangServer(
@@ -333,6 +334,18 @@ def workload_note(name: str, w: Workload, budget: HostBudget, clients: tuple) ->
         f"+{w.agent_turn_tokens} per round. " + "; ".join(parts) + "."
     )
 
+
+# Every server, whatever its configuration, runs torch with one intra-op thread. With torch's default (two threads
+# on these 2-core VMs) one forward pass of the same 1000-token prompt took 0.19-1.64 s (median 0.86 s, 15 runs,
+# radix-only) depending on whether another process held a core at that moment -- the two threads meet at a barrier
+# and wait for the descheduled one -- against 0.37-0.54 s with one thread (one outlier 1.24 s); the configurations of
+# a run each run in their own time window, so with two threads their TTFTs measured the machine's load at that
+# window as much as the cache (found by this bench's py-spy profiles of the neighbour run, issue 18).
+SERVER_ENV = {"OMP_NUM_THREADS": "1"}
+SERVER_ENV_NOTE = (
+    "every server runs with OMP_NUM_THREADS=1 (one torch intra-op thread: steady per-pass times on a shared 2-core "
+    "VM; see SERVER_ENV in bench/serving_bench.py)"
+)
 
 CLIENTS_NOTE = (
     "SGLang {sglang}'s `python -m sglang.bench_serving` (generated-shared-prefix with --gsp-group-distribution zipf, "
@@ -452,6 +465,8 @@ def main(argv=None) -> int:
             "date": m["date"],
             "estimate_s": round(est),
             "neighbour": nb,
+            "server_env": dict(SERVER_ENV),
+            "server_env_note": SERVER_ENV_NOTE,
             "budget": budget.describe(),
             "budget_line": budget.line(),
             "configs": list(configs),

@@ -155,6 +155,8 @@ def markdown(run: dict) -> str:
         "",
         f"Budget: {run['budget_line']}.",
         "",
+        f"Servers: {run.get('server_env_note') or 'torch default threads (before SERVER_ENV existed)'}.",
+        "",
         (
             f"Neighbour: {run['neighbour']['work']}, {run['neighbour']['processes']} processes, "
             f"{run['neighbour']['cpu_share_of_machine']:.0%} of the machine's CPU over the run."

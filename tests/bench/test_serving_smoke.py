@@ -131,6 +131,8 @@ def test_results_complete_and_every_row_has_numbers(smoke):
     for key in ("command", "machine", "machine_line", "date", "budget", "results", "verdicts", "wall_s"):
         assert res.get(key) is not None, f"results lack {key}"
     assert res["machine"]["git"] and res["machine"]["load_avg"], res["machine"]
+    # every server with one torch intra-op thread (SERVER_ENV: steady per-pass times), and the results say so
+    assert res["server_env"] == {"OMP_NUM_THREADS": "1"} and "Servers: every server runs with OMP_NUM_THREADS=1" in md
     rows = res["results"]["fit"]
     assert set(rows) == {"radix", "kvdrive"}
     for config, row in rows.items():
