@@ -54,8 +54,16 @@ def test_two_nodes_share_a_remote_tier_and_survive_a_node_killed(tiny_model, all
     a = b = None
     try:
         store_a, store_b = e2e_dir / "remote_a", e2e_dir / "remote_b"
+        # A idles while B starts: with SGLang's default idle loop its scheduler would spin a core and double B's
+        # start on 2 cores (tests/e2e/common.py server(); found by CI's durations: B's start 76 s vs 44 s)
         a = server(
-            "remote_a", tiny_model, e2e_dir, ext_dir, node_args(store_a, master.url), max_total_tokens=1024
+            "remote_a",
+            tiny_model,
+            e2e_dir,
+            ext_dir,
+            node_args(store_a, master.url),
+            max_total_tokens=1024,
+            sleep_on_idle=True,
         ).start()
         assert_plugin_ok(a)
         doc = all_prompts[0]
