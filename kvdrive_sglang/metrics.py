@@ -46,6 +46,12 @@ def summary_line(st: dict) -> str:
     parts.append(f"hits DRAM {hits['dram'] + hits['queued']} disk {hits['disk']} miss {hits['miss']}")
     if d:
         parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")
+    if st.get("not_admitted_dropped") or st.get("writedown_dropped"):
+        # pages that left the tiers without reaching the disk: not admitted (selective), or a full queue
+        parts.append(
+            f"left DRAM unwritten {st.get('not_admitted_dropped', 0)} not admitted, "
+            f"{st.get('writedown_dropped', 0)} queue full"
+        )
     if io.get("promoted_pages"):
         parts.append(f"promoted disk->DRAM {io['promoted_pages']} pages")
     if "reload_ms_per_page" in st:
