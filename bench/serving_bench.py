@@ -377,6 +377,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ap.add_argument(
+        "--pool-share",
+        type=float,
+        help="kvdrive's share of the host budget kept as SGLang's host pool, the rest its compressed DRAM tier "
+        "(default: the preset's, 0.5; 1.0: all of it SGLang's host pool, kvdrive's DRAM tier off, its disk on)",
+    )
+    ap.add_argument(
         "--kvdrive-flags",
         default="",
         help="more server flags for the kvdrive configuration only, as one string of --kvdrive-* flags (a "
@@ -402,6 +408,8 @@ def main(argv=None) -> int:
     if a.reps is not None and a.reps < 1:
         ap.error("--reps must be at least 1")
     reps = a.reps or p.reps
+    if a.pool_share is not None and not 0.0 < a.pool_share <= 1.0:
+        ap.error(f"--pool-share must be in (0, 1], got {a.pool_share}")
     if gpu_present():
         ap.error("this runner sizes CPU servers (tiny model, CPU flags); on a GPU use bench/e2e_bench.py --preset gpu")
     out = a.out if a.out is not None else (None if a.preset == "smoke" else f"{REPO}/bench/results/serving-{a.preset}")
@@ -417,6 +425,7 @@ def main(argv=None) -> int:
         reps=reps,
         clients=clients,
         restart=p.restart or a.restart,
+        pool_share=p.pool_share if a.pool_share is None else a.pool_share,
         agent_settle_s=settle,
     )
     est = estimate_s(p, configs)

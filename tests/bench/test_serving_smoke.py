@@ -90,6 +90,18 @@ def test_kvdrive_flags_are_checked_before_any_server_starts(flags, msg):
     assert re.search(msg, p.stderr), p.stderr
 
 
+@pytest.mark.parametrize("share", ["0", "1.5", "-0.1"])
+def test_a_pool_share_outside_0_to_1_is_refused_before_any_server_starts(share):
+    p = subprocess.run([sys.executable, SCRIPT, "--pool-share", share], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--pool-share must be in (0, 1]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_whole_budget_as_sglangs_host_pool_leaves_kvdrive_no_dram_tier():
+    b = HostBudget(2048, 2048, 4.0, 1.0)
+    assert b.args("kvdrive") == ["--hicache-ratio", "4", "--kvdrive-host-gb", "0.000000000"]
+    assert b.args("hicache_file") == ["--hicache-ratio", "4"]
+
+
 def test_ratio_verdicts_met_missed_and_missing():
     def row(ttft):
         agg = report.aggregate([{**{k: ttft for k in report.METRICS}, **{k: 0 for k in report.TOKENS}}])
