@@ -609,6 +609,11 @@ class TierEngine:
             return not held
         if self._admitted(ns, pk[1]):
             return True
+        if not self.config.host_bytes:
+            # selective write-down keeps a page in DRAM until the promoter's verdict; with no DRAM tier there is
+            # nowhere to wait, and dropping it left a --kvdrive-host-gb 0 server with an empty disk
+            # (bench/results/serving-cpu-kvdrive-pool-share-1.md; tests/tier/test_engine.py)
+            return True
         self._counts["not_admitted"] += 1
         return False
 

@@ -75,6 +75,20 @@ def test_write_back_keeps_pages_in_dram_until_they_leave(tmp_path, ns):
         assert e.disk.stats().entries == 10
 
 
+def test_selective_write_down_without_a_dram_tier_writes_every_page(tmp_path, ns):
+    """Selective write-down waits in DRAM for the promoter's verdict; with no DRAM tier (host_bytes 0, e.g.
+    --kvdrive-host-gb 0) a page has nowhere to wait, so it goes down at once instead of being lost (a server with the
+    whole budget in SGLang's host pool kept an empty disk: bench/results/serving-cpu-kvdrive-pool-share-1.md)."""
+    with TierEngine(TierConfig(path=str(tmp_path), host_bytes=0, write_policy="selective")) as e:
+        e.admit = lambda ns_, key: False  # nothing admitted: with a DRAM tier, all of these would stay in DRAM
+        e.put_many(ns, keys(range(6)), pages(range(6)))
+        assert e.flush(timeout=30) and e.disk.stats().entries == 6
+        got, outs = read(e, ns, range(6))
+        assert all(got)
+        assert_exact(outs, range(6))
+        assert e.stats().not_admitted == 0
+
+
 def test_selective_write_down_spends_disk_only_on_admitted_pages(tmp_path, ns):
     """Admitted pages go to disk at once; the others live in DRAM only, and when they leave it they reach the disk
     only if they were admitted meanwhile (here: "reused"), else they are dropped."""
