@@ -64,6 +64,16 @@ def guard_results(path: str | None, repo: str, allow_dirty: bool = False) -> Non
         raise SystemExit(2)
 
 
+def write_json(path: str, res: dict) -> None:
+    """A results dict to ``path`` as JSON (its folder made; values JSON cannot hold written as their str)."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
 def machine(repo: str) -> dict:
     """What a result ran on: CPU, cores, load average now (call it at the start of a run), versions, the exact command,
     the git revision of ``repo`` (+uncommitted) and the date."""

@@ -18,7 +18,6 @@ the effect; the load average is recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -28,7 +27,7 @@ import tempfile
 import time
 
 import e2e_bench
-from bench_common import add_allow_dirty, guard_results, machine
+from bench_common import add_allow_dirty, guard_results, machine, write_json
 from serving import agent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,9 +102,7 @@ def main(argv=None) -> int:
     res["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average {res['machine']['load_avg']} -> {res['load_avg_end']}")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json(a.out, res)
         print(f"wrote {a.out}")
     return 0
 

@@ -23,7 +23,6 @@ is printed and recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import statistics
@@ -32,7 +31,7 @@ import tempfile
 import time
 
 import numpy as np
-from bench_common import add_allow_dirty, guard_results, machine
+from bench_common import add_allow_dirty, guard_results, machine, write_json
 
 from kvdrive_sglang.tier import parallel
 from kvdrive_sglang.tier.codecs import decode_page, encode_page
@@ -303,9 +302,7 @@ def main(argv=None) -> int:
         for name, r in res["io"].items():
             print(f"  io {name:8s}: cold {r['cold_gbps']:.2f} GB/s, warm {r['warm_gbps']:.2f} GB/s")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json(a.out, res)
         print(f"wrote {a.out}")
     return 0
 
