@@ -580,12 +580,12 @@ class TierEngine:
         new = codec_choice.rechoose(self.config, old, needed_gbps, source)
         if new is old:
             return old
-        if new.dram != old.dram:
+        if new.dram != old.dram:  # most ticks only restate the reason: the codecs in force change only here
             log.info("kvdrive: codec dram=%s -> %s (%s)", old.dram, new.dram, new.reason)
-        # the write-down's target first, and the disk's codec even where DRAM now uses it too: pages queued in the
-        # old DRAM codec are still re-encoded on their way down (a page already in the target codec passes as it is)
-        self.writedown.disk_codec = get_codec(new.disk)
-        self.codec = get_codec(new.dram)
+            # the write-down's target first, and the disk's codec even where DRAM now uses it too: pages queued in
+            # the old DRAM codec are still re-encoded on their way down (one already in the target passes as it is)
+            self.writedown.disk_codec = get_codec(new.disk)
+            self.codec = get_codec(new.dram)
         self.codec_choice = new
         return new
 
