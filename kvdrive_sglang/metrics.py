@@ -47,11 +47,14 @@ def summary_line(st: dict) -> str:
     if d:
         parts.append(f"written {_size(d['bytes_written'])} read {_size(d['bytes_read'])}")
     if st.get("not_admitted_dropped") or st.get("writedown_dropped"):
-        # pages that left the tiers without reaching the disk: not admitted (selective), or a full queue
+        # pages that left the tiers without reaching the disk: not admitted (selective) while the disk was busy or
+        # full, or a full queue
         parts.append(
             f"left DRAM unwritten {st.get('not_admitted_dropped', 0)} not admitted, "
             f"{st.get('writedown_dropped', 0)} queue full"
         )
+    if st.get("not_admitted_spilled"):
+        parts.append(f"written unadmitted on spare bandwidth {st['not_admitted_spilled']}")
     if io.get("promoted_pages"):
         parts.append(f"promoted disk->DRAM {io['promoted_pages']} pages")
     if "reload_ms_per_page" in st:

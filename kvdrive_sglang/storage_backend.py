@@ -708,9 +708,11 @@ class KvdriveStorage(HiCacheStorage):
             },
             "writedown_queued_bytes": s.writedown_queued_bytes,
             "writedown_dropped": s.writedown_dropped,
-            # selective write-down: pages kept off the disk when stored, and those that then left DRAM unadmitted
+            # selective write-down: pages kept off the disk when stored, and those that then left DRAM unadmitted:
+            # dropped (the disk busy or full) or written on its spare bandwidth
             "not_admitted": s.not_admitted,
             "not_admitted_dropped": s.not_admitted_dropped,
+            "not_admitted_spilled": s.not_admitted_spilled,
             "io": io,
             "radix": ev,
             "tenants": {"seen": len(self._tenant_ns), "unkeyed_refused": s.unkeyed_refused, "erased": s.erased},

@@ -433,6 +433,16 @@ class DiskStore:
             recoveries=recoveries,
         )
 
+    def has_room(self) -> bool:
+        """Whether the files (dead bytes included) sit below the low watermark, where eviction stops: spare room,
+        which a write takes from no page. A store that has filled evicts to just under it, so it has spare room for
+        about one batch each time it evicts. False while the tier is off (the selective write-down spends only
+        spare room: WriteDown._spare)."""
+        if self._closed or not self.available():
+            return False
+        used, _, _ = self.compactor.usage()
+        return used < self.config.capacity_bytes * self.config.low_watermark
+
     def available(self) -> bool:
         """Whether the disk tier is on: False for ``retry_after_s`` after a fault (then it tries again).
         StoreDirError once the store is closed."""
