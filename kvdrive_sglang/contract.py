@@ -32,7 +32,8 @@ RADIX_EVENT_NAMES = tuple(e.value for e in RadixEvent)
 class RadixReports(Protocol):
     """What kvdrive's radix cache calls on its storage backend (implemented by ``KvdriveStorage``).
 
-    Every call is statistics or a hint: the radix cache catches and logs a failure once and serves on."""
+    Every call is statistics or a hint: the radix cache catches and logs a failure once and serves on. Optional:
+    ``awaiting`` (awaiting_use.AwaitingUse), pages loaded for requests not yet run, which the eviction order keeps."""
 
     promoter: object  # tier.promoter.Promoter: group_score / access_score order the tree's evictions
     tenants: object  # tier.tenants.Tenants: the operator's share_as groups (storage-key prefixes)

@@ -42,6 +42,9 @@ EVENT_KINDS = tuple(e.value for e in RadixEvent)
 _TAGGED = CHAIN_HEX + ID_HEX
 _SCORE_ATTR = "_kvdrive_score"  # tree-node attribute: (promoter, its group_score of the node's pages)
 _HASH_TARGET = "sglang.srt.mem_cache.utils.get_hash_str"
+# eviction priority of pages awaiting use, less their load sequence: above every promoter score (log2 scale, ~1e7 at
+# most) and exact in a float for any sequence number a server reaches
+AWAITING_FLOOR = 1e15
 
 
 def tagged_hash(hash_fn, token_ids, prior_hash=None, page_size=None):
@@ -125,6 +128,10 @@ class PromoterEviction:
     agrees on. Scores are time-invariant, so heap entries SGLang built earlier in an eviction stay valid. Without a
     promoter (storage off) this is SGLang's LRU.
 
+    Above all of those, on a single rank: nodes whose pages kvdrive just loaded into SGLang's host pool for a request
+    that has not run yet (kvdrive_sglang/awaiting_use.py), the latest loaded evicted first. SGLang's LRU took the
+    earliest, whose requests run next.
+
     SGLang asks for the priority of every evictable leaf on every eviction, so a node's promoter score is kept on
     the node (``_kvdrive_score``) until a finished request through it makes it stale (KvdriveCacheMixin._kvdrive_stale):
     each eviction then costs O(1) per leaf, not a walk over every page of every leaf (issue 15: 10^5-10^6 steps per
@@ -135,9 +142,17 @@ class PromoterEviction:
         self.access_is_monotonic_time = access_is_monotonic_time
 
     def get_priority(self, node) -> float:
-        promoter = self.cache._kvdrive_promoter()
+        backend = self.cache._kvdrive_backend()
+        promoter = None if backend is None else backend.promoter
         if promoter is None:
             return node.last_access_time
+        awaiting = getattr(backend, "awaiting", None)
+        if awaiting is not None and node.hash_value and not self.cache._kvdrive_ranks:
+            # loaded for a request still waiting to run: evicted last, the latest loaded first (awaiting_use.py).
+            # One rank only: load order is each rank's own, and every rank must evict alike
+            loaded = awaiting.order(node.hash_value[0])
+            if loaded is not None:
+                return AWAITING_FLOOR - loaded
         if node.hash_value:
             kept = getattr(node, _SCORE_ATTR, None)
             if kept is not None and kept[0] is promoter:

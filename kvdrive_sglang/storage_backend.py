@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from .awaiting_use import AwaitingUse
 from .compat import radix_adapter
 from .config import KvdriveSettings
 from .cost_meter import ReloadMeter
@@ -254,6 +255,8 @@ class KvdriveStorage(HiCacheStorage):
         self._io = Counter()
         self._lock = threading.Lock()
         self.reload_meter = ReloadMeter()
+        # pages loaded into SGLang's host pool for requests not yet run: the eviction order keeps them (awaiting_use.py)
+        self.awaiting = AwaitingUse()
         # the promoter's inputs and the report tick's steps (scores, costs, promotion): kvdrive_sglang/upkeep.py
         self.upkeep = Upkeep(
             self.engine,
@@ -494,6 +497,7 @@ class KvdriveStorage(HiCacheStorage):
         n, got = self._get_into(self.pages, keys, starts)
         self._count("get", len(keys), n, n * self.page_bytes, t0)
         self.upkeep.loaded(keys[:n])  # back in SGLang's host pool: no longer promotion candidates
+        self.awaiting.loaded([split_component(k).key for k in keys[:n]])  # as the radix nodes name them
         self.upkeep.observe(keys[:n], use=True)
         self.reload_meter.get_done(keys[0], n)
         return got
@@ -655,6 +659,7 @@ class KvdriveStorage(HiCacheStorage):
 
     def record_request(self, keys: list[str]) -> None:
         """A finished request's whole page chain, in prefix order (from kvdrive's radix cache): one access."""
+        self.awaiting.used(keys)
         self.upkeep.record_request(keys)
 
     def record_attention(self, key_mass: dict) -> None:
@@ -663,6 +668,7 @@ class KvdriveStorage(HiCacheStorage):
 
     def record_host_evicted(self, keys: list[str]) -> None:
         """Pages that just left SGLang's host pool (from kvdrive's radix cache): promotion candidates."""
+        self.awaiting.used(keys)
         self.upkeep.record_host_evicted(keys)
 
     def promote_tick(self) -> int:

@@ -521,3 +521,34 @@ def test_host_evictions_reach_kvdrive_storage_as_promotion_candidates(tmp_path):
         assert list(backend.upkeep.spilled) == chain(PROMPT, "tenant-a")  # the salted, tenant-tagged keys
     finally:
         cache.shutdown()
+
+
+def test_host_eviction_keeps_pages_loaded_for_requests_not_yet_run(tmp_path):
+    """Pages kvdrive loaded into SGLang's host pool for requests still waiting are evicted after every other page,
+    the latest loaded first; SGLang's LRU took the earliest loaded, whose request runs next (awaiting_use.py)."""
+    from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
+
+    ctx = _ctx(store="unused")
+    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path), host_gb=0.01, disk_gb=1)))
+    ctx.server_args.hicache_storage_backend_extra_config = json.dumps({**extra, "prefetch_threshold": PAGE})
+    cache = registry.get_radix_cache_factory("kvdrive")(ctx)
+    try:
+        backend = cache.cache_controller.storage_backend
+        older, newer = [7] * 16, [9] * 16
+        serve(cache, "old", None, prompt=older)
+        serve(cache, "new", None, prompt=newer)
+        cache.evict(EvictParams(num_tokens=10_000))  # the device copies go; SGLang's host pool holds both prompts
+
+        def on_host(tokens):
+            return cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens + TAIL)))).host_hit_length
+
+        assert on_host(older) >= 16 and on_host(newer) >= 16
+        backend.awaiting.loaded(chain(older, None))  # loaded again for waiting requests, the older first
+        backend.awaiting.loaded(chain(newer, None))
+        cache.evict_host(1)
+        assert on_host(older) >= 16 and on_host(newer) == 0  # LRU would have taken the older
+        backend.record_request(chain(older, None))  # its request ran: an ordinary page again
+        cache.evict_host(1)
+        assert on_host(older) == 0
+    finally:
+        cache.shutdown()

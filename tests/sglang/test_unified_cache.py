@@ -313,3 +313,27 @@ def test_without_kvdrives_cache_in_the_process_salted_keys_stay_sglangs(monkeypa
     assert sglang_utils.get_storage_hash_str(key, None, page_size=PAGE) == tenant_keys(
         tokens, "alice/lora-1", extra_key="lora-1", cache_salt="alice"
     )
+
+
+def test_host_eviction_keeps_pages_loaded_for_requests_not_yet_run(tmp_path, servers):
+    """Pages kvdrive loaded into SGLang's host pool for requests still waiting are evicted after every other page,
+    the latest loaded first. SGLang's LRU took the earliest loaded, whose request runs next: the serving bench's
+    restart and agent rounds logged "prefetch success ... loaded=1040", then prefilled those prefixes with 0 cached
+    tokens (kvdrive_sglang/awaiting_use.py)."""
+    srv = servers(tmp_path)
+    older, newer = [11] * 16, [13] * 16
+    srv.serve("old", older)
+    srv.serve("new", newer)
+    srv.cache.evict(EvictParams(num_tokens=10_000))  # the device copies go; SGLang's host pool holds both prompts
+
+    def on_host(tokens):
+        return srv.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens + TAIL)))).host_hit_length
+
+    assert on_host(older) >= 16 and on_host(newer) >= 16
+    # both loaded again for waiting requests, the older first: what batch_get_v1 records as it fills the host slots
+    srv.backend.awaiting.loaded(sglang_keys(older))
+    srv.backend.awaiting.loaded(sglang_keys(newer))
+    assert srv.cache.evict_host(1) > 0
+    assert on_host(older) >= 16 and on_host(newer) == 0  # LRU would have taken the older
+    srv.backend.record_request(sglang_keys(older))  # its request ran: an ordinary page again
+    assert srv.cache.evict_host(1) > 0 and on_host(older) == 0
