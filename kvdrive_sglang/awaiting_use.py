@@ -6,7 +6,7 @@ prefetched tokens wait than the host pool holds, each new prefetch's allocation 
 least recently used first: the pages loaded first, whose requests run next. The serving bench found kvdrive's
 half-size host pool losing most loaded prefixes that way: after a restart and on the agent rounds, SGLang logged
 "prefetch success ... loaded=1040" and then prefilled the same prefixes with 0 cached tokens
-(bench/results/serving-cpu-kvdrive-awaiting.md). kvdrive's eviction order (radix_backend.PromoterEviction) ranks
+(bench/results/serving-cpu-kvdrive-spill.md). kvdrive's eviction order (radix_backend.PromoterEviction) ranks
 pages awaiting use above all others and, among them, keeps the earliest loaded, since requests run in arrival order.
 
 A page stops awaiting use when a finished request through it is reported, when it leaves the host pool, or
