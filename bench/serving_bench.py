@@ -50,6 +50,8 @@ from tests.e2e.server import ServerError, SGLangServer, gpu_present
 
 PERSISTENT = ("hicache_file", "kvdrive")  # stores that outlive the server: the restart rows
 KVDRIVE_HITS = re.compile(r"hits DRAM (\d+) disk (\d+) miss (\d+)")
+# SGLang 0.5.23's line for each storage prefetch that finished (unified_radix_cache.py): tokens it put in the host pool
+PREFETCH_DONE = re.compile(r"HiCache prefetch (success|dropped) req=\S+ completed=\d+ matched=\d+ loaded=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,7 @@ class Runner:
         log = srv.log_text()
         row["host_pool_tokens"] = logged_host_pool_tokens(log)
         row["kvdrive_tiers"] = kvdrive_tiers(log) if config == "kvdrive" else None
+        row["prefetch_loaded"] = prefetch_loaded(log)
         for c, rs in reps.items():
             row["clients"][c] = {"reps": rs, "aggregate": report.aggregate([r["summary"] for r in rs])}
         if self.p.restart and config in PERSISTENT and Client.GSP in self.p.clients:
@@ -300,6 +303,7 @@ class Runner:
             row["restart"] = {
                 "start_s": srv.start_seconds,
                 "summary": again["summary"],
+                "prefetch_loaded": prefetch_loaded(srv.log_text()),
                 "cold_ttft_p50_s": cold,
                 "ratio": again["summary"]["ttft_p50_s"] / cold if cold else None,
             }
@@ -315,6 +319,21 @@ def kvdrive_tiers(log_text: str) -> dict | None:
     m = KVDRIVE_HITS.search(lines[-1])
     line = lines[-1][lines[-1].index("kvdrive: DRAM") :]
     return {"dram_hit_pages": int(m[1]), "disk_hit_pages": int(m[2]), "miss_pages": int(m[3]), "line": line}
+
+
+def prefetch_loaded(log_text: str) -> dict | None:
+    """What SGLang's storage prefetches put into its host pool over the server's life, from its own log: the
+    prefetches that loaded tokens and those tokens. Set against the storage tokens that reached requests (the cache
+    report), it shows prefetched pages lost before their request ran (kvdrive_sglang/awaiting_use.py). None: no
+    such line (no storage tier, or an SGLang that does not log it)."""
+    done = [(m[1], int(m[2])) for m in PREFETCH_DONE.finditer(log_text)]
+    if not done:
+        return None
+    return {
+        "prefetches": sum(1 for _, n in done if n),
+        "tokens": sum(n for _, n in done),
+        "dropped": sum(1 for kind, _ in done if kind == "dropped"),  # loaded, then not inserted into the tree
+    }
 
 
 # ------------------------------------------------------------------------------------------------- main

@@ -211,6 +211,18 @@ def markdown(run: dict) -> str:
         kv = {n: r["kvdrive_tiers"] for n, r in configs.items() if r.get("kvdrive_tiers")}
         for n, t in kv.items():
             lines.append(f"kvdrive's own count over that server's life ({n}, pages): {t['line']}")
+        loaded = {n: r["prefetch_loaded"] for n, r in configs.items() if r.get("prefetch_loaded")}
+        if loaded:
+            # storage tokens that reached requests, every client and repetition of that server
+            used = {
+                n: sum(rep["summary"]["storage_tokens"] for c in configs[n]["clients"].values() for rep in c["reps"])
+                for n in loaded
+            }
+            lines.append(
+                "Prefetched from storage into SGLang's host pool (its log, the whole run) / storage tokens that "
+                "reached requests: "
+                + "; ".join(f"{n} {p['tokens']} / {used[n]} ({p['prefetches']} prefetches)" for n, p in loaded.items())
+            )
         pools = {n: r.get("host_pool_tokens") for n, r in configs.items()}
         lines.append(
             "Host pool SGLang allocated (tokens, from its log): "

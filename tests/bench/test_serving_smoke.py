@@ -60,6 +60,28 @@ def test_host_pool_size_read_from_sglang_log():
     assert logged_host_pool_tokens("no hicache here") is None
 
 
+def test_prefetched_tokens_read_from_sglang_log_and_reported(tmp_path):
+    """SGLang's own line per finished storage prefetch (0.5.23's unified_radix_cache), summed and set against the
+    storage tokens that reached requests: the figure that showed prefetched pages lost before their request ran."""
+    from bench.serving_bench import prefetch_loaded
+
+    log = (
+        "[2026-12-05 10:13:37] HiCache prefetch success req=724eef91 completed=1040 matched=0 loaded=1040 occupied=0\n"
+        "[2026-12-05 10:13:38] HiCache prefetch success req=ecdb3944 completed=1040 matched=1024 loaded=16 occupied=4\n"
+        "[2026-12-05 10:13:39] HiCache prefetch success req=0a0a0a0a completed=0 matched=0 loaded=0 occupied=0\n"
+        "[2026-12-05 10:13:40] HiCache prefetch dropped req=1b1b1b1b completed=512 matched=0 loaded=512 occupied=0\n"
+    )
+    assert prefetch_loaded(log) == {"prefetches": 3, "tokens": 1568, "dropped": 1}
+    assert prefetch_loaded("no storage tier here") is None
+    # the report line, on a recorded run's rows (bench/results/serving-cpu-kvdrive-awaiting.json)
+    with open(os.path.join(REPO, "bench", "results", "serving-cpu-kvdrive-awaiting.json")) as f:
+        run = json.load(f)
+    row = run["results"]["large"]["kvdrive"]
+    row["prefetch_loaded"] = prefetch_loaded(log)
+    used = sum(rep["summary"]["storage_tokens"] for c in row["clients"].values() for rep in c["reps"])
+    assert f"kvdrive 1568 / {used} (3 prefetches)" in report.markdown(run)
+
+
 def test_bench_serving_result_parsed_and_tiers_summed():
     raw = {
         "completed": 3, "duration": 2.0, "median_ttft_ms": 100.0, "p99_ttft_ms": 300.0,
