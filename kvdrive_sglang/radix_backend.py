@@ -225,10 +225,6 @@ class KvdriveCacheMixin:
     def _kvdrive_on_bind(self, backend: RadixReports | None) -> None:
         """A storage backend was attached (or detached: None); adapters that keep per-backend state refresh it."""
 
-    def _kvdrive_promoter(self):
-        backend = self._kvdrive_backend()
-        return None if backend is None else backend.promoter
-
     def _kvdrive_tenants(self):
         """The operator's tenant policy (share_as groups), from kvdrive's storage backend; None without one."""
         backend = self._kvdrive_backend()
