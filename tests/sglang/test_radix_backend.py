@@ -474,15 +474,20 @@ def test_with_kvdrive_storage_across_restart(tmp_path):
             c.shutdown()
 
 
-def test_gpu_eviction_follows_the_promoters_value(tmp_path):
-    """Two cached prompts; the older one received attention: eviction takes the newer, unattended one first
-    (plain LRU would take the older)."""
+def _kvdrive_cache(tmp_path):
+    """kvdrive's radix cache over a real KvdriveStorage in ``tmp_path`` (a 10 MiB DRAM tier, prefetch at one page)."""
     from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
 
     ctx = _ctx(store="unused")
     extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path), host_gb=0.01, disk_gb=1)))
     ctx.server_args.hicache_storage_backend_extra_config = json.dumps({**extra, "prefetch_threshold": PAGE})
-    cache = registry.get_radix_cache_factory("kvdrive")(ctx)
+    return registry.get_radix_cache_factory("kvdrive")(ctx)
+
+
+def test_gpu_eviction_follows_the_promoters_value(tmp_path):
+    """Two cached prompts; the older one received attention: eviction takes the newer, unattended one first
+    (plain LRU would take the older)."""
+    cache = _kvdrive_cache(tmp_path)
     try:
         assert isinstance(cache.eviction_strategy, radix_backend.PromoterEviction)
         older, newer = [7] * 16, [9] * 16
@@ -505,12 +510,7 @@ def test_gpu_eviction_follows_the_promoters_value(tmp_path):
 def test_host_evictions_reach_kvdrive_storage_as_promotion_candidates(tmp_path):
     """Pages leaving SGLang's host pool are handed to kvdrive's storage backend (record_host_evicted): the promoter
     may bring the valuable ones back up from disk into kvdrive's DRAM ahead of the next request for them."""
-    from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
-
-    ctx = _ctx(store="unused")
-    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path), host_gb=0.01, disk_gb=1)))
-    ctx.server_args.hicache_storage_backend_extra_config = json.dumps({**extra, "prefetch_threshold": PAGE})
-    cache = registry.get_radix_cache_factory("kvdrive")(ctx)
+    cache = _kvdrive_cache(tmp_path)
     try:
         backend = cache.cache_controller.storage_backend
         serve(cache, "a", "tenant-a")
@@ -526,12 +526,7 @@ def test_host_evictions_reach_kvdrive_storage_as_promotion_candidates(tmp_path):
 def test_host_eviction_keeps_pages_loaded_for_requests_not_yet_run(tmp_path):
     """Pages kvdrive loaded into SGLang's host pool for requests still waiting are evicted after every other page,
     the latest loaded first; SGLang's LRU took the earliest loaded, whose request runs next (awaiting_use.py)."""
-    from kvdrive_sglang.flags import KvdriveOptions, storage_extra_config
-
-    ctx = _ctx(store="unused")
-    extra = json.loads(storage_extra_config(KvdriveOptions(dir=str(tmp_path), host_gb=0.01, disk_gb=1)))
-    ctx.server_args.hicache_storage_backend_extra_config = json.dumps({**extra, "prefetch_threshold": PAGE})
-    cache = registry.get_radix_cache_factory("kvdrive")(ctx)
+    cache = _kvdrive_cache(tmp_path)
     try:
         backend = cache.cache_controller.storage_backend
         older, newer = [7] * 16, [9] * 16
