@@ -25,8 +25,11 @@ Configurations (bench/replay/core.py):
                     modelled).
   hicache_file      + SGLang's HiCacheFile as L3 (real files in a temp dir, real batch_set/batch_get/batch_exists).
   kvdrive_lru       + kvdrive's TierEngine as L3 (compressed DRAM pool over the disk store), LRU everywhere.
-  kvdrive_promoter  the same with kvdrive's promoter: GPU eviction by value, selective write-down, value-ordered
-                    tiers, reload-vs-recompute per prefix, background prefetch disk -> DRAM.
+  kvdrive_promoter  the same with kvdrive's promoter: GPU eviction by value, selective write-down as the server
+                    does it (every page enters the DRAM pool; those the promoter admits, when stored or after a
+                    later use, go on to the disk; the rest go down on spare bandwidth when DRAM evicts them, or are
+                    dropped while the disk is busy or full), value-ordered tiers, reload-vs-recompute per prefix,
+                    background prefetch disk -> DRAM.
 Storage is consulted as SGLang does: only when at least prefetch_threshold (256 tokens) remain after the GPU and
 host hits. Page granularity: one tree token = one page of --page-tokens tokens (64, SGLang's page size, except in
 production-day), one 4 KiB synthetic bf16 page stands in for each modelled page, and bytes are reported scaled to
@@ -472,7 +475,8 @@ def recomputed_hits(r: dict) -> int:
 
 
 def queued(r: dict, fmt: str) -> str:
-    """A queued figure (issue 18), or "-" in results from before the queueing model (--render of an old JSON)."""
+    """A figure the replay added later (the queueing model, issue 18; the selective write-down's counts), or "-" in
+    results from before it (--render of an old JSON) and for configurations without it."""
     try:
         return fmt.format(**r)
     except KeyError:
@@ -505,6 +509,10 @@ ROWS = [
     ),
     ("disk GB read / written", lambda r, c: f"{gb(r['bytes']['disk']['read'])} / {gb(r['bytes']['disk']['written'])}"),
     ("disk usage at end, GB", lambda r, c: gb(r["disk_bytes_at_end"])),
+    (
+        "pages kept off the disk when stored / of them written on spare bandwidth / dropped",
+        lambda r, c: queued(r, "{pages_not_admitted:,} / {not_admitted_spilled:,} / {not_admitted_dropped:,}"),
+    ),
     ("TTFT p50 / p99, queued (s)", lambda r, c: queued(r, "{queued_ttft_p50_s:.3f} / {queued_ttft_p99_s:.3f}")),
     ("  of which waiting for the GPU, p50 / p99 (s)", lambda r, c: queued(r, "{wait_p50_s:.3f} / {wait_p99_s:.3f}")),
     ("  GPU busy at the trace's arrivals", lambda r, c: queued(r, "{gpu_busy_pct:.0f}%")),

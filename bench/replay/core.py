@@ -127,8 +127,14 @@ class Replay:
                     disk_bytes=budgets["disk_bytes"],
                     codec="zstd",
                     disk={"gc_live_ratio": knobs.disk_gc_live_ratio},
+                    # as the server (KvdriveConfig.write_policy): every page enters the DRAM tier, the admitted go
+                    # on to the disk, the rest wait in DRAM and go down on spare bandwidth when DRAM evicts them
+                    write_policy="selective" if cfg.promoter else "write_through",
                 )
             )
+            if self.promoter is not None:
+                promoter = self.promoter
+                self.engine.admit = lambda ns, key: promoter.admit(key.decode("utf-8"))
         elif cfg.l3 is not None:
             raise ReplayError(f"configuration {cfg.name}: unknown L3 {cfg.l3!r}")
         self.outs = [np.empty_like(synth.numpy[0]) for _ in range(budgets["max_request_pages"])]
@@ -358,17 +364,13 @@ class Replay:
         if self.promoter is None:
             self._put(fresh, with_scores=False)
             return
-        admitted = [key for key in fresh if self.promoter.admit(key)]
-        self.c["not_admitted"] += len(fresh) - len(admitted)
         fkeys = [str(p) for p in full]
         held = [key for key, t in zip(fkeys, self.engine.tiers_of(self.ns, fkeys)) if t is not None]
-        if held and self.cfg.tier_scores:
-            self.engine.set_scores(self.ns, held, self.promoter.score_of(held, chain=True))
-        self._put(admitted, with_scores=self.cfg.tier_scores)
+        self._record_request(held, self.promoter.score_of(held, chain=True) if held and self.cfg.tier_scores else None)
+        self._put(fresh, with_scores=self.cfg.tier_scores)
 
     def _write_down(self, full, fkeys, g: int, found: int, evicted) -> None:
         """No L2 (promoter_bench's hierarchy): pages go from the GPU tree straight to kvdrive."""
-        c = self.c
         if self.promoter is not None:
             wb = [str(x) for x in evicted]
             where = self.engine.tiers_of(self.ns, fkeys + wb)
@@ -376,17 +378,27 @@ class Replay:
             new = [key for key, t in zip(fkeys[g:], where[g : len(fkeys)]) if t is None]
             new += [key for key, t in zip(wb, where[len(fkeys) :]) if t is None]  # write-back on tree eviction
             new = list(dict.fromkeys(new))
-            admitted = [key for key in new if self.promoter.admit(key)]
-            c["not_admitted"] += len(new) - len(admitted)
+            scores = None
             if held and self.cfg.tier_scores:
-                scores = dict(zip(fkeys, self.promoter.score_of(fkeys, chain=True)))
-                self.engine.set_scores(self.ns, held, [scores[key] for key in held])
-            self._put(admitted, with_scores=self.cfg.tier_scores)
+                by_key = dict(zip(fkeys, self.promoter.score_of(fkeys, chain=True)))
+                scores = [by_key[key] for key in held]
+            self._record_request(held, scores)
+            self._put(new, with_scores=self.cfg.tier_scores)
         else:
             rest = fkeys[g + found :]
             self._put(
                 [key for key, t in zip(rest, self.engine.tiers_of(self.ns, rest)) if t is None], with_scores=False
             )
+
+    def _record_request(self, held, scores) -> None:
+        """The request's pages kvdrive holds, after it ran (as Upkeep.push_scores does in the server): their new
+        ``scores`` (with tier_scores), and those the promoter admits now go down from DRAM (selective write-down of
+        pages admitted after they were stored; a no-op for pages already on disk)."""
+        if not held:
+            return
+        if self.cfg.tier_scores:
+            self.engine.set_scores(self.ns, held, scores)
+        self.engine.write_down(self.ns, self.promoter.admitted(held))
 
     def _spill(self, pids) -> None:
         """Pages that left the tier above kvdrive: promotion candidates (as KvdriveStorage.record_host_evicted)."""
@@ -567,7 +579,11 @@ class Replay:
             out.update(
                 {
                     "pages_written_down": c["pages_put"],
-                    "pages_not_admitted": c["not_admitted"],
+                    # selective write-down (the engine's counts): stored in DRAM only, and of those, the pages
+                    # that left DRAM unadmitted and were dropped (disk busy or full) or written on spare bandwidth
+                    "pages_not_admitted": s.not_admitted,
+                    "not_admitted_dropped": s.not_admitted_dropped,
+                    "not_admitted_spilled": s.not_admitted_spilled,
                     "disk_pages_written": d.pages_written,
                     "disk_pages_read": d.hits,
                     "prefetched_pages": c["prefetched_pages"],

@@ -179,3 +179,16 @@ def test_queued_figures_never_beat_the_no_queue_ones(smoke):
     assert rep["assumptions"]["decode_cores"] >= 1
     assert "TTFT p50 / p99, queued" in md and "no queue — earlier model" in md and "**Queued**" in md
     assert any("throughput at saturation" in t for t in rep["targets"])
+
+
+def test_promoter_replay_writes_down_as_the_server_does(smoke):
+    """kvdrive_promoter's write-down is the engine's selective policy, as in the server (a790666): every page enters
+    the DRAM pool, the unadmitted ones wait there, and those DRAM evicts go down on spare bandwidth or are dropped.
+    The replay used to keep unadmitted pages out of kvdrive altogether, so none was ever counted by the engine."""
+    for w, wres in smoke["report"]["workloads"].items():
+        r = wres["configs"]["kvdrive_promoter"]
+        assert r["pages_not_admitted"] > 0, w  # one-off pages (the questions, answers) are stored, not admitted
+        assert r["not_admitted_spilled"] + r["not_admitted_dropped"] <= r["pages_not_admitted"], w
+        assert r["pages_written_down"] >= r["pages_not_admitted"], w
+        lru = wres["configs"]["kvdrive_lru"]  # write-through: everything admitted
+        assert lru["pages_not_admitted"] == lru["not_admitted_spilled"] == lru["not_admitted_dropped"] == 0, w
